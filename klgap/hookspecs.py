@@ -1,0 +1,101 @@
+"""The hooks a klgap plugin may implement.
+
+Each hook receives a ``register`` callback owned by klgap. Calling it adds one named thing; a
+name that is already taken raises :class:`klgap.errors.PluginError` naming both plugins. An
+implementation may accept fewer arguments than the spec lists (pluggy's rule), so arguments added
+later never break an old plugin.
+
+A plugin is any module or object with ``@klgap.hookimpl`` functions, announced to klgap through
+the ``klgap`` entry-point group::
+
+    [project.entry-points.klgap]
+    my_plugin = "my_plugin"
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pluggy
+
+if TYPE_CHECKING:
+    from klgap.protocols import ModelAdapter, PerturbationFactory, SAELoader, TokenSource
+
+PROJECT = "klgap"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Register(Protocol):
+    """``register(name, obj, description=None)``: add `obj` under `name`; duplicates raise."""
+
+    def __call__(self, name: str, obj: Any, description: str | None = None) -> None: ...
+
+
+@hookspec
+def register_model_adapters(register: Register) -> None:
+    """Register model adapters (:class:`klgap.protocols.ModelAdapter`) by model name.
+
+    :param register: ``register(name, adapter, description=None)``.
+
+    Example::
+
+        @klgap.hookimpl
+        def register_model_adapters(register):
+            register("my-gpt", MyGPTAdapter(), "my GPT, wrapped from Hugging Face")
+    """
+
+
+@hookspec
+def register_sae_loaders(register: Register) -> None:
+    """Register SAE loaders (:class:`klgap.protocols.SAELoader`) by format name.
+
+    :param register: ``register(name, loader, description=None)``. The name is the prefix a user
+        writes before a spec: ``--sae NAME:ARG``.
+
+    Example::
+
+        @klgap.hookimpl
+        def register_sae_loaders(register):
+            register("sparsify", SparsifyLoader(), "EleutherAI sparsify folders")
+    """
+
+
+@hookspec
+def register_perturbations(register: Register) -> None:
+    """Register perturbation factories (:class:`klgap.protocols.PerturbationFactory`) by name.
+
+    :param register: ``register(name, factory, description=None)``. The factory is called with the
+        user's parameters (``--interventions my_noise:scale=2`` calls ``factory(scale="2")``) and
+        returns a :class:`klgap.protocols.Perturbation`.
+
+    Example::
+
+        @klgap.hookimpl
+        def register_perturbations(register):
+            register("zero", lambda: ZeroPerturbation(), "x' = 0")
+    """
+
+
+@hookspec
+def register_token_sources(register: Register) -> None:
+    """Register token sources (:class:`klgap.protocols.TokenSource`) by name.
+
+    :param register: ``register(name, source, description=None)``. Users pick one with
+        ``--dataset NAME[:ARG]`` (ARG is passed to ``contexts`` as ``arg``, e.g. a file path).
+
+    Example::
+
+        @klgap.hookimpl
+        def register_token_sources(register):
+            register("my-corpus", MyCorpus(), "lines of my corpus")
+    """
+
+
+#: hook name -> the registry kind it fills (used by the plugin manager and `klgap plugins`).
+REGISTRY_HOOKS: dict[str, str] = {
+    "register_model_adapters": "model",
+    "register_sae_loaders": "sae_loader",
+    "register_perturbations": "perturbation",
+    "register_token_sources": "token_source",
+}

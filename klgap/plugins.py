@@ -1,0 +1,190 @@
+"""The plugin manager: loads plugins from the ``klgap`` entry-point group and fills the registries.
+
+Built-in plugins (``plugins/``) arrive exactly like third-party ones, through entry points.
+``KLGAP_DISABLE_PLUGINS=a,b`` skips the named entry points (e.g. a broken third-party plugin).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from klgap import hookspecs
+from klgap.errors import PluginError, unknown
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+
+
+@dataclass
+class Entry:
+    """One registered thing: its name, object, description and the plugin that registered it."""
+
+    name: str
+    obj: Any
+    description: str
+    plugin: str
+
+
+@dataclass
+class Registry:
+    """Name -> Entry for one kind (model, sae_loader, perturbation, token_source)."""
+
+    kind: str
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    def add(self, plugin: str, name: str, obj: Any, description: str | None = None) -> None:
+        if not isinstance(name, str) or not name or any(c.isspace() or c in ":,=" for c in name):
+            raise PluginError(
+                f"plugin {plugin!r} tried to register {self.kind} {name!r}: a name must be a non-empty "
+                "string without spaces, ':', ',' or '='"
+            )
+        if name in self.entries:
+            raise PluginError(
+                f"{self.kind} {name!r} is registered twice: by plugin {self.entries[name].plugin!r} "
+                f"and by plugin {plugin!r}"
+            )
+        if description is None:
+            description = (getattr(obj, "description", None) or inspect.getdoc(obj) or "").split("\n")[0]
+        self.entries[name] = Entry(name, obj, description, plugin)
+
+    def get(self, name: str) -> Any:
+        """The object registered as `name`, or an error listing the valid names."""
+        if name not in self.entries:
+            raise unknown(self.kind.replace("_", " "), name, self.entries)
+        return self.entries[name].obj
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+
+@dataclass
+class PluginInfo:
+    """What `klgap plugins` shows for one plugin."""
+
+    name: str
+    package: str | None
+    version: str | None
+    registers: dict[str, list[str]] = field(default_factory=dict)
+
+
+class PluginHost:
+    """The pluggy manager plus the registries it filled."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.dists: dict[str, tuple[str | None, str | None]] = {}
+        if load_entry_points:
+            self._load_entry_points()
+        self._registries: dict[str, Registry] | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _load_entry_points(self) -> None:
+        disabled = {s.strip() for s in os.environ.get("KLGAP_DISABLE_PLUGINS", "").split(",") if s.strip()}
+        seen: set[str] = set()
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in disabled or ep.name in seen:
+                continue
+            seen.add(ep.name)
+            dist = getattr(ep, "dist", None)
+            package = dist.metadata["Name"] if dist is not None else None
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - reported by name, not as a traceback
+                raise PluginError(
+                    f"plugin {ep.name!r} (package {package or '?'}, entry point {ep.value!r}) failed to "
+                    f"load: {type(exc).__name__}: {exc}. Set KLGAP_DISABLE_PLUGINS={ep.name} to skip it."
+                ) from exc
+            self.add_plugin(plugin, ep.name, package=package, version=dist.version if dist else None)
+
+    def add_plugin(self, plugin: Any, name: str, package: str | None = None, version: str | None = None) -> None:
+        """Register a plugin object (module or instance) by name; tests use this directly."""
+        if self.pm.has_plugin(name):
+            raise PluginError(f"two plugins are named {name!r}; plugin names must be unique")
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.has_plugin(name):
+                self.pm.unregister(name=name)
+            raise PluginError(f"plugin {name!r} is not a valid klgap plugin: {exc}") from exc
+        self.dists[name] = (package, version)
+        self._registries = None
+
+    def remove_plugin(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.dists.pop(name, None)
+        self._registries = None
+
+    # -- registries ----------------------------------------------------------------------------
+
+    @property
+    def registries(self) -> dict[str, Registry]:
+        if self._registries is None:
+            self._registries = self._collect()
+        return self._registries
+
+    def _collect(self) -> dict[str, Registry]:
+        registries = {kind: Registry(kind) for kind in hookspecs.REGISTRY_HOOKS.values()}
+        for hook_name, kind in hookspecs.REGISTRY_HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            # Call each implementation separately so every registration is attributed to its plugin
+            # and a plugin that raises is reported by name.
+            for impl in reversed(hook.get_hookimpls()):
+                registry = registries[kind]
+
+                def register(name: str, obj: Any, description: str | None = None, *, _p=impl.plugin_name, _r=registry) -> None:
+                    _r.add(_p, name, obj, description)
+
+                kwargs = {"register": register}
+                try:
+                    impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+                except PluginError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} raised in {hook_name}: {type(exc).__name__}: {exc}"
+                    ) from exc
+        return registries
+
+    def registry(self, kind: str) -> Registry:
+        return self.registries[kind]
+
+    def plugin_infos(self) -> list[PluginInfo]:
+        infos = {name: PluginInfo(name, *self.dists.get(name, (None, None))) for name, _ in self.pm.list_name_plugin()}
+        for kind, registry in self.registries.items():
+            for entry in registry.entries.values():
+                infos.setdefault(entry.plugin, PluginInfo(entry.plugin, None, None))
+                infos[entry.plugin].registers.setdefault(kind, []).append(entry.name)
+        return sorted(infos.values(), key=lambda i: i.name)
+
+
+_HOST: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host (entry points loaded once)."""
+    global _HOST
+    if _HOST is None:
+        _HOST = PluginHost()
+    return _HOST
+
+
+def reset_host() -> None:
+    """Forget the cached host, e.g. after installing a plugin package in a test."""
+    global _HOST
+    _HOST = None
+
+
+def registry(kind: str) -> Registry:
+    """Shortcut: ``registry("perturbation").get("sae")``."""
+    return get_host().registry(kind)

@@ -1,0 +1,202 @@
+"""What a plugin provides: model adapters, SAE loaders, perturbations and token sources.
+
+These are `typing.Protocol`s plus a few plain dataclasses. The core depends only on these, never
+on a plugin; nnsight objects never appear here (the engine wraps models itself).
+
+Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site lives inside a Hugging Face model.
+
+    module: dotted path from the HF model root, e.g. ``"transformer.h.3.mlp"``.
+    io:     ``"output"`` (what the module returns) or ``"input"`` (its first positional argument).
+    index:  for a tuple output, which element holds the activation (``0`` for HF attention modules);
+            ``None`` when the output is the tensor itself.
+    The tensor found there is ``[batch, pos, d]``.
+    """
+
+    module: str
+    io: Literal["input", "output"] = "output"
+    index: int | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A Hugging Face causal LM ready for measurement, plus what klgap needs to know about it.
+
+    hf_model:        the ``transformers`` model, in eval mode, on ``device``; called as
+                     ``hf_model(input_ids=ids, use_cache=False)`` and returning ``.logits [batch pos vocab]``.
+    tokenizer:       a ``transformers`` tokenizer (may be None for token-id-only use).
+    n_layers:        number of transformer blocks.
+    d_model:         residual width.
+    site_widths:     width of each site's activation, e.g. ``{"attn_z": n_heads * d_head, ...}``.
+    site_map:        ``site_map(site, layer) -> SiteSpec``.
+    max_context:     largest context length the model accepts.
+    bos_token_id:    prepended to each context when the token source is asked to (None: no BOS).
+    sae_lens_models: model names under which sae_lens's pretrained directory lists SAEs for this model,
+                     best first (e.g. ``("pythia-70m-deduped",)`` for ``pythia-70m``).
+    """
+
+    name: str
+    hf_model: torch.nn.Module
+    tokenizer: Any
+    n_layers: int
+    d_model: int
+    site_widths: dict[str, int]
+    site_map: Any  # Callable[[str, int], SiteSpec]
+    max_context: int
+    bos_token_id: int | None
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    sae_lens_models: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """Loads one named model. Registered under that name by ``register_model_adapters``."""
+
+    description: str
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        """Load the model onto `device` in `dtype` (weights; KL is always computed in float32)."""
+        ...
+
+
+# --------------------------------------------------------------------------- SAEs
+
+
+@runtime_checkable
+class SparseAutoencoder(Protocol):
+    """Anything with encode/decode. sae_lens SAEs satisfy this as they are."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x: [n, d_in] -> feature activations [n, d_sae]."""
+        ...
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """feature activations [n, d_sae] -> reconstruction [n, d_in]."""
+        ...
+
+
+@dataclass
+class LoadedSAE:
+    """An SAE plus the metadata klgap needs.
+
+    module:      the SAE (encode/decode), on the run's device, float32.
+    hook_name:   the SAE's own hook name (``blocks.L.hook_mlp_out``), selects site/layer when not given.
+    source:      the spec it was loaded from (``sae_lens:RELEASE/ID``, a path, ...).
+    info:        anything else worth recording (architecture, release, training stats, ...).
+    """
+
+    module: Any
+    d_in: int
+    d_sae: int
+    hook_name: str | None
+    source: str
+    architecture: str = "standard"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x: [n, d_in] float32 -> feature activations [n, d_sae]."""
+        return self.module.encode(x)
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """feature activations [n, d_sae] -> reconstruction [n, d_in] float32."""
+        return self.module.decode(feature_acts)
+
+
+@runtime_checkable
+class SAELoader(Protocol):
+    """Turns an SAE spec string into a LoadedSAE.
+
+    A spec ``NAME:ARG`` goes to the loader registered as NAME; a bare spec (a path) goes to the
+    first loader whose ``can_load`` says yes.
+    """
+
+    description: str
+
+    def can_load(self, spec: str) -> bool:
+        """True if this loader recognises a bare `spec` (e.g. a directory holding cfg.json)."""
+        ...
+
+    def load(self, spec: str, device: torch.device) -> LoadedSAE:
+        """Load the SAE named by `spec` (with any ``NAME:`` prefix removed) onto `device`."""
+        ...
+
+
+class DefaultSAEFinder(Protocol):
+    """Optional extra on an SAE loader: name a pretrained SAE for a model/site/layer."""
+
+    def default_sae(self, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
+        """Return ``(spec, note)`` for the default SAE, or None. `note` is shown to the user."""
+        ...
+
+
+# --------------------------------------------------------------------------- perturbations
+
+
+@runtime_checkable
+class Perturbation(Protocol):
+    """Builds the substitute x' from the clean activation x and the SAE's reconstruction x̂.
+
+    Called per batch with every token at once: ``x, x_hat: [n, d]`` float32, same device.
+    Returns ``x_prime: [n, d]`` float32. Random perturbations draw only from `generator`
+    (on x's device) so that a run is reproducible.
+
+    stochastic: True if it draws random numbers (the many-samples mode draws it N times).
+    geometry:   what it matches, for tests and readers: a dict with any of
+                ``{"norm": "x"|"x_hat"|float, "distance": "eps", "cos": "sae"|float}``.
+    """
+
+    name: str
+    stochastic: bool
+    geometry: dict[str, Any]
+
+    def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor: ...
+
+
+class PerturbationFactory(Protocol):
+    """Registered under a name; called with the user's parameters (``cosine_matched:cos=0.8``)."""
+
+    def __call__(self, **params: Any) -> Perturbation: ...
+
+
+# --------------------------------------------------------------------------- token sources
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+    """Where the text comes from: returns packed contexts of token ids."""
+
+    description: str
+
+    def contexts(
+        self,
+        model: LoadedModel,
+        n_contexts: int,
+        context_len: int,
+        seed: int,
+        prepend_bos: bool,
+        arg: str | None,
+    ) -> Tensor:
+        """Return ``[n_contexts, context_len]`` int64 token ids (first column BOS when `prepend_bos`).
+
+        `arg` is what followed ``NAME:`` in the user's spec (a path, say), or None.
+        Raise ``KlgapError`` if fewer than `n_contexts` contexts can be made.
+        """
+        ...
