@@ -1,0 +1,309 @@
+"""The `klgap` command line: replicate, train-sae, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from klgap.errors import KlgapError
+
+log = logging.getLogger("klgap")
+
+RUN_FLAGS = {
+    # flag dest -> RunConfig field
+    "model": "model",
+    "site": "site",
+    "layer": "layer",
+    "sae": "sae",
+    "mode": "mode",
+    "interventions": "interventions",
+    "tokens": "n_tokens",
+    "context_len": "context_len",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "device": "device",
+    "dtype": "dtype",
+    "dataset": "dataset",
+    "position": "position",
+    "k": "k",
+    "n_samples": "n_samples",
+    "sample_intervention": "sample_intervention",
+}
+
+
+def _int_arg(name: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+
+    return parse
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a replication file (TOML or JSON) whose keys are these flags' names")
+    p.add_argument("--model", help="model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2")
+    p.add_argument("--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z (default: from the SAE)")
+    p.add_argument("--layer", type=_int_arg("--layer"), help="layer index (default: from the SAE)")
+    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file")
+    p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
+    p.add_argument(
+        "--interventions",
+        help="comma-separated, e.g. sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9 "
+        "(default: sae, sae_norm_corrected, sae_norm, epsilon_random, theta_random, theta_random_xnorm)",
+    )
+    p.add_argument("--tokens", type=_int_arg("--tokens"), help="tokens to read (default 8192)")
+    p.add_argument("--context-len", type=_int_arg("--context-len"), help="tokens per context (default 128)")
+    p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
+    p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16; KL is always float32")
+    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, random")
+    p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
+    p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")
+    p.add_argument("--n-samples", type=_int_arg("--n-samples"), help="many-samples: draws per context (default 500)")
+    p.add_argument("--sample-intervention", help="many-samples: the random perturbation drawn (default epsilon_random)")
+    p.add_argument(
+        "--include-first-position",
+        action="store_true",
+        default=None,
+        help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
+    )
+    p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klgap", description="Measure the KL gap of sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
+    _add_run_flags(rep)
+    rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
+    rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
+    train.add_argument("--model", required=True)
+    train.add_argument("--site", required=True)
+    train.add_argument("--layer", required=True, type=_int_arg("--layer"))
+    train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000, help="training tokens (default 200000)")
+    train.add_argument("--out", required=True, help="folder for cfg.json + sae_weights.safetensors + training.json")
+    train.add_argument("--context-len", type=_int_arg("--context-len"), default=128)
+    train.add_argument("--dataset", default="sample")
+    train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
+    train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default: the trainer's)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
+    train.add_argument("--seed", type=_int_arg("--seed"), default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--dtype", default="float32")
+    train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
+    train.add_argument("--quiet", action="store_true")
+
+    val = sub.add_parser("validate", help="check a report.json against the report schema")
+    val.add_argument("report", help="a report.json, or a run folder holding one")
+
+    plugins = sub.add_parser("plugins", help="list plugins and what each registers")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from klgap.config import RunConfig, load_config_file, split_interventions
+
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if args.config:
+        data = load_config_file(args.config)
+        for key, value in data.items():
+            field = RUN_FLAGS.get(key.replace("-", "_"), key.replace("-", "_"))
+            if field in ("out", "overwrite", "meta", "description", "train_sae"):
+                extra[field] = value
+            else:
+                values[field] = value
+    for dest, field in RUN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[field] = value
+    if args.include_first_position:
+        values["skip_first_position"] = False
+    if args.no_bos:
+        values["prepend_bos"] = False
+    if "interventions" in values:
+        values["interventions"] = split_interventions(values["interventions"])
+    if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):
+        values["sae"] = os.path.expanduser(values["sae"])
+    if "model" not in values:
+        raise KlgapError("--model is required (or a --config that names one), e.g. --model smollm2-135m")
+    return RunConfig.from_dict(values), extra
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from klgap import engine
+
+    config, extra = run_config_from_args(args)
+    out = args.out or extra.get("out")
+    if out is None:
+        site = config.site or "auto"
+        layer = "auto" if config.layer is None else config.layer
+        out = f"runs/{config.model}-{site}-L{layer}-{config.mode}"
+    if "train_sae" in extra:
+        train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
+    report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    print_summary(report, Path(out))
+    return 0
+
+
+def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool) -> None:
+    """A replication file may carry the recipe of its SAE: train it once if `sae` is not there yet."""
+    if not config.sae or Path(config.sae).exists():
+        return
+    if config.site is None or config.layer is None:
+        raise KlgapError("a config with [train_sae] must name site and layer")
+    print(f"SAE {config.sae} not found: training it from the config's [train_sae] recipe", file=sys.stderr)
+    args = argparse.Namespace(
+        model=config.model, site=config.site, layer=config.layer, out=config.sae,
+        tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
+        dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)),
+        l1=recipe.get("l1"), lr=recipe.get("lr"), seed=int(recipe.get("seed", config.seed)),
+        device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
+    )
+    cmd_train_sae(args)
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    print(
+        f"{report['model']} {report['hook_name']}  SAE {report['sae']['source']}  mode {report['mode']}  "
+        f"{report['n_tokens']} tokens in {report['n_contexts']} contexts"
+    )
+    print(f"{'intervention':<40} {'KL mean':>10} {'KL median':>10} {'ΔCE mean':>10}")
+    for name, row in report["interventions"].items():
+        fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
+        print(f"{name:<40} {fmt(row['kl_mean']):>10} {fmt(row['kl_median']):>10} {fmt(row['ce_delta_mean']):>10}")
+    comp = report.get("comparisons", {}).get("epsilon_random")
+    if comp:
+        r = comp["kl_ratio"]
+        print(
+            f"KL(sae)/KL(epsilon_random) = {r['ratio']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+            f"over {r['n_contexts']} contexts; Wilcoxon p = {comp['wilcoxon_kl']['p_value']:.3g}"
+        )
+    if "many_samples" in report:
+        ms = report["many_samples"]
+        print(f"many samples: mean z of the SAE's KL = {ms['z_mean']:.3f}, fraction z > 2 = {ms['frac_z_above_2']:.3f}")
+    print(f"wrote {out / 'report.json'} and {out / 'tokens.parquet'}")
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from klgap.config import DTYPES
+    from klgap.engine import load_model, pick_device
+    from klgap.errors import unknown
+    from klgap.plugins import get_host
+    from klgap.sites import check_site
+    from klgap.train import train_sae
+
+    check_site(args.site)
+    if args.tokens < 1:
+        raise KlgapError(f"--tokens must be ≥ 1, got {args.tokens}")
+    if args.dtype not in DTYPES:
+        raise unknown("dtype", args.dtype, DTYPES)
+    host = get_host()
+    source_name, _, source_arg = args.dataset.partition(":")
+    source = host.registry("token_source").get(source_name)
+    host.registry("model").get(args.model)
+    device = pick_device(args.device)
+    model = load_model(args.model, device, getattr(torch, args.dtype))
+    if not 0 <= args.layer < model.n_layers:
+        raise KlgapError(f"--layer {args.layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
+    if args.context_len > model.max_context:
+        raise KlgapError(f"--context-len {args.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
+    n_contexts = max(1, math.ceil(args.tokens / (args.context_len - 1)))
+    contexts = source.contexts(model, n_contexts, args.context_len, args.seed, True, source_arg or None)
+    kwargs: dict[str, Any] = {"expansion": args.expansion, "device": device, "seed": args.seed, "progress": not args.quiet}
+    if args.l1 is not None:
+        kwargs["l1_coefficient"] = args.l1
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    result = train_sae(model, args.site, args.layer, contexts, Path(args.out), **kwargs)
+    print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
+    print(f"wrote SAE to {args.out} (use --sae {args.out})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from klgap.plugins import get_host
+
+    infos = get_host().plugin_infos()
+    if args.json:
+        print(json.dumps([info.__dict__ for info in infos], indent=2))
+        return 0
+    host = get_host()
+    for info in infos:
+        print(f"{info.name}  ({info.package or '?'} {info.version or ''})".rstrip())
+        for kind, names in info.registers.items():
+            print(f"  {kind}:")
+            for name in names:
+                print(f"    {name:<28} {host.registry(kind).entries[name].description}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from klgap.schema import load_report
+
+    data = load_report(args.report)
+    print(f"{args.report}: valid klgap report (schema {data['schema_version']})")
+    return 0
+
+
+COMMANDS = {"replicate": cmd_replicate, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="klgap: %(message)s")
+    if args.version:
+        import klgap
+
+        print(klgap.__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KlgapError as exc:
+        if args.debug:
+            raise
+        print(f"klgap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klgap: interrupted; finished batches are saved, run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        if args.debug:
+            raise
+        print(
+            f"klgap: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The run configuration: every knob of a measurement, validated before any heavy work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from klgap.errors import KlgapError, unknown
+from klgap.sites import SITES
+
+MODES = ("all_tokens", "single_token", "many_samples")
+DEFAULT_INTERVENTIONS = (
+    "sae",
+    "sae_norm_corrected",
+    "sae_norm",
+    "epsilon_random",
+    "theta_random",
+    "theta_random_xnorm",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunConfig:
+    """One measurement: a model, a site and layer, an SAE, interventions and a mode.
+
+    site/layer may be None: the SAE's own hook name then selects them.
+    n_tokens is the number of tokens to read; contexts = ceil(n_tokens / context_len).
+    position/k: single-token mode patches `position` and measures positions position..position+k.
+    n_samples: many-samples mode draws `sample_intervention` this many times at `position`.
+    """
+
+    model: str
+    site: str | None = None
+    layer: int | None = None
+    sae: str | None = None
+    mode: str = "all_tokens"
+    interventions: list[str] = field(default_factory=lambda: list(DEFAULT_INTERVENTIONS))
+    n_tokens: int = 8192
+    context_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    dataset: str = "sample"
+    prepend_bos: bool = True
+    skip_first_position: bool = True
+    position: int = 32
+    k: int = 16
+    n_samples: int = 500
+    sample_intervention: str = "epsilon_random"
+
+    @property
+    def n_contexts(self) -> int:
+        return max(1, math.ceil(self.n_tokens / self.context_len))
+
+    def validate(self) -> "RunConfig":
+        """Check what can be checked without loading anything; raise KlgapError on the first problem."""
+        if self.mode not in MODES:
+            raise unknown("mode", self.mode, MODES)
+        if self.site is not None and self.site not in SITES:
+            raise unknown("site", self.site, SITES)
+        if self.dtype not in DTYPES:
+            raise unknown("dtype", self.dtype, DTYPES)
+        for name, value, low in (
+            ("--tokens", self.n_tokens, 1),
+            ("--context-len", self.context_len, 2),
+            ("--batch-size", self.batch_size, 1),
+            ("--n-samples", self.n_samples, 2),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise KlgapError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            raise KlgapError(f"--layer must be a non-negative integer, got {self.layer!r}")
+        if self.position < 0 or self.k < 0:
+            raise KlgapError(f"--position and --k must be ≥ 0, got position={self.position}, k={self.k}")
+        first = 1 if self.skip_first_position else 0
+        if self.mode != "all_tokens":
+            if self.position < first:
+                raise KlgapError(
+                    f"--position {self.position} is the skipped first position; use a position ≥ {first} "
+                    "or --include-first-position"
+                )
+            last = self.position + (self.k if self.mode == "single_token" else 0)
+            if last >= self.context_len:
+                raise KlgapError(
+                    f"--context-len {self.context_len} is too short for {self.mode} at position "
+                    f"{self.position} with k={self.k if self.mode == 'single_token' else 0}: it needs "
+                    f"context_len ≥ {last + 1}"
+                )
+        if not self.interventions:
+            raise KlgapError("--interventions is empty; give at least one, e.g. sae,epsilon_random")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = [k for k in data if k not in names]
+        if bad:
+            raise unknown("config key", bad[0], names)
+        return cls(**data)
+
+
+def split_interventions(text: str | list[str]) -> list[str]:
+    """`"sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9"` -> three specs.
+
+    A comma starts a new intervention unless it is followed by `key=` (a parameter).
+    """
+    items = [text] if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        out.extend(p.strip() for p in re.split(r",(?![A-Za-z_][A-Za-z0-9_]*=)", item) if p.strip())
+    return out
+
+
+def parse_intervention(spec: str) -> tuple[str, dict[str, str]]:
+    """`"cosine_matched:cos=0.8,norm_frac=0.9"` -> ("cosine_matched", {"cos": "0.8", "norm_frac": "0.9"})."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise KlgapError(f"cannot read parameter {part!r} of intervention {spec!r}; write NAME:key=value,key=value")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a replication file (TOML or JSON) into a dict of RunConfig fields (+ extra keys kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KlgapError(f"config file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise KlgapError(f"cannot parse config file {str(path)!r}: {exc}") from exc

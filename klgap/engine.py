@@ -1,0 +1,480 @@
+"""The measurement engine: patch substitutes x' into the model and reduce logits to per-token records.
+
+Modes (METHOD.md §3):
+- all_tokens:   patch every measured position of each context; KL and ΔCE at every position.
+- single_token: patch only `position` t; measure positions t..t+k.
+- many_samples: at position t, draw `n_samples` substitutes of a random perturbation; the SAE's KL
+                gets a z-score against them.
+Logits never outlive their batch: each batch is reduced to a table of per-token scalars and written
+to the run folder before the next batch starts (so a killed run resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from klgap import activations, metrics
+from klgap.config import RunConfig, parse_intervention
+from klgap.errors import KlgapError
+from klgap.plugins import get_host
+from klgap.protocols import LoadedModel, LoadedSAE, Perturbation, SiteSpec
+from klgap.rundir import RunDir, atomic_write_json, atomic_write_parquet
+from klgap.sites import hook_name, parse_hook_name
+
+log = logging.getLogger("klgap")
+
+
+@dataclass
+class Prepared:
+    """Everything resolved and loaded for one run."""
+
+    config: RunConfig
+    model: LoadedModel
+    sae: LoadedSAE
+    site: str
+    layer: int
+    spec: SiteSpec
+    perturbations: list[tuple[str, Perturbation]]
+    contexts: Tensor  # [n_contexts ctx] int64, CPU
+    center: bool
+    sample_perturbation: Perturbation | None = None
+    notes: list[str] = field(default_factory=list)
+    plugins_used: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise KlgapError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KlgapError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def build_perturbation(spec: str) -> Perturbation:
+    """`"cosine_matched:cos=0.8"` -> the registered factory called with its parameters."""
+    name, params = parse_intervention(spec)
+    factory = get_host().registry("perturbation").get(name)
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise KlgapError(f"intervention {spec!r}: bad parameters {sorted(params)} ({exc})") from exc
+
+
+def build_perturbations(specs: list[str]) -> list[tuple[str, Perturbation]]:
+    built = [build_perturbation(s) for s in specs]
+    names = [getattr(p, "name", s) for p, s in zip(built, specs, strict=True)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise KlgapError(f"intervention {dupes[0]!r} is listed twice in --interventions")
+    return list(zip(names, built, strict=True))
+
+
+def load_sae(spec: str, device: torch.device) -> LoadedSAE:
+    """Route an SAE spec to its loader: `NAME:ARG` by name, a bare path to the first loader that knows it."""
+    loaders = get_host().registry("sae_loader")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in loaders:
+        return loaders.get(prefix).load(rest, device)
+    for name in loaders.names():
+        loader = loaders.get(name)
+        if loader.can_load(spec):
+            return loader.load(spec, device)
+    if not Path(spec).exists() and not sep:
+        raise KlgapError(
+            f"SAE {spec!r} is neither an existing path nor LOADER:ARG; valid forms: "
+            "sae_lens:RELEASE/SAE_ID, a folder with cfg.json + sae_weights.safetensors, a .safetensors file"
+            f" (loaders: {', '.join(loaders.names())})"
+        )
+    raise KlgapError(
+        f"no SAE loader recognises {spec!r}; prefix it with one of: {', '.join(loaders.names())} (e.g. sae_lens:RELEASE/ID)"
+    )
+
+
+def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[str, str]:
+    """Ask every SAE loader with a `default_sae` method for a pretrained SAE at this site."""
+    loaders = get_host().registry("sae_loader")
+    for name in loaders.names():
+        finder = getattr(loaders.get(name), "default_sae", None)
+        if finder is None:
+            continue
+        found = finder(model, site, layer)
+        if found:
+            spec, note = found
+            return f"{name}:{spec}", note
+    raise KlgapError(
+        f"no --sae given and no pretrained SAE is known for {model.name} {hook_name(site, layer)}; "
+        f"train one with `klgap train-sae --model {model.name} --site {site} --layer {layer} --out DIR` "
+        "and pass --sae DIR"
+    )
+
+
+def resolve_site(config: RunConfig, sae: LoadedSAE | None) -> tuple[str | None, int | None]:
+    """Site and layer from the flags, else from the SAE's hook name; disagreement is an error."""
+    site, layer = config.site, config.layer
+    if sae is not None and sae.hook_name:
+        sae_site, sae_layer = parse_hook_name(sae.hook_name)
+        if (site is not None and site != sae_site) or (layer is not None and layer != sae_layer):
+            raise KlgapError(
+                f"the SAE {sae.source!r} was trained on {sae.hook_name} (site {sae_site}, layer {sae_layer}) "
+                f"but --site {site} --layer {layer} was given; drop them or pick a matching SAE"
+            )
+        site, layer = sae_site, sae_layer
+    return site, layer
+
+
+_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load a model through its adapter once per process (train-then-measure reuses it)."""
+    key = (name, str(device), str(dtype))
+    if key not in _MODELS:
+        _MODELS.clear()  # hold at most one model in memory
+        _MODELS[key] = get_host().registry("model").get(name).load(device, dtype)
+    return _MODELS[key]
+
+
+def prepare(config: RunConfig, progress: bool = False) -> Prepared:
+    """Validate, resolve every plugin name, load the SAE, the model and the tokens (in that order)."""
+    config.validate()
+    host = get_host()
+    device = pick_device(config.device)
+    dtype = getattr(torch, config.dtype)
+
+    specs = list(config.interventions)
+    if config.mode == "many_samples" and not any(parse_intervention(s)[0] == "sae" for s in specs):
+        specs = ["sae", *specs]
+    perturbations = build_perturbations(specs)
+    sample_perturbation = None
+    if config.mode == "many_samples":
+        sample_perturbation = build_perturbation(config.sample_intervention)
+        if not getattr(sample_perturbation, "stochastic", False):
+            raise KlgapError(
+                f"--sample-intervention {config.sample_intervention!r} is not random; many-samples mode needs "
+                "one that is, e.g. epsilon_random or theta_random"
+            )
+    source_name, _, source_arg = config.dataset.partition(":")
+    source = host.registry("token_source").get(source_name)
+    host.registry("model").get(config.model)  # an unknown name fails here, before any loading
+
+    sae = load_sae(config.sae, device) if config.sae else None
+    site, layer = resolve_site(config, sae)
+    if sae is None and (site is None or layer is None):
+        raise KlgapError("give --site and --layer (or an --sae whose hook name names them)")
+
+    model = load_model(config.model, device, dtype)
+    notes: list[str] = []
+    if layer >= model.n_layers:
+        raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
+    if config.context_len > model.max_context:
+        raise KlgapError(
+            f"--context-len {config.context_len} exceeds {model.name}'s maximum context of {model.max_context}"
+        )
+    if sae is None:
+        sae_spec, note = default_sae(model, site, layer)
+        notes.append(note)
+        log.warning(note)
+        sae = load_sae(sae_spec, device)
+        resolve_site(RunConfig(model=config.model, site=site, layer=layer), sae)
+    width = model.site_widths[site]
+    if sae.d_in != width:
+        raise KlgapError(
+            f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
+            "it was trained on another model or site"
+        )
+    center = bool(sae.info.get("config_overrides", {}).get("center_writing_weights")) and site.startswith("resid")
+    if center:
+        notes.append(
+            "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
+            "over d_model before the SAE and every perturbation (LayerNorm makes the mean invisible downstream)"
+        )
+
+    contexts = source.contexts(
+        model, config.n_contexts, config.context_len, config.seed, config.prepend_bos, source_arg or None
+    )
+    if contexts.shape != (config.n_contexts, config.context_len):
+        raise KlgapError(
+            f"token source {source_name!r} returned {tuple(contexts.shape)}, expected "
+            f"{(config.n_contexts, config.context_len)}"
+        )
+    entries = {kind: host.registry(kind).entries for kind in ("model", "sae_loader", "token_source", "perturbation")}
+    plugins_used = {
+        f"model:{config.model}": entries["model"][config.model].plugin,
+        f"token_source:{source_name}": entries["token_source"][source_name].plugin,
+        **{f"perturbation:{parse_intervention(s)[0]}": entries["perturbation"][parse_intervention(s)[0]].plugin for s in specs},
+    }
+    return Prepared(
+        config=config,
+        model=model,
+        sae=sae,
+        site=site,
+        layer=layer,
+        spec=model.site_map(site, layer),
+        perturbations=perturbations,
+        contexts=contexts.to(torch.long).cpu(),
+        center=center,
+        sample_perturbation=sample_perturbation,
+        notes=notes,
+        plugins_used=plugins_used,
+    )
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def generator_for(device: torch.device, *keys: int) -> torch.Generator:
+    """A generator seeded from (seed, batch, intervention, ...): the same numbers on resume."""
+    state = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+@dataclass
+class SaeView:
+    """The SAE's view of a set of tokens: x (possibly centred), x̂ and per-token geometry."""
+
+    x: Tensor  # [n d] float32
+    x_hat: Tensor  # [n d] float32
+    offset: Tensor  # [n 1] float32: added back before patching (the mean when centring, else 0)
+    stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
+
+    @classmethod
+    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool) -> "SaeView":
+        x = acts.float()
+        offset = x.mean(-1, keepdim=True) if center else torch.zeros_like(x[:, :1])
+        x = x - offset
+        feats = sae.encode(x)
+        x_hat = sae.decode(feats).float()
+        x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        cos = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12)
+        stats = {
+            "eps": (x - x_hat).norm(dim=-1),
+            "cos": cos,
+            "x_norm": x_norm,
+            "x_hat_norm": x_hat_norm,
+            "l0": (feats != 0).sum(-1).float(),
+        }
+        return cls(x, x_hat, offset, stats)
+
+    def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        x_prime = perturbation(self.x, self.x_hat, generator)
+        return (x_prime.float() + self.offset).to(dtype)
+
+    def side_stats(self) -> dict[str, Any]:
+        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖²."""
+        finite = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
+        x, err = self.x[finite].double(), (self.x - self.x_hat)[finite].double()
+        return {
+            "n": int(finite.sum()),
+            "n_nonfinite_acts": int((~finite).sum()),
+            "sum_x": x.sum(0).cpu().tolist(),
+            "sum_sq_x": float((x**2).sum()),
+            "sum_sq_err": float((err**2).sum()),
+        }
+
+
+def _table(columns: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else v) for k, v in columns.items()})
+
+
+def measure_batch(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Reduce one batch of contexts to per-token records (and side sums)."""
+    mode = prep.config.mode
+    if mode == "all_tokens":
+        return _measure_all_tokens(prep, index)
+    if mode == "single_token":
+        return _measure_single_token(prep, index)
+    return _measure_many_samples(prep, index)
+
+
+def _batch_ids(prep: Prepared, index: int) -> tuple[Tensor, Tensor]:
+    size = prep.config.batch_size
+    context_ids = torch.arange(index * size, min((index + 1) * size, len(prep.contexts)))
+    return prep.contexts[context_ids], context_ids
+
+
+@torch.no_grad()
+def _measure_all_tokens(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    cfg, model = prep.config, prep.model
+    ids_cpu, context_ids = _batch_ids(prep, index)
+    ids = ids_cpu.to(model.device)
+    n_ctx, ctx_len = ids.shape
+    first = 1 if cfg.skip_first_position else 0
+    n_pos = ctx_len - first
+
+    acts, clean_logits = activations.run_clean(model, prep.spec, ids)  # [b pos d], [b pos vocab]
+    clean_logp = metrics.log_probs(clean_logits)
+    del clean_logits
+    view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
+    next_ids = metrics.next_token_ids(ids)
+
+    base = {
+        "context": context_ids.repeat_interleave(n_pos),
+        "position": torch.arange(first, ctx_len).repeat(n_ctx),
+        "token_id": ids_cpu[:, first:].reshape(-1),
+        **view.stats,
+    }
+    base["offset"] = base["position"]
+    frames = []
+    for j, (name, perturbation) in enumerate(prep.perturbations):
+        gen = generator_for(model.device, cfg.seed, index, j)
+        x_prime = view.substitute(perturbation, gen, model.dtype).reshape(n_ctx, n_pos, -1)
+        logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None))
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
+        del logits
+        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
+    return pd.concat(frames, ignore_index=True), view.side_stats()
+
+
+@torch.no_grad()
+def _measure_single_token(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    cfg, model = prep.config, prep.model
+    full_cpu, context_ids = _batch_ids(prep, index)
+    t, k = cfg.position, cfg.k
+    # A causal model's logits at positions <= t+k do not depend on later tokens: run only what is measured.
+    ids = full_cpu[:, : t + k + 1].to(model.device)
+    next_ids = metrics.next_token_ids(full_cpu.to(model.device))[:, : t + k + 1]
+    n_ctx = ids.shape[0]
+
+    acts, clean_logits = activations.run_clean(model, prep.spec, ids)
+    clean_logp = metrics.log_probs(clean_logits)
+    del clean_logits
+    view = SaeView.of(acts[:, t], prep.sae, prep.center)  # [b d]
+    positions = torch.arange(t, t + k + 1)
+    base = {
+        "context": context_ids.repeat_interleave(k + 1),
+        "position": positions.repeat(n_ctx),
+        "offset": (positions - t).repeat(n_ctx),
+        "token_id": ids_cpu_at(full_cpu, positions),
+        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
+    }
+    frames = []
+    for j, (name, perturbation) in enumerate(prep.perturbations):
+        gen = generator_for(model.device, cfg.seed, index, j)
+        x_prime = view.substitute(perturbation, gen, model.dtype)  # [b d]
+        logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
+        del logits
+        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, t:].reshape(-1), "ce_delta": ce[:, t:].reshape(-1)}))
+    return pd.concat(frames, ignore_index=True), view.side_stats()
+
+
+def ids_cpu_at(ids: Tensor, positions: Tensor) -> Tensor:
+    """Token ids at `positions` of every context, flattened context-major."""
+    return ids[:, positions].reshape(-1)
+
+
+@torch.no_grad()
+def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    cfg, model = prep.config, prep.model
+    full_cpu, context_ids = _batch_ids(prep, index)
+    t, n_draws = cfg.position, cfg.n_samples
+    ids = full_cpu[:, : t + 1].to(model.device)  # causal: logits at t need only tokens <= t
+    next_ids = metrics.next_token_ids(full_cpu.to(model.device))[:, : t + 1]
+    n_ctx = ids.shape[0]
+
+    acts, clean_logits = activations.run_clean(model, prep.spec, ids)
+    clean_logp = metrics.log_probs(clean_logits)
+    del clean_logits
+    view = SaeView.of(acts[:, t], prep.sae, prep.center)
+    base = {
+        "context": context_ids,
+        "position": t,
+        "offset": 0,
+        "token_id": full_cpu[:, t],
+        **view.stats,
+    }
+    frames = []
+    for j, (name, perturbation) in enumerate(prep.perturbations):
+        gen = generator_for(model.device, cfg.seed, index, j)
+        logits = activations.run_patched(model, prep.spec, ids, view.substitute(perturbation, gen, model.dtype), positions=t)
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
+        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, t], "ce_delta": ce[:, t]}))
+
+    # N draws per context, batched across contexts: rows are (context, draw) pairs.
+    rows_per_chunk = max(1, (cfg.batch_size * cfg.context_len) // (t + 1))
+    owner = torch.arange(n_ctx, device=model.device).repeat_interleave(n_draws)  # [b*N]
+    x_rep, x_hat_rep, off_rep = view.x[owner], view.x_hat[owner], view.offset[owner]
+    draws = []
+    for j in range(n_ctx):
+        gen = generator_for(model.device, cfg.seed, index, len(prep.perturbations), j)
+        sl = slice(j * n_draws, (j + 1) * n_draws)
+        draws.append(prep.sample_perturbation(x_rep[sl], x_hat_rep[sl], gen).float() + off_rep[sl])
+    x_prime_all = torch.cat(draws).to(model.dtype)
+    kl_all, ce_all = [], []
+    for start in range(0, len(owner), rows_per_chunk):
+        rows = owner[start : start + rows_per_chunk]
+        logits = activations.run_patched(model, prep.spec, ids[rows], x_prime_all[start : start + rows_per_chunk], positions=t)
+        kl, ce = metrics.token_metrics(clean_logp[rows][:, t : t + 1], logits[:, t : t + 1], next_ids[rows][:, t : t + 1])
+        kl_all.append(kl[:, 0])
+        ce_all.append(ce[:, 0])
+        del logits
+    owner_cpu = owner.cpu()
+    frames.append(
+        _table(
+            {
+                "context": context_ids[owner_cpu],
+                "position": t,
+                "offset": 0,
+                "token_id": full_cpu[owner_cpu, t],
+                **{name: value[owner] for name, value in view.stats.items()},
+                "intervention": prep.sample_perturbation.name,
+                "draw": torch.arange(n_draws).repeat(n_ctx),
+                "kl": torch.cat(kl_all),
+                "ce_delta": torch.cat(ce_all),
+            }
+        )
+    )
+    return pd.concat(frames, ignore_index=True), view.side_stats()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_identity(prep: Prepared) -> dict[str, Any]:
+    """What makes two runs the same run (resume only into an identical one)."""
+    identity = prep.config.to_dict()
+    identity.update(site=prep.site, layer=prep.layer, sae=prep.sae.source, device=str(prep.model.device))
+    return identity
+
+
+def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table."""
+    from tqdm.auto import tqdm
+
+    from klgap.report import build_report
+    from klgap.schema import validate_report
+
+    rundir = RunDir(out)
+    rundir.check_writable()
+    prep = prepare(config)
+    rundir.prepare(run_identity(prep), overwrite)
+    done = rundir.done_batches()
+    n_batches = -(-len(prep.contexts) // config.batch_size)
+    todo = [i for i in range(n_batches) if i not in done]
+    if done:
+        log.warning("resuming: %d of %d batches already done in %s", len(done), n_batches, rundir.root)
+    for index in tqdm(todo, desc=f"{config.mode} {prep.site} L{prep.layer}", disable=not progress, unit="batch"):
+        frame, side = measure_batch(prep, index)
+        rundir.write_part(index, frame, side)
+    frame, sides = rundir.read_parts()
+    report = build_report(prep, frame, sides)
+    validate_report(report, source="the report just built")  # never write a report that does not validate
+    atomic_write_parquet(rundir.root / "tokens.parquet", frame)
+    atomic_write_json(rundir.root / "report.json", report)
+    return report

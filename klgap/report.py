@@ -1,0 +1,176 @@
+"""report.json: the run's numbers, configuration and provenance (data first; pictures come later)."""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from klgap import stats
+from klgap.provenance import provenance
+from klgap.schema import SCHEMA_VERSION
+from klgap.sites import hook_name
+
+if TYPE_CHECKING:
+    from klgap.engine import Prepared
+
+BASELINE = "epsilon_random"
+
+
+def _plugin_version(plugin: str) -> str | None:
+    from klgap.plugins import get_host
+
+    package, plugin_version = get_host().dists.get(plugin, (None, None))
+    if plugin_version is None and package:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+    return plugin_version
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def explained_variance(sides: list[dict[str, Any]]) -> float:
+    n = sum(s["n"] for s in sides)
+    if n == 0:
+        return math.nan
+    sum_x = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0)
+    total = sum(s["sum_sq_x"] for s in sides) - float(sum_x @ sum_x) / n
+    return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
+
+
+def summarize_interventions(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, rows in frame.groupby("intervention", sort=False):
+        kl, ce = stats.describe(rows["kl"].to_numpy()), stats.describe(rows["ce_delta"].to_numpy())
+        out[str(name)] = {
+            "kl_mean": kl["mean"],
+            "kl_median": kl["median"],
+            "kl_p999": kl["p999"],
+            "ce_delta_mean": ce["mean"],
+            "ce_delta_median": ce["median"],
+            "ce_delta_p999": ce["p999"],
+            "n_tokens": kl["n"],
+            "n_nonfinite": kl["n_nonfinite"],
+        }
+    return out
+
+
+def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str, Any]:
+    """For each baseline: ratio mean KL(sae)/KL(baseline) (and ΔCE) with context-bootstrap CIs, Wilcoxon."""
+    out: dict[str, Any] = {}
+    if "sae" not in names:
+        return out
+    sae_kl = stats.per_context(frame, "sae", "kl")
+    sae_ce = stats.per_context(frame, "sae", "ce_delta")
+    for name in names:
+        if name == "sae":
+            continue
+        base_kl = stats.per_context(frame, name, "kl")
+        out[name] = {
+            "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
+            "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, stats.per_context(frame, name, "ce_delta"), seed=seed),
+            "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
+        }
+    return out
+
+
+def many_samples_summary(frame: pd.DataFrame, sample_name: str) -> dict[str, Any]:
+    draws = frame[frame["draw"] >= 0]
+    sae = frame[(frame["draw"] < 0) & (frame["intervention"] == "sae")].set_index("context")["kl"]
+    per_context = []
+    for context, rows in draws.groupby("context"):
+        z = stats.zscores(float(sae.loc[context]), rows["kl"].to_numpy())
+        per_context.append({"context": int(context), "sae_kl": float(sae.loc[context]), **z})
+    zs = np.array([c["z"] for c in per_context], dtype=float)
+    finite = zs[np.isfinite(zs)]
+    return {
+        "sample_intervention": sample_name,
+        "n_draws": int(draws["draw"].max() + 1) if len(draws) else 0,
+        "z_mean": float(finite.mean()) if finite.size else math.nan,
+        "z_median": float(np.median(finite)) if finite.size else math.nan,
+        "frac_z_above_2": float((finite > 2).mean()) if finite.size else math.nan,
+        "percentile_mean": float(np.mean([c["percentile"] for c in per_context])) if per_context else math.nan,
+        "per_context": per_context,
+    }
+
+
+def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg = prep.config
+    measured = frame[frame["draw"] < 0]
+    names = [name for name, _ in prep.perturbations]
+    interventions = summarize_interventions(measured)
+    comparisons = compare_to_sae(measured, names, cfg.seed)
+    ratio = comparisons.get(BASELINE, {}).get("kl_ratio", {}).get("ratio", math.nan)
+    sae_rows = measured[measured["intervention"] == names[0]] if names else measured
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": prep.model.name,
+        "site": prep.site,
+        "layer": prep.layer,
+        "hook_name": hook_name(prep.site, prep.layer),
+        "module": {"path": prep.spec.module, "io": prep.spec.io, "index": prep.spec.index},
+        "sae": {
+            "source": prep.sae.source,
+            "hook_name": prep.sae.hook_name,
+            "architecture": prep.sae.architecture,
+            "d_in": prep.sae.d_in,
+            "d_sae": prep.sae.d_sae,
+            "info": prep.sae.info,
+        },
+        "mode": cfg.mode,
+        "n_tokens": int(len(sae_rows)),
+        "n_contexts": int(measured["context"].nunique()) if len(measured) else 0,
+        "context_len": cfg.context_len,
+        "first_position": "excluded (not patched, not measured)" if cfg.skip_first_position else "included",
+        "centered_activations": prep.center,
+        "interventions": interventions,
+        "kl_ratio_sae_over_epsilon_random": ratio,
+        "comparisons": comparisons,
+        "sae_metrics": {
+            "explained_variance": explained_variance(sides),
+            "l0_mean": float(sae_rows["l0"].mean()) if len(sae_rows) else math.nan,
+            "cos_mean": float(sae_rows["cos"].mean()) if len(sae_rows) else math.nan,
+            "eps_mean": float(sae_rows["eps"].mean()) if len(sae_rows) else math.nan,
+            "x_norm_mean": float(sae_rows["x_norm"].mean()) if len(sae_rows) else math.nan,
+            "x_hat_norm_mean": float(sae_rows["x_hat_norm"].mean()) if len(sae_rows) else math.nan,
+            "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
+        },
+        "notes": prep.notes,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "device": str(prep.model.device),
+        "dtype": cfg.dtype,
+        "dataset": cfg.dataset,
+        "plugins": {
+            key: {"plugin": plugin, "version": _plugin_version(plugin)} for key, plugin in prep.plugins_used.items()
+        },
+        "provenance": provenance(),
+    }
+    if cfg.mode == "single_token":
+        report["single_token"] = {
+            "position": cfg.position,
+            "k": cfg.k,
+            "kl_by_offset": {
+                str(name): rows.groupby("offset")["kl"].mean().to_dict()
+                for name, rows in measured.groupby("intervention", sort=False)
+            },
+        }
+    if cfg.mode == "many_samples":
+        report["many_samples"] = many_samples_summary(frame, prep.sample_perturbation.name)
+    return _clean(report)

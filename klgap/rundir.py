@@ -1,0 +1,134 @@
+"""A run's output folder: config identity, per-batch parts (so runs resume), atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from klgap.errors import KlgapError
+
+CONFIG_FILE = "run_config.json"
+PARTS_DIR = "parts"
+OUTPUTS = ("report.json", "tokens.parquet")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """``OUT/run_config.json``, ``OUT/parts/batch_00000.{parquet,json}``, ``OUT/report.json``, ``OUT/tokens.parquet``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.parts = self.root / PARTS_DIR
+
+    def check_writable(self) -> None:
+        """Create the folder and prove we can write there, before any heavy work."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".klgap-write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
+
+    def prepare(self, identity: dict[str, Any], overwrite: bool) -> int:
+        """Bind the folder to a run identity; return how many batches are already done.
+
+        A folder holding a different run is refused unless `overwrite` (which clears it).
+        """
+        self.check_writable()
+        config_path = self.root / CONFIG_FILE
+        if config_path.exists():
+            try:
+                existing = json.loads(config_path.read_text())
+            except ValueError:
+                existing = None
+            if existing != json.loads(json.dumps(identity, default=str)):
+                if not overwrite:
+                    diff = _first_difference(existing, identity)
+                    raise KlgapError(
+                        f"{str(self.root)!r} holds a different run ({diff}); use another --out, or "
+                        "--overwrite to replace it"
+                    )
+                self.clear()
+        elif overwrite:
+            self.clear()
+        for name in OUTPUTS:  # a resumed or repeated run rewrites its outputs at the end
+            (self.root / name).unlink(missing_ok=True)
+        atomic_write_json(config_path, identity)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        return len(self.done_batches())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)
+        for name in (*OUTPUTS, CONFIG_FILE):
+            (self.root / name).unlink(missing_ok=True)
+
+    def part_paths(self, index: int) -> tuple[Path, Path]:
+        return self.parts / f"batch_{index:05d}.parquet", self.parts / f"batch_{index:05d}.json"
+
+    def done_batches(self) -> set[int]:
+        """Batches whose parquet and json both exist (the json is written last)."""
+        done = set()
+        for meta in self.parts.glob("batch_*.json"):
+            index = int(meta.stem.split("_")[1])
+            if self.part_paths(index)[0].exists():
+                done.add(index)
+        return done
+
+    def write_part(self, index: int, frame: pd.DataFrame, side: dict[str, Any]) -> None:
+        table_path, meta_path = self.part_paths(index)
+        atomic_write_parquet(table_path, frame)
+        atomic_write_json(meta_path, side)
+
+    def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        indices = sorted(self.done_batches())
+        frames = [pd.read_parquet(self.part_paths(i)[0]) for i in indices]
+        sides = [json.loads(self.part_paths(i)[1].read_text()) for i in indices]
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return frame, sides
+
+
+def _first_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "unreadable run_config.json"
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), json.loads(json.dumps(new.get(key), default=str))
+        if a != b:
+            return f"{key}: {a!r} on disk, {b!r} now"
+    return "same keys"

@@ -1,0 +1,209 @@
+"""The report.json schema, defined once (pydantic), validated on write and on read.
+
+`schema_version` is semver: a reader accepts any report with the same major version. Bump the minor
+version when adding a field, the major version when removing or changing one. The JSON Schema file
+committed beside this module (`report.schema.json`) is generated from these models
+(`python -m klgap.schema > klgap/report.schema.json`); a test checks it is current.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from klgap.errors import KlgapError
+
+SCHEMA_VERSION = "0.1.0"
+
+Num = float | None  # NaN and infinities are written as null
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InterventionStats(_Model):
+    """Per-token KL and ΔCE of one intervention, over finite values; n_nonfinite are left out and counted."""
+
+    kl_mean: Num
+    kl_median: Num
+    kl_p999: Num
+    ce_delta_mean: Num
+    ce_delta_median: Num
+    ce_delta_p999: Num
+    n_tokens: int
+    n_nonfinite: int
+
+
+class RatioCI(_Model):
+    """mean(sae)/mean(baseline) with a bootstrap interval that resamples whole contexts."""
+
+    ratio: Num
+    ci_low: Num
+    ci_high: Num
+    n_contexts: int
+    n_boot: int | None = None
+
+
+class PairedTest(_Model):
+    """Wilcoxon signed-rank on per-context means (sae vs baseline); effect size is rank-biserial."""
+
+    statistic: Num
+    p_value: Num
+    effect_size: Num
+    n_contexts: int
+    p_holm: Num = None
+
+
+class Comparison(_Model):
+    kl_ratio: RatioCI
+    ce_delta_ratio: RatioCI
+    wilcoxon_kl: PairedTest
+
+
+class SAEInfo(_Model):
+    source: str
+    hook_name: str | None
+    architecture: str
+    d_in: int
+    d_sae: int
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class SAEMetrics(_Model):
+    explained_variance: Num
+    l0_mean: Num
+    cos_mean: Num
+    eps_mean: Num
+    x_norm_mean: Num
+    x_hat_norm_mean: Num
+    n_nonfinite_activations: int
+
+
+class ModuleRef(_Model):
+    path: str
+    io: Literal["input", "output"]
+    index: int | None
+
+
+class PluginRef(_Model):
+    plugin: str
+    version: str | None
+
+
+class Provenance(_Model):
+    klgap_version: str
+    git_hash: str | None
+    packages: dict[str, str | None]
+    python: str
+    platform: str
+    created_at: str
+
+
+class SingleToken(_Model):
+    position: int
+    k: int
+    kl_by_offset: dict[str, dict[str, Num]]
+
+
+class ManySamplesContext(_Model):
+    context: int
+    sae_kl: Num
+    z: Num
+    percentile: Num
+    draw_mean: Num
+    draw_std: Num
+
+
+class ManySamples(_Model):
+    sample_intervention: str
+    n_draws: int
+    z_mean: Num
+    z_median: Num
+    frac_z_above_2: Num
+    percentile_mean: Num
+    per_context: list[ManySamplesContext]
+
+
+class Report(_Model):
+    """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
+
+    schema_version: str
+    model: str
+    site: str
+    layer: int
+    hook_name: str
+    module: ModuleRef
+    sae: SAEInfo
+    mode: Literal["all_tokens", "single_token", "many_samples"]
+    n_tokens: int
+    n_contexts: int
+    context_len: int
+    first_position: str
+    centered_activations: bool
+    interventions: dict[str, InterventionStats]
+    kl_ratio_sae_over_epsilon_random: Num
+    comparisons: dict[str, Comparison]
+    sae_metrics: SAEMetrics
+    notes: list[str]
+    config: dict[str, Any]
+    seed: int
+    device: str
+    dtype: str
+    dataset: str
+    plugins: dict[str, PluginRef]
+    provenance: Provenance
+    single_token: SingleToken | None = None
+    many_samples: ManySamples | None = None
+
+
+def _major(version: str) -> str:
+    return str(version).split(".")[0]
+
+
+def validate_report(data: dict[str, Any], source: str = "report") -> Report:
+    """Check a report dict against the schema; raise KlgapError naming the first problems."""
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version is None:
+        raise KlgapError(f"{source} has no schema_version; it is not a klgap report")
+    if _major(version) != _major(SCHEMA_VERSION):
+        raise KlgapError(
+            f"{source} has schema_version {version}, this klgap reads {_major(SCHEMA_VERSION)}.x "
+            f"(it writes {SCHEMA_VERSION})"
+        )
+    try:
+        return Report.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise KlgapError(f"{source} does not match the report schema {SCHEMA_VERSION}: {problems}") from exc
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read and validate a report.json; returns the dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise KlgapError(f"no report at {str(path)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise KlgapError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    validate_report(data, source=str(path))
+    return data
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Report.model_json_schema()
+    schema["$id"] = f"https://klgap.invalid/report.schema.json#{SCHEMA_VERSION}"
+    schema["title"] = f"klgap report {SCHEMA_VERSION}"
+    return schema
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

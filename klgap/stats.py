@@ -1,0 +1,92 @@
+"""Statistics over contexts (tokens in one context are not independent, contexts are)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+
+def describe(values: np.ndarray) -> dict[str, float | int]:
+    """Mean, median and 99.9th percentile of the finite values, with counts of both kinds."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": math.nan, "median": math.nan, "p999": math.nan, "n": 0, "n_nonfinite": int(values.size)}
+    return {
+        "mean": float(finite.mean()),
+        "median": float(np.median(finite)),
+        "p999": float(np.quantile(finite, 0.999)),
+        "n": int(finite.size),
+        "n_nonfinite": int(values.size - finite.size),
+    }
+
+
+def per_context(frame: pd.DataFrame, intervention: str, column: str) -> pd.DataFrame:
+    """Sum and count of the finite `column` per context for one intervention: columns sum, n."""
+    rows = frame[frame["intervention"] == intervention]
+    values = rows[column].where(np.isfinite(rows[column]))
+    grouped = values.groupby(rows["context"])
+    return pd.DataFrame({"sum": grouped.sum(min_count=1).fillna(0.0), "n": grouped.count()})
+
+
+def ratio_of_means_ci(
+    num: pd.DataFrame, den: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """mean(num)/mean(den) over tokens, with a bootstrap interval that resamples whole contexts.
+
+    num, den: per-context ``sum`` and ``n`` (from :func:`per_context`), aligned on context.
+    """
+    joined = num.join(den, lsuffix="_num", rsuffix="_den", how="inner")
+    if joined.empty:
+        return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
+    s_num, n_num = joined["sum_num"].to_numpy(), joined["n_num"].to_numpy()
+    s_den, n_den = joined["sum_den"].to_numpy(), joined["n_den"].to_numpy()
+
+    def ratio(idx: np.ndarray | slice) -> np.ndarray:
+        mean_num = s_num[idx].sum(-1) / n_num[idx].sum(-1)
+        mean_den = s_den[idx].sum(-1) / n_den[idx].sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return mean_num / mean_den
+
+    point = float(ratio(slice(None)))
+    n = len(joined)
+    rng = np.random.default_rng(seed)
+    boots = ratio(rng.integers(0, n, size=(n_boot, n)))
+    boots = boots[np.isfinite(boots)]
+    alpha = (1 - level) / 2
+    low, high = (np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan))
+    return {"ratio": point, "ci_low": float(low), "ci_high": float(high), "n_contexts": int(n), "n_boot": n_boot}
+
+
+def paired_wilcoxon(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
+    """Wilcoxon signed-rank on per-context mean values (a vs b), with the rank-biserial effect size."""
+    joined = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
+    mean_a = joined["sum_a"] / joined["n_a"]
+    mean_b = joined["sum_b"] / joined["n_b"]
+    diff = (mean_a - mean_b).to_numpy()
+    diff = diff[np.isfinite(diff)]
+    if diff.size < 2 or np.all(diff == 0):
+        return {"statistic": math.nan, "p_value": 1.0, "effect_size": 0.0, "n_contexts": int(diff.size)}
+    result = sps.wilcoxon(diff, zero_method="wilcox")
+    nonzero = diff[diff != 0]
+    ranks = sps.rankdata(np.abs(nonzero))
+    effect = float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
+    return {
+        "statistic": float(result.statistic),
+        "p_value": float(result.pvalue),
+        "effect_size": effect,  # rank-biserial correlation, in [-1, 1]; > 0 means a > b
+        "n_contexts": int(diff.size),
+    }
+
+
+def zscores(sae_kl: float, draws: np.ndarray) -> dict[str, float]:
+    """z-score and empirical percentile of the SAE's KL among random draws."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    mean, std = float(draws.mean()), float(draws.std(ddof=1)) if draws.size > 1 else math.nan
+    z = (sae_kl - mean) / std if std and std > 0 else math.nan
+    return {"z": float(z), "percentile": float((draws < sae_kl).mean() * 100.0), "draw_mean": mean, "draw_std": std}

@@ -1,0 +1,121 @@
+"""Perturbation objects (klgap.protocols.Perturbation) and the factories that build them.
+
+Each factory takes the user's parameters as keyword strings (``cosine_matched:cos=0.8`` calls
+``cosine_matched(cos="0.8")``), checks them and returns a :class:`FormulaPerturbation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klgap_perturbations import geometry
+from klgap_perturbations.params import check_names, parse_choice, parse_float
+
+#: cosine_matched's defaults (both may be overridden: ``cosine_matched:cos=0.8,norm_frac=0.9``).
+COSINE_MATCHED_DEFAULTS = {"cos": 0.9, "norm_frac": 1.0}
+
+
+@dataclass
+class FormulaPerturbation:
+    """A named formula ``fn(x, x_hat, generator) -> x_prime`` (``x, x_hat: [n, d]``; x' float32 [n, d])."""
+
+    name: str
+    fn: Callable[[Tensor, Tensor, torch.Generator], Tensor]
+    stochastic: bool
+    geometry: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
+        if x.shape != x_hat.shape or x.dim() != 2:
+            raise ValueError(f"{self.name}: x and x_hat must both be [n, d], got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        return self.fn(x, x_hat, generator)
+
+
+def _deterministic(name: str, fn: Callable[[Tensor, Tensor], Tensor], geom: dict[str, Any], doc: str):
+    """A factory for a parameter-free, non-random formula ``fn(x, x_hat)``."""
+
+    def factory(**params: Any) -> FormulaPerturbation:
+        check_names(name, params, ())
+        return FormulaPerturbation(name, lambda x, x_hat, generator: fn(x, x_hat), False, dict(geom), doc)
+
+    factory.__doc__ = doc
+    return factory
+
+
+def epsilon_random(**params: Any) -> FormulaPerturbation:
+    """x + ε·u: a random substitute at the SAE's L2 error ε = ‖x − x̂‖ (u uniform on the sphere)."""
+    check_names("epsilon_random", params, ())
+    return FormulaPerturbation(
+        "epsilon_random", geometry.epsilon_random, True, {"distance": "eps"}, epsilon_random.__doc__ or ""
+    )
+
+
+def theta_random(**params: Any) -> FormulaPerturbation:
+    """Random x' at the SAE's cosine with x, norm ‖x̂‖ (``norm=x_hat``, default) or ‖x‖ (``norm=x``)."""
+    check_names("theta_random", params, ("norm",))
+    norm = parse_choice("theta_random", "norm", params.get("norm", "x_hat"), ("x_hat", "x"))
+    name = "theta_random" if norm == "x_hat" else "theta_random(norm=x)"
+    return _theta(name, norm)
+
+
+def theta_random_xnorm(**params: Any) -> FormulaPerturbation:
+    """Random x' at the SAE's cosine with x and norm ‖x‖ (theta_random with norm=x)."""
+    check_names("theta_random_xnorm", params, ())
+    return _theta("theta_random_xnorm", "x")
+
+
+def _theta(name: str, norm: str) -> FormulaPerturbation:
+    return FormulaPerturbation(
+        name,
+        lambda x, x_hat, generator: geometry.theta_random(x, x_hat, generator, norm=norm),
+        True,
+        {"norm": norm, "cos": "sae"},
+        f"random x' with cos(x, x') = cos(x, x̂) and norm ‖{'x̂' if norm == 'x_hat' else 'x'}‖",
+    )
+
+
+def cosine_matched(**params: Any) -> FormulaPerturbation:
+    """Random x' with cos(x, x') = cos and ‖x'‖ = norm_frac·‖x‖ (defaults cos=0.9, norm_frac=1)."""
+    check_names("cosine_matched", params, COSINE_MATCHED_DEFAULTS)
+    cos = parse_float("cosine_matched", "cos", params.get("cos", COSINE_MATCHED_DEFAULTS["cos"]), -1.0, 1.0)
+    frac = parse_float(
+        "cosine_matched", "norm_frac", params.get("norm_frac", COSINE_MATCHED_DEFAULTS["norm_frac"]), 0.0, None
+    )
+    return FormulaPerturbation(
+        f"cosine_matched(cos={cos:g},norm_frac={frac:g})",
+        lambda x, x_hat, generator: geometry.cosine_matched(x, x_hat, generator, cos=cos, norm_frac=frac),
+        True,
+        {"cos": cos, "norm": frac, "norm_of": "x"},
+        f"random x' with cos(x, x') = {cos:g} and norm {frac:g}·‖x‖",
+    )
+
+
+#: name -> (factory, one-line description), in the order `klgap plugins` lists them.
+FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
+    "sae": (
+        _deterministic("sae", geometry.sae, {"norm": "x_hat", "cos": "sae", "distance": "eps"}, "x' = x̂"),
+        "x' = x̂: the SAE reconstruction, the thing under test",
+    ),
+    "sae_norm_corrected": (
+        _deterministic("sae_norm_corrected", geometry.sae_norm_corrected, {"norm": "x", "cos": "sae"}, "x̂·‖x‖/‖x̂‖"),
+        "x̂·‖x‖/‖x̂‖: the SAE's direction at the true norm",
+    ),
+    "sae_norm": (
+        _deterministic("sae_norm", geometry.sae_norm, {"norm": "x_hat", "cos": 1.0}, "x·‖x̂‖/‖x‖"),
+        "x·‖x̂‖/‖x‖: only the SAE's norm shrinkage",
+    ),
+    "epsilon_random": (epsilon_random, "x + ε·u, u uniform on the sphere: the SAE's L2 error in a random direction"),
+    "theta_random": (theta_random, "random x' at the SAE's cosine with x, norm ‖x̂‖ (norm=x_hat|x)"),
+    "theta_random_xnorm": (theta_random_xnorm, "random x' at the SAE's cosine with x, norm ‖x‖"),
+    "cosine_matched": (cosine_matched, "random x' at cos=C (default 0.9), norm norm_frac·‖x‖ (default 1)"),
+    "identity": (
+        _deterministic("identity", geometry.identity, {"norm": "x", "cos": 1.0, "distance": 0.0}, "x' = x"),
+        "x' = x: a control, KL must be 0",
+    ),
+    "zero": (_deterministic("zero", geometry.zero, {"norm": 0.0}, "x' = 0"), "x' = 0: zero ablation"),
+}

@@ -1,0 +1,118 @@
+"""A third-party plugin in a temporary package, pip-installed in the test, found through the entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGIN_SOURCE = '''
+import torch
+import klgap
+
+
+class HalfWay:
+    """x' = (x + x_hat) / 2: halfway between the activation and its reconstruction."""
+
+    name = "halfway"
+    stochastic = False
+    geometry = {}
+
+    def __call__(self, x, x_hat, generator):
+        return (x + x_hat) / 2
+
+
+@klgap.hookimpl
+def register_perturbations(register):
+    register("halfway", HalfWay, "x' = (x + x_hat) / 2 (a third-party test plugin)")
+'''
+
+BROKEN_SOURCE = "raise ImportError('this plugin is broken on purpose')\n"
+
+
+def _make_package(root: Path, name: str, source: str) -> Path:
+    pkg = root / name
+    (pkg / name).mkdir(parents=True)
+    (pkg / name / "__init__.py").write_text(source)
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["setuptools>=61"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "{name.replace('_', '-')}"
+            version = "0.3.1"
+
+            [project.entry-points.klgap]
+            {name} = "{name}"
+            """
+        )
+    )
+    return pkg
+
+
+def _pip_install(pkg: Path, target: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(pkg)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _klgap(args: list[str], site_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site_dir), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "klgap.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thirdparty")
+    site_dir = root / "site"
+    _pip_install(_make_package(root / "src", "klgap_halfway", PLUGIN_SOURCE), site_dir)
+    return site_dir
+
+
+def test_listed_by_klgap_plugins(installed, tmp_path):
+    done = _klgap(["plugins", "--json"], installed, tmp_path)
+    assert done.returncode == 0, done.stderr
+    infos = {p["name"]: p for p in json.loads(done.stdout)}
+    assert infos["klgap_halfway"]["package"] == "klgap-halfway"
+    assert infos["klgap_halfway"]["version"] == "0.3.1"
+    assert infos["klgap_halfway"]["registers"] == {"perturbation": ["halfway"]}
+
+
+def test_its_perturbation_runs_in_replicate(installed, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[2]))
+    from tests.helpers import shrink_sae
+
+    sae = shrink_sae(tmp_path / "sae.safetensors", 64, 0.5, "blocks.1.hook_mlp_out")
+    out = tmp_path / "run"
+    done = _klgap(
+        ["replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset", "random", "--tokens", "128",
+         "--context-len", "32", "--interventions", "sae,halfway,sae_norm_corrected", "--out", str(out), "--quiet"],
+        installed, tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    kl = report["interventions"]
+    # x̂ = 0.5x, so halfway is 0.75x: between the SAE (0.5x) and the clean run
+    assert 0 < kl["halfway"]["kl_mean"] < kl["sae"]["kl_mean"]
+    assert kl["sae_norm_corrected"]["kl_mean"] < 1e-6
+    assert report["plugins"]["perturbation:halfway"] == {"plugin": "klgap_halfway", "version": "0.3.1"}
+
+
+def test_broken_plugin_reported_by_name(tmp_path):
+    site_dir = tmp_path / "site"
+    _pip_install(_make_package(tmp_path / "src", "klgap_broken", BROKEN_SOURCE), site_dir)
+    done = _klgap(["plugins"], site_dir, tmp_path)
+    assert done.returncode != 0
+    assert "plugin 'klgap_broken' (package klgap-broken" in done.stderr
+    assert "this plugin is broken on purpose" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,153 @@
+"""The engine's numbers against hand computation with plain Hugging Face forwards and hooks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from klgap import engine
+from klgap.config import RunConfig
+from klgap.errors import KlgapError
+from klgap.sites import hook_name
+from tests.helpers import random_sae, shrink_sae
+
+
+def _run(tmp_path, name="run", **kw):
+    cfg = RunConfig(**{"n_tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
+    report = engine.run(cfg, tmp_path / name, progress=False)
+    return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+def test_identity_patch_gives_zero_kl(tmp_path, load_model, model):
+    lm = load_model(model)
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1))
+    report, tokens = _run(tmp_path, model=model, sae=str(sae), interventions=["identity", "sae", "epsilon_random"])
+    ident = tokens[tokens.intervention == "identity"]
+    assert len(ident) == 4 * 31
+    assert ident.kl.abs().max() < 1e-6
+    assert np.nanmax(np.abs(ident.ce_delta)) < 1e-6
+    assert report["interventions"]["sae"]["kl_mean"] > 1e-4  # a random SAE does change the output
+    assert report["kl_ratio_sae_over_epsilon_random"] == pytest.approx(
+        report["interventions"]["sae"]["kl_mean"] / report["interventions"]["epsilon_random"]["kl_mean"], rel=1e-6
+    )
+
+
+def test_shrink_only_sae(tmp_path, load_model):
+    """x̂ = 0.5x: sae_norm_corrected restores x exactly (KL 0); at the last resid_post LayerNorm hides the norm."""
+    lm = load_model("tiny-gpt2")
+    last = lm.n_layers - 1
+    sae = shrink_sae(tmp_path / "shrink.safetensors", lm.d_model, 0.5, hook_name("resid_post", last))
+    report, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae), interventions=["sae", "sae_norm", "sae_norm_corrected"])
+    kl = report["interventions"]
+    assert kl["sae_norm_corrected"]["kl_mean"] < 1e-6
+    assert kl["sae_norm"]["kl_mean"] < 1e-5  # ln_f(0.5 x) == ln_f(x) up to its eps
+    assert kl["sae"]["kl_mean"] == pytest.approx(kl["sae_norm"]["kl_mean"], abs=1e-7)
+    assert tokens.cos.min() > 0.9999 and np.allclose(tokens.x_hat_norm, 0.5 * tokens.x_norm, rtol=1e-5)
+
+
+def _hook_capture_and_patch(module, replacement=None, store=None):
+    def hook(mod, args, out):
+        tensor = out[0] if isinstance(out, tuple) else out
+        if store is not None:
+            store.append(tensor.detach().clone())
+        if replacement is not None:
+            patched = replacement(tensor)
+            return (patched, *out[1:]) if isinstance(out, tuple) else patched
+        return None
+
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["all_tokens", "single_token"])
+def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
+    """KL from the engine == KL from two plain HF forwards, the second with a hand-written hook."""
+    from klgap.engine import load_sae
+
+    lm = load_model("tiny-gpt2")
+    sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("mlp_out", 1), seed=3)
+    extra = {"position": 5, "k": 4} if mode == "single_token" else {}
+    report, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae_path), interventions=["sae"], mode=mode, **extra)
+    sae = load_sae(str(sae_path), torch.device("cpu"))
+    contexts = engine.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), n_tokens=128, context_len=32, dataset="random", device="cpu")).contexts
+    mlp = lm.hf_model.transformer.h[1].mlp
+    with torch.no_grad():
+        clean = lm.hf_model(input_ids=contexts, use_cache=False).logits.float()
+
+        def replace(x):
+            x_hat = sae.decode(sae.encode(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
+            out = x.clone()
+            if mode == "all_tokens":
+                out[:, 1:] = x_hat[:, 1:]
+            else:
+                out[:, 5] = x_hat[:, 5]
+            return out
+
+        handle = _hook_capture_and_patch(mlp, replacement=replace)
+        try:
+            patched = lm.hf_model(input_ids=contexts, use_cache=False).logits.float()
+        finally:
+            handle.remove()
+    kl = torch.nn.functional.kl_div(
+        patched.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)  # [ctx pos]
+    got = tokens[tokens.intervention == "sae"].sort_values(["context", "position"])
+    positions = got.position.to_numpy().reshape(len(contexts), -1)[0]
+    expected = kl[:, positions].reshape(-1).numpy()
+    np.testing.assert_allclose(got.kl.to_numpy(), expected, rtol=1e-4, atol=1e-6)
+    nxt = contexts[:, positions + 1] if positions.max() + 1 < 32 else None
+    if nxt is not None:
+        ce = (-patched.log_softmax(-1)[:, positions].gather(-1, nxt[..., None]) + clean.log_softmax(-1)[:, positions].gather(-1, nxt[..., None]))[..., 0]
+        np.testing.assert_allclose(got.ce_delta.to_numpy(), ce.reshape(-1).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_many_samples(tmp_path, load_model):
+    lm = load_model("tiny-llama")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("resid_pre", 1))
+    report, tokens = _run(
+        tmp_path, model="tiny-llama", sae=str(sae), mode="many_samples", position=10, n_samples=20, interventions=["sae"]
+    )
+    draws = tokens[tokens.draw >= 0]
+    assert len(draws) == 4 * 20 and draws.draw.max() == 19
+    assert draws.groupby("context").kl.std().min() > 0  # the draws differ
+    ms = report["many_samples"]
+    assert len(ms["per_context"]) == 4
+    c0 = ms["per_context"][0]
+    d0 = draws[draws.context == c0["context"]].kl
+    assert c0["z"] == pytest.approx((c0["sae_kl"] - d0.mean()) / d0.std(ddof=1), rel=1e-6)
+
+
+def test_same_seed_same_numbers_and_resume(tmp_path, load_model):
+    lm = load_model("tiny-pythia")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 128, hook_name("attn_out", 0))
+    kw = dict(model="tiny-pythia", sae=str(sae), interventions=["sae", "epsilon_random", "theta_random"])
+    first, t1 = _run(tmp_path, "a", **kw)
+    second, t2 = _run(tmp_path, "b", **kw)
+    pd.testing.assert_frame_equal(t1, t2)
+    assert first["interventions"] == second["interventions"]
+    # lose one finished batch: the same command recomputes only it and ends with the same numbers
+    (tmp_path / "a" / "parts" / "batch_00001.json").unlink()
+    third, t3 = _run(tmp_path, "a", **kw)
+    pd.testing.assert_frame_equal(t1, t3)
+    # a different config refuses to resume into the folder
+    with pytest.raises(KlgapError, match="holds a different run"):
+        _run(tmp_path, "a", **{**kw, "seed": 1})
+    json.loads((tmp_path / "a" / "report.json").read_text())
+
+
+def test_bad_inputs(tmp_path, load_model):
+    lm = load_model("tiny-gpt2")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 128, hook_name("mlp_out", 0))
+    wide = random_sae(tmp_path / "wide.safetensors", lm.d_model + 1, 128, hook_name("mlp_out", 0))
+    with pytest.raises(KlgapError, match=r"trained on blocks\.0\.hook_mlp_out.*--site attn_out"):
+        _run(tmp_path, model="tiny-gpt2", sae=str(sae), site="attn_out", layer=0)
+    with pytest.raises(KlgapError, match=r"d_in=65"):
+        _run(tmp_path, model="tiny-gpt2", sae=str(wide))
+    with pytest.raises(KlgapError, match=r"--layer 7 is out of range.*0\.\.1"):
+        _run(tmp_path, model="tiny-gpt2", site="mlp_out", layer=7, sae=None)
+    with pytest.raises(KlgapError, match=r"unknown intervention|unknown perturbation 'epsilon_randm'.*did you mean 'epsilon_random'"):
+        _run(tmp_path, model="tiny-gpt2", sae=str(sae), interventions=["epsilon_randm"])

@@ -1,0 +1,31 @@
+"""Test helpers: SAEs with known behaviour, written in the plain safetensors format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_sae(path: Path, W_enc, W_dec, b_enc, b_dec, hook_name: str | None) -> Path:
+    """A plain safetensors SAE file with the hook name in its metadata."""
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path), metadata={"hook_name": hook_name} if hook_name else None)
+    return path
+
+
+def shrink_sae(path: Path, d: int, scale: float, hook_name: str | None) -> Path:
+    """An SAE whose reconstruction is exactly `scale * x`: features relu(x), relu(-x); decoder ±scale."""
+    eye = torch.eye(d)
+    W_enc = torch.cat([eye, -eye], dim=1)  # [d, 2d]
+    W_dec = torch.cat([eye, -eye], dim=0) * scale  # [2d, d]
+    return write_sae(path, W_enc, W_dec, torch.zeros(2 * d), torch.zeros(d), hook_name)
+
+
+def random_sae(path: Path, d: int, d_sae: int, hook_name: str | None, seed: int = 0) -> Path:
+    """A random ReLU SAE (tied-ish init) whose reconstruction is imperfect but sensible."""
+    gen = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d, generator=gen) / d**0.5
+    W_enc = W_dec.T.clone() * 2.0
+    return write_sae(path, W_enc, W_dec, torch.zeros(d_sae), torch.zeros(d), hook_name)
