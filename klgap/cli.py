@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--context-len", type=_int_arg("--context-len"), default=128)
     train.add_argument("--dataset", default="sample")
     train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
-    train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default: the trainer's)")
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
+    train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
+    train.add_argument("--steps", type=_int_arg("--steps"), default=None, help="training steps of 1024 tokens (default 2000)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0)
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32")
@@ -175,7 +176,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool) -> No
         model=config.model, site=config.site, layer=config.layer, out=config.sae,
         tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)),
-        l1=recipe.get("l1"), lr=recipe.get("lr"), seed=int(recipe.get("seed", config.seed)),
+        l1=recipe.get("l1"), lr=recipe.get("lr"), steps=recipe.get("steps"), seed=int(recipe.get("seed", config.seed)),
         device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
     )
     cmd_train_sae(args)
@@ -239,7 +240,9 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         kwargs["l1_coefficient"] = args.l1
     if args.lr is not None:
         kwargs["lr"] = args.lr
-    result = train_sae(model, args.site, args.layer, contexts, Path(args.out), **kwargs)
+    if getattr(args, "steps", None) is not None:
+        kwargs["steps"] = args.steps
+    result = train_sae(model, args.site, args.layer, contexts, Path(args.out), batch_size=args.batch_size, **kwargs)
     print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
     print(f"wrote SAE to {args.out} (use --sae {args.out})")
     return 0

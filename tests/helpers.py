@@ -29,3 +29,12 @@ def random_sae(path: Path, d: int, d_sae: int, hook_name: str | None, seed: int 
     W_dec = torch.randn(d_sae, d, generator=gen) / d**0.5
     W_enc = W_dec.T.clone() * 2.0
     return write_sae(path, W_enc, W_dec, torch.zeros(d_sae), torch.zeros(d), hook_name)
+
+
+class FakeModel:
+    """Just enough of a LoadedModel for SAE lookup tests."""
+
+    def __init__(self, name: str = "fake", sae_lens_models: tuple[str, ...] = (), info: dict | None = None) -> None:
+        self.name = name
+        self.sae_lens_models = sae_lens_models
+        self.info = info or {}

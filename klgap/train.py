@@ -1,0 +1,172 @@
+"""Train an SAE on any model's activations with sae_lens's own trainer (offline, CPU or CUDA).
+
+Activations are gathered through nnsight (klgap.activations.collect), so any model a plugin can load
+gets an SAE: no TransformerLens model and no hub needed. The result is a sae_lens folder
+(cfg.json + sae_weights.safetensors) plus training.json with what was measured on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klgap import activations
+from klgap.errors import KlgapError
+from klgap.protocols import LoadedModel
+from klgap.sites import hook_name
+
+
+@torch.no_grad()
+def gather(model: LoadedModel, site: str, layer: int, contexts: Tensor, batch_size: int = 16,
+           skip_first_position: bool = True, progress: bool = False) -> Tensor:
+    """Site activations for every context: ``[n_tokens d]`` float32 on CPU (position 0 left out by default)."""
+    from tqdm.auto import tqdm
+
+    spec = model.site_map(site, layer)
+    first = 1 if skip_first_position else 0
+    chunks = []
+    for start in tqdm(range(0, len(contexts), batch_size), desc="activations", disable=not progress, unit="batch"):
+        ids = contexts[start : start + batch_size].to(model.device)
+        acts = activations.collect(model, spec, ids)[:, first:]
+        chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
+    return torch.cat(chunks)
+
+
+def _batches(acts: Tensor, batch: int, seed: int, device: torch.device) -> Iterator[Tensor]:
+    """Endless shuffled mini-batches ``[batch d]`` (reshuffled every epoch, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=gen)
+        for start in range(0, len(order) - batch + 1, batch):
+            yield acts[order[start : start + batch]].to(device)
+
+
+@torch.no_grad()
+def evaluate(sae: Any, acts: Tensor, device: torch.device) -> dict[str, float]:
+    """Explained variance, mean L0 and mean cos(x, x̂) of `sae` on ``acts [n d]``."""
+    x = acts.to(device)
+    feats = sae.encode(x)
+    x_hat = sae.decode(feats)
+    total = ((x - x.mean(0)) ** 2).sum()
+    return {
+        "explained_variance": float(1 - ((x - x_hat) ** 2).sum() / total),
+        "l0_mean": float((feats != 0).sum(-1).float().mean()),
+        "cos_mean": float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean()),
+        "mse": float(((x - x_hat) ** 2).sum(-1).mean()),
+    }
+
+
+def train_sae(
+    model: LoadedModel,
+    site: str,
+    layer: int,
+    contexts: Tensor,
+    out_dir: Path,
+    *,
+    expansion: int = 8,
+    l1_coefficient: float = 5.0,
+    lr: float = 1e-3,
+    train_batch_size: int = 1024,
+    steps: int = 2000,
+    device: torch.device | None = None,
+    seed: int = 0,
+    skip_first_position: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Gather activations at (site, layer) over `contexts` ``[n_ctx ctx]``, train, save, and report.
+
+    `steps` mini-batches of `train_batch_size` are drawn from the gathered tokens (cycling over them
+    when there are fewer). 5% of the tokens (at least 256) are held out for the numbers in training.json.
+    """
+    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    device = device or model.device
+    started = time.time()
+    acts = gather(model, site, layer, contexts, batch_size, skip_first_position, progress)
+    if not torch.isfinite(acts).all():
+        raise KlgapError(f"{model.name} {hook_name(site, layer)} has non-finite activations; cannot train an SAE on them")
+    gen = torch.Generator().manual_seed(seed)
+    acts = acts[torch.randperm(len(acts), generator=gen)]
+    n_eval = max(256, len(acts) // 20)
+    if len(acts) < n_eval + train_batch_size:
+        raise KlgapError(
+            f"only {len(acts)} tokens of activations: train-sae needs at least {n_eval + train_batch_size} "
+            "(raise --tokens)"
+        )
+    held_out, train = acts[:n_eval], acts[n_eval:]
+    d_in = acts.shape[-1]
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sae_cfg = StandardTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=expansion * d_in,
+            l1_coefficient=l1_coefficient,
+            l1_warm_up_steps=steps // 10,
+            normalize_activations="expected_average_only_in",
+            device=str(device),
+            dtype="float32",
+        )
+        sae_cfg.metadata.hook_name = hook_name(site, layer)
+        sae_cfg.metadata.model_name = model.name
+        sae = StandardTrainingSAE(sae_cfg)
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=steps * train_batch_size,
+            train_batch_size_samples=train_batch_size,
+            lr=lr,
+            lr_end=lr / 10,
+            lr_scheduler_name="cosineannealing",
+            lr_warm_up_steps=steps // 20,
+            lr_decay_steps=steps // 5,
+            n_restart_cycles=1,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            device=str(device),
+            autocast=False,
+            dead_feature_window=1000,
+            feature_sampling_window=2000,
+            n_checkpoints=0,
+            checkpoint_path=None,
+            save_final_checkpoint=False,
+            logger=LoggingConfig(log_to_wandb=False),
+            n_batches_for_norm_estimate=min(50, max(1, len(train) // train_batch_size)),
+        )
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train, train_batch_size, seed, device))
+        trained = trainer.fit()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trained.save_inference_model(out_dir)
+
+    from sae_lens import SAE
+
+    inference = SAE.load_from_disk(str(out_dir), device=str(device)).eval()
+    result = {
+        "model": model.name,
+        "site": site,
+        "layer": layer,
+        "hook_name": hook_name(site, layer),
+        "d_in": d_in,
+        "d_sae": expansion * d_in,
+        "n_training_tokens": int(len(train)),
+        "n_training_samples": int(steps * train_batch_size),
+        "n_eval_tokens": int(n_eval),
+        "steps": steps,
+        "train_batch_size": train_batch_size,
+        "l1_coefficient": l1_coefficient,
+        "lr": lr,
+        "seed": seed,
+        "first_position": "excluded" if skip_first_position else "included",
+        **evaluate(inference, held_out, device),
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    (out_dir / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
