@@ -19,7 +19,7 @@ from klgap.cli import main
 def test_train_sae_then_replicate(tmp_path, capsys, model, site, layer):
     sae_dir = tmp_path / "sae"
     assert main(["train-sae", "--model", model, "--site", site, "--layer", str(layer), "--tokens", "30000",
-                 "--context-len", "64", "--out", str(sae_dir), "--quiet"]) == 0
+                 "--context-len", "64", "--steps", "400", "--l1", "2", "--out", str(sae_dir), "--quiet"]) == 0
     training = json.loads((sae_dir / "training.json").read_text())
     assert training["hook_name"] == f"blocks.{layer}.hook_{site}"
     assert training["explained_variance"] > 0.5
@@ -47,7 +47,7 @@ def test_train_sae_then_replicate(tmp_path, capsys, model, site, layer):
     assert {"context", "position", "token_id", "intervention", "kl", "ce_delta", "eps", "cos", "x_norm",
             "x_hat_norm", "l0"} <= set(tokens.columns)
     sae_rows = tokens[tokens.intervention == "sae"]
-    assert sae_rows.kl.mean() == pytest.approx(report["interventions"]["sae"]["kl_mean"], rel=1e-9)
+    assert sae_rows.kl.astype(float).mean() == pytest.approx(report["interventions"]["sae"]["kl_mean"], rel=1e-9)
 
 
 def test_plugins_command(capsys):
