@@ -90,6 +90,34 @@ def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str
     return out
 
 
+def add_holm(comparisons: dict[str, Any]) -> None:
+    """Holm-correct the Wilcoxon p-values across every baseline compared in this report."""
+    names = list(comparisons)
+    adjusted = stats.holm([comparisons[n]["wilcoxon_kl"]["p_value"] for n in names])
+    for name, p in zip(names, adjusted, strict=True):
+        comparisons[name]["wilcoxon_kl"]["p_holm"] = p
+
+
+def gap_analysis(frame: pd.DataFrame, tokenizer: Any) -> dict[str, Any] | None:
+    """Spearman correlations of the per-token gap KL(sae) − KL(epsilon_random), and the top tokens by gap."""
+    names = set(frame["intervention"].unique())
+    if not {"sae", BASELINE} <= names:
+        return None
+    gaps = stats.token_gap(frame, BASELINE)
+    top = stats.top_tokens(gaps)
+    decode = (lambda i: tokenizer.decode([int(i)])) if tokenizer is not None else (lambda i: None)
+    return {
+        "baseline": BASELINE,
+        "gap_mean": float(gaps["gap"].mean()) if len(gaps) else math.nan,
+        "frac_tokens_gap_positive": float((gaps["gap"] > 0).mean()) if len(gaps) else math.nan,
+        "spearman": stats.gap_correlations(gaps),
+        "top_tokens": [
+            {"token_id": int(r.token_id), "token": decode(r.token_id), "mean_gap": float(r.mean_gap), "count": int(r["count"])}
+            for _, r in top.iterrows()
+        ],
+    }
+
+
 def many_samples_summary(frame: pd.DataFrame, sample_name: str) -> dict[str, Any]:
     draws = frame[frame["draw"] >= 0]
     sae = frame[(frame["draw"] < 0) & (frame["intervention"] == "sae")].set_index("context")["kl"]
@@ -116,6 +144,7 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
     names = [name for name, _ in prep.perturbations]
     interventions = summarize_interventions(measured)
     comparisons = compare_to_sae(measured, names, cfg.seed)
+    add_holm(comparisons)
     ratio = comparisons.get(BASELINE, {}).get("kl_ratio", {}).get("ratio", math.nan)
     sae_rows = measured[measured["intervention"] == names[0]] if names else measured
     report: dict[str, Any] = {
@@ -151,6 +180,7 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
             "x_hat_norm_mean": float(sae_rows["x_hat_norm"].mean()) if len(sae_rows) else math.nan,
             "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
         },
+        "gap": gap_analysis(measured, prep.model.tokenizer) if cfg.mode != "many_samples" else None,
         "notes": prep.notes,
         "config": cfg.to_dict(),
         "seed": cfg.seed,

@@ -128,6 +128,29 @@ class ManySamples(_Model):
     per_context: list[ManySamplesContext]
 
 
+class Correlation(_Model):
+    rho: Num
+    p_value: Num
+    n: int
+
+
+class TopToken(_Model):
+    token_id: int
+    token: str | None
+    mean_gap: Num
+    count: int
+
+
+class GapAnalysis(_Model):
+    """The per-token gap KL(sae) − KL(baseline): Spearman correlations and the tokens where it is largest."""
+
+    baseline: str
+    gap_mean: Num
+    frac_tokens_gap_positive: Num
+    spearman: dict[str, Correlation]
+    top_tokens: list[TopToken]
+
+
 class Report(_Model):
     """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
 
@@ -148,6 +171,7 @@ class Report(_Model):
     kl_ratio_sae_over_epsilon_random: Num
     comparisons: dict[str, Comparison]
     sae_metrics: SAEMetrics
+    gap: GapAnalysis | None = None
     notes: list[str]
     config: dict[str, Any]
     seed: int

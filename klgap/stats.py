@@ -90,3 +90,49 @@ def zscores(sae_kl: float, draws: np.ndarray) -> dict[str, float]:
     mean, std = float(draws.mean()), float(draws.std(ddof=1)) if draws.size > 1 else math.nan
     z = (sae_kl - mean) / std if std and std > 0 else math.nan
     return {"z": float(z), "percentile": float((draws < sae_kl).mean() * 100.0), "draw_mean": mean, "draw_std": std}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (same order as given; NaN stays NaN)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    if finite.size == 0:
+        return adjusted.tolist()
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = order.size
+    running = 0.0
+    for rank, idx in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[idx]))
+        adjusted[idx] = running
+    return adjusted.tolist()
+
+
+def token_gap(frame: pd.DataFrame, baseline: str = "epsilon_random") -> pd.DataFrame:
+    """Per-token gap KL(sae) − KL(baseline), with the token's geometry: one row per (context, position)."""
+    keys = ["context", "position"]
+    sae = frame[(frame["intervention"] == "sae") & (frame["draw"] < 0)].set_index(keys)
+    base = frame[(frame["intervention"] == baseline) & (frame["draw"] < 0)].set_index(keys)["kl"]
+    joined = sae.join(base.rename("kl_baseline"), how="inner")
+    joined["gap"] = joined["kl"] - joined["kl_baseline"]
+    return joined.reset_index()
+
+
+def gap_correlations(gaps: pd.DataFrame, columns: tuple[str, ...] = ("cos", "l0", "x_norm", "eps", "position")) -> dict[str, Any]:
+    """Spearman ρ (and p) of the per-token gap with each column."""
+    out: dict[str, Any] = {}
+    for column in columns:
+        pair = gaps[["gap", column]].replace([np.inf, -np.inf], np.nan).dropna()
+        if len(pair) < 3 or pair[column].nunique() < 2 or pair["gap"].nunique() < 2:
+            out[column] = {"rho": math.nan, "p_value": math.nan, "n": int(len(pair))}
+            continue
+        result = sps.spearmanr(pair["gap"], pair[column])
+        out[column] = {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(len(pair))}
+    return out
+
+
+def top_tokens(gaps: pd.DataFrame, min_count: int = 5, n: int = 15) -> pd.DataFrame:
+    """Token ids with the largest mean gap among those seen at least `min_count` times."""
+    grouped = gaps.groupby("token_id")["gap"].agg(["mean", "count"])
+    grouped = grouped[grouped["count"] >= min_count].sort_values("mean", ascending=False)
+    return grouped.head(n).reset_index().rename(columns={"mean": "mean_gap"})

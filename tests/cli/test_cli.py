@@ -42,6 +42,8 @@ def test_train_sae_then_replicate(tmp_path, capsys, model, site, layer):
     assert ratio["ci_low"] <= ratio["ratio"] <= ratio["ci_high"]
     assert report["kl_ratio_sae_over_epsilon_random"] == ratio["ratio"]
     assert report["sae_metrics"]["explained_variance"] > 0.3
+    assert report["comparisons"]["epsilon_random"]["wilcoxon_kl"]["p_holm"] >= report["comparisons"]["epsilon_random"]["wilcoxon_kl"]["p_value"]
+    assert set(report["gap"]["spearman"]) == {"cos", "l0", "x_norm", "eps", "position"}
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert len(tokens) == 6 * 16 * 63
     assert {"context", "position", "token_id", "intervention", "kl", "ce_delta", "eps", "cos", "x_norm",

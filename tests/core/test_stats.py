@@ -1,0 +1,83 @@
+"""Statistics against known cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from klgap import stats
+
+
+def _frame(n_contexts: int, n_pos: int, shift: float, seed: int = 0) -> pd.DataFrame:
+    """Per-token KL for sae and epsilon_random; contexts differ in level (correlated tokens)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_contexts):
+        level = rng.lognormal(-3, 0.5)
+        base = level * rng.lognormal(0, 0.3, n_pos)
+        sae = base * (1 + shift) * rng.lognormal(0, 0.05, n_pos) if shift else base
+        for name, kl in (("sae", sae), ("epsilon_random", base)):
+            rows.append(pd.DataFrame({"context": c, "position": np.arange(n_pos), "intervention": name, "draw": -1,
+                                      "kl": kl, "ce_delta": kl, "token_id": rng.integers(0, 20, n_pos),
+                                      "cos": rng.random(n_pos), "l0": rng.integers(1, 50, n_pos).astype(float),
+                                      "x_norm": rng.random(n_pos), "eps": rng.random(n_pos)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_identical_samples_ratio_one_p_one():
+    frame = _frame(50, 20, shift=0.0)
+    a, b = stats.per_context(frame, "sae", "kl"), stats.per_context(frame, "epsilon_random", "kl")
+    r = stats.ratio_of_means_ci(a, b)
+    assert r["ratio"] == pytest.approx(1.0) and r["ci_low"] == pytest.approx(1.0) and r["ci_high"] == pytest.approx(1.0)
+    assert stats.paired_wilcoxon(a, b)["p_value"] == 1.0
+
+
+def test_planted_shift_detected():
+    frame = _frame(40, 20, shift=0.3)
+    a, b = stats.per_context(frame, "sae", "kl"), stats.per_context(frame, "epsilon_random", "kl")
+    r = stats.ratio_of_means_ci(a, b)
+    assert 1.2 < r["ratio"] < 1.4 and r["ci_low"] > 1.0
+    w = stats.paired_wilcoxon(a, b)
+    assert w["p_value"] < 0.01 and w["effect_size"] == pytest.approx(1.0)
+
+
+def test_interval_shrinks_with_more_contexts():
+    widths = []
+    for n in (10, 40, 160):
+        frame = _frame(n, 20, shift=0.2, seed=1)
+        r = stats.ratio_of_means_ci(stats.per_context(frame, "sae", "kl"), stats.per_context(frame, "epsilon_random", "kl"))
+        widths.append(r["ci_high"] - r["ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_nonfinite_values_counted_not_averaged():
+    d = stats.describe(np.array([1.0, 2.0, np.nan, np.inf, 3.0]))
+    assert d == {"mean": 2.0, "median": 2.0, "p999": pytest.approx(2.998), "n": 3, "n_nonfinite": 2}
+
+
+def test_holm_known_values():
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = stats.holm([0.2, math.nan])
+    assert out[0] == pytest.approx(0.2) and math.isnan(out[1])
+
+
+def test_zscores_and_percentile():
+    draws = np.arange(100, dtype=float)
+    z = stats.zscores(120.0, draws)
+    assert z["z"] == pytest.approx((120 - 49.5) / draws.std(ddof=1)) and z["percentile"] == 100.0
+
+
+def test_gap_correlations_and_top_tokens():
+    frame = _frame(30, 20, shift=0.0)
+    sae = frame.intervention == "sae"
+    frame.loc[sae, "kl"] += frame.loc[sae, "l0"] * 0.01  # the gap grows with L0
+    frame.loc[sae & (frame.token_id == 7), "kl"] += 5.0  # token 7 is the worst
+    gaps = stats.token_gap(frame)
+    corr = stats.gap_correlations(gaps)
+    assert corr["l0"]["rho"] > 0.5 and corr["l0"]["p_value"] < 1e-6
+    assert abs(corr["position"]["rho"]) < 0.2
+    top = stats.top_tokens(gaps)
+    assert top.iloc[0]["token_id"] == 7 and top.iloc[0]["count"] >= 5
