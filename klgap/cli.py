@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"klgap: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `klgap plugins | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("klgap: interrupted; finished batches are saved, run the same command to resume", file=sys.stderr)
         return 130

@@ -1,0 +1,1 @@
+"""Placeholder: the dictionary_learning SAE loader plugin is being written (registers nothing yet)."""

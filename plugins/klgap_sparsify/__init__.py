@@ -1,0 +1,1 @@
+"""Placeholder: the sparsify SAE loader plugin is being written (registers nothing yet)."""
