@@ -49,8 +49,13 @@ def _int_arg(name: str):
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a replication file (TOML or JSON) whose keys are these flags' names")
     p.add_argument("--model", help="model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2")
-    p.add_argument("--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z (default: from the SAE)")
-    p.add_argument("--layer", type=_int_arg("--layer"), help="layer index (default: from the SAE)")
+    p.add_argument(
+        "--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list (default: from the SAE)"
+    )
+    p.add_argument(
+        "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
+        "sites/layers make one study report, with {layer}/{site} in --sae"
+    )
     p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file")
     p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
     p.add_argument(
@@ -151,8 +156,19 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
 
 def cmd_replicate(args: argparse.Namespace) -> int:
     from klgap import engine
+    from klgap.study import parse_layers, parse_sites, run_study
 
     config, extra = run_config_from_args(args)
+    sites = parse_sites(config.site) if config.site is not None else [None]
+    layers = parse_layers(config.layer) if config.layer is not None else [None]
+    if len(sites) > 1 or layers == "all" or len(layers) > 1:
+        if None in sites:
+            raise KlgapError("several layers need --site too")
+        out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{config.mode}"
+        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet)
+        print_study(study, Path(out))
+        return 0
+    config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
     if out is None:
         site = config.site or "auto"
@@ -180,6 +196,20 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool) -> No
         device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
     )
     cmd_train_sae(args)
+
+
+def print_study(study: dict[str, Any], out: Path) -> None:
+    print(f"{study['model']} study, mode {study['mode']}: {len(study['runs'])} sites/layers")
+    print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}")
+    for run in study["runs"]:
+        kl = run["interventions"]
+        sae, eps = kl.get("sae", {}).get("kl_mean"), kl.get("epsilon_random", {}).get("kl_mean")
+        comp = run["comparisons"].get("epsilon_random")
+        fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
+        ratio = f"{fmt(comp['kl_ratio']['ratio'])} [{fmt(comp['kl_ratio']['ci_low'])}, {fmt(comp['kl_ratio']['ci_high'])}]" if comp else "—"
+        p = fmt(comp["wilcoxon_kl"]["p_holm"]) if comp else "—"
+        print(f"{run['site']:<12} {run['layer']:>5} {fmt(sae):>10} {fmt(eps):>10} {ratio:>24} {p:>10}")
+    print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 
 def print_summary(report: dict[str, Any], out: Path) -> None:

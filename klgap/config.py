@@ -76,6 +76,8 @@ class RunConfig:
         ):
             if not isinstance(value, int) or value < low:
                 raise KlgapError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if isinstance(self.layer, str) and self.layer.isdigit():
+            self.layer = int(self.layer)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise KlgapError(f"--layer must be a non-negative integer, got {self.layer!r}")
         if self.position < 0 or self.k < 0:

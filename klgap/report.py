@@ -149,6 +149,7 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
     sae_rows = measured[measured["intervention"] == names[0]] if names else measured
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
+        "kind": "run",
         "model": prep.model.name,
         "site": prep.site,
         "layer": prep.layer,

@@ -155,6 +155,7 @@ class Report(_Model):
     """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
 
     schema_version: str
+    kind: Literal["run"] = "run"
     model: str
     site: str
     layer: int
@@ -184,11 +185,49 @@ class Report(_Model):
     many_samples: ManySamples | None = None
 
 
+class StudyRun(_Model):
+    """One (site, layer) of a study: the summary of its run report, which lives at `path`."""
+
+    site: str
+    layer: int
+    hook_name: str
+    sae: SAEInfo
+    n_tokens: int
+    n_contexts: int
+    interventions: dict[str, InterventionStats]
+    kl_ratio_sae_over_epsilon_random: Num
+    comparisons: dict[str, Comparison]
+    sae_metrics: SAEMetrics
+    notes: list[str]
+    path: str
+
+
+class RunPairCorrelation(_Model):
+    a: str
+    b: str
+    rho: Num
+    p_value: Num
+    n: int
+
+
+class StudyReport(_Model):
+    """Several sites/layers from one command; p_holm is corrected across every test in the study."""
+
+    schema_version: str
+    kind: Literal["study"]
+    model: str
+    mode: Literal["all_tokens", "single_token", "many_samples"]
+    runs: list[StudyRun]
+    gap_correlation_between_runs: list[RunPairCorrelation]
+    config: dict[str, Any]
+    provenance: Provenance
+
+
 def _major(version: str) -> str:
     return str(version).split(".")[0]
 
 
-def validate_report(data: dict[str, Any], source: str = "report") -> Report:
+def validate_report(data: dict[str, Any], source: str = "report") -> Report | StudyReport:
     """Check a report dict against the schema; raise KlgapError naming the first problems."""
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version is None:
@@ -198,8 +237,9 @@ def validate_report(data: dict[str, Any], source: str = "report") -> Report:
             f"{source} has schema_version {version}, this klgap reads {_major(SCHEMA_VERSION)}.x "
             f"(it writes {SCHEMA_VERSION})"
         )
+    model = StudyReport if data.get("kind") == "study" else Report
     try:
-        return Report.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()[:5]
@@ -223,7 +263,10 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 def json_schema() -> dict[str, Any]:
-    schema = Report.model_json_schema()
+    from pydantic.json_schema import models_json_schema
+
+    _, defs = models_json_schema([(Report, "validation"), (StudyReport, "validation")])
+    schema = {"oneOf": [{"$ref": "#/$defs/Report"}, {"$ref": "#/$defs/StudyReport"}], **defs}
     schema["$id"] = f"https://klgap.invalid/report.schema.json#{SCHEMA_VERSION}"
     schema["title"] = f"klgap report {SCHEMA_VERSION}"
     return schema

@@ -1,0 +1,137 @@
+"""Several sites and layers in one command: one sub-run per (site, layer), one study report over them.
+
+`--layer 3,10,17` (or `all`, or `0-5`) and `--site mlp_out,attn_out` make the cross product. Each
+sub-run is an ordinary run in ``OUT/<site>_L<layer>/`` (its own report.json, tokens.parquet, resume);
+``OUT/report.json`` is the study report: every sub-run's summary, Wilcoxon p-values Holm-corrected
+across all of them, and the Spearman correlation of the per-token gap between every pair of sub-runs
+(the same tokens are measured everywhere: same dataset, seed and context length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats as sps
+
+from klgap import stats
+from klgap.config import RunConfig
+from klgap.errors import KlgapError
+from klgap.provenance import provenance
+from klgap.rundir import atomic_write_json
+from klgap.schema import SCHEMA_VERSION, validate_report
+from klgap.sites import SITES, check_site
+
+SUMMARY_KEYS = (
+    "site", "layer", "hook_name", "sae", "n_tokens", "n_contexts", "interventions",
+    "kl_ratio_sae_over_epsilon_random", "comparisons", "sae_metrics", "notes",
+)
+
+
+def parse_layers(text: str | int | list, n_layers: int | None = None) -> list[int] | str:
+    """`"3"`, `"3,10,17"`, `"0-5"`, `"all"` -> list of layers (or "all" when n_layers is not known yet)."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):
+        return [int(v) for v in text]
+    text = str(text).strip()
+    if text == "all":
+        return list(range(n_layers)) if n_layers is not None else "all"
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise KlgapError(f"--layer {text!r}: {part!r} is not a layer; write 3, 3,10,17, 0-5 or all")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise KlgapError(f"--layer {text!r}: range {part!r} runs backwards")
+        layers.extend(range(low, high + 1))
+    if not layers:
+        raise KlgapError("--layer is empty; write 3, 3,10,17, 0-5 or all")
+    return sorted(dict.fromkeys(layers))
+
+
+def parse_sites(text: str) -> list[str]:
+    sites = [check_site(s.strip()) for s in str(text).split(",") if s.strip()]
+    if not sites:
+        raise KlgapError(f"--site is empty; valid: {', '.join(SITES)}")
+    return list(dict.fromkeys(sites))
+
+
+def sae_for(template: str | None, site: str, layer: int) -> str | None:
+    """An SAE spec for one sub-run: `{layer}` and `{site}` in the template are filled in."""
+    if template is None:
+        return None
+    if "{layer}" not in template and "{site}" not in template:
+        raise KlgapError(
+            f"--sae {template!r} names one SAE but several sites/layers were asked for; put {{layer}} (and "
+            "{site}) in it, e.g. sae_lens:gpt2-small-res-jb/blocks.{layer}.hook_resid_pre, or leave --sae out"
+        )
+    return template.replace("{layer}", str(layer)).replace("{site}", site)
+
+
+def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: str | Path,
+              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every (site, layer) into its own folder, then write the study report."""
+    from klgap import engine
+
+    out = Path(out)
+    if layers == "all":
+        model = engine.load_model(base.model, engine.pick_device(base.device), __import__("torch").__dict__[base.dtype])
+        layers = list(range(model.n_layers))
+    reports, folders = [], []
+    for site in sites:
+        for layer in layers:
+            config = dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer))
+            folder = out / f"{site}_L{layer:02d}"
+            reports.append(engine.run(config, folder, overwrite=overwrite, progress=progress))
+            folders.append(folder)
+    study = build_study(base, reports, folders, out)
+    validate_report(study, source="the study report just built")
+    atomic_write_json(out / "report.json", study)
+    return study
+
+
+def build_study(base: RunConfig, reports: list[dict[str, Any]], folders: list[Path], out: Path) -> dict[str, Any]:
+    runs = []
+    for report, folder in zip(reports, folders, strict=True):
+        runs.append({**{k: report.get(k) for k in SUMMARY_KEYS}, "path": str(folder.relative_to(out))})
+    # Holm across every (run, baseline) Wilcoxon test in the study
+    tests = [(i, name) for i, run in enumerate(runs) for name in run["comparisons"]]
+    adjusted = stats.holm([runs[i]["comparisons"][name]["wilcoxon_kl"]["p_value"] for i, name in tests])
+    for (i, name), p in zip(tests, adjusted, strict=True):
+        runs[i]["comparisons"][name]["wilcoxon_kl"]["p_holm"] = p
+    from klgap.report import _clean
+
+    return _clean({
+        "schema_version": SCHEMA_VERSION,
+        "kind": "study",
+        "model": reports[0]["model"],
+        "mode": reports[0]["mode"],
+        "runs": runs,
+        "gap_correlation_between_runs": gap_correlations_between(folders, [r["path"] for r in runs]),
+        "config": {**base.to_dict(), "layer": [r["layer"] for r in runs], "site": [r["site"] for r in runs]},
+        "provenance": provenance(),
+    })
+
+
+def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[dict[str, Any]]:
+    """Spearman ρ of the per-token gap KL(sae) − KL(epsilon_random) between every pair of sub-runs."""
+    gaps = {}
+    for folder, label in zip(folders, labels, strict=True):
+        frame = pd.read_parquet(folder / "tokens.parquet", columns=["context", "position", "intervention", "draw", "kl"])
+        if {"sae", "epsilon_random"} <= set(frame["intervention"].unique()):
+            gaps[label] = stats.token_gap(frame).set_index(["context", "position"])["gap"]
+    out = []
+    names = list(gaps)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pair = pd.concat([gaps[a].rename("a"), gaps[b].rename("b")], axis=1, join="inner").dropna()
+            if len(pair) < 3:
+                continue
+            result = sps.spearmanr(pair["a"], pair["b"])
+            out.append({"a": a, "b": b, "rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(len(pair))})
+    return out
