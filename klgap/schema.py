@@ -151,29 +151,34 @@ class GapAnalysis(_Model):
     top_tokens: list[TopToken]
 
 
-class Report(_Model):
+class SiteSummary(_Model):
+    """What a measurement at one site and layer found (shared by run reports and study rows)."""
+
+    site: str
+    layer: int
+    hook_name: str
+    sae: SAEInfo
+    n_tokens: int
+    n_contexts: int
+    interventions: dict[str, InterventionStats]
+    kl_ratio_sae_over_epsilon_random: Num
+    comparisons: dict[str, Comparison]
+    sae_metrics: SAEMetrics
+    notes: list[str]
+
+
+class Report(SiteSummary):
     """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
 
     schema_version: str
     kind: Literal["run"] = "run"
     model: str
-    site: str
-    layer: int
-    hook_name: str
     module: ModuleRef
-    sae: SAEInfo
     mode: Literal["all_tokens", "single_token", "many_samples"]
-    n_tokens: int
-    n_contexts: int
     context_len: int
     first_position: str
     centered_activations: bool
-    interventions: dict[str, InterventionStats]
-    kl_ratio_sae_over_epsilon_random: Num
-    comparisons: dict[str, Comparison]
-    sae_metrics: SAEMetrics
     gap: GapAnalysis | None = None
-    notes: list[str]
     config: dict[str, Any]
     seed: int
     device: str
@@ -185,20 +190,9 @@ class Report(_Model):
     many_samples: ManySamples | None = None
 
 
-class StudyRun(_Model):
+class StudyRun(SiteSummary):
     """One (site, layer) of a study: the summary of its run report, which lives at `path`."""
 
-    site: str
-    layer: int
-    hook_name: str
-    sae: SAEInfo
-    n_tokens: int
-    n_contexts: int
-    interventions: dict[str, InterventionStats]
-    kl_ratio_sae_over_epsilon_random: Num
-    comparisons: dict[str, Comparison]
-    sae_metrics: SAEMetrics
-    notes: list[str]
     path: str
 
 

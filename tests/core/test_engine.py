@@ -96,8 +96,8 @@ def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
         patched.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="none"
     ).sum(-1)  # [ctx pos]
     got = tokens[tokens.intervention == "sae"].sort_values(["context", "position"])
-    positions = got.position.to_numpy().reshape(len(contexts), -1)[0]
-    expected = kl[:, torch.as_tensor(positions.copy())].reshape(-1).numpy()
+    positions = got.position.to_numpy().reshape(len(contexts), -1)[0].copy()
+    expected = kl[:, torch.as_tensor(positions)].reshape(-1).numpy()
     np.testing.assert_allclose(got.kl.to_numpy(), expected, rtol=1e-4, atol=1e-6)
     nxt = contexts[:, positions + 1] if positions.max() + 1 < 32 else None
     if nxt is not None:

@@ -21,7 +21,7 @@ def test_missing_and_foreign_versions(tmp_path):
         validate_report({"model": "x"})
     with pytest.raises(KlgapError, match=r"schema_version 9\.0\.0, this klgap reads 0\.x"):
         validate_report({"schema_version": "9.0.0"})
-    with pytest.raises(KlgapError, match=f"does not match the report schema {SCHEMA_VERSION}: model"):
+    with pytest.raises(KlgapError, match=f"does not match the report schema {SCHEMA_VERSION}: site: Field required"):
         validate_report({"schema_version": SCHEMA_VERSION})
     (tmp_path / "report.json").write_text("{not json")
     with pytest.raises(KlgapError, match="not valid JSON"):
