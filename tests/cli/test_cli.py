@@ -62,9 +62,44 @@ def test_plugins_command(capsys):
     assert {"hf_models", "sae_loaders", "perturbations", "token_sources"} <= {i["name"] for i in infos}
 
 
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files for the bad-input table: an SAE for tiny-gpt2 mlp_out L0, a wrong-width one, bad text files."""
+    from tests.helpers import random_sae
+
+    root = tmp_path_factory.mktemp("bad")
+    random_sae(root / "sae.safetensors", 64, 128, "blocks.0.hook_mlp_out")
+    random_sae(root / "wide.safetensors", 96, 128, "blocks.0.hook_mlp_out")
+    (root / "trunc.safetensors").write_bytes((root / "sae.safetensors").read_bytes()[:300])
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 100)
+    locked = root / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return root
+
+
+SAE = "{root}/sae.safetensors"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--interventions", "sae,epsilon_randm"], "unknown perturbation 'epsilon_randm' (did you mean 'epsilon_random'?)"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--dataset", "wikitext"], "unknown token source 'wikitext'"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--layer", "5"], "trained on blocks.0.hook_mlp_out"),
+        (["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "5", "--sae", "{root}/wide.safetensors"], "trained on blocks.0.hook_mlp_out"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", "{root}/wide.safetensors"], "has d_in=96 but tiny-gpt2 mlp_out is 64 wide"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", "{root}/trunc.safetensors"], "corrupt or truncated"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", "sae_lens:gpt2-small-res-jb/blocks.77.hook_resid_pre"], "unknown SAE id in release gpt2-small-res-jb"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--context-len", "4096"], "exceeds tiny-gpt2's maximum context of 256"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--interventions", "cosine_matched:cos=1.5"], "1.5"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--interventions", "cosine_matched:norm_frac=-1"], "-1"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--dataset", "text:{root}/empty.txt"], "empty.txt"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--dataset", "text:{root}/latin1.txt"], "latin1.txt"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--out", "{root}/locked/run"], "is not writable"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--out", "{root}/empty.txt/run"], "is not writable"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--layer", "x"], "'x' is not a layer"),
         (["replicate", "--model", "tiny-gtp2", "--site", "mlp_out", "--layer", "0"], "unknown model 'tiny-gtp2' (did you mean 'tiny-gpt2'?)"),
         (["replicate", "--model", "tiny-gpt2", "--site", "mlp", "--layer", "0"], "unknown site 'mlp'"),
         (["replicate", "--model", "tiny-gpt2", "--mode", "all", "--site", "mlp_out", "--layer", "0"], "unknown mode 'all'"),
@@ -74,12 +109,20 @@ def test_plugins_command(capsys):
           "--position", "30", "--k", "16", "--context-len", "40"], "needs context_len ≥ 47"),
     ],
 )
-def test_bad_input_one_line_no_traceback(tmp_path, capsys, argv, message):
-    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+def test_bad_input_one_line_no_traceback(tmp_path, capsys, bad_files, argv, message):
+    import os
+
+    if "locked" in " ".join(argv) and os.geteuid() == 0:
+        pytest.skip("root can write anywhere: the unwritable-folder case needs an ordinary user")
+    argv = [a.replace("{root}", str(bad_files)) for a in argv]
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("klgap: error: ") and message in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "report.json").exists()
+    assert not list(tmp_path.glob("out/parts/*.json"))
 
 
 def test_console_script_installed():
