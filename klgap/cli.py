@@ -81,6 +81,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
     )
     p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
+    p.add_argument(
+        "--no-fast", action="store_true", default=None,
+        help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
+        "only the layers above the site",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +150,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         values["skip_first_position"] = False
     if args.no_bos:
         values["prepend_bos"] = False
+    if args.no_fast:
+        values["fast"] = False
     if "interventions" in values:
         values["interventions"] = split_interventions(values["interventions"])
     if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):

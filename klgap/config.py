@@ -55,6 +55,7 @@ class RunConfig:
     k: int = 16
     n_samples: int = 500
     sample_intervention: str = "epsilon_random"
+    fast: bool = True
 
     @property
     def n_contexts(self) -> int:

@@ -46,6 +46,8 @@ class Prepared:
     contexts: Tensor  # [n_contexts ctx] int64, CPU
     center: bool
     sample_perturbation: Perturbation | None = None
+    suffix: Any = None  # klgap.suffix.SuffixRunner when the layers above the site can be rerun alone
+    execution: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plugins_used: dict[str, str] = field(default_factory=dict)
 
@@ -219,13 +221,17 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         f"token_source:{source_name}": entries["token_source"][source_name].plugin,
         **{f"perturbation:{parse_intervention(s)[0]}": entries["perturbation"][parse_intervention(s)[0]].plugin for s in specs},
     }
+    spec = model.site_map(site, layer)
+    suffix, execution = choose_execution(config, model, spec, layer, contexts)
     return Prepared(
         config=config,
         model=model,
         sae=sae,
         site=site,
         layer=layer,
-        spec=model.site_map(site, layer),
+        spec=spec,
+        suffix=suffix,
+        execution=execution,
         perturbations=perturbations,
         contexts=contexts.to(torch.long).cpu(),
         center=center,
@@ -233,6 +239,30 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         notes=notes,
         plugins_used=plugins_used,
     )
+
+
+def choose_execution(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int, contexts: Tensor):
+    """All-token mode reruns only the layers above the site when the adapter describes its layout and a
+    replay of the clean run reproduces the model's own logits; otherwise every intervention is a full
+    forward pass through nnsight."""
+    from klgap.suffix import SuffixRunner
+
+    if config.mode != "all_tokens" or not config.fast:
+        return None, {"path": "full-forward", "reason": "mode" if config.fast else "--no-fast"}
+    if not SuffixRunner.supported(model):
+        return None, {"path": "full-forward", "reason": f"the {model.name} adapter gives no layout"}
+    runner = SuffixRunner(model, spec, layer)
+    ids = contexts[: min(2, len(contexts))].to(model.device)
+    first = 1 if config.skip_first_position else 0
+    acts, logits = runner.clean(ids)
+    ref_acts, ref_logits = activations.run_clean(model, spec, ids)
+    replay = runner.patched(acts[:, first:], slice(first, None))
+    scale = ref_logits.abs().max().clamp(min=1.0)
+    error = float(max((logits - ref_logits).abs().max(), (replay - ref_logits).abs().max(), (acts - ref_acts).abs().max()) / scale)
+    if not error <= 1e-5:
+        log.warning("suffix replay of %s differs from the model's forward (%.2g); using full forward passes", model.name, error)
+        return None, {"path": "full-forward", "reason": f"replay check failed (relative error {error:.2g})"}
+    return runner, {"path": "suffix-replay", "first_block": runner.first, "replay_check_relative_error": error}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -317,7 +347,10 @@ def _measure_all_tokens(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[
     first = 1 if cfg.skip_first_position else 0
     n_pos = ctx_len - first
 
-    acts, clean_logits = activations.run_clean(model, prep.spec, ids)  # [b pos d], [b pos vocab]
+    if prep.suffix is not None:
+        acts, clean_logits = prep.suffix.clean(ids)  # [b pos d], [b pos vocab]
+    else:
+        acts, clean_logits = activations.run_clean(model, prep.spec, ids)
     clean_logp = metrics.log_probs(clean_logits)
     del clean_logits
     view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
@@ -334,7 +367,10 @@ def _measure_all_tokens(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[
     for j, (name, perturbation) in enumerate(prep.perturbations):
         gen = generator_for(model.device, cfg.seed, index, j)
         x_prime = view.substitute(perturbation, gen, model.dtype).reshape(n_ctx, n_pos, -1)
-        logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None))
+        if prep.suffix is not None:
+            logits = prep.suffix.patched(x_prime, slice(first, None))
+        else:
+            logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None))
         kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
         del logits
         frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))

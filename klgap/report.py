@@ -169,6 +169,7 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
         "context_len": cfg.context_len,
         "first_position": "excluded (not patched, not measured)" if cfg.skip_first_position else "included",
         "centered_activations": prep.center,
+        "execution": prep.execution,
         "interventions": interventions,
         "kl_ratio_sae_over_epsilon_random": ratio,
         "comparisons": comparisons,

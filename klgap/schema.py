@@ -178,6 +178,7 @@ class Report(SiteSummary):
     context_len: int
     first_position: str
     centered_activations: bool
+    execution: dict[str, Any] = Field(default_factory=dict)
     gap: GapAnalysis | None = None
     config: dict[str, Any]
     seed: int

@@ -44,7 +44,7 @@ def wrap_loaded(name: str, hf_model: torch.nn.Module, tokenizer: Any, device: to
         device=device,
         dtype=dtype,
         sae_lens_models=sae_lens_models,
-        info={"architecture": config.model_type, **(info or {})},
+        info={"architecture": config.model_type, "layout": family.layout(), **(info or {})},
     )
 
 

@@ -19,6 +19,12 @@ class Family:
     attn: str  # attention module inside a block (output is a tuple, [0] the output)
     mlp: str
     attn_proj: str  # output projection inside the attention module; its input is the concatenated z
+    final_norm: str  # applied to the last block's output
+    unembed: str  # the LM head
+
+    def layout(self) -> dict[str, str]:
+        """What klgap.suffix needs to rerun only the layers above a site."""
+        return {"blocks": self.blocks, "final_norm": self.final_norm, "unembed": self.unembed}
 
     def site_map(self, site: str, layer: int) -> SiteSpec:
         check_site(site)
@@ -38,11 +44,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "transformer.h", "attn", "mlp", "c_proj"),
-    "gpt_neox": Family("gpt_neox", "gpt_neox.layers", "attention", "mlp", "dense"),
-    "llama": Family("llama", "model.layers", "self_attn", "mlp", "o_proj"),
+    "gpt2": Family("gpt2", "transformer.h", "attn", "mlp", "c_proj", "transformer.ln_f", "lm_head"),
+    "gpt_neox": Family("gpt_neox", "gpt_neox.layers", "attention", "mlp", "dense", "gpt_neox.final_layer_norm", "lm_head"),
+    "llama": Family("llama", "model.layers", "self_attn", "mlp", "o_proj", "model.norm", "lm_head"),
     # Gemma 3: attn_out / mlp_out are the attention / MLP outputs before the post-norms.
-    "gemma3_text": Family("gemma3_text", "model.layers", "self_attn", "mlp", "o_proj"),
+    "gemma3_text": Family("gemma3_text", "model.layers", "self_attn", "mlp", "o_proj", "model.norm", "lm_head"),
 }
 
 

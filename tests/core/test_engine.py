@@ -151,3 +151,20 @@ def test_bad_inputs(tmp_path, load_model):
         _run(tmp_path, model="tiny-gpt2", site="mlp_out", layer=7, sae=None)
     with pytest.raises(KlgapError, match=r"unknown intervention|unknown perturbation 'epsilon_randm'.*did you mean 'epsilon_random'"):
         _run(tmp_path, model="tiny-gpt2", sae=str(sae), interventions=["epsilon_randm"])
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+def test_suffix_replay_equals_full_forward(tmp_path, load_model, model):
+    """Rerunning only the layers above the site gives the same numbers as full forwards through nnsight."""
+    from klgap.sites import SITES
+
+    lm = load_model(model)
+    for site in SITES:
+        for layer in (0, lm.n_layers - 1):
+            sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
+            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], n_tokens=64)
+            fast, t_fast = _run(tmp_path, f"fast-{site}{layer}", **kw)
+            slow, t_slow = _run(tmp_path, f"slow-{site}{layer}", **kw, fast=False)
+            assert fast["execution"]["path"] == "suffix-replay" and slow["execution"]["path"] == "full-forward"
+            np.testing.assert_allclose(t_fast.kl, t_slow.kl, rtol=1e-4, atol=1e-7, err_msg=f"{site} L{layer}")
+            np.testing.assert_allclose(t_fast.ce_delta, t_slow.ce_delta, rtol=1e-4, atol=1e-6, err_msg=f"{site} L{layer}")

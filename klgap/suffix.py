@@ -1,0 +1,116 @@
+"""Run only the layers above a site: the prefix below it is the same for every intervention.
+
+In all-token mode every intervention shares the clean run up to the site, so the engine runs the model
+once (clean), keeping the input of every block from the site's block up, and then, per intervention,
+calls the model's own blocks from there, its final norm and its unembedding — Hugging Face modules,
+called with the exact arguments the model's own forward gave them. Nothing is re-implemented, and the
+first batch proves it: the replay of the clean run must reproduce the model's logits, else the engine
+falls back to full forward passes (and says so in the report).
+
+The adapter opts in by describing its layout in ``LoadedModel.info["layout"]``:
+``{"blocks": "model.layers", "final_norm": "model.norm", "unembed": "lm_head"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klgap.protocols import LoadedModel, SiteSpec
+
+
+class SuffixRunner:
+    """Clean forward that records each block's call, then cheap patched replays of the suffix."""
+
+    def __init__(self, model: LoadedModel, spec: SiteSpec, layer: int) -> None:
+        layout = model.info["layout"]
+        root = model.hf_model
+        self.model, self.spec = model, spec
+        self.blocks = [root.get_submodule(f"{layout['blocks']}.{i}") for i in range(model.n_layers)]
+        self.final_norm = root.get_submodule(layout["final_norm"])
+        self.unembed = root.get_submodule(layout["unembed"])
+        self.site_module = root.get_submodule(spec.module)
+        # A site that is a block's input or output (resid_pre / resid_post) is the hidden state itself;
+        # any other site lives inside block L and is patched by a hook while block L reruns.
+        self.direct = spec.module == f"{layout['blocks']}.{layer}"
+        self.first = layer + 1 if (self.direct and spec.io == "output") else layer
+        self.calls: list[tuple[tuple, dict]] = []
+        self.site_value: Tensor | None = None
+        self._patch: tuple[Tensor, slice] | None = None
+
+    @staticmethod
+    def supported(model: LoadedModel) -> bool:
+        return isinstance(model.info.get("layout"), dict)
+
+    @torch.no_grad()
+    def clean(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Full clean forward: (site activation ``[b pos d]``, logits); records the suffix blocks' calls."""
+        self.calls = []
+        handles = [
+            block.register_forward_pre_hook(lambda m, a, k: self.calls.append((a, k)), with_kwargs=True)
+            for block in self.blocks[self.first :]
+        ]
+        handles.append(self._site_hook())
+        try:
+            logits = self.model.hf_model(input_ids=ids, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.site_value, logits
+
+    @torch.no_grad()
+    def patched(self, x_prime: Tensor, positions: slice) -> Tensor:
+        """Logits with the site replaced by `x_prime` at `positions`, running only the layers above it."""
+        handle = None
+        if self.direct:
+            hidden = _replace(self.site_value, x_prime, positions)
+        else:
+            args, kwargs = self.calls[0]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._patch = (x_prime, positions)
+            handle = self._site_hook()
+        try:
+            for block, (args, kwargs) in zip(self.blocks[self.first :], self.calls, strict=True):
+                out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
+        finally:
+            self._patch = None
+            if handle is not None:
+                handle.remove()
+        return self.unembed(self.final_norm(hidden))
+
+    def _site_hook(self) -> Any:
+        """A plain hook on the site's module: records the tensor (clean run) or overwrites it (patched run)."""
+        spec = self.spec
+
+        def swap(tensor: Tensor) -> Tensor | None:
+            if self._patch is None:
+                self.site_value = tensor.clone()
+                return None
+            return _replace(tensor, *self._patch)
+
+        if spec.io == "input":
+
+            def pre(module, args, kwargs):
+                new = swap(args[0] if args else kwargs["hidden_states"])
+                if new is None:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+            return self.site_module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(module, args, output):
+            new = swap(output if spec.index is None else output[spec.index])
+            if new is None or spec.index is None:
+                return new
+            return (*output[: spec.index], new, *output[spec.index + 1 :])
+
+        return self.site_module.register_forward_hook(post)
+
+
+def _replace(value: Tensor, x_prime: Tensor, positions: slice) -> Tensor:
+    out = value.clone()
+    out[:, positions] = x_prime
+    return out
