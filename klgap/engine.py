@@ -485,6 +485,7 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
 def run_identity(prep: Prepared) -> dict[str, Any]:
     """What makes two runs the same run (resume only into an identical one)."""
     identity = prep.config.to_dict()
+    identity.pop("fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
     identity.update(site=prep.site, layer=prep.layer, sae=prep.sae.source, device=str(prep.model.device))
     return identity
 
