@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
     train.add_argument("--quiet", action="store_true")
 
+    rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data")
+    rep_cmd.add_argument("run_dir")
+
     val = sub.add_parser("validate", help="check a report.json against the report schema")
     val.add_argument("report", help="a report.json, or a run folder holding one")
 
@@ -173,6 +176,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             raise KlgapError("several layers need --site too")
         out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{config.mode}"
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet)
+        _render(Path(out))
         print_study(study, Path(out))
         return 0
     config.site, config.layer = sites[0], layers[0]
@@ -184,8 +188,20 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
     report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    _render(Path(out))
     print_summary(report, Path(out))
     return 0
+
+
+def _render(out: Path) -> None:
+    """Figures + report.md/html next to report.json (data first: a failure here loses no data)."""
+    from klgap.render import rebuild
+
+    try:
+        rebuild(out)
+    except Exception as exc:  # noqa: BLE001 - the numbers are saved; say so and go on
+        log.warning("could not draw the report (%s: %s); the data is saved, retry with `klgap report %s`",
+                    type(exc).__name__, exc, out)
 
 
 def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool) -> None:
@@ -240,7 +256,7 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
     if "many_samples" in report:
         ms = report["many_samples"]
         print(f"many samples: mean z of the SAE's KL = {ms['z_mean']:.3f}, fraction z > 2 = {ms['frac_z_above_2']:.3f}")
-    print(f"wrote {out / 'report.json'} and {out / 'tokens.parquet'}")
+    print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
@@ -302,6 +318,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from klgap.render import rebuild
+
+    for name, path in rebuild(args.run_dir).items():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from klgap.schema import load_report
 
@@ -310,7 +334,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"replicate": cmd_replicate, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+COMMANDS = {"replicate": cmd_replicate, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,450 @@
+"""Figures for a run: PNGs drawn with matplotlib's non-interactive Agg backend (never opens a window).
+
+Every function takes data (a report dict, the per-token table, or both) and an output path, writes one PNG
+atomically and returns its path. Titles say what is drawn and for which run (model, site, layer, mode,
+number of tokens). :func:`figures_for_run` draws every figure that applies to a saved run folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
+from klgap.rundir import atomic_write_bytes  # noqa: E402
+
+DPI = 120
+PRIMARY = ("sae", "epsilon_random")
+TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
+N_CONTEXT_PANELS = 4
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Render `fig` to PNG bytes, write them atomically to `path`, close the figure."""
+    path = Path(path)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def site_label(report: Mapping[str, Any], with_site: bool = True) -> str:
+    """'resid_post L6' (or 'L6' without the site); tolerates a missing layer."""
+    layer = report.get("layer")
+    parts = [str(report["site"])] if with_site and report.get("site") is not None else []
+    if layer is not None:
+        parts.append(f"L{layer}")
+    return " ".join(parts) or "?"
+
+
+def run_label(report: Mapping[str, Any] | None, n_tokens: int | None = None) -> str:
+    """One line naming the run: model · site Lk · mode · N tokens (C contexts)."""
+    if not report:
+        return f"{n_tokens:,} tokens" if n_tokens is not None else ""
+    n = report.get("n_tokens", n_tokens)
+    parts = [str(report.get("model", "?")), site_label(report), str(report.get("mode", "?"))]
+    if n is not None:
+        contexts = report.get("n_contexts")
+        parts.append(f"{int(n):,} tokens" + (f" ({int(contexts):,} contexts)" if contexts is not None else ""))
+    return " · ".join(parts)
+
+
+def _title(ax: Any, what: str, label: str) -> None:
+    ax.figure.suptitle(f"{what}\n{label}" if label else what, fontsize=10)  # centred on the figure, never clipped
+
+
+def colors_for(names: Iterable[str]) -> dict[str, str]:
+    """Stable colours: sae red, epsilon_random blue, the rest from the default cycle."""
+    fixed = {"sae": "C3", "epsilon_random": "C0"}
+    spare = [f"C{i}" for i in (1, 2, 4, 5, 6, 7, 8, 9)]
+    out: dict[str, str] = {}
+    for name in names:
+        if name in out:
+            continue
+        if name in fixed:
+            out[name] = fixed[name]
+        else:
+            out[name] = spare[len([n for n in out if n not in fixed]) % len(spare)]
+    return out
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    """sae, epsilon_random first, then the others in order of appearance."""
+    seen = list(dict.fromkeys(str(n) for n in names))
+    return [n for n in PRIMARY if n in seen] + [n for n in seen if n not in PRIMARY]
+
+
+def intervention_names(tokens: pd.DataFrame) -> list[str]:
+    """Interventions in order of first appearance (the engine writes them in the run's order)."""
+    column = tokens["intervention"]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = set(column.unique())
+        return [str(c) for c in column.cat.categories if c in present]
+    return [str(n) for n in pd.unique(column)]
+
+
+def measured(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the named interventions only (many-samples draws have draw >= 0)."""
+    return tokens[tokens["draw"] < 0] if "draw" in tokens.columns else tokens
+
+
+def _spans_decades(values: Iterable[float], decades: float = 1.5) -> bool:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    arr = arr[np.isfinite(arr) & (arr > 0)]
+    return arr.size > 1 and math.log10(arr.max() / arr.min()) >= decades
+
+
+def _num(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _as_report_list(reports: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A run report, a list of them, or a study report (its runs, with the study's model and mode)."""
+    if isinstance(reports, Mapping):
+        if reports.get("kind") == "study":
+            shared = {"model": reports.get("model"), "mode": reports.get("mode")}
+            return [{**shared, **run} for run in reports.get("runs", [])]
+        return [reports]
+    return list(reports)
+
+
+def _context_se(tokens: pd.DataFrame) -> dict[str, float]:
+    """1.96 × standard error of the per-context mean KL, per intervention."""
+    rows = measured(tokens)
+    rows = rows[np.isfinite(rows["kl"])]
+    per_context = rows.groupby(["intervention", "context"], observed=True)["kl"].mean()
+    spread = per_context.groupby(level=0, observed=True).agg(["std", "count"])
+    return {str(k): 1.96 * float(r["std"]) / math.sqrt(r["count"]) for k, r in spread.iterrows() if r["count"] > 1}
+
+
+def kl_bars(
+    reports: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: str | Path, tokens: pd.DataFrame | None = None
+) -> Path:
+    """Grouped bars of mean KL per intervention, one group per site/layer (one report gives one group).
+
+    With `tokens` (single report only), error bars are ±1.96·SE of the per-context mean KL.
+    """
+    runs = _as_report_list(reports)
+    same_site = len({r.get("site") for r in runs}) <= 1
+    labels = [site_label(r, with_site=not same_site) for r in runs]
+    names = _ordered(n for r in runs for n in (r.get("interventions") or {}))
+    colors = colors_for(names)
+    errors = _context_se(tokens) if tokens is not None and len(runs) == 1 else {}
+    width_in = min(16.0, max(6.0, 0.4 * len(runs) * max(1, len(names)) + 3))
+    fig, ax = plt.subplots(figsize=(width_in, 4.5), layout="constrained")
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(runs))
+    values_all = []
+    for i, name in enumerate(names):
+        values = [_num((r.get("interventions") or {}).get(name, {}).get("kl_mean")) for r in runs]
+        values_all += values
+        err = [errors.get(name, math.nan) for _ in runs] if errors else None
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=colors[name],
+               yerr=err, capsize=3 if err else 0, error_kw={"elinewidth": 1})
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("layer" if same_site else "site / layer")
+    ax.set_ylabel("mean KL(P_clean ‖ P_patched) [nats]")
+    if _spans_decades(values_all, 2):
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="intervention", title_fontsize=8)
+    models = sorted({str(r.get("model")) for r in runs if r.get("model")})
+    modes = sorted({str(r.get("mode")) for r in runs if r.get("mode")})
+    if len(runs) == 1:
+        label = run_label(runs[0])
+    else:
+        total = sum(int(r.get("n_tokens") or 0) for r in runs)
+        site = f"{runs[0].get('site')} · " if same_site and runs[0].get("site") else ""
+        label = f"{', '.join(models) or '?'} · {site}{', '.join(modes) or '?'} · {len(runs)} runs, {total:,} tokens"
+    what = "Mean per-token KL per intervention" + (" (error bars: ±1.96·SE over contexts)" if errors else "")
+    _title(ax, what if len(runs) == 1 else what + " by site/layer", label)
+    return _save(fig, path)
+
+
+def _log_bins(values: list[np.ndarray], n_bins: int = 60) -> np.ndarray:
+    positive = np.concatenate([v[v > 0] for v in values]) if values else np.empty(0)
+    if positive.size == 0:
+        return np.logspace(-6, 0, n_bins + 1)
+    low, high = max(positive.min(), positive.max() * 1e-12), positive.max()  # values below 1e-12·max are clipped
+    if not high > low:
+        low, high = high / 10, high * 10
+    return np.logspace(math.log10(low), math.log10(high), n_bins + 1)
+
+
+def _pooled(report: Mapping[str, Any] | None) -> str:
+    """What a mode's per-token rows are: all offsets after t pooled, or the one position t."""
+    report = report or {}
+    config = report.get("config") or {}
+    if report.get("mode") == "single_token":
+        return f", offsets 0..{config.get('k', 'k')} after t = {config.get('position', 't')} pooled"
+    if report.get("mode") == "many_samples":
+        return f" at position {config.get('position', 't')}"
+    return ""
+
+
+def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, Any] | None = None) -> Path:
+    """Histograms of per-token KL on a log x axis (log-spaced bins; density per decade of KL).
+
+    sae and epsilon_random are drawn filled with their means marked; other interventions as faint lines.
+    """
+    rows = measured(tokens)
+    groups = {str(k): v.to_numpy(dtype=np.float64) for k, v in rows.groupby("intervention", observed=True, sort=False)["kl"]}
+    groups = {k: v[np.isfinite(v)] for k, v in groups.items()}
+    names = _ordered(groups)
+    colors = colors_for(names)
+    typical = int(np.median([v.size for v in groups.values()])) if groups else 0
+    bins = _log_bins(list(groups.values()), int(np.clip(2 * math.sqrt(typical), 10, 60)))
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    n_nonpositive = 0
+    for name in names:
+        values = groups[name]
+        positive = values[values > 0]
+        n_nonpositive += int(values.size - positive.size)
+        if positive.size == 0:
+            continue
+        logs = np.clip(np.log10(positive), math.log10(bins[0]), math.log10(bins[-1]))
+        density, edges = np.histogram(logs, bins=np.log10(bins), density=True)
+        primary = name in PRIMARY
+        label = f"{name} (mean {positive.mean():.3g}, n={positive.size:,})" if primary else name
+        ax.stairs(density, 10**edges, color=colors[name], fill=primary, alpha=0.35 if primary else 0.6,
+                  linewidth=1.5 if primary else 0.8, label=label)
+        if primary:
+            ax.stairs(density, 10**edges, color=colors[name], linewidth=1.5)
+            ax.axvline(values.mean(), color=colors[name], linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("per-token KL(P_clean ‖ P_patched) [nats], log scale")
+    ax.set_ylabel("density per decade of KL")
+    ax.legend(fontsize=8)
+    if n_nonpositive:
+        ax.text(0.01, 0.98, f"{n_nonpositive:,} values ≤ 0 not shown", transform=ax.transAxes, va="top", fontsize=8)
+    n = int(len(rows[rows["intervention"] == "sae"])) if "sae" in groups else None
+    _title(ax, "Distribution of per-token KL" + _pooled(report) + " (dashed: means)", run_label(report, n))
+    return _save(fig, path)
+
+
+def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, Any] | None = None) -> Path:
+    """Mean KL at each context position per intervention (bands: ±1.96·SE for sae and epsilon_random)."""
+    rows = measured(tokens)
+    rows = rows[np.isfinite(rows["kl"])]
+    table = rows.groupby(["intervention", "position"], observed=True)["kl"].agg(["mean", "std", "count"])
+    names = _ordered(intervention_names(rows))
+    colors = colors_for(names)
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    for name in names:
+        part = table.loc[name]
+        primary = name in PRIMARY
+        ax.plot(part.index, part["mean"], color=colors[name], label=name,
+                linewidth=1.6 if primary else 0.9, alpha=1.0 if primary else 0.7)
+        if primary:
+            half = 1.96 * part["std"].fillna(0) / np.sqrt(part["count"])
+            ax.fill_between(part.index, (part["mean"] - half).clip(lower=part["mean"] * 0.05), part["mean"] + half,
+                            color=colors[name], alpha=0.15, linewidth=0)
+    if _spans_decades(table["mean"].to_numpy()):
+        ax.set_yscale("log")
+    ax.set_xlabel("position in context")
+    ax.set_ylabel("mean KL [nats]")
+    ax.legend(fontsize=8)
+    n = int((rows["intervention"] == "sae").sum()) if "sae" in names else None
+    _title(ax, "Mean per-token KL by position (bands: ±1.96·SE)", run_label(report, n))
+    return _save(fig, path)
+
+
+def _offset_table(data: pd.DataFrame | Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """intervention -> {offset: mean KL}, from the tokens table or report['single_token']['kl_by_offset']."""
+    if isinstance(data, pd.DataFrame):
+        rows = measured(data)
+        rows = rows[np.isfinite(rows["kl"])]
+        means = rows.groupby(["intervention", "offset"], observed=True, sort=False)["kl"].mean()
+        out: dict[str, dict[int, float]] = {}
+        for (name, offset), value in means.items():
+            out.setdefault(str(name), {})[int(offset)] = float(value)
+        return {k: dict(sorted(v.items())) for k, v in out.items()}
+    by_offset = (data.get("single_token") or {}).get("kl_by_offset") or {}
+    return {name: dict(sorted((int(o), _num(v)) for o, v in curve.items())) for name, curve in by_offset.items()}
+
+
+def single_token_curve(
+    data: pd.DataFrame | Mapping[str, Any], path: str | Path, report: Mapping[str, Any] | None = None
+) -> Path:
+    """Mean KL at offsets 0..k after the single patched position t, per intervention (log y if it spans decades)."""
+    if report is None and not isinstance(data, pd.DataFrame):
+        report = data
+    curves = _offset_table(data)
+    names = _ordered(curves)
+    colors = colors_for(names)
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for name in names:
+        offsets = list(curves[name])
+        primary = name in PRIMARY
+        ax.plot(offsets, list(curves[name].values()), marker="o", markersize=3 if primary else 2, color=colors[name],
+                label=name, linewidth=1.6 if primary else 0.9, alpha=1.0 if primary else 0.7)
+    if _spans_decades([v for c in curves.values() for v in c.values()]):
+        ax.set_yscale("log")
+    position = ((report or {}).get("single_token") or {}).get("position")
+    where = f"t = {position}" if position is not None else "t"
+    ax.set_xlabel(f"offset from the patched position ({where}); 0 = the patched token")
+    ax.set_ylabel("mean KL [nats]")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    _title(ax, f"Mean KL at positions after patching only position {where}", run_label(report))
+    return _save(fig, path)
+
+
+def _zscores(tokens: pd.DataFrame, report: Mapping[str, Any] | None) -> pd.DataFrame:
+    """Per-context sae_kl, z (from the report when it has them, else recomputed from the draws)."""
+    per_context = ((report or {}).get("many_samples") or {}).get("per_context")
+    if per_context:
+        return pd.DataFrame(per_context).set_index("context")
+    draws = tokens[tokens["draw"] >= 0].groupby("context")["kl"].agg(["mean", "std"])
+    sae = tokens[(tokens["draw"] < 0) & (tokens["intervention"] == "sae")].set_index("context")["kl"]
+    frame = draws.join(sae.rename("sae_kl"), how="inner")
+    frame["z"] = (frame["sae_kl"] - frame["mean"]) / frame["std"]
+    return frame
+
+
+def many_samples_hist(tokens: pd.DataFrame, report: Mapping[str, Any] | None, path: str | Path) -> Path:
+    """For the first few contexts, the KL of N random draws with the SAE's KL marked; and all contexts' z-scores."""
+    draws = tokens[tokens["draw"] >= 0]
+    sample_name = ((report or {}).get("many_samples") or {}).get("sample_intervention")
+    if sample_name is None and len(draws):
+        sample_name = str(draws["intervention"].iloc[0])
+    sae = tokens[(tokens["draw"] < 0) & (tokens["intervention"] == "sae")].groupby("context")["kl"].first()
+    zs = _zscores(tokens, report)
+    contexts = sorted(draws["context"].unique())[:N_CONTEXT_PANELS]
+    fig = plt.figure(figsize=(12, 6), layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    by_context = dict(tuple(draws[draws["context"].isin(contexts)].groupby("context")["kl"]))
+    for i, context in enumerate(contexts):
+        ax = fig.add_subplot(grid[i // 2, i % 2])
+        values = by_context[context].to_numpy(dtype=np.float64)
+        values = values[np.isfinite(values)]
+        sae_kl = float(sae.get(context, math.nan))
+        log_x = _spans_decades(list(values) + [sae_kl], 1.0)
+        if log_x:
+            bins = _log_bins([values, np.array([sae_kl])], 40)
+            values = np.clip(values, bins[0], bins[-1])
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            span = values.tolist() + ([sae_kl] if math.isfinite(sae_kl) else [])
+            bins = np.linspace(min(span), max(span), 41) if span and max(span) > min(span) else 40
+        ax.hist(values, bins=bins, color="C0", alpha=0.6, label=f"{len(values)} draws of {sample_name}")
+        ax.axvline(sae_kl, color="C3", linewidth=2, label=f"sae KL = {sae_kl:.3g}")
+        z = float(zs["z"].get(context, math.nan)) if "z" in zs else math.nan
+        ax.set_title(f"context {context}: z = {z:.2f}", fontsize=9)
+        ax.set_xlabel("KL [nats]", fontsize=8)
+        ax.set_ylabel("draws", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[:, 2])
+    z = zs["z"].to_numpy(dtype=np.float64) if "z" in zs else np.empty(0)
+    z = z[np.isfinite(z)]
+    if z.size:
+        ax.hist(z, bins=min(40, max(5, z.size // 3)), color="C3", alpha=0.7)
+        ax.axvline(0, color="black", linewidth=1)
+        ax.axvline(2, color="gray", linestyle="--", linewidth=1, label="z = 2")
+        ax.legend(fontsize=8)
+    ax.set_title(f"z of sae KL against the draws,\nall {z.size:,} contexts (mean {z.mean() if z.size else math.nan:.2f})",
+                 fontsize=9)
+    ax.set_xlabel("z = (KL_sae − mean draws) / sd draws", fontsize=8)
+    ax.set_ylabel("contexts", fontsize=8)
+    position = (report or {}).get("config", {}).get("position") if report else None
+    at = f" at position {position}" if position is not None else ""
+    n_draws = int(draws["draw"].max()) + 1 if len(draws) else 0
+    fig.suptitle(f"Many samples{at}: KL of {n_draws} random {sample_name} draws per context vs the SAE's KL\n"
+                 f"{run_label(report)}", fontsize=10)
+    return _save(fig, path)
+
+
+def robustness_curve(
+    points: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    sae_points: Mapping[str, tuple[float, float]] | None = None,
+    subtitle: str = "",
+) -> Path:
+    """Mean KL (log y) against cos(x, x') for each labelled curve; each SAE's (cos_mean, kl_mean) as a star."""
+    names = list(dict.fromkeys([*points, *(sae_points or {})]))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    values = []
+    for name, curve in points.items():
+        pairs = sorted((float(c), float(k)) for c, k in curve)
+        if not pairs:
+            continue
+        cos, kl = zip(*pairs, strict=True)
+        values += kl
+        ax.plot(cos, kl, marker="o", markersize=3, color=colors[name], label=name)
+    for name, (cos, kl) in (sae_points or {}).items():
+        values.append(kl)
+        ax.plot([cos], [kl], marker="*", markersize=16, color=colors[name], markeredgecolor="black",
+                linestyle="none", label=f"{name}: SAE (cos {cos:.3f}, KL {kl:.3g})")
+    if any(v is not None and v > 0 for v in values):
+        ax.set_yscale("log")
+    ax.set_xlabel("cosine similarity cos(x, x') of the substitute to the clean activation")
+    ax.set_ylabel("mean KL [nats], log scale")
+    ax.legend(fontsize=8)
+    _title(ax, "Robustness: mean KL vs cosine similarity (stars: the SAE reconstruction)", subtitle)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- a run folder
+
+
+def read_tokens(run_dir: str | Path) -> pd.DataFrame | None:
+    """The columns the figures need from run_dir/tokens.parquet (read once), or None if there is none."""
+    path = Path(run_dir) / "tokens.parquet"
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path, columns=TOKEN_COLUMNS)
+    names = frame["intervention"].astype(str)
+    frame["intervention"] = pd.Categorical(names, categories=pd.unique(names))
+    return frame
+
+
+def figures_for_run(
+    run_dir: str | Path, report: Mapping[str, Any] | None = None, tokens: pd.DataFrame | None = None
+) -> list[Path]:
+    """Write every figure that applies to the run's mode beside its report.json; return their paths.
+
+    Reads report.json (unless `report` is given) and tokens.parquet (once, only the needed columns;
+    unless `tokens` is given). Without a tokens table only the figures drawn from the report are made.
+    """
+    run_dir = Path(run_dir)
+    if report is None:
+        report = json.loads((run_dir / "report.json").read_text())
+    if report.get("kind") == "study":
+        return [kl_bars(report, run_dir / "kl_bars.png")]
+    if tokens is None:
+        tokens = read_tokens(run_dir)
+    mode = report.get("mode")
+    paths = [kl_bars(report, run_dir / "kl_bars.png", tokens=tokens)]
+    if tokens is not None and len(measured(tokens)):
+        paths.append(kl_histogram(tokens, run_dir / "kl_hist.png", report))
+    if mode == "all_tokens" and tokens is not None:
+        paths.append(kl_by_position(tokens, run_dir / "kl_by_position.png", report))
+    if mode == "single_token" and (tokens is not None or report.get("single_token")):
+        paths.append(single_token_curve(tokens if tokens is not None else report, run_dir / "single_token.png", report))
+    if mode == "many_samples" and tokens is not None and (tokens["draw"] >= 0).any():
+        paths.append(many_samples_hist(tokens, report, run_dir / "many_samples.png"))
+    return paths
