@@ -1,0 +1,188 @@
+"""Models from the Hugging Face hub (or its local cache) through the real ``from_pretrained`` path.
+
+Loading tries the local HF cache first; only on a cache miss does it go to the hub, and only after a
+quick reachability check, so an offline machine gets a one-line :class:`HubUnavailableError` at once
+instead of a minute of retries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from klgap.errors import HubUnavailableError, KlgapError
+from klgap.protocols import LoadedModel
+from klgap_hf.families import family_for
+from klgap_hf.loaded import wrap_loaded
+
+#: klgap name -> hub repo id, for the names registered by this plugin.
+HUB_MODELS: dict[str, str] = {
+    **{name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+    **{
+        f"pythia-{size}{dedup}": f"EleutherAI/pythia-{size}{dedup}"
+        for size in ("70m", "160m", "410m", "1b")
+        for dedup in ("", "-deduped")
+    },
+}
+
+#: hub repo id -> model names under which sae_lens's pretrained directory lists SAEs, best first.
+SAE_LENS_MODELS: dict[str, tuple[str, ...]] = {
+    "openai-community/gpt2": ("gpt2-small",),
+    "gpt2": ("gpt2-small",),
+    "EleutherAI/pythia-70m-deduped": ("pythia-70m-deduped",),
+    "EleutherAI/pythia-70m": ("pythia-70m", "pythia-70m-deduped"),
+    "google/gemma-3-270m": ("google/gemma-3-270m",),
+    "google/gemma-3-270m-it": ("google/gemma-3-270m-it",),
+}
+
+#: hub repo id -> a note shown with any SAE picked for it.
+SAE_NOTES: dict[str, str] = {
+    "EleutherAI/pythia-70m": (
+        "sae_lens has no SAEs for pythia-70m, so the pythia-70m-deduped release is used; its weights differ "
+        "from pythia-70m's (prefer --model pythia-70m-deduped)"
+    ),
+}
+
+OFFLINE_HINT = "use an offline model such as smollm2-135m or tiny-gpt2, or pre-download it into the HF cache"
+
+
+def _offline_env() -> bool:
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE ask for no network."""
+    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT, default huggingface.co) opens in time."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'could not get the files' (huggingface_hub's are OSErrors; httpx's are not)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@dataclass
+class HubAdapter:
+    """``name``: the causal LM `repo_id`, loaded with ``AutoModelForCausalLM.from_pretrained``."""
+
+    name: str
+    repo_id: str
+    sae_lens_models: tuple[str, ...] = ()
+    sae_note: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.description = self.description or f"{self.repo_id} from the Hugging Face hub (needs the hub or HF cache)"
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        """Load from the HF cache, else the hub; HubUnavailableError when neither has it."""
+        try:
+            hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True)
+        except _hub_errors() as cache_miss:
+            if _offline_env() or not hub_reachable():
+                raise self._unavailable() from cache_miss
+            try:
+                hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=False)
+            except _hub_errors() as exc:
+                raise self._translate(exc) from exc
+        info: dict[str, Any] = {"source": f"hf:{self.repo_id}", "hf_repo": self.repo_id}
+        if self.sae_note:
+            info["sae_note"] = self.sae_note
+        return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models, info)
+
+    def _from_pretrained(self, dtype: torch.dtype, local_files_only: bool) -> tuple[torch.nn.Module, Any]:
+        """Config first (an unsupported architecture fails before any weights are fetched), then tokenizer, model."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(self.repo_id, local_files_only=local_files_only)
+        family_for(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(self.repo_id, local_files_only=local_files_only)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            self.repo_id, config=config, dtype=dtype, local_files_only=local_files_only
+        )
+        return hf_model, tokenizer
+
+    def _unavailable(self) -> HubUnavailableError:
+        return HubUnavailableError(
+            f"model {self.name!r} needs the Hugging Face hub ({self.repo_id}), which this machine cannot reach; "
+            f"{OFFLINE_HINT}"
+        )
+
+    def _translate(self, exc: BaseException) -> KlgapError:
+        """A hub error as a one-line KlgapError: no such repo, gated repo, or hub unreachable."""
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        if isinstance(exc, GatedRepoError):
+            return KlgapError(f"model {self.name!r}: hub repo {self.repo_id} is gated; accept its licence and log in")
+        if isinstance(exc, RepositoryNotFoundError):
+            return KlgapError(f"model {self.name!r}: there is no hub repo {self.repo_id!r} (or it is private)")
+        return self._unavailable()
+
+
+def adapter_for_repo(repo_id: str, name: str | None = None, description: str = "") -> HubAdapter:
+    """An adapter for any supported causal LM on the hub, e.g. ``adapter_for_repo("EleutherAI/pythia-1b")``.
+
+    `name` defaults to the repo's last path part. sae_lens model names and notes come from
+    :data:`SAE_LENS_MODELS` / :data:`SAE_NOTES` when the repo is known there.
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1 or ":" in repo_id:
+        raise KlgapError(f"{repo_id!r} is not a hub repo id; expected ORG/NAME, e.g. EleutherAI/pythia-70m")
+    repo_id = repo_id.strip()
+    return HubAdapter(
+        name=name or repo_id.rsplit("/", 1)[-1],
+        repo_id=repo_id,
+        sae_lens_models=SAE_LENS_MODELS.get(repo_id, ()),
+        sae_note=SAE_NOTES.get(repo_id),
+        description=description,
+    )
+
+
+REPO_ENV = "KLGAP_HF_REPO"
+
+
+@dataclass
+class AnyRepoAdapter:
+    """``hf``: any supported causal LM by hub repo id (``load(..., repo_id=)`` or ``KLGAP_HF_REPO=ORG/NAME``).
+
+    Registry names cannot hold ``ORG/NAME``, so the repo id arrives as an argument (Python) or through
+    the environment (command line: ``KLGAP_HF_REPO=EleutherAI/pythia-1b klgap ... --model hf``).
+    """
+
+    description: str = (
+        f"any supported hub causal LM (gpt2 / gpt_neox / llama / gemma3_text): set {REPO_ENV}=ORG/NAME, "
+        "or call klgap_hf.adapter_for_repo('ORG/NAME')"
+    )
+
+    def for_repo(self, repo_id: str) -> HubAdapter:
+        """The adapter of one repo (same as :func:`adapter_for_repo`)."""
+        return adapter_for_repo(repo_id)
+
+    def load(self, device: torch.device, dtype: torch.dtype, repo_id: str | None = None) -> LoadedModel:
+        repo_id = repo_id or os.environ.get(REPO_ENV, "").strip()
+        if not repo_id:
+            raise KlgapError(
+                f"model 'hf' needs a hub repo id: set {REPO_ENV}=ORG/NAME (e.g. EleutherAI/pythia-1b), or pick a "
+                "named model such as gpt2 or smollm2-135m"
+            )
+        return adapter_for_repo(repo_id).load(device, dtype)
