@@ -1,1 +1,0 @@
-"""Placeholder: the sparsify SAE loader plugin is being written (registers nothing yet)."""
