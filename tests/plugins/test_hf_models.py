@@ -246,6 +246,19 @@ def test_pythia_70m_points_to_the_deduped_saes():
     assert "deduped is used" in note
 
 
+def _check_real_model_sites(model, layer, ids):
+    """Every site at `layer`: nnsight reads what a plain hook sees, clean logits match, x' = x changes nothing."""
+    for site in SITES:
+        spec = model.site_map(site, layer)
+        expected, plain = _hooked(model, spec, ids)
+        acts, clean = activations.run_clean(model, spec, ids)
+        torch.testing.assert_close(acts, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(clean, plain, rtol=0, atol=1e-5)
+        assert activations.collect(model, spec, ids).shape == (1, ids.shape[1], model.site_widths[site])
+        patched = activations.run_patched(model, spec, ids, acts.clone())
+        assert (patched - plain).abs().max() < 1e-4
+
+
 @pytest.mark.slow
 def test_smollm2_offline(device):
     model = registry("model").get("smollm2-135m").load(device, torch.float32)
@@ -255,13 +268,7 @@ def test_smollm2_offline(device):
         logits = model.hf_model(input_ids=ids, use_cache=False).logits
     assert model.tokenizer.decode(logits[0, -1].argmax()) == " Paris"
     assert model.site_widths["attn_z"] == 576 and model.max_context > 0 and model.info["architecture"] == "llama"
-    for site in SITES:
-        spec = model.site_map(site, 15)
-        expected, plain = _hooked(model, spec, ids)
-        acts, clean = activations.run_clean(model, spec, ids)
-        torch.testing.assert_close(acts, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(clean, plain, rtol=0, atol=1e-5)
-        assert activations.collect(model, spec, ids).shape == (1, ids.shape[1], model.site_widths[site])
+    _check_real_model_sites(model, 15, ids)
 
 
 @pytest.mark.slow
@@ -278,11 +285,4 @@ def test_gemma3_offline(device):
     with torch.no_grad():
         logits = model.hf_model(input_ids=ids, use_cache=False).logits
     assert model.tokenizer.decode(logits[0, -1].argmax()) == " the"
-    for site in SITES:
-        spec = model.site_map(site, 9)
-        expected, plain = _hooked(model, spec, ids)
-        acts, clean = activations.run_clean(model, spec, ids)
-        torch.testing.assert_close(acts, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(clean, plain, rtol=0, atol=1e-5)
-        patched = activations.run_patched(model, spec, ids, acts.clone())
-        assert (patched - plain).abs().max() < 1e-4
+    _check_real_model_sites(model, 9, ids)
