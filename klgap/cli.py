@@ -68,7 +68,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
     p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16; KL is always float32")
+    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
     p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, random")
     p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
     p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")

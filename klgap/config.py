@@ -23,7 +23,7 @@ DEFAULT_INTERVENTIONS = (
     "theta_random",
     "theta_random_xnorm",
 )
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference runs (agreement tests)
 
 
 @dataclass

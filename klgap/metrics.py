@@ -7,8 +7,8 @@ from torch import Tensor
 
 
 def log_probs(logits: Tensor) -> Tensor:
-    """``[batch pos vocab]`` logits (any dtype) -> float32 log-probabilities."""
-    return torch.log_softmax(logits.float(), dim=-1)
+    """``[batch pos vocab]`` logits -> log-probabilities in float32 (float64 stays float64: reference runs)."""
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
 
 def kl_per_token(clean_logp: Tensor, patched_logits: Tensor) -> Tensor:
