@@ -23,7 +23,7 @@ from torch import Tensor
 
 from klgap import activations, metrics
 from klgap.config import RunConfig, parse_intervention
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, unknown
 from klgap.plugins import get_host
 from klgap.protocols import LoadedModel, LoadedSAE, Perturbation, SiteSpec
 from klgap.rundir import RunDir, atomic_write_json, atomic_write_parquet
@@ -97,6 +97,8 @@ def load_sae(spec: str, device: torch.device) -> LoadedSAE:
         loader = loaders.get(name)
         if loader.can_load(spec):
             return loader.load(spec, device)
+    if sep and "/" not in prefix and "\\" not in prefix and len(prefix) > 1 and not Path(spec).exists():
+        raise unknown("SAE loader", prefix, loaders.names())
     if not Path(spec).exists() and not sep:
         raise KlgapError(
             f"SAE {spec!r} is neither an existing path nor LOADER:ARG; valid forms: "

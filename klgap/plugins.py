@@ -91,7 +91,11 @@ class PluginHost:
     def _load_entry_points(self) -> None:
         disabled = {s.strip() for s in os.environ.get("KLGAP_DISABLE_PLUGINS", "").split(",") if s.strip()}
         seen: set[str] = set()
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        available = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        for name in sorted(disabled - {ep.name for ep in available}):
+            raise PluginError(str(unknown("plugin", name, {ep.name for ep in available})).replace(
+                "unknown plugin", "KLGAP_DISABLE_PLUGINS names an unknown plugin", 1))
+        for ep in available:
             if ep.name in disabled or ep.name in seen:
                 continue
             seen.add(ep.name)

@@ -105,6 +105,8 @@ SAE = "{root}/sae.safetensors"
         (["replicate", "--model", "tiny-gpt2", "--mode", "all", "--site", "mlp_out", "--layer", "0"], "unknown mode 'all'"),
         (["replicate", "--model", "tiny-gpt2", "--tokens", "0", "--site", "mlp_out", "--layer", "0"], "--tokens must be an integer ≥ 1, got 0"),
         (["replicate", "--model", "tiny-gpt2", "--sae", "/nonexistent/sae"], "'/nonexistent/sae'"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", "sae_lense:gpt2-small-res-jb/blocks.0.hook_resid_pre"],
+         "unknown SAE loader 'sae_lense' (did you mean 'sae_lens'?)"),
         (["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0", "--mode", "single_token",
           "--position", "30", "--k", "16", "--context-len", "40"], "needs context_len ≥ 47"),
     ],
@@ -123,6 +125,20 @@ def test_bad_input_one_line_no_traceback(tmp_path, capsys, bad_files, argv, mess
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "report.json").exists()
     assert not list(tmp_path.glob("out/parts/*.json"))
+
+
+def test_unknown_plugin_in_disable_list(monkeypatch, capsys):
+    from klgap.plugins import reset_host
+
+    monkeypatch.setenv("KLGAP_DISABLE_PLUGINS", "hf_modls")
+    reset_host()
+    try:
+        assert main(["plugins"]) == 2
+    finally:
+        monkeypatch.delenv("KLGAP_DISABLE_PLUGINS")
+        reset_host()
+    err = capsys.readouterr().err.strip()
+    assert err == err.splitlines()[0] and "unknown plugin 'hf_modls' (did you mean 'hf_models'?)" in err
 
 
 def test_console_script_installed():
