@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    curve = sub.add_parser(
+        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it"
+    )
+    _add_run_flags(curve)
+    curve.add_argument("--cos", default="0.5:1.0:11", help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
+    curve.add_argument("--norm-frac", default="0.9", help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
+    curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
+    curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    curve.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or study folders (each with report.json)")
+    compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
+    compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
+
     train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
     train.add_argument("--model", required=True)
     train.add_argument("--site", required=True)
@@ -165,16 +180,35 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
+    config, extra = run_config_from_args(args)
+    return run_and_render(config, extra, args, config.mode)
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
+    from klgap.curve import curve_interventions, parse_cos_grid, parse_norm_fracs
+
+    cosines, fracs = parse_cos_grid(args.cos), parse_norm_fracs(args.norm_frac)
+    config, extra = run_config_from_args(args)
+    if config.mode == "many_samples":
+        raise KlgapError("klgap curve measures all_tokens or single_token runs, not many_samples")
+    grid = curve_interventions(cosines, fracs)
+    chosen = list(args.interventions and config.interventions or [])
+    config.interventions = grid + [s for s in chosen if s not in grid]
+    return run_and_render(config, extra, args, "curve" if config.mode == "all_tokens" else f"curve-{config.mode}")
+
+
+def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
+    """Run one site/layer (or a study over several), write the report's figures, print the summary."""
     from klgap import engine
     from klgap.study import parse_layers, parse_sites, run_study
 
-    config, extra = run_config_from_args(args)
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
     if len(sites) > 1 or layers == "all" or len(layers) > 1:
         if None in sites:
             raise KlgapError("several layers need --site too")
-        out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{config.mode}"
+        out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{tag}"
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet)
         _render(Path(out))
         print_study(study, Path(out))
@@ -184,7 +218,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     if out is None:
         site = config.site or "auto"
         layer = "auto" if config.layer is None else config.layer
-        out = f"runs/{config.model}-{site}-L{layer}-{config.mode}"
+        out = f"runs/{config.model}-{site}-L{layer}-{tag}"
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
     report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
@@ -253,6 +287,13 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
             f"KL(sae)/KL(epsilon_random) = {r['ratio']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
             f"over {r['n_contexts']} contexts; Wilcoxon p = {comp['wilcoxon_kl']['p_value']:.3g}"
         )
+    curve = report.get("curve")
+    if curve and curve.get("sae"):
+        sae = curve["sae"]
+        for frac, cos in curve.get("sae_equivalent_cos", {}).items():
+            where = f"cos {cos:.3f}" if cos is not None else "no cosine on the grid"
+            print(f"robustness curve (norm {frac}·‖x‖): the SAE (cos {sae['cos_mean']:.3f}, KL {sae['kl_mean']:.4g}) "
+                  f"does the damage of cosine-matched noise at {where}")
     if "many_samples" in report:
         ms = report["many_samples"]
         print(f"many samples: mean z of the SAE's KL = {ms['z_mean']:.3f}, fraction z > 2 = {ms['frac_z_above_2']:.3f}")
@@ -334,7 +375,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"replicate": cmd_replicate, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from klgap.compare import compare_runs
+
+    result = compare_runs(args.run_dirs, args.out, labels=args.label)
+    print(result["table_text"])
+    for path in result["written"]:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

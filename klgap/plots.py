@@ -408,6 +408,25 @@ def robustness_curve(
     return _save(fig, path)
 
 
+def curves_of(entries: Iterable[tuple[str, Mapping[str, Any] | None]]) -> tuple[dict, dict]:
+    """(label, report curve section) pairs -> robustness_curve's points and SAE stars (one curve per norm_frac)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    stars: dict[str, tuple[float, float]] = {}
+    for label, curve in entries:
+        if not curve:
+            continue
+        fracs = sorted({p["norm_frac"] for p in curve["points"]})
+        for frac in fracs:
+            name = label if len(fracs) == 1 else f"{label} (norm {frac:g}·‖x‖)"
+            points[name] = [(p["cos"], p["kl_mean"]) for p in curve["points"]
+                            if p["norm_frac"] == frac and p["kl_mean"] is not None]
+        sae = curve.get("sae")
+        if sae and sae.get("cos_mean") is not None and sae.get("kl_mean") is not None:
+            first = label if len(fracs) == 1 else f"{label} (norm {fracs[0]:g}·‖x‖)"
+            stars[first] = (sae["cos_mean"], sae["kl_mean"])
+    return points, stars
+
+
 # ----------------------------------------------------------------------------- a run folder
 
 
@@ -434,7 +453,11 @@ def figures_for_run(
     if report is None:
         report = json.loads((run_dir / "report.json").read_text())
     if report.get("kind") == "study":
-        return [kl_bars(report, run_dir / "kl_bars.png")]
+        paths = [kl_bars(report, run_dir / "kl_bars.png")]
+        points, stars = curves_of((site_label(r), r.get("curve")) for r in report.get("runs", []))
+        if points:
+            paths.append(robustness_curve(points, run_dir / "robustness.png", stars, str(report.get("model", ""))))
+        return paths
     if tokens is None:
         tokens = read_tokens(run_dir)
     mode = report.get("mode")
@@ -447,4 +470,24 @@ def figures_for_run(
         paths.append(single_token_curve(tokens if tokens is not None else report, run_dir / "single_token.png", report))
     if mode == "many_samples" and tokens is not None and (tokens["draw"] >= 0).any():
         paths.append(many_samples_hist(tokens, report, run_dir / "many_samples.png"))
+    if report.get("curve"):
+        points, stars = curves_of([(site_label(report), report["curve"])])
+        paths.append(robustness_curve(points, run_dir / "robustness.png", stars, run_label(report)))
     return paths
+
+
+def ratio_bars(entries: Sequence[Mapping[str, Any]], path: str | Path, baseline: str = "epsilon_random") -> Path:
+    """KL(sae)/KL(baseline) per entry with its 95% context-bootstrap interval; the line at 1 is 'no gap'."""
+    labels = [str(e["label"]) for e in entries]
+    ratio = np.array([_num(e.get("ratio")) for e in entries], dtype=float)
+    low = np.array([_num(e.get("ratio_ci_low")) for e in entries], dtype=float)
+    high = np.array([_num(e.get("ratio_ci_high")) for e in entries], dtype=float)
+    err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
+    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.7 * len(entries) + 3)), 4.5), layout="constrained")
+    ax.bar(np.arange(len(entries)), ratio, color="C3", yerr=err, capsize=4, error_kw={"elinewidth": 1})
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks(np.arange(len(entries)), labels, rotation=20 if len(entries) > 4 else 0, ha="right" if len(entries) > 4 else "center")
+    ax.set_ylabel(f"mean KL(sae) / mean KL({baseline})")
+    _title(ax, f"KL gap per run: KL(sae) / KL({baseline})",
+           f"{len(entries)} runs · bars: 95% intervals resampling contexts · dashed line: no gap")
+    return _save(fig, path)

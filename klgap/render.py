@@ -253,6 +253,28 @@ def _many_samples(report: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def curve_blocks(curve: Mapping[str, Any] | None, label: str = "") -> list[Block]:
+    """The robustness curve as a table: KL of cosine-matched noise per cosine, the SAE's point, the matching cos."""
+    if not curve:
+        return []
+    rows = [[fmt_fixed(p.get("cos")), fmt_fixed(p.get("norm_frac"), 2), fmt_num(p.get("kl_mean")),
+             f"[{fmt_num(p.get('kl_ci_low'))}, {fmt_num(p.get('kl_ci_high'))}]", fmt_num(p.get("ce_delta_mean"))]
+            for p in sorted(curve.get("points", []), key=lambda p: (p.get("norm_frac"), p.get("cos")))]
+    blocks: list[Block] = [Heading(2, f"Robustness curve{f' — {label}' if label else ''}"),
+                           Para("Mean KL of cosine_matched noise (random x' at the given cos(x, x') and norm "
+                                "norm_frac·‖x‖), with 95% intervals that resample contexts."),
+                           Table(["cos", "norm frac", "KL mean", "95% CI", "ΔCE mean"], rows)]
+    sae = curve.get("sae")
+    if sae:
+        items = [f"SAE: mean cos(x, x̂) {fmt_fixed(sae.get('cos_mean'))}, mean ‖x̂‖/‖x‖ "
+                 f"{fmt_fixed(sae.get('norm_frac_mean'))}, mean KL {fmt_num(sae.get('kl_mean'))}"]
+        for frac, cos in (curve.get("sae_equivalent_cos") or {}).items():
+            items.append(f"at norm {frac}·‖x‖, noise does the SAE's damage at cos {fmt_fixed(cos)}" if cos is not None
+                         else f"at norm {frac}·‖x‖, the SAE's KL lies outside the curve's range")
+        blocks.append(Bullets(items))
+    return blocks
+
+
 CAPTIONS = {
     "kl_bars": "Mean per-token KL for each intervention{error}.",
     "kl_hist": "Distribution of per-token KL on a log axis (log-spaced bins, density per decade) for the SAE "
@@ -345,7 +367,7 @@ def document(report: Mapping[str, Any], figures: Sequence[Path]) -> list[Block]:
     blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report)]
     if report.get("kind") != "study":
         blocks += [*_comparisons(report), *_interventions(report), *_sae(report), *_single_token(report),
-                   *_many_samples(report), *_gap(report)]
+                   *_many_samples(report), *_gap(report), *curve_blocks(report.get("curve"))]
     return blocks + _figures(report, figures) + _provenance(report)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from klgap import stats
+from klgap.curve import curve_summary
 from klgap.provenance import provenance
 from klgap.schema import SCHEMA_VERSION
 from klgap.sites import hook_name
@@ -183,6 +184,7 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
             "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
         },
         "gap": gap_analysis(measured, prep.model.tokenizer) if cfg.mode != "many_samples" else None,
+        "curve": curve_summary(measured, names, cfg.seed) if cfg.mode != "many_samples" else None,
         "notes": prep.notes,
         "config": cfg.to_dict(),
         "seed": cfg.seed,

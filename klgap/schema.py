@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klgap.errors import KlgapError
 
-SCHEMA_VERSION = "0.1.0"
+SCHEMA_VERSION = "0.2.0"
 
 Num = float | None  # NaN and infinities are written as null
 
@@ -151,6 +151,38 @@ class GapAnalysis(_Model):
     top_tokens: list[TopToken]
 
 
+class CurvePoint(_Model):
+    """Mean KL of cosine_matched noise at one (cos, norm_frac), with a context-bootstrap interval."""
+
+    intervention: str
+    cos: float
+    norm_frac: float
+    kl_mean: Num
+    kl_ci_low: Num
+    kl_ci_high: Num
+    ce_delta_mean: Num
+    n_tokens: int
+
+
+class CurveSAE(_Model):
+    """The SAE's own point: its mean cos(x, x̂), mean ‖x̂‖/‖x‖ and mean KL."""
+
+    cos_mean: Num
+    norm_frac_mean: Num
+    kl_mean: Num
+    kl_ci_low: Num
+    kl_ci_high: Num
+    ce_delta_mean: Num
+
+
+class Curve(_Model):
+    """A robustness curve; sae_equivalent_cos[norm_frac] = the cosine where the noise's KL equals the SAE's."""
+
+    points: list[CurvePoint]
+    sae: CurveSAE | None
+    sae_equivalent_cos: dict[str, Num]
+
+
 class SiteSummary(_Model):
     """What a measurement at one site and layer found (shared by run reports and study rows)."""
 
@@ -165,6 +197,7 @@ class SiteSummary(_Model):
     comparisons: dict[str, Comparison]
     sae_metrics: SAEMetrics
     notes: list[str]
+    curve: Curve | None = None
 
 
 class Report(SiteSummary):

@@ -136,3 +136,17 @@ def top_tokens(gaps: pd.DataFrame, min_count: int = 5, n: int = 15) -> pd.DataFr
     grouped = gaps.groupby("token_id")["gap"].agg(["mean", "count"])
     grouped = grouped[grouped["count"] >= min_count].sort_values("mean", ascending=False)
     return grouped.head(n).reset_index().rename(columns={"mean": "mean_gap"})
+
+
+def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Mean over tokens with a bootstrap interval that resamples whole contexts (per-context ``sum``, ``n``)."""
+    s, n = per_ctx["sum"].to_numpy(dtype=np.float64), per_ctx["n"].to_numpy(dtype=np.float64)
+    if s.size == 0 or n.sum() == 0:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
+    idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = s[idx].sum(-1) / n[idx].sum(-1)
+    boots = boots[np.isfinite(boots)]
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
+    return {"mean": float(s.sum() / n.sum()), "ci_low": float(low), "ci_high": float(high), "n_contexts": int(s.size)}

@@ -27,7 +27,7 @@ from klgap.sites import SITES, check_site
 
 SUMMARY_KEYS = (
     "site", "layer", "hook_name", "sae", "n_tokens", "n_contexts", "interventions",
-    "kl_ratio_sae_over_epsilon_random", "comparisons", "sae_metrics", "notes",
+    "kl_ratio_sae_over_epsilon_random", "comparisons", "sae_metrics", "notes", "curve",
 )
 
 

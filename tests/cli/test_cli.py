@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from klgap.cli import main
+from klgap.schema import SCHEMA_VERSION
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def test_train_sae_then_replicate(tmp_path, capsys, model, site, layer):
     assert "KL(sae)/KL(epsilon_random) =" in printed
     report = json.loads((out / "report.json").read_text())
     assert (report["model"], report["site"], report["layer"]) == (model, site, layer)
-    assert report["schema_version"] == "0.1.0"
+    assert report["schema_version"] == SCHEMA_VERSION
     assert report["n_tokens"] == 16 * 63 and report["n_contexts"] == 16
     assert set(report["interventions"]) == {
         "sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random_xnorm"
