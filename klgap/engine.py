@@ -225,6 +225,9 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
     }
     spec = model.site_map(site, layer)
     suffix, execution = choose_execution(config, model, spec, layer, contexts)
+    fitted = fit_perturbations(config, model, spec, sae, center, contexts, [p for _, p in perturbations] + [sample_perturbation])
+    if fitted:
+        execution = {**execution, "fitted": fitted}
     return Prepared(
         config=config,
         model=model,
@@ -241,6 +244,33 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         notes=notes,
         plugins_used=plugins_used,
     )
+
+
+FIT_TOKENS = 8192  # clean activations handed to perturbations that fit statistics (epsilon_anisotropic)
+
+
+@torch.no_grad()
+def fit_perturbations(config: RunConfig, model: LoadedModel, spec: SiteSpec, sae: LoadedSAE, center: bool,
+                      contexts: Tensor, perturbations: list[Perturbation | None]) -> dict[str, Any]:
+    """Call ``fit(acts [n, d])`` on every perturbation that has one, with the clean site activations of the
+    run's first contexts (up to FIT_TOKENS tokens; centred like the SAE's input). Same tokens on every resume."""
+    needing = [p for p in perturbations if p is not None and callable(getattr(p, "fit", None))]
+    if not needing:
+        return {}
+    first = 1 if config.skip_first_position else 0
+    per_context = config.context_len - first
+    n_ctx = max(2, min(len(contexts), -(-FIT_TOKENS // per_context)))
+    chunks = []
+    for start in range(0, n_ctx, config.batch_size):
+        ids = contexts[start:min(start + config.batch_size, n_ctx)].to(model.device)
+        acts = activations.collect(model, spec, ids)[:, first:]
+        chunks.append(SaeView.of(acts.reshape(-1, acts.shape[-1]), sae, center).x)
+    acts = torch.cat(chunks)
+    acts = acts[torch.isfinite(acts).all(-1)]
+    for p in needing:
+        p.fit(acts)
+    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": "the run's first contexts"}
+            for p in needing}
 
 
 def choose_execution(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int, contexts: Tensor):

@@ -136,3 +136,59 @@ def identity(x: Tensor, x_hat: Tensor) -> Tensor:
 def zero(x: Tensor, x_hat: Tensor) -> Tensor:
     """x' = 0 (zero ablation)."""
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+
+# --------------------------------------------------------------------------- baselines for anisotropic spaces
+
+
+def covariance_factor(acts: Tensor, ridge: float = 1e-6) -> Tensor:
+    """``acts: [n, d]`` -> L ``[d, d]`` with L Lᵀ = the centred empirical covariance (+ ridge·mean variance·I).
+
+    Built from the eigendecomposition in float64 (negative round-off eigenvalues clipped), so a Gaussian
+    z ~ N(0, I) gives L z ~ N(0, Σ): directions drawn where the activations actually vary.
+    """
+    acts = acts.double()
+    centred = acts - acts.mean(0, keepdim=True)
+    cov = centred.T @ centred / max(1, acts.shape[0] - 1)
+    cov = cov + ridge * float(cov.diagonal().mean().clamp_min(_TINY)) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    values, vectors = torch.linalg.eigh(cov)
+    return (vectors * values.clamp_min(0.0).sqrt()).float()
+
+
+def epsilon_anisotropic(x: Tensor, x_hat: Tensor, generator: torch.Generator, factor: Tensor) -> Tensor:
+    """x' = x + ε·u, u = L z/‖L z‖ with z ~ N(0, I): the SAE's L2 error ε, direction drawn from N(0, Σ)."""
+    x, x_hat = as_float32(x), as_float32(x_hat)
+    if factor.shape != (x.shape[1], x.shape[1]):
+        raise ValueError(f"epsilon_anisotropic was fitted on {factor.shape[0]}-wide activations, not {x.shape[1]}")
+    eps = row_norm(x - x_hat)
+    z = torch.randn(x.shape[0], x.shape[1], generator=generator, device=x.device, dtype=torch.float32)
+    u = unit(z @ factor.to(device=x.device, dtype=torch.float32).T).to(x.dtype)
+    return (x + eps * u).float()
+
+
+def shuffle_partner(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """A random permutation of range(n) with no fixed point (a fixed point i takes i+1's partner); n=1 -> [0]."""
+    perm = torch.randperm(n, generator=generator, device=device)
+    if n < 2:
+        return perm
+    values = perm.tolist()
+    for i in range(n):  # a fixed point swaps with the next row: both end up off the diagonal, others unchanged
+        if values[i] == i:
+            j = (i + 1) % n
+            values[i], values[j] = values[j], values[i]
+    return torch.tensor(values, dtype=perm.dtype, device=device)
+
+
+def sae_error_shuffled(x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
+    """x' = x + ε_i · e_j/‖e_j‖: another token's SAE error direction e_j = x_j − x̂_j at this token's ε_i.
+
+    Partners are a random derangement of the tokens in the call; where the partner's error is zero a random
+    direction stands in (so ‖x' − x‖ = ε_i always holds).
+    """
+    x, x_hat = as_float32(x), as_float32(x_hat)
+    err = x - x_hat
+    eps = row_norm(err)
+    stand_in = random_unit(x.shape[0], x.shape[1], generator, x.device).to(x.dtype)
+    partner = err[shuffle_partner(x.shape[0], generator, x.device)]
+    direction = torch.where(row_norm(partner) > _TINY, unit(partner), stand_in)
+    return (x + eps * direction).float()

@@ -95,6 +95,48 @@ def cosine_matched(**params: Any) -> FormulaPerturbation:
     )
 
 
+@dataclass
+class FittedPerturbation(FormulaPerturbation):
+    """A formula that needs statistics of the site's clean activations first: ``fit(acts [n, d])``.
+
+    The engine calls :meth:`fit` once per run, before any batch, with the clean activations of the run's
+    first contexts (the same tokens on every resume, so results stay reproducible).
+    """
+
+    fit_fn: Callable[[Tensor], Any] | None = None
+    state: Any = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
+
+    def fit(self, acts: Tensor) -> None:
+        if acts.dim() != 2 or acts.shape[0] < 2:
+            raise ValueError(f"{self.name}: fit needs [n >= 2, d] activations, got {tuple(acts.shape)}")
+        self.state = self.fit_fn(acts)
+        self.fit_info = {"n_activations": int(acts.shape[0]), "d": int(acts.shape[1])}
+
+    def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
+        if self.state is None:
+            raise RuntimeError(f"{self.name} was not fitted: call .fit(clean activations [n, d]) first")
+        return super().__call__(x, x_hat, generator)
+
+
+def epsilon_anisotropic(**params: Any) -> FittedPerturbation:
+    """x + ε·u with u drawn from the activations' covariance at the site (the SAE's ε; fitted per run)."""
+    check_names("epsilon_anisotropic", params, ())
+    perturbation = FittedPerturbation(
+        "epsilon_anisotropic", lambda x, x_hat, generator: geometry.epsilon_anisotropic(x, x_hat, generator, perturbation.state),
+        True, {"distance": "eps"}, epsilon_anisotropic.__doc__ or "", fit_fn=geometry.covariance_factor,
+    )
+    return perturbation
+
+
+def sae_error_shuffled(**params: Any) -> FormulaPerturbation:
+    """x + ε·e_j/‖e_j‖: another token's SAE error direction, rescaled to this token's ε."""
+    check_names("sae_error_shuffled", params, ())
+    return FormulaPerturbation(
+        "sae_error_shuffled", geometry.sae_error_shuffled, True, {"distance": "eps"}, sae_error_shuffled.__doc__ or ""
+    )
+
+
 #: name -> (factory, one-line description), in the order `klgap plugins` lists them.
 FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
     "sae": (
@@ -118,4 +160,11 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
         "x' = x: a control, KL must be 0",
     ),
     "zero": (_deterministic("zero", geometry.zero, {"norm": 0.0}, "x' = 0"), "x' = 0: zero ablation"),
+    "epsilon_anisotropic": (
+        epsilon_anisotropic,
+        "x + ε·u, u drawn from the site's activation covariance (fitted on the run's clean activations)",
+    ),
+    "sae_error_shuffled": (
+        sae_error_shuffled, "x + ε·(another token's SAE error direction): the SAE's error, shuffled across tokens"
+    ),
 }

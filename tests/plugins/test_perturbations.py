@@ -16,7 +16,7 @@ from klgap_perturbations.perturbations import FACTORIES
 N, D = 2000, 64
 REL = 1e-4
 ALL = ("sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random_xnorm",
-       "cosine_matched", "identity", "zero")
+       "cosine_matched", "identity", "zero", "epsilon_anisotropic", "sae_error_shuffled")
 
 
 def perturbation_registry():
@@ -31,7 +31,11 @@ def perturbation_registry():
 
 
 def build(name: str, **params):
-    return perturbation_registry().get(name)(**params)
+    """The perturbation; one that fits statistics (epsilon_anisotropic) is fitted on anisotropic Gaussians."""
+    p = perturbation_registry().get(name)(**params)
+    if callable(getattr(p, "fit", None)):
+        p.fit(torch.randn(4096, D, generator=gen(77)) * torch.linspace(0.1, 3.0, D))
+    return p
 
 
 def gen(seed: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -91,7 +95,8 @@ def test_half_precision_inputs_give_float32(name, acts):
 
 def test_stochastic_flags():
     stochastic = {n for n in ALL if build(n).stochastic}
-    assert stochastic == {"epsilon_random", "theta_random", "theta_random_xnorm", "cosine_matched"}
+    assert stochastic == {"epsilon_random", "theta_random", "theta_random_xnorm", "cosine_matched",
+                          "epsilon_anisotropic", "sae_error_shuffled"}
 
 
 # --------------------------------------------------------------------------- geometry, per token
@@ -221,7 +226,10 @@ def test_degenerate_tokens_are_finite(name):
     x_hat[1] = x[1]  # ε = 0
     x_hat[2] = 0  # ‖x̂‖ = 0
     x_hat[3] = -x[3]  # cos = -1
-    out = build(name)(x, x_hat, gen())
+    p = build(name)
+    if callable(getattr(p, "fit", None)):
+        p.fit(torch.randn(100, 8, generator=gen(1)))
+    out = p(x, x_hat, gen())
     assert torch.isfinite(out).all()
 
 
@@ -287,3 +295,70 @@ def test_bad_parameters(name, params, expected):
 
 def test_factories_table_has_every_name():
     assert tuple(FACTORIES) == ALL
+
+
+# --------------------------------------------------------------------------- baselines for anisotropic spaces
+
+
+def _anisotropic_acts(n=20000, d=16, seed=0):
+    g = gen(seed)
+    scales = torch.linspace(0.05, 3.0, d)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    return (torch.randn(n, d, generator=g) * scales) @ basis.T, basis, scales
+
+
+def test_epsilon_anisotropic_keeps_eps_and_follows_the_covariance():
+    acts, basis, scales = _anisotropic_acts()
+    p = perturbation_registry().get("epsilon_anisotropic")()
+    with pytest.raises(RuntimeError, match="not fitted"):
+        p(acts[:4], acts[:4], gen())
+    p.fit(acts)
+    x = acts[:5000]
+    x_hat = x + 0.2 * torch.randn(x.shape, generator=gen(1))
+    out = p(x, x_hat, gen(2))
+    assert_rel(norms(out - x), norms(x - x_hat))
+    u = (out - x).double()
+    u = u / u.norm(dim=-1, keepdim=True)
+    share = (u @ basis.double()).pow(2).mean(0)  # mean squared component along each principal axis
+    # the widest axis (variance 9 of ~54 in all) gets ~1/6 of the direction (isotropic: 1/16), the narrowest ~0
+    assert share[-1] > 0.12 and share[0] < 1e-3
+    iso = build("epsilon_random")(x, x_hat, gen(2)) - x
+    iso = iso.double() / iso.double().norm(dim=-1, keepdim=True)
+    assert (iso @ basis.double()).pow(2).mean(0)[0] > 0.03  # the isotropic baseline does not care
+
+
+def test_sae_error_shuffled_uses_another_tokens_error():
+    x = torch.randn(50, 8, generator=gen(3))
+    x_hat = x + torch.randn(50, 8, generator=gen(4))
+    out = build("sae_error_shuffled")(x, x_hat, gen(5))
+    assert_rel(norms(out - x), norms(x - x_hat))
+    dirs = (out - x) / (out - x).norm(dim=-1, keepdim=True)
+    errs = (x - x_hat) / (x - x_hat).norm(dim=-1, keepdim=True)
+    match = (dirs @ errs.T).abs() > 1 - 1e-5  # [i, j]: token i uses token j's error direction
+    assert match.sum(1).eq(1).all()  # exactly one partner each
+    assert not match.diagonal().any()  # never its own error
+    assert match.sum(0).eq(1).all()  # a permutation: every error used once
+
+
+def test_shuffle_partner_is_a_derangement():
+    for n in (2, 3, 10, 101):
+        for seed in range(20):
+            perm = geometry.shuffle_partner(n, gen(seed), torch.device("cpu"))
+            assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
+
+
+def test_new_baselines_in_a_run(tmp_path, load_model):
+    from klgap import engine
+    from klgap.config import RunConfig
+    from klgap.sites import hook_name
+    from tests.helpers import random_sae
+
+    lm = load_model("tiny-llama")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("resid_pre", 1))
+    cfg = RunConfig(model="tiny-llama", sae=str(sae), n_tokens=256, context_len=32, batch_size=4, device="cpu",
+                    dataset="random", interventions=["sae", "epsilon_random", "epsilon_anisotropic", "sae_error_shuffled"])
+    report = engine.run(cfg, tmp_path / "run", progress=False)
+    kl = report["interventions"]
+    assert all(kl[n]["kl_mean"] > 0 and kl[n]["n_tokens"] == 8 * 31 for n in kl)
+    assert {"epsilon_anisotropic", "sae_error_shuffled"} <= set(report["comparisons"])
+    assert report["execution"]["fitted"]["epsilon_anisotropic"]["n_activations"] == 8 * 31

@@ -1,0 +1,288 @@
+"""Conformance suites: what every model adapter, SAE loader and perturbation plugin must satisfy.
+
+Each suite is a pytest test class to subclass; set the class attributes it documents. Each ``test_*`` method
+checks one promise and fails with a message that says which.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from klgap.errors import KlgapError
+from klgap.sites import SITES, hook_name, parse_hook_name
+
+_MODELS: dict[tuple[str, str], Any] = {}
+
+
+def _load_model(name: str, device: str):
+    from klgap.plugins import registry
+
+    key = (name, device)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = registry("model").get(name).load(torch.device(device), torch.float32)
+    return _MODELS[key]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+class ModelAdapterConformance:
+    """A model adapter: set ``model`` (its registered name); optionally ``sites``, ``device``, ``context_len``."""
+
+    model: ClassVar[str]
+    sites: ClassVar[tuple[str, ...] | None] = None  # default: every site the model reports a width for
+    device: ClassVar[str] = "cpu"
+    context_len: ClassVar[int] = 12
+
+    @pytest.fixture
+    def lm(self):
+        return _load_model(self.model, self.device)
+
+    def _sites(self, lm) -> list[str]:
+        return [s for s in (self.sites or SITES) if s in lm.site_widths]
+
+    def _ids(self, lm) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, min(lm.vocab_size, 50_000), (2, self.context_len), generator=gen).to(lm.device)
+
+    def test_registered_with_a_description(self):
+        from klgap.plugins import registry
+
+        entry = registry("model").entries.get(self.model)
+        assert entry is not None, f"no model adapter is registered as {self.model!r}"
+        assert entry.description, f"model adapter {self.model!r} has no description"
+
+    def test_loaded_model_fields(self, lm):
+        assert lm.n_layers >= 1 and lm.d_model >= 1 and lm.vocab_size >= 2 and lm.max_context >= self.context_len
+        assert set(self._sites(lm)), f"{self.model} reports no site widths (site_widths={lm.site_widths})"
+        assert lm.device.type == torch.device(self.device).type and lm.dtype == torch.float32
+
+    def test_logits_shape(self, lm):
+        ids = self._ids(lm)
+        with torch.no_grad():
+            logits = lm.hf_model(input_ids=ids, use_cache=False).logits
+        assert tuple(logits.shape[:2]) == tuple(ids.shape) and logits.shape[-1] >= lm.vocab_size
+        assert torch.isfinite(logits).all()
+
+    def test_sites_resolve_with_the_right_shape(self, lm):
+        from klgap import activations
+
+        ids = self._ids(lm)
+        for site in self._sites(lm):
+            for layer in sorted({0, lm.n_layers - 1}):
+                acts = activations.collect(lm, lm.site_map(site, layer), ids)
+                expected = (*ids.shape, lm.site_widths[site])
+                assert tuple(acts.shape) == expected, f"{site} L{layer}: shape {tuple(acts.shape)}, expected {expected}"
+                assert torch.isfinite(acts).all(), f"{site} L{layer}: non-finite activations"
+
+    def test_site_equals_a_plain_forward_hook(self, lm):
+        """The activation klgap reads is the tensor a PyTorch hook on the same module sees."""
+        from klgap import activations
+
+        ids = self._ids(lm)
+        for site in self._sites(lm):
+            layer = lm.n_layers // 2
+            spec = lm.site_map(site, layer)
+            module = lm.hf_model.get_submodule(spec.module)
+            seen: list[torch.Tensor] = []
+            if spec.io == "input":
+                handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+                    (args[0] if args else next(iter(kwargs.values()))).detach().clone()), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(lambda m, args, out: seen.append(
+                    (out if spec.index is None else out[spec.index]).detach().clone()))
+            try:
+                with torch.no_grad():
+                    lm.hf_model(input_ids=ids, use_cache=False)
+            finally:
+                handle.remove()
+            ours = activations.collect(lm, spec, ids)
+            assert seen, f"{site} L{layer}: the hook on {spec.module} never fired"
+            torch.testing.assert_close(ours, seen[0].reshape(ours.shape), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{site} L{layer} differs from a hook on {spec.module}: {m}")
+
+    def test_patching_x_itself_leaves_logits_unchanged(self, lm):
+        from klgap import activations
+
+        ids = self._ids(lm)
+        for site in self._sites(lm):
+            spec = lm.site_map(site, lm.n_layers - 1)
+            acts, clean = activations.run_clean(lm, spec, ids)
+            patched = activations.run_patched(lm, spec, ids, acts, positions=slice(0, None))
+            assert _rel(patched, clean) < 1e-5, f"{site}: patching x' = x changed the logits"
+
+    def test_patching_takes_effect(self, lm):
+        from klgap import activations
+
+        ids = self._ids(lm)
+        site = "resid_pre" if "resid_pre" in lm.site_widths else self._sites(lm)[0]
+        spec = lm.site_map(site, lm.n_layers - 1)
+        acts, clean = activations.run_clean(lm, spec, ids)
+        patched = activations.run_patched(lm, spec, ids, torch.zeros_like(acts), positions=slice(0, None))
+        assert _rel(patched, clean) > 1e-4, f"zeroing {site} did not change the logits: the patch is not applied"
+
+
+class SAELoaderConformance:
+    """An SAE loader: set ``loader`` (registered name) and implement ``make_spec(tmp_path) -> str``, writing an
+    SAE in your format; set ``model`` / ``expected_hook`` to check it against a model's site widths."""
+
+    loader: ClassVar[str]
+    model: ClassVar[str | None] = "tiny-gpt2"
+    expected_hook: ClassVar[str | None] = None  # the hook name the written SAE should report
+    bare_path: ClassVar[bool] = True  # can_load recognises the written path without a LOADER: prefix
+    device: ClassVar[str] = "cpu"
+
+    def make_spec(self, tmp_path: Path) -> str:
+        raise NotImplementedError("write an SAE in your format under tmp_path and return its spec")
+
+    @pytest.fixture
+    def sae(self, tmp_path):
+        from klgap.engine import load_sae
+
+        self.spec = self.make_spec(tmp_path)
+        return load_sae(f"{self.loader}:{self.spec}", torch.device(self.device))
+
+    def test_registered(self):
+        from klgap.plugins import registry
+
+        assert self.loader in registry("sae_loader").names(), f"no SAE loader is registered as {self.loader!r}"
+
+    def test_bare_path_routes_to_this_loader(self, tmp_path):
+        from klgap.plugins import registry
+
+        spec = self.make_spec(tmp_path)
+        loader = registry("sae_loader").get(self.loader)
+        if self.bare_path:
+            assert loader.can_load(spec), f"{self.loader}.can_load({spec!r}) is False for the file it wrote"
+
+    def test_encode_decode_shapes(self, sae):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(7, sae.d_in, generator=gen).to(self.device)
+        feats = sae.encode(x)
+        x_hat = sae.decode(feats)
+        assert tuple(feats.shape) == (7, sae.d_sae), f"encode gave {tuple(feats.shape)}, expected (7, {sae.d_sae})"
+        assert tuple(x_hat.shape) == (7, sae.d_in) and x_hat.dtype == torch.float32
+        assert torch.isfinite(x_hat).all() and x_hat.device.type == torch.device(self.device).type
+
+    def test_hook_name_parsed(self, sae):
+        if self.expected_hook is not None:
+            assert sae.hook_name == self.expected_hook, f"hook name {sae.hook_name!r}, expected {self.expected_hook!r}"
+        if sae.hook_name is not None:
+            parse_hook_name(sae.hook_name)  # raises on a name klgap cannot map to a site
+
+    def test_d_in_matches_the_site(self, sae):
+        if self.model is None or sae.hook_name is None:
+            pytest.skip("no model or no hook name to check against")
+        lm = _load_model(self.model, self.device)
+        site, layer = parse_hook_name(sae.hook_name)
+        assert layer < lm.n_layers, f"hook {sae.hook_name} is beyond {self.model}'s {lm.n_layers} layers"
+        assert sae.d_in == lm.site_widths[site], f"d_in {sae.d_in} != {self.model} {site} width {lm.site_widths[site]}"
+
+    def test_missing_file_is_a_clear_error(self, tmp_path):
+        from klgap.engine import load_sae
+
+        with pytest.raises(KlgapError):
+            load_sae(f"{self.loader}:{tmp_path / 'does-not-exist'}", torch.device(self.device))
+
+
+def _geometry_target(value: Any, x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor | None:
+    norm = lambda t: t.norm(dim=-1)  # noqa: E731
+    if kind == "norm":
+        return {"x": norm(x), "x_hat": norm(x_hat)}.get(value) if isinstance(value, str) else None
+    if kind == "cos":
+        return torch.nn.functional.cosine_similarity(x, x_hat, dim=-1) if value == "sae" else torch.full_like(x[:, 0], float(value))
+    if kind == "distance":
+        return norm(x - x_hat) if value == "eps" else torch.full_like(x[:, 0], float(value))
+    return None
+
+
+class PerturbationConformance:
+    """A perturbation: set ``spec`` (as given to --interventions, e.g. ``"my_noise:scale=0.5"``)."""
+
+    spec: ClassVar[str]
+    device: ClassVar[str] = "cpu"
+    d: ClassVar[int] = 48
+    n: ClassVar[int] = 64
+
+    def build(self):
+        from klgap.engine import build_perturbation
+
+        p = build_perturbation(self.spec)
+        if callable(getattr(p, "fit", None)):
+            gen = torch.Generator().manual_seed(5)
+            p.fit((torch.randn(512, self.d, generator=gen) * torch.linspace(0.2, 2.0, self.d)).to(self.device))
+        return p
+
+    def data(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.n, self.d, generator=gen) * 3.0
+        x_hat = 0.8 * x + 0.5 * torch.randn(self.n, self.d, generator=gen)
+        return x.to(self.device), x_hat.to(self.device)
+
+    def gen(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def test_declares_its_interface(self):
+        p = self.build()
+        assert isinstance(getattr(p, "name", None), str) and p.name, "a perturbation needs a name"
+        assert isinstance(getattr(p, "stochastic", None), bool), "stochastic must be True or False"
+        assert isinstance(getattr(p, "geometry", None), dict), "geometry must be a dict (may be empty)"
+
+    def test_shape_dtype_device(self):
+        x, x_hat = self.data()
+        out = self.build()(x, x_hat, self.gen(0))
+        assert tuple(out.shape) == tuple(x.shape), f"x' has shape {tuple(out.shape)}, expected {tuple(x.shape)}"
+        assert out.dtype == torch.float32, f"x' is {out.dtype}, expected float32"
+        assert out.device.type == torch.device(self.device).type
+        assert torch.isfinite(out).all()
+
+    def test_deterministic_under_a_seed(self):
+        p = self.build()
+        x, x_hat = self.data()
+        a, b = p(x, x_hat, self.gen(1)), p(x, x_hat, self.gen(1))
+        assert torch.equal(a, b), "the same generator seed gave different x'"
+        c = p(x, x_hat, self.gen(2))
+        if p.stochastic:
+            assert not torch.equal(a, c), "declared stochastic, but two seeds gave the same x'"
+        else:
+            assert torch.equal(a, c), "declared not stochastic, but the seed changed x'"
+
+    def test_declared_geometry(self):
+        p = self.build()
+        x, x_hat = self.data()
+        out = p(x, x_hat, self.gen(3))
+        geometry = dict(p.geometry)
+        if "norm" in geometry:
+            value = geometry["norm"]
+            target = (float(value) * x.norm(dim=-1) if geometry.get("norm_of") == "x"
+                      else _geometry_target(value, x, x_hat, "norm"))
+            if target is None and isinstance(value, (int, float)):
+                target = torch.full_like(x[:, 0], float(value))
+            torch.testing.assert_close(out.norm(dim=-1), target, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"declared norm {value!r} does not hold: {m}")
+        if "cos" in geometry:
+            target = _geometry_target(geometry["cos"], x, x_hat, "cos")
+            torch.testing.assert_close(torch.nn.functional.cosine_similarity(x, out, dim=-1), target, rtol=1e-4,
+                                       atol=1e-4, msg=lambda m: f"declared cos {geometry['cos']!r} does not hold: {m}")
+        if "distance" in geometry:
+            target = _geometry_target(geometry["distance"], x, x_hat, "distance")
+            torch.testing.assert_close((out - x).norm(dim=-1), target, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"declared distance {geometry['distance']!r} does not hold: {m}")
+
+    def test_degenerate_tokens_stay_finite(self):
+        """x̂ = x (perfect reconstruction) and x = 0 must not give NaN or inf."""
+        p = self.build()
+        x, _ = self.data()
+        x[0] = 0.0
+        for x_hat in (x.clone(), torch.zeros_like(x)):
+            out = p(x, x_hat, self.gen(4))
+            assert torch.isfinite(out).all(), "a degenerate token gave a non-finite x'"
+        if "distance" in p.geometry and p.geometry["distance"] == "eps":
+            same = p(x, x.clone(), self.gen(4))
+            torch.testing.assert_close(same, x, msg=lambda m: f"ε = 0 must give x' = x: {m}")

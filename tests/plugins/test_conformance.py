@@ -1,0 +1,76 @@
+"""The built-in plugins pass the same conformance suites a third-party plugin author runs (klgap.testing)."""
+
+from __future__ import annotations
+
+import torch
+
+from klgap.testing import ModelAdapterConformance, PerturbationConformance, SAELoaderConformance
+from klgap_saes import save_safetensors_sae
+
+# ----------------------------------------------------------------------------- model adapters
+
+
+class TestTinyGPT2(ModelAdapterConformance):
+    model = "tiny-gpt2"
+
+
+class TestTinyPythia(ModelAdapterConformance):
+    model = "tiny-pythia"
+
+
+class TestTinyLlama(ModelAdapterConformance):
+    model = "tiny-llama"
+
+
+# ----------------------------------------------------------------------------- SAE loaders
+
+
+def _weights(d_in=64, d_sae=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d_in, generator=gen) / d_in**0.5
+    return 2.0 * W_dec.T.contiguous(), W_dec, torch.zeros(d_sae), torch.zeros(d_in)
+
+
+class TestSafetensorsLoader(SAELoaderConformance):
+    loader = "safetensors"
+    expected_hook = "blocks.1.hook_mlp_out"
+
+    def make_spec(self, tmp_path):
+        return str(save_safetensors_sae(tmp_path / "sae.safetensors", *_weights(), hook_name=self.expected_hook))
+
+
+class TestSaeLensFolderLoader(SAELoaderConformance):
+    loader = "sae_lens_disk"
+    expected_hook = "blocks.0.hook_resid_pre"
+
+    def make_spec(self, tmp_path):
+        from sae_lens import StandardSAE, StandardSAEConfig
+
+        cfg = StandardSAEConfig(d_in=64, d_sae=256, dtype="float32", device="cpu")
+        cfg.metadata.hook_name = self.expected_hook
+        sae = StandardSAE(cfg)
+        W_enc, W_dec, b_enc, b_dec = _weights()
+        sae.load_state_dict({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec})
+        sae.save_model(str(tmp_path / "sae"))
+        return str(tmp_path / "sae")
+
+
+# ----------------------------------------------------------------------------- perturbations
+
+SPECS = [
+    "sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random:norm=x",
+    "theta_random_xnorm", "cosine_matched", "cosine_matched:cos=0.5,norm_frac=0.9", "cosine_matched:cos=-0.3",
+    "identity", "zero", "epsilon_anisotropic", "sae_error_shuffled",
+]
+
+for _spec in SPECS:
+    _name = "TestPerturbation_" + "".join(c if c.isalnum() else "_" for c in _spec)
+    globals()[_name] = type(_name, (PerturbationConformance,), {"spec": _spec})
+
+
+def test_every_registered_perturbation_is_in_the_suite():
+    from klgap.config import parse_intervention
+    from klgap.plugins import get_host
+
+    builtin = {name for name, e in get_host().registry("perturbation").entries.items() if e.plugin == "perturbations"}
+    assert builtin <= {parse_intervention(s)[0] for s in SPECS}
