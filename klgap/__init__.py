@@ -12,6 +12,7 @@ try:
 except PackageNotFoundError:  # running from an unbuilt tree
     __version__ = "0.0.0+local"
 
+from klgap.errors import KlgapError  # noqa: E402  (plugins raise `klgap.KlgapError` for bad user input)
 from klgap.hookspecs import hookimpl  # noqa: E402  (plugins write `@klgap.hookimpl`)
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["KlgapError", "__version__", "hookimpl"]

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
     compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
 
+    new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from")
+    new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
+    new.add_argument("--dir", help="where to write it (default ./klgap-NAME)")
+
     train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
     train.add_argument("--model", required=True)
     train.add_argument("--site", required=True)
@@ -385,7 +389,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from klgap.scaffold import create_plugin
+
+    root = create_plugin(args.name, args.dir)
+    print(f"wrote plugin package {root}:")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(root)}")
+    print(f"next: pip install -e {root} && klgap plugins   (tests: pytest {root / 'tests'})")
+    return 0
+
+
+COMMANDS = {"new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

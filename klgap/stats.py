@@ -40,7 +40,7 @@ def ratio_of_means_ci(
 
     num, den: per-context ``sum`` and ``n`` (from :func:`per_context`), aligned on context.
     """
-    joined = num.join(den, lsuffix="_num", rsuffix="_den", how="inner")
+    joined = num.add_suffix("_num").join(den.add_suffix("_den"), how="inner")
     if joined.empty:
         return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
     s_num, n_num = joined["sum_num"].to_numpy(), joined["n_num"].to_numpy()
@@ -64,7 +64,7 @@ def ratio_of_means_ci(
 
 def paired_wilcoxon(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
     """Wilcoxon signed-rank on per-context mean values (a vs b), with the rank-biserial effect size."""
-    joined = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
+    joined = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
     mean_a = joined["sum_a"] / joined["n_a"]
     mean_b = joined["sum_b"] / joined["n_b"]
     diff = (mean_a - mean_b).to_numpy()

@@ -1,0 +1,84 @@
+"""`klgap new-plugin`: the generated package installs, is listed, passes its own (conformance) tests and its
+perturbation appears in a `klgap replicate` report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klgap.cli import main
+from tests.helpers import random_sae
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("newplugin")
+    assert main(["new-plugin", "mirror_err", "--dir", str(root / "pkg")]) == 0
+    written = sorted(str(p.relative_to(root / "pkg")) for p in (root / "pkg").rglob("*") if p.is_file())
+    (root / "written.json").write_text(json.dumps(written))
+    site = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(root / "pkg")], check=True, capture_output=True)
+    return root
+
+
+def _env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parents[2])]), "HF_HUB_OFFLINE": "1"}
+
+
+def test_files_written(generated):
+    pkg = generated / "pkg"
+    names = json.loads((generated / "written.json").read_text())
+    assert names == ["README.md", "klgap_mirror_err/__init__.py", "pyproject.toml", "tests/conftest.py",
+                     "tests/test_mirror_err.py"]
+    assert 'mirror_err = "klgap_mirror_err"' in (pkg / "pyproject.toml").read_text()
+
+
+def test_listed_by_klgap_plugins(generated, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "klgap.cli", "plugins", "--json"], capture_output=True, text=True,
+                          env=_env(generated / "site"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    infos = {p["name"]: p for p in json.loads(done.stdout)}
+    assert infos["mirror_err"]["package"] == "klgap-mirror-err"
+    assert infos["mirror_err"]["registers"] == {"perturbation": ["mirror_err"]}
+
+
+def test_its_own_tests_pass(generated, tmp_path):
+    """The conformance suite and the tiny-model run that ship with the generated package."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated / "pkg" / "tests")],
+                          capture_output=True, text=True, env=_env(generated / "site"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"\b6 passed", done.stdout), done.stdout  # 5 conformance checks + the run
+
+
+def test_its_perturbation_in_a_replicate_report(generated, tmp_path):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 256, "blocks.1.hook_resid_pre")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "klgap.cli", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset", "random",
+         "--tokens", "124", "--context-len", "32", "--interventions", "sae,epsilon_random,mirror_err", "--out", str(out),
+         "--quiet"], capture_output=True, text=True, env=_env(generated / "site"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["interventions"]["mirror_err"]["kl_mean"] > 0
+    assert report["plugins"]["perturbation:mirror_err"] == {"plugin": "mirror_err", "version": "0.1.0"}
+    assert "mirror_err" in report["comparisons"]
+
+
+@pytest.mark.parametrize("name,message", [("My-Plugin", "is not valid"), ("9lives", "is not valid")])
+def test_bad_names(tmp_path, capsys, name, message):
+    assert main(["new-plugin", name, "--dir", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    assert main(["new-plugin", "ok_name", "--dir", str(tmp_path / "x")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
