@@ -21,7 +21,10 @@ class SaeLensDiskLoader:
 
     def can_load(self, spec: str) -> bool:
         path = Path(spec).expanduser()
-        return path.is_dir() and (path / "cfg.json").is_file()
+        if not (path.is_dir() and (path / "cfg.json").is_file()):
+            return False
+        # cfg.json + sae.safetensors (and no sae_weights.safetensors) is an EleutherAI sparsify folder
+        return (path / "sae_weights.safetensors").is_file() or not (path / "sae.safetensors").is_file()
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         from sae_lens import SAE

@@ -55,6 +55,50 @@ class TestSaeLensFolderLoader(SAELoaderConformance):
         return str(tmp_path / "sae")
 
 
+class TestSparsifyLoader(SAELoaderConformance):
+    """A folder as EleutherAI sparsify's SparseCoder.save_to_disk writes it, named after its hookpoint."""
+
+    loader = "sparsify"
+    expected_hook = "blocks.1.hook_mlp_out"
+
+    def make_spec(self, tmp_path):
+        import json
+
+        from safetensors.torch import save_file
+
+        W_enc, W_dec, b_enc, b_dec = _weights()
+        folder = tmp_path / "layers.1.mlp"
+        folder.mkdir()
+        save_file({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+                  str(folder / "sae.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({
+            "activation": "topk", "expansion_factor": 4, "normalize_decoder": True, "num_latents": 256, "k": 16,
+            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": 64,
+        }))
+        return str(folder)
+
+
+class TestDictionaryLearningLoader(SAELoaderConformance):
+    """A trainer folder as dictionary_learning's trainSAE writes it (an AutoEncoderTopK)."""
+
+    loader = "dictionary_learning"
+    expected_hook = "blocks.0.hook_resid_post"
+
+    def make_spec(self, tmp_path):
+        import json
+
+        W_enc, W_dec, b_enc, b_dec = _weights()
+        folder = tmp_path / "trainer_0"
+        folder.mkdir()
+        torch.save({"k": torch.tensor(16, dtype=torch.int), "threshold": torch.tensor(-1.0), "decoder.weight": W_dec.T,
+                    "encoder.weight": W_enc.T, "encoder.bias": b_enc, "b_dec": b_dec}, folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps({"trainer": {
+            "trainer_class": "TopKTrainer", "dict_class": "AutoEncoderTopK", "activation_dim": 64, "dict_size": 256,
+            "k": 16, "layer": 0, "lm_name": "tiny-gpt2", "submodule_name": "resid_post_layer_0",
+        }}))
+        return str(folder)
+
+
 # ----------------------------------------------------------------------------- perturbations
 
 SPECS = [
