@@ -82,6 +82,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
     p.add_argument(
+        "--shard", help="I/N: measure only shard I of N of the batches (1..N) and write no report; "
+        "`klgap merge` joins the N shard folders into the unsharded run's report",
+    )
+    p.add_argument(
         "--no-fast", action="store_true", default=None,
         help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
         "only the layers above the site",
@@ -114,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or study folders (each with report.json)")
     compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
     compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
+
+    merge = sub.add_parser("merge", help="join the folders of `--shard I/N` runs into one report (as if unsharded)")
+    merge.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="the N shard folders of one command")
+    merge.add_argument("--out", required=True, help="folder for the merged run (report.json, tokens.parquet, ...)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
 
     new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from")
     new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
@@ -213,15 +223,19 @@ def cmd_curve(args: argparse.Namespace) -> int:
 def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
     """Run one site/layer (or a study over several), write the report's figures, print the summary."""
     from klgap import engine
+    from klgap.shards import parse_shard
     from klgap.study import parse_layers, parse_sites, run_study
 
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
     if len(sites) > 1 or layers == "all" or len(layers) > 1:
         if None in sites:
             raise KlgapError("several layers need --site too")
         out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{tag}"
-        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet)
+        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+        if shard is not None:
+            return _shard_done(out, "study", config, sites, layers, shard)
         _render(Path(out))
         print_study(study, Path(out))
         return 0
@@ -233,9 +247,45 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         out = f"runs/{config.model}-{site}-L{layer}-{tag}"
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
-    report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+    if shard is not None:
+        return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
     print_summary(report, Path(out))
+    return 0
+
+
+def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shard: tuple[int, int]) -> int:
+    from klgap.shards import write_plan
+
+    write_plan(Path(out), kind, config.to_dict(), sites, layers, shard)
+    print(f"shard {shard[0]}/{shard[1]} done in {out}; when all {shard[1]} shards are done: "
+          f"klgap merge SHARD_DIR_1 ... SHARD_DIR_{shard[1]} --out MERGED")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from klgap import engine
+    from klgap.config import RunConfig
+    from klgap.shards import check_shards, merge_parts
+    from klgap.study import run_study
+
+    folders = [Path(d) for d in args.shard_dirs]
+    plan = check_shards(folders)
+    out = Path(args.out)
+    if out.resolve() in {f.resolve() for f in folders}:
+        raise KlgapError(f"--out {args.out!r} is one of the shard folders; merge into a new folder")
+    config = RunConfig.from_dict(plan["config"])
+    merge_parts(folders, out, args.overwrite, device=str(engine.pick_device(config.device)))
+    if plan["kind"] == "study":
+        study = run_study(config, plan["sites"], plan["layers"], out, progress=not args.quiet)
+        _render(out)
+        print_study(study, out)
+    else:
+        report = engine.run(config, out, progress=not args.quiet)
+        _render(out)
+        print_summary(report, out)
+    print(f"merged {plan['n_shards']} shards into {out}")
     return 0
 
 
@@ -420,7 +470,7 @@ def cmd_build_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build-corpus": cmd_build_corpus, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+COMMANDS = {"merge": cmd_merge, "build-corpus": cmd_build_corpus, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ class Prepared:
     center: bool
     sample_perturbation: Perturbation | None = None
     suffix: Any = None  # klgap.suffix.SuffixRunner when the layers above the site can be rerun alone
+    cache: Any = None  # klgap.kvcache.PrefixCacheRunner: single-token / many-samples reuse positions < t
     execution: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plugins_used: dict[str, str] = field(default_factory=dict)
@@ -181,6 +182,10 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
     site, layer = resolve_site(config, sae)
     if sae is None and (site is None or layer is None):
         raise KlgapError("give --site and --layer (or an --sae whose hook name names them)")
+    if site is None or layer is None:
+        raise KlgapError(
+            f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer"
+        )
 
     model = load_model(config.model, device, dtype)
     notes: list[str] = []
@@ -224,7 +229,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         **{f"perturbation:{parse_intervention(s)[0]}": entries["perturbation"][parse_intervention(s)[0]].plugin for s in specs},
     }
     spec = model.site_map(site, layer)
-    suffix, execution = choose_execution(config, model, spec, layer, contexts)
+    suffix, cache, execution = choose_execution(config, model, spec, layer, contexts)
     fitted = fit_perturbations(config, model, spec, sae, center, contexts, [p for _, p in perturbations] + [sample_perturbation])
     if fitted:
         execution = {**execution, "fitted": fitted}
@@ -236,6 +241,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         layer=layer,
         spec=spec,
         suffix=suffix,
+        cache=cache,
         execution=execution,
         perturbations=perturbations,
         contexts=contexts.to(torch.long).cpu(),
@@ -274,13 +280,28 @@ def fit_perturbations(config: RunConfig, model: LoadedModel, spec: SiteSpec, sae
 
 
 def choose_execution(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int, contexts: Tensor):
-    """All-token mode reruns only the layers above the site when the adapter describes its layout and a
-    replay of the clean run reproduces the model's own logits; otherwise every intervention is a full
+    """How patched runs are computed: ``(suffix_runner, cache_runner, execution_record)``.
+
+    All-token mode reruns only the layers above the site (klgap/suffix.py); single-token and many-samples
+    modes reuse the keys/values of the positions before t (klgap/kvcache.py). Either is used only when a
+    check on the first contexts reproduces full forward passes; otherwise every patched run is a full
     forward pass through nnsight."""
+    if not config.fast:
+        return None, None, {"path": "full-forward", "reason": "--no-fast"}
+    if config.mode == "all_tokens":
+        runner, execution = _check_suffix(config, model, spec, layer, contexts)
+        return runner, None, execution
+    runner, execution = _check_prefix_cache(config, model, spec, contexts)
+    return None, runner, execution
+
+
+def _relative_error(pairs: list[tuple[Tensor, Tensor]], scale: Tensor) -> float:
+    return float(max((a.float() - b.float()).abs().max() for a, b in pairs) / scale.abs().max().clamp(min=1.0))
+
+
+def _check_suffix(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int, contexts: Tensor):
     from klgap.suffix import SuffixRunner
 
-    if config.mode != "all_tokens" or not config.fast:
-        return None, {"path": "full-forward", "reason": "mode" if config.fast else "--no-fast"}
     if not SuffixRunner.supported(model):
         return None, {"path": "full-forward", "reason": f"the {model.name} adapter gives no layout"}
     runner = SuffixRunner(model, spec, layer)
@@ -289,12 +310,40 @@ def choose_execution(config: RunConfig, model: LoadedModel, spec: SiteSpec, laye
     acts, logits = runner.clean(ids)
     ref_acts, ref_logits = activations.run_clean(model, spec, ids)
     replay = runner.patched(acts[:, first:], slice(first, None))
-    scale = ref_logits.abs().max().clamp(min=1.0)
-    error = float(max((logits - ref_logits).abs().max(), (replay - ref_logits).abs().max(), (acts - ref_acts).abs().max()) / scale)
+    error = _relative_error([(logits, ref_logits), (replay, ref_logits), (acts, ref_acts)], ref_logits)
     if not error <= 1e-5:
         log.warning("suffix replay of %s differs from the model's forward (%.2g); using full forward passes", model.name, error)
         return None, {"path": "full-forward", "reason": f"replay check failed (relative error {error:.2g})"}
     return runner, {"path": "suffix-replay", "first_block": runner.first, "replay_check_relative_error": error}
+
+
+def _check_prefix_cache(config: RunConfig, model: LoadedModel, spec: SiteSpec, contexts: Tensor):
+    from klgap.kvcache import PrefixCacheRunner
+
+    t = config.position
+    if t < 1 or not PrefixCacheRunner.supported(model):
+        return None, {"path": "full-forward", "reason": "position 0 has no prefix" if t < 1 else f"{model.name} has no KV cache"}
+    n_tail = config.k + 1 if config.mode == "single_token" else 1
+    ids = contexts[: min(2, len(contexts)), : t + n_tail].to(model.device)
+    runner = PrefixCacheRunner(model, spec)
+    try:
+        acts, logits = runner.clean(ids, t)
+        ref_acts, ref_logits = activations.run_clean(model, spec, ids)
+        x_half = ref_acts[:, t] * 0.5  # a real patch, not only x' = x
+        replay = runner.patched(ids[:, t:], ref_acts[:, t])
+        halved = runner.patched(ids[:, t:], x_half)
+        ref_halved = activations.run_patched(model, spec, ids, x_half, positions=t)
+    except Exception as exc:  # noqa: BLE001 - an architecture whose cache cannot be reused this way
+        log.warning("KV-cache reuse failed on %s (%s); using full forward passes", model.name, exc)
+        return None, {"path": "full-forward", "reason": f"KV cache unusable: {type(exc).__name__}: {exc}"}
+    error = _relative_error(
+        [(logits, ref_logits[:, t:]), (replay, ref_logits[:, t:]), (halved, ref_halved[:, t:]), (acts, ref_acts[:, t:])],
+        ref_logits,
+    )
+    if not error <= 1e-5:
+        log.warning("KV-cache replay of %s differs from the model's forward (%.2g); using full forward passes", model.name, error)
+        return None, {"path": "full-forward", "reason": f"KV-cache check failed (relative error {error:.2g})"}
+    return runner, {"path": "kv-cache", "positions_recomputed": n_tail, "replay_check_relative_error": error}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -419,10 +468,15 @@ def _measure_single_token(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     next_ids = metrics.next_token_ids(full_cpu.to(model.device))[:, : t + k + 1]
     n_ctx = ids.shape[0]
 
-    acts, clean_logits = activations.run_clean(model, prep.spec, ids)
+    if prep.cache is not None:  # positions < t come from the KV cache: everything below is positions t..t+k
+        acts, clean_logits = prep.cache.clean(ids, t)
+        ids_tail, next_tail, at = ids[:, t:], next_ids[:, t:], 0
+    else:
+        acts, clean_logits = activations.run_clean(model, prep.spec, ids)
+        ids_tail, next_tail, at = ids, next_ids, t
     clean_logp = metrics.log_probs(clean_logits)
     del clean_logits
-    view = SaeView.of(acts[:, t], prep.sae, prep.center)  # [b d]
+    view = SaeView.of(acts[:, at], prep.sae, prep.center)  # [b d]
     positions = torch.arange(t, t + k + 1)
     base = {
         "context": context_ids.repeat_interleave(k + 1),
@@ -435,11 +489,27 @@ def _measure_single_token(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     for j, (name, perturbation) in enumerate(prep.perturbations):
         gen = generator_for(model.device, cfg.seed, index, j)
         x_prime = view.substitute(perturbation, gen, model.dtype)  # [b d]
-        logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
+        if prep.cache is not None:
+            logits = prep.cache.patched(ids_tail, x_prime)
+        else:
+            logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_tail)
         del logits
-        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, t:].reshape(-1), "ce_delta": ce[:, t:].reshape(-1)}))
+        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, at:].reshape(-1), "ce_delta": ce[:, at:].reshape(-1)}))
     return pd.concat(frames, ignore_index=True), view.side_stats()
+
+
+DRAW_CHUNK_BYTES = 256 * 2**20  # many-samples: memory for one chunk of draws (its cache copy and its logits)
+
+
+def _draw_chunk(prep: Prepared, n_positions: int) -> int:
+    """Draws per patched forward: as many as fit DRAW_CHUNK_BYTES of activations, cache copy and logits."""
+    model = prep.model
+    per_row = n_positions * (model.d_model * model.n_layers * 4 + model.vocab_size) * 4  # rough, float32
+    if prep.cache is not None and prep.cache.prefix is not None:
+        prefix = prep.cache.prefix
+        per_row += sum(layer.keys.nbytes + layer.values.nbytes for layer in prefix.layers if getattr(layer, "keys", None) is not None) // max(1, int(prefix.layers[0].keys.shape[0]))
+    return int(max(1, min(4096, DRAW_CHUNK_BYTES // per_row)))
 
 
 def ids_cpu_at(ids: Tensor, positions: Tensor) -> Tensor:
@@ -456,10 +526,17 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     next_ids = metrics.next_token_ids(full_cpu.to(model.device))[:, : t + 1]
     n_ctx = ids.shape[0]
 
-    acts, clean_logits = activations.run_clean(model, prep.spec, ids)
-    clean_logp = metrics.log_probs(clean_logits)
+    cache = prep.cache
+    if cache is not None:  # only position t is computed for every substitute; positions < t come from the cache
+        acts, clean_logits = cache.clean(ids, t)
+        ids, next_ids, at = ids[:, t:], next_ids[:, t:], 0
+    else:
+        acts, clean_logits = activations.run_clean(model, prep.spec, ids)
+        at = t
+    clean_logp = metrics.log_probs(clean_logits)[:, at : at + 1]  # [b 1 vocab]
     del clean_logits
-    view = SaeView.of(acts[:, t], prep.sae, prep.center)
+    next_ids = next_ids[:, : at + 1]
+    view = SaeView.of(acts[:, at], prep.sae, prep.center)
     base = {
         "context": context_ids,
         "position": t,
@@ -467,15 +544,23 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
         "token_id": full_cpu[:, t],
         **view.stats,
     }
+
+    def patched_logits(rows: Tensor | None, x_prime: Tensor) -> Tensor:
+        """Logits at t ``[n 1 vocab]`` with the site at t replaced, for contexts `rows` (None: all)."""
+        if cache is not None:
+            return cache.patched(ids if rows is None else ids[rows], x_prime, rows)[:, -1:]
+        logits = activations.run_patched(model, prep.spec, ids if rows is None else ids[rows], x_prime, positions=t)
+        return logits[:, t : t + 1]
+
     frames = []
     for j, (name, perturbation) in enumerate(prep.perturbations):
         gen = generator_for(model.device, cfg.seed, index, j)
-        logits = activations.run_patched(model, prep.spec, ids, view.substitute(perturbation, gen, model.dtype), positions=t)
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
-        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, t], "ce_delta": ce[:, t]}))
+        logits = patched_logits(None, view.substitute(perturbation, gen, model.dtype))
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids[:, at : at + 1])
+        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, 0], "ce_delta": ce[:, 0]}))
 
     # N draws per context, batched across contexts: rows are (context, draw) pairs.
-    rows_per_chunk = max(1, (cfg.batch_size * cfg.context_len) // (t + 1))
+    rows_per_chunk = _draw_chunk(prep, ids.shape[1])
     owner = torch.arange(n_ctx, device=model.device).repeat_interleave(n_draws)  # [b*N]
     x_rep, x_hat_rep, off_rep = view.x[owner], view.x_hat[owner], view.offset[owner]
     draws = []
@@ -487,8 +572,8 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     kl_all, ce_all = [], []
     for start in range(0, len(owner), rows_per_chunk):
         rows = owner[start : start + rows_per_chunk]
-        logits = activations.run_patched(model, prep.spec, ids[rows], x_prime_all[start : start + rows_per_chunk], positions=t)
-        kl, ce = metrics.token_metrics(clean_logp[rows][:, t : t + 1], logits[:, t : t + 1], next_ids[rows][:, t : t + 1])
+        logits = patched_logits(rows, x_prime_all[start : start + rows_per_chunk])
+        kl, ce = metrics.token_metrics(clean_logp[rows], logits, next_ids[rows][:, at : at + 1])
         kl_all.append(kl[:, 0])
         ce_all.append(ce[:, 0])
         del logits
@@ -522,8 +607,13 @@ def run_identity(prep: Prepared) -> dict[str, Any]:
     return identity
 
 
-def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table."""
+def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+        shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
+
+    ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
+    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
+    """
     from tqdm.auto import tqdm
 
     from klgap.report import build_report
@@ -532,15 +622,23 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: b
     rundir = RunDir(out)
     rundir.check_writable()
     prep = prepare(config)
-    rundir.prepare(run_identity(prep), overwrite)
+    identity = run_identity(prep)
+    if shard is not None:
+        identity["shard"] = f"{shard[0]}/{shard[1]}"
+    rundir.prepare(identity, overwrite)
     done = rundir.done_batches()
     n_batches = -(-len(prep.contexts) // config.batch_size)
-    todo = [i for i in range(n_batches) if i not in done]
+    mine = [i for i in range(n_batches) if shard is None or i % shard[1] == shard[0] - 1]
+    todo = [i for i in mine if i not in done]
     if done:
-        log.warning("resuming: %d of %d batches already done in %s", len(done), n_batches, rundir.root)
-    for index in tqdm(todo, desc=f"{config.mode} {prep.site} L{prep.layer}", disable=not progress, unit="batch"):
+        log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
+    tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
+    for index in tqdm(todo, desc=f"{config.mode} {prep.site} L{prep.layer}{tag}", disable=not progress, unit="batch"):
         frame, side = measure_batch(prep, index)
         rundir.write_part(index, frame, side)
+    if shard is not None:
+        atomic_write_json(rundir.root / "shard.json", {"shard": list(shard), "batches": mine, "n_batches": n_batches})
+        return None
     frame, sides = rundir.read_parts()
     report = build_report(prep, frame, sides)
     validate_report(report, source="the report just built")  # never write a report that does not validate

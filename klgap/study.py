@@ -74,8 +74,10 @@ def sae_for(template: str | None, site: str, layer: int) -> str | None:
 
 
 def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: str | Path,
-              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every (site, layer) into its own folder, then write the study report."""
+              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """Run every (site, layer) into its own folder, then write the study report.
+
+    With ``shard=(i, n)`` every sub-run measures only its share of batches and no report is written."""
     from klgap import engine
 
     out = Path(out)
@@ -87,8 +89,10 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
         for layer in layers:
             config = dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer))
             folder = out / f"{site}_L{layer:02d}"
-            reports.append(engine.run(config, folder, overwrite=overwrite, progress=progress))
+            reports.append(engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard))
             folders.append(folder)
+    if shard is not None:
+        return None
     study = build_study(base, reports, folders, out)
     validate_report(study, source="the study report just built")
     atomic_write_json(out / "report.json", study)

@@ -71,6 +71,7 @@ def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     random_sae(root / "sae.safetensors", 64, 128, "blocks.0.hook_mlp_out")
     random_sae(root / "wide.safetensors", 96, 128, "blocks.0.hook_mlp_out")
+    random_sae(root / "nohook.safetensors", 64, 128, None)
     (root / "trunc.safetensors").write_bytes((root / "sae.safetensors").read_bytes()[:300])
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 100)
@@ -92,6 +93,8 @@ SAE = "{root}/sae.safetensors"
         (["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "5", "--sae", "{root}/wide.safetensors"], "trained on blocks.0.hook_mlp_out"),
         (["replicate", "--model", "tiny-gpt2", "--sae", "{root}/wide.safetensors"], "has d_in=96 but tiny-gpt2 mlp_out is 64 wide"),
         (["replicate", "--model", "tiny-gpt2", "--sae", "{root}/trunc.safetensors"], "corrupt or truncated"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", "{root}/nohook.safetensors"], "no hook name); give --site and --layer"),
+        (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--shard", "3/2"], "--shard '3/2': I must lie in 1..N"),
         (["replicate", "--model", "tiny-gpt2", "--sae", "sae_lens:gpt2-small-res-jb/blocks.77.hook_resid_pre"], "unknown SAE id in release gpt2-small-res-jb"),
         (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--context-len", "4096"], "exceeds tiny-gpt2's maximum context of 256"),
         (["replicate", "--model", "tiny-gpt2", "--sae", SAE, "--interventions", "cosine_matched:cos=1.5"], "1.5"),

@@ -168,3 +168,31 @@ def test_suffix_replay_equals_full_forward(tmp_path, load_model, model):
             assert fast["execution"]["path"] == "suffix-replay" and slow["execution"]["path"] == "full-forward"
             np.testing.assert_allclose(t_fast.kl, t_slow.kl, rtol=1e-4, atol=1e-7, err_msg=f"{site} L{layer}")
             np.testing.assert_allclose(t_fast.ce_delta, t_slow.ce_delta, rtol=1e-4, atol=1e-6, err_msg=f"{site} L{layer}")
+
+
+@pytest.mark.parametrize(
+    "model,dtype", [("tiny-gpt2", "float32"), ("tiny-pythia", "float32"), ("tiny-llama", "float32"), ("tiny-pythia", "float64")]
+)
+@pytest.mark.parametrize("mode", ["single_token", "many_samples"])
+def test_kv_cache_equals_full_forward(tmp_path, load_model, model, dtype, mode):
+    """Reusing the keys/values of positions < t gives the numbers of full forwards through nnsight.
+
+    float32: attention over the cached prefix sums in another order, so KL (~1e-4 here) differs by float32
+    round-off of the log-probabilities (<= 1e-6 absolute); float64 shows the computation is the same."""
+    from klgap.sites import SITES
+
+    lm = load_model(model)
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-9, "atol": 1e-12}
+    extra = {"position": 6, "k": 5, "dtype": dtype} if mode == "single_token" else {"position": 6, "n_samples": 7, "dtype": dtype}
+    for n, site in enumerate(SITES):  # every site, alternating first and last layer
+        for layer in [(0, lm.n_layers - 1)[n % 2]]:
+            sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
+            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], n_tokens=96, mode=mode, **extra)
+            fast, t_fast = _run(tmp_path, f"fast-{mode}-{site}{layer}", **kw)
+            slow, t_slow = _run(tmp_path, f"slow-{mode}-{site}{layer}", **kw, fast=False)
+            assert fast["execution"]["path"] == "kv-cache" and slow["execution"]["path"] == "full-forward"
+            assert len(t_fast) == len(t_slow) > 0
+            pd.testing.assert_frame_equal(t_fast.drop(columns=["kl", "ce_delta"]), t_slow.drop(columns=["kl", "ce_delta"]))
+            np.testing.assert_allclose(t_fast.kl, t_slow.kl, **tol, err_msg=f"{site} L{layer}")
+            np.testing.assert_allclose(t_fast.ce_delta, t_slow.ce_delta, **tol, err_msg=f"{site} L{layer}")
+            assert t_fast.kl[t_fast.intervention == "sae"].max() > 1e-4  # the patch did something

@@ -1,0 +1,98 @@
+"""`--shard I/N` + `klgap merge`: N shard folders merge into the report of the unsharded run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from klgap.cli import main
+from klgap.errors import KlgapError
+from klgap.shards import parse_shard
+from klgap.sites import hook_name
+from tests.helpers import random_sae
+
+VOLATILE = {"provenance", "created_at", "timing"}
+
+
+def _numbers(report):
+    return {k: v for k, v in report.items() if k not in VOLATILE}
+
+
+def _base(sae, out):
+    return ["replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset", "random", "--tokens", str(5 * 32),
+            "--context-len", "32", "--batch-size", "1", "--interventions", "sae,epsilon_random,theta_random",
+            "--quiet", "--out", str(out)]
+
+
+@pytest.fixture
+def sae(tmp_path, load_model):
+    lm = load_model("tiny-gpt2")
+    return random_sae(tmp_path / "sae.safetensors", lm.d_model, 128, hook_name("mlp_out", 1), seed=2)
+
+
+def test_three_shards_merge_into_the_unsharded_report(tmp_path, sae, capsys):
+    assert main(_base(sae, tmp_path / "full")) == 0
+    for i in (1, 2, 3):
+        assert main([*_base(sae, tmp_path / f"s{i}"), "--shard", f"{i}/3"]) == 0
+        assert not (tmp_path / f"s{i}" / "report.json").exists()
+    # 5 batches over 3 shards: 1/3 gets batches 0 and 3, 2/3 gets 1 and 4, 3/3 gets 2
+    assert json.loads((tmp_path / "s1" / "shard.json").read_text())["batches"] == [0, 3]
+    assert json.loads((tmp_path / "s3" / "shard.json").read_text())["batches"] == [2]
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s3"), str(tmp_path / "s1"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert "merged 3 shards" in capsys.readouterr().out
+    full = json.loads((tmp_path / "full" / "report.json").read_text())
+    merged = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert _numbers(merged) == _numbers(full)
+    assert full["interventions"]["sae"]["kl_mean"] > 0 and full["n_tokens"] == 5 * 31
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m" / "tokens.parquet"), pd.read_parquet(tmp_path / "full" / "tokens.parquet"))
+    assert (tmp_path / "m" / "report.md").is_file()
+    assert main(["validate", str(tmp_path / "m")]) == 0
+
+
+def test_sharded_study_merges_into_the_unsharded_study(tmp_path, load_model, capsys):
+    lm = load_model("tiny-gpt2")
+    for layer in (0, 1):
+        random_sae(tmp_path / f"sae{layer}.safetensors", lm.d_model, 128, hook_name("mlp_out", layer), seed=layer)
+    args = ["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--sae", str(tmp_path / "sae{layer}.safetensors"),
+            "--dataset", "random", "--tokens", "128", "--context-len", "32", "--batch-size", "2",
+            "--interventions", "sae,epsilon_random", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    for i in (1, 2):
+        assert main([*args, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    full = json.loads((tmp_path / "full" / "report.json").read_text())
+    merged = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert merged["kind"] == "study" and len(merged["runs"]) == 2
+    assert _numbers(merged) == _numbers(full)
+
+
+def test_parse_shard():
+    assert parse_shard("2/4") == (2, 4) and parse_shard(" 1 / 1 ") == (1, 1)
+    for bad in ("0/4", "5/4", "2", "a/b", "1/0"):
+        with pytest.raises(KlgapError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, sae, capsys):
+    for i in (1, 2):
+        assert main([*_base(sae, tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+    assert main([*_base(sae, tmp_path / "other"), "--shard", "2/2", "--seed", "1"]) == 0
+    capsys.readouterr()
+
+    def error(*argv):
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        return err
+
+    assert "shard 2/2 missing" in error("merge", str(tmp_path / "s1"), "--out", str(tmp_path / "m"))
+    assert "given twice" in error("merge", str(tmp_path / "s1"), str(tmp_path / "s1"), "--out", str(tmp_path / "m"))
+    assert "config seed: 0 vs 1" in error("merge", str(tmp_path / "s1"), str(tmp_path / "other"), "--out", str(tmp_path / "m"))
+    assert "not a shard folder" in error("merge", str(tmp_path), "--out", str(tmp_path / "m"))
+    (tmp_path / "s2" / "parts" / "batch_00003.json").unlink()  # a shard killed before its last batch
+    assert "lacks batches [3]" in error("merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"))
+    assert not (tmp_path / "m" / "report.json").exists()
+    assert "--shard '0/2'" in error(*_base(sae, tmp_path / "x"), "--shard", "0/2")
