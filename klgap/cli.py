@@ -82,6 +82,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
     p.add_argument(
+        "--dry-run", action="store_true",
+        help="check names, config and SAE ids offline (sae_lens releases against its bundled directory), print "
+        "the runs and what they need, load nothing",
+    )
+    p.add_argument(
         "--shard", help="I/N: measure only shard I of N of the batches (1..N) and write no report; "
         "`klgap merge` joins the N shard folders into the unsharded run's report",
     )
@@ -229,6 +234,13 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
+    if getattr(args, "dry_run", False):
+        from klgap.plan import dry_run, print_plan
+
+        if layers == "all":
+            raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
+        print_plan(dry_run(config, sites, layers))
+        return 0
     if len(sites) > 1 or layers == "all" or len(layers) > 1:
         if None in sites:
             raise KlgapError("several layers need --site too")

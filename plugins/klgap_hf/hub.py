@@ -8,14 +8,13 @@ instead of a minute of retries.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from klgap.errors import HubUnavailableError, KlgapError
+from klgap.hub import hub_reachable, offline_env
 from klgap.protocols import LoadedModel
 from klgap_hf.families import family_for
 from klgap_hf.loaded import wrap_loaded
@@ -52,22 +51,7 @@ OFFLINE_HINT = "use an offline model such as smollm2-135m or tiny-gpt2, or pre-d
 
 
 def _offline_env() -> bool:
-    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE ask for no network."""
-    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT, default huggingface.co) opens in time."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    return offline_env()
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

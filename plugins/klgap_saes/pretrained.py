@@ -72,6 +72,16 @@ class SaeLensPretrainedLoader:
     def can_load(self, spec: str) -> bool:
         return False  # only reached through the `sae_lens:` prefix
 
+    def check(self, spec: str) -> dict[str, Any]:
+        """What `spec` names, from sae_lens's bundled directory alone (no download): release, SAE id, hook
+        name (the releases klgap knows name their SAEs by hook name), hub repo and model."""
+        release, sae_id = split_spec(spec)
+        lookup = directory()[release]
+        if sae_id not in lookup.saes_map:
+            raise unknown(f"SAE id in release {release}", sae_id, lookup.saes_map)
+        return {"release": release, "sae_id": sae_id, "hook_name": sae_id, "repo_id": lookup.repo_id,
+                "model": lookup.model, "needs": f"the Hugging Face hub (repo {lookup.repo_id})"}
+
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         from sae_lens import SAE
 

@@ -281,3 +281,31 @@ def test_sample_train_and_eval_splits_do_not_overlap(model):
         source("sample").contexts(model, 100_000, 64, 0, False, "eval")
     with pytest.raises(KlgapError, match="one of train, eval, got 'test'"):
         source("sample").contexts(model, 10, 64, 0, False, "test")
+
+
+def test_hf_source_reads_a_local_dataset_folder_and_says_when_the_hub_is_needed(tmp_path, load_model, monkeypatch):
+    """`hf:NAME` streams through datasets.load_dataset: a local folder works offline; a hub id fails at once."""
+    import json
+
+    from klgap.errors import HubUnavailableError
+    from klgap.plugins import get_host
+    from klgap_tokens.packing import tokenize_documents
+
+    lm = load_model("tiny-gpt2")
+    source = get_host().registry("token_source").get("hf")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    docs = [f"Document {i} talks about the number {i} and what follows from it, at some length." * 3 for i in range(200)]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ctx = source.contexts(lm, 6, 32, 0, True, f"{folder}:train")
+    assert ctx.shape == (6, 32) and (ctx[:, 0] == lm.bos_token_id).all()
+    # the same tokens as packing the first documents by hand: the rows come from the documents' token stream
+    stream = tokenize_documents(lm.tokenizer, docs).tolist()
+    text = ",".join(map(str, stream))
+    for row in ctx[:, 1:].tolist():
+        assert ",".join(map(str, row)) in text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnavailableError, match=r"dataset 'Skylion007/openwebtext' needs the Hugging Face hub"):
+        source.contexts(lm, 6, 32, 0, True, "Skylion007/openwebtext")
+    with pytest.raises(Exception, match=r"needs a dataset"):
+        source.contexts(lm, 6, 32, 0, True, None)
