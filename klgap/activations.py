@@ -60,6 +60,18 @@ def collect(model: LoadedModel, spec: SiteSpec, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def collect_many(model: LoadedModel, specs: list[SiteSpec], ids: Tensor) -> list[Tensor]:
+    """Activations ``[batch pos d]`` at several sites from one forward pass (in the order of `specs`)."""
+    nn = wrap(model)
+    saved: list[Any] = []
+    with nn.trace(**_model_inputs(ids)) as tracer:
+        for spec in specs:
+            saved.append(_site_tensor(envoy_at(nn, spec.module), spec).clone().save())
+        tracer.stop()
+    return [torch.as_tensor(value) for value in saved]
+
+
+@torch.no_grad()
 def run_patched(
     model: LoadedModel,
     spec: SiteSpec,

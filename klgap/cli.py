@@ -136,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
     train.add_argument("--model", required=True)
-    train.add_argument("--site", required=True)
-    train.add_argument("--layer", required=True, type=_int_arg("--layer"))
+    train.add_argument("--site", required=True, help="a site, or a comma list (one pass gathers them all)")
+    train.add_argument("--layer", required=True, help="a layer, a list (3,10,17,24) or a range (0-5)")
     train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000, help="training tokens (default 200000)")
-    train.add_argument("--out", required=True, help="folder for cfg.json + sae_weights.safetensors + training.json")
+    train.add_argument(
+        "--out", required=True,
+        help="folder for cfg.json + sae_weights.safetensors + training.json; with several sites/layers put "
+        "{site} and {layer} in it, e.g. ~/.cache/klgap/saes/smollm2-135m/blocks.{layer}.hook_{site}",
+    )
     train.add_argument("--context-len", type=_int_arg("--context-len"), default=128)
     train.add_argument("--dataset", default="sample")
     train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
@@ -383,10 +387,20 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from klgap.engine import load_model, pick_device
     from klgap.errors import unknown
     from klgap.plugins import get_host
-    from klgap.sites import check_site
-    from klgap.train import train_sae
+    from klgap.study import parse_layers, parse_sites
+    from klgap.train import fit_sae, gather_many
 
-    check_site(args.site)
+    sites = parse_sites(str(args.site))
+    layers = parse_layers(str(args.layer))
+    if layers == "all":
+        raise KlgapError("train-sae --layer needs the layers listed (e.g. 3,10,17,24 or 0-5), not all")
+    pairs = [(site, layer) for site in sites for layer in layers]
+    out_template = os.path.expanduser(str(args.out))
+    if len(pairs) > 1 and ("{layer}" not in out_template or ("{site}" not in out_template and len(sites) > 1)):
+        raise KlgapError(
+            f"--out {args.out!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
+            "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
+        )
     if args.tokens < 1:
         raise KlgapError(f"--tokens must be ≥ 1, got {args.tokens}")
     if args.dtype not in DTYPES:
@@ -397,8 +411,9 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     host.registry("model").get(args.model)
     device = pick_device(args.device)
     model = load_model(args.model, device, getattr(torch, args.dtype))
-    if not 0 <= args.layer < model.n_layers:
-        raise KlgapError(f"--layer {args.layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
+    for layer in layers:
+        if not 0 <= layer < model.n_layers:
+            raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
     if args.context_len > model.max_context:
         raise KlgapError(f"--context-len {args.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
     n_contexts = max(1, math.ceil(args.tokens / (args.context_len - 1)))
@@ -410,9 +425,16 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         kwargs["lr"] = args.lr
     if getattr(args, "steps", None) is not None:
         kwargs["steps"] = args.steps
-    result = train_sae(model, args.site, args.layer, contexts, Path(args.out), batch_size=args.batch_size, **kwargs)
-    print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
-    print(f"wrote SAE to {args.out} (use --sae {args.out})")
+    import time
+
+    started = time.time()
+    gathered = gather_many(model, pairs, contexts, args.batch_size, progress=not args.quiet)
+    for site, layer in pairs:
+        out = Path(out_template.replace("{site}", site).replace("{layer}", str(layer)))
+        result = fit_sae(model, site, layer, gathered.pop((site, layer)), out, started=started, **kwargs)
+        started = time.time()
+        print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
+        print(f"wrote SAE to {out} (use --sae {out})")
     return 0
 
 

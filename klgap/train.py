@@ -38,6 +38,29 @@ def gather(model: LoadedModel, site: str, layer: int, contexts: Tensor, batch_si
     return torch.cat(chunks)
 
 
+#: where each site is reached inside a block (nnsight reads sites in the order the forward pass meets them)
+EXECUTION_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_out", "resid_post")
+
+
+@torch.no_grad()
+def gather_many(model: LoadedModel, sites: list[tuple[str, int]], contexts: Tensor, batch_size: int = 16,
+                skip_first_position: bool = True, progress: bool = False) -> dict[tuple[str, int], Tensor]:
+    """Activations at several (site, layer)s from one pass over `contexts`: each ``[n_tokens d]`` float32, CPU."""
+    from tqdm.auto import tqdm
+
+    specs = [model.site_map(site, layer) for site, layer in sites]
+    first = 1 if skip_first_position else 0
+    chunks: dict[tuple[str, int], list[Tensor]] = {key: [] for key in sites}
+    for start in tqdm(range(0, len(contexts), batch_size), desc="activations", disable=not progress, unit="batch"):
+        ids = contexts[start : start + batch_size].to(model.device)
+        order = sorted(range(len(specs)), key=lambda i: (sites[i][1], EXECUTION_ORDER.index(sites[i][0])))
+        acts = activations.collect_many(model, [specs[i] for i in order], ids)
+        for i, value in zip(order, acts, strict=True):
+            value = value[:, first:]
+            chunks[sites[i]].append(value.reshape(-1, value.shape[-1]).float().cpu())
+    return {key: torch.cat(parts) for key, parts in chunks.items()}
+
+
 def _batches(acts: Tensor, batch: int, seed: int, device: torch.device) -> Iterator[Tensor]:
     """Endless shuffled mini-batches ``[batch d]`` (reshuffled every epoch, seeded)."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +92,29 @@ def train_sae(
     contexts: Tensor,
     out_dir: Path,
     *,
+    batch_size: int = 16,
+    skip_first_position: bool = True,
+    progress: bool = True,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Gather activations at (site, layer) over `contexts` ``[n_ctx ctx]``, train, save, and report.
+
+    `steps` mini-batches of `train_batch_size` are drawn from the gathered tokens (cycling over them
+    when there are fewer). 5% of the tokens (at least 256) are held out for the numbers in training.json.
+    """
+    started = time.time()
+    acts = gather(model, site, layer, contexts, batch_size, skip_first_position, progress)
+    return fit_sae(model, site, layer, acts, out_dir, skip_first_position=skip_first_position, progress=progress,
+                   started=started, **kwargs)
+
+
+def fit_sae(
+    model: LoadedModel,
+    site: str,
+    layer: int,
+    acts: Tensor,
+    out_dir: Path,
+    *,
     expansion: int = 8,
     l1_coefficient: float = 5.0,
     lr: float = 1e-3,
@@ -77,20 +123,15 @@ def train_sae(
     device: torch.device | None = None,
     seed: int = 0,
     skip_first_position: bool = True,
-    batch_size: int = 16,
     progress: bool = True,
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """Gather activations at (site, layer) over `contexts` ``[n_ctx ctx]``, train, save, and report.
-
-    `steps` mini-batches of `train_batch_size` are drawn from the gathered tokens (cycling over them
-    when there are fewer). 5% of the tokens (at least 256) are held out for the numbers in training.json.
-    """
+    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json."""
     from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
     device = device or model.device
-    started = time.time()
-    acts = gather(model, site, layer, contexts, batch_size, skip_first_position, progress)
+    started = started or time.time()
     if not torch.isfinite(acts).all():
         raise KlgapError(f"{model.name} {hook_name(site, layer)} has non-finite activations; cannot train an SAE on them")
     gen = torch.Generator().manual_seed(seed)

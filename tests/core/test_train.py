@@ -36,3 +36,33 @@ def test_train_sae_is_deterministic(tmp_path, load_model):
     b = train_sae(model, "attn_out", 0, contexts, tmp_path / "b", steps=50, train_batch_size=256, progress=False)
     assert a["explained_variance"] == b["explained_variance"]
     assert (tmp_path / "a" / "sae_weights.safetensors").read_bytes() == (tmp_path / "b" / "sae_weights.safetensors").read_bytes()
+
+
+def test_gather_many_equals_one_site_at_a_time(load_model):
+    from klgap.train import gather, gather_many
+
+    lm = load_model("tiny-llama")
+    contexts = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    pairs = [("mlp_out", 1), ("resid_pre", 0), ("attn_out", 1), ("resid_post", 0), ("attn_z", 1)]
+    many = gather_many(lm, pairs, contexts, batch_size=4)
+    for site, layer in pairs:
+        one = gather(lm, site, layer, contexts, batch_size=4)
+        assert many[(site, layer)].shape == one.shape == (6 * 15, lm.site_widths[site])
+        torch.testing.assert_close(many[(site, layer)], one, rtol=0, atol=0)
+
+
+def test_train_sae_several_sites_and_layers_in_one_pass(tmp_path, capsys):
+    from klgap.cli import main
+
+    out = tmp_path / "saes" / "blocks.{layer}.hook_{site}"
+    assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out,attn_out", "--layer", "0,1", "--tokens", "8000",
+                 "--steps", "30", "--dataset", "random", "--out", str(out), "--quiet"]) == 0
+    for site in ("mlp_out", "attn_out"):
+        for layer in (0, 1):
+            folder = tmp_path / "saes" / f"blocks.{layer}.hook_{site}"
+            info = json.loads((folder / "training.json").read_text())
+            assert info["hook_name"] == f"blocks.{layer}.hook_{site}" and info["n_training_tokens"] > 6000
+            assert (folder / "sae_weights.safetensors").is_file()
+    assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--out", str(tmp_path / "one"),
+                 "--dataset", "random"]) == 2
+    assert "put {layer} and {site} in it" in capsys.readouterr().err
