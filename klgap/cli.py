@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it"
     )
     _add_run_flags(curve)
-    curve.add_argument("--cos", default="0.5:1.0:11", help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
-    curve.add_argument("--norm-frac", default="0.9", help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
+    curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
+    curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
     curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
     curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     curve.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -187,7 +187,7 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         data = load_config_file(args.config)
         for key, value in data.items():
             field = RUN_FLAGS.get(key.replace("-", "_"), key.replace("-", "_"))
-            if field in ("out", "overwrite", "meta", "description", "train_sae"):
+            if field in ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac"):
                 extra[field] = value
             else:
                 values[field] = value
@@ -219,8 +219,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
     """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
     from klgap.curve import curve_interventions, parse_cos_grid, parse_norm_fracs
 
-    cosines, fracs = parse_cos_grid(args.cos), parse_norm_fracs(args.norm_frac)
     config, extra = run_config_from_args(args)
+    # a replication file may carry its grid as `cos` / `norm_frac`; flags given on the command line win
+    cos = args.cos if args.cos is not None else extra.get("cos", "0.5:1.0:11")
+    norm_frac = args.norm_frac if args.norm_frac is not None else extra.get("norm_frac", "0.9")
+    cosines, fracs = parse_cos_grid(cos), parse_norm_fracs(norm_frac)
     if config.mode == "many_samples":
         raise KlgapError("klgap curve measures all_tokens or single_token runs, not many_samples")
     grid = curve_interventions(cosines, fracs)
@@ -249,6 +252,8 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         if None in sites:
             raise KlgapError("several layers need --site too")
         out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{tag}"
+        if "train_sae" in extra and layers != "all":
+            train_missing_sae(config, extra["train_sae"], not args.quiet, [(s, v) for s in sites for v in layers])
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
@@ -316,21 +321,33 @@ def _render(out: Path) -> None:
                     type(exc).__name__, exc, out)
 
 
-def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool) -> None:
-    """A replication file may carry the recipe of its SAE: train it once if `sae` is not there yet."""
-    if not config.sae or Path(config.sae).exists():
+def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]] | None = None) -> None:
+    """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
+    the command (`sae` with {site}/{layer} for a study) that is not there yet."""
+    from klgap.study import sae_for
+
+    if not config.sae:
         return
-    if config.site is None or config.layer is None:
-        raise KlgapError("a config with [train_sae] must name site and layer")
-    print(f"SAE {config.sae} not found: training it from the config's [train_sae] recipe", file=sys.stderr)
+    if pairs is None:
+        if config.site is None or config.layer is None:
+            raise KlgapError("a config with [train_sae] must name site and layer")
+        pairs = [(config.site, int(config.layer))]
+    template = os.path.expanduser(str(config.sae))
+    missing = [(site, layer) for site, layer in pairs
+               if not Path(sae_for(template, site, layer) if len(pairs) > 1 else template).exists()]
+    if not missing:
+        return
+    names = ", ".join(f"{site} L{layer}" for site, layer in missing)
+    print(f"{len(missing)} SAE(s) not found ({names}): training them from the config's [train_sae] recipe", file=sys.stderr)
     args = argparse.Namespace(
-        model=config.model, site=config.site, layer=config.layer, out=config.sae,
+        model=config.model, site=",".join(dict.fromkeys(s for s, _ in missing)),
+        layer=",".join(str(v) for v in dict.fromkeys(layer for _, layer in missing)), out=template,
         tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)),
         l1=recipe.get("l1"), lr=recipe.get("lr"), steps=recipe.get("steps"), seed=int(recipe.get("seed", config.seed)),
         device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
     )
-    cmd_train_sae(args)
+    cmd_train_sae(args, only=missing)
 
 
 def print_study(study: dict[str, Any], out: Path) -> None:
@@ -378,7 +395,7 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
     print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
 
 
-def cmd_train_sae(args: argparse.Namespace) -> int:
+def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None = None) -> int:
     import math
 
     import torch
@@ -395,6 +412,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     if layers == "all":
         raise KlgapError("train-sae --layer needs the layers listed (e.g. 3,10,17,24 or 0-5), not all")
     pairs = [(site, layer) for site in sites for layer in layers]
+    if only is not None:
+        pairs = [pair for pair in pairs if pair in only]
     out_template = os.path.expanduser(str(args.out))
     if len(pairs) > 1 and ("{layer}" not in out_template or ("{site}" not in out_template and len(sites) > 1)):
         raise KlgapError(

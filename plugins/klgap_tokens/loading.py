@@ -18,7 +18,10 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 def list_files(path: Path) -> list[Path]:
     """`path` itself, or the non-hidden files under the directory `path` in sorted order."""
     if not path.exists():
-        raise KlgapError(f"text source {str(path)!r} does not exist; give a .txt, .jsonl or .parquet file or a directory")
+        raise KlgapError(
+            f"text source {str(path)!r} does not exist; give a .txt, .jsonl or .parquet file or a directory "
+            "(an offline English corpus: `klgap build-corpus --out DIR`, then text:DIR/train or text:DIR/eval)"
+        )
     if path.is_file():
         return [path]
     files = sorted(

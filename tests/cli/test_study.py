@@ -47,3 +47,44 @@ def test_two_sites_two_layers(tmp_path, capsys):
     # a single SAE for several layers is refused clearly
     assert main([*argv[:7], "--sae", str(tmp_path / "sae_mlp_out_0.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "put {layer}" in capsys.readouterr().err
+
+
+def test_config_with_train_sae_trains_every_missing_sae_of_a_study_then_runs(tmp_path, capsys):
+    """A replication file names a study's SAEs by template; the missing ones are trained in one pass first."""
+    import json
+
+    from klgap.cli import main
+
+    config = tmp_path / "rep.toml"
+    config.write_text(f"""
+model = "tiny-gpt2"
+site = "mlp_out,attn_out"
+layer = "0,1"
+sae = "{tmp_path}/saes/blocks.{{layer}}.hook_{{site}}"
+dataset = "random"
+n_tokens = 64
+context_len = 32
+batch_size = 2
+interventions = ["sae", "epsilon_random"]
+cos = "0.8,1.0"
+norm_frac = "0.9"
+out = "{tmp_path}/study"
+
+[train_sae]
+tokens = 6000
+steps = 20
+dataset = "random"
+""")
+    assert main(["replicate", "--config", str(config), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "4 SAE(s) not found" in err
+    study = json.loads((tmp_path / "study" / "report.json").read_text())
+    assert sorted((r["site"], r["layer"]) for r in study["runs"]) == [("attn_out", 0), ("attn_out", 1), ("mlp_out", 0), ("mlp_out", 1)]
+    for site in ("mlp_out", "attn_out"):
+        for layer in (0, 1):
+            assert json.loads((tmp_path / "saes" / f"blocks.{layer}.hook_{site}" / "training.json").read_text())["steps"] == 20
+    # the same file drives a curve; its grid comes from the file's cos / norm_frac
+    assert main(["curve", "--config", str(config), "--out", str(tmp_path / "curve"), "--quiet"]) == 0
+    assert "SAE(s) not found" not in capsys.readouterr().err  # trained once, reused
+    run = json.loads((tmp_path / "curve" / "mlp_out_L00" / "report.json").read_text())
+    assert [p["cos"] for p in run["curve"]["points"]] == [0.8, 1.0]
