@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from klgap.errors import KlgapError
 from klgap.protocols import LoadedModel, SiteSpec
 
 
@@ -39,21 +40,42 @@ def _model_inputs(ids: Tensor) -> dict[str, Any]:
     return {"input_ids": ids, "use_cache": False}
 
 
+def _trace(model: LoadedModel, nn: Any, ids: Tensor) -> Any:
+    """``nn.trace(...)``, on NDIF when the model was loaded with ``remote=True``."""
+    if model.info.get("remote"):
+        return nn.trace(**_model_inputs(ids), remote=True)
+    return nn.trace(**_model_inputs(ids))
+
+
+def _remote_error(exc: BaseException) -> KlgapError:
+    from nnsight import CONFIG
+
+    return KlgapError(
+        f"remote execution on NDIF ({CONFIG.API.HOST}) failed: {type(exc).__name__}: {exc}; it needs the network "
+        "and an NDIF API key (nnsight.CONFIG.set_default_api_key or NDIF_API_KEY)"
+    )
+
+
 @torch.no_grad()
 def run_clean(model: LoadedModel, spec: SiteSpec, ids: Tensor) -> tuple[Tensor, Tensor]:
     """One clean forward: returns (site activation ``[batch pos d]``, logits ``[batch pos vocab]``)."""
     nn = wrap(model)
-    with nn.trace(**_model_inputs(ids)):
-        acts = _site_tensor(envoy_at(nn, spec.module), spec).clone().save()
-        logits = nn.output.logits.save()
-    return acts, logits
+    try:
+        with _trace(model, nn, ids):
+            acts = _site_tensor(envoy_at(nn, spec.module), spec).clone().save()
+            logits = nn.output.logits.save()
+    except (OSError, ConnectionError) as exc:
+        if model.info.get("remote"):
+            raise _remote_error(exc) from exc
+        raise
+    return torch.as_tensor(acts), torch.as_tensor(logits)
 
 
 @torch.no_grad()
 def collect(model: LoadedModel, spec: SiteSpec, ids: Tensor) -> Tensor:
     """Site activation ``[batch pos d]`` for `ids`, stopping the forward pass right after the site."""
     nn = wrap(model)
-    with nn.trace(**_model_inputs(ids)) as tracer:
+    with _trace(model, nn, ids) as tracer:
         acts = _site_tensor(envoy_at(nn, spec.module), spec).clone().save()
         tracer.stop()
     return acts
@@ -64,7 +86,7 @@ def collect_many(model: LoadedModel, specs: list[SiteSpec], ids: Tensor) -> list
     """Activations ``[batch pos d]`` at several sites from one forward pass (in the order of `specs`)."""
     nn = wrap(model)
     saved: list[Any] = []
-    with nn.trace(**_model_inputs(ids)) as tracer:
+    with _trace(model, nn, ids) as tracer:
         for spec in specs:
             saved.append(_site_tensor(envoy_at(nn, spec.module), spec).clone().save())
         tracer.stop()
@@ -85,11 +107,17 @@ def run_patched(
     model's dtype and on its device.
     """
     nn = wrap(model)
-    with nn.trace(**_model_inputs(ids)):
-        site = _site_tensor(envoy_at(nn, spec.module), spec)
-        if positions is None:
-            site[:] = x_prime
-        else:
-            site[:, positions] = x_prime
-        logits = nn.output.logits.save()
-    return logits
+    try:
+        with _trace(model, nn, ids):
+            site = _site_tensor(envoy_at(nn, spec.module), spec)
+            x_site = x_prime.to(site.device)  # a model spread over devices (device_map) holds sites anywhere
+            if positions is None:
+                site[:] = x_site
+            else:
+                site[:, positions] = x_site
+            logits = nn.output.logits.save()
+    except (OSError, ConnectionError) as exc:
+        if model.info.get("remote"):
+            raise _remote_error(exc) from exc
+        raise
+    return torch.as_tensor(logits)

@@ -33,6 +33,7 @@ RUN_FLAGS = {
     "k": "k",
     "n_samples": "n_samples",
     "sample_intervention": "sample_intervention",
+    "device_map": "device_map",
 }
 
 
@@ -68,6 +69,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
     p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device-map", help="hub models: spread the layers over devices, e.g. auto (transformers/accelerate)")
+    p.add_argument(
+        "--remote", action="store_true", default=None,
+        help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
+    )
     p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
     p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, random")
     p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
@@ -201,6 +207,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         values["prepend_bos"] = False
     if args.no_fast:
         values["fast"] = False
+    if getattr(args, "remote", None):
+        values["remote"] = True
     if "interventions" in values:
         values["interventions"] = split_interventions(values["interventions"])
     if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):

@@ -56,6 +56,8 @@ class RunConfig:
     n_samples: int = 500
     sample_intervention: str = "epsilon_random"
     fast: bool = True
+    device_map: str | None = None
+    remote: bool = False
 
     @property
     def n_contexts(self) -> int:

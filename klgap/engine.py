@@ -146,12 +146,26 @@ def resolve_site(config: RunConfig, sae: LoadedSAE | None) -> tuple[str | None, 
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load a model through its adapter once per process (train-then-measure reuses it)."""
-    key = (name, str(device), str(dtype))
+def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: str | None = None,
+               remote: bool = False) -> LoadedModel:
+    """Load (or reuse) a model; `device_map` / `remote` go to adapters whose ``load`` accepts them."""
+    import inspect
+
+    key = (name, str(device), str(dtype), str(device_map), str(remote))
     if key not in _MODELS:
+        adapter = get_host().registry("model").get(name)
+        accepted = inspect.signature(adapter.load).parameters
+        kwargs: dict[str, Any] = {}
+        for flag, value, what in (("device_map", device_map, "--device-map"), ("remote", remote, "--remote")):
+            if value:
+                if flag not in accepted:
+                    raise KlgapError(
+                        f"model {name!r} cannot take {what}: its adapter loads it locally only; {what} works with "
+                        "Hugging Face hub models (gpt2, pythia-70m-deduped, hf with KLGAP_HF_REPO, ...)"
+                    )
+                kwargs[flag] = value
         _MODELS.clear()  # hold at most one model in memory
-        _MODELS[key] = get_host().registry("model").get(name).load(device, dtype)
+        _MODELS[key] = adapter.load(device, dtype, **kwargs)
     return _MODELS[key]
 
 
@@ -187,7 +201,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
             f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer"
         )
 
-    model = load_model(config.model, device, dtype)
+    model = load_model(config.model, device, dtype, config.device_map, config.remote)
     notes: list[str] = []
     if layer >= model.n_layers:
         raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")

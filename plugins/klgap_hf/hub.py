@@ -79,31 +79,70 @@ class HubAdapter:
     def __post_init__(self) -> None:
         self.description = self.description or f"{self.repo_id} from the Hugging Face hub (needs the hub or HF cache)"
 
-    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        """Load from the HF cache, else the hub; HubUnavailableError when neither has it."""
+    def load(self, device: torch.device, dtype: torch.dtype, device_map: str | None = None,
+             remote: bool = False) -> LoadedModel:
+        """Load from the HF cache, else the hub; HubUnavailableError when neither has it.
+
+        device_map: e.g. ``"auto"``: transformers/accelerate spread the layers over the GPUs (and CPU).
+        remote: build the model on the meta device with nnsight's ``LanguageModel`` (config and tokenizer
+        only) and run every forward pass on NDIF (``trace(remote=True)``; needs an NDIF API key).
+        """
+        if remote:
+            return self._load_remote(dtype)
         try:
-            hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True)
+            hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True, device_map=device_map)
         except _hub_errors() as cache_miss:
             if _offline_env() or not hub_reachable():
                 raise self._unavailable() from cache_miss
             try:
-                hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=False)
+                hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=False, device_map=device_map)
             except _hub_errors() as exc:
                 raise self._translate(exc) from exc
         info: dict[str, Any] = {"source": f"hf:{self.repo_id}", "hf_repo": self.repo_id}
         if self.sae_note:
             info["sae_note"] = self.sae_note
-        return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models, info)
+        if device_map is not None:
+            device = hf_model.get_input_embeddings().weight.device
+            placed = getattr(hf_model, "hf_device_map", None) or {"": str(device)}
+            info["device_map"] = {"requested": device_map, "placed": {k: str(v) for k, v in placed.items()}}
+        return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models, info,
+                           move=device_map is None)
 
-    def _from_pretrained(self, dtype: torch.dtype, local_files_only: bool) -> tuple[torch.nn.Module, Any]:
+    def _load_remote(self, dtype: torch.dtype) -> LoadedModel:
+        """The model as NDIF serves it: meta weights here, forward passes there (results come back to CPU)."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.repo_id)
+            try:
+                from nnsight import TransformersModel
+            except ImportError:  # nnsight < 0.8
+                from nnsight import LanguageModel
+
+                lm = LanguageModel(self.repo_id, tokenizer=tokenizer, dtype=dtype)
+            else:
+                lm = TransformersModel(self.repo_id, task="text-generation", tokenizer=tokenizer, dtype=dtype)
+        except _hub_errors() as exc:
+            raise self._translate(exc) from exc
+        info: dict[str, Any] = {"source": f"ndif:{self.repo_id}", "hf_repo": self.repo_id, "remote": True,
+                                "_nnsight": lm, "kv_cache": False}
+        module = getattr(lm, "_module", None) or lm._model
+        loaded = wrap_loaded(self.name, module, tokenizer, torch.device("cpu"), dtype, self.sae_lens_models,
+                             info, move=False)
+        loaded.info.pop("layout", None)  # the fast paths call modules here; remote runs are full traces
+        return loaded
+
+    def _from_pretrained(self, dtype: torch.dtype, local_files_only: bool,
+                         device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
         """Config first (an unsupported architecture fails before any weights are fetched), then tokenizer, model."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = AutoConfig.from_pretrained(self.repo_id, local_files_only=local_files_only)
         family_for(config.model_type)
         tokenizer = AutoTokenizer.from_pretrained(self.repo_id, local_files_only=local_files_only)
+        extra = {"device_map": device_map} if device_map is not None else {}
         hf_model = AutoModelForCausalLM.from_pretrained(
-            self.repo_id, config=config, dtype=dtype, local_files_only=local_files_only
+            self.repo_id, config=config, dtype=dtype, local_files_only=local_files_only, **extra
         )
         return hf_model, tokenizer
 

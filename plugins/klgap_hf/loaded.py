@@ -18,16 +18,19 @@ def wrap_loaded(
     dtype: torch.dtype,
     sae_lens_models: tuple[str, ...] = (),
     info: dict[str, Any] | None = None,
+    move: bool = True,
 ) -> LoadedModel:
     """Move `hf_model` to `device`/`dtype`, put it in eval mode and describe it for klgap.
 
+    ``move=False`` leaves the weights where they are: a model spread over devices by ``device_map`` (its
+    inputs go to `device`, the first one) or a meta-device model that runs remotely.
     Raises KlgapError (naming the supported types) if ``config.model_type`` has no site map.
     """
     config = hf_model.config
     family = family_for(config.model_type)
     d = dims(config)
     device = torch.device(device)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    hf_model = (hf_model.to(device=device, dtype=dtype) if move else hf_model).eval()
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     if bos is None:
         bos = getattr(config, "bos_token_id", None)
