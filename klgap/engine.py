@@ -417,11 +417,13 @@ def _table(columns: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else v) for k, v in columns.items()})
 
 
-def measure_batch(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Reduce one batch of contexts to per-token records (and side sums)."""
+def measure_batch(prep: Prepared, index: int, clean: tuple[Tensor, Tensor] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Reduce one batch of contexts to per-token records (and side sums).
+
+    clean: all-token mode, the batch's clean (site activation, logits) when a shared forward already ran it."""
     mode = prep.config.mode
     if mode == "all_tokens":
-        return _measure_all_tokens(prep, index)
+        return _measure_all_tokens(prep, index, clean)
     if mode == "single_token":
         return _measure_single_token(prep, index)
     return _measure_many_samples(prep, index)
@@ -434,7 +436,7 @@ def _batch_ids(prep: Prepared, index: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _measure_all_tokens(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     cfg, model = prep.config, prep.model
     ids_cpu, context_ids = _batch_ids(prep, index)
     ids = ids_cpu.to(model.device)
@@ -442,7 +444,9 @@ def _measure_all_tokens(prep: Prepared, index: int) -> tuple[pd.DataFrame, dict[
     first = 1 if cfg.skip_first_position else 0
     n_pos = ctx_len - first
 
-    if prep.suffix is not None:
+    if clean is not None:
+        acts, clean_logits = clean
+    elif prep.suffix is not None:
         acts, clean_logits = prep.suffix.clean(ids)  # [b pos d], [b pos vocab]
     else:
         acts, clean_logits = activations.run_clean(model, prep.spec, ids)
@@ -621,18 +625,20 @@ def run_identity(prep: Prepared) -> dict[str, Any]:
     return identity
 
 
-def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
-        shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
-    """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
+@dataclass
+class OpenRun:
+    """A run bound to its folder: what is prepared, and which batches it still has to measure."""
 
-    ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
-    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
-    """
-    from tqdm.auto import tqdm
+    prep: Prepared
+    rundir: RunDir
+    mine: list[int]  # this run's (or shard's) batches
+    todo: list[int]  # those not measured yet
+    shard: tuple[int, int] | None = None
 
-    from klgap.report import build_report
-    from klgap.schema import validate_report
 
+def open_run(config: RunConfig, out: str | Path, overwrite: bool = False,
+             shard: tuple[int, int] | None = None) -> OpenRun:
+    """Prepare a run and bind it to `out` (resuming what is there)."""
     rundir = RunDir(out)
     rundir.check_writable()
     prep = prepare(config)
@@ -646,12 +652,18 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: b
     todo = [i for i in mine if i not in done]
     if done:
         log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
-    tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
-    for index in tqdm(todo, desc=f"{config.mode} {prep.site} L{prep.layer}{tag}", disable=not progress, unit="batch"):
-        frame, side = measure_batch(prep, index)
-        rundir.write_part(index, frame, side)
-    if shard is not None:
-        atomic_write_json(rundir.root / "shard.json", {"shard": list(shard), "batches": mine, "n_batches": n_batches})
+    return OpenRun(prep, rundir, mine, todo, shard)
+
+
+def finish_run(run_: OpenRun) -> dict[str, Any] | None:
+    """Write the report and tokens table from the parts (a shard writes only its shard.json)."""
+    from klgap.report import build_report
+    from klgap.schema import validate_report
+
+    rundir, prep = run_.rundir, run_.prep
+    if run_.shard is not None:
+        n_batches = -(-len(prep.contexts) // prep.config.batch_size)
+        atomic_write_json(rundir.root / "shard.json", {"shard": list(run_.shard), "batches": run_.mine, "n_batches": n_batches})
         return None
     frame, sides = rundir.read_parts()
     report = build_report(prep, frame, sides)
@@ -659,3 +671,57 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: b
     atomic_write_parquet(rundir.root / "tokens.parquet", frame)
     atomic_write_json(rundir.root / "report.json", report)
     return report
+
+
+def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+        shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
+
+    ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
+    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
+    """
+    from tqdm.auto import tqdm
+
+    opened = open_run(config, out, overwrite, shard)
+    prep = opened.prep
+    tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
+    for index in tqdm(opened.todo, desc=f"{config.mode} {prep.site} L{prep.layer}{tag}", disable=not progress, unit="batch"):
+        frame, side = measure_batch(prep, index)
+        opened.rundir.write_part(index, frame, side)
+    return finish_run(opened)
+
+
+def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = False, progress: bool = True,
+               shard: tuple[int, int] | None = None) -> list[dict[str, Any] | None]:
+    """Several all-token runs on one model and the same tokens (a study's sites/layers): each batch's clean
+    forward runs once for all of them, then each reruns only the layers above its own site.
+
+    Falls back to one run after another when a run cannot share (another mode, no suffix replay, other tokens).
+    Per-token numbers are those of separate runs (tests/core/test_engine.py)."""
+    from tqdm.auto import tqdm
+
+    from klgap.suffix import shared_clean
+
+    opened = [open_run(c, o, overwrite, shard) for c, o in zip(configs, outs, strict=True)]
+    first = opened[0].prep
+    can_share = len(opened) > 1 and all(
+        o.prep.config.mode == "all_tokens" and o.prep.suffix is not None and o.prep.model is first.model
+        and torch.equal(o.prep.contexts, first.contexts) and o.prep.config.batch_size == first.config.batch_size
+        for o in opened
+    )
+    if not can_share:
+        for o in opened:
+            for index in tqdm(o.todo, desc=f"{o.prep.config.mode} {o.prep.site} L{o.prep.layer}", disable=not progress, unit="batch"):
+                o.rundir.write_part(index, *measure_batch(o.prep, index))
+        return [finish_run(o) for o in opened]
+    indices = sorted(set().union(*(o.todo for o in opened)))
+    for index in tqdm(indices, desc=f"all_tokens, {len(opened)} sites/layers, shared clean forward", disable=not progress, unit="batch"):
+        need = [o for o in opened if index in o.todo]
+        ids = _batch_ids(first, index)[0].to(first.model.device)
+        logits = shared_clean([o.prep.suffix for o in need], ids)
+        for o in need:
+            o.rundir.write_part(index, *measure_batch(o.prep, index, clean=(o.prep.suffix.site_value, logits)))
+            o.prep.suffix.site_value = None
+    for o in opened:
+        o.prep.execution["clean_forward"] = f"shared by {len(opened)} sites/layers"
+    return [finish_run(o) for o in opened]

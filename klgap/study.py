@@ -84,13 +84,15 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
     if layers == "all":
         model = engine.load_model(base.model, engine.pick_device(base.device), __import__("torch").__dict__[base.dtype])
         layers = list(range(model.n_layers))
-    reports, folders = [], []
+    configs, folders = [], []
     for site in sites:
         for layer in layers:
-            config = dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer))
-            folder = out / f"{site}_L{layer:02d}"
-            reports.append(engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard))
-            folders.append(folder)
+            configs.append(dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer)))
+            folders.append(out / f"{site}_L{layer:02d}")
+    if base.mode == "all_tokens" and base.fast and len(configs) > 1:
+        reports = engine.run_shared(configs, folders, overwrite=overwrite, progress=progress, shard=shard)
+    else:
+        reports = [engine.run(c, f, overwrite=overwrite, progress=progress, shard=shard) for c, f in zip(configs, folders, strict=True)]
     if shard is not None:
         return None
     study = build_study(base, reports, folders, out)

@@ -47,18 +47,18 @@ class SuffixRunner:
     @torch.no_grad()
     def clean(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Full clean forward: (site activation ``[b pos d]``, logits); records the suffix blocks' calls."""
+        logits = shared_clean([self], ids)
+        return self.site_value, logits
+
+    def _clean_hooks(self) -> list[Any]:
+        """Hooks that record, during a clean forward, this runner's site and its suffix blocks' calls."""
         self.calls = []
         handles = [
             block.register_forward_pre_hook(lambda m, a, k: self.calls.append((a, k)), with_kwargs=True)
             for block in self.blocks[self.first :]
         ]
         handles.append(self._site_hook())
-        try:
-            logits = self.model.hf_model(input_ids=ids, use_cache=False).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-        return self.site_value, logits
+        return handles
 
     @torch.no_grad()
     def patched(self, x_prime: Tensor, positions: slice) -> Tensor:
@@ -108,6 +108,18 @@ class SuffixRunner:
             return (*output[: spec.index], new, *output[spec.index + 1 :])
 
         return self.site_module.register_forward_hook(post)
+
+
+@torch.no_grad()
+def shared_clean(runners: list[SuffixRunner], ids: Tensor) -> Tensor:
+    """One clean forward for several runners on the same model (a study's sites and layers): each records
+    its own site and suffix calls; returns the logits ``[b pos vocab]``."""
+    handles = [handle for runner in runners for handle in runner._clean_hooks()]
+    try:
+        return runners[0].model.hf_model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _replace(value: Tensor, x_prime: Tensor, positions: slice) -> Tensor:

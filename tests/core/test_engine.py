@@ -196,3 +196,21 @@ def test_kv_cache_equals_full_forward(tmp_path, load_model, model, dtype, mode):
             np.testing.assert_allclose(t_fast.kl, t_slow.kl, **tol, err_msg=f"{site} L{layer}")
             np.testing.assert_allclose(t_fast.ce_delta, t_slow.ce_delta, **tol, err_msg=f"{site} L{layer}")
             assert t_fast.kl[t_fast.intervention == "sae"].max() > 1e-4  # the patch did something
+
+
+def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_model):
+    """A study's sites/layers share each batch's clean forward; per-token numbers equal separate runs'."""
+    lm = load_model("tiny-llama")
+    configs, outs = [], []
+    for site, layer in [("mlp_out", 1), ("resid_pre", 0), ("attn_out", 0), ("resid_post", 1)]:
+        sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
+        configs.append(RunConfig(model="tiny-llama", sae=str(sae), n_tokens=96, context_len=32, batch_size=2, device="cpu",
+                                 dataset="random", interventions=["sae", "epsilon_random", "sae_error_shuffled"]))
+        outs.append(tmp_path / f"shared-{site}{layer}")
+    shared = engine.run_shared(configs, outs, progress=False)
+    for config, out, report in zip(configs, outs, shared, strict=True):
+        alone = engine.run(config, tmp_path / f"alone-{out.name}", progress=False)
+        assert report["execution"]["clean_forward"] == "shared by 4 sites/layers"
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
+        assert report["interventions"] == alone["interventions"]
+        assert report["interventions"]["sae"]["kl_mean"] > 0
