@@ -147,6 +147,16 @@ class DefaultSAEFinder(Protocol):
         ...
 
 
+class SAEChecker(Protocol):
+    """Optional extra on an SAE loader: say what a spec names without loading it (``--dry-run``).
+
+    Return a dict with at least ``hook_name`` (or None when unknown); ``repo_id`` marks a download from the
+    Hugging Face hub. Raise KlgapError when the spec cannot be right (unknown release or id).
+    """
+
+    def check(self, spec: str) -> dict[str, Any]: ...
+
+
 # --------------------------------------------------------------------------- perturbations
 
 
