@@ -386,26 +386,47 @@ def robustness_curve(
     """Mean KL (log y) against cos(x, x') for each labelled curve; each SAE's (cos_mean, kl_mean) as a star."""
     names = list(dict.fromkeys([*points, *(sae_points or {})]))
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    values = []
-    for name, curve in points.items():
-        pairs = sorted((float(c), float(k)) for c, k in curve)
+    many = len(names) > 4
+    fig, ax = plt.subplots(figsize=(11, 5) if many else (8, 5), layout="constrained")
+    curves = {name: sorted((float(c), float(k)) for c, k in curve if k is not None) for name, curve in points.items()}
+    # KL at cos -> 1 can fall to ~0 (a rescaled x where a norm layer hides the scale): decades below every
+    # other point. Such points are drawn at the floor as ▼ so they do not squash the rest of the axis.
+    floor = curve_floor(curves, sae_points)
+    clipped_any = False
+    for name, pairs in curves.items():
         if not pairs:
             continue
-        cos, kl = zip(*pairs, strict=True)
-        values += kl
+        cos = [c for c, _ in pairs]
+        kl = [max(k, floor) if floor is not None else k for _, k in pairs]
         ax.plot(cos, kl, marker="o", markersize=3, color=colors[name], label=name)
+        low = [(c, floor) for c, k in pairs if floor is not None and k < floor]
+        if low:
+            clipped_any = True
+            ax.plot(*zip(*low, strict=True), marker="v", markersize=8, color=colors[name], linestyle="none")
     for name, (cos, kl) in (sae_points or {}).items():
-        values.append(kl)
         ax.plot([cos], [kl], marker="*", markersize=16, color=colors[name], markeredgecolor="black",
                 linestyle="none", label=f"{name}: SAE (cos {cos:.3f}, KL {kl:.3g})")
-    if any(v is not None and v > 0 for v in values):
+    if floor is not None:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor * 0.7)
+    if clipped_any:
+        ax.plot([], [], marker="v", color="gray", linestyle="none", label=f"▼ KL below {floor:.2g} (drawn at the floor)")
     ax.set_xlabel("cosine similarity cos(x, x') of the substitute to the clean activation")
     ax.set_ylabel("mean KL [nats], log scale")
-    ax.legend(fontsize=8)
+    if many:  # beside the axes, not over the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     _title(ax, "Robustness: mean KL vs cosine similarity (stars: the SAE reconstruction)", subtitle)
     return _save(fig, path)
+
+
+def curve_floor(curves: Mapping[str, Sequence[tuple[float, float]]],
+                sae_points: Mapping[str, tuple[float, float]] | None = None) -> float | None:
+    """The lowest KL a robustness plot shows: 1/20 of the smallest positive KL away from cos = 1 (None: none)."""
+    informative = [k for pairs in curves.values() for c, k in pairs if c < 0.999 and k is not None and k > 0]
+    informative += [kl for _, kl in (sae_points or {}).values() if kl is not None and kl > 0]
+    return min(informative) / 20 if informative else None
 
 
 def curves_of(entries: Iterable[tuple[str, Mapping[str, Any] | None]]) -> tuple[dict, dict]:

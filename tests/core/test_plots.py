@@ -219,3 +219,16 @@ def test_robustness_curve(tmp_path):
                                   subtitle="fake-gpt · resid_post · all_tokens")
     assert_png(path)
     assert plt.get_fignums() == []
+
+
+def test_robustness_curve_keeps_near_zero_kl_from_squashing_the_axis(tmp_path):
+    import matplotlib.image as mpimg
+
+    from klgap import plots
+
+    points = {"a": [(0.5, 0.2), (0.9, 0.05), (1.0, 0.0)], "b": [(0.5, 0.1), (0.9, 0.01), (1.0, 1e-9)]}
+    path = plots.robustness_curve(points, tmp_path / "r.png", sae_points={"a": (0.8, 0.06)})
+    assert mpimg.imread(path).shape[0] > 100 and not plots.plt.get_fignums()  # written, figure closed
+    # the floor ignores the ~0 values at cos = 1: 1/20 of the smallest other KL (0.01)
+    assert plots.curve_floor(points, {"a": (0.8, 0.06)}) == pytest.approx(0.01 / 20)
+    assert plots.curve_floor({"a": [(1.0, 0.0)]}) is None
