@@ -470,9 +470,15 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
 
     run_dir = Path(run_dir)
     report = load_report(run_dir)
+    written: dict[str, Path] = {}
+    if report.get("kind") == "study":  # each site/layer's own figures and pages, then the study's
+        for run in report.get("runs", []):
+            sub = run_dir / run["path"]
+            if (sub / "report.json").is_file() and (sub / "tokens.parquet").is_file():
+                written.update({f"{run['path']}/{name}": path for name, path in rebuild(sub).items()})
     tokens = read_tokens(run_dir) if report.get("kind") != "study" else None
     figures = figures_for_run(run_dir, report, tokens)
-    written = {f.name: f for f in figures}
+    written.update({f.name: f for f in figures})
     for name, text in (("report.md", render_markdown(report, figures)), ("report.html", render_html(report, figures))):
         atomic_write_bytes(run_dir / name, text.encode("utf-8"))
         written[name] = run_dir / name

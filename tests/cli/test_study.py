@@ -79,6 +79,8 @@ dataset = "random"
     err = capsys.readouterr().err
     assert "4 SAE(s) not found" in err
     study = json.loads((tmp_path / "study" / "report.json").read_text())
+    for sub in ("mlp_out_L00", "attn_out_L01"):  # every site/layer gets its own page and figures too
+        assert (tmp_path / "study" / sub / "report.md").is_file() and (tmp_path / "study" / sub / "kl_hist.png").is_file()
     assert sorted((r["site"], r["layer"]) for r in study["runs"]) == [("attn_out", 0), ("attn_out", 1), ("mlp_out", 0), ("mlp_out", 1)]
     for site in ("mlp_out", "attn_out"):
         for layer in (0, 1):
