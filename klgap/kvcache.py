@@ -14,6 +14,7 @@ x' = x) and falls back to full forwards if they differ, as it does for the suffi
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ class PrefixCacheRunner:
     def __init__(self, model: LoadedModel, spec: SiteSpec) -> None:
         self.model, self.spec = model, spec
         self.site_module = model.hf_model.get_submodule(spec.module)
+        # transformers >= 5.2x calls the cache argument `cache` (`past_key_values` before, now deprecated)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.hf_model.forward).parameters else "past_key_values"
         self.prefix: Any = None  # DynamicCache of positions < t for the current batch
         self.t = 0
         self._record: list[Tensor] = []
@@ -47,11 +50,11 @@ class PrefixCacheRunner:
             raise ValueError(f"a prefix cache needs t >= 1, got t={t}")
         self.t = t
         out = self.model.hf_model(input_ids=ids[:, :t], use_cache=True)
-        self.prefix = out.past_key_values
+        self.prefix = getattr(out, "cache", None) or out.past_key_values
         handle = self._hook()
         self._record = []
         try:
-            logits = self.model.hf_model(input_ids=ids[:, t:], past_key_values=self._fresh(None), use_cache=True).logits
+            logits = self.model.hf_model(input_ids=ids[:, t:], use_cache=True, **{self.cache_arg: self._fresh(None)}).logits
         finally:
             handle.remove()
         return self._record[0], logits
@@ -66,7 +69,7 @@ class PrefixCacheRunner:
         self._patch = x_prime
         handle = self._hook()
         try:
-            return self.model.hf_model(input_ids=tail_ids, past_key_values=self._fresh(rows), use_cache=True).logits
+            return self.model.hf_model(input_ids=tail_ids, use_cache=True, **{self.cache_arg: self._fresh(rows)}).logits
         finally:
             self._patch = None
             handle.remove()
