@@ -451,6 +451,7 @@ def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor]
     else:
         acts, clean_logits = activations.run_clean(model, prep.spec, ids)
     clean_logp = metrics.log_probs(clean_logits)
+    clean_p = clean_logp.exp()  # once per batch, shared by every intervention
     del clean_logits
     view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
     next_ids = metrics.next_token_ids(ids)
@@ -470,7 +471,7 @@ def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor]
             logits = prep.suffix.patched(x_prime, slice(first, None))
         else:
             logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None))
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids)
+        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids, clean_p)
         del logits
         frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
     return pd.concat(frames, ignore_index=True), view.side_stats()

@@ -28,10 +28,13 @@ def ce_delta_per_token(clean_logp: Tensor, patched_logits: Tensor, next_ids: Ten
     return torch.where(next_ids >= 0, delta, torch.full_like(delta, float("nan")))
 
 
-def token_metrics(clean_logp: Tensor, patched_logits: Tensor, next_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """KL and ΔCE together (one log-softmax of the patched logits): each ``[batch pos]`` float32."""
+def token_metrics(clean_logp: Tensor, patched_logits: Tensor, next_ids: Tensor,
+                  clean_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """KL and ΔCE together (one log-softmax of the patched logits): each ``[batch pos]`` float32.
+
+    clean_p: ``clean_logp.exp()``, when the caller measures several interventions against the same clean run."""
     patched_logp = log_probs(patched_logits)
-    kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)
+    kl = ((clean_logp.exp() if clean_p is None else clean_p) * (clean_logp - patched_logp)).sum(-1)
     safe = next_ids.clamp(min=0).unsqueeze(-1)
     delta = clean_logp.gather(-1, safe).squeeze(-1) - patched_logp.gather(-1, safe).squeeze(-1)
     return kl, torch.where(next_ids >= 0, delta, torch.full_like(delta, float("nan")))
