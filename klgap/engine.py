@@ -681,15 +681,19 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, progress: b
     ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
     returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
     """
+    opened = open_run(config, out, overwrite, shard)
+    _measure_todo(opened, progress)
+    return finish_run(opened)
+
+
+def _measure_todo(opened: OpenRun, progress: bool) -> None:
+    """Measure the batches an open run still has to do, writing each part as it is finished."""
     from tqdm.auto import tqdm
 
-    opened = open_run(config, out, overwrite, shard)
-    prep = opened.prep
+    prep, shard = opened.prep, opened.shard
     tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
-    for index in tqdm(opened.todo, desc=f"{config.mode} {prep.site} L{prep.layer}{tag}", disable=not progress, unit="batch"):
-        frame, side = measure_batch(prep, index)
-        opened.rundir.write_part(index, frame, side)
-    return finish_run(opened)
+    for index in tqdm(opened.todo, desc=f"{prep.config.mode} {prep.site} L{prep.layer}{tag}", disable=not progress, unit="batch"):
+        opened.rundir.write_part(index, *measure_batch(prep, index))
 
 
 def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = False, progress: bool = True,
@@ -712,8 +716,7 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
     )
     if not can_share:
         for o in opened:
-            for index in tqdm(o.todo, desc=f"{o.prep.config.mode} {o.prep.site} L{o.prep.layer}", disable=not progress, unit="batch"):
-                o.rundir.write_part(index, *measure_batch(o.prep, index))
+            _measure_todo(o, progress)
         return [finish_run(o) for o in opened]
     indices = sorted(set().union(*(o.todo for o in opened)))
     for index in tqdm(indices, desc=f"all_tokens, {len(opened)} sites/layers, shared clean forward", disable=not progress, unit="batch"):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from klgap.hooks import register_site_hook
 from klgap.protocols import LoadedModel, SiteSpec
 
 
@@ -83,7 +84,6 @@ class SuffixRunner:
 
     def _site_hook(self) -> Any:
         """A plain hook on the site's module: records the tensor (clean run) or overwrites it (patched run)."""
-        spec = self.spec
 
         def swap(tensor: Tensor) -> Tensor | None:
             if self._patch is None:
@@ -91,23 +91,7 @@ class SuffixRunner:
                 return None
             return _replace(tensor, *self._patch)
 
-        if spec.io == "input":
-
-            def pre(module, args, kwargs):
-                new = swap(args[0] if args else kwargs["hidden_states"])
-                if new is None:
-                    return None
-                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-
-            return self.site_module.register_forward_pre_hook(pre, with_kwargs=True)
-
-        def post(module, args, output):
-            new = swap(output if spec.index is None else output[spec.index])
-            if new is None or spec.index is None:
-                return new
-            return (*output[: spec.index], new, *output[spec.index + 1 :])
-
-        return self.site_module.register_forward_hook(post)
+        return register_site_hook(self.site_module, self.spec, swap)
 
 
 @torch.no_grad()

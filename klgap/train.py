@@ -22,20 +22,10 @@ from klgap.protocols import LoadedModel
 from klgap.sites import hook_name
 
 
-@torch.no_grad()
 def gather(model: LoadedModel, site: str, layer: int, contexts: Tensor, batch_size: int = 16,
            skip_first_position: bool = True, progress: bool = False) -> Tensor:
     """Site activations for every context: ``[n_tokens d]`` float32 on CPU (position 0 left out by default)."""
-    from tqdm.auto import tqdm
-
-    spec = model.site_map(site, layer)
-    first = 1 if skip_first_position else 0
-    chunks = []
-    for start in tqdm(range(0, len(contexts), batch_size), desc="activations", disable=not progress, unit="batch"):
-        ids = contexts[start : start + batch_size].to(model.device)
-        acts = activations.collect(model, spec, ids)[:, first:]
-        chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
-    return torch.cat(chunks)
+    return gather_many(model, [(site, layer)], contexts, batch_size, skip_first_position, progress)[(site, layer)]
 
 
 #: where each site is reached inside a block (nnsight reads sites in the order the forward pass meets them)
@@ -48,13 +38,13 @@ def gather_many(model: LoadedModel, sites: list[tuple[str, int]], contexts: Tens
     """Activations at several (site, layer)s from one pass over `contexts`: each ``[n_tokens d]`` float32, CPU."""
     from tqdm.auto import tqdm
 
-    specs = [model.site_map(site, layer) for site, layer in sites]
+    order = sorted(range(len(sites)), key=lambda i: (sites[i][1], EXECUTION_ORDER.index(sites[i][0])))
+    specs = [model.site_map(*sites[i]) for i in order]  # in the order the forward pass meets them
     first = 1 if skip_first_position else 0
     chunks: dict[tuple[str, int], list[Tensor]] = {key: [] for key in sites}
     for start in tqdm(range(0, len(contexts), batch_size), desc="activations", disable=not progress, unit="batch"):
         ids = contexts[start : start + batch_size].to(model.device)
-        order = sorted(range(len(specs)), key=lambda i: (sites[i][1], EXECUTION_ORDER.index(sites[i][0])))
-        acts = activations.collect_many(model, [specs[i] for i in order], ids)
+        acts = activations.collect_many(model, specs, ids)
         for i, value in zip(order, acts, strict=True):
             value = value[:, first:]
             chunks[sites[i]].append(value.reshape(-1, value.shape[-1]).float().cpu())

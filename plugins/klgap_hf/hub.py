@@ -50,10 +50,6 @@ SAE_NOTES: dict[str, str] = {
 OFFLINE_HINT = "use an offline model such as smollm2-135m or tiny-gpt2, or pre-download it into the HF cache"
 
 
-def _offline_env() -> bool:
-    return offline_env()
-
-
 def _hub_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'could not get the files' (huggingface_hub's are OSErrors; httpx's are not)."""
     errors: list[type[BaseException]] = [OSError]
@@ -92,7 +88,7 @@ class HubAdapter:
         try:
             hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True, device_map=device_map)
         except _hub_errors() as cache_miss:
-            if _offline_env() or not hub_reachable():
+            if offline_env() or not hub_reachable():
                 raise self._unavailable() from cache_miss
             try:
                 hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=False, device_map=device_map)

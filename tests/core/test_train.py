@@ -39,14 +39,15 @@ def test_train_sae_is_deterministic(tmp_path, load_model):
 
 
 def test_gather_many_equals_one_site_at_a_time(load_model):
-    from klgap.train import gather, gather_many
+    from klgap import activations
+    from klgap.train import gather_many
 
     lm = load_model("tiny-llama")
     contexts = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
     pairs = [("mlp_out", 1), ("resid_pre", 0), ("attn_out", 1), ("resid_post", 0), ("attn_z", 1)]
     many = gather_many(lm, pairs, contexts, batch_size=4)
-    for site, layer in pairs:
-        one = gather(lm, site, layer, contexts, batch_size=4)
+    for site, layer in pairs:  # one site per forward pass, position 0 left out, as gather_many does
+        one = activations.collect(lm, lm.site_map(site, layer), contexts)[:, 1:].reshape(-1, lm.site_widths[site])
         assert many[(site, layer)].shape == one.shape == (6 * 15, lm.site_widths[site])
         torch.testing.assert_close(many[(site, layer)], one, rtol=0, atol=0)
 
