@@ -37,6 +37,26 @@ from klgap.train import train_sae
 KEY = ["intervention", "context", "position", "draw"]
 
 
+UNTIMED = [0.0]  # seconds the naive runners spent on the float64 reference KL (not part of their time)
+
+
+def reference_kl(clean: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+    """The naive runner's KL: it computes the float32 textbook KL (timed), and the float64 KL of the same logits
+    that the engine is compared against (untimed): float32 log-softmaxes are off by up to ~1e-4 at KL ~ 5."""
+    metrics.kl_per_token(metrics.log_probs(clean), patched)
+    start = time.perf_counter()
+    kl = metrics.kl_per_token(metrics.log_probs(clean.double()), patched.double()).float()
+    UNTIMED[0] += time.perf_counter() - start
+    return kl
+
+
+def timed_naive(fn, *args) -> tuple[float, pd.DataFrame]:
+    UNTIMED[0] = 0.0
+    start = time.perf_counter()
+    frame = fn(*args)
+    return time.perf_counter() - start - UNTIMED[0], frame
+
+
 def timed_engine(prep: engine.Prepared) -> tuple[float, pd.DataFrame]:
     """Seconds of measure_batch over every batch, and the per-token records."""
     frames = []
@@ -65,7 +85,7 @@ def naive_all_tokens(prep: engine.Prepared) -> pd.DataFrame:
             view = engine.SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
             x_prime = view.substitute(perturbation, engine.generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime.reshape(n_ctx, n_pos, -1), positions=slice(first, None))
-            kl = metrics.kl_per_token(metrics.log_probs(clean), patched)[:, first:].cpu()
+            kl = reference_kl(clean, patched)[:, first:].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(n_pos).numpy(),
                                       "position": torch.arange(first, ids.shape[1]).repeat(n_ctx).numpy(), "draw": -1,
                                       "kl": kl.reshape(-1).numpy()}))
@@ -84,7 +104,7 @@ def naive_single_token(prep: engine.Prepared) -> pd.DataFrame:
             view = engine.SaeView.of(acts[:, t], prep.sae, prep.center)
             x_prime = view.substitute(perturbation, engine.generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
-            kl = metrics.kl_per_token(metrics.log_probs(clean), patched)[:, t : t + k + 1].cpu()
+            kl = reference_kl(clean, patched)[:, t : t + k + 1].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(k + 1).numpy(),
                                       "position": torch.arange(t, t + k + 1).repeat(len(ids)).numpy(), "draw": -1,
                                       "kl": kl.reshape(-1).numpy()}))
@@ -111,7 +131,7 @@ def naive_many_samples(prep: engine.Prepared, n_naive: int) -> pd.DataFrame:
         for d in range(n_naive):
             _, clean = activations.run_clean(model, prep.spec, ids)
             patched = activations.run_patched(model, prep.spec, ids, draws[:, d], positions=t)
-            kl = metrics.kl_per_token(metrics.log_probs(clean), patched)[:, t].cpu()
+            kl = reference_kl(clean, patched)[:, t].cpu()
             rows.append(pd.DataFrame({"intervention": prep.sample_perturbation.name, "context": context_ids.numpy(),
                                       "position": t, "draw": d, "kl": kl.numpy()}))
     return pd.concat(rows, ignore_index=True)
@@ -156,6 +176,8 @@ def main() -> None:
     parser.add_argument("--naive-draws", type=int, default=25, help="draws per context the naive runner times")
     parser.add_argument("--modes", default="all_tokens,single_token,many_samples")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cpu-stack-bytes", type=int, default=1 << 30,
+                        help="on CPU, also time the engine stacking interventions within this memory budget")
     args = parser.parse_args()
     modes = args.modes.split(",")
 
@@ -174,23 +196,36 @@ def main() -> None:
 
         if "all_tokens" in modes:
             prep = engine.prepare(RunConfig(**base, n_tokens=args.tokens))
-            start = time.perf_counter()
-            naive = naive_all_tokens(prep)
-            naive_s = time.perf_counter() - start
+            naive_s, naive = timed_naive(naive_all_tokens, prep)
             fast_s, fast = timed_engine(prep)
             floor_s = floor_seconds(prep)
             n = len(naive) // len(interventions)
             diffs.append(max_diff(fast, naive))
             results |= {"speedup_all_token": naive_s / fast_s, "floor_ratio": fast_s / floor_s}
-            print(f"all_tokens   ({n} tokens, {prep.execution['path']}): naive {naive_s:.2f} s ({n / naive_s:.1f} tok/s), "
+            print(f"all_tokens   ({n} tokens, {prep.execution['path']}, {prep.stack} interventions per suffix pass): "
+                  f"naive {naive_s:.2f} s ({n / naive_s:.1f} tok/s), "
                   f"engine {fast_s:.2f} s ({n / fast_s:.1f} tok/s), floor {floor_s:.2f} s; "
                   f"speed-up {naive_s / fast_s:.2f}x, engine/floor {fast_s / floor_s:.2f}, max |dKL| {diffs[-1]:.1e}")
+            # What stacking buys on this device: the same engine with the other choice (on CPU, where the
+            # engine does not stack by default, with --cpu-stack-bytes of budget).
+            default_stack = prep.stack
+            if default_stack == 1 and device.type == "cpu":
+                engine.STACK_BYTES_CPU, budget = args.cpu_stack_bytes, engine.STACK_BYTES_CPU
+                prep.stack = min(len(interventions), engine.stack_size(prep.config, model))
+                engine.STACK_BYTES_CPU = budget
+            else:
+                prep.stack = 1
+            if prep.stack != default_stack:
+                other_s, other = timed_engine(prep)
+                diffs.append(max_diff(other, naive))
+                stacked_s, unstacked_s = (other_s, fast_s) if prep.stack > default_stack else (fast_s, other_s)
+                print(f"             {max(prep.stack, default_stack)} interventions per pass {stacked_s:.2f} s, one per pass "
+                      f"{unstacked_s:.2f} s: stacking x{unstacked_s / stacked_s:.2f}")
+            prep.stack = default_stack
 
         if "single_token" in modes:
             prep = engine.prepare(RunConfig(**base, n_tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
-            start = time.perf_counter()
-            naive = naive_single_token(prep)
-            naive_s = time.perf_counter() - start
+            naive_s, naive = timed_naive(naive_single_token, prep)
             fast_s, fast = timed_engine(prep)
             diffs.append(max_diff(fast, naive))
             n = len(prep.contexts)
@@ -204,9 +239,8 @@ def main() -> None:
                             position=args.position, n_samples=args.draws)
             prep = engine.prepare(cfg)
             n_naive = min(args.naive_draws, args.draws)
-            start = time.perf_counter()
-            naive = naive_many_samples(prep, n_naive)
-            naive_s = (time.perf_counter() - start) * args.draws / n_naive
+            naive_s, naive = timed_naive(naive_many_samples, prep, n_naive)
+            naive_s *= args.draws / n_naive
             fast_s, fast = timed_engine(prep)
             diffs.append(max_diff(fast, naive))
             results["speedup_many_samples"] = naive_s / fast_s

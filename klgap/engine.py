@@ -26,7 +26,7 @@ from klgap.config import RunConfig, parse_intervention
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import get_host
 from klgap.protocols import LoadedModel, LoadedSAE, Perturbation, SiteSpec
-from klgap.rundir import RunDir, atomic_write_json, atomic_write_parquet
+from klgap.rundir import RunDir, atomic_write_json
 from klgap.sites import hook_name, parse_hook_name
 
 log = logging.getLogger("klgap")
@@ -48,6 +48,7 @@ class Prepared:
     sample_perturbation: Perturbation | None = None
     suffix: Any = None  # klgap.suffix.SuffixRunner when the layers above the site can be rerun alone
     cache: Any = None  # klgap.kvcache.PrefixCacheRunner: single-token / many-samples reuse positions < t
+    stack: int = 1  # all-token suffix replays: interventions stacked along the batch per pass
     execution: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plugins_used: dict[str, str] = field(default_factory=dict)
@@ -256,6 +257,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         spec=spec,
         suffix=suffix,
         cache=cache,
+        stack=int(execution.get("stack", 1)),
         execution=execution,
         perturbations=perturbations,
         contexts=contexts.to(torch.long).cpu(),
@@ -283,8 +285,8 @@ def fit_perturbations(config: RunConfig, model: LoadedModel, spec: SiteSpec, sae
     chunks = []
     for start in range(0, n_ctx, config.batch_size):
         ids = contexts[start:min(start + config.batch_size, n_ctx)].to(model.device)
-        acts = activations.collect(model, spec, ids)[:, first:]
-        chunks.append(SaeView.of(acts.reshape(-1, acts.shape[-1]), sae, center).x)
+        x = activations.collect(model, spec, ids)[:, first:].reshape(-1, sae.d_in).float()
+        chunks.append(x - x.mean(-1, keepdim=True) if center else x)  # what SaeView.of hands the perturbations
     acts = torch.cat(chunks)
     acts = acts[torch.isfinite(acts).all(-1)]
     for p in needing:
@@ -328,7 +330,42 @@ def _check_suffix(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: 
     if not error <= 1e-5:
         log.warning("suffix replay of %s differs from the model's forward (%.2g); using full forward passes", model.name, error)
         return None, {"path": "full-forward", "reason": f"replay check failed (relative error {error:.2g})"}
-    return runner, {"path": "suffix-replay", "first_block": runner.first, "replay_check_relative_error": error}
+    execution = {"path": "suffix-replay", "first_block": runner.first, "replay_check_relative_error": error}
+    stack = min(len(config.interventions), stack_size(config, model))
+    if stack > 1:  # the stacked replay (two copies: the clean run and a halved site) must match too
+        half = acts[:, first:] * 0.5
+        stacked = runner.patched(torch.cat([acts[:, first:], half]), slice(first, None), copies=2)
+        ref_half = activations.run_patched(model, spec, ids, half, positions=slice(first, None))
+        n = len(ids)
+        stack_error = _relative_error([(stacked[:n], ref_logits), (stacked[n:], ref_half)], ref_logits)
+        if stack_error <= 1e-5:
+            execution.update(stack=stack, stack_check_relative_error=stack_error)
+        else:
+            log.warning("stacked suffix replay of %s differs (%.2g); one intervention per pass", model.name, stack_error)
+            execution.update(stack=1, stack_note=f"stack check failed (relative error {stack_error:.2g})")
+    return runner, execution
+
+
+STACK_BYTES_CPU = 0  # all-token mode on CPU: no stacking (benchmarks/README.md: x0.94 on a 2-core CPU)
+STACK_FRACTION_CUDA = 0.25  # on CUDA: this share of the free memory at start
+
+
+def stack_size(config: RunConfig, model: LoadedModel) -> int:
+    """How many interventions one suffix pass can carry along the batch: each copy needs its logits (model dtype
+    and a float32 view), its hidden states and its attention scores; the budget is STACK_BYTES_CPU on CPU and
+    STACK_FRACTION_CUDA of the free memory on CUDA."""
+    device = model.device
+    if device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * STACK_FRACTION_CUDA)
+    elif device.type == "cpu":
+        budget = STACK_BYTES_CPU
+    else:
+        return 1
+    element = torch.finfo(model.dtype).bits // 8
+    tokens = config.batch_size * config.context_len
+    heads = int(getattr(getattr(model.hf_model, "config", None), "num_attention_heads", None) or 16)
+    per_copy = tokens * (model.vocab_size * (element + 4) + model.d_model * 4 * 16) + config.batch_size * heads * config.context_len**2 * 4
+    return max(1, budget // per_copy)
 
 
 def _check_prefix_cache(config: RunConfig, model: LoadedModel, spec: SiteSpec, contexts: Tensor):
@@ -417,10 +454,11 @@ def _table(columns: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else v) for k, v in columns.items()})
 
 
-def measure_batch(prep: Prepared, index: int, clean: tuple[Tensor, Tensor] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def measure_batch(prep: Prepared, index: int, clean: tuple[Tensor, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Reduce one batch of contexts to per-token records (and side sums).
 
-    clean: all-token mode, the batch's clean (site activation, logits) when a shared forward already ran it."""
+    clean: all-token mode, the batch's clean (site activation, logits or metrics.CleanReference) when a shared
+    forward already ran it."""
     mode = prep.config.mode
     if mode == "all_tokens":
         return _measure_all_tokens(prep, index, clean)
@@ -436,7 +474,7 @@ def _batch_ids(prep: Prepared, index: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     cfg, model = prep.config, prep.model
     ids_cpu, context_ids = _batch_ids(prep, index)
     ids = ids_cpu.to(model.device)
@@ -450,8 +488,8 @@ def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor]
         acts, clean_logits = prep.suffix.clean(ids)  # [b pos d], [b pos vocab]
     else:
         acts, clean_logits = activations.run_clean(model, prep.spec, ids)
-    clean_logp = metrics.log_probs(clean_logits)
-    clean_p = clean_logp.exp()  # once per batch, shared by every intervention
+    # once per batch, shared by every intervention (and, in a study, by every site: run_shared builds it)
+    clean_ref = clean_logits if isinstance(clean_logits, metrics.CleanReference) else metrics.CleanReference.of(clean_logits)
     del clean_logits
     view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
     next_ids = metrics.next_token_ids(ids)
@@ -464,16 +502,24 @@ def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Tensor]
     }
     base["offset"] = base["position"]
     frames = []
-    for j, (name, perturbation) in enumerate(prep.perturbations):
-        gen = generator_for(model.device, cfg.seed, index, j)
-        x_prime = view.substitute(perturbation, gen, model.dtype).reshape(n_ctx, n_pos, -1)
-        if prep.suffix is not None:
-            logits = prep.suffix.patched(x_prime, slice(first, None))
+    stack = prep.stack if prep.suffix is not None else 1
+    for start in range(0, len(prep.perturbations), stack):
+        group = list(enumerate(prep.perturbations))[start : start + stack]
+        x_primes = [
+            view.substitute(perturbation, generator_for(model.device, cfg.seed, index, j), model.dtype).reshape(n_ctx, n_pos, -1)
+            for j, (_, perturbation) in group
+        ]
+        if prep.suffix is not None:  # one pass for the group, its substitutes stacked along the batch
+            stacked = prep.suffix.patched(torch.cat(x_primes), slice(first, None), copies=len(group))
+            logits_of = [stacked[i * n_ctx : (i + 1) * n_ctx] for i in range(len(group))]
         else:
-            logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None))
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids, clean_p)
-        del logits
-        frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
+            logits_of = [activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None)) for x_prime in x_primes]
+        del x_primes
+        for i, (_, (name, _)) in enumerate(group):
+            logits = logits_of[i]
+            kl, ce = clean_ref.measure(logits, next_ids)
+            frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
+        del logits_of, logits
     return pd.concat(frames, ignore_index=True), view.side_stats()
 
 
@@ -493,7 +539,7 @@ def _measure_single_token(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     else:
         acts, clean_logits = activations.run_clean(model, prep.spec, ids)
         ids_tail, next_tail, at = ids, next_ids, t
-    clean_logp = metrics.log_probs(clean_logits)
+    clean_ref = metrics.CleanReference.of(clean_logits)
     del clean_logits
     view = SaeView.of(acts[:, at], prep.sae, prep.center)  # [b d]
     positions = torch.arange(t, t + k + 1)
@@ -512,7 +558,7 @@ def _measure_single_token(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
             logits = prep.cache.patched(ids_tail, x_prime)
         else:
             logits = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_tail)
+        kl, ce = clean_ref.measure(logits, next_tail)
         del logits
         frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, at:].reshape(-1), "ce_delta": ce[:, at:].reshape(-1)}))
     return pd.concat(frames, ignore_index=True), view.side_stats()
@@ -552,7 +598,7 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     else:
         acts, clean_logits = activations.run_clean(model, prep.spec, ids)
         at = t
-    clean_logp = metrics.log_probs(clean_logits)[:, at : at + 1]  # [b 1 vocab]
+    clean_ref = metrics.CleanReference.of(clean_logits[:, at : at + 1])  # [b 1 vocab]
     del clean_logits
     next_ids = next_ids[:, : at + 1]
     view = SaeView.of(acts[:, at], prep.sae, prep.center)
@@ -575,7 +621,7 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     for j, (name, perturbation) in enumerate(prep.perturbations):
         gen = generator_for(model.device, cfg.seed, index, j)
         logits = patched_logits(None, view.substitute(perturbation, gen, model.dtype))
-        kl, ce = metrics.token_metrics(clean_logp, logits, next_ids[:, at : at + 1])
+        kl, ce = clean_ref.measure(logits, next_ids[:, at : at + 1])
         frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, 0], "ce_delta": ce[:, 0]}))
 
     # N draws per context, batched across contexts: rows are (context, draw) pairs.
@@ -592,7 +638,7 @@ def _measure_many_samples(prep: Prepared, index: int) -> tuple[pd.DataFrame, dic
     for start in range(0, len(owner), rows_per_chunk):
         rows = owner[start : start + rows_per_chunk]
         logits = patched_logits(rows, x_prime_all[start : start + rows_per_chunk])
-        kl, ce = metrics.token_metrics(clean_logp[rows], logits, next_ids[rows][:, at : at + 1])
+        kl, ce = clean_ref.select(rows).measure(logits, next_ids[rows][:, at : at + 1])
         kl_all.append(kl[:, 0])
         ce_all.append(ce[:, 0])
         del logits
@@ -669,7 +715,8 @@ def finish_run(run_: OpenRun) -> dict[str, Any] | None:
     frame, sides = rundir.read_parts()
     report = build_report(prep, frame, sides)
     validate_report(report, source="the report just built")  # never write a report that does not validate
-    atomic_write_parquet(rundir.root / "tokens.parquet", frame)
+    del frame
+    rundir.write_tokens(rundir.root / "tokens.parquet")
     atomic_write_json(rundir.root / "report.json", report)
     return report
 
@@ -722,9 +769,9 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
     for index in tqdm(indices, desc=f"all_tokens, {len(opened)} sites/layers, shared clean forward", disable=not progress, unit="batch"):
         need = [o for o in opened if index in o.todo]
         ids = _batch_ids(first, index)[0].to(first.model.device)
-        logits = shared_clean([o.prep.suffix for o in need], ids)
+        clean_ref = metrics.CleanReference.of(shared_clean([o.prep.suffix for o in need], ids))
         for o in need:
-            o.rundir.write_part(index, *measure_batch(o.prep, index, clean=(o.prep.suffix.site_value, logits)))
+            o.rundir.write_part(index, *measure_batch(o.prep, index, clean=(o.prep.suffix.site_value, clean_ref)))
             o.prep.suffix.site_value = None
     for o in opened:
         o.prep.execution["clean_forward"] = f"shared by {len(opened)} sites/layers"

@@ -9,7 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from klgap.errors import KlgapError
 
@@ -47,6 +50,19 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _plain(table_or_schema: Any) -> Any:
+    """Without pandas' metadata (each part's records its own index): the parts then concatenate cleanly."""
+    return table_or_schema.replace_schema_metadata(None) if isinstance(table_or_schema, pa.Table) else table_or_schema.remove_metadata()
+
+
+def _codes(values: np.ndarray, codes: dict[str, int]) -> np.ndarray:
+    """Category codes of a part's string column (few distinct names: one comparison per name)."""
+    names, first, inverse = np.unique(values.astype(str), return_index=True, return_inverse=True)
+    for i in np.argsort(first):  # new names get codes in order of first appearance
+        codes.setdefault(str(names[i]), len(codes))
+    return np.array([codes[str(n)] for n in names], dtype=np.int32)[inverse]
 
 
 class RunDir:
@@ -117,11 +133,60 @@ class RunDir:
         atomic_write_json(meta_path, side)
 
     def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """Every finished part as one compact frame, filled part by part into preallocated columns (never two
+        copies of the table): intervention categorical, integers int32 (~50 bytes per row, not ~200)."""
         indices = sorted(self.done_batches())
-        frames = [pd.read_parquet(self.part_paths(i)[0]) for i in indices]
         sides = [json.loads(self.part_paths(i)[1].read_text()) for i in indices]
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if not indices:
+            return pd.DataFrame(), sides
+        paths = [self.part_paths(i)[0] for i in indices]
+        sizes = [pq.read_metadata(path).num_rows for path in paths]
+        schema = pa.unify_schemas([_plain(pq.read_schema(path)) for path in paths], promote_options="permissive")
+        columns: dict[str, np.ndarray] = {}
+        categories: dict[str, dict[str, int]] = {}  # string columns (the intervention name): name -> code
+        for field in schema:
+            if pa.types.is_integer(field.type):  # int32 unless a part holds a value beyond it
+                columns[field.name] = np.empty(sum(sizes), dtype=np.int32)
+            elif pa.types.is_floating(field.type):
+                columns[field.name] = np.empty(sum(sizes), dtype=field.type.to_pandas_dtype())
+            else:
+                columns[field.name] = np.empty(sum(sizes), dtype=np.int32)
+                categories[field.name] = {}
+        start = 0
+        for path, size in zip(paths, sizes, strict=True):
+            part = pq.read_table(path)
+            for name, column in columns.items():
+                values = part.column(name).to_numpy(zero_copy_only=False) if name in part.column_names else None
+                if values is None:
+                    raise KlgapError(f"{path} has no column {name!r}: the run folder mixes parts of different versions")
+                if name in categories:
+                    values = _codes(values, categories[name])
+                elif column.dtype == np.int32 and len(values) and np.abs(values).max() >= 2**31:
+                    column = columns[name] = column.astype(np.int64)
+                column[start : start + size] = values
+            start += size
+        frame = pd.DataFrame({
+            name: pd.Categorical.from_codes(column, categories=list(categories[name])) if name in categories
+            else column
+            for name, column in columns.items()
+        }, copy=False)
         return frame, sides
+
+    def write_tokens(self, path: Path) -> None:
+        """Join the finished parts into one parquet file, a part at a time (never the whole table in memory)."""
+        indices = sorted(self.done_batches())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            schema = pa.unify_schemas([_plain(pq.read_schema(self.part_paths(i)[0])) for i in indices],
+                                      promote_options="permissive") if indices else pa.schema([])
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for i in indices:
+                    writer.write_table(_plain(pq.read_table(self.part_paths(i)[0])).cast(schema))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _first_difference(old: Any, new: dict[str, Any]) -> str:

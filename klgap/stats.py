@@ -27,10 +27,21 @@ def describe(values: np.ndarray) -> dict[str, float | int]:
 
 def per_context(frame: pd.DataFrame, intervention: str, column: str) -> pd.DataFrame:
     """Sum and count of the finite `column` per context for one intervention: columns sum, n."""
-    rows = frame[frame["intervention"] == intervention]
+    rows = frame.loc[frame["intervention"] == intervention, ["context", column]]
     values = rows[column].where(np.isfinite(rows[column]))
     grouped = values.groupby(rows["context"])
     return pd.DataFrame({"sum": grouped.sum(min_count=1).fillna(0.0), "n": grouped.count()})
+
+
+BOOT_CHUNK = 100  # bootstrap replicates drawn at once (even: the draws equal one (n_boot, n) call's)
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int):
+    """Context indices of `n_boot` bootstrap resamples of `n` contexts, ``[chunk n]`` int32 at a time: the same
+    numbers as ``default_rng(seed).integers(0, n, (n_boot, n))``, without holding n_boot × n of them."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        yield rng.integers(0, n, size=(min(BOOT_CHUNK, n_boot - start), n), dtype=np.int32)
 
 
 def ratio_of_means_ci(
@@ -54,8 +65,7 @@ def ratio_of_means_ci(
 
     point = float(ratio(slice(None)))
     n = len(joined)
-    rng = np.random.default_rng(seed)
-    boots = ratio(rng.integers(0, n, size=(n_boot, n)))
+    boots = np.concatenate([ratio(idx) for idx in bootstrap_indices(n, n_boot, seed)])
     boots = boots[np.isfinite(boots)]
     alpha = (1 - level) / 2
     low, high = (np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan))
@@ -143,9 +153,8 @@ def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: flo
     s, n = per_ctx["sum"].to_numpy(dtype=np.float64), per_ctx["n"].to_numpy(dtype=np.float64)
     if s.size == 0 or n.sum() == 0:
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
-    idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
     with np.errstate(divide="ignore", invalid="ignore"):
-        boots = s[idx].sum(-1) / n[idx].sum(-1)
+        boots = np.concatenate([s[idx].sum(-1) / n[idx].sum(-1) for idx in bootstrap_indices(s.size, n_boot, seed)])
     boots = boots[np.isfinite(boots)]
     alpha = (1 - level) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)

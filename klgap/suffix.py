@@ -38,6 +38,7 @@ class SuffixRunner:
         self.direct = spec.module == f"{layout['blocks']}.{layer}"
         self.first = layer + 1 if (self.direct and spec.io == "output") else layer
         self.calls: list[tuple[tuple, dict]] = []
+        self._tiled: dict[int, list[tuple[tuple, dict]]] = {}
         self.site_value: Tensor | None = None
         self._patch: tuple[Tensor, slice] | None = None
 
@@ -53,7 +54,7 @@ class SuffixRunner:
 
     def _clean_hooks(self) -> list[Any]:
         """Hooks that record, during a clean forward, this runner's site and its suffix blocks' calls."""
-        self.calls = []
+        self.calls, self._tiled = [], {}
         handles = [
             block.register_forward_pre_hook(lambda m, a, k: self.calls.append((a, k)), with_kwargs=True)
             for block in self.blocks[self.first :]
@@ -62,18 +63,22 @@ class SuffixRunner:
         return handles
 
     @torch.no_grad()
-    def patched(self, x_prime: Tensor, positions: slice) -> Tensor:
-        """Logits with the site replaced by `x_prime` at `positions`, running only the layers above it."""
+    def patched(self, x_prime: Tensor, positions: slice, copies: int = 1) -> Tensor:
+        """Logits with the site replaced by `x_prime` at `positions`, running only the layers above it.
+
+        copies > 1 stacks that many substitutes along the batch: ``x_prime [copies*b npos d]`` (copy-major)
+        gives logits ``[copies*b pos vocab]``; every batch-sized argument of the recorded calls is tiled."""
+        calls = self._tiled_calls(copies)
         handle = None
         if self.direct:
-            hidden = _replace(self.site_value, x_prime, positions)
+            hidden = _replace(_tile(self.site_value, copies, len(self.site_value)), x_prime, positions)
         else:
-            args, kwargs = self.calls[0]
+            args, kwargs = calls[0]
             hidden = args[0] if args else kwargs["hidden_states"]
             self._patch = (x_prime, positions)
             handle = self._site_hook()
         try:
-            for block, (args, kwargs) in zip(self.blocks[self.first :], self.calls, strict=True):
+            for block, (args, kwargs) in zip(self.blocks[self.first :], calls, strict=True):
                 out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
                 hidden = out[0] if isinstance(out, tuple) else out
         finally:
@@ -81,6 +86,19 @@ class SuffixRunner:
             if handle is not None:
                 handle.remove()
         return self.unembed(self.final_norm(hidden))
+
+    def _tiled_calls(self, copies: int) -> list[tuple[tuple, dict]]:
+        """The recorded block calls with every batch-sized tensor repeated `copies` times (cached per batch)."""
+        if copies == 1:
+            return self.calls
+        if copies not in self._tiled:
+            if self.calls:
+                args, kwargs = self.calls[0]
+                batch = len(args[0] if args else kwargs["hidden_states"])
+            else:  # the last block's output: nothing above it but the final norm
+                batch = len(self.site_value)
+            self._tiled[copies] = [_tile((args, kwargs), copies, batch) for args, kwargs in self.calls]
+        return self._tiled[copies]
 
     def _site_hook(self) -> Any:
         """A plain hook on the site's module: records the tensor (clean run) or overwrites it (patched run)."""
@@ -110,3 +128,22 @@ def _replace(value: Tensor, x_prime: Tensor, positions: slice) -> Tensor:
     out = value.clone()
     out[:, positions] = x_prime
     return out
+
+
+def _tile(value: Any, copies: int, batch: int) -> Any:
+    """Repeat every tensor whose first axis is the batch (``[batch, ...]``, 2-D or more) `copies` times along
+    it, inside tuples, lists and dicts; anything else (broadcast ``[1, ...]`` tensors, 1-D cache positions,
+    flags) is shared as it is."""
+    if copies == 1:
+        return value
+    if isinstance(value, Tensor):
+        if value.dim() >= 2 and value.shape[0] == batch:
+            return value.repeat(copies, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_tile(v, copies, batch) for v in value)
+    if isinstance(value, list):
+        return [_tile(v, copies, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _tile(v, copies, batch) for k, v in value.items()}
+    return value

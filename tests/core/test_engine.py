@@ -154,9 +154,12 @@ def test_bad_inputs(tmp_path, load_model):
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
-def test_suffix_replay_equals_full_forward(tmp_path, load_model, model):
-    """Rerunning only the layers above the site gives the same numbers as full forwards through nnsight."""
+def test_suffix_replay_equals_full_forward(tmp_path, load_model, model, monkeypatch):
+    """Rerunning only the layers above the site gives the same numbers as full forwards through nnsight, with
+    the interventions stacked along the batch (the default on CUDA; here given a CPU budget)."""
     from klgap.sites import SITES
+
+    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1 << 30)
 
     lm = load_model(model)
     for site in SITES:
@@ -166,8 +169,33 @@ def test_suffix_replay_equals_full_forward(tmp_path, load_model, model):
             fast, t_fast = _run(tmp_path, f"fast-{site}{layer}", **kw)
             slow, t_slow = _run(tmp_path, f"slow-{site}{layer}", **kw, fast=False)
             assert fast["execution"]["path"] == "suffix-replay" and slow["execution"]["path"] == "full-forward"
+            assert fast["execution"]["stack"] == 2  # both interventions in one pass, stacked along the batch
             np.testing.assert_allclose(t_fast.kl, t_slow.kl, rtol=1e-4, atol=1e-7, err_msg=f"{site} L{layer}")
             np.testing.assert_allclose(t_fast.ce_delta, t_slow.ce_delta, rtol=1e-4, atol=1e-6, err_msg=f"{site} L{layer}")
+
+
+def test_stacking_follows_the_memory_budget(tmp_path, load_model, monkeypatch):
+    """The number of interventions per suffix pass comes from the memory budget; stacked or not, the same numbers."""
+    lm = load_model("tiny-llama")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 128, hook_name("mlp_out", 0))
+    kw = dict(model="tiny-llama", sae=str(sae), interventions=["sae", "sae_norm", "epsilon_random", "theta_random"], n_tokens=64)
+    default, t_default = _run(tmp_path, "default", **kw)
+    assert "stack" not in default["execution"]  # CPU: one intervention per pass unless given a budget
+    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1 << 30)
+    stacked, t_stacked = _run(tmp_path, "stacked", **kw)
+    assert stacked["execution"]["stack"] == 4
+    cfg = RunConfig(**{"n_tokens": 64, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
+    per_copy = engine.STACK_BYTES_CPU // engine.stack_size(cfg, lm)  # what one copy costs
+    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 3 * per_copy)
+    assert engine.stack_size(cfg, lm) == 3
+    three, t_three = _run(tmp_path, "three", **kw)
+    assert three["execution"]["stack"] == 3  # passes of 3 + 1
+    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1)
+    single, t_single = _run(tmp_path, "single", **kw)
+    assert "stack" not in single["execution"]
+    for table in (t_three, t_single, t_default):
+        np.testing.assert_allclose(table.kl, t_stacked.kl, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(table.ce_delta, t_stacked.ce_delta, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -214,3 +242,21 @@ def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_
         pd.testing.assert_frame_equal(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
         assert report["interventions"] == alone["interventions"]
         assert report["interventions"]["sae"]["kl_mean"] > 0
+
+
+def test_parts_read_back_compact_and_joined_a_part_at_a_time(tmp_path, load_model):
+    """The report reads the parts into one compact frame (categorical names, int32 ids) and tokens.parquet is
+    the parts joined in order, with plain columns."""
+    from klgap.rundir import RunDir
+
+    lm = load_model("tiny-gpt2")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1))
+    _, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae), interventions=["sae", "epsilon_random"])
+    frame, sides = RunDir(tmp_path / "run").read_parts()
+    assert len(sides) == 2 and len(frame) == len(tokens) == 2 * 4 * 31
+    assert isinstance(frame["intervention"].dtype, pd.CategoricalDtype)
+    assert list(frame["intervention"].cat.categories) == ["sae", "epsilon_random"]  # order of appearance
+    assert frame["context"].dtype == np.int32 and frame["kl"].dtype == np.float32
+    parts = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "run" / "parts").glob("*.parquet"))], ignore_index=True)
+    pd.testing.assert_frame_equal(tokens, parts)
+    pd.testing.assert_frame_equal(frame.astype({"intervention": str}), parts.astype(frame.dtypes.drop("intervention").to_dict()), check_dtype=False)

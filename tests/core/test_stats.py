@@ -81,3 +81,19 @@ def test_gap_correlations_and_top_tokens():
     assert abs(corr["position"]["rho"]) < 0.2
     top = stats.top_tokens(gaps)
     assert top.iloc[0]["token_id"] == 7 and top.iloc[0]["count"] >= 5
+
+
+@pytest.mark.parametrize("n", [1, 7, 1563])
+def test_bootstrap_in_chunks_draws_the_one_shot_numbers(n):
+    """Resampling in chunks of replicates (memory ∝ chunk × contexts) reproduces one (n_boot, n) draw exactly."""
+    one_shot = np.random.default_rng(3).integers(0, n, size=(2000, n))
+    chunked = np.concatenate(list(stats.bootstrap_indices(n, 2000, 3)))
+    assert chunked.dtype == np.int32 and chunked.shape == (2000, n)
+    np.testing.assert_array_equal(chunked, one_shot)
+    rng = np.random.default_rng(0)
+    per_ctx = pd.DataFrame({"sum": rng.random(n) * 10, "n": rng.integers(1, 20, n)})
+    s, c = per_ctx["sum"].to_numpy(), per_ctx["n"].to_numpy()
+    boots = s[one_shot].sum(-1) / c[one_shot].sum(-1)
+    ci = stats.mean_ci(per_ctx, n_boot=2000, seed=3)
+    assert ci["ci_low"] == pytest.approx(np.quantile(boots, 0.025), rel=1e-13)
+    assert ci["ci_high"] == pytest.approx(np.quantile(boots, 0.975), rel=1e-13)
