@@ -69,7 +69,7 @@ class CleanReference:
         The patched logits are overwritten (they are the caller's last use of them). ``next_ids [batch pos]``:
         the true next token; < 0 where unknown (ΔCE is NaN there)."""
         if not self.finite:  # −inf clean logits (a masked vocabulary): d = z' − z is undefined there
-            return _textbook(self.z, self.p, _compute_dtype(patched_logits), next_ids)
+            return _textbook(self.z, _compute_dtype(patched_logits), next_ids)
         d = _compute_dtype(patched_logits)
         shape, vocab = d.shape[:-1], d.shape[-1]
         d = d.reshape(-1, vocab)  # a view where it can be (else a copy, ours as well)
@@ -95,7 +95,7 @@ def _measure_rows(d: Tensor, z: Tensor, p: Tensor, next_ids: Tensor) -> tuple[Te
     bad = ~torch.isfinite(m)  # ±inf patched logits in that row
     if bool(bad.any()):
         kl, ce = torch.empty_like(m), torch.empty_like(m)
-        kl[bad], ce[bad] = _textbook(z[bad], p[bad], d[bad] + z[bad], next_ids[bad])  # z' back (z is finite)
+        kl[bad], ce[bad] = _textbook(z[bad], d[bad] + z[bad], next_ids[bad])  # z' back (z is finite)
         good = ~bad
         kl[good], ce[good] = _fused(d[good], m[good], p[good], next_ids[good])
         return kl, ce
@@ -119,12 +119,10 @@ def _fused(d: Tensor, m: Tensor, p: Tensor, next_ids: Tensor) -> tuple[Tensor, T
     return kl, _masked(kl + m - d_next, next_ids)
 
 
-def _textbook(z: Tensor, p: Tensor, z_patched: Tensor, next_ids: Tensor) -> tuple[Tensor, Tensor]:
+def _textbook(z: Tensor, z_patched: Tensor, next_ids: Tensor) -> tuple[Tensor, Tensor]:
     """KL and ΔCE from two log-softmaxes (rows with infinite logits)."""
-    logp, patched_logp = log_probs(z), log_probs(z_patched)
-    kl = torch.where(p > 0, p * (logp - patched_logp), 0.0).sum(-1)
-    safe = next_ids.clamp(min=0).unsqueeze(-1)
-    return kl, _masked(logp.gather(-1, safe).squeeze(-1) - patched_logp.gather(-1, safe).squeeze(-1), next_ids)
+    logp = log_probs(z)
+    return kl_per_token(logp, z_patched), ce_delta_per_token(logp, z_patched, next_ids)
 
 
 def _masked(ce: Tensor, next_ids: Tensor) -> Tensor:
