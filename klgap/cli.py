@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, unknown
 
 log = logging.getLogger("klgap")
 
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     train.add_argument("--steps", type=_int_arg("--steps"), default=None, help="training steps of 1024 tokens (default 2000)")
+    train.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
+                       help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
+                            "common offset)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0)
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32")
@@ -354,8 +357,29 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)),
         l1=recipe.get("l1"), lr=recipe.get("lr"), steps=recipe.get("steps"), seed=int(recipe.get("seed", config.seed)),
         device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
+        b_dec_init=recipe.get("b_dec_init", "zeros"), overrides=recipe_overrides(recipe),
     )
     cmd_train_sae(args, only=missing)
+
+
+OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init"}
+
+
+def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """``[train_sae.sites.attn_out_L24]`` tables: per-SAE changes to the recipe (l1, lr, steps, b_dec_init)."""
+    from klgap.sites import SITES
+
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for key, table in (recipe.get("sites") or {}).items():
+        site, sep, layer = str(key).rpartition("_L")
+        if not sep or site not in SITES or not layer.isdigit():
+            raise KlgapError(f"[train_sae.sites.{key}]: name the SAE as SITE_L<layer>, e.g. attn_out_L24 "
+                             f"(sites: {', '.join(SITES)})")
+        bad = [k for k in table if k not in OVERRIDABLE]
+        if bad:
+            raise unknown(f"[train_sae.sites.{key}] key", bad[0], list(OVERRIDABLE))
+        out[(site, int(layer))] = {OVERRIDABLE[k]: v for k, v in table.items()}
+    return out
 
 
 def print_study(study: dict[str, Any], out: Path) -> None:
@@ -410,7 +434,6 @@ def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None =
 
     from klgap.config import DTYPES
     from klgap.engine import load_model, pick_device
-    from klgap.errors import unknown
     from klgap.plugins import get_host
     from klgap.study import parse_layers, parse_sites
     from klgap.train import fit_sae, gather_many
@@ -445,7 +468,8 @@ def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None =
         raise KlgapError(f"--context-len {args.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
     n_contexts = max(1, math.ceil(args.tokens / (args.context_len - 1)))
     contexts = source.contexts(model, n_contexts, args.context_len, args.seed, True, source_arg or None)
-    kwargs: dict[str, Any] = {"expansion": args.expansion, "device": device, "seed": args.seed, "progress": not args.quiet}
+    kwargs: dict[str, Any] = {"expansion": args.expansion, "device": device, "seed": args.seed, "progress": not args.quiet,
+                              "b_dec_init": getattr(args, "b_dec_init", "zeros")}
     if args.l1 is not None:
         kwargs["l1_coefficient"] = args.l1
     if args.lr is not None:
@@ -458,7 +482,9 @@ def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None =
     gathered = gather_many(model, pairs, contexts, args.batch_size, progress=not args.quiet)
     for site, layer in pairs:
         out = Path(out_template.replace("{site}", site).replace("{layer}", str(layer)))
-        result = fit_sae(model, site, layer, gathered.pop((site, layer)), out, started=started, **kwargs)
+        overrides = getattr(args, "overrides", None) or {}
+        result = fit_sae(model, site, layer, gathered.pop((site, layer)), out, started=started,
+                         **{**kwargs, **overrides.get((site, layer), {})})
         started = time.time()
         print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
         print(f"wrote SAE to {out} (use --sae {out})")

@@ -75,6 +75,9 @@ def evaluate(sae: Any, acts: Tensor, device: torch.device) -> dict[str, float]:
     }
 
 
+B_DEC_INITS = ("zeros", "mean")
+
+
 def train_sae(
     model: LoadedModel,
     site: str,
@@ -115,11 +118,19 @@ def fit_sae(
     skip_first_position: bool = True,
     progress: bool = True,
     started: float | None = None,
+    b_dec_init: str = "zeros",
 ) -> dict[str, Any]:
-    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json."""
+    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json.
+
+    b_dec_init: "zeros" (sae_lens's trainer as it is: inputs scaled to mean norm sqrt(d)) or "mean": inputs
+    scaled so that their spread around the mean has norm sqrt(d), and the decoder bias starts at the mean.
+    Sites whose activations share a large common offset (e.g. a late attn_out with ‖mean‖ ≫ spread)
+    otherwise spend latents, and L1, on the offset."""
     from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
+    if b_dec_init not in B_DEC_INITS:
+        raise KlgapError(f"unknown b_dec_init {b_dec_init!r}; valid: {', '.join(B_DEC_INITS)}")
     device = device or model.device
     started = started or time.time()
     if not torch.isfinite(acts).all():
@@ -171,6 +182,14 @@ def fit_sae(
             n_batches_for_norm_estimate=min(50, max(1, len(train) // train_batch_size)),
         )
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train, train_batch_size, seed, device))
+        if b_dec_init == "mean":
+            # Scale so that the spread around the mean (not the offset) has norm sqrt(d) on average, and start
+            # b_dec at the mean in those units; the factor is folded into the saved weights as usual.
+            mean = train.float().mean(0)
+            scale = d_in**0.5 / float((train.float() - mean).norm(dim=-1).mean())
+            trainer.activation_scaler.scaling_factor = scale
+            with torch.no_grad():
+                sae.b_dec.copy_((mean * scale).to(sae.b_dec.device))
         trained = trainer.fit()
 
     out_dir = Path(out_dir)
@@ -193,6 +212,7 @@ def fit_sae(
         "steps": steps,
         "train_batch_size": train_batch_size,
         "l1_coefficient": l1_coefficient,
+        "b_dec_init": b_dec_init,
         "lr": lr,
         "seed": seed,
         "first_position": "excluded" if skip_first_position else "included",

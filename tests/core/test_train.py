@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from klgap.engine import load_sae
@@ -67,3 +68,45 @@ def test_train_sae_several_sites_and_layers_in_one_pass(tmp_path, capsys):
     assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--out", str(tmp_path / "one"),
                  "--dataset", "random"]) == 2
     assert "put {layer} and {site} in it" in capsys.readouterr().err
+
+
+def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, load_model):
+    """A site whose activations share an offset much larger than their spread (‖mean‖ ≈ 20× the spread, like
+    SmolLM2's attn_out at layer 24): starting the decoder bias at zero spends latents on the offset; at the mean
+    the same budget reconstructs the spread. The saved SAE still works on raw activations."""
+    from klgap.errors import KlgapError
+    from klgap.train import fit_sae
+
+    model = load_model("tiny-gpt2")
+    contexts = registry("token_source").get("sample").contexts(model, 200, 64, 0, True, "train")
+    acts = gather(model, "mlp_out", 1, contexts)
+    spread = (acts - acts.mean(0)).norm(dim=-1).mean()
+    direction = torch.nn.functional.normalize(torch.randn(acts.shape[-1], generator=torch.Generator().manual_seed(1)), dim=0)
+    shifted = acts + 20 * spread * direction
+    kw = dict(steps=300, progress=False, l1_coefficient=5.0)
+    zeros = fit_sae(model, "mlp_out", 1, shifted, tmp_path / "zeros", **kw)
+    mean = fit_sae(model, "mlp_out", 1, shifted, tmp_path / "mean", b_dec_init="mean", **kw)
+    assert mean["b_dec_init"] == "mean" and zeros["b_dec_init"] == "zeros"
+    assert mean["explained_variance"] > zeros["explained_variance"] + 0.1
+    assert mean["explained_variance"] > 0.5
+    sae = load_sae(str(tmp_path / "mean"), torch.device("cpu"))
+    x_hat = sae.decode(sae.encode(shifted[:2000]))
+    ev = 1 - ((shifted[:2000] - x_hat) ** 2).sum() / ((shifted[:2000] - shifted[:2000].mean(0)) ** 2).sum()
+    assert ev > 0.5
+    with pytest.raises(KlgapError, match=r"unknown b_dec_init 'median'; valid: zeros, mean"):
+        fit_sae(model, "mlp_out", 1, shifted, tmp_path / "bad", b_dec_init="median", **kw)
+
+
+def test_recipe_overrides_per_sae():
+    """[train_sae.sites.SITE_L<layer>] tables change the recipe of one SAE; bad names and keys are refused."""
+    from klgap.cli import recipe_overrides
+    from klgap.errors import KlgapError
+
+    recipe = {"l1": 3, "sites": {"attn_out_L24": {"l1": 10, "steps": 3000, "b_dec_init": "mean"}, "resid_post_L3": {"lr": 5e-4}}}
+    assert recipe_overrides(recipe) == {("attn_out", 24): {"l1_coefficient": 10, "steps": 3000, "b_dec_init": "mean"},
+                                        ("resid_post", 3): {"lr": 5e-4}}
+    assert recipe_overrides({"l1": 3}) == {}
+    with pytest.raises(KlgapError, match=r"name the SAE as SITE_L<layer>, e.g. attn_out_L24"):
+        recipe_overrides({"sites": {"attn_24": {"l1": 10}}})
+    with pytest.raises(KlgapError, match=r"unknown \[train_sae.sites.attn_out_L24\] key 'l2'.*valid: b_dec_init, l1, lr, steps"):
+        recipe_overrides({"sites": {"attn_out_L24": {"l2": 10}}})
