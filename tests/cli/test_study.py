@@ -74,6 +74,10 @@ out = "{tmp_path}/study"
 tokens = 6000
 steps = 20
 dataset = "random"
+
+[train_sae.sites.attn_out_L1]
+steps = 25
+b_dec_init = "mean"
 """)
     assert main(["replicate", "--config", str(config), "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -84,7 +88,10 @@ dataset = "random"
     assert sorted((r["site"], r["layer"]) for r in study["runs"]) == [("attn_out", 0), ("attn_out", 1), ("mlp_out", 0), ("mlp_out", 1)]
     for site in ("mlp_out", "attn_out"):
         for layer in (0, 1):
-            assert json.loads((tmp_path / "saes" / f"blocks.{layer}.hook_{site}" / "training.json").read_text())["steps"] == 20
+            training = json.loads((tmp_path / "saes" / f"blocks.{layer}.hook_{site}" / "training.json").read_text())
+            override = (site, layer) == ("attn_out", 1)  # [train_sae.sites.attn_out_L1] changes that SAE's recipe only
+            assert training["steps"] == (25 if override else 20)
+            assert training["b_dec_init"] == ("mean" if override else "zeros")
     # the same file drives a curve; its grid comes from the file's cos / norm_frac
     assert main(["curve", "--config", str(config), "--out", str(tmp_path / "curve"), "--quiet"]) == 0
     assert "SAE(s) not found" not in capsys.readouterr().err  # trained once, reused
