@@ -480,9 +480,9 @@ def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None =
 
     started = time.time()
     gathered = gather_many(model, pairs, contexts, args.batch_size, progress=not args.quiet)
+    overrides = getattr(args, "overrides", None) or {}  # [train_sae.sites.*] of a replication file
     for site, layer in pairs:
         out = Path(out_template.replace("{site}", site).replace("{layer}", str(layer)))
-        overrides = getattr(args, "overrides", None) or {}
         result = fit_sae(model, site, layer, gathered.pop((site, layer)), out, started=started,
                          **{**kwargs, **overrides.get((site, layer), {})})
         started = time.time()

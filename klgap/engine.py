@@ -503,20 +503,19 @@ def _measure_all_tokens(prep: Prepared, index: int, clean: tuple[Tensor, Any] | 
     base["offset"] = base["position"]
     frames = []
     stack = prep.stack if prep.suffix is not None else 1
-    for start in range(0, len(prep.perturbations), stack):
-        group = list(enumerate(prep.perturbations))[start : start + stack]
+    indexed = list(enumerate(prep.perturbations))  # j keys each substitute's generator
+    for start in range(0, len(indexed), stack):
+        group = indexed[start : start + stack]
         x_primes = [
             view.substitute(perturbation, generator_for(model.device, cfg.seed, index, j), model.dtype).reshape(n_ctx, n_pos, -1)
             for j, (_, perturbation) in group
         ]
         if prep.suffix is not None:  # one pass for the group, its substitutes stacked along the batch
-            stacked = prep.suffix.patched(torch.cat(x_primes), slice(first, None), copies=len(group))
-            logits_of = [stacked[i * n_ctx : (i + 1) * n_ctx] for i in range(len(group))]
+            logits_of = prep.suffix.patched(torch.cat(x_primes), slice(first, None), copies=len(group)).split(n_ctx)
         else:
             logits_of = [activations.run_patched(model, prep.spec, ids, x_prime, positions=slice(first, None)) for x_prime in x_primes]
         del x_primes
-        for i, (_, (name, _)) in enumerate(group):
-            logits = logits_of[i]
+        for (_, (name, _)), logits in zip(group, logits_of, strict=True):
             kl, ce = clean_ref.measure(logits, next_ids)
             frames.append(_table({**base, "intervention": name, "draw": -1, "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
         del logits_of, logits

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +42,33 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        frame.to_parquet(tmp, index=False)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _plain(table_or_schema: Any) -> Any:
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    with _atomic_target(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _plain(table: pa.Table) -> pa.Table:
     """Without pandas' metadata (each part's records its own index): the parts then concatenate cleanly."""
-    return table_or_schema.replace_schema_metadata(None) if isinstance(table_or_schema, pa.Table) else table_or_schema.remove_metadata()
+    return table.replace_schema_metadata(None)
+
+
+def _parts_schema(paths: list[Path]) -> pa.Schema:
+    """One schema for every part (integers widened where parts differ), without pandas' metadata."""
+    return pa.unify_schemas([pq.read_schema(path).remove_metadata() for path in paths], promote_options="permissive")
 
 
 def _codes(values: np.ndarray, codes: dict[str, int]) -> np.ndarray:
@@ -141,7 +155,7 @@ class RunDir:
             return pd.DataFrame(), sides
         paths = [self.part_paths(i)[0] for i in indices]
         sizes = [pq.read_metadata(path).num_rows for path in paths]
-        schema = pa.unify_schemas([_plain(pq.read_schema(path)) for path in paths], promote_options="permissive")
+        schema = _parts_schema(paths)
         columns: dict[str, np.ndarray] = {}
         categories: dict[str, dict[str, int]] = {}  # string columns (the intervention name): name -> code
         for field in schema:
@@ -156,9 +170,9 @@ class RunDir:
         for path, size in zip(paths, sizes, strict=True):
             part = pq.read_table(path)
             for name, column in columns.items():
-                values = part.column(name).to_numpy(zero_copy_only=False) if name in part.column_names else None
-                if values is None:
+                if name not in part.column_names:
                     raise KlgapError(f"{path} has no column {name!r}: the run folder mixes parts of different versions")
+                values = part.column(name).to_numpy(zero_copy_only=False)
                 if name in categories:
                     values = _codes(values, categories[name])
                 elif column.dtype == np.int32 and len(values) and np.abs(values).max() >= 2**31:
@@ -174,19 +188,11 @@ class RunDir:
 
     def write_tokens(self, path: Path) -> None:
         """Join the finished parts into one parquet file, a part at a time (never the whole table in memory)."""
-        indices = sorted(self.done_batches())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            schema = pa.unify_schemas([_plain(pq.read_schema(self.part_paths(i)[0])) for i in indices],
-                                      promote_options="permissive") if indices else pa.schema([])
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for i in indices:
-                    writer.write_table(_plain(pq.read_table(self.part_paths(i)[0])).cast(schema))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        paths = [self.part_paths(i)[0] for i in sorted(self.done_batches())]
+        schema = _parts_schema(paths) if paths else pa.schema([])
+        with _atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for part in paths:
+                writer.write_table(_plain(pq.read_table(part)).cast(schema))
 
 
 def _first_difference(old: Any, new: dict[str, Any]) -> str:

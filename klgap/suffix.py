@@ -69,12 +69,13 @@ class SuffixRunner:
         copies > 1 stacks that many substitutes along the batch: ``x_prime [copies*b npos d]`` (copy-major)
         gives logits ``[copies*b pos vocab]``; every batch-sized argument of the recorded calls is tiled."""
         calls = self._tiled_calls(copies)
+        batch = len(self.site_value)
         handle = None
         if self.direct:
-            hidden = _replace(_tile(self.site_value, copies, len(self.site_value)), x_prime, positions)
+            hidden = _replace(_tile(self.site_value, copies, batch), x_prime, positions)
         else:
-            args, kwargs = calls[0]
-            hidden = args[0] if args else kwargs["hidden_states"]
+            args, kwargs = self.calls[0]
+            hidden = _tile(args[0] if args else kwargs["hidden_states"], copies, batch)
             self._patch = (x_prime, positions)
             handle = self._site_hook()
         try:
@@ -88,16 +89,18 @@ class SuffixRunner:
         return self.unembed(self.final_norm(hidden))
 
     def _tiled_calls(self, copies: int) -> list[tuple[tuple, dict]]:
-        """The recorded block calls with every batch-sized tensor repeated `copies` times (cached per batch)."""
+        """The recorded block calls with every batch-sized argument repeated `copies` times (cached per batch).
+
+        The hidden states each call was given are left as they are: the replay passes its own."""
         if copies == 1:
             return self.calls
         if copies not in self._tiled:
-            if self.calls:
-                args, kwargs = self.calls[0]
-                batch = len(args[0] if args else kwargs["hidden_states"])
-            else:  # the last block's output: nothing above it but the final norm
-                batch = len(self.site_value)
-            self._tiled[copies] = [_tile((args, kwargs), copies, batch) for args, kwargs in self.calls]
+            batch = len(self.site_value)
+            self._tiled[copies] = [
+                ((args[0], *_tile(args[1:], copies, batch)) if args else (),
+                 {k: v if k == "hidden_states" else _tile(v, copies, batch) for k, v in kwargs.items()})
+                for args, kwargs in self.calls
+            ]
         return self._tiled[copies]
 
     def _site_hook(self) -> Any:

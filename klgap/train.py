@@ -186,7 +186,7 @@ def fit_sae(
             # Scale so that the spread around the mean (not the offset) has norm sqrt(d) on average, and start
             # b_dec at the mean in those units; the factor is folded into the saved weights as usual.
             mean = train.float().mean(0)
-            scale = d_in**0.5 / float((train.float() - mean).norm(dim=-1).mean())
+            scale = d_in**0.5 / float((train - mean).norm(dim=-1).mean())
             trainer.activation_scaler.scaling_factor = scale
             with torch.no_grad():
                 sae.b_dec.copy_((mean * scale).to(sae.b_dec.device))
