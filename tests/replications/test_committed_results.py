@@ -59,17 +59,32 @@ def test_all_token_scale_is_at_least_200k_tokens_per_site():
         assert all(stats["n_nonfinite"] == 0 for stats in run["interventions"].values()), run["path"]
 
 
-def test_readme_all_token_table_is_the_committed_report():
-    table = _table("All-token results")
-    runs = _report("all_tokens")["runs"]
+def _rows(heading_start: str, mode: str):
+    """(run, its README cells) for every run of `mode`; the table has exactly the report's sites × layers."""
+    table = _table(heading_start)
+    runs = _report(mode)["runs"]
     assert set(table) == {(run["site"], run["layer"]) for run in runs}
-    for run in runs:
-        cells = table[(run["site"], run["layer"])]
+    return [(run, table[(run["site"], run["layer"])]) for run in runs]
+
+
+def _check_printed(printed: str, value: float, path: str) -> None:
+    assert printed == "1" and value > 0.995 or _close(printed, value), (path, printed, value)
+
+
+def _check_ratio_cell(cell: str, kl_ratio: dict, path: str) -> None:
+    """`cell` is "ratio [low, high]" at two decimals."""
+    printed = [float(v) for v in re.findall(r"[\d.]+", cell)]
+    assert len(printed) == 3, (path, cell)
+    for shown, value in zip(printed, (kl_ratio[k] for k in ("ratio", "ci_low", "ci_high"))):
+        assert abs(shown - value) <= 0.0051, (path, shown, value)
+
+
+def test_readme_all_token_table_is_the_committed_report():
+    for run, cells in _rows("All-token results", "all_tokens"):
         training = run["sae"]["info"]["training"]
         kl = {name: stats["kl_mean"] for name, stats in run["interventions"].items()}
         eps = run["comparisons"]["epsilon_random"]
         ev_train, l0_train = cells[0].split(" / ")
-        ratio, low, high = (float(v) for v in re.findall(r"[\d.]+", cells[4]))
         ce_sae, ce_eps = cells[6].split(" / ")
         expected = [
             (ev_train, training["explained_variance"]),
@@ -85,20 +100,12 @@ def test_readme_all_token_table_is_the_committed_report():
             (cells[9], kl["theta_random"]),
         ]
         for printed, value in expected:
-            assert printed == "1" and value > 0.995 or _close(printed, value), (run["path"], printed, value)
-        for printed, value in zip((ratio, low, high), (eps["kl_ratio"][k] for k in ("ratio", "ci_low", "ci_high"))):
-            assert abs(printed - value) <= 0.0051, (run["path"], printed, value)
+            _check_printed(printed, value, run["path"])
+        _check_ratio_cell(cells[4], eps["kl_ratio"], run["path"])
 
 
 def test_readme_single_token_table_is_the_committed_report():
-    table = _table("Single-token results")
-    runs = _report("single_token")["runs"]
-    assert set(table) == {(run["site"], run["layer"]) for run in runs}
-    for run in runs:
-        cells = table[(run["site"], run["layer"])]
+    for run, cells in _rows("Single-token results", "single_token"):
         eps = run["comparisons"]["epsilon_random"]
-        ratio, low, high = (float(v) for v in re.findall(r"[\d.]+", cells[6]))
-        for printed, value in zip((ratio, low, high), (eps["kl_ratio"][k] for k in ("ratio", "ci_low", "ci_high"))):
-            assert abs(printed - value) <= 0.0051, (run["path"], printed, value)
-        p_holm = eps["wilcoxon_kl"]["p_holm"]
-        assert (cells[7] == "1" and p_holm > 0.995) or _close(cells[7], p_holm), (run["path"], cells[7], p_holm)
+        _check_ratio_cell(cells[6], eps["kl_ratio"], run["path"])
+        _check_printed(cells[7], eps["wilcoxon_kl"]["p_holm"], run["path"])
