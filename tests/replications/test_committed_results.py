@@ -1,7 +1,9 @@
-"""The committed SmolLM2 results are what the declared files produce, and the README's tables are those results."""
+"""The committed SmolLM2 and cross-model results are what the declared files produce, and the READMEs' tables are
+those results."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "smollm2-135m-offline"
+CROSS = FOLDER.parent / "cross-model-robustness"
 MODES = ("all_tokens", "single_token", "many_samples")
 # What a run records in its report from the declarative file (paths are expanded there, so they are left out).
 DECLARED_KEYS = ("model", "mode", "interventions", "n_tokens", "context_len", "batch_size", "seed", "dataset")
@@ -104,8 +107,78 @@ def test_readme_all_token_table_is_the_committed_report():
         _check_ratio_cell(cells[4], eps["kl_ratio"], run["path"])
 
 
+def _site_report(mode: str, run: dict) -> dict:
+    return json.loads((FOLDER / "results" / mode / run["path"] / "report.json").read_text())
+
+
 def test_readme_single_token_table_is_the_committed_report():
     for run, cells in _rows("Single-token results", "single_token"):
+        by_offset = _site_report("single_token", run)["single_token"]["kl_by_offset"]
+        for offset, first in (("0", 0), ("1", 3)):
+            sae, eps_kl = by_offset["sae"][offset], by_offset["epsilon_random"][offset]
+            for printed, value in zip(cells[first:first + 3], (sae, eps_kl, sae / eps_kl)):
+                _check_printed(printed, value, f"{run['path']} offset {offset}")
         eps = run["comparisons"]["epsilon_random"]
         _check_ratio_cell(cells[6], eps["kl_ratio"], run["path"])
         _check_printed(cells[7], eps["wilcoxon_kl"]["p_holm"], run["path"])
+
+
+def test_readme_many_samples_table_is_the_committed_report():
+    text = (FOLDER / "README.md").read_text().split("\n## Many-samples results", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| site")}
+    runs = _report("many_samples")["runs"]
+    assert set(rows) == {f"{run['site']} L{run['layer']}" for run in runs}
+    for run in runs:
+        cells = rows[f"{run['site']} L{run['layer']}"]
+        many = _site_report("many_samples", run)["many_samples"]
+        n_contexts = len(many["per_context"])
+        above = round(many["frac_z_above_2"] * n_contexts)
+        _check_printed(cells[0].replace("\u2212", "-"), many["z_mean"], run["path"])
+        _check_printed(cells[1].replace("\u2212", "-"), many["z_median"], run["path"])
+        assert cells[2] == f"{many['frac_z_above_2']:.0%} ({above} of {n_contexts})", (run["path"], cells[2])
+        _check_printed(cells[3], many["percentile_mean"], run["path"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_sae_is_the_committed_recipe_and_reaches_explained_variance_0_7(mode):
+    """Issue 6: SAEs at >= 0.7 held-out explained variance, made by the recipe in the declared file
+    ([train_sae] plus its [train_sae.sites.SITE_L<layer>] overrides)."""
+    recipe = tomllib.loads((FOLDER / f"{mode}.toml").read_text())["train_sae"]
+    for run in _report(mode)["runs"]:
+        trained = run["sae"]["info"]["training"]
+        want = {"l1": recipe["l1"], "steps": recipe["steps"], "b_dec_init": "zeros"}
+        want.update(recipe.get("sites", {}).get(f"{run['site']}_L{run['layer']}", {}))
+        got = {"l1": trained["l1_coefficient"], "steps": trained["steps"], "b_dec_init": trained.get("b_dec_init", "zeros")}
+        assert got == want, run["path"]
+        assert trained["seed"] == recipe["seed"] and trained["d_sae"] == recipe["expansion"] * trained["d_in"], run["path"]
+        # the first position of each context is not trained on: 127 of every 128 tokens gathered
+        assert 0.9 * recipe["tokens"] <= trained["n_training_tokens"] <= recipe["tokens"], run["path"]
+        assert trained["explained_variance"] >= 0.7, (run["path"], trained["explained_variance"])
+
+
+def test_cross_model_readme_table_is_the_committed_comparison():
+    """Each row of the cross-model README table is its row of compare.csv, and its SAE's training record."""
+    section = (CROSS / "README.md").read_text().split("\n## Results", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| run"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    compared = list(csv.DictReader((CROSS / "results" / "compare.csv").open()))
+    folders = {"SmolLM2-135M": ("SmolLM2", "smollm2"), "Gemma-3-270M": ("Gemma", "gemma3")}
+    assert len(rows) == len(compared) == 8
+    for row in compared:
+        short, folder = next(v for k, v in folders.items() if row["label"].startswith(k))
+        cells = rows[f"{short} {row['site']} L{row['layer']}"]
+        run = json.loads((CROSS / "results" / folder / Path(row["path"]).name / "report.json").read_text())
+        training = run["sae"]["info"]["training"]
+        ev, l0 = cells[0].split(" / ")
+        for printed, value in ((ev, training["explained_variance"]), (l0, training["l0_mean"]),
+                               (cells[1], float(row["kl_sae"])), (cells[2], float(row["kl_epsilon_random"])),
+                               (cells[4], float(row["p_holm"])), (cells[5], float(row["sae_cos"])),
+                               (cells[6], float(row["sae_equivalent_cos"]))):
+            _check_printed(printed, value, row["label"])
+        ratio = {"ratio": float(row["ratio"]), "ci_low": float(row["ratio_ci_low"]), "ci_high": float(row["ratio_ci_high"])}
+        _check_ratio_cell(cells[3], ratio, row["label"])
+        assert run["comparisons"]["epsilon_random"]["kl_ratio"]["ratio"] == ratio["ratio"], row["label"]
