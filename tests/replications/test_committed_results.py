@@ -23,16 +23,17 @@ def _report(mode: str) -> dict:
     return json.loads((FOLDER / "results" / mode / "report.json").read_text())
 
 
+def _readme_rows(readme: Path, heading_start: str) -> list[list[str]]:
+    """The cells of each body row of the table in the README section whose heading starts with `heading_start`
+    (the header row and the |---| row left out)."""
+    section = readme.read_text().split(f"\n## {heading_start}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")][2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
 def _table(heading_start: str) -> dict[tuple[str, int], list[str]]:
-    """The README table under the heading that starts with `heading_start`, keyed by (site, layer)."""
-    text = (FOLDER / "README.md").read_text()
-    section = text.split(f"\n## {heading_start}", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| site")]
-    table = {}
-    for line in rows:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        table[(cells[0], int(cells[1]))] = cells[2:]
-    return table
+    """The SmolLM2 README table under the heading that starts with `heading_start`, keyed by (site, layer)."""
+    return {(cells[0], int(cells[1])): cells[2:] for cells in _readme_rows(FOLDER / "README.md", heading_start)}
 
 
 def _close(printed: str, value: float) -> bool:
@@ -124,9 +125,7 @@ def test_readme_single_token_table_is_the_committed_report():
 
 
 def test_readme_many_samples_table_is_the_committed_report():
-    text = (FOLDER / "README.md").read_text().split("\n## Many-samples results", 1)[1].split("\n## ", 1)[0]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| site")}
+    rows = {cells[0]: cells[1:] for cells in _readme_rows(FOLDER / "README.md", "Many-samples results")}
     runs = _report("many_samples")["runs"]
     assert set(rows) == {f"{run['site']} L{run['layer']}" for run in runs}
     for run in runs:
@@ -169,12 +168,7 @@ def test_every_cross_model_sae_is_the_committed_recipe(model):
 
 def test_cross_model_readme_table_is_the_committed_comparison():
     """Each row of the cross-model README table is its row of compare.csv, and its SAE's training record."""
-    section = (CROSS / "README.md").read_text().split("\n## Results", 1)[1]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith("| run"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
+    rows = {cells[0]: cells[1:] for cells in _readme_rows(CROSS / "README.md", "Results")}
     compared = list(csv.DictReader((CROSS / "results" / "compare.csv").open()))
     folders = {"SmolLM2-135M": ("SmolLM2", "smollm2"), "Gemma-3-270M": ("Gemma", "gemma3")}
     assert len(rows) == len(compared) == 8
