@@ -181,7 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Subcommands that plugins register (``register_commands``); a name the core uses is refused."""
+    from klgap.errors import PluginError
+    from klgap.plugins import get_host
+
+    commands = get_host().registry("command")
+    for name, entry in commands.entries.items():
+        if name in sub.choices:
+            raise PluginError(f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself defines")
+        parser = sub.add_parser(name, help=entry.description, description=entry.description)
+        entry.obj.add_arguments(parser)
+        parser.set_defaults(plugin_command=entry.obj)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -458,7 +473,9 @@ def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None =
     host = get_host()
     source_name, _, source_arg = args.dataset.partition(":")
     source = host.registry("token_source").get(source_name)
-    host.registry("model").get(args.model)
+    from klgap.plugins import model_adapter
+
+    model_adapter(args.model)
     device = pick_device(args.device)
     model = load_model(args.model, device, getattr(torch, args.dtype))
     for layer in layers:
@@ -562,7 +579,13 @@ COMMANDS = {"merge": cmd_merge, "build-corpus": cmd_build_corpus, "new-plugin": 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except KlgapError as exc:  # a plugin that fails to load or registers a clashing command
+        if "--debug" in (argv if argv is not None else sys.argv[1:]):
+            raise
+        print(f"klgap: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="klgap: %(message)s")
     if args.version:
@@ -574,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "plugin_command", None) is not None:
+            return args.plugin_command.run(args)
         return COMMANDS[args.command](args)
     except KlgapError as exc:
         if args.debug:

@@ -154,7 +154,9 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: 
 
     key = (name, str(device), str(dtype), str(device_map), str(remote))
     if key not in _MODELS:
-        adapter = get_host().registry("model").get(name)
+        from klgap.plugins import model_adapter
+
+        adapter = model_adapter(name).adapter
         accepted = inspect.signature(adapter.load).parameters
         kwargs: dict[str, Any] = {}
         for flag, value, what in (("device_map", device_map, "--device-map"), ("remote", remote, "--remote")):
@@ -191,7 +193,9 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
             )
     source_name, _, source_arg = config.dataset.partition(":")
     source = host.registry("token_source").get(source_name)
-    host.registry("model").get(config.model)  # an unknown name fails here, before any loading
+    from klgap.plugins import model_adapter
+
+    model_adapter(config.model)  # an unknown name fails here, before any loading
 
     sae = load_sae(config.sae, device) if config.sae else None
     site, layer = resolve_site(config, sae)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from klgap.protocols import ModelAdapter, PerturbationFactory, SAELoader, TokenSource
+    from klgap.protocols import ModelAdapter
 
 PROJECT = "klgap"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -92,10 +92,40 @@ def register_token_sources(register: Register) -> None:
     """
 
 
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register ``klgap`` subcommands (:class:`klgap.protocols.Command`) by command name.
+
+    :param register: ``register(name, command, description=None)``. The name is the subcommand
+        (``klgap NAME ...``); ``command.add_arguments(parser)`` declares its flags on an argparse
+        parser and ``command.run(args) -> int`` runs it. Names the core uses are refused.
+
+    Example::
+
+        @klgap.hookimpl
+        def register_commands(register):
+            register("build-corpus", BuildCorpus(), "build a local English corpus")
+    """
+
+
+@hookspec(firstresult=True)
+def resolve_model_adapter(spec: str) -> ModelAdapter | None:
+    """A model adapter for a ``--model`` value that is not a registered name (first non-None wins).
+
+    ``firstresult``: the first plugin that recognises `spec` answers; the others are not asked.
+    Called only for names no plugin registered, e.g. a hub repo id (``EleutherAI/pythia-1b``) or a
+    local folder saved with ``save_pretrained``. Must not load weights (``adapter.load`` does).
+
+    :param spec: what the user passed to ``--model`` (or ``klgap.measure(model=...)``).
+    :return: an adapter (its ``name`` attribute, if any, names the model in reports), or None.
+    """
+
+
 #: hook name -> the registry kind it fills (used by the plugin manager and `klgap plugins`).
 REGISTRY_HOOKS: dict[str, str] = {
     "register_model_adapters": "model",
     "register_sae_loaders": "sae_loader",
     "register_perturbations": "perturbation",
     "register_token_sources": "token_source",
+    "register_commands": "command",
 }

@@ -50,7 +50,9 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
 
     host = get_host()
     dataclasses.replace(config, site=sites[0], layer=layers[0]).validate()
-    model_adapter = host.registry("model").get(config.model)
+    from klgap.plugins import model_adapter as find_model
+
+    model_adapter = find_model(config.model).adapter
     source_name = config.dataset.partition(":")[0]
     host.registry("token_source").get(source_name)
     build_perturbations(list(config.interventions))

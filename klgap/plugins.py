@@ -192,3 +192,27 @@ def reset_host() -> None:
 def registry(kind: str) -> Registry:
     """Shortcut: ``registry("perturbation").get("sae")``."""
     return get_host().registry(kind)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a ``--model`` value resolved to: the model's name in reports, its adapter, the plugin behind it."""
+
+    name: str
+    adapter: Any  # klgap.protocols.ModelAdapter
+    plugin: str
+
+
+def model_adapter(spec: str) -> ModelRef:
+    """The adapter of a ``--model`` value: a registered name, else whatever a plugin's
+    ``resolve_model_adapter`` makes of it (a hub repo id, a local folder); else the 'unknown model' error."""
+    host = get_host()
+    models = host.registry("model")
+    if spec in models:
+        entry = models.entries[spec]
+        return ModelRef(spec, entry.obj, entry.plugin)
+    for impl in reversed(host.pm.hook.resolve_model_adapter.get_hookimpls()):
+        adapter = impl.function(spec=spec)
+        if adapter is not None:
+            return ModelRef(str(getattr(adapter, "name", spec)), adapter, impl.plugin_name)
+    raise unknown("model", spec, models.entries)

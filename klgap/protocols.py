@@ -210,3 +210,21 @@ class TokenSource(Protocol):
         Raise ``KlgapError`` if fewer than `n_contexts` contexts can be made.
         """
         ...
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@runtime_checkable
+class Command(Protocol):
+    """A ``klgap`` subcommand added by a plugin (``register_commands``)."""
+
+    description: str
+
+    def add_arguments(self, parser: Any) -> None:
+        """Declare the command's flags on `parser` (an ``argparse.ArgumentParser``)."""
+        ...
+
+    def run(self, args: Any) -> int:
+        """Run with the parsed ``argparse.Namespace``; return the exit code. Raise KlgapError for bad input."""
+        ...
