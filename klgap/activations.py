@@ -13,13 +13,11 @@ from klgap.protocols import LoadedModel, SiteSpec
 
 def wrap(model: LoadedModel) -> Any:
     """The nnsight wrapper of `model.hf_model`, created once and cached on the LoadedModel."""
-    wrapped = model.info.get("_nnsight")
-    if wrapped is None:
+    if model.nnsight is None:
         from nnsight import NNsight
 
-        wrapped = NNsight(model.hf_model)
-        model.info["_nnsight"] = wrapped
-    return wrapped
+        model.nnsight = NNsight(model.hf_model)
+    return model.nnsight
 
 
 def envoy_at(root: Any, path: str) -> Any:
@@ -42,7 +40,7 @@ def _model_inputs(ids: Tensor) -> dict[str, Any]:
 
 def _trace(model: LoadedModel, nn: Any, ids: Tensor) -> Any:
     """``nn.trace(...)``, on NDIF when the model was loaded with ``remote=True``."""
-    if model.info.get("remote"):
+    if model.remote:
         return nn.trace(**_model_inputs(ids), remote=True)
     return nn.trace(**_model_inputs(ids))
 
@@ -65,7 +63,7 @@ def run_clean(model: LoadedModel, spec: SiteSpec, ids: Tensor) -> tuple[Tensor, 
             acts = _site_tensor(envoy_at(nn, spec.module), spec).clone().save()
             logits = nn.output.logits.save()
     except (OSError, ConnectionError) as exc:
-        if model.info.get("remote"):
+        if model.remote:
             raise _remote_error(exc) from exc
         raise
     return torch.as_tensor(acts), torch.as_tensor(logits)
@@ -117,7 +115,7 @@ def run_patched(
                 site[:, positions] = x_site
             logits = nn.output.logits.save()
     except (OSError, ConnectionError) as exc:
-        if model.info.get("remote"):
+        if model.remote:
             raise _remote_error(exc) from exc
         raise
     return torch.as_tensor(logits)

@@ -39,7 +39,7 @@ class PrefixCacheRunner:
 
     @staticmethod
     def supported(model: LoadedModel) -> bool:
-        return bool(model.info.get("kv_cache", True)) and model.hf_model is not None
+        return model.kv_cache and not model.remote and model.hf_model is not None
 
     @torch.no_grad()
     def clean(self, ids: Tensor, t: int) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,17 @@ class SiteSpec:
     index: int | None = None
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the decoder blocks, the final norm and the unembedding live (dotted paths from the HF model root).
+
+    A model adapter that gives one lets klgap rerun only the layers above a site (klgap/suffix.py)."""
+
+    blocks: str  # e.g. "model.layers": a ModuleList of n_layers blocks
+    final_norm: str  # e.g. "model.norm"
+    unembed: str  # e.g. "lm_head"
+
+
 @dataclass
 class LoadedModel:
     """A Hugging Face causal LM ready for measurement, plus what klgap needs to know about it.
@@ -48,6 +59,13 @@ class LoadedModel:
     bos_token_id:    prepended to each context when the token source is asked to (None: no BOS).
     sae_lens_models: model names under which sae_lens's pretrained directory lists SAEs for this model,
                      best first (e.g. ``("pythia-70m-deduped",)`` for ``pythia-70m``).
+    layout:          where blocks / final norm / unembedding live; None turns the all-token suffix replay off.
+    kv_cache:        whether single-token runs may reuse the model's KV cache for positions < t.
+    remote:          every forward runs on NDIF through nnsight (``trace(remote=True)``); fast paths are off.
+    nnsight:         the nnsight wrapper to trace through (None: klgap wraps ``hf_model`` itself, once).
+    site_note:       what a reader should know about the family's site choice (recorded in reports).
+    sae_note:        shown with any pretrained SAE picked for this model (e.g. "trained on other weights").
+    info:            descriptive provenance only (source, repo, quantization, ...), recorded in reports.
     """
 
     name: str
@@ -63,6 +81,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     sae_lens_models: tuple[str, ...] = ()
+    layout: BlockLayout | None = None
+    kv_cache: bool = True
+    remote: bool = False
+    nnsight: Any = None
+    site_note: str | None = None
+    sae_note: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +98,28 @@ class ModelAdapter(Protocol):
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Load the model onto `device` in `dtype` (weights; KL is always computed in float32)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a placing adapter puts a model: spread over devices (``device_map``) or on NDIF (``remote``)."""
+
+    device_map: str | None = None
+    remote: bool = False
+
+    @property
+    def local(self) -> bool:
+        return self.device_map is None and not self.remote
+
+
+@runtime_checkable
+class PlacingModelAdapter(Protocol):
+    """Optional: an adapter that can spread its model over devices or run it remotely (``--device-map``,
+    ``--remote``). Adapters without it load onto one local device only."""
+
+    def load_placed(self, device: torch.device, dtype: torch.dtype, placement: Placement) -> LoadedModel:
+        """Load as `placement` says; `device` receives the inputs (the first device of a device map)."""
         ...
 
 
@@ -139,6 +185,7 @@ class SAELoader(Protocol):
         ...
 
 
+@runtime_checkable
 class DefaultSAEFinder(Protocol):
     """Optional extra on an SAE loader: name a pretrained SAE for a model/site/layer."""
 
@@ -147,6 +194,7 @@ class DefaultSAEFinder(Protocol):
         ...
 
 
+@runtime_checkable
 class SAEChecker(Protocol):
     """Optional extra on an SAE loader: say what a spec names without loading it (``--dry-run``).
 

@@ -1,22 +1,22 @@
-"""report.json: the run's numbers, configuration and provenance (data first; pictures come later)."""
+"""report.json: a run's numbers, configuration and provenance, built from its folder alone (run.json + parts).
+
+Data first; pictures come later (klgap/render.py). Nothing here loads a model or an SAE.
+"""
 
 from __future__ import annotations
 
 import math
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from klgap import stats
 from klgap.curve import curve_summary
-from klgap.provenance import provenance
-from klgap.schema import SCHEMA_VERSION
-from klgap.sites import hook_name
-
-if TYPE_CHECKING:
-    from klgap.engine import Prepared
+from klgap.record import RunRecord
+from klgap.rundir import RunDir
+from klgap.schema import SCHEMA_VERSION, Report
 
 BASELINE = "epsilon_random"
 
@@ -101,14 +101,13 @@ def add_holm(comparisons: dict[str, Any]) -> None:
         comparisons[name]["wilcoxon_kl"]["p_holm"] = p
 
 
-def gap_analysis(frame: pd.DataFrame, tokenizer: Any) -> dict[str, Any] | None:
+def gap_analysis(frame: pd.DataFrame, decode: Any) -> dict[str, Any] | None:
     """Spearman correlations of the per-token gap KL(sae) − KL(epsilon_random), and the top tokens by gap."""
     names = set(frame["intervention"].unique())
     if not {"sae", BASELINE} <= names:
         return None
     gaps = stats.token_gap(frame, BASELINE)
     top = stats.top_tokens(gaps)
-    decode = (lambda i: tokenizer.decode([int(i)])) if tokenizer is not None else (lambda i: None)
     return {
         "baseline": BASELINE,
         "gap_mean": float(gaps["gap"].mean()) if len(gaps) else math.nan,
@@ -141,38 +140,33 @@ def many_samples_summary(frame: pd.DataFrame, sample_name: str) -> dict[str, Any
     }
 
 
-def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, Any]]) -> dict[str, Any]:
-    cfg = prep.config
+def token_decoder(sides: list[dict[str, Any]]) -> Any:
+    """``decode(token_id) -> text | None`` from the token texts the parts recorded (no tokenizer needed)."""
+    texts: dict[str, str] = {}
+    for side in sides:
+        texts.update(side.get("token_text") or {})
+    return lambda token_id: texts.get(str(int(token_id)))
+
+
+def build_report(record: RunRecord, rundir: RunDir) -> Report:
+    """The report of a run folder: a pure function of its run.json and parts (no model, no SAE)."""
+    frame, sides = rundir.read_parts()
     measured = frame[frame["draw"] < 0] if (frame["draw"] >= 0).any() else frame  # no copy without draws
-    names = [name for name, _ in prep.perturbations]
+    names = record.names
+    seed, mode = record.seed, record.mode
     interventions = summarize_interventions(measured)
-    comparisons = compare_to_sae(measured, names, cfg.seed)
+    comparisons = compare_to_sae(measured, names, seed)
     add_holm(comparisons)
     ratio = comparisons.get(BASELINE, {}).get("kl_ratio", {}).get("ratio", math.nan)
     sae_rows = measured[measured["intervention"] == names[0]] if names else measured
+    decode = token_decoder(sides)
+    facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches"})
     report: dict[str, Any] = {
+        **facts,
         "schema_version": SCHEMA_VERSION,
         "kind": "run",
-        "model": prep.model.name,
-        "site": prep.site,
-        "layer": prep.layer,
-        "hook_name": hook_name(prep.site, prep.layer),
-        "module": {"path": prep.spec.module, "io": prep.spec.io, "index": prep.spec.index},
-        "sae": {
-            "source": prep.sae.source,
-            "hook_name": prep.sae.hook_name,
-            "architecture": prep.sae.architecture,
-            "d_in": prep.sae.d_in,
-            "d_sae": prep.sae.d_sae,
-            "info": prep.sae.info,
-        },
-        "mode": cfg.mode,
         "n_tokens": int(len(sae_rows)),
         "n_contexts": int(measured["context"].nunique()) if len(measured) else 0,
-        "context_len": cfg.context_len,
-        "first_position": "excluded (not patched, not measured)" if cfg.skip_first_position else "included",
-        "centered_activations": prep.center,
-        "execution": prep.execution,
         "interventions": interventions,
         "kl_ratio_sae_over_epsilon_random": ratio,
         "comparisons": comparisons,
@@ -185,28 +179,18 @@ def build_report(prep: "Prepared", frame: pd.DataFrame, sides: list[dict[str, An
             "x_hat_norm_mean": float(sae_rows["x_hat_norm"].mean()) if len(sae_rows) else math.nan,
             "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
         },
-        "gap": gap_analysis(measured, prep.model.tokenizer) if cfg.mode != "many_samples" else None,
-        "curve": curve_summary(measured, names, cfg.seed) if cfg.mode != "many_samples" else None,
-        "notes": prep.notes,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "device": str(prep.model.device),
-        "dtype": cfg.dtype,
-        "dataset": cfg.dataset,
-        "plugins": {
-            key: {"plugin": plugin, "version": _plugin_version(plugin)} for key, plugin in prep.plugins_used.items()
-        },
-        "provenance": provenance(),
+        "gap": gap_analysis(measured, decode) if mode != "many_samples" else None,
+        "curve": curve_summary(measured, names, seed) if mode != "many_samples" else None,
     }
-    if cfg.mode == "single_token":
+    if mode == "single_token":
         report["single_token"] = {
-            "position": cfg.position,
-            "k": cfg.k,
+            "position": record.config["position"],
+            "k": record.config["k"],
             "kl_by_offset": {
                 str(name): rows.groupby("offset")["kl"].mean().to_dict()
                 for name, rows in measured.groupby("intervention", sort=False, observed=True)
             },
         }
-    if cfg.mode == "many_samples":
-        report["many_samples"] = many_samples_summary(frame, prep.sample_perturbation.name)
-    return _clean(report)
+    if mode == "many_samples":
+        report["many_samples"] = many_samples_summary(frame, record.sample_intervention)
+    return Report.model_validate(_clean(report))

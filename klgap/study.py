@@ -82,8 +82,10 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
 
     out = Path(out)
     if layers == "all":
-        model = engine.load_model(base.model, engine.pick_device(base.device), __import__("torch").__dict__[base.dtype])
-        layers = list(range(model.n_layers))
+        from klgap.resolve import resolve
+
+        plan = resolve(dataclasses.replace(base, site=sites[0], layer=0, sae=sae_for(base.sae, sites[0], 0)))
+        layers = list(range(engine.load_model(base.model, plan.device, plan.dtype, plan.placement).n_layers))
     configs, folders = [], []
     for site in sites:
         for layer in layers:
@@ -95,7 +97,7 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
         reports = [engine.run(c, f, overwrite=overwrite, progress=progress, shard=shard) for c, f in zip(configs, folders, strict=True)]
     if shard is not None:
         return None
-    study = build_study(base, reports, folders, out)
+    study = build_study(base, [r.model_dump(mode="json") for r in reports], folders, out)
     validate_report(study, source="the study report just built")
     atomic_write_json(out / "report.json", study)
     return study

@@ -7,8 +7,8 @@ called with the exact arguments the model's own forward gave them. Nothing is re
 first batch proves it: the replay of the clean run must reproduce the model's logits, else the engine
 falls back to full forward passes (and says so in the report).
 
-The adapter opts in by describing its layout in ``LoadedModel.info["layout"]``:
-``{"blocks": "model.layers", "final_norm": "model.norm", "unembed": "lm_head"}``.
+The adapter opts in by describing its layout in ``LoadedModel.layout``:
+``BlockLayout(blocks="model.layers", final_norm="model.norm", unembed="lm_head")``.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ class SuffixRunner:
     """Clean forward that records each block's call, then cheap patched replays of the suffix."""
 
     def __init__(self, model: LoadedModel, spec: SiteSpec, layer: int) -> None:
-        layout = model.info["layout"]
+        layout = model.layout
         root = model.hf_model
         self.model, self.spec = model, spec
-        self.blocks = [root.get_submodule(f"{layout['blocks']}.{i}") for i in range(model.n_layers)]
-        self.final_norm = root.get_submodule(layout["final_norm"])
-        self.unembed = root.get_submodule(layout["unembed"])
+        self.blocks = [root.get_submodule(f"{layout.blocks}.{i}") for i in range(model.n_layers)]
+        self.final_norm = root.get_submodule(layout.final_norm)
+        self.unembed = root.get_submodule(layout.unembed)
         self.site_module = root.get_submodule(spec.module)
         # A site that is a block's input or output (resid_pre / resid_post) is the hidden state itself;
         # any other site lives inside block L and is patched by a hook while block L reruns.
-        self.direct = spec.module == f"{layout['blocks']}.{layer}"
+        self.direct = spec.module == f"{layout.blocks}.{layer}"
         self.first = layer + 1 if (self.direct and spec.io == "output") else layer
         self.calls: list[tuple[tuple, dict]] = []
         self._tiled: dict[int, list[tuple[tuple, dict]]] = {}
@@ -44,7 +44,7 @@ class SuffixRunner:
 
     @staticmethod
     def supported(model: LoadedModel) -> bool:
-        return isinstance(model.info.get("layout"), dict)
+        return model.layout is not None and not model.remote
 
     @torch.no_grad()
     def clean(self, ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,8 @@ def generate(out: Path) -> dict:
     sae = make_sae(out, 64, "resid_pre", 1)
     results = {}
     for name, case in CASES.items():
-        report = engine.run(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name, progress=False)
+        engine.run(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name, progress=False)
+        report = json.loads((out / name / "report.json").read_text())
         results[name] = {"report": numbers(report), "tokens": token_digest(out / name)}
     # a study: two sites of one batch loop sharing each batch's clean forward
     from klgap.study import run_study

@@ -34,7 +34,7 @@ def random_sae(path: Path, d: int, d_sae: int, hook_name: str | None, seed: int 
 class FakeModel:
     """Just enough of a LoadedModel for SAE lookup tests."""
 
-    def __init__(self, name: str = "fake", sae_lens_models: tuple[str, ...] = (), info: dict | None = None) -> None:
+    def __init__(self, name: str = "fake", sae_lens_models: tuple[str, ...] = (), sae_note: str | None = None) -> None:
         self.name = name
         self.sae_lens_models = sae_lens_models
-        self.info = info or {}
+        self.sae_note = sae_note

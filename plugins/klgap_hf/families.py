@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klgap.errors import KlgapError
-from klgap.protocols import SiteSpec
+from klgap.protocols import BlockLayout, SiteSpec
 from klgap.sites import check_site
 
 
@@ -35,9 +35,9 @@ class Family:
     unembed: str  # the LM head
     note: str = ""  # anything a reader of the report should know about the site choice
 
-    def layout(self) -> dict[str, str]:
+    def layout(self) -> BlockLayout:
         """What :mod:`klgap.suffix` needs to rerun only the layers above a site."""
-        return {"blocks": self.blocks, "final_norm": self.final_norm, "unembed": self.unembed}
+        return BlockLayout(self.blocks, self.final_norm, self.unembed)
 
     def site_map(self, site: str, layer: int) -> SiteSpec:
         """The SiteSpec of `site` in block `layer` (the layer is not range-checked here; see :class:`SiteMap`)."""

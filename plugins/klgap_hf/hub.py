@@ -15,7 +15,7 @@ import torch
 
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap.hub import hub_reachable, offline_env
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, Placement
 from klgap_hf.families import family_for
 from klgap_hf.loaded import wrap_loaded
 
@@ -75,16 +75,20 @@ class HubAdapter:
     def __post_init__(self) -> None:
         self.description = self.description or f"{self.repo_id} from the Hugging Face hub (needs the hub or HF cache)"
 
-    def load(self, device: torch.device, dtype: torch.dtype, device_map: str | None = None,
-             remote: bool = False) -> LoadedModel:
-        """Load from the HF cache, else the hub; HubUnavailableError when neither has it.
+    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        """Load from the HF cache, else the hub; HubUnavailableError when neither has it."""
+        return self.load_placed(device, dtype, Placement())
+
+    def load_placed(self, device: torch.device, dtype: torch.dtype, placement: Placement) -> LoadedModel:
+        """:class:`klgap.protocols.PlacingModelAdapter`: as :meth:`load`, placed as `placement` says.
 
         device_map: e.g. ``"auto"``: transformers/accelerate spread the layers over the GPUs (and CPU).
         remote: build the model on the meta device with nnsight's ``LanguageModel`` (config and tokenizer
         only) and run every forward pass on NDIF (``trace(remote=True)``; needs an NDIF API key).
         """
-        if remote:
+        if placement.remote:
             return self._load_remote(dtype)
+        device_map = placement.device_map
         try:
             hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True, device_map=device_map)
         except _hub_errors() as cache_miss:
@@ -95,14 +99,12 @@ class HubAdapter:
             except _hub_errors() as exc:
                 raise self._translate(exc) from exc
         info: dict[str, Any] = {"source": f"hf:{self.repo_id}", "hf_repo": self.repo_id}
-        if self.sae_note:
-            info["sae_note"] = self.sae_note
         if device_map is not None:
             device = hf_model.get_input_embeddings().weight.device
             placed = getattr(hf_model, "hf_device_map", None) or {"": str(device)}
             info["device_map"] = {"requested": device_map, "placed": {k: str(v) for k, v in placed.items()}}
         return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models, info,
-                           move=device_map is None)
+                           move=device_map is None, sae_note=self.sae_note)
 
     def _load_remote(self, dtype: torch.dtype) -> LoadedModel:
         """The model as NDIF serves it: meta weights here, forward passes there (results come back to CPU)."""
@@ -120,13 +122,11 @@ class HubAdapter:
                 lm = TransformersModel(self.repo_id, task="text-generation", tokenizer=tokenizer, dtype=dtype)
         except _hub_errors() as exc:
             raise self._translate(exc) from exc
-        info: dict[str, Any] = {"source": f"ndif:{self.repo_id}", "hf_repo": self.repo_id, "remote": True,
-                                "_nnsight": lm, "kv_cache": False}
+        info: dict[str, Any] = {"source": f"ndif:{self.repo_id}", "hf_repo": self.repo_id, "remote": True}
         module = getattr(lm, "_module", None) or lm._model
-        loaded = wrap_loaded(self.name, module, tokenizer, torch.device("cpu"), dtype, self.sae_lens_models,
-                             info, move=False)
-        loaded.info.pop("layout", None)  # the fast paths call modules here; remote runs are full traces
-        return loaded
+        # the fast paths call modules here, so a remote model gets no layout and no KV cache: full traces only
+        return wrap_loaded(self.name, module, tokenizer, torch.device("cpu"), dtype, self.sae_lens_models,
+                           info, move=False, remote=True, nnsight=lm, sae_note=self.sae_note)
 
     def _from_pretrained(self, dtype: torch.dtype, local_files_only: bool,
                          device_map: str | None = None) -> tuple[torch.nn.Module, Any]:

@@ -19,11 +19,15 @@ def wrap_loaded(
     sae_lens_models: tuple[str, ...] = (),
     info: dict[str, Any] | None = None,
     move: bool = True,
+    remote: bool = False,
+    nnsight: Any = None,
+    sae_note: str | None = None,
 ) -> LoadedModel:
     """Move `hf_model` to `device`/`dtype`, put it in eval mode and describe it for klgap.
 
     ``move=False`` leaves the weights where they are: a model spread over devices by ``device_map`` (its
-    inputs go to `device`, the first one) or a meta-device model that runs remotely.
+    inputs go to `device`, the first one) or a meta-device model that runs remotely (``remote=True``, traced
+    through the given `nnsight` wrapper; the fast paths are off).
     Raises KlgapError (naming the supported types) if ``config.model_type`` has no site map.
     """
     config = hf_model.config
@@ -39,8 +43,6 @@ def wrap_loaded(
         "hf_class": type(hf_model).__name__,
         "n_heads": d["n_heads"],
         "head_dim": d["head_dim"],
-        "layout": family.layout(),
-        **({"site_note": family.note} if family.note else {}),
         **(info or {}),
     }
     return LoadedModel(
@@ -57,5 +59,11 @@ def wrap_loaded(
         device=device,
         dtype=dtype,
         sae_lens_models=tuple(sae_lens_models),
+        layout=None if remote else family.layout(),
+        kv_cache=not remote,
+        remote=remote,
+        nnsight=nnsight,
+        site_note=family.note or None,
+        sae_note=sae_note,
         info=described,
     )

@@ -124,7 +124,7 @@ class SaeLensPretrainedLoader:
                 for sae_id in lookup.saes_map:
                     if sae_id in wanted:
                         note = f"no --sae given: using sae_lens release {release}, SAE {sae_id}"
-                        if model.info.get("sae_note"):
-                            note += f" ({model.info['sae_note']})"
+                        if model.sae_note:
+                            note += f" ({model.sae_note})"
                         return f"{release}/{sae_id}", note
         return None

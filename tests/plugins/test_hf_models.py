@@ -69,8 +69,8 @@ def test_tiny_model_fields(tiny_model, device):
     assert not m.hf_model.training
     assert all(p.dtype == torch.float32 and p.device.type == device.type for p in m.hf_model.parameters())
     assert m.info["architecture"] in {"gpt2", "gpt_neox", "llama"} and "seed" in m.info["source"]
-    assert set(m.info["layout"]) == {"blocks", "final_norm", "unembed"}
-    assert m.hf_model.get_submodule(m.info["layout"]["final_norm"]) is not None
+    assert m.layout is not None
+    assert m.hf_model.get_submodule(m.layout.final_norm) is not None
 
 
 def test_site_map_modules_per_family(load_model):
@@ -126,7 +126,7 @@ def test_gemma3_family_on_a_tiny_random_gemma(device):
         hf_model = AutoModelForCausalLM.from_config(config)
     model = wrap_loaded("tiny-gemma3", hf_model, None, device, torch.float32)
     assert model.site_widths["attn_z"] == 128 and model.site_widths["attn_out"] == 64
-    assert "post_attention_layernorm" in model.info["site_note"]
+    assert "post_attention_layernorm" in model.site_note
     _check_every_site(model, IDS.to(device))
 
 
@@ -240,7 +240,7 @@ def test_pythia_70m_points_to_the_deduped_saes():
     from klgap_saes.pretrained import SaeLensPretrainedLoader
     from tests.helpers import FakeModel
 
-    model = FakeModel(sae_lens_models=("pythia-70m", "pythia-70m-deduped"), info={"sae_note": "deduped is used"})
+    model = FakeModel(sae_lens_models=("pythia-70m", "pythia-70m-deduped"), sae_note="deduped is used")
     spec, note = SaeLensPretrainedLoader().default_sae(model, "mlp_out", 0)
     assert spec == "pythia-70m-deduped-mlp-sm/blocks.0.hook_mlp_out"
     assert "deduped is used" in note

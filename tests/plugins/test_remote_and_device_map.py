@@ -10,6 +10,7 @@ import torch
 
 from klgap import activations
 from klgap.errors import KlgapError
+from klgap.protocols import Placement
 from klgap_hf.hub import HubAdapter
 
 
@@ -28,7 +29,7 @@ def test_device_map_auto_gives_the_plain_model_logits(saved_repo):
     pytest.importorskip("accelerate")
     folder, tiny = saved_repo
     adapter = HubAdapter(name="tiny-saved", repo_id=str(folder))
-    mapped = adapter.load(torch.device("cpu"), torch.float32, device_map="auto")
+    mapped = adapter.load_placed(torch.device("cpu"), torch.float32, Placement(device_map="auto"))
     assert mapped.info["device_map"]["requested"] == "auto" and mapped.info["device_map"]["placed"]
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     spec = mapped.site_map("mlp_out", 1)
@@ -56,8 +57,9 @@ def test_remote_serializes_the_trace_and_stops_at_the_ndif_call(saved_repo, monk
     from nnsight.modeling import huggingface
 
     monkeypatch.setitem(huggingface._ID_CACHE, str(folder), "openai-community/gpt2")
-    remote = HubAdapter(name="tiny-saved", repo_id=str(folder)).load(torch.device("cpu"), torch.float32, remote=True)
-    assert remote.info["remote"] and "layout" not in remote.info and remote.info["kv_cache"] is False
+    remote = HubAdapter(name="tiny-saved", repo_id=str(folder)).load_placed(torch.device("cpu"), torch.float32,
+                                                                            Placement(remote=True))
+    assert remote.remote and remote.layout is None and remote.kv_cache is False
     assert next(remote.hf_model.parameters()).device.type == "meta"  # nothing downloaded or materialised
     ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(KlgapError, match=r"remote execution on NDIF \(.+\) failed: ConnectionRefusedError.*API key"):
@@ -69,6 +71,6 @@ def test_local_only_models_refuse_remote_and_device_map():
     from klgap.engine import load_model
 
     with pytest.raises(KlgapError, match=r"model 'tiny-gpt2' cannot take --remote"):
-        load_model("tiny-gpt2", torch.device("cpu"), torch.float32, remote=True)
+        load_model("tiny-gpt2", torch.device("cpu"), torch.float32, Placement(remote=True))
     with pytest.raises(KlgapError, match=r"cannot take --device-map"):
-        load_model("tiny-gpt2", torch.device("cpu"), torch.float32, device_map="auto")
+        load_model("tiny-gpt2", torch.device("cpu"), torch.float32, Placement(device_map="auto"))

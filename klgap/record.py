@@ -1,0 +1,86 @@
+"""run.json: everything a report needs besides the per-token rows, written when a run opens.
+
+A run folder is ``run.json`` + ``parts/`` (per-batch token tables and side sums). The report is a pure function
+of those files (:func:`klgap.report.build_report`), so ``klgap merge`` and ``klgap report`` never load a model
+or an SAE. ``run.json`` is written before the first batch and again if the run learns something while it
+measures (a study's shared clean forward), atomically each time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from klgap.errors import KlgapError
+from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Provenance, SAEInfo, _Model
+
+RECORD_FILE = "run.json"
+
+
+class InterventionRef(_Model):
+    """One measured intervention: its row label, the spec the user wrote, and the plugin that made it."""
+
+    name: str
+    spec: str
+    plugin: PluginRef
+
+
+class RunRecord(_Model):
+    """What was measured, how, and with which plugins (report.json's fields minus the statistics)."""
+
+    schema_version: str
+    kind: Literal["run_record"] = "run_record"
+    model: str
+    site: str
+    layer: int
+    hook_name: str
+    module: ModuleRef
+    sae: SAEInfo
+    mode: Literal["all_tokens", "single_token", "many_samples"]
+    context_len: int
+    first_position: str
+    centered_activations: bool
+    execution: dict[str, Any] = Field(default_factory=dict)
+    interventions: list[InterventionRef]
+    sample_intervention: str | None = None
+    n_contexts: int
+    n_batches: int
+    notes: list[str]
+    config: dict[str, Any]
+    seed: int
+    device: str
+    dtype: str
+    dataset: str
+    plugins: dict[str, PluginRef]
+    provenance: Provenance
+
+    @property
+    def names(self) -> list[str]:
+        """Intervention names in the order they were measured (the SAE's first)."""
+        return [i.name for i in self.interventions]
+
+
+def write_record(folder: Path, record: RunRecord) -> None:
+    from klgap.rundir import atomic_write_json
+
+    atomic_write_json(Path(folder) / RECORD_FILE, record.model_dump(mode="json"))
+
+
+def read_record(folder: Path) -> RunRecord:
+    """The run.json of a run folder; a KlgapError saying what to do when it is missing or unreadable."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        raise KlgapError(
+            f"{str(folder)!r} has no {RECORD_FILE}: it was written by an older klgap (or is not a run folder); "
+            "run its command again (finished batches are measured again) to get a report"
+        )
+    try:
+        return RunRecord.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise KlgapError(f"{str(path)!r} is not a valid run record ({SCHEMA_VERSION}): {exc}") from exc
+
+
+__all__ = ["RECORD_FILE", "InterventionRef", "RunRecord", "read_record", "write_record"]

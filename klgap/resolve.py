@@ -1,0 +1,222 @@
+"""Resolve before loading: a RunConfig becomes a typed RunPlan, with every name, number and path checked.
+
+Nothing here loads weights or imports transformers: the model is found through its adapter (a registered
+name, or a plugin's ``resolve_model_adapter`` for a repo id or folder), the SAE spec is routed to the loader
+that will read it (and checked by that loader's ``check`` where it has one: hook name, hub repo), each
+intervention is built from its parsed parameters, and the token source is looked up. A bad name, path or
+number is refused here, in well under a second after the plugins are imported. ``replicate``, ``curve``,
+``train-sae``, ``--dry-run`` and the Python API all go through :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from klgap.config import RunConfig, parse_intervention
+from klgap.errors import KlgapError, unknown
+from klgap.plugins import ModelRef, get_host, model_adapter
+from klgap.protocols import Perturbation, Placement, PlacingModelAdapter, SAEChecker
+from klgap.sites import parse_hook_name
+
+
+@dataclass(frozen=True)
+class SAERoute:
+    """An SAE spec and the loader that will read it (nothing loaded yet).
+
+    spec:      as the user wrote it (``~`` expanded); the report's ``sae.source`` comes from the loaded SAE.
+    loader:    the registered loader name; ``arg`` is what its ``load`` receives (the spec minus ``NAME:``).
+    hook_name: what the loader's ``check`` says the SAE was trained on, when it can tell without loading.
+    repo_id:   the hub repo the loader will download from, when it says so (``--dry-run`` lists it).
+    """
+
+    spec: str
+    loader: str
+    arg: str
+    plugin: str
+    hook_name: str | None = None
+    repo_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def obj(self) -> Any:
+        return get_host().registry("sae_loader").get(self.loader)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One entry of ``--interventions``: its spec, the registered factory's name and plugin, and the built
+    perturbation (whose ``name`` labels its rows: ``cosine_matched(cos=0.8,norm_frac=0.9)``)."""
+
+    spec: str
+    registered: str
+    params: dict[str, str]
+    plugin: str
+    perturbation: Perturbation = field(compare=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.perturbation.name)
+
+
+@dataclass(frozen=True)
+class TokenSourceRef:
+    """``--dataset NAME[:ARG]``: the registered source, its argument and its plugin."""
+
+    name: str
+    arg: str | None
+    plugin: str
+
+    @property
+    def obj(self) -> Any:
+        return get_host().registry("token_source").get(self.name)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one run will do, resolved and checked; loading it is :func:`klgap.engine.load_plan`."""
+
+    config: RunConfig
+    model: ModelRef
+    device: torch.device
+    dtype: torch.dtype
+    placement: Placement
+    sae: SAERoute | None  # None: the model's default pretrained SAE at the site (found after loading)
+    site: str | None  # None only when the SAE's hook name is known only once it is loaded
+    layer: int | None
+    interventions: tuple[Intervention, ...]
+    sample: Intervention | None  # many_samples: the random perturbation drawn N times
+    tokens: TokenSourceRef
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.interventions]
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise KlgapError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KlgapError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def build_intervention(spec: str) -> Intervention:
+    """`"cosine_matched:cos=0.8"` -> the registered factory called with its parameters."""
+    name, params = parse_intervention(spec)
+    registry = get_host().registry("perturbation")
+    factory = registry.get(name)
+    try:
+        perturbation = factory(**params)
+    except TypeError as exc:
+        raise KlgapError(f"intervention {spec!r}: bad parameters {sorted(params)} ({exc})") from exc
+    return Intervention(spec, name, params, registry.entries[name].plugin, perturbation)
+
+
+def build_interventions(specs: list[str]) -> tuple[Intervention, ...]:
+    built = [build_intervention(s) for s in specs]
+    names = [i.name for i in built]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise KlgapError(f"intervention {dupes[0]!r} is listed twice in --interventions")
+    return tuple(built)
+
+
+def route_sae(spec: str) -> SAERoute:
+    """Route an SAE spec to its loader: `NAME:ARG` by name, a bare path to the first loader that knows it.
+
+    The loader's ``check`` (if it declares one, :class:`klgap.protocols.SAEChecker`) says what the spec names
+    without loading it; its errors (an unknown release or SAE id) surface here."""
+    spec = os.path.expanduser(spec)
+    loaders = get_host().registry("sae_loader")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in loaders:
+        name, arg = prefix, rest
+    else:
+        name = next((n for n in loaders.names() if loaders.get(n).can_load(spec)), None)
+        arg = spec
+        if name is None:
+            if sep and "/" not in prefix and "\\" not in prefix and len(prefix) > 1 and not Path(spec).exists():
+                raise unknown("SAE loader", prefix, loaders.names())
+            if not Path(spec).exists():
+                raise KlgapError(
+                    f"SAE {spec!r} is neither an existing path nor LOADER:ARG; valid forms: "
+                    "sae_lens:RELEASE/SAE_ID, a folder with cfg.json + sae_weights.safetensors, a .safetensors file"
+                    f" (loaders: {', '.join(loaders.names())})"
+                )
+            raise KlgapError(
+                f"no SAE loader recognises {spec!r}; prefix it with one of: {', '.join(loaders.names())} "
+                "(e.g. sae_lens:RELEASE/ID)"
+            )
+    loader = loaders.get(name)
+    route = SAERoute(spec, name, arg, loaders.entries[name].plugin)
+    if isinstance(loader, SAEChecker):
+        found = loader.check(arg)
+        detail = dict(found) if isinstance(found, dict) else dict(vars(found))
+        route = replace(route, hook_name=detail.get("hook_name"), repo_id=detail.get("repo_id"), detail=detail)
+    return route
+
+
+def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) -> tuple[str | None, int | None]:
+    """Site and layer from the flags, else from the SAE's hook name; a disagreement is an error."""
+    site, layer = config.site, config.layer
+    hook = hook or (sae.hook_name if sae is not None else None)
+    if hook:
+        sae_site, sae_layer = parse_hook_name(hook)
+        if (site is not None and site != sae_site) or (layer is not None and layer != sae_layer):
+            raise KlgapError(
+                f"the SAE {sae.spec if sae else '?'!r} was trained on {hook} (site {sae_site}, layer {sae_layer}) "
+                f"but --site {site} --layer {layer} was given; drop them or pick a matching SAE"
+            )
+        site, layer = sae_site, sae_layer
+    return site, layer
+
+
+def resolve(config: RunConfig) -> RunPlan:
+    """Check `config` against the installed plugins and return what the run will do; loads nothing."""
+    config.validate()
+    host = get_host()
+    model = model_adapter(config.model)
+    placement = Placement(config.device_map, bool(config.remote))
+    if not placement.local and not isinstance(model.adapter, PlacingModelAdapter):
+        what = "--remote" if placement.remote else "--device-map"
+        raise KlgapError(
+            f"model {config.model!r} cannot take {what}: its adapter loads it locally only; {what} works with "
+            "Hugging Face hub models (gpt2, pythia-70m-deduped, a hub repo id, ...)"
+        )
+    specs = list(config.interventions)
+    if config.mode == "many_samples" and not any(parse_intervention(s)[0] == "sae" for s in specs):
+        specs = ["sae", *specs]
+    interventions = build_interventions(specs)
+    sample = None
+    if config.mode == "many_samples":
+        sample = build_intervention(config.sample_intervention)
+        if not sample.perturbation.stochastic:
+            raise KlgapError(
+                f"--sample-intervention {config.sample_intervention!r} is not random; many-samples mode needs "
+                "one that is, e.g. epsilon_random or theta_random"
+            )
+    source_name, _, source_arg = config.dataset.partition(":")
+    sources = host.registry("token_source")
+    sources.get(source_name)
+    tokens = TokenSourceRef(source_name, source_arg or None, sources.entries[source_name].plugin)
+    device = pick_device(config.device)
+    sae = route_sae(config.sae) if config.sae else None
+    site, layer = site_of(config, sae)
+    if sae is None and (site is None or layer is None):
+        raise KlgapError("give --site and --layer (or an --sae whose hook name names them)")
+    return RunPlan(config, model, device, getattr(torch, config.dtype), placement, sae, site, layer,
+                   interventions, sample, tokens)
+
+
+__all__ = ["Intervention", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
+           "pick_device", "resolve", "route_sae", "site_of"]
