@@ -284,7 +284,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
         _render(Path(out))
-        print_study(study, Path(out))
+        print_study(study.model_dump(mode="json"), Path(out))
         return 0
     config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
@@ -298,7 +298,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
-    print_summary(report, Path(out))
+    print_summary(report.model_dump(mode="json"), Path(out))
     return 0
 
 
@@ -312,10 +312,13 @@ def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shar
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from klgap import engine
+    """Join shard folders into one run (or study) folder and build its report from the files alone: no model,
+    no SAE is loaded (a test runs it with the model adapters disabled)."""
     from klgap.config import RunConfig
+    from klgap.engine import report_folder
+    from klgap.resolve import pick_device
     from klgap.shards import check_shards, merge_parts
-    from klgap.study import run_study
+    from klgap.study import write_study
 
     folders = [Path(d) for d in args.shard_dirs]
     plan = check_shards(folders)
@@ -323,15 +326,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.resolve() in {f.resolve() for f in folders}:
         raise KlgapError(f"--out {args.out!r} is one of the shard folders; merge into a new folder")
     config = RunConfig.from_dict(plan["config"])
-    merge_parts(folders, out, args.overwrite, device=str(engine.pick_device(config.device)))
+    subs = merge_parts(folders, out, args.overwrite, device=str(pick_device(config.device)))
     if plan["kind"] == "study":
-        study = run_study(config, plan["sites"], plan["layers"], out, progress=not args.quiet)
+        runs = [out / sub for sub in subs]
+        for folder in runs:
+            report_folder(folder)
+        study = write_study(config, runs, out)
         _render(out)
-        print_study(study, out)
+        print_study(study.model_dump(mode="json"), out)
     else:
-        report = engine.run(config, out, progress=not args.quiet)
+        report = report_folder(out)
         _render(out)
-        print_summary(report, out)
+        print_summary(report.model_dump(mode="json"), out)
     print(f"merged {plan['n_shards']} shards into {out}")
     return 0
 
@@ -351,6 +357,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
     """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
     the command (`sae` with {site}/{layer} for a study) that is not there yet."""
     from klgap.study import sae_for
+    from klgap.train import train_saes
 
     if not config.sae:
         return
@@ -365,16 +372,22 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         return
     names = ", ".join(f"{site} L{layer}" for site, layer in missing)
     print(f"{len(missing)} SAE(s) not found ({names}): training them from the config's [train_sae] recipe", file=sys.stderr)
-    args = argparse.Namespace(
-        model=config.model, site=",".join(dict.fromkeys(s for s, _ in missing)),
-        layer=",".join(str(v) for v in dict.fromkeys(layer for _, layer in missing)), out=template,
-        tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
-        dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)),
-        l1=recipe.get("l1"), lr=recipe.get("lr"), steps=recipe.get("steps"), seed=int(recipe.get("seed", config.seed)),
-        device=config.device, dtype=config.dtype, batch_size=int(recipe.get("batch_size", 16)), quiet=not progress,
-        b_dec_init=recipe.get("b_dec_init", "zeros"), overrides=recipe_overrides(recipe),
+    results = train_saes(
+        config.model, list(dict.fromkeys(s for s, _ in missing)), [v for v in dict.fromkeys(layer for _, layer in missing)],
+        template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
+        dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
+        lr=recipe.get("lr"), steps=recipe.get("steps"), b_dec_init=recipe.get("b_dec_init", "zeros"),
+        seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
+        batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
+        overrides=recipe_overrides(recipe),
     )
-    cmd_train_sae(args, only=missing)
+    _print_trained(results)
+
+
+def _print_trained(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
+        print(f"wrote SAE to {result['out']} (use --sae {result['out']})")
 
 
 OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init"}
@@ -436,75 +449,21 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
             where = f"cos {cos:.3f}" if cos is not None else "no cosine on the grid"
             print(f"robustness curve (norm {frac}·‖x‖): the SAE (cos {sae['cos_mean']:.3f}, KL {sae['kl_mean']:.4g}) "
                   f"does the damage of cosine-matched noise at {where}")
-    if "many_samples" in report:
+    if report.get("many_samples"):
         ms = report["many_samples"]
         print(f"many samples: mean z of the SAE's KL = {ms['z_mean']:.3f}, fraction z > 2 = {ms['frac_z_above_2']:.3f}")
     print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
 
 
-def cmd_train_sae(args: argparse.Namespace, only: list[tuple[str, int]] | None = None) -> int:
-    import math
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from klgap.train import train_saes
 
-    import torch
-
-    from klgap.config import DTYPES
-    from klgap.engine import load_model, pick_device
-    from klgap.plugins import get_host
-    from klgap.study import parse_layers, parse_sites
-    from klgap.train import fit_sae, gather_many
-
-    sites = parse_sites(str(args.site))
-    layers = parse_layers(str(args.layer))
-    if layers == "all":
-        raise KlgapError("train-sae --layer needs the layers listed (e.g. 3,10,17,24 or 0-5), not all")
-    pairs = [(site, layer) for site in sites for layer in layers]
-    if only is not None:
-        pairs = [pair for pair in pairs if pair in only]
-    out_template = os.path.expanduser(str(args.out))
-    if len(pairs) > 1 and ("{layer}" not in out_template or ("{site}" not in out_template and len(sites) > 1)):
-        raise KlgapError(
-            f"--out {args.out!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
-            "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
-        )
-    if args.tokens < 1:
-        raise KlgapError(f"--tokens must be ≥ 1, got {args.tokens}")
-    if args.dtype not in DTYPES:
-        raise unknown("dtype", args.dtype, DTYPES)
-    host = get_host()
-    source_name, _, source_arg = args.dataset.partition(":")
-    source = host.registry("token_source").get(source_name)
-    from klgap.plugins import model_adapter
-
-    model_adapter(args.model)
-    device = pick_device(args.device)
-    model = load_model(args.model, device, getattr(torch, args.dtype))
-    for layer in layers:
-        if not 0 <= layer < model.n_layers:
-            raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
-    if args.context_len > model.max_context:
-        raise KlgapError(f"--context-len {args.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
-    n_contexts = max(1, math.ceil(args.tokens / (args.context_len - 1)))
-    contexts = source.contexts(model, n_contexts, args.context_len, args.seed, True, source_arg or None)
-    kwargs: dict[str, Any] = {"expansion": args.expansion, "device": device, "seed": args.seed, "progress": not args.quiet,
-                              "b_dec_init": getattr(args, "b_dec_init", "zeros")}
-    if args.l1 is not None:
-        kwargs["l1_coefficient"] = args.l1
-    if args.lr is not None:
-        kwargs["lr"] = args.lr
-    if getattr(args, "steps", None) is not None:
-        kwargs["steps"] = args.steps
-    import time
-
-    started = time.time()
-    gathered = gather_many(model, pairs, contexts, args.batch_size, progress=not args.quiet)
-    overrides = getattr(args, "overrides", None) or {}  # [train_sae.sites.*] of a replication file
-    for site, layer in pairs:
-        out = Path(out_template.replace("{site}", site).replace("{layer}", str(layer)))
-        result = fit_sae(model, site, layer, gathered.pop((site, layer)), out, started=started,
-                         **{**kwargs, **overrides.get((site, layer), {})})
-        started = time.time()
-        print(json.dumps({k: result[k] for k in result if not isinstance(result[k], (list, dict))}, indent=2, default=str))
-        print(f"wrote SAE to {out} (use --sae {out})")
+    _print_trained(train_saes(
+        args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
+        dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps,
+        b_dec_init=args.b_dec_init, seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        progress=not args.quiet,
+    ))
     return 0
 
 
@@ -526,7 +485,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Redraw a run's figures and pages; a run folder with parts but no report.json (a killed run's last step)
+    gets its report built first, from its files alone."""
+    from klgap.engine import report_folder
+    from klgap.record import RECORD_FILE
     from klgap.render import rebuild
+
+    folder = Path(args.run_dir)
+    if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
+        report_folder(folder)
 
     for name, path in rebuild(args.run_dir).items():
         print(f"wrote {path}")

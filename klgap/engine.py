@@ -313,6 +313,10 @@ def report_folder(folder: Path) -> Report:
 
     rundir = RunDir(folder)
     record = read_record(rundir.root)
+    done = len(rundir.done_batches())
+    if done < record.n_batches:
+        raise KlgapError(f"{str(rundir.root)!r} holds {done} of its {record.n_batches} batches; run its command "
+                         "again to finish it (finished batches are kept)")
     report = build_report(record, rundir)
     rundir.write_tokens(rundir.root / "tokens.parquet")
     atomic_write_json(rundir.root / "report.json", report.model_dump(mode="json"))

@@ -3,8 +3,8 @@
 Shard I of N measures the batches b with ``b % N == I - 1`` of every (site, layer) of the command, with
 the same per-batch random streams as the unsharded run, and writes only per-batch parts plus
 ``shard_plan.json`` (the command's configuration). ``klgap merge SHARD_DIR... --out OUT`` checks that the
-shards come from one command and cover 1..N, copies their parts into OUT and builds the report from them
-exactly as the unsharded run does at its end: the numbers are identical (tests/cli/test_shards.py).
+shards come from one command and cover 1..N, copies their parts and run.json into OUT and builds the report from those files (no model, no
+SAE) exactly as the unsharded run does at its end: the numbers are identical (tests/cli/test_shards.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError
+from klgap.record import read_record, write_record
 from klgap.rundir import CONFIG_FILE, PARTS_DIR, RunDir, atomic_write_json
 
 PLAN_FILE = "shard_plan.json"
@@ -126,6 +127,8 @@ def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | N
         if device is not None:
             identity["device"] = device
         atomic_write_json(target.root / CONFIG_FILE, identity)
+        record = read_record(folders[0] / sub)  # every shard wrote the same record but for its device
+        write_record(target.root, record.model_copy(update={"device": device}) if device is not None else record)
     return subs
 
 

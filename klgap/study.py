@@ -97,10 +97,19 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
         reports = [engine.run(c, f, overwrite=overwrite, progress=progress, shard=shard) for c, f in zip(configs, folders, strict=True)]
     if shard is not None:
         return None
-    study = build_study(base, [r.model_dump(mode="json") for r in reports], folders, out)
-    validate_report(study, source="the study report just built")
+    return write_study(base, folders, out)
+
+
+def write_study(base: RunConfig, folders: list[Path], out: Path):
+    """Build OUT/report.json of a study from its sub-runs' report.json files (no model needed)."""
+    from klgap.schema import load_report
+
+    reports = [load_report(folder) for folder in folders]
+    reports = [r if isinstance(r, dict) else r.model_dump(mode="json") for r in reports]
+    study = build_study(base, reports, folders, out)
+    validated = validate_report(study, source="the study report just built")
     atomic_write_json(out / "report.json", study)
-    return study
+    return validated
 
 
 def build_study(base: RunConfig, reports: list[dict[str, Any]], folders: list[Path], out: Path) -> dict[str, Any]:

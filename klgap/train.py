@@ -221,3 +221,87 @@ def fit_sae(
     }
     (out_dir / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_saes(
+    model: str,
+    site: str | list[str],
+    layer: int | str | list[int],
+    out: str | Path,
+    *,
+    tokens: int = 200_000,
+    context_len: int = 128,
+    dataset: str = "sample",
+    expansion: int = 8,
+    l1: float | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    b_dec_init: str = "zeros",
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 16,
+    progress: bool = True,
+    only: list[tuple[str, int]] | None = None,
+    overrides: dict[tuple[str, int], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """``klgap train-sae`` as a function (argument names are the flags'): train an SAE at every (site, layer)
+    in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
+    be checked without weights is checked before the model loads.
+
+    only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
+    (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``), as a config's ``[train_sae.sites.*]`` tables give."""
+    import math
+    import os
+
+    from klgap.config import DTYPES
+    from klgap.engine import load_model
+    from klgap.errors import unknown
+    from klgap.plugins import get_host, model_adapter
+    from klgap.resolve import pick_device
+    from klgap.study import parse_layers, parse_sites
+
+    sites = parse_sites(site if isinstance(site, str) else ",".join(site))
+    layers = parse_layers(layer)
+    if layers == "all":
+        raise KlgapError("train-sae --layer needs the layers listed (e.g. 3,10,17,24 or 0-5), not all")
+    pairs = [(s, v) for s in sites for v in layers if only is None or (s, v) in only]
+    template = os.path.expanduser(str(out))
+    if len(pairs) > 1 and ("{layer}" not in template or ("{site}" not in template and len(sites) > 1)):
+        raise KlgapError(
+            f"--out {str(out)!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
+            "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
+        )
+    if not isinstance(tokens, int) or tokens < 1:
+        raise KlgapError(f"--tokens must be an integer ≥ 1, got {tokens!r}")
+    if dtype not in DTYPES:
+        raise unknown("dtype", dtype, DTYPES)
+    if b_dec_init not in B_DEC_INITS:
+        raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
+    source_name, _, source_arg = dataset.partition(":")
+    source = get_host().registry("token_source").get(source_name)
+    model_adapter(model)
+    torch_device = pick_device(device)
+    loaded = load_model(model, torch_device, getattr(torch, dtype))
+    for value in layers:
+        if not 0 <= value < loaded.n_layers:
+            raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")
+    if context_len > loaded.max_context:
+        raise KlgapError(f"--context-len {context_len} exceeds {loaded.name}'s maximum context of {loaded.max_context}")
+    n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
+    contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
+    recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
+                              "b_dec_init": b_dec_init}
+    for key, value in (("l1_coefficient", l1), ("lr", lr), ("steps", steps)):
+        if value is not None:
+            recipe[key] = value
+    started = time.time()
+    gathered = gather_many(loaded, pairs, contexts, batch_size, progress=progress)
+    results = []
+    for s, v in pairs:
+        folder = Path(template.replace("{site}", s).replace("{layer}", str(v)))
+        results.append(fit_sae(loaded, s, v, gathered.pop((s, v)), folder, started=started,
+                               **{**recipe, **(overrides or {}).get((s, v), {})}))
+        results[-1]["out"] = str(folder)
+        started = time.time()
+    return results

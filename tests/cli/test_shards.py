@@ -96,3 +96,46 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, sae, capsys):
     assert "lacks batches [3]" in error("merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"))
     assert not (tmp_path / "m" / "report.json").exists()
     assert "--shard '0/2'" in error(*_base(sae, tmp_path / "x"), "--shard", "0/2")
+
+
+def test_merge_and_report_load_no_model_and_no_sae(tmp_path, sae, monkeypatch, capsys):
+    """With the model adapters disabled (KLGAP_DISABLE_PLUGINS=hf_models) and loading made to fail, `merge` and
+    `report` still build the unsharded report: they read run.json and the parts, nothing else."""
+    from klgap import engine
+    from klgap.plugins import reset_host
+
+    assert main(_base(sae, tmp_path / "full")) == 0
+    for i in (1, 2):
+        assert main([*_base(sae, tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+    monkeypatch.setenv("KLGAP_DISABLE_PLUGINS", "hf_models")
+    reset_host()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or SAE was loaded")
+
+    monkeypatch.setattr(engine, "load_model", refuse)
+    monkeypatch.setattr(engine, "load_sae", refuse)
+    try:
+        from klgap.plugins import get_host
+
+        assert "tiny-gpt2" not in get_host().registry("model")  # no model adapter is there to call
+        assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+        merged = json.loads((tmp_path / "m" / "report.json").read_text())
+        assert _numbers(merged) == _numbers(json.loads((tmp_path / "full" / "report.json").read_text()))
+        (tmp_path / "m" / "report.json").unlink()  # `report` rebuilds a missing report.json from run.json + parts
+        assert main(["report", str(tmp_path / "m")]) == 0
+        assert _numbers(json.loads((tmp_path / "m" / "report.json").read_text())) == _numbers(merged)
+    finally:
+        monkeypatch.delenv("KLGAP_DISABLE_PLUGINS")
+        reset_host()
+
+
+def test_report_refuses_an_unfinished_run_and_a_folder_without_run_json(tmp_path, sae, capsys):
+    assert main([*_base(sae, tmp_path / "s1"), "--shard", "1/2"]) == 0
+    assert main(["report", str(tmp_path / "s1")]) == 2
+    assert "holds 3 of its 5 batches" in capsys.readouterr().err
+    from klgap.engine import report_folder
+
+    (tmp_path / "s1" / "run.json").unlink()  # a folder written before run.json existed
+    with pytest.raises(KlgapError, match=r"has no run.json: it was written by an older klgap .* run its command again"):
+        report_folder(tmp_path / "s1")
