@@ -259,24 +259,33 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
-    """Run one site/layer (or a study over several), write the report's figures, print the summary."""
-    from klgap import engine
+    """Run one site/layer (or a study over several), write the report's figures, print the summary.
+
+    Every run of the command is resolved (klgap.resolve) before anything is loaded or trained: a bad name, path
+    or number fails in a second, before transformers is imported."""
+    from klgap.grid import parse_layers, parse_sites
+    from klgap.plan import dry_run
     from klgap.shards import parse_shard
-    from klgap.study import parse_layers, parse_sites, run_study
 
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
     if getattr(args, "dry_run", False):
-        from klgap.plan import dry_run, print_plan
+        from klgap.plan import print_plan
 
         if layers == "all":
             raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
         print_plan(dry_run(config, sites, layers))
         return 0
-    if len(sites) > 1 or layers == "all" or len(layers) > 1:
-        if None in sites:
-            raise KlgapError("several layers need --site too")
+    several = len(sites) > 1 or layers == "all" or len(layers) > 1
+    if several and None in sites:
+        raise KlgapError("several layers need --site too")
+    # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
+    plans = dry_run(config, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
+    from klgap import engine
+    from klgap.study import run_study
+
+    if several:
         out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{tag}"
         if "train_sae" in extra and layers != "all":
             train_missing_sae(config, extra["train_sae"], not args.quiet, [(s, v) for s in sites for v in layers])
@@ -294,7 +303,8 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         out = f"runs/{config.model}-{site}-L{layer}-{tag}"
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
-    report = engine.run(config, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+    plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again
+    report = engine.run(plan, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
@@ -356,7 +366,7 @@ def _render(out: Path) -> None:
 def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]] | None = None) -> None:
     """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
     the command (`sae` with {site}/{layer} for a study) that is not there yet."""
-    from klgap.study import sae_for
+    from klgap.grid import sae_for
     from klgap.train import train_saes
 
     if not config.sae:

@@ -35,9 +35,12 @@ def _status(plan: RunPlan) -> str:
     return f"{plan.sae.loader} (its loader checks it when loading)"
 
 
-def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]) -> DryRun:
-    """Resolve every (site, layer) of a command; raises KlgapError on the first problem."""
-    from klgap.study import sae_for
+def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None], trains: bool = True) -> DryRun:
+    """Resolve every (site, layer) of a command; raises KlgapError on the first problem.
+
+    trains: an SAE path that does not exist yet is accepted (a config's [train_sae] makes it before the run);
+    with False such a path is the resolver's error."""
+    from klgap.grid import sae_for
 
     several = len(sites) * len(layers) > 1
     plans, saes = [], []
@@ -46,7 +49,7 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
             spec = sae_for(config.sae, site, layer) if several else config.sae
             saes.append(spec)
             sae_path = Path(spec).expanduser() if spec and ":" not in spec else None
-            if sae_path is not None and not sae_path.exists():  # trained before the run ([train_sae]) or copied
+            if trains and sae_path is not None and not sae_path.exists():  # trained before the run ([train_sae]) or copied
                 plans.append(resolve(dataclasses.replace(config, site=site, layer=layer, sae=None)))
                 continue
             plans.append(resolve(dataclasses.replace(config, site=site, layer=layer, sae=spec)))

@@ -18,6 +18,7 @@ from klgap.errors import KlgapError
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Provenance, SAEInfo, _Model
 
 RECORD_FILE = "run.json"
+CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match it (klgap/rundir.py)
 
 
 class InterventionRef(_Model):

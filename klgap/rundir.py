@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from klgap.errors import KlgapError
 
-CONFIG_FILE = "run_config.json"
+from klgap.record import CONFIG_FILE  # noqa: E402
 PARTS_DIR = "parts"
 OUTPUTS = ("report.json", "tokens.parquet")
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError
-from klgap.record import read_record, write_record
-from klgap.rundir import CONFIG_FILE, PARTS_DIR, RunDir, atomic_write_json
+from klgap.record import CONFIG_FILE
 
 PLAN_FILE = "shard_plan.json"
 SHARD_FILE = "shard.json"
@@ -35,6 +34,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def write_plan(out: Path, kind: str, config: dict[str, Any], sites: list[str], layers: Any, shard: tuple[int, int]) -> None:
+    from klgap.rundir import atomic_write_json
+
     atomic_write_json(Path(out) / PLAN_FILE, {"kind": kind, "config": config, "sites": sites, "layers": layers,
                                               "shard": list(shard)})
 
@@ -92,6 +93,9 @@ def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | N
 
     `device`: the device the merged run is recorded on (the merging machine's; the shards may have run
     elsewhere — the numbers do not depend on it beyond float round-off, which the parts already hold)."""
+    from klgap.record import read_record, write_record
+    from klgap.rundir import RunDir, atomic_write_json
+
     subs = _sub_runs(folders[0])
     if not subs:
         raise KlgapError(f"{str(folders[0])!r} holds no run (no {CONFIG_FILE})")
@@ -132,4 +136,4 @@ def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | N
     return subs
 
 
-__all__ = ["PARTS_DIR", "check_shards", "merge_parts", "parse_shard", "write_plan"]
+__all__ = ["check_shards", "merge_parts", "parse_shard", "write_plan"]

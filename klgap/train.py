@@ -259,7 +259,7 @@ def train_saes(
     from klgap.errors import unknown
     from klgap.plugins import get_host, model_adapter
     from klgap.resolve import pick_device
-    from klgap.study import parse_layers, parse_sites
+    from klgap.grid import parse_layers, parse_sites
 
     sites = parse_sites(site if isinstance(site, str) else ",".join(site))
     layers = parse_layers(layer)
