@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from klgap import activations, engine, metrics
+from klgap import activations, engine, executors, metrics, modes
 from klgap.config import DEFAULT_INTERVENTIONS, RunConfig
+from klgap.plugins import registry
 from klgap.train import train_sae
 
 KEY = ["intervention", "context", "position", "draw"]
@@ -57,33 +58,33 @@ def timed_naive(fn, *args) -> tuple[float, pd.DataFrame]:
     return time.perf_counter() - start - UNTIMED[0], frame
 
 
-def timed_engine(prep: engine.Prepared) -> tuple[float, pd.DataFrame]:
+def timed_engine(prep: engine.Loaded) -> tuple[float, pd.DataFrame]:
     """Seconds of measure_batch over every batch, and the per-token records."""
     frames = []
     start = time.perf_counter()
     for index in range(-(-len(prep.contexts) // prep.config.batch_size)):
-        frames.append(engine.measure_batch(prep, index)[0])
+        frames.append(modes.measure_batch(prep, index)[0])
     return time.perf_counter() - start, pd.concat(frames, ignore_index=True)
 
 
-def _batches(prep: engine.Prepared):
+def _batches(prep: engine.Loaded):
     size = prep.config.batch_size
     for index in range(-(-len(prep.contexts) // size)):
         yield index, torch.arange(index * size, min((index + 1) * size, len(prep.contexts)))
 
 
 @torch.no_grad()
-def naive_all_tokens(prep: engine.Prepared) -> pd.DataFrame:
+def naive_all_tokens(prep: engine.Loaded) -> pd.DataFrame:
     cfg, model = prep.config, prep.model
     first = 1 if cfg.skip_first_position else 0
     rows = []
     for index, context_ids in _batches(prep):
         ids = prep.contexts[context_ids].to(model.device)
         n_ctx, n_pos = ids.shape[0], ids.shape[1] - first
-        for j, (name, perturbation) in enumerate(prep.perturbations):
+        for j, (name, perturbation) in enumerate((i.name, i.perturbation) for i in prep.interventions):
             acts, clean = activations.run_clean(model, prep.spec, ids)  # the clean forward, repeated
-            view = engine.SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
-            x_prime = view.substitute(perturbation, engine.generator_for(model.device, cfg.seed, index, j), model.dtype)
+            view = modes.SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
+            x_prime = view.substitute(perturbation, modes.generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime.reshape(n_ctx, n_pos, -1), positions=slice(first, None))
             kl = reference_kl(clean, patched)[:, first:].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(n_pos).numpy(),
@@ -93,16 +94,16 @@ def naive_all_tokens(prep: engine.Prepared) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def naive_single_token(prep: engine.Prepared) -> pd.DataFrame:
+def naive_single_token(prep: engine.Loaded) -> pd.DataFrame:
     cfg, model = prep.config, prep.model
     t, k = cfg.position, cfg.k
     rows = []
     for index, context_ids in _batches(prep):
         ids = prep.contexts[context_ids].to(model.device)  # the whole context
-        for j, (name, perturbation) in enumerate(prep.perturbations):
+        for j, (name, perturbation) in enumerate((i.name, i.perturbation) for i in prep.interventions):
             acts, clean = activations.run_clean(model, prep.spec, ids)
-            view = engine.SaeView.of(acts[:, t], prep.sae, prep.center)
-            x_prime = view.substitute(perturbation, engine.generator_for(model.device, cfg.seed, index, j), model.dtype)
+            view = modes.SaeView.of(acts[:, t], prep.sae, prep.center)
+            x_prime = view.substitute(perturbation, modes.generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
             kl = reference_kl(clean, patched)[:, t : t + k + 1].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(k + 1).numpy(),
@@ -112,7 +113,7 @@ def naive_single_token(prep: engine.Prepared) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def naive_many_samples(prep: engine.Prepared, n_naive: int) -> pd.DataFrame:
+def naive_many_samples(prep: engine.Loaded, n_naive: int) -> pd.DataFrame:
     """The first `n_naive` draws of each context (the engine's own draws), a clean + a patched forward each."""
     cfg, model = prep.config, prep.model
     t, n_draws = cfg.position, cfg.n_samples
@@ -120,19 +121,19 @@ def naive_many_samples(prep: engine.Prepared, n_naive: int) -> pd.DataFrame:
     for index, context_ids in _batches(prep):
         ids = prep.contexts[context_ids].to(model.device)
         acts, _ = activations.run_clean(model, prep.spec, ids)
-        view = engine.SaeView.of(acts[:, t], prep.sae, prep.center)
+        view = modes.SaeView.of(acts[:, t], prep.sae, prep.center)
         draws = []
         for j in range(len(ids)):  # the engine's draws: same generator keys, same order
-            gen = engine.generator_for(model.device, cfg.seed, index, len(prep.perturbations), j)
+            gen = modes.generator_for(model.device, cfg.seed, index, len(prep.interventions), j)
             x = view.x[j : j + 1].expand(n_draws, -1)
             x_hat = view.x_hat[j : j + 1].expand(n_draws, -1)
-            draws.append(prep.sample_perturbation(x, x_hat, gen).float() + view.offset[j])
+            draws.append(prep.sample.perturbation(x, x_hat, gen).float() + view.offset[j])
         draws = torch.stack(draws).to(model.dtype)  # [b N d]
         for d in range(n_naive):
             _, clean = activations.run_clean(model, prep.spec, ids)
             patched = activations.run_patched(model, prep.spec, ids, draws[:, d], positions=t)
             kl = reference_kl(clean, patched)[:, t].cpu()
-            rows.append(pd.DataFrame({"intervention": prep.sample_perturbation.name, "context": context_ids.numpy(),
+            rows.append(pd.DataFrame({"intervention": prep.sample.perturbation.name, "context": context_ids.numpy(),
                                       "position": t, "draw": d, "kl": kl.numpy()}))
     return pd.concat(rows, ignore_index=True)
 
@@ -144,9 +145,9 @@ def max_diff(fast: pd.DataFrame, naive: pd.DataFrame) -> float:
     return float((joined.kl_fast - joined.kl_naive).abs().max())
 
 
-def floor_seconds(prep: engine.Prepared, repeats: int = 3) -> float:
+def floor_seconds(prep: engine.Loaded, repeats: int = 3) -> float:
     """One clean forward + n × suffix for one batch, best of `repeats`, times the number of batches."""
-    runner = prep.suffix
+    runner = prep.executor.runner  # the suffix replay's SuffixRunner
     ids = prep.contexts[: prep.config.batch_size].to(prep.model.device)
     first = 1 if prep.config.skip_first_position else 0
     clean_t, suffix_t = [], []
@@ -158,7 +159,7 @@ def floor_seconds(prep: engine.Prepared, repeats: int = 3) -> float:
         runner.patched(acts[:, first:], slice(first, None))
         suffix_t.append(time.perf_counter() - start)
     n_batches = -(-len(prep.contexts) // prep.config.batch_size)
-    return n_batches * (min(clean_t) + len(prep.perturbations) * min(suffix_t))
+    return n_batches * (min(clean_t) + len(prep.interventions) * min(suffix_t))
 
 
 def main() -> None:
@@ -186,7 +187,7 @@ def main() -> None:
     with TemporaryDirectory() as tmp:
         device = engine.pick_device(args.device)
         model = engine.load_model(args.model, device, torch.float32)
-        contexts = engine.get_host().registry("token_source").get("random").contexts(model, 64, 64, 1, True, None)
+        contexts = registry("token_source").get("random").contexts(model, 64, 64, 1, True, None)
         sae_dir = Path(tmp) / "sae"
         train_sae(model, args.site, args.layer, contexts, sae_dir, steps=20, train_batch_size=256, progress=False)
         interventions = [*DEFAULT_INTERVENTIONS, "zero"]  # 7, as in the study
@@ -202,26 +203,26 @@ def main() -> None:
             n = len(naive) // len(interventions)
             diffs.append(max_diff(fast, naive))
             results |= {"speedup_all_token": naive_s / fast_s, "floor_ratio": fast_s / floor_s}
-            print(f"all_tokens   ({n} tokens, {prep.execution['path']}, {prep.stack} interventions per suffix pass): "
+            print(f"all_tokens   ({n} tokens, {prep.execution['path']}, {prep.executor.stack} interventions per suffix pass): "
                   f"naive {naive_s:.2f} s ({n / naive_s:.1f} tok/s), "
                   f"engine {fast_s:.2f} s ({n / fast_s:.1f} tok/s), floor {floor_s:.2f} s; "
                   f"speed-up {naive_s / fast_s:.2f}x, engine/floor {fast_s / floor_s:.2f}, max |dKL| {diffs[-1]:.1e}")
             # What stacking buys on this device: the same engine with the other choice (on CPU, where the
             # engine does not stack by default, with --cpu-stack-bytes of budget).
-            default_stack = prep.stack
+            default_stack = prep.executor.stack
             if default_stack == 1 and device.type == "cpu":
-                engine.STACK_BYTES_CPU, budget = args.cpu_stack_bytes, engine.STACK_BYTES_CPU
-                prep.stack = min(len(interventions), engine.stack_size(prep.config, model))
-                engine.STACK_BYTES_CPU = budget
+                executors.STACK_BYTES_CPU, budget = args.cpu_stack_bytes, executors.STACK_BYTES_CPU
+                prep.executor.stack = min(len(interventions), executors.stack_size(prep.config, model))
+                executors.STACK_BYTES_CPU = budget
             else:
-                prep.stack = 1
-            if prep.stack != default_stack:
+                prep.executor.stack = 1
+            if prep.executor.stack != default_stack:
                 other_s, other = timed_engine(prep)
                 diffs.append(max_diff(other, naive))
-                stacked_s, unstacked_s = (other_s, fast_s) if prep.stack > default_stack else (fast_s, other_s)
-                print(f"             {max(prep.stack, default_stack)} interventions per pass {stacked_s:.2f} s, one per pass "
+                stacked_s, unstacked_s = (other_s, fast_s) if prep.executor.stack > default_stack else (fast_s, other_s)
+                print(f"             {max(prep.executor.stack, default_stack)} interventions per pass {stacked_s:.2f} s, one per pass "
                       f"{unstacked_s:.2f} s: stacking x{unstacked_s / stacked_s:.2f}")
-            prep.stack = default_stack
+            prep.executor.stack = default_stack
 
         if "single_token" in modes:
             prep = engine.prepare(RunConfig(**base, n_tokens=args.tokens, mode="single_token", position=args.position, k=args.k))

@@ -211,9 +211,9 @@ class PerturbationConformance:
     n: ClassVar[int] = 64
 
     def build(self):
-        from klgap.engine import build_perturbation
+        from klgap.resolve import build_intervention
 
-        p = build_perturbation(self.spec)
+        p = build_intervention(self.spec).perturbation
         if callable(getattr(p, "fit", None)):
             gen = torch.Generator().manual_seed(5)
             p.fit((torch.randn(512, self.d, generator=gen) * torch.linspace(0.2, 2.0, self.d)).to(self.device))

@@ -34,8 +34,8 @@ def test_engine_then_report(tmp_path, capsys, load_model, mode):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert mpimg.imread(tmp_path / "run" / name).ndim == 3
     md = (tmp_path / "run" / "report.md").read_text()
-    ratio = report["comparisons"]["epsilon_random"]["kl_ratio"]
-    assert f"{ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}]" in md
+    ratio = report.comparisons["epsilon_random"].kl_ratio
+    assert f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]" in md
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= len(EXPECTED[mode]) and "<script" not in page
-    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report  # the data is untouched
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report.model_dump(mode="json")  # untouched

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap import engine
+from klgap import engine, executors
 from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.sites import hook_name
@@ -18,7 +18,7 @@ from tests.helpers import random_sae, shrink_sae
 
 def _run(tmp_path, name="run", **kw):
     cfg = RunConfig(**{"n_tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
-    report = engine.run(cfg, tmp_path / name, progress=False)
+    report = engine.run(cfg, tmp_path / name, progress=False).model_dump(mode="json")
     return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
 
 
@@ -159,7 +159,7 @@ def test_suffix_replay_equals_full_forward(tmp_path, load_model, model, monkeypa
     the interventions stacked along the batch (the default on CUDA; here given a CPU budget)."""
     from klgap.sites import SITES
 
-    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1 << 30)
+    monkeypatch.setattr(executors, "STACK_BYTES_CPU", 1 << 30)
 
     lm = load_model(model)
     for site in SITES:
@@ -181,16 +181,16 @@ def test_stacking_follows_the_memory_budget(tmp_path, load_model, monkeypatch):
     kw = dict(model="tiny-llama", sae=str(sae), interventions=["sae", "sae_norm", "epsilon_random", "theta_random"], n_tokens=64)
     default, t_default = _run(tmp_path, "default", **kw)
     assert "stack" not in default["execution"]  # CPU: one intervention per pass unless given a budget
-    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1 << 30)
+    monkeypatch.setattr(executors, "STACK_BYTES_CPU", 1 << 30)
     stacked, t_stacked = _run(tmp_path, "stacked", **kw)
     assert stacked["execution"]["stack"] == 4
     cfg = RunConfig(**{"n_tokens": 64, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
-    per_copy = engine.STACK_BYTES_CPU // engine.stack_size(cfg, lm)  # what one copy costs
-    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 3 * per_copy)
-    assert engine.stack_size(cfg, lm) == 3
+    per_copy = executors.STACK_BYTES_CPU // executors.stack_size(cfg, lm)  # what one copy costs
+    monkeypatch.setattr(executors, "STACK_BYTES_CPU", 3 * per_copy)
+    assert executors.stack_size(cfg, lm) == 3
     three, t_three = _run(tmp_path, "three", **kw)
     assert three["execution"]["stack"] == 3  # passes of 3 + 1
-    monkeypatch.setattr(engine, "STACK_BYTES_CPU", 1)
+    monkeypatch.setattr(executors, "STACK_BYTES_CPU", 1)
     single, t_single = _run(tmp_path, "single", **kw)
     assert "stack" not in single["execution"]
     for table in (t_three, t_single, t_default):
@@ -238,10 +238,10 @@ def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_
     shared = engine.run_shared(configs, outs, progress=False)
     for config, out, report in zip(configs, outs, shared, strict=True):
         alone = engine.run(config, tmp_path / f"alone-{out.name}", progress=False)
-        assert report["execution"]["clean_forward"] == "shared by 4 sites/layers"
+        assert report.execution["clean_forward"] == "shared by 4 sites/layers"
         pd.testing.assert_frame_equal(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
-        assert report["interventions"] == alone["interventions"]
-        assert report["interventions"]["sae"]["kl_mean"] > 0
+        assert report.interventions == alone.interventions
+        assert report.interventions["sae"].kl_mean > 0
 
 
 def test_parts_read_back_compact_and_joined_a_part_at_a_time(tmp_path, load_model):

@@ -358,7 +358,7 @@ def test_new_baselines_in_a_run(tmp_path, load_model):
     cfg = RunConfig(model="tiny-llama", sae=str(sae), n_tokens=256, context_len=32, batch_size=4, device="cpu",
                     dataset="random", interventions=["sae", "epsilon_random", "epsilon_anisotropic", "sae_error_shuffled"])
     report = engine.run(cfg, tmp_path / "run", progress=False)
-    kl = report["interventions"]
-    assert all(kl[n]["kl_mean"] > 0 and kl[n]["n_tokens"] == 8 * 31 for n in kl)
-    assert {"epsilon_anisotropic", "sae_error_shuffled"} <= set(report["comparisons"])
-    assert report["execution"]["fitted"]["epsilon_anisotropic"]["n_activations"] == 8 * 31
+    kl = report.interventions
+    assert all(kl[n].kl_mean > 0 and kl[n].n_tokens == 8 * 31 for n in kl)
+    assert {"epsilon_anisotropic", "sae_error_shuffled"} <= set(report.comparisons)
+    assert report.execution["fitted"]["epsilon_anisotropic"]["n_activations"] == 8 * 31

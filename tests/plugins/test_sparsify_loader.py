@@ -167,7 +167,7 @@ def test_kl_equals_the_same_weights_as_a_sae_lens_folder(tmp_path, load_model):
         config = RunConfig(model="tiny-gpt2", sae=sae, n_tokens=4 * 32, context_len=32, batch_size=2, device="cpu",
                            dataset="random", interventions=["sae"])
         report = engine.run(config, tmp_path / name, progress=False)
-        assert report["hook_name"] == "blocks.1.hook_resid_post"
+        assert report.hook_name == "blocks.1.hook_resid_post"
         kls.append(pd.read_parquet(tmp_path / name / "tokens.parquet").query("intervention == 'sae'").kl.to_numpy())
     assert len(kls[0]) == 4 * 31 and kls[0].mean() > 1e-4
     np.testing.assert_allclose(kls[0], kls[1], rtol=1e-5, atol=0)

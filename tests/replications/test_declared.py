@@ -52,4 +52,4 @@ def test_dry_run_catches_a_wrong_sae_id_and_a_hook_mismatch(tmp_path, capsys):
     mismatch.write_text((ROOT / "pythia-70m-deduped" / "mlp_out.toml").read_text().replace('site = "mlp_out"', 'site = "attn_out"'))
     assert main(["replicate", "--config", str(mismatch), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "has hook name blocks.0.hook_mlp_out" in err and "site attn_out, layer 0" in err
+    assert "was trained on blocks.0.hook_mlp_out (site mlp_out, layer 0) but --site attn_out --layer 0" in err
