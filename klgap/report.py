@@ -12,13 +12,11 @@ import pandas as pd
 from klgap import stats
 from klgap.curve import curve_summary
 from klgap.provenance import provenance
-from klgap.schema import SCHEMA_VERSION
+from klgap.schema import BASELINE, SCHEMA_VERSION
 from klgap.sites import hook_name
 
 if TYPE_CHECKING:
     from klgap.engine import Prepared
-
-BASELINE = "epsilon_random"
 
 
 def _plugin_version(plugin: str) -> str | None:
