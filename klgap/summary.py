@@ -48,10 +48,10 @@ class SummaryRow:
         """'1.462 [1.401, 1.530]'; '—' without a comparison to the baseline."""
         return fmt_ci(self.ratio, self.ratio_ci_low, self.ratio_ci_high)
 
-    def p_text(self, holm: bool = True) -> str:
+    def p_text(self) -> str:
         """'0.002 (Holm 0.004)': the Wilcoxon p-value, with the Holm-corrected one when the report has it."""
         text = fmt_p(self.p_value)
-        return text + f" (Holm {fmt_p(self.p_holm)})" if holm and self.p_holm is not None else text
+        return f"{text} (Holm {fmt_p(self.p_holm)})" if self.p_holm is not None else text
 
 
 def summary_row(run: SiteSummary, model: str, mode: str) -> SummaryRow:
