@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from klgap.console import print_study, print_summary
 from klgap.errors import KlgapError, unknown
 
 log = logging.getLogger("klgap")
@@ -293,7 +294,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
         _render(Path(out))
-        print_study(study.model_dump(mode="json"), Path(out))
+        print_study(study, Path(out))
         return 0
     config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
@@ -308,7 +309,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
-    print_summary(report.model_dump(mode="json"), Path(out))
+    print_summary(report, Path(out))
     return 0
 
 
@@ -343,11 +344,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
             report_folder(folder)
         study = write_study(config, runs, out)
         _render(out)
-        print_study(study.model_dump(mode="json"), out)
+        print_study(study, out)
     else:
         report = report_folder(out)
         _render(out)
-        print_summary(report.model_dump(mode="json"), out)
+        print_summary(report, out)
     print(f"merged {plan['n_shards']} shards into {out}")
     return 0
 
@@ -420,51 +421,6 @@ def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, 
     return out
 
 
-def print_study(study: dict[str, Any], out: Path) -> None:
-    print(f"{study['model']} study, mode {study['mode']}: {len(study['runs'])} sites/layers")
-    print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}")
-    for run in study["runs"]:
-        kl = run["interventions"]
-        sae, eps = kl.get("sae", {}).get("kl_mean"), kl.get("epsilon_random", {}).get("kl_mean")
-        comp = run["comparisons"].get("epsilon_random")
-        fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
-        ratio = f"{fmt(comp['kl_ratio']['ratio'])} [{fmt(comp['kl_ratio']['ci_low'])}, {fmt(comp['kl_ratio']['ci_high'])}]" if comp else "—"
-        p = fmt(comp["wilcoxon_kl"]["p_holm"]) if comp else "—"
-        print(f"{run['site']:<12} {run['layer']:>5} {fmt(sae):>10} {fmt(eps):>10} {ratio:>24} {p:>10}")
-    print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
-
-
-def print_summary(report: dict[str, Any], out: Path) -> None:
-    for note in report.get("notes", []):
-        print(f"note: {note}")
-    print(
-        f"{report['model']} {report['hook_name']}  SAE {report['sae']['source']}  mode {report['mode']}  "
-        f"{report['n_tokens']} tokens in {report['n_contexts']} contexts"
-    )
-    print(f"{'intervention':<40} {'KL mean':>10} {'KL median':>10} {'ΔCE mean':>10}")
-    for name, row in report["interventions"].items():
-        fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
-        print(f"{name:<40} {fmt(row['kl_mean']):>10} {fmt(row['kl_median']):>10} {fmt(row['ce_delta_mean']):>10}")
-    comp = report.get("comparisons", {}).get("epsilon_random")
-    if comp:
-        r = comp["kl_ratio"]
-        print(
-            f"KL(sae)/KL(epsilon_random) = {r['ratio']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-            f"over {r['n_contexts']} contexts; Wilcoxon p = {comp['wilcoxon_kl']['p_value']:.3g}"
-        )
-    curve = report.get("curve")
-    if curve and curve.get("sae"):
-        sae = curve["sae"]
-        for frac, cos in curve.get("sae_equivalent_cos", {}).items():
-            where = f"cos {cos:.3f}" if cos is not None else "no cosine on the grid"
-            print(f"robustness curve (norm {frac}·‖x‖): the SAE (cos {sae['cos_mean']:.3f}, KL {sae['kl_mean']:.4g}) "
-                  f"does the damage of cosine-matched noise at {where}")
-    if report.get("many_samples"):
-        ms = report["many_samples"]
-        print(f"many samples: mean z of the SAE's KL = {ms['z_mean']:.3f}, fraction z > 2 = {ms['frac_z_above_2']:.3f}")
-    print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
-
-
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from klgap.train import train_saes
 
@@ -513,8 +469,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from klgap.schema import load_report
 
-    data = load_report(args.report)
-    print(f"{args.report}: valid klgap report (schema {data['schema_version']})")
+    report = load_report(args.report)
+    print(f"{args.report}: valid klgap report (schema {report.schema_version})")
     return 0
 
 

@@ -7,70 +7,64 @@ curves, robustness_compare.png with every curve and each SAE's own point.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from klgap.errors import KlgapError
+from klgap.formatting import fmt, fmt_fixed, fmt_p
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_bytes, atomic_write_json
-from klgap.schema import SCHEMA_VERSION, load_report
+from klgap.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json, load_report
+from klgap.summary import SummaryRow, summary_row
 
-BASELINE = "epsilon_random"
-COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", "kl_epsilon_random", "ratio",
+COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
            "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path"]
-
-
-def _entry(summary: dict[str, Any], model: str, mode: str, label: str, path: str) -> dict[str, Any]:
-    kl = summary.get("interventions") or {}
-    comp = (summary.get("comparisons") or {}).get(BASELINE) or {}
-    ratio = comp.get("kl_ratio") or {}
-    curve = summary.get("curve") or None
-    equivalent = next(iter((curve or {}).get("sae_equivalent_cos", {}).values()), None) if curve else None
-    return {
-        "label": label, "model": model, "site": summary.get("site"), "layer": summary.get("layer"), "mode": mode,
-        "n_tokens": summary.get("n_tokens"),
-        "kl_sae": (kl.get("sae") or {}).get("kl_mean"), "kl_epsilon_random": (kl.get(BASELINE) or {}).get("kl_mean"),
-        "ratio": ratio.get("ratio"), "ratio_ci_low": ratio.get("ci_low"), "ratio_ci_high": ratio.get("ci_high"),
-        "p_holm": (comp.get("wilcoxon_kl") or {}).get("p_holm"),
-        "sae_cos": (summary.get("sae_metrics") or {}).get("cos_mean"), "sae_equivalent_cos": equivalent,
-        "path": path, "curve": curve,
-    }
-
-
-def entries_for(run_dir: str | Path, label: str | None = None) -> list[dict[str, Any]]:
-    """One entry per measured site/layer in a run folder (a study folder gives one per sub-run)."""
-    run_dir = Path(run_dir)
-    report = load_report(run_dir)
-    model, mode = str(report.get("model")), str(report.get("mode"))
-    runs = report["runs"] if report.get("kind") == "study" else [report]
-    out = []
-    for run in runs:
-        where = f"{run.get('site')} L{run.get('layer')}"
-        name = f"{label} {where}" if label and len(runs) > 1 else (label or f"{model} {where}")
-        out.append(_entry(run, model, mode, name, str(run_dir / run["path"]) if "path" in run else str(run_dir)))
-    return out
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
-    return [[e["label"], _fmt(e["kl_sae"]), _fmt(e["kl_epsilon_random"]),
-             f"{_fmt(e['ratio'], 3)} [{_fmt(e['ratio_ci_low'], 3)}, {_fmt(e['ratio_ci_high'], 3)}]",
-             _fmt(e["p_holm"], 3), _fmt(e["sae_cos"], 3), _fmt(e["sae_equivalent_cos"], 3)] for e in entries]
-
-
 HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "p (Holm, within its report)", "SAE cos", "noise cos at SAE KL"]
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One measured site/layer of a compared folder: its label, its folder, its summary row, its curve."""
+
+    label: str
+    path: str
+    row: SummaryRow
+    curve: Curve | None
+
+    def record(self) -> dict[str, Any]:
+        """compare.json's entry (compare.csv's columns, then the curve)."""
+        row = self.row
+        values = [self.label, row.model, row.site, row.layer, row.mode, row.n_tokens, row.kl_sae, row.kl_baseline,
+                  row.ratio, row.ratio_ci_low, row.ratio_ci_high, row.p_holm, row.sae_cos, row.sae_equivalent_cos,
+                  self.path]
+        return {**dict(zip(COLUMNS, values, strict=True)), "curve": as_json(self.curve) if self.curve is not None else None}
+
+    def cells(self) -> list[str]:
+        """The row of compare.md and of the terminal table (HEADER)."""
+        row = self.row
+        return [self.label, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), fmt_p(row.p_holm),
+                fmt_fixed(row.sae_cos), fmt_fixed(row.sae_equivalent_cos)]
+
+
+def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
+    """One entry per measured site/layer in a run folder (a study folder gives one per sub-run)."""
+    run_dir = Path(run_dir)
+    report = load_report(run_dir)
+    runs = report.runs if isinstance(report, StudyReport) else [report]
+    out = []
+    for run in runs:
+        row = summary_row(run, report.model, report.mode)
+        name = f"{label} {row.where}" if label and len(runs) > 1 else (label or f"{report.model} {row.where}")
+        path = run_dir / run.path if isinstance(report, StudyReport) else run_dir
+        out.append(Entry(name, str(path), row, run.curve))
+    return out
+
+
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
-    """Build the comparison of `run_dirs` into `out`; returns the data plus the table as text."""
+    """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
     from klgap.plots import curves_of, ratio_bars, robustness_curve
     from klgap.render import Figure, Heading, Para, Table, _md_block
 
@@ -79,25 +73,26 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     if len(run_dirs) < 1:
         raise KlgapError("klgap compare needs at least one RUN_DIR")
     entries = [e for i, d in enumerate(run_dirs) for e in entries_for(d, labels[i] if labels else None)]
-    seen = [e["label"] for e in entries]
+    seen = [e.label for e in entries]
     dupes = sorted({x for x in seen if seen.count(x) > 1})
     if dupes:
         raise KlgapError(f"two runs share the label {dupes[0]!r}; give --label per RUN_DIR")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    data = {"schema_version": SCHEMA_VERSION, "kind": "compare", "runs": entries, "provenance": provenance()}
+    records = [e.record() for e in entries]
+    data = {"schema_version": SCHEMA_VERSION, "kind": "compare", "runs": records, "provenance": provenance()}
     atomic_write_json(out / "compare.json", data)
-    frame = pd.DataFrame([{k: e[k] for k in COLUMNS} for e in entries], columns=COLUMNS)
+    frame = pd.DataFrame([{k: r[k] for k in COLUMNS} for r in records], columns=COLUMNS)
     atomic_write_bytes(out / "compare.csv", frame.to_csv(index=False).encode("utf-8"))
     written += [out / "compare.json", out / "compare.csv"]
-    figures = [ratio_bars(entries, out / "ratio_compare.png")]
-    points, stars = curves_of((e["label"], e["curve"]) for e in entries)
+    figures = [ratio_bars([(e.label, e.row) for e in entries], out / "ratio_compare.png")]
+    points, stars = curves_of((e.label, e.curve) for e in entries)
     if points:
         figures.append(robustness_curve(points, out / "robustness_compare.png", stars,
                                         f"{len(points)} curves; stars: each SAE's (mean cos, mean KL)"))
     written += figures
-    rows = table_rows(entries)
+    rows = [e.cells() for e in entries]
     blocks = [Heading(1, "klgap comparison"),
               Para(f"{len(entries)} runs from: {', '.join(str(d) for d in run_dirs)}. Ratios are KL(sae)/KL("
                    f"{BASELINE}) with 95% intervals that resample contexts; p is the Wilcoxon test of its own report, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from klgap.errors import KlgapError, unknown
 from klgap.sites import SITES
+from klgap.specs import parse_intervention, split_interventions  # noqa: F401  (re-exported: moved to klgap.specs)
 
 MODES = ("all_tokens", "single_token", "many_samples")
 DEFAULT_INTERVENTIONS = (
@@ -113,30 +113,6 @@ class RunConfig:
         if bad:
             raise unknown("config key", bad[0], names)
         return cls(**data)
-
-
-def split_interventions(text: str | list[str]) -> list[str]:
-    """`"sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9"` -> three specs.
-
-    A comma starts a new intervention unless it is followed by `key=` (a parameter).
-    """
-    items = [text] if isinstance(text, str) else list(text)
-    out: list[str] = []
-    for item in items:
-        out.extend(p.strip() for p in re.split(r",(?![A-Za-z_][A-Za-z0-9_]*=)", item) if p.strip())
-    return out
-
-
-def parse_intervention(spec: str) -> tuple[str, dict[str, str]]:
-    """`"cosine_matched:cos=0.8,norm_frac=0.9"` -> ("cosine_matched", {"cos": "0.8", "norm_frac": "0.9"})."""
-    name, _, rest = spec.partition(":")
-    params: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise KlgapError(f"cannot read parameter {part!r} of intervention {spec!r}; write NAME:key=value,key=value")
-        params[key.strip()] = value.strip()
-    return name.strip(), params
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

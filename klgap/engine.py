@@ -27,7 +27,7 @@ from klgap.protocols import DefaultSAEFinder, LoadedModel, LoadedSAE, Placement,
 from klgap.record import InterventionRef, RunRecord, write_record
 from klgap.resolve import Intervention, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
-from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo
+from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
 from klgap.sites import hook_name
 
 log = logging.getLogger("klgap")
@@ -319,7 +319,7 @@ def report_folder(folder: Path) -> Report:
                          "again to finish it (finished batches are kept)")
     report = build_report(record, rundir)
     rundir.write_tokens(rundir.root / "tokens.parquet")
-    atomic_write_json(rundir.root / "report.json", report.model_dump(mode="json"))
+    atomic_write_json(rundir.root / "report.json", as_json(report))
     return report
 
 

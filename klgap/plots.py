@@ -1,6 +1,6 @@
 """Figures for a run: PNGs drawn with matplotlib's non-interactive Agg backend (never opens a window).
 
-Every function takes data (a report dict, the per-token table, or both) and an output path, writes one PNG
+Every function takes data (a typed report from klgap.schema, the per-token table, or both) and an output path, writes one PNG
 atomically and returns its path. Titles say what is drawn and for which run (model, site, layer, mode,
 number of tokens). :func:`figures_for_run` draws every figure that applies to a saved run folder.
 """
@@ -8,7 +8,6 @@ number of tokens). :func:`figures_for_run` draws every figure that applies to a 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,9 +24,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from klgap.rundir import atomic_write_bytes  # noqa: E402
+from klgap.schema import BASELINE, Curve, Report, SiteSummary, StudyReport, load_report  # noqa: E402
+from klgap.summary import SummaryRow  # noqa: E402
 
 DPI = 120
-PRIMARY = ("sae", "epsilon_random")
+PRIMARY = ("sae", BASELINE)
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
 N_CONTEXT_PANELS = 4
 
@@ -47,25 +48,20 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def site_label(report: Mapping[str, Any], with_site: bool = True) -> str:
-    """'resid_post L6' (or 'L6' without the site); tolerates a missing layer."""
-    layer = report.get("layer")
-    parts = [str(report["site"])] if with_site and report.get("site") is not None else []
-    if layer is not None:
-        parts.append(f"L{layer}")
-    return " ".join(parts) or "?"
+def site_label(run: SiteSummary, with_site: bool = True) -> str:
+    """'resid_post L6' (or 'L6' without the site)."""
+    return f"{run.site} L{run.layer}" if with_site else f"L{run.layer}"
 
 
-def run_label(report: Mapping[str, Any] | None, n_tokens: int | None = None) -> str:
-    """One line naming the run: model · site Lk · mode · N tokens (C contexts)."""
-    if not report:
+def _label(run: SiteSummary, model: str, mode: str) -> str:
+    return f"{model} · {site_label(run)} · {mode} · {run.n_tokens:,} tokens ({run.n_contexts:,} contexts)"
+
+
+def run_label(report: Report | None, n_tokens: int | None = None) -> str:
+    """One line naming the run: model · site Lk · mode · N tokens (C contexts); without a report, N tokens."""
+    if report is None:
         return f"{n_tokens:,} tokens" if n_tokens is not None else ""
-    n = report.get("n_tokens", n_tokens)
-    parts = [str(report.get("model", "?")), site_label(report), str(report.get("mode", "?"))]
-    if n is not None:
-        contexts = report.get("n_contexts")
-        parts.append(f"{int(n):,} tokens" + (f" ({int(contexts):,} contexts)" if contexts is not None else ""))
-    return " · ".join(parts)
+    return _label(report, report.model, report.mode)
 
 
 def _title(ax: Any, what: str, label: str) -> None:
@@ -73,8 +69,8 @@ def _title(ax: Any, what: str, label: str) -> None:
 
 
 def colors_for(names: Iterable[str]) -> dict[str, str]:
-    """Stable colours: sae red, epsilon_random blue, the rest from the default cycle."""
-    fixed = {"sae": "C3", "epsilon_random": "C0"}
+    """Stable colours: sae red, the baseline (epsilon_random) blue, the rest from the default cycle."""
+    fixed = {"sae": "C3", BASELINE: "C0"}
     spare = [f"C{i}" for i in (1, 2, 4, 5, 6, 7, 8, 9)]
     out: dict[str, str] = {}
     for name in names:
@@ -88,7 +84,7 @@ def colors_for(names: Iterable[str]) -> dict[str, str]:
 
 
 def _ordered(names: Iterable[str]) -> list[str]:
-    """sae, epsilon_random first, then the others in order of appearance."""
+    """sae, the baseline first, then the others in order of appearance."""
     seen = list(dict.fromkeys(str(n) for n in names))
     return [n for n in PRIMARY if n in seen] + [n for n in seen if n not in PRIMARY]
 
@@ -120,14 +116,13 @@ def _num(value: Any) -> float:
 # ----------------------------------------------------------------------------- figures
 
 
-def _as_report_list(reports: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """A run report, a list of them, or a study report (its runs, with the study's model and mode)."""
-    if isinstance(reports, Mapping):
-        if reports.get("kind") == "study":
-            shared = {"model": reports.get("model"), "mode": reports.get("mode")}
-            return [{**shared, **run} for run in reports.get("runs", [])]
-        return [reports]
-    return list(reports)
+def _runs(reports: Report | StudyReport | Sequence[Report]) -> list[tuple[SiteSummary, str, str]]:
+    """(run, model, mode) per site/layer of a run report, a list of them, or a study report."""
+    if isinstance(reports, StudyReport):
+        return [(run, reports.model, reports.mode) for run in reports.runs]
+    if isinstance(reports, Report):
+        return [(reports, reports.model, reports.mode)]
+    return [(report, report.model, report.mode) for report in reports]
 
 
 def _context_se(tokens: pd.DataFrame) -> dict[str, float]:
@@ -140,16 +135,16 @@ def _context_se(tokens: pd.DataFrame) -> dict[str, float]:
 
 
 def kl_bars(
-    reports: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: str | Path, tokens: pd.DataFrame | None = None
+    reports: Report | StudyReport | Sequence[Report], path: str | Path, tokens: pd.DataFrame | None = None
 ) -> Path:
     """Grouped bars of mean KL per intervention, one group per site/layer (one report gives one group).
 
     With `tokens` (single report only), error bars are ±1.96·SE of the per-context mean KL.
     """
-    runs = _as_report_list(reports)
-    same_site = len({r.get("site") for r in runs}) <= 1
-    labels = [site_label(r, with_site=not same_site) for r in runs]
-    names = _ordered(n for r in runs for n in (r.get("interventions") or {}))
+    runs = _runs(reports)
+    same_site = len({run.site for run, _, _ in runs}) <= 1
+    labels = [site_label(run, with_site=not same_site) for run, _, _ in runs]
+    names = _ordered(n for run, _, _ in runs for n in run.interventions)
     colors = colors_for(names)
     errors = _context_se(tokens) if tokens is not None and len(runs) == 1 else {}
     width_in = min(16.0, max(6.0, 0.4 * len(runs) * max(1, len(names)) + 3))
@@ -158,7 +153,8 @@ def kl_bars(
     x = np.arange(len(runs))
     values_all = []
     for i, name in enumerate(names):
-        values = [_num((r.get("interventions") or {}).get(name, {}).get("kl_mean")) for r in runs]
+        values = [_num(run.interventions[name].kl_mean) if name in run.interventions else math.nan
+                  for run, _, _ in runs]
         values_all += values
         err = [errors.get(name, math.nan) for _ in runs] if errors else None
         ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=colors[name],
@@ -169,14 +165,14 @@ def kl_bars(
     if _spans_decades(values_all, 2):
         ax.set_yscale("log")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="intervention", title_fontsize=8)
-    models = sorted({str(r.get("model")) for r in runs if r.get("model")})
-    modes = sorted({str(r.get("mode")) for r in runs if r.get("mode")})
+    models = sorted({model for _, model, _ in runs})
+    modes = sorted({mode for _, _, mode in runs})
     if len(runs) == 1:
-        label = run_label(runs[0])
+        label = _label(*runs[0])
     else:
-        total = sum(int(r.get("n_tokens") or 0) for r in runs)
-        site = f"{runs[0].get('site')} · " if same_site and runs[0].get("site") else ""
-        label = f"{', '.join(models) or '?'} · {site}{', '.join(modes) or '?'} · {len(runs)} runs, {total:,} tokens"
+        total = sum(run.n_tokens for run, _, _ in runs)
+        site = f"{runs[0][0].site} · " if same_site else ""
+        label = f"{', '.join(models)} · {site}{', '.join(modes)} · {len(runs)} runs, {total:,} tokens"
     what = "Mean per-token KL per intervention" + (" (error bars: ±1.96·SE over contexts)" if errors else "")
     _title(ax, what if len(runs) == 1 else what + " by site/layer", label)
     return _save(fig, path)
@@ -192,21 +188,20 @@ def _log_bins(values: list[np.ndarray], n_bins: int = 60) -> np.ndarray:
     return np.logspace(math.log10(low), math.log10(high), n_bins + 1)
 
 
-def _pooled(report: Mapping[str, Any] | None) -> str:
+def _pooled(report: Report | None) -> str:
     """What a mode's per-token rows are: all offsets after t pooled, or the one position t."""
-    report = report or {}
-    config = report.get("config") or {}
-    if report.get("mode") == "single_token":
-        return f", offsets 0..{config.get('k', 'k')} after t = {config.get('position', 't')} pooled"
-    if report.get("mode") == "many_samples":
-        return f" at position {config.get('position', 't')}"
-    return ""
+    if report is None or report.mode == "all_tokens":
+        return ""
+    position = report.position if report.position is not None else "t"
+    if report.mode == "single_token":
+        return f", offsets 0..{report.single_token.k if report.single_token else 'k'} after t = {position} pooled"
+    return f" at position {position}"
 
 
-def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, Any] | None = None) -> Path:
+def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Report | None = None) -> Path:
     """Histograms of per-token KL on a log x axis (log-spaced bins; density per decade of KL).
 
-    sae and epsilon_random are drawn filled with their means marked; other interventions as faint lines.
+    sae and the baseline (epsilon_random) are drawn filled with their means marked; other interventions as faint lines.
     """
     rows = measured(tokens)
     groups = {str(k): v.to_numpy(dtype=np.float64) for k, v in rows.groupby("intervention", observed=True, sort=False)["kl"]}
@@ -243,8 +238,8 @@ def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, An
     return _save(fig, path)
 
 
-def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, Any] | None = None) -> Path:
-    """Mean KL at each context position per intervention (bands: ±1.96·SE for sae and epsilon_random)."""
+def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Report | None = None) -> Path:
+    """Mean KL at each context position per intervention (bands: ±1.96·SE for sae and the baseline)."""
     rows = measured(tokens)
     rows = rows[np.isfinite(rows["kl"])]
     table = rows.groupby(["intervention", "position"], observed=True)["kl"].agg(["mean", "std", "count"])
@@ -270,8 +265,8 @@ def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Mapping[str, 
     return _save(fig, path)
 
 
-def _offset_table(data: pd.DataFrame | Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """intervention -> {offset: mean KL}, from the tokens table or report['single_token']['kl_by_offset']."""
+def _offset_table(data: pd.DataFrame | Report) -> dict[str, dict[int, float]]:
+    """intervention -> {offset: mean KL}, from the tokens table or the report's single_token.kl_by_offset."""
     if isinstance(data, pd.DataFrame):
         rows = measured(data)
         rows = rows[np.isfinite(rows["kl"])]
@@ -280,15 +275,13 @@ def _offset_table(data: pd.DataFrame | Mapping[str, Any]) -> dict[str, dict[int,
         for (name, offset), value in means.items():
             out.setdefault(str(name), {})[int(offset)] = float(value)
         return {k: dict(sorted(v.items())) for k, v in out.items()}
-    by_offset = (data.get("single_token") or {}).get("kl_by_offset") or {}
+    by_offset = data.single_token.kl_by_offset if data.single_token is not None else {}
     return {name: dict(sorted((int(o), _num(v)) for o, v in curve.items())) for name, curve in by_offset.items()}
 
 
-def single_token_curve(
-    data: pd.DataFrame | Mapping[str, Any], path: str | Path, report: Mapping[str, Any] | None = None
-) -> Path:
+def single_token_curve(data: pd.DataFrame | Report, path: str | Path, report: Report | None = None) -> Path:
     """Mean KL at offsets 0..k after the single patched position t, per intervention (log y if it spans decades)."""
-    if report is None and not isinstance(data, pd.DataFrame):
+    if report is None and isinstance(data, Report):
         report = data
     curves = _offset_table(data)
     names = _ordered(curves)
@@ -301,7 +294,7 @@ def single_token_curve(
                 label=name, linewidth=1.6 if primary else 0.9, alpha=1.0 if primary else 0.7)
     if _spans_decades([v for c in curves.values() for v in c.values()]):
         ax.set_yscale("log")
-    position = ((report or {}).get("single_token") or {}).get("position")
+    position = report.single_token.position if report is not None and report.single_token is not None else None
     where = f"t = {position}" if position is not None else "t"
     ax.set_xlabel(f"offset from the patched position ({where}); 0 = the patched token")
     ax.set_ylabel("mean KL [nats]")
@@ -311,11 +304,11 @@ def single_token_curve(
     return _save(fig, path)
 
 
-def _zscores(tokens: pd.DataFrame, report: Mapping[str, Any] | None) -> pd.DataFrame:
+def _zscores(tokens: pd.DataFrame, report: Report | None) -> pd.DataFrame:
     """Per-context sae_kl, z (from the report when it has them, else recomputed from the draws)."""
-    per_context = ((report or {}).get("many_samples") or {}).get("per_context")
-    if per_context:
-        return pd.DataFrame(per_context).set_index("context")
+    many = report.many_samples if report is not None else None
+    if many is not None and many.per_context:
+        return pd.DataFrame([c.model_dump() for c in many.per_context]).set_index("context")
     draws = tokens[tokens["draw"] >= 0].groupby("context")["kl"].agg(["mean", "std"])
     sae = tokens[(tokens["draw"] < 0) & (tokens["intervention"] == "sae")].set_index("context")["kl"]
     frame = draws.join(sae.rename("sae_kl"), how="inner")
@@ -323,10 +316,10 @@ def _zscores(tokens: pd.DataFrame, report: Mapping[str, Any] | None) -> pd.DataF
     return frame
 
 
-def many_samples_hist(tokens: pd.DataFrame, report: Mapping[str, Any] | None, path: str | Path) -> Path:
+def many_samples_hist(tokens: pd.DataFrame, report: Report | None, path: str | Path) -> Path:
     """For the first few contexts, the KL of N random draws with the SAE's KL marked; and all contexts' z-scores."""
     draws = tokens[tokens["draw"] >= 0]
-    sample_name = ((report or {}).get("many_samples") or {}).get("sample_intervention")
+    sample_name = report.many_samples.sample_intervention if report is not None and report.many_samples else None
     if sample_name is None and len(draws):
         sample_name = str(draws["intervention"].iloc[0])
     sae = tokens[(tokens["draw"] < 0) & (tokens["intervention"] == "sae")].groupby("context")["kl"].first()
@@ -369,7 +362,7 @@ def many_samples_hist(tokens: pd.DataFrame, report: Mapping[str, Any] | None, pa
                  fontsize=9)
     ax.set_xlabel("z = (KL_sae − mean draws) / sd draws", fontsize=8)
     ax.set_ylabel("contexts", fontsize=8)
-    position = (report or {}).get("config", {}).get("position") if report else None
+    position = report.position if report is not None else None
     at = f" at position {position}" if position is not None else ""
     n_draws = int(draws["draw"].max()) + 1 if len(draws) else 0
     fig.suptitle(f"Many samples{at}: KL of {n_draws} random {sample_name} draws per context vs the SAE's KL\n"
@@ -429,22 +422,21 @@ def curve_floor(curves: Mapping[str, Sequence[tuple[float, float]]],
     return min(informative) / 20 if informative else None
 
 
-def curves_of(entries: Iterable[tuple[str, Mapping[str, Any] | None]]) -> tuple[dict, dict]:
-    """(label, report curve section) pairs -> robustness_curve's points and SAE stars (one curve per norm_frac)."""
+def curves_of(entries: Iterable[tuple[str, Curve | None]]) -> tuple[dict, dict]:
+    """(label, a report's curve) pairs -> robustness_curve's points and SAE stars (one curve per norm_frac)."""
     points: dict[str, list[tuple[float, float]]] = {}
     stars: dict[str, tuple[float, float]] = {}
     for label, curve in entries:
-        if not curve:
+        if curve is None:
             continue
-        fracs = sorted({p["norm_frac"] for p in curve["points"]})
+        fracs = sorted({p.norm_frac for p in curve.points})
         for frac in fracs:
             name = label if len(fracs) == 1 else f"{label} (norm {frac:g}·‖x‖)"
-            points[name] = [(p["cos"], p["kl_mean"]) for p in curve["points"]
-                            if p["norm_frac"] == frac and p["kl_mean"] is not None]
-        sae = curve.get("sae")
-        if sae and sae.get("cos_mean") is not None and sae.get("kl_mean") is not None:
+            points[name] = [(p.cos, p.kl_mean) for p in curve.points if p.norm_frac == frac and p.kl_mean is not None]
+        sae = curve.sae
+        if sae is not None and sae.cos_mean is not None and sae.kl_mean is not None:
             first = label if len(fracs) == 1 else f"{label} (norm {fracs[0]:g}·‖x‖)"
-            stars[first] = (sae["cos_mean"], sae["kl_mean"])
+            stars[first] = (sae.cos_mean, sae.kl_mean)
     return points, stars
 
 
@@ -463,7 +455,7 @@ def read_tokens(run_dir: str | Path) -> pd.DataFrame | None:
 
 
 def figures_for_run(
-    run_dir: str | Path, report: Mapping[str, Any] | None = None, tokens: pd.DataFrame | None = None
+    run_dir: str | Path, report: Report | StudyReport | None = None, tokens: pd.DataFrame | None = None
 ) -> list[Path]:
     """Write every figure that applies to the run's mode beside its report.json; return their paths.
 
@@ -472,37 +464,37 @@ def figures_for_run(
     """
     run_dir = Path(run_dir)
     if report is None:
-        report = json.loads((run_dir / "report.json").read_text())
-    if report.get("kind") == "study":
+        report = load_report(run_dir)
+    if isinstance(report, StudyReport):
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
-        points, stars = curves_of((site_label(r), r.get("curve")) for r in report.get("runs", []))
+        points, stars = curves_of((site_label(run), run.curve) for run in report.runs)
         if points:
-            paths.append(robustness_curve(points, run_dir / "robustness.png", stars, str(report.get("model", ""))))
+            paths.append(robustness_curve(points, run_dir / "robustness.png", stars, report.model))
         return paths
     if tokens is None:
         tokens = read_tokens(run_dir)
-    mode = report.get("mode")
+    mode = report.mode
     paths = [kl_bars(report, run_dir / "kl_bars.png", tokens=tokens)]
     if tokens is not None and len(measured(tokens)):
         paths.append(kl_histogram(tokens, run_dir / "kl_hist.png", report))
     if mode == "all_tokens" and tokens is not None:
         paths.append(kl_by_position(tokens, run_dir / "kl_by_position.png", report))
-    if mode == "single_token" and (tokens is not None or report.get("single_token")):
+    if mode == "single_token" and (tokens is not None or report.single_token is not None):
         paths.append(single_token_curve(tokens if tokens is not None else report, run_dir / "single_token.png", report))
     if mode == "many_samples" and tokens is not None and (tokens["draw"] >= 0).any():
         paths.append(many_samples_hist(tokens, report, run_dir / "many_samples.png"))
-    if report.get("curve"):
-        points, stars = curves_of([(site_label(report), report["curve"])])
+    if report.curve is not None:
+        points, stars = curves_of([(site_label(report), report.curve)])
         paths.append(robustness_curve(points, run_dir / "robustness.png", stars, run_label(report)))
     return paths
 
 
-def ratio_bars(entries: Sequence[Mapping[str, Any]], path: str | Path, baseline: str = "epsilon_random") -> Path:
-    """KL(sae)/KL(baseline) per entry with its 95% context-bootstrap interval; the line at 1 is 'no gap'."""
-    labels = [str(e["label"]) for e in entries]
-    ratio = np.array([_num(e.get("ratio")) for e in entries], dtype=float)
-    low = np.array([_num(e.get("ratio_ci_low")) for e in entries], dtype=float)
-    high = np.array([_num(e.get("ratio_ci_high")) for e in entries], dtype=float)
+def ratio_bars(entries: Sequence[tuple[str, SummaryRow]], path: str | Path, baseline: str = BASELINE) -> Path:
+    """KL(sae)/KL(baseline) per (label, summary row) with its 95% context-bootstrap interval; 1 is 'no gap'."""
+    labels = [label for label, _ in entries]
+    ratio = np.array([_num(row.ratio) for _, row in entries], dtype=float)
+    low = np.array([_num(row.ratio_ci_low) for _, row in entries], dtype=float)
+    high = np.array([_num(row.ratio_ci_high) for _, row in entries], dtype=float)
     err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
     fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.7 * len(entries) + 3)), 4.5), layout="constrained")
     ax.bar(np.arange(len(entries)), ratio, color="C3", yerr=err, capsize=4, error_kw={"elinewidth": 1})

@@ -6,7 +6,6 @@ Data first; pictures come later (klgap/render.py). Nothing here loads a model or
 from __future__ import annotations
 
 import math
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -16,21 +15,7 @@ from klgap import stats
 from klgap.curve import curve_summary
 from klgap.record import RunRecord
 from klgap.rundir import RunDir
-from klgap.schema import SCHEMA_VERSION, Report
-
-BASELINE = "epsilon_random"
-
-
-def _plugin_version(plugin: str) -> str | None:
-    from klgap.plugins import get_host
-
-    package, plugin_version = get_host().dists.get(plugin, (None, None))
-    if plugin_version is None and package:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-    return plugin_version
+from klgap.schema import BASELINE, SCHEMA_VERSION, Report
 
 
 def _clean(obj: Any) -> Any:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from klgap.errors import KlgapError
 
 SCHEMA_VERSION = "0.2.0"
+#: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
+BASELINE = "epsilon_random"
 
 Num = float | None  # NaN and infinities are written as null
 
@@ -223,6 +225,13 @@ class Report(SiteSummary):
     single_token: SingleToken | None = None
     many_samples: ManySamples | None = None
 
+    @property
+    def position(self) -> int | None:
+        """The one patched position t of a single_token / many_samples run (from its config); None in all_tokens."""
+        if self.single_token is not None:
+            return self.single_token.position
+        return self.config.get("position") if self.mode != "all_tokens" else None
+
 
 class StudyRun(SiteSummary):
     """One (site, layer) of a study: the summary of its run report, which lives at `path`."""
@@ -275,8 +284,8 @@ def validate_report(data: dict[str, Any], source: str = "report") -> Report | St
         raise KlgapError(f"{source} does not match the report schema {SCHEMA_VERSION}: {problems}") from exc
 
 
-def load_report(path: str | Path) -> dict[str, Any]:
-    """Read and validate a report.json; returns the dict."""
+def load_report(path: str | Path) -> Report | StudyReport:
+    """Read a report.json (or the one in a run folder) into its typed model; KlgapError when it is not one."""
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
@@ -286,8 +295,13 @@ def load_report(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise KlgapError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    validate_report(data, source=str(path))
-    return data
+    return validate_report(data, source=str(path))
+
+
+def as_json(model: BaseModel) -> dict[str, Any]:
+    """The JSON object of a report (or a part of one): the fields it was built or read with, none added;
+    NaN and infinities as null."""
+    return json.loads(model.model_dump_json(exclude_unset=True))
 
 
 def json_schema() -> dict[str, Any]:

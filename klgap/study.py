@@ -10,8 +10,8 @@ across all of them, and the Spearman correlation of the per-token gap between ev
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from scipy import stats as sps
@@ -21,17 +21,14 @@ from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_json
-from klgap.schema import SCHEMA_VERSION, validate_report
 from klgap.grid import parse_layers, parse_sites, sae_for  # noqa: F401  (re-exported: klgap.study.sae_for)
-
-SUMMARY_KEYS = (
-    "site", "layer", "hook_name", "sae", "n_tokens", "n_contexts", "interventions",
-    "kl_ratio_sae_over_epsilon_random", "comparisons", "sae_metrics", "notes", "curve",
+from klgap.schema import (
+    BASELINE, SCHEMA_VERSION, Report, RunPairCorrelation, SiteSummary, StudyReport, StudyRun, as_json, load_report,
 )
 
 
 def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: str | Path,
-              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> StudyReport | None:
     """Run every (site, layer) into its own folder, then write the study report.
 
     With ``shard=(i, n)`` every sub-run measures only its share of batches and no report is written."""
@@ -57,48 +54,46 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
     return write_study(base, folders, out)
 
 
-def write_study(base: RunConfig, folders: list[Path], out: Path):
+def write_study(base: RunConfig, folders: list[Path], out: Path) -> StudyReport:
     """Build OUT/report.json of a study from its sub-runs' report.json files (no model needed)."""
-    from klgap.schema import load_report
-
-    reports = [load_report(folder) for folder in folders]
-    reports = [r if isinstance(r, dict) else r.model_dump(mode="json") for r in reports]
-    study = build_study(base, reports, folders, out)
-    validated = validate_report(study, source="the study report just built")
-    atomic_write_json(out / "report.json", study)
-    return validated
+    study = build_study(base, [load_report(folder) for folder in folders], folders, out)
+    atomic_write_json(out / "report.json", as_json(study))
+    return study
 
 
-def build_study(base: RunConfig, reports: list[dict[str, Any]], folders: list[Path], out: Path) -> dict[str, Any]:
-    runs = []
-    for report, folder in zip(reports, folders, strict=True):
-        runs.append({**{k: report.get(k) for k in SUMMARY_KEYS}, "path": str(folder.relative_to(out))})
-    # Holm across every (run, baseline) Wilcoxon test in the study
-    tests = [(i, name) for i, run in enumerate(runs) for name in run["comparisons"]]
-    adjusted = stats.holm([runs[i]["comparisons"][name]["wilcoxon_kl"]["p_value"] for i, name in tests])
-    for (i, name), p in zip(tests, adjusted, strict=True):
-        runs[i]["comparisons"][name]["wilcoxon_kl"]["p_holm"] = p
-    from klgap.report import _clean
-
-    return _clean({
-        "schema_version": SCHEMA_VERSION,
-        "kind": "study",
-        "model": reports[0]["model"],
-        "mode": reports[0]["mode"],
-        "runs": runs,
-        "gap_correlation_between_runs": gap_correlations_between(folders, [r["path"] for r in runs]),
-        "config": {**base.to_dict(), "layer": [r["layer"] for r in runs], "site": [r["site"] for r in runs]},
-        "provenance": provenance(),
-    })
+def build_study(base: RunConfig, reports: list[Report], folders: list[Path], out: Path) -> StudyReport:
+    """The study report over its sub-runs' reports: their summaries, Holm across every (run, baseline)
+    Wilcoxon test of the study, the gap correlations between sub-runs. The sub-reports are left unchanged."""
+    runs = [StudyRun(**{k: getattr(report, k) for k in report.model_fields_set & set(SiteSummary.model_fields)},
+                     path=str(folder.relative_to(out))).model_copy(deep=True)
+            for report, folder in zip(reports, folders, strict=True)]
+    tests = [run.comparisons[name].wilcoxon_kl for run in runs for name in run.comparisons]
+    for test, p in zip(tests, stats.holm([test.p_value for test in tests]), strict=True):
+        test.p_holm = _finite(p)
+    return StudyReport(
+        schema_version=SCHEMA_VERSION,
+        kind="study",
+        model=reports[0].model,
+        mode=reports[0].mode,
+        runs=runs,
+        gap_correlation_between_runs=gap_correlations_between(folders, [run.path for run in runs]),
+        config={**base.to_dict(), "layer": [run.layer for run in runs], "site": [run.site for run in runs]},
+        provenance=provenance(),
+    )
 
 
-def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[dict[str, Any]]:
-    """Spearman ρ of the per-token gap KL(sae) − KL(epsilon_random) between every pair of sub-runs."""
+def _finite(value: float | None) -> float | None:
+    """NaN and infinities as None, as report.json saves them."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[RunPairCorrelation]:
+    """Spearman ρ of the per-token gap KL(sae) − KL(baseline) between every pair of sub-runs."""
     gaps = {}
     for folder, label in zip(folders, labels, strict=True):
         frame = pd.read_parquet(folder / "tokens.parquet", columns=["context", "position", "intervention", "draw", "kl"])
-        if {"sae", "epsilon_random"} <= set(frame["intervention"].unique()):
-            gaps[label] = stats.token_gap(frame).set_index(["context", "position"])["gap"]
+        if {"sae", BASELINE} <= set(frame["intervention"].unique()):
+            gaps[label] = stats.token_gap(frame, BASELINE).set_index(["context", "position"])["gap"]
     out = []
     names = list(gaps)
     for i, a in enumerate(names):
@@ -107,5 +102,6 @@ def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[dic
             if len(pair) < 3:
                 continue
             result = sps.spearmanr(pair["a"], pair["b"])
-            out.append({"a": a, "b": b, "rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(len(pair))})
+            out.append(RunPairCorrelation(a=a, b=b, rho=_finite(float(result.statistic)),
+                                          p_value=_finite(float(result.pvalue)), n=int(len(pair))))
     return out

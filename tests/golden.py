@@ -71,7 +71,7 @@ def generate(out: Path) -> dict:
     template = str(out / "{site}_L{layer}.safetensors")
     run_study(RunConfig(**{**BASE, **CASES["all_tokens"], "sae": template}), ["mlp_out", "resid_post"], [0],
               out / "study", progress=False)
-    study = json.loads((out / "study" / "report.json").read_text())
+    study = json.loads((out / "study" / "report.json").read_text())  # the study report as written
     results["study"] = {
         "runs": [{"site": run["site"], "layer": run["layer"], **{k: run.get(k) for k in NUMBER_KEYS if k in run}}
                  for run in study["runs"]],

@@ -34,22 +34,22 @@ def two_curves(saes, tmp_path_factory):
 
 def test_curve_run(two_curves, capsys):
     report = load_report(two_curves / "tiny-gpt2")
-    names = list(report["interventions"])
+    names = list(report.interventions)
     assert names == ["sae", "epsilon_random", "cosine_matched(cos=0.5,norm_frac=1)",
                      "cosine_matched(cos=0.75,norm_frac=1)", "cosine_matched(cos=1,norm_frac=1)"]
-    points = report["curve"]["points"]
-    assert [p["cos"] for p in points] == [0.5, 0.75, 1.0]
-    kl = [p["kl_mean"] for p in points]
+    points = report.curve.points
+    assert [p.cos for p in points] == [0.5, 0.75, 1.0]
+    kl = [p.kl_mean for p in points]
     assert kl[0] > kl[1] > kl[2] and kl[2] < 1e-6  # cos 1 at the true norm is x itself
     for p in points:
-        assert p["kl_mean"] == pytest.approx(report["interventions"][p["intervention"]]["kl_mean"], rel=1e-6)
-    sae = report["curve"]["sae"]
+        assert p.kl_mean == pytest.approx(report.interventions[p.intervention].kl_mean, rel=1e-6)
+    sae = report.curve.sae
     tokens = pd.read_parquet(two_curves / "tiny-gpt2" / "tokens.parquet")
-    assert sae["cos_mean"] == pytest.approx(tokens[tokens.intervention == "sae"].cos.mean(), rel=1e-6)
-    eq = report["curve"]["sae_equivalent_cos"]["1"]
-    above = [p for p in points if p["kl_mean"] >= sae["kl_mean"]][-1]
-    below = [p for p in points if p["kl_mean"] <= sae["kl_mean"]][0]
-    assert above["cos"] <= eq <= below["cos"]
+    assert sae.cos_mean == pytest.approx(tokens[tokens.intervention == "sae"].cos.mean(), rel=1e-6)
+    eq = report.curve.sae_equivalent_cos["1"]
+    above = [p for p in points if p.kl_mean >= sae.kl_mean][-1]
+    below = [p for p in points if p.kl_mean <= sae.kl_mean][0]
+    assert above.cos <= eq <= below.cos
     assert (two_curves / "tiny-gpt2" / "robustness.png").stat().st_size > 10_000
     assert "Robustness curve" in (two_curves / "tiny-gpt2" / "report.md").read_text()
 
@@ -60,8 +60,8 @@ def test_curve_over_layers_is_one_study(saes, tmp_path):
             "--sae", str(saes / "resid_pre_{layer}.safetensors"), "--cos", "0.6,0.9", "--out", str(out), *FAST]
     assert main(argv) == 0
     study = load_report(out)
-    assert [r["layer"] for r in study["runs"]] == [0, 1]
-    assert all(len(r["curve"]["points"]) == 2 for r in study["runs"])
+    assert [r.layer for r in study.runs] == [0, 1]
+    assert all(len(r.curve.points) == 2 for r in study.runs)
     assert (out / "robustness.png").is_file()
 
 
@@ -75,8 +75,8 @@ def test_compare_two_models(two_curves, tmp_path, capsys):
     table = pd.read_csv(out / "compare.csv")
     for model, row in zip(("tiny-gpt2", "tiny-llama"), table.itertuples(), strict=True):
         report = load_report(two_curves / model)
-        assert row.ratio == pytest.approx(report["comparisons"]["epsilon_random"]["kl_ratio"]["ratio"])
-        assert row.kl_sae == pytest.approx(report["interventions"]["sae"]["kl_mean"])
+        assert row.ratio == pytest.approx(report.comparisons["epsilon_random"].kl_ratio.ratio)
+        assert row.kl_sae == pytest.approx(report.interventions["sae"].kl_mean)
     for name in ("robustness_compare.png", "ratio_compare.png", "compare.md"):
         assert (out / name).stat().st_size > 500
     assert "| tiny-llama resid_pre L1 |" in (out / "compare.md").read_text()

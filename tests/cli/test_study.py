@@ -33,17 +33,23 @@ def test_two_sites_two_layers(tmp_path, capsys):
             "--context-len", "32", "--interventions", "sae,epsilon_random,theta_random", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     study = load_report(out)
-    assert study["kind"] == "study" and len(study["runs"]) == 4
-    assert [(r["site"], r["layer"]) for r in study["runs"]] == [("mlp_out", 0), ("mlp_out", 1), ("attn_out", 0), ("attn_out", 1)]
-    for run in study["runs"]:
-        sub = json.loads((out / run["path"] / "report.json").read_text())
-        assert sub["interventions"] == run["interventions"]
-        for name, comp in run["comparisons"].items():
-            # Holm over 4 runs x 2 baselines: never below the raw p, at most 8x it
-            p, p_holm = comp["wilcoxon_kl"]["p_value"], comp["wilcoxon_kl"]["p_holm"]
-            assert p <= p_holm <= min(1.0, 8 * p) + 1e-12
-    assert len(study["gap_correlation_between_runs"]) == 6
-    assert "ratio [95% CI]" in capsys.readouterr().out
+    assert study.kind == "study" and len(study.runs) == 4
+    assert [(r.site, r.layer) for r in study.runs] == [("mlp_out", 0), ("mlp_out", 1), ("attn_out", 0), ("attn_out", 1)]
+    for run in study.runs:
+        sub = load_report(out / run.path)
+        assert sub.interventions == run.interventions
+        for name, comp in run.comparisons.items():
+            # Holm over 4 runs x 2 baselines: never below the raw p (the sub-run's own Holm is over its 2), at most 8x it
+            p, p_holm = comp.wilcoxon_kl.p_value, comp.wilcoxon_kl.p_holm
+            assert sub.comparisons[name].wilcoxon_kl.p_value == p
+            assert p <= sub.comparisons[name].wilcoxon_kl.p_holm <= p_holm <= min(1.0, 8 * p) + 1e-12
+    assert len(study.gap_correlation_between_runs) == 6
+    printed = capsys.readouterr().out.splitlines()
+    assert "ratio [95% CI]" in printed[1]
+    for run, line in zip(study.runs, printed[2:6], strict=True):
+        ratio = run.comparisons["epsilon_random"].kl_ratio
+        assert line.split()[:2] == [run.site, str(run.layer)]
+        assert f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]" in line
     # a single SAE for several layers is refused clearly
     assert main([*argv[:7], "--sae", str(tmp_path / "sae_mlp_out_0.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "put {layer}" in capsys.readouterr().err

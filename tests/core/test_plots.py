@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from klgap import plots
 from klgap import report as report_mod
-from klgap.schema import SCHEMA_VERSION, validate_report
+from klgap.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODES = ("all_tokens", "single_token", "many_samples")
@@ -78,8 +77,8 @@ def make_tokens(mode: str, seed: int = 0) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> dict:
-    """A report.json built from `tokens` with klgap.report's own summaries; it validates against the schema."""
+def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> Report:
+    """A run report built from `tokens` with klgap.report's own summaries, validated into the schema's model."""
     measured = tokens[tokens["draw"] < 0]
     sae = measured[measured["intervention"] == "sae"]
     comparisons = report_mod.compare_to_sae(measured, list(INTERVENTIONS), seed)
@@ -113,18 +112,24 @@ def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> dict:
             for name, rows in measured.groupby("intervention", sort=False)}}
     if mode == "many_samples":
         report["many_samples"] = report_mod.many_samples_summary(tokens, "epsilon_random")
-    report = report_mod._clean(report)
-    validate_report(report, source="synthetic report")
-    return report
+    return validate_report(report_mod._clean(report), source="synthetic report")
 
 
-def write_run(root: Path, mode: str, report: dict | None = None, tokens: pd.DataFrame | None = None) -> Path:
-    """A run folder with the file names the engine writes."""
+def make_study(reports: list[Report]) -> StudyReport:
+    """A study report whose runs are `reports` (one site/layer each), in folders named like the engine's."""
+    runs = [StudyRun(**{k: getattr(r, k) for k in SiteSummary.model_fields}, path=f"{r.site}_L{r.layer:02d}")
+            for r in reports]
+    return StudyReport(schema_version=SCHEMA_VERSION, kind="study", model=reports[0].model, mode=reports[0].mode,
+                       runs=runs, gap_correlation_between_runs=[], config={}, provenance=reports[0].provenance)
+
+
+def write_run(root: Path, mode: str, report: Report | None = None, tokens: pd.DataFrame | None = None) -> Path:
+    """A run folder with the file names the engine writes (a NaN put into the report stays a JSON NaN)."""
     tokens = make_tokens(mode) if tokens is None else tokens
     report = make_report(mode, tokens) if report is None else report
     root.mkdir(parents=True, exist_ok=True)
     tokens.to_parquet(root / "tokens.parquet", index=False)
-    (root / "report.json").write_text(json.dumps(report, indent=2))
+    (root / "report.json").write_text(json.dumps(report.model_dump(exclude_unset=True), indent=2))
     return root
 
 
@@ -143,16 +148,10 @@ def run_dir(request, tmp_path) -> Path:
     return write_run(tmp_path / request.param, request.param)
 
 
-def test_backend_is_agg():
-    assert matplotlib.get_backend().lower() == "agg"
-
-
 def test_figures_for_run_every_mode(run_dir):
-    mode = json.loads((run_dir / "report.json").read_text())["mode"]
     paths = plots.figures_for_run(run_dir)
-    assert {p.name for p in paths} == EXPECTED[mode]
+    assert {p.name for p in paths} == EXPECTED[load_report(run_dir).mode]
     for path in paths:
-        assert path.parent == run_dir
         assert_png(path)
     assert plt.get_fignums() == []  # every figure closed
 
@@ -176,20 +175,20 @@ def test_figures_without_tokens_table(tmp_path):
 def test_kl_bars_several_layers_and_sites(tmp_path):
     tokens = make_tokens("all_tokens")
     base = make_report("all_tokens", tokens)
-    layers = [{**base, "layer": i, "interventions": {k: {**v, "kl_mean": v["kl_mean"] * (i + 1)}
-                                                     for k, v in base["interventions"].items()}} for i in range(4)]
+    layers = [base.model_copy(update={"layer": i, "interventions": {
+        k: v.model_copy(update={"kl_mean": v.kl_mean * (i + 1)}) for k, v in base.interventions.items()}})
+        for i in range(4)]
     assert_png(plots.kl_bars(layers, tmp_path / "layers.png"))
-    sites = [{**base, "site": "mlp_out"}, {**base, "site": "attn_out"}]
+    sites = [base.model_copy(update={"site": "mlp_out"}), base.model_copy(update={"site": "attn_out"})]
     assert_png(plots.kl_bars(sites, tmp_path / "sites.png"))
     assert_png(plots.kl_bars(base, tmp_path / "one.png", tokens=tokens))
-    study = {"kind": "study", "model": "fake-gpt", "mode": "all_tokens", "runs": layers}
-    assert_png(plots.kl_bars(study, tmp_path / "study.png"))
+    assert_png(plots.kl_bars(make_study(layers), tmp_path / "study.png"))
 
 
 def test_kl_bars_tolerates_missing_values(tmp_path):
     report = make_report("all_tokens", make_tokens("all_tokens"))
-    report["interventions"]["sae"]["kl_mean"] = None
-    report["interventions"]["epsilon_random"]["kl_mean"] = float("nan")
+    report.interventions["sae"].kl_mean = None
+    report.interventions["epsilon_random"].kl_mean = float("nan")
     assert plots.kl_bars(report, tmp_path / "bars.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -222,10 +221,6 @@ def test_robustness_curve(tmp_path):
 
 
 def test_robustness_curve_keeps_near_zero_kl_from_squashing_the_axis(tmp_path):
-    import matplotlib.image as mpimg
-
-    from klgap import plots
-
     points = {"a": [(0.5, 0.2), (0.9, 0.05), (1.0, 0.0)], "b": [(0.5, 0.1), (0.9, 0.01), (1.0, 1e-9)]}
     path = plots.robustness_curve(points, tmp_path / "r.png", sae_points={"a": (0.8, 0.06)})
     assert mpimg.imread(path).shape[0] > 100 and not plots.plt.get_fignums()  # written, figure closed

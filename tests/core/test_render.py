@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from klgap import render
-from klgap.render import fmt_num, fmt_p, render_html, render_markdown, rebuild
-from tests.core.test_plots import EXPECTED, MODES, assert_png, make_report, make_tokens, write_run
+from klgap.render import render_html, render_markdown, rebuild
+from klgap.schema import Report, load_report
+from tests.core.test_plots import EXPECTED, MODES, assert_png, make_report, make_study, make_tokens, write_run
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, tuple[Path, dict, dict[str, Path]]]:
+def built(tmp_path_factory) -> dict[str, tuple[Path, Report, dict[str, Path]]]:
     """Each mode's run folder, its report, and what rebuild wrote (built once for the module)."""
     out = {}
     for mode in MODES:
         root = write_run(tmp_path_factory.mktemp(mode), mode)
-        out[mode] = (root, json.loads((root / "report.json").read_text()), rebuild(root))
+        out[mode] = (root, load_report(root), rebuild(root))
     return out
 
 
-def _summary_row(report: dict) -> str:
-    kl = report["interventions"]
-    ratio = report["comparisons"]["epsilon_random"]["kl_ratio"]
-    test = report["comparisons"]["epsilon_random"]["wilcoxon_kl"]
-    return (f"| resid_post L3 | {kl['sae']['kl_mean']:.4g} | {kl['epsilon_random']['kl_mean']:.4g} | "
-            f"{ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}] | "
-            f"{fmt_p(test['p_value'])} (Holm {fmt_p(test['p_holm'])}) |")
+def _summary_row(report: Report) -> str:
+    kl = report.interventions
+    comparison = report.comparisons["epsilon_random"]
+    ratio, test = comparison.kl_ratio, comparison.wilcoxon_kl
+    p = [f"{v:.3f}" if v >= 1e-3 else f"{v:.2e}" for v in (test.p_value, test.p_holm)]
+    return (f"| resid_post L3 | {kl['sae'].kl_mean:.4g} | {kl['epsilon_random'].kl_mean:.4g} | "
+            f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] | {p[0]} (Holm {p[1]}) |")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -51,8 +50,8 @@ def test_markdown_summary_has_the_reports_numbers(built, mode):
     for name in EXPECTED[mode]:
         assert f"]({name})" in md
     assert '"sample_intervention": "epsilon_random"' in md  # config as a code block
-    for name in report["interventions"]:
-        assert f"| {name} | {report['interventions'][name]['n_tokens']} |" in md
+    for name, stats in report.interventions.items():
+        assert f"| {name} | {stats.n_tokens} |" in md
 
 
 def test_mode_sections(built):
@@ -62,7 +61,7 @@ def test_mode_sections(built):
     many_report = built["many_samples"][1]
     many = (built["many_samples"][0] / "report.md").read_text()
     assert "## Many samples" in many and "40 draws of epsilon_random per context at position 8" in many
-    assert f"mean {many_report['many_samples']['z_mean']:.2f}" in many
+    assert f"mean {many_report.many_samples.z_mean:.2f}" in many
     assert "Single token" not in (built["all_tokens"][0] / "report.md").read_text()
 
 
@@ -74,8 +73,8 @@ def test_html_is_self_contained(built, mode):
     assert page.count("data:image/png;base64,") == len(EXPECTED[mode])
     assert "<script" not in page.lower()
     assert "http://" not in page and "https://" not in page and "<link" not in page
-    ratio = report["comparisons"]["epsilon_random"]["kl_ratio"]
-    assert f"<td>{ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}]</td>" in page
+    ratio = report.comparisons["epsilon_random"].kl_ratio
+    assert f"<td>{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]</td>" in page
 
 
 def test_rebuild_is_idempotent_and_leaves_data_alone(tmp_path):
@@ -92,13 +91,12 @@ def test_rebuild_is_idempotent_and_leaves_data_alone(tmp_path):
 
 def test_missing_and_nan_values_render(tmp_path):
     report = make_report("all_tokens", make_tokens("all_tokens"))
-    report["interventions"]["sae"]["kl_mean"] = None
-    report["interventions"]["epsilon_random"]["kl_mean"] = math.nan
-    comparison = report["comparisons"]["epsilon_random"]
-    comparison["kl_ratio"].update(ratio=None, ci_low=math.nan, ci_high=None)
-    comparison["wilcoxon_kl"]["p_value"] = None
-    del comparison["wilcoxon_kl"]["p_holm"]
-    report["sae_metrics"]["explained_variance"] = None
+    report.interventions["sae"].kl_mean = None
+    report.interventions["epsilon_random"].kl_mean = math.nan
+    comparison = report.comparisons["epsilon_random"]
+    comparison.kl_ratio.ratio, comparison.kl_ratio.ci_low, comparison.kl_ratio.ci_high = None, math.nan, None
+    comparison.wilcoxon_kl.p_value = comparison.wilcoxon_kl.p_holm = None
+    report.sae_metrics.explained_variance = None
     md = render_markdown(report, [])
     assert "| resid_post L3 | — | nan | — [nan, —] | — |" in md
     assert "| explained_variance | — |" in md
@@ -112,16 +110,15 @@ def test_missing_and_nan_values_render(tmp_path):
 def test_holm_only_when_present():
     report = make_report("all_tokens", make_tokens("all_tokens"))
     assert "(Holm " in render_markdown(report, [])
-    for comparison in report["comparisons"].values():
-        del comparison["wilcoxon_kl"]["p_holm"]
+    for comparison in report.comparisons.values():
+        comparison.wilcoxon_kl.p_holm = None
     assert "(Holm " not in render_markdown(report, [])
 
 
 def test_html_escapes_text():
     report = make_report("all_tokens", make_tokens("all_tokens"))
-    report = copy.deepcopy(report)
-    report["notes"] = ['<script>alert("x")</script> & <b>bold</b>']
-    report["model"] = "a<b>&c"
+    report.notes = ['<script>alert("x")</script> & <b>bold</b>']
+    report.model = "a<b>&c"
     page = render_html(report, [])
     assert "<script" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
@@ -132,20 +129,13 @@ def test_html_escapes_text():
 
 def test_study_report_renders(tmp_path):
     base = make_report("all_tokens", make_tokens("all_tokens"))
-    runs = [{k: base[k] for k in ("site", "hook_name", "sae", "n_tokens", "n_contexts", "interventions",
-                                  "kl_ratio_sae_over_epsilon_random", "comparisons", "sae_metrics", "notes")}
-            | {"layer": layer, "path": f"L{layer}"} for layer in (2, 3)]
-    study = {"schema_version": base["schema_version"], "kind": "study", "model": "fake-gpt", "mode": "all_tokens",
-             "runs": runs, "gap_correlation_between_runs": [], "config": {}, "provenance": base["provenance"]}
-    (tmp_path / "report.json").write_text(json.dumps(study))
-    written = rebuild(tmp_path)
+    study = make_study([base.model_copy(update={"layer": layer}) for layer in (2, 3)])
+    (tmp_path / "report.json").write_text(json.dumps(study.model_dump(exclude_unset=True)))
+    written = rebuild(tmp_path)  # no sub-run folders: the study's own page and figure only
     assert set(written) == {"kl_bars.png", "report.md", "report.html"}
     md = written["report.md"].read_text()
-    assert "| resid_post L2 |" in md and "| resid_post L3 |" in md
-
-
-def test_number_formats():
-    assert fmt_num(None) == "—" and fmt_num(math.nan) == "nan" and fmt_num(math.inf) == "inf"
-    assert fmt_num(0.0380422) == "0.03804" and fmt_num(8128) == "8128"
-    assert fmt_p(3.5e-12) == "3.50e-12" and fmt_p(0.0213) == "0.021" and fmt_p(None) == "—"
-    assert render.fmt_ratio_ci({"ratio": 1.4619, "ci_low": 1.4, "ci_high": 1.53}) == "1.462 [1.400, 1.530]"
+    ratio = base.comparisons["epsilon_random"].kl_ratio
+    for layer in (2, 3):
+        assert f"| resid_post L{layer} | {base.interventions['sae'].kl_mean:.4g} |" in md
+    assert md.count(f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]") == 2
+    assert "- runs: resid_post L2, resid_post L3" in md

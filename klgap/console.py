@@ -1,0 +1,49 @@
+"""What the terminal shows after a run or a study: the per-intervention table, the summary row, where the
+files went. Reads the typed report only (klgap.schema); numbers go through klgap.formatting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from klgap.formatting import fmt, fmt_fixed, fmt_p
+from klgap.schema import Report, StudyReport
+from klgap.summary import summary_row, summary_rows
+
+
+def print_study(study: StudyReport, out: Path) -> None:
+    """One line per site/layer: KL of the SAE and the baseline, the ratio with its interval, Holm's p."""
+    rows = summary_rows(study)
+    print(f"{study.model} study, mode {study.mode}: {len(rows)} sites/layers")
+    print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}")
+    for row in rows:
+        print(f"{row.site:<12} {row.layer:>5} {fmt(row.kl_sae):>10} {fmt(row.kl_baseline):>10} "
+              f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
+    print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
+
+
+def print_summary(report: Report, out: Path) -> None:
+    """The run's notes, what was measured, each intervention's KL and ΔCE, the ratio to the baseline."""
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"{report.model} {report.hook_name}  SAE {report.sae.source}  mode {report.mode}  "
+          f"{report.n_tokens} tokens in {report.n_contexts} contexts")
+    print(f"{'intervention':<40} {'KL mean':>10} {'KL median':>10} {'ΔCE mean':>10}")
+    for name, row in report.interventions.items():
+        print(f"{name:<40} {fmt(row.kl_mean):>10} {fmt(row.kl_median):>10} {fmt(row.ce_delta_mean):>10}")
+    summary = summary_row(report, report.model, report.mode)
+    comparison = report.comparisons.get(summary.baseline)
+    if comparison is not None:
+        print(f"KL(sae)/KL({summary.baseline}) = {fmt_fixed(summary.ratio)}  95% CI [{fmt_fixed(summary.ratio_ci_low)}, "
+              f"{fmt_fixed(summary.ratio_ci_high)}] over {comparison.kl_ratio.n_contexts} contexts; "
+              f"Wilcoxon p = {fmt_p(summary.p_value)}")
+    curve = report.curve
+    if curve is not None and curve.sae is not None:
+        for frac, cos in curve.sae_equivalent_cos.items():
+            where = f"cos {fmt_fixed(cos)}" if cos is not None else "no cosine on the grid"
+            print(f"robustness curve (norm {frac}·‖x‖): the SAE (cos {fmt_fixed(curve.sae.cos_mean)}, "
+                  f"KL {fmt(curve.sae.kl_mean)}) does the damage of cosine-matched noise at {where}")
+    if report.many_samples is not None:
+        many = report.many_samples
+        print(f"many samples: mean z of the SAE's KL = {fmt_fixed(many.z_mean)}, "
+              f"fraction z > 2 = {fmt_fixed(many.frac_z_above_2)}")
+    print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
