@@ -196,7 +196,7 @@ def main() -> None:
         print(f"model {args.model} {args.site} L{args.layer} on {device}, {len(interventions)} interventions")
 
         if "all_tokens" in modes:
-            prep = engine.prepare(RunConfig(**base, n_tokens=args.tokens))
+            prep = engine.prepare(RunConfig(**base, tokens=args.tokens))
             naive_s, naive = timed_naive(naive_all_tokens, prep)
             fast_s, fast = timed_engine(prep)
             floor_s = floor_seconds(prep)
@@ -225,7 +225,7 @@ def main() -> None:
             prep.executor.stack = default_stack
 
         if "single_token" in modes:
-            prep = engine.prepare(RunConfig(**base, n_tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
+            prep = engine.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
             naive_s, naive = timed_naive(naive_single_token, prep)
             fast_s, fast = timed_engine(prep)
             diffs.append(max_diff(fast, naive))
@@ -236,7 +236,7 @@ def main() -> None:
 
         if "many_samples" in modes:
             cfg = RunConfig(**{**base, "interventions": ["sae"], "batch_size": args.draw_contexts},
-                            n_tokens=args.draw_contexts * args.context_len, mode="many_samples",
+                            tokens=args.draw_contexts * args.context_len, mode="many_samples",
                             position=args.position, n_samples=args.draws)
             prep = engine.prepare(cfg)
             n_naive = min(args.naive_draws, args.draws)

@@ -33,7 +33,7 @@ gen = torch.Generator().manual_seed(0)
 W_dec = torch.randn(8 * d, d, generator=gen) / d ** 0.5
 sae = save_safetensors_sae(out / "sae.safetensors", 2 * W_dec.T.contiguous(), W_dec, torch.zeros(8 * d), torch.zeros(d),
                            hook_name=hook_name(site, layer))
-config = RunConfig(model=model, sae=str(sae), n_tokens=n_tokens, context_len=128, batch_size=8, device="cpu", dataset="random")
+config = RunConfig(model=model, sae=str(sae), tokens=n_tokens, context_len=128, batch_size=8, device="cpu", dataset="random")
 opened = engine.open_run(config, out / "run")
 for index in opened.todo:
     opened.rundir.write_part(index, *engine.measure_batch(opened.prep, index))

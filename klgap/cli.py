@@ -15,27 +15,11 @@ from klgap.errors import KlgapError, unknown
 
 log = logging.getLogger("klgap")
 
-RUN_FLAGS = {
-    # flag dest -> RunConfig field
-    "model": "model",
-    "site": "site",
-    "layer": "layer",
-    "sae": "sae",
-    "mode": "mode",
-    "interventions": "interventions",
-    "tokens": "n_tokens",
-    "context_len": "context_len",
-    "batch_size": "batch_size",
-    "seed": "seed",
-    "device": "device",
-    "dtype": "dtype",
-    "dataset": "dataset",
-    "position": "position",
-    "k": "k",
-    "n_samples": "n_samples",
-    "sample_intervention": "sample_intervention",
-    "device_map": "device_map",
-}
+#: flags whose dest is the RunConfig field of the same name (the boolean flags are set below)
+RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
+             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map")
+#: keys of a replication file that are not RunConfig fields
+FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac")
 
 
 def _int_arg(name: str):
@@ -211,21 +195,18 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
     if args.config:
         data = load_config_file(args.config)
         for key, value in data.items():
-            field = RUN_FLAGS.get(key.replace("-", "_"), key.replace("-", "_"))
-            if field in ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac"):
-                extra[field] = value
-            else:
-                values[field] = value
-    for dest, field in RUN_FLAGS.items():
+            key = key.replace("-", "_")
+            (extra if key in FILE_EXTRAS else values)[key] = value
+    for dest in RUN_FLAGS:
         value = getattr(args, dest, None)
         if value is not None:
-            values[field] = value
+            values[dest] = value
     if args.include_first_position:
-        values["skip_first_position"] = False
+        values["include_first_position"] = True
     if args.no_bos:
-        values["prepend_bos"] = False
+        values["no_bos"] = True
     if args.no_fast:
-        values["fast"] = False
+        values["no_fast"] = True
     if getattr(args, "remote", None):
         values["remote"] = True
     if "interventions" in values:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError, unknown
 from klgap.sites import SITES
+
+log = logging.getLogger("klgap")
 from klgap.specs import parse_intervention, split_interventions  # noqa: F401  (re-exported: moved to klgap.specs)
 
 MODES = ("all_tokens", "single_token", "many_samples")
@@ -30,10 +34,13 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference run
 class RunConfig:
     """One measurement: a model, a site and layer, an SAE, interventions and a mode.
 
-    site/layer may be None: the SAE's own hook name then selects them.
-    n_tokens is the number of tokens to read; contexts = ceil(n_tokens / context_len).
+    Every field is named as its command-line flag (``--tokens`` -> ``tokens``, ``--no-bos`` -> ``no_bos``), in
+    a config file and in Python alike. site/layer may be None: the SAE's own hook name then selects them.
+    tokens is the number of tokens to read; contexts = ceil(tokens / context_len).
     position/k: single-token mode patches `position` and measures positions position..position+k.
     n_samples: many-samples mode draws `sample_intervention` this many times at `position`.
+    include_first_position: also patch and measure position 0 (the BOS / attention-sink token).
+    no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
     """
 
     model: str
@@ -42,26 +49,43 @@ class RunConfig:
     sae: str | None = None
     mode: str = "all_tokens"
     interventions: list[str] = field(default_factory=lambda: list(DEFAULT_INTERVENTIONS))
-    n_tokens: int = 8192
+    tokens: int = 8192
     context_len: int = 128
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
     dataset: str = "sample"
-    prepend_bos: bool = True
-    skip_first_position: bool = True
+    no_bos: bool = False
+    include_first_position: bool = False
     position: int = 32
     k: int = 16
     n_samples: int = 500
     sample_intervention: str = "epsilon_random"
-    fast: bool = True
+    no_fast: bool = False
     device_map: str | None = None
     remote: bool = False
 
     @property
     def n_contexts(self) -> int:
-        return max(1, math.ceil(self.n_tokens / self.context_len))
+        return max(1, math.ceil(self.tokens / self.context_len))
+
+    # the engine's words for the flags: derived, never stored
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens
+
+    @property
+    def skip_first_position(self) -> bool:
+        return not self.include_first_position
+
+    @property
+    def prepend_bos(self) -> bool:
+        return not self.no_bos
+
+    @property
+    def fast(self) -> bool:
+        return not self.no_fast
 
     def validate(self) -> "RunConfig":
         """Check what can be checked without loading anything; raise KlgapError on the first problem."""
@@ -72,7 +96,7 @@ class RunConfig:
         if self.dtype not in DTYPES:
             raise unknown("dtype", self.dtype, DTYPES)
         for name, value, low in (
-            ("--tokens", self.n_tokens, 1),
+            ("--tokens", self.tokens, 1),
             ("--context-len", self.context_len, 2),
             ("--batch-size", self.batch_size, 1),
             ("--n-samples", self.n_samples, 2),
@@ -108,11 +132,31 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """A config from flag-named keys (``-`` or ``_``); the pre-0.2 keys (``n_tokens``, ``prepend_bos``,
+        ``skip_first_position``, ``fast``) still work, with a deprecation note naming the new key."""
         names = {f.name for f in dataclasses.fields(cls)}
-        bad = [k for k in data if k not in names]
-        if bad:
-            raise unknown("config key", bad[0], names)
-        return cls(**data)
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            if key in LEGACY_KEYS:
+                new, convert = LEGACY_KEYS[key]
+                warnings.warn(f"config key {key!r} is deprecated: write {new} = {convert(value)!r}",
+                              DeprecationWarning, stacklevel=2)
+                log.warning("config key %r is deprecated: write %s = %r", key, new, convert(value))
+                key, value = new, convert(value)
+            if key not in names:
+                raise unknown("config key", key, names)
+            values[key] = value
+        return cls(**values)
+
+
+#: pre-0.2 config keys -> (the flag-named field, how its value converts)
+LEGACY_KEYS = {
+    "n_tokens": ("tokens", lambda v: v),
+    "prepend_bos": ("no_bos", lambda v: not v),
+    "skip_first_position": ("include_first_position", lambda v: not v),
+    "fast": ("no_fast", lambda v: not v),
+}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

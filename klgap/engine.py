@@ -258,7 +258,7 @@ def _json_safe(obj: Any) -> Any:
 def run_identity(run: Loaded) -> dict[str, Any]:
     """What makes two runs the same run (resume only into an identical one)."""
     identity = run.config.to_dict()
-    identity.pop("fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
+    identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=str(run.model.device))
     return identity
 

@@ -105,7 +105,7 @@ def test_${name}_in_a_run(tmp_path, klgap_sae_file):
     from klgap.config import RunConfig
 
     sae = klgap_sae_file(64, 256, "blocks.1.hook_resid_pre")
-    config = RunConfig(model="tiny-gpt2", sae=str(sae), n_tokens=124, context_len=32, batch_size=4,
+    config = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=124, context_len=32, batch_size=4,
                        dataset="random", device="cpu", interventions=["sae", "${name}"])
     report = engine.run(config, tmp_path / "run", progress=False)
     kl = report["interventions"]

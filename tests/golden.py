@@ -18,7 +18,7 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 #: the summary fields of a run report that are numbers of the measurement (not provenance, paths or timings)
 NUMBER_KEYS = ("n_tokens", "n_contexts", "interventions", "kl_ratio_sae_over_epsilon_random", "comparisons",
                "sae_metrics", "gap", "curve", "single_token", "many_samples")
-BASE = {"model": "tiny-llama", "n_tokens": 6 * 32, "context_len": 32, "batch_size": 2, "device": "cpu",
+BASE = {"model": "tiny-llama", "tokens": 6 * 32, "context_len": 32, "batch_size": 2, "device": "cpu",
         "dataset": "sample", "seed": 3}
 CASES = {
     "all_tokens": {"mode": "all_tokens", "interventions": ["sae", "sae_norm_corrected", "sae_norm", "epsilon_random",

@@ -23,7 +23,7 @@ EXPECTED = {
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_engine_then_report(tmp_path, capsys, load_model, mode):
     sae = random_sae(tmp_path / "sae.safetensors", 64, 128, hook_name("mlp_out", 1))
-    cfg = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", n_tokens=6 * 32, context_len=32, device="cpu",
+    cfg = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", tokens=6 * 32, context_len=32, device="cpu",
                     mode=mode, position=5, k=4, n_samples=10, interventions=["sae", "epsilon_random", "theta_random"])
     report = engine.run(cfg, tmp_path / "run", progress=False)
     assert main(["report", str(tmp_path / "run")]) == 0

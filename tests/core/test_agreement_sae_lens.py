@@ -85,8 +85,8 @@ def test_kl_and_ce_agree_with_sae_lens_evals(tmp_path, load_model, model, site, 
     hook = hook_name(site, layer)
     sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 7)
     cfg = RunConfig(
-        model=model, sae=str(sae_path), n_tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2,
-        device="cpu", dtype=dtype, dataset="random", interventions=["sae", "zero", "identity"], skip_first_position=False,
+        model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2,
+        device="cpu", dtype=dtype, dataset="random", interventions=["sae", "zero", "identity"], include_first_position=True,
     )
     engine.run(cfg, tmp_path / "run", progress=False)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["intervention", "context", "position"])

@@ -17,7 +17,7 @@ from tests.helpers import random_sae, shrink_sae
 
 
 def _run(tmp_path, name="run", **kw):
-    cfg = RunConfig(**{"n_tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
+    cfg = RunConfig(**{"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
     report = engine.run(cfg, tmp_path / name, progress=False).model_dump(mode="json")
     return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
 
@@ -73,7 +73,7 @@ def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
     extra = {"position": 5, "k": 4} if mode == "single_token" else {}
     report, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae_path), interventions=["sae"], mode=mode, **extra)
     sae = load_sae(str(sae_path), torch.device("cpu"))
-    contexts = engine.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), n_tokens=128, context_len=32, dataset="random", device="cpu")).contexts
+    contexts = engine.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), tokens=128, context_len=32, dataset="random", device="cpu")).contexts
     mlp = lm.hf_model.transformer.h[1].mlp
     with torch.no_grad():
         clean = lm.hf_model(input_ids=contexts, use_cache=False).logits.float()
@@ -165,9 +165,9 @@ def test_suffix_replay_equals_full_forward(tmp_path, load_model, model, monkeypa
     for site in SITES:
         for layer in (0, lm.n_layers - 1):
             sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
-            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], n_tokens=64)
+            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], tokens=64)
             fast, t_fast = _run(tmp_path, f"fast-{site}{layer}", **kw)
-            slow, t_slow = _run(tmp_path, f"slow-{site}{layer}", **kw, fast=False)
+            slow, t_slow = _run(tmp_path, f"slow-{site}{layer}", **kw, no_fast=True)
             assert fast["execution"]["path"] == "suffix-replay" and slow["execution"]["path"] == "full-forward"
             assert fast["execution"]["stack"] == 2  # both interventions in one pass, stacked along the batch
             np.testing.assert_allclose(t_fast.kl, t_slow.kl, rtol=1e-4, atol=1e-7, err_msg=f"{site} L{layer}")
@@ -178,13 +178,13 @@ def test_stacking_follows_the_memory_budget(tmp_path, load_model, monkeypatch):
     """The number of interventions per suffix pass comes from the memory budget; stacked or not, the same numbers."""
     lm = load_model("tiny-llama")
     sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 128, hook_name("mlp_out", 0))
-    kw = dict(model="tiny-llama", sae=str(sae), interventions=["sae", "sae_norm", "epsilon_random", "theta_random"], n_tokens=64)
+    kw = dict(model="tiny-llama", sae=str(sae), interventions=["sae", "sae_norm", "epsilon_random", "theta_random"], tokens=64)
     default, t_default = _run(tmp_path, "default", **kw)
     assert "stack" not in default["execution"]  # CPU: one intervention per pass unless given a budget
     monkeypatch.setattr(executors, "STACK_BYTES_CPU", 1 << 30)
     stacked, t_stacked = _run(tmp_path, "stacked", **kw)
     assert stacked["execution"]["stack"] == 4
-    cfg = RunConfig(**{"n_tokens": 64, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
+    cfg = RunConfig(**{"tokens": 64, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
     per_copy = executors.STACK_BYTES_CPU // executors.stack_size(cfg, lm)  # what one copy costs
     monkeypatch.setattr(executors, "STACK_BYTES_CPU", 3 * per_copy)
     assert executors.stack_size(cfg, lm) == 3
@@ -215,9 +215,9 @@ def test_kv_cache_equals_full_forward(tmp_path, load_model, model, dtype, mode):
     for n, site in enumerate(SITES):  # every site, alternating first and last layer
         for layer in [(0, lm.n_layers - 1)[n % 2]]:
             sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
-            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], n_tokens=96, mode=mode, **extra)
+            kw = dict(model=model, sae=str(sae), interventions=["sae", "epsilon_random"], tokens=96, mode=mode, **extra)
             fast, t_fast = _run(tmp_path, f"fast-{mode}-{site}{layer}", **kw)
-            slow, t_slow = _run(tmp_path, f"slow-{mode}-{site}{layer}", **kw, fast=False)
+            slow, t_slow = _run(tmp_path, f"slow-{mode}-{site}{layer}", **kw, no_fast=True)
             assert fast["execution"]["path"] == "kv-cache" and slow["execution"]["path"] == "full-forward"
             assert len(t_fast) == len(t_slow) > 0
             pd.testing.assert_frame_equal(t_fast.drop(columns=["kl", "ce_delta"]), t_slow.drop(columns=["kl", "ce_delta"]))
@@ -232,7 +232,7 @@ def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_
     configs, outs = [], []
     for site, layer in [("mlp_out", 1), ("resid_pre", 0), ("attn_out", 0), ("resid_post", 1)]:
         sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
-        configs.append(RunConfig(model="tiny-llama", sae=str(sae), n_tokens=96, context_len=32, batch_size=2, device="cpu",
+        configs.append(RunConfig(model="tiny-llama", sae=str(sae), tokens=96, context_len=32, batch_size=2, device="cpu",
                                  dataset="random", interventions=["sae", "epsilon_random", "sae_error_shuffled"]))
         outs.append(tmp_path / f"shared-{site}{layer}")
     shared = engine.run_shared(configs, outs, progress=False)

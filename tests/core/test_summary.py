@@ -25,7 +25,7 @@ INTERVENTIONS = ["sae", "epsilon_random", "theta_random", "cosine_matched:cos=0.
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("summary")
     sae = random_sae(root / "sae.safetensors", 64, 128, hook_name("mlp_out", 1))
-    config = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", n_tokens=8 * 32, context_len=32,
+    config = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", tokens=8 * 32, context_len=32,
                        device="cpu", interventions=INTERVENTIONS)
     engine.run(config, root / "run", progress=False)
     return root / "run"

@@ -355,7 +355,7 @@ def test_new_baselines_in_a_run(tmp_path, load_model):
 
     lm = load_model("tiny-llama")
     sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("resid_pre", 1))
-    cfg = RunConfig(model="tiny-llama", sae=str(sae), n_tokens=256, context_len=32, batch_size=4, device="cpu",
+    cfg = RunConfig(model="tiny-llama", sae=str(sae), tokens=256, context_len=32, batch_size=4, device="cpu",
                     dataset="random", interventions=["sae", "epsilon_random", "epsilon_anisotropic", "sae_error_shuffled"])
     report = engine.run(cfg, tmp_path / "run", progress=False)
     kl = report.interventions

@@ -164,7 +164,7 @@ def test_kl_equals_the_same_weights_as_a_sae_lens_folder(tmp_path, load_model):
 
     kls = []
     for name, sae in (("plugin", f"sparsify:{folder}"), ("twin", str(tmp_path / "sae_lens_twin"))):
-        config = RunConfig(model="tiny-gpt2", sae=sae, n_tokens=4 * 32, context_len=32, batch_size=2, device="cpu",
+        config = RunConfig(model="tiny-gpt2", sae=sae, tokens=4 * 32, context_len=32, batch_size=2, device="cpu",
                            dataset="random", interventions=["sae"])
         report = engine.run(config, tmp_path / name, progress=False)
         assert report.hook_name == "blocks.1.hook_resid_post"

@@ -16,7 +16,9 @@ FOLDER = Path(__file__).resolve().parents[2] / "replications" / "smollm2-135m-of
 CROSS = FOLDER.parent / "cross-model-robustness"
 MODES = ("all_tokens", "single_token", "many_samples")
 # What a run records in its report from the declarative file (paths are expanded there, so they are left out).
-DECLARED_KEYS = ("model", "mode", "interventions", "n_tokens", "context_len", "batch_size", "seed", "dataset")
+DECLARED_KEYS = ("model", "mode", "interventions", "tokens", "context_len", "batch_size", "seed", "dataset")
+# Reports made before the config took the flags' names record `tokens` as `n_tokens`.
+RECORDED_AS = {"tokens": "n_tokens"}
 
 
 def _report(mode: str) -> dict:
@@ -52,7 +54,7 @@ def test_committed_results_come_from_the_declared_file(mode):
     recorded = report["config"]
     for key in DECLARED_KEYS:
         if key in declared:
-            assert recorded[key] == declared[key], (mode, key)
+            assert recorded.get(key, recorded.get(RECORDED_AS.get(key))) == declared[key], (mode, key)
     declared_runs = sorted((s, int(layer)) for s in declared["site"].split(",") for layer in declared["layer"].split(","))
     assert sorted((run["site"], run["layer"]) for run in report["runs"]) == declared_runs
 
