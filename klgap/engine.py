@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from klgap import activations, metrics
+from klgap.capabilities import as_perturbation, find_default_sae, fittable
 from klgap.config import RunConfig, parse_intervention
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import get_host
@@ -75,14 +76,15 @@ def build_perturbation(spec: str) -> Perturbation:
     name, params = parse_intervention(spec)
     factory = get_host().registry("perturbation").get(name)
     try:
-        return factory(**params)
+        built = factory(**params)
     except TypeError as exc:
         raise KlgapError(f"intervention {spec!r}: bad parameters {sorted(params)} ({exc})") from exc
+    return as_perturbation(built, spec)
 
 
 def build_perturbations(specs: list[str]) -> list[tuple[str, Perturbation]]:
     built = [build_perturbation(s) for s in specs]
-    names = [getattr(p, "name", s) for p, s in zip(built, specs, strict=True)]
+    names = [p.name for p in built]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise KlgapError(f"intervention {dupes[0]!r} is listed twice in --interventions")
@@ -113,16 +115,10 @@ def load_sae(spec: str, device: torch.device) -> LoadedSAE:
 
 
 def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[str, str]:
-    """Ask every SAE loader with a `default_sae` method for a pretrained SAE at this site."""
-    loaders = get_host().registry("sae_loader")
-    for name in loaders.names():
-        finder = getattr(loaders.get(name), "default_sae", None)
-        if finder is None:
-            continue
-        found = finder(model, site, layer)
-        if found:
-            spec, note = found
-            return f"{name}:{spec}", note
+    """Ask every SAE loader that declares DefaultSAEFinder for a pretrained SAE at this site."""
+    found = find_default_sae(get_host().registry("sae_loader"), model, site, layer)
+    if found is not None:
+        return found
     raise KlgapError(
         f"no --sae given and no pretrained SAE is known for {model.name} {hook_name(site, layer)}; "
         f"train one with `klgap train-sae --model {model.name} --site {site} --layer {layer} --out DIR` "
@@ -186,7 +182,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
     sample_perturbation = None
     if config.mode == "many_samples":
         sample_perturbation = build_perturbation(config.sample_intervention)
-        if not getattr(sample_perturbation, "stochastic", False):
+        if not sample_perturbation.stochastic:
             raise KlgapError(
                 f"--sample-intervention {config.sample_intervention!r} is not random; many-samples mode needs "
                 "one that is, e.g. epsilon_random or theta_random"
@@ -226,7 +222,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
             f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
             "it was trained on another model or site"
         )
-    center = bool(sae.info.get("config_overrides", {}).get("center_writing_weights")) and site.startswith("resid")
+    center = sae.center_resid and site.startswith("resid")
     if center:
         notes.append(
             "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
@@ -280,7 +276,7 @@ def fit_perturbations(config: RunConfig, model: LoadedModel, spec: SiteSpec, sae
                       contexts: Tensor, perturbations: list[Perturbation | None]) -> dict[str, Any]:
     """Call ``fit(acts [n, d])`` on every perturbation that has one, with the clean site activations of the
     run's first contexts (up to FIT_TOKENS tokens; centred like the SAE's input). Same tokens on every resume."""
-    needing = [p for p in perturbations if p is not None and callable(getattr(p, "fit", None))]
+    needing = fittable(perturbations)
     if not needing:
         return {}
     first = 1 if config.skip_first_position else 0

@@ -2,16 +2,19 @@
 
 Every name is resolved against the installed plugins (model, token source, interventions, SAE loader), the
 config is validated, the (site, layer) grid is expanded, and each SAE spec is checked as far as its loader
-can without loading it: a loader with a ``check(spec) -> dict`` method (sae_lens releases: the bundled
-pretrained-SAE directory) says what the spec names, including its hook name, which must match the run's
-site and layer. What would need the network is listed, so a user knows before a long job fails.
+can without loading it: a loader that declares ``SAEChecker`` (``check(spec) -> SAECheck``; sae_lens releases:
+the bundled pretrained-SAE directory; folders: their config) says what the spec names, including its hook
+name, which must match the run's site and layer. What would need the network is listed, so a user knows
+before a long job fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from klgap.capabilities import check_sae_spec
 from klgap.config import RunConfig, parse_intervention
 from klgap.errors import KlgapError
 from klgap.plugins import get_host
@@ -27,11 +30,11 @@ def check_sae(spec: str, site: str | None, layer: int | None) -> dict[str, Any]:
     else:
         path = Path(spec).expanduser()
         return {"sae": spec, "status": "found" if path.exists() else "not there yet (trained or copied before the run?)"}
-    check = getattr(loader, "check", None)
-    if check is None:
+    checked = check_sae_spec(loader, arg)
+    if checked is None:
         return {"sae": spec, "status": f"{prefix} (not checked: its loader has no check())"}
-    info = {"sae": spec, **check(arg)}
-    hook = info.get("hook_name")
+    info = {"sae": spec, **dataclasses.asdict(checked)}
+    hook = checked.hook_name
     if hook and site is not None and layer is not None:
         sae_site, sae_layer = parse_hook_name(hook)
         if (sae_site, sae_layer) != (site, layer):
@@ -45,8 +48,6 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
     """The runs a command would make and what each needs; raises KlgapError on the first problem."""
     from klgap.engine import build_perturbations
     from klgap.study import sae_for
-
-    import dataclasses
 
     host = get_host()
     dataclasses.replace(config, site=sites[0], layer=layers[0]).validate()
