@@ -45,10 +45,6 @@ class Converted:
     state_dict: dict[str, Tensor]
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def hook_name(self) -> str | None:
-        return self.cfg_dict.get("metadata", {}).get("hook_name")
-
 
 @dataclass(frozen=True)
 class FolderFormat:
