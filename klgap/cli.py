@@ -150,14 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
     train.add_argument("--quiet", action="store_true")
 
-    corpus = sub.add_parser(
-        "build-corpus", help="build a local English corpus (train/eval JSONL) from Debian's python3.11-doc and fortunes"
-    )
-    corpus.add_argument("--out", required=True, help="folder for train/corpus.jsonl, eval/corpus.jsonl, corpus.json")
-    corpus.add_argument("--python-doc", default=None, help="Python HTML docs (default /usr/share/doc/python3.11/html)")
-    corpus.add_argument("--fortunes", default=None, help="fortune files (default /usr/share/games/fortunes)")
-    corpus.add_argument("--eval-fraction", type=float, default=0.2, help="share of documents held out (default 0.2)")
-
     rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data")
     rep_cmd.add_argument("run_dir")
 
@@ -476,19 +468,7 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_corpus(args: argparse.Namespace) -> int:
-    from klgap_tokens.corpus import FORTUNES, PYTHON_DOC, build_corpus
-
-    python_doc = Path(args.python_doc).expanduser() if args.python_doc else PYTHON_DOC
-    fortunes = Path(args.fortunes).expanduser() if args.fortunes else FORTUNES
-    counts = build_corpus(args.out, python_doc=python_doc, fortunes=fortunes, eval_fraction=args.eval_fraction)
-    for split, c in counts.items():
-        print(f"{split}: {c['documents']} documents, {c['characters']:,} characters -> {Path(args.out) / split / 'corpus.jsonl'}")
-    print(f"use --dataset text:{Path(args.out) / 'train'} to train an SAE, --dataset text:{Path(args.out) / 'eval'} to measure")
-    return 0
-
-
-COMMANDS = {"merge": cmd_merge, "build-corpus": cmd_build_corpus, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+COMMANDS = {"merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.executors import Executor, choose
 from klgap.plugins import get_host, model_adapter
-from klgap.protocols import DefaultSAEFinder, LoadedModel, LoadedSAE, Placement, SiteSpec
+from klgap.capabilities import find_default_sae, fittable
+from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
 from klgap.resolve import Intervention, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
@@ -98,14 +99,10 @@ def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
 
 def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[SAERoute, str]:
     """Ask every SAE loader that can name a pretrained SAE (:class:`klgap.protocols.DefaultSAEFinder`)."""
-    loaders = get_host().registry("sae_loader")
-    for name in loaders.names():
-        loader = loaders.get(name)
-        if isinstance(loader, DefaultSAEFinder):
-            found = loader.default_sae(model, site, layer)
-            if found:
-                spec, note = found
-                return route_sae(f"{name}:{spec}"), note
+    found = find_default_sae(get_host().registry("sae_loader"), model, site, layer)
+    if found is not None:
+        spec, note = found
+        return route_sae(spec), note
     raise KlgapError(
         f"no --sae given and no pretrained SAE is known for {model.name} {hook_name(site, layer)}; "
         f"train one with `klgap train-sae --model {model.name} --site {site} --layer {layer} --out DIR` "
@@ -136,7 +133,7 @@ def load_plan(plan: RunPlan) -> Loaded:
     if sae.d_in != width:
         raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
                          "it was trained on another model or site")
-    center = bool(sae.info.get("config_overrides", {}).get("center_writing_weights")) and site.startswith("resid")
+    center = sae.center_resid and site.startswith("resid")
     if center:
         notes.append(
             "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
@@ -170,7 +167,7 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
     """Call ``fit(acts [n, d])`` on every perturbation that has one, with the clean site activations of the
     run's first contexts (up to FIT_TOKENS tokens; centred like the SAE's input). Same tokens on every resume."""
     perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
-    needing = [p for p in perturbations if callable(getattr(p, "fit", None))]
+    needing = fittable(perturbations)
     if not needing:
         return {}
     config, model = run.config, run.model

@@ -118,6 +118,12 @@ def resolve_model_adapter(spec: str) -> ModelAdapter | None:
 
     :param spec: what the user passed to ``--model`` (or ``klgap.measure(model=...)``).
     :return: an adapter (its ``name`` attribute, if any, names the model in reports), or None.
+
+    Example::
+
+        @klgap.hookimpl
+        def resolve_model_adapter(spec):
+            return MyAdapter(spec) if spec.startswith("my-org/") else None
     """
 
 

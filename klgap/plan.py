@@ -28,10 +28,9 @@ class DryRun:
 def _status(plan: RunPlan) -> str:
     if plan.sae is None:
         return "default for the site"
-    if plan.sae.hook_name is not None:
-        return "checked"
-    if plan.sae.loader != plan.sae.spec.partition(":")[0]:
-        return "found"
+    if plan.sae.checked is not None:
+        detail = plan.sae.checked.detail
+        return f"checked by {plan.sae.loader}" + (f" ({detail})" if detail else "")
     return f"{plan.sae.loader} (its loader checks it when loading)"
 
 

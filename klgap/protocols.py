@@ -1,7 +1,12 @@
-"""What a plugin provides: model adapters, SAE loaders, perturbations and token sources.
+"""What a plugin provides: model adapters, SAE loaders, perturbations, token sources and commands.
 
 These are `typing.Protocol`s plus a few plain dataclasses. The core depends only on these, never
 on a plugin; nnsight objects never appear here (the engine wraps models itself).
+
+Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
+plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
+(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``) on a perturbation. The core asks
+for them through :mod:`klgap.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
 Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
 """
@@ -146,7 +151,12 @@ class LoadedSAE:
     module:      the SAE (encode/decode), on the run's device, float32.
     hook_name:   the SAE's own hook name (``blocks.L.hook_mlp_out``), selects site/layer when not given.
     source:      the spec it was loaded from (``sae_lens:RELEASE/ID``, a path, ...).
-    info:        anything else worth recording (architecture, release, training stats, ...).
+    architecture: what computes its features (``standard``, ``topk``, ``jumprelu``, ``gated``, ...).
+    center_resid: the SAE was trained on mean-centred residual activations (TransformerLens's
+                 ``center_writing_weights``, e.g. sae_lens's gpt2-small-res-jb): at a resid site the engine
+                 subtracts each token's mean over d_model before the SAE and every perturbation.
+    info:        descriptive provenance for the report (release, format, training stats, ...); the engine
+                 never reads it.
     """
 
     module: Any
@@ -155,6 +165,7 @@ class LoadedSAE:
     hook_name: str | None
     source: str
     architecture: str = "standard"
+    center_resid: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -187,22 +198,49 @@ class SAELoader(Protocol):
 
 @runtime_checkable
 class DefaultSAEFinder(Protocol):
-    """Optional extra on an SAE loader: name a pretrained SAE for a model/site/layer."""
+    """Optional capability of an SAE loader: name a pretrained SAE for a model/site/layer.
+
+    Asked (in registration order) when a run gives no ``--sae``; must not download anything.
+    """
 
     def default_sae(self, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
-        """Return ``(spec, note)`` for the default SAE, or None. `note` is shown to the user."""
+        """Return ``(spec, note)`` for the default SAE, or None. `spec` is this loader's argument (no
+        ``NAME:`` prefix); `note` is shown to the user and recorded in the report."""
         ...
+
+
+@dataclass(frozen=True)
+class SAECheck:
+    """What an SAE spec names, known without loading its weights (``--dry-run``).
+
+    hook_name: the SAE's hook name (``blocks.L.hook_mlp_out``); None when the spec does not say (then
+               the run's ``--site``/``--layer`` decide).
+    repo_id:   the Hugging Face hub repo its weights download from; None for local files.
+    release:   the pretrained release it belongs to (sae_lens), if any.
+    sae_id:    its id within that release, if any.
+    model:     the model it was trained on, when the spec says.
+    detail:    one short line shown beside the check (format, architecture, size).
+    """
+
+    hook_name: str | None
+    repo_id: str | None = None
+    release: str | None = None
+    sae_id: str | None = None
+    model: str | None = None
+    detail: str | None = None
 
 
 @runtime_checkable
 class SAEChecker(Protocol):
-    """Optional extra on an SAE loader: say what a spec names without loading it (``--dry-run``).
+    """Optional capability of an SAE loader: say what a spec names without loading it (``--dry-run``).
 
-    Return a dict with at least ``hook_name`` (or None when unknown); ``repo_id`` marks a download from the
-    Hugging Face hub. Raise KlgapError when the spec cannot be right (unknown release or id).
+    ``check(spec)`` reads at most a config or a file header, never the weights, and never the network.
+    It raises KlgapError when the spec cannot be right (a missing folder, an unknown release or id).
     """
 
-    def check(self, spec: str) -> dict[str, Any]: ...
+    def check(self, spec: str) -> SAECheck:
+        """What `spec` (with any ``NAME:`` prefix removed) names; see :class:`SAECheck`."""
+        ...
 
 
 # --------------------------------------------------------------------------- perturbations
@@ -226,6 +264,18 @@ class Perturbation(Protocol):
     geometry: dict[str, Any]
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor: ...
+
+
+@runtime_checkable
+class FittablePerturbation(Protocol):
+    """Optional capability of a perturbation: statistics of the site's clean activations, fitted first.
+
+    The engine calls ``fit(acts)`` once per run, before any batch, with ``acts: [n, d]`` float32 clean
+    activations of the run's first contexts (centred like the SAE's input; the same tokens on every resume),
+    on the run's device. ``epsilon_anisotropic`` fits the activations' covariance this way.
+    """
+
+    def fit(self, acts: Tensor) -> None: ...
 
 
 class PerturbationFactory(Protocol):

@@ -11,7 +11,7 @@ number is refused here, in well under a second after the plugins are imported. `
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 from klgap.config import RunConfig, parse_intervention
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import ModelRef, get_host, model_adapter
-from klgap.protocols import Perturbation, Placement, PlacingModelAdapter, SAEChecker
+from klgap.capabilities import as_perturbation, check_sae_spec
+from klgap.protocols import Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.sites import parse_hook_name
 
 
@@ -28,19 +29,24 @@ from klgap.sites import parse_hook_name
 class SAERoute:
     """An SAE spec and the loader that will read it (nothing loaded yet).
 
-    spec:      as the user wrote it (``~`` expanded); the report's ``sae.source`` comes from the loaded SAE.
-    loader:    the registered loader name; ``arg`` is what its ``load`` receives (the spec minus ``NAME:``).
-    hook_name: what the loader's ``check`` says the SAE was trained on, when it can tell without loading.
-    repo_id:   the hub repo the loader will download from, when it says so (``--dry-run`` lists it).
+    spec:    as the user wrote it (``~`` expanded); the report's ``sae.source`` comes from the loaded SAE.
+    loader:  the registered loader name; ``arg`` is what its ``load`` receives (the spec minus ``NAME:``).
+    checked: what the loader's ``check`` says without loading (hook name, hub repo), when it declares one.
     """
 
     spec: str
     loader: str
     arg: str
     plugin: str
-    hook_name: str | None = None
-    repo_id: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict, compare=False)
+    checked: SAECheck | None = None
+
+    @property
+    def hook_name(self) -> str | None:
+        return self.checked.hook_name if self.checked is not None else None
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.checked.repo_id if self.checked is not None else None
 
     @property
     def obj(self) -> Any:
@@ -116,7 +122,7 @@ def build_intervention(spec: str) -> Intervention:
     registry = get_host().registry("perturbation")
     factory = registry.get(name)
     try:
-        perturbation = factory(**params)
+        perturbation = as_perturbation(factory(**params), spec)
     except TypeError as exc:
         raise KlgapError(f"intervention {spec!r}: bad parameters {sorted(params)} ({exc})") from exc
     return Intervention(spec, name, params, registry.entries[name].plugin, perturbation)
@@ -134,8 +140,9 @@ def build_interventions(specs: list[str]) -> tuple[Intervention, ...]:
 def route_sae(spec: str) -> SAERoute:
     """Route an SAE spec to its loader: `NAME:ARG` by name, a bare path to the first loader that knows it.
 
-    The loader's ``check`` (if it declares one, :class:`klgap.protocols.SAEChecker`) says what the spec names
-    without loading it; its errors (an unknown release or SAE id) surface here."""
+    The loader's ``check`` (if it declares :class:`klgap.protocols.SAEChecker`) says what the spec names
+    without loading it (klgap.capabilities.check_sae_spec); its errors (an unknown release or SAE id, a folder
+    without its config) surface here."""
     spec = os.path.expanduser(spec)
     loaders = get_host().registry("sae_loader")
     prefix, sep, rest = spec.partition(":")
@@ -157,13 +164,8 @@ def route_sae(spec: str) -> SAERoute:
                 f"no SAE loader recognises {spec!r}; prefix it with one of: {', '.join(loaders.names())} "
                 "(e.g. sae_lens:RELEASE/ID)"
             )
-    loader = loaders.get(name)
-    route = SAERoute(spec, name, arg, loaders.entries[name].plugin)
-    if isinstance(loader, SAEChecker):
-        found = loader.check(arg)
-        detail = dict(found) if isinstance(found, dict) else dict(vars(found))
-        route = replace(route, hook_name=detail.get("hook_name"), repo_id=detail.get("repo_id"), detail=detail)
-    return route
+    found = check_sae_spec(loaders.get(name), arg)
+    return SAERoute(spec, name, arg, loaders.entries[name].plugin, found)
 
 
 def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) -> tuple[str | None, int | None]:

@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from klgap.capabilities import check_sae_spec, fittable
 from klgap.errors import KlgapError
+from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker
 from klgap.sites import SITES, hook_name, parse_hook_name
 
 _MODELS: dict[tuple[str, str], Any] = {}
@@ -190,6 +192,47 @@ class SAELoaderConformance:
         with pytest.raises(KlgapError):
             load_sae(f"{self.loader}:{tmp_path / 'does-not-exist'}", torch.device(self.device))
 
+    def test_center_resid_is_declared(self, sae):
+        assert isinstance(sae.center_resid, bool), f"LoadedSAE.center_resid is {sae.center_resid!r}, not a bool"
+
+    # -- optional capabilities: checked when the loader declares them (klgap.protocols)
+
+    def _registered(self):
+        from klgap.plugins import registry
+
+        return registry("sae_loader").get(self.loader)
+
+    def test_check_names_the_loaded_hook(self, sae):
+        """SAEChecker: ``check(spec)`` (--dry-run) says the hook name the loaded SAE has, without loading it."""
+        loader = self._registered()
+        if not isinstance(loader, SAEChecker):
+            pytest.skip(f"{self.loader} does not declare SAEChecker (check)")
+        checked = check_sae_spec(loader, self.spec)
+        assert isinstance(checked, SAECheck)
+        assert checked.hook_name == sae.hook_name, (
+            f"check() says hook {checked.hook_name!r}, the loaded SAE has {sae.hook_name!r}"
+        )
+
+    def test_check_refuses_a_missing_file(self, tmp_path):
+        loader = self._registered()
+        if not isinstance(loader, SAEChecker):
+            pytest.skip(f"{self.loader} does not declare SAEChecker (check)")
+        with pytest.raises(KlgapError):
+            loader.check(str(tmp_path / "does-not-exist"))
+
+    def test_default_sae_answers_spec_and_note_or_none(self):
+        """DefaultSAEFinder: for every site of the model, None or (spec, note) strings; never a download."""
+        loader = self._registered()
+        if not isinstance(loader, DefaultSAEFinder) or self.model is None:
+            pytest.skip(f"{self.loader} does not declare DefaultSAEFinder (default_sae), or no model is set")
+        lm = _load_model(self.model, self.device)
+        for site in lm.site_widths:
+            found = loader.default_sae(lm, site, 0)
+            assert found is None or (isinstance(found, tuple) and len(found) == 2
+                                     and all(isinstance(s, str) and s for s in found)), (
+                f"default_sae(model, {site!r}, 0) returned {found!r}; expected None or (spec, note)"
+            )
+
 
 def _geometry_target(value: Any, x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor | None:
     norm = lambda t: t.norm(dim=-1)  # noqa: E731
@@ -214,10 +257,14 @@ class PerturbationConformance:
         from klgap.resolve import build_intervention
 
         p = build_intervention(self.spec).perturbation
-        if callable(getattr(p, "fit", None)):
-            gen = torch.Generator().manual_seed(5)
-            p.fit((torch.randn(512, self.d, generator=gen) * torch.linspace(0.2, 2.0, self.d)).to(self.device))
+        for fittable_p in fittable([p]):
+            fittable_p.fit(self.anisotropic_acts())
         return p
+
+    def anisotropic_acts(self, seed: int = 5) -> torch.Tensor:
+        """[512 d] Gaussian activations whose per-dimension scale runs from 0.2 to 2 (what ``fit`` is given)."""
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(512, self.d, generator=gen) * torch.linspace(0.2, 2.0, self.d)).to(self.device)
 
     def data(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
@@ -233,6 +280,22 @@ class PerturbationConformance:
         assert isinstance(getattr(p, "name", None), str) and p.name, "a perturbation needs a name"
         assert isinstance(getattr(p, "stochastic", None), bool), "stochastic must be True or False"
         assert isinstance(getattr(p, "geometry", None), dict), "geometry must be a dict (may be empty)"
+
+    def test_fit_is_reproducible(self):
+        """FittablePerturbation: fitting twice on the same activations gives the same x' under one seed (a
+        resumed run refits on the same tokens)."""
+        from klgap.resolve import build_intervention
+
+        first = build_intervention(self.spec).perturbation
+        if not isinstance(first, FittablePerturbation):
+            pytest.skip(f"{self.spec} does not declare FittablePerturbation (fit)")
+        second = build_intervention(self.spec).perturbation
+        first.fit(self.anisotropic_acts())
+        second.fit(self.anisotropic_acts())
+        x, x_hat = self.data()
+        out = first(x, x_hat, self.gen(6))
+        assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"
+        assert torch.isfinite(out).all()
 
     def test_shape_dtype_device(self):
         x, x_hat = self.data()

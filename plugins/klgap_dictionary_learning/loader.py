@@ -24,12 +24,13 @@ activation_dim, F = dict_size:
 
 Upstream's ``AutoEncoder.from_pretrained`` also renormalises decoder columns, scaling the encoder to match;
 that leaves the function unchanged, so it is not repeated here.
+
+This module is the format's converter (files -> ``(cfg_dict, state_dict)``); reading, errors and building the
+sae_lens SAE are :mod:`klgap_saes.convert`'s, shared with the other formats.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +40,13 @@ from typing import Any
 import torch
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedSAE
+from klgap.protocols import LoadedSAE, SAECheck
 from klgap.sites import hook_name
-from klgap_saes.common import wrap_sae_lens
+from klgap_saes.convert import Converted, FolderFormat, check_shapes, load_converted, read_torch, require_keys
 
 WEIGHTS, CONFIG = "ae.pt", "config.json"
+FORMAT = FolderFormat("dictionary_learning", (WEIGHTS, CONFIG), "trainer folder", "save_dir/trainer_0")
+CONFIG_EXPECTED = '{"trainer": {...}}'
 
 State = dict[str, torch.Tensor]
 
@@ -147,6 +150,22 @@ def infer_dict_class(state: State) -> str | None:
     return matches[0] if len(matches) == 1 else None  # AutoEncoderTopK and BatchTopKSAE share their keys
 
 
+def trainer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json's ``trainer`` part (the trainer's config: dict_class, activation_dim, k, submodule_name, ...)."""
+    return config["trainer"] if isinstance(config.get("trainer"), dict) else {}
+
+
+def hook_of(config: dict[str, Any], path: Path) -> str | None:
+    """The hook name: ``hook_name`` in config.json (top level or trainer), else from ``submodule_name`` (+
+    ``layer``), else from the folder's or its parent's name (``resid_post_layer_3/trainer_0``)."""
+    trainer = trainer_config(config)
+    return (
+        config.get("hook_name") or trainer.get("hook_name")
+        or hook_name_for_submodule(trainer.get("submodule_name"), trainer.get("layer"))
+        or hook_name_for_submodule(path.name) or hook_name_for_submodule(path.parent.name)
+    )
+
+
 class DictionaryLearningLoader:
     """A dictionary_learning trainer folder (ae.pt + config.json)."""
 
@@ -156,64 +175,27 @@ class DictionaryLearningLoader:
     )
 
     def can_load(self, spec: str) -> bool:
-        path = Path(spec).expanduser()
-        return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+        return FORMAT.matches(spec)
+
+    def check(self, spec: str) -> SAECheck:
+        """The hook name and model from config.json (or the folder's name); ae.pt is not read."""
+        path = FORMAT.folder(spec)
+        config = FORMAT.read_json(path / CONFIG, spec, CONFIG_EXPECTED)
+        trainer = trainer_config(config)
+        model = trainer.get("lm_name") if isinstance(trainer.get("lm_name"), str) else None
+        dict_class = trainer.get("dict_class")
+        return SAECheck(hook_name=hook_of(config, path), model=model,
+                        detail=f"dictionary_learning {dict_class}" if isinstance(dict_class, str) else "dictionary_learning")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise KlgapError(
-                f"dictionary_learning folder {spec!r} does not exist; pass a trainer folder holding {WEIGHTS} + {CONFIG} "
-                "(e.g. save_dir/trainer_0)"
-            )
-        for name in (WEIGHTS, CONFIG):
-            if not (path / name).is_file():
-                inner = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / WEIGHTS).is_file())
-                hint = f"; it holds trainer folders {', '.join(inner)}: pass one of them" if inner else ""
-                raise KlgapError(
-                    f"dictionary_learning folder {spec!r} has no {name}; it needs {WEIGHTS} + {CONFIG}{hint}"
-                )
-        config = _read_config(path / CONFIG, spec)
+        path = FORMAT.folder(spec)
+        config = FORMAT.read_json(path / CONFIG, spec, CONFIG_EXPECTED)
         state = _read_state(path / WEIGHTS, spec)
-        trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-        dict_class = trainer.get("dict_class") or infer_dict_class(state)
-        if not dict_class:
-            raise KlgapError(
-                f"dictionary_learning folder {spec!r}: {CONFIG} names no trainer.dict_class and the keys of {WEIGHTS} "
-                f"do not pick one; set it to one of: {', '.join(DICT_CLASSES)}"
-            )
-        if dict_class not in DICT_CLASSES:
-            raise KlgapError(
-                f"dictionary_learning folder {spec!r}: unsupported dict_class {dict_class!r}; "
-                f"supported: {', '.join(DICT_CLASSES)}"
-            )
-        hook = (
-            config.get("hook_name") or trainer.get("hook_name")
-            or hook_name_for_submodule(trainer.get("submodule_name"), trainer.get("layer"))
-            or hook_name_for_submodule(path.name) or hook_name_for_submodule(path.parent.name)
-        )
-        sae, info = build_sae(dict_class, state, trainer, hook, spec)
-        return wrap_sae_lens(sae, str(path), device, {"format": "dictionary_learning", **info})
-
-
-def _read_config(file: Path, spec: str) -> dict[str, Any]:
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KlgapError(f"dictionary_learning folder {spec!r}: {CONFIG} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise KlgapError(f"dictionary_learning folder {spec!r}: {CONFIG} holds a {type(config).__name__}, expected {{\"trainer\": {{...}}}}")
-    return config
+        return load_converted(convert(config, state, path, spec), str(path), device)
 
 
 def _read_state(file: Path, spec: str) -> State:
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise KlgapError(
-            f"dictionary_learning folder {spec!r}: {WEIGHTS} is not a readable torch file (corrupt or truncated?): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+    state = read_torch(file, f"{FORMAT.where(spec)}: {WEIGHTS}")
     if isinstance(state, dict) and isinstance(state.get("ae"), dict):
         state = state["ae"]  # a mid-training backup: {"step", "ae", "optimizer", "config", "norm_factor"}
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -221,15 +203,25 @@ def _read_state(file: Path, spec: str) -> State:
     return state
 
 
-def build_sae(dict_class: str, state: State, trainer: dict[str, Any], hook: str | None, spec: str):
-    """The sae_lens SAE computing what dictionary_learning's `dict_class` computes, and notes for the report."""
-    import sae_lens
-
+def convert(config: dict[str, Any], state: State, path: Path, spec: str) -> Converted:
+    """The trainer folder `path`'s config.json + ae.pt as the config + state_dict of the sae_lens SAE that
+    computes what dictionary_learning's ``dict_class`` computes, with notes for the report."""
+    trainer = trainer_config(config)
+    dict_class = trainer.get("dict_class") or infer_dict_class(state)
+    if not dict_class:
+        raise KlgapError(
+            f"dictionary_learning folder {spec!r}: {CONFIG} names no trainer.dict_class and the keys of {WEIGHTS} "
+            f"do not pick one; set it to one of: {', '.join(DICT_CLASSES)}"
+        )
+    if dict_class not in DICT_CLASSES:
+        raise KlgapError(
+            f"dictionary_learning folder {spec!r}: unsupported dict_class {dict_class!r}; "
+            f"supported: {', '.join(DICT_CLASSES)}"
+        )
     dc = DICT_CLASSES[dict_class]
     where = f"dictionary_learning folder {spec!r} ({dict_class})"
-    missing = [k for k in dc.keys if k not in state and k not in dc.optional]
-    if missing:
-        raise KlgapError(f"{where}: {WEIGHTS} lacks {', '.join(missing)}; a {dict_class} state_dict has {', '.join(dc.keys)}")
+    require_keys(state, [k for k in dc.keys if k not in dc.optional], f"{where}: {WEIGHTS}",
+                 f"a {dict_class} state_dict has {', '.join(dc.keys)}")
     unexpected = [k for k in state if k not in dc.keys]
     if unexpected:
         raise KlgapError(
@@ -244,22 +236,22 @@ def build_sae(dict_class: str, state: State, trainer: dict[str, Any], hook: str 
     for key, expected in (("activation_dim", D), ("dict_size", F)):
         if key in trainer and trainer[key] != expected:
             raise KlgapError(f"{where}: {CONFIG} says {key}={trainer[key]!r} but {dc.weights_key} implies {expected}")
-    for key, template in dc.keys.items():
-        if key not in state or "G" in template:
-            continue
-        shape = tuple(dims[d] for d in template)
-        if tuple(state[key].shape) != shape and not (template == () and state[key].numel() == 1):
-            raise KlgapError(
-                f"{where}: {key} has shape {tuple(state[key].shape)}, expected {shape} (activation_dim={D}, dict_size={F})"
-            )
+    shapes = {key: tuple(dims[d] for d in template) for key, template in dc.keys.items()
+              if key in state and "G" not in template}
+    check_shapes(state, shapes, where, f"activation_dim={D}, dict_size={F}")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    info: dict[str, Any] = {"dict_class": dict_class, "activation": dc.activation}
+    info: dict[str, Any] = {"format": "dictionary_learning", "dict_class": dict_class, "activation": dc.activation}
     for key in ("trainer_class", "lm_name", "layer", "submodule_name", "norm_factor"):
         if isinstance(trainer.get(key), (str, int, float)):
             info[key] = trainer[key]
-    extra: dict[str, Any] = {}
+    cfg_dict: dict[str, Any] = {
+        "architecture": dc.sae, "d_in": int(D), "d_sae": int(F), "apply_b_dec_to_input": dc.apply_b_dec_to_input,
+        "metadata": {"hook_name": hook_of(config, path)},
+    }
+    if isinstance(trainer.get("lm_name"), str):
+        cfg_dict["metadata"]["model_name"] = trainer["lm_name"]
     if dc.sae == "topk":
-        extra["k"] = info["k"] = _k(state, trainer, F, where)
+        cfg_dict["k"] = info["k"] = _k(state, trainer, F, where)
     if "group_sizes" in state and int(state["group_sizes"].sum()) != F:
         raise KlgapError(f"{where}: group_sizes sum to {int(state['group_sizes'].sum())}, expected dict_size={F}")
     if dc.activation == "batchtopk":
@@ -267,20 +259,7 @@ def build_sae(dict_class: str, state: State, trainer: dict[str, Any], hook: str 
         info["threshold"] = float(state["threshold"].reshape(()))
         if info["threshold"] < 0:
             info["note"] = "threshold was never set (< 0): upstream's encode then keeps every positive latent (ReLU)"
-
-    cfg_cls, sae_cls = {
-        "standard": (sae_lens.StandardSAEConfig, sae_lens.StandardSAE),
-        "topk": (sae_lens.TopKSAEConfig, sae_lens.TopKSAE),
-        "jumprelu": (sae_lens.JumpReLUSAEConfig, sae_lens.JumpReLUSAE),
-        "gated": (sae_lens.GatedSAEConfig, sae_lens.GatedSAE),
-    }[dc.sae]
-    cfg = cfg_cls(d_in=int(D), d_sae=int(F), apply_b_dec_to_input=dc.apply_b_dec_to_input, dtype="float32", device="cpu", **extra)
-    cfg.metadata.hook_name = hook
-    if isinstance(trainer.get("lm_name"), str):
-        cfg.metadata.model_name = trainer["lm_name"]
-    sae = sae_cls(cfg)
-    sae.load_state_dict({name: fn(state).contiguous() for name, fn in dc.to_sae_lens.items()}, strict=True)
-    return sae, info
+    return Converted(cfg_dict, {name: fn(state) for name, fn in dc.to_sae_lens.items()}, info)
 
 
 def _k(state: State, trainer: dict[str, Any], F: int, where: str) -> int:

@@ -1,17 +1,26 @@
-"""SAEs on disk: a sae_lens folder (cfg.json + sae_weights.safetensors) and a plain safetensors file."""
+"""SAEs on disk: a sae_lens folder (cfg.json + sae_weights.safetensors) and a plain safetensors file.
+
+The plain file's format (tensor names, writer) lives in :mod:`klgap.saefile`; its converter is
+:func:`convert_safetensors`, built into a sae_lens SAE by :mod:`klgap_saes.convert`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedSAE
-from klgap_saes.common import wrap_sae_lens
+from klgap.protocols import LoadedSAE, SAECheck
+from klgap.saefile import METADATA, REQUIRED, THRESHOLD, save_safetensors_sae
+from klgap_saes.common import trained_centred, wrap_sae_lens
+from klgap_saes.convert import Converted, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
 
-REQUIRED = ("W_enc", "W_dec", "b_enc", "b_dec")
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
 
 
 class SaeLensDiskLoader:
@@ -26,15 +35,32 @@ class SaeLensDiskLoader:
         # cfg.json + sae.safetensors (and no sae_weights.safetensors) is an EleutherAI sparsify folder
         return (path / "sae_weights.safetensors").is_file() or not (path / "sae.safetensors").is_file()
 
-    def load(self, spec: str, device: torch.device) -> LoadedSAE:
-        from sae_lens import SAE
-
+    def _folder(self, spec: str) -> Path:
         path = Path(spec).expanduser()
         if not path.is_dir():
             raise KlgapError(f"SAE folder {spec!r} does not exist")
-        for name in ("cfg.json", "sae_weights.safetensors"):
+        for name in SAE_LENS_FILES:
             if not (path / name).is_file():
                 raise KlgapError(f"SAE folder {spec!r} has no {name}; a sae_lens folder holds cfg.json + sae_weights.safetensors")
+        return path
+
+    def check(self, spec: str) -> SAECheck:
+        """The hook name and model in cfg.json (``metadata`` in sae_lens 6, top level before); no weights read."""
+        path = self._folder(spec)
+        try:
+            cfg = json.loads((path / "cfg.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KlgapError(f"SAE folder {spec!r}: cfg.json is not valid JSON: {exc}") from exc
+        if not isinstance(cfg, dict):
+            raise KlgapError(f"SAE folder {spec!r}: cfg.json holds a {type(cfg).__name__}, expected a sae_lens config object")
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
+        return SAECheck(hook_name=meta.get("hook_name"), model=meta.get("model_name"),
+                        detail=f"sae_lens folder ({cfg.get('architecture', 'standard')}, d_sae {cfg.get('d_sae')})")
+
+    def load(self, spec: str, device: torch.device) -> LoadedSAE:
+        from sae_lens import SAE
+
+        path = self._folder(spec)
         try:
             json.loads((path / "cfg.json").read_text())
             sae = SAE.load_from_disk(str(path), device=str(device))
@@ -46,7 +72,7 @@ class SaeLensDiskLoader:
         training = path / "training.json"
         if training.is_file():
             info["training"] = json.loads(training.read_text())
-        return wrap_sae_lens(sae, str(path), device, info)
+        return wrap_sae_lens(sae, str(path), device, info, center_resid=trained_centred(sae))
 
 
 class SafetensorsLoader:
@@ -57,58 +83,37 @@ class SafetensorsLoader:
     def can_load(self, spec: str) -> bool:
         return spec.endswith(".safetensors") and Path(spec).expanduser().is_file()
 
-    def load(self, spec: str, device: torch.device) -> LoadedSAE:
-        from safetensors import safe_open
-
+    def _file(self, spec: str) -> Path:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise KlgapError(f"SAE file {spec!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:  # noqa: BLE001
-            raise KlgapError(f"SAE file {spec!r} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
-        missing = [k for k in REQUIRED if k not in tensors]
-        if missing:
-            raise KlgapError(f"SAE file {spec!r} lacks {', '.join(missing)}; it needs {', '.join(REQUIRED)} (+ threshold)")
-        d_in, d_sae = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (None, None)
-        expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-        if "threshold" in tensors:
-            expected["threshold"] = (d_sae,)
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise KlgapError(
-                    f"SAE file {spec!r}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                    f"(from W_enc [d_in={d_in}, d_sae={d_sae}])"
-                )
-        return wrap_sae_lens(build_sae(tensors, metadata), str(path), device, {"format": "safetensors"})
+        return path
+
+    def check(self, spec: str) -> SAECheck:
+        """The hook and model names in the file's metadata (its header only)."""
+        metadata = read_safetensors_metadata(self._file(spec), f"SAE file {spec!r}")
+        return SAECheck(hook_name=metadata.get("hook_name"), model=metadata.get("model_name"), detail="plain safetensors SAE")
+
+    def load(self, spec: str, device: torch.device) -> LoadedSAE:
+        path = self._file(spec)
+        tensors, metadata = read_safetensors(path, f"SAE file {spec!r}")
+        return load_converted(convert_safetensors(tensors, metadata, spec), str(path), device)
 
 
-def build_sae(tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
-    """A sae_lens StandardSAE (or JumpReLUSAE when a threshold is given) holding these weights."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], spec: str) -> Converted:
+    """A sae_lens StandardSAE (JumpReLUSAE when a threshold is given) holding the plain file's tensors."""
+    where = f"SAE file {spec!r}"
+    require_keys(tensors, REQUIRED, where, f"it needs {', '.join(REQUIRED)} (+ {THRESHOLD})")
+    d_in, d_sae = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (None, None)
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if THRESHOLD in tensors:
+        expected[THRESHOLD] = (d_sae,)
+    check_shapes(tensors, expected, where, f"from W_enc [d_in={d_in}, d_sae={d_sae}]")
+    cfg_dict = {
+        "architecture": "jumprelu" if THRESHOLD in tensors else "standard", "d_in": int(d_in), "d_sae": int(d_sae),
+        "metadata": {k: metadata[k] for k in METADATA if k in metadata},
+    }
+    return Converted(cfg_dict, {k: tensors[k] for k in expected}, {"format": "safetensors"})
 
-    d_in, d_sae = tensors["W_enc"].shape
-    meta = {k: metadata[k] for k in ("hook_name", "model_name") if k in metadata}
-    jump = "threshold" in tensors
-    cfg_cls, sae_cls = (JumpReLUSAEConfig, JumpReLUSAE) if jump else (StandardSAEConfig, StandardSAE)
-    cfg = cfg_cls(d_in=int(d_in), d_sae=int(d_sae), dtype="float32", device="cpu")
-    for key, value in meta.items():
-        cfg.metadata[key] = value
-    sae = sae_cls(cfg)
-    state = {k: v.float() for k, v in tensors.items() if k in (*REQUIRED, "threshold")}
-    sae.load_state_dict(state, strict=True)
-    return sae
 
-
-def save_safetensors_sae(path, W_enc, W_dec, b_enc, b_dec, threshold=None, hook_name=None, model_name=None) -> Path:
-    """Write the plain format this loader reads (used by tests and by users converting their SAEs)."""
-    from safetensors.torch import save_file
-
-    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
-    if threshold is not None:
-        tensors["threshold"] = threshold
-    metadata = {k: v for k, v in (("hook_name", hook_name), ("model_name", model_name)) if v}
-    save_file({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()}, str(path), metadata=metadata or None)
-    return Path(path)
+__all__ = ["SaeLensDiskLoader", "SafetensorsLoader", "convert_safetensors", "save_safetensors_sae"]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from klgap.errors import HubUnavailableError, KlgapError, unknown
-from klgap.protocols import LoadedModel, LoadedSAE
+from klgap.protocols import LoadedModel, LoadedSAE, SAECheck
 from klgap.sites import hook_name
 from klgap_saes.common import wrap_sae_lens
+
+if TYPE_CHECKING:
+    import torch
 
 #: (sae_lens model, site) -> the release the study (or its comment) used, when several exist.
 PREFERRED = {
@@ -72,15 +73,15 @@ class SaeLensPretrainedLoader:
     def can_load(self, spec: str) -> bool:
         return False  # only reached through the `sae_lens:` prefix
 
-    def check(self, spec: str) -> dict[str, Any]:
+    def check(self, spec: str) -> SAECheck:
         """What `spec` names, from sae_lens's bundled directory alone (no download): release, SAE id, hook
         name (the releases klgap knows name their SAEs by hook name), hub repo and model."""
         release, sae_id = split_spec(spec)
         lookup = directory()[release]
         if sae_id not in lookup.saes_map:
             raise unknown(f"SAE id in release {release}", sae_id, lookup.saes_map)
-        return {"release": release, "sae_id": sae_id, "hook_name": sae_id, "repo_id": lookup.repo_id,
-                "model": lookup.model, "needs": f"the Hugging Face hub (repo {lookup.repo_id})"}
+        return SAECheck(hook_name=sae_id, repo_id=lookup.repo_id, release=release, sae_id=sae_id, model=lookup.model,
+                        detail=f"sae_lens release {release}")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         from sae_lens import SAE
@@ -105,9 +106,11 @@ class SaeLensPretrainedLoader:
             "directory_l0": lookup.expected_l0.get(sae_id) if lookup.expected_l0 else None,
             "directory_variance_explained": lookup.expected_var_explained.get(sae_id) if lookup.expected_var_explained else None,
         }
-        if release in release_overrides():
-            info["config_overrides"] = release_overrides()[release]
-        return wrap_sae_lens(sae, f"sae_lens:{release}/{sae_id}", device, info)
+        overrides = release_overrides().get(release, {})
+        if overrides:
+            info["config_overrides"] = overrides  # provenance; the engine reads center_resid
+        return wrap_sae_lens(sae, f"sae_lens:{release}/{sae_id}", device, info,
+                             center_resid=bool(overrides.get("center_writing_weights")))
 
     def default_sae(self, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
         """The study's release for this model/site when sae_lens lists one (no download)."""

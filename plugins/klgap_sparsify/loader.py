@@ -19,26 +19,35 @@ before the encoder in both and no bias needs folding. ``groupmax`` is a ``TopKSA
 as its activation (:class:`GroupMax`). ``multi_topk`` only adds a training loss at 4k latents; inference uses k,
 as ``SparseCoder.encode`` does. Weights stored in bfloat16 are computed in float32, like every klgap SAE.
 Transcoders and skip connections are refused: klgap splices one SAE's reconstruction in at one site.
+
+This module is the format's converter (files -> ``(cfg_dict, state_dict)``); reading, errors and building the
+sae_lens SAE are :mod:`klgap_saes.convert`'s, shared with the other formats.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedSAE
+from klgap.protocols import LoadedSAE, SAECheck
 from klgap.sites import hook_name
-from klgap_saes.common import wrap_sae_lens
+from klgap_saes.convert import (
+    Converted, FolderFormat, check_shapes, load_converted, read_safetensors, register_architecture, require_keys,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
 ACTIVATIONS = ("topk", "groupmax")
+FORMAT = FolderFormat("sparsify", (CFG, WEIGHTS), "hookpoint folder", "CHECKPOINT/layers.6")
+CFG_EXPECTED = "an object of SparseCoderConfig fields + d_in"
 
 # sparsify hookpoints are module names under the HF model's base_model: `layers.6` (Llama, GPT-NeoX),
 # `h.6` (GPT-2), with `.mlp` / `.self_attn` / `.attn` / `.attention` for the sublayers; the SAE encodes the
@@ -64,6 +73,11 @@ def hookpoint_of(path: Path) -> str:
     return path.parent.name if _SEED_DIR.match(path.name) else path.name
 
 
+def hook_of(cfg: dict[str, Any], path: Path) -> str | None:
+    """The hook name: ``hook_name`` in cfg.json when set, else from the hookpoint folder's name."""
+    return cfg.get("hook_name") or hook_name_for_hookpoint(hookpoint_of(path))
+
+
 class SparsifyLoader:
     """One hookpoint folder of an EleutherAI sparsify checkpoint (SAE, TopK or GroupMax activation)."""
 
@@ -73,52 +87,19 @@ class SparsifyLoader:
     )
 
     def can_load(self, spec: str) -> bool:
-        path = Path(spec).expanduser()
-        return path.is_dir() and (path / CFG).is_file() and (path / WEIGHTS).is_file()
+        return FORMAT.matches(spec)
+
+    def check(self, spec: str) -> SAECheck:
+        """The hook name from cfg.json or the folder's name; the weights are not read."""
+        path = FORMAT.folder(spec)
+        cfg = FORMAT.read_json(path / CFG, spec, CFG_EXPECTED)
+        return SAECheck(hook_name=hook_of(cfg, path), detail=f"sparsify {cfg.get('activation', 'topk')}, k={cfg.get('k')}")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise KlgapError(
-                f"sparsify folder {spec!r} does not exist; pass a hookpoint folder holding {CFG} + {WEIGHTS} "
-                "(e.g. CHECKPOINT/layers.6)"
-            )
-        for name in (CFG, WEIGHTS):
-            if not (path / name).is_file():
-                inner = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / CFG).is_file())
-                hint = f"; it holds hookpoint folders {', '.join(inner)}: pass one of them" if inner else ""
-                raise KlgapError(
-                    f"sparsify folder {spec!r} has no {name}; a sparsify hookpoint folder holds {CFG} + {WEIGHTS}{hint}"
-                )
-        cfg = _read_cfg(path / CFG, spec)
-        tensors = _read_weights(path / WEIGHTS, spec)
-        hook = cfg.get("hook_name") or hook_name_for_hookpoint(hookpoint_of(path))
-        sae, info = build_sae(cfg, tensors, hook, spec)
-        loaded = wrap_sae_lens(sae, str(path), device, {"format": "sparsify", "hookpoint": hookpoint_of(path), **info})
-        loaded.architecture = info["activation"]
-        return loaded
-
-
-def _read_cfg(file: Path, spec: str) -> dict[str, Any]:
-    try:
-        cfg = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KlgapError(f"sparsify folder {spec!r}: {CFG} is not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise KlgapError(f"sparsify folder {spec!r}: {CFG} holds a {type(cfg).__name__}, expected an object of SparseCoderConfig fields + d_in")
-    return cfg
-
-
-def _read_weights(file: Path, spec: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
-        raise KlgapError(
-            f"sparsify folder {spec!r}: {WEIGHTS} is not a readable safetensors file (corrupt or truncated?): {exc}"
-        ) from exc
+        path = FORMAT.folder(spec)
+        cfg = FORMAT.read_json(path / CFG, spec, CFG_EXPECTED)
+        tensors, _ = read_safetensors(path / WEIGHTS, f"{FORMAT.where(spec)}: {WEIGHTS}")
+        return load_converted(convert(cfg, tensors, path, spec), str(path), device)
 
 
 def _cfg_int(cfg: dict[str, Any], key: str, spec: str, default: Any = None) -> int:
@@ -128,10 +109,9 @@ def _cfg_int(cfg: dict[str, Any], key: str, spec: str, default: Any = None) -> i
     return value
 
 
-def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], hook: str | None, spec: str):
-    """A sae_lens TopKSAE (GroupMaxSAE for `groupmax`) computing what sparsify's SparseCoder computes."""
-    from sae_lens import TopKSAE, TopKSAEConfig
-
+def convert(cfg: dict[str, Any], tensors: dict[str, Tensor], path: Path, spec: str) -> Converted:
+    """The hookpoint folder `path`'s cfg.json + sae.safetensors as a sae_lens TopKSAE config + state_dict
+    (architecture ``topk``, or ``groupmax``: :func:`groupmax_classes`)."""
     if cfg.get("transcode"):
         raise KlgapError(
             f"sparsify folder {spec!r} is a transcoder (transcode=true: it maps a module's input to its output); "
@@ -161,37 +141,21 @@ def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], hook: str |
         "encoder.weight": (num_latents, d_in), "encoder.bias": (num_latents,),
         "W_dec": (num_latents, d_in), "b_dec": (d_in,),
     }
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        raise KlgapError(
-            f"sparsify folder {spec!r}: {WEIGHTS} lacks {', '.join(missing)}; it needs {', '.join(expected)}"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise KlgapError(
-                f"sparsify folder {spec!r}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                f"(d_in={d_in}, num_latents={num_latents} from {CFG})"
-            )
-    sae_cfg = TopKSAEConfig(
-        d_in=d_in, d_sae=num_latents, k=k, apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False,
-        dtype="float32", device="cpu",
-    )
-    sae_cfg.metadata.hook_name = hook
-    sae = (groupmax_sae_class() if activation == "groupmax" else TopKSAE)(sae_cfg)
-    sae.load_state_dict(
-        {
-            "W_enc": tensors["encoder.weight"].float().T.contiguous(),
-            "b_enc": tensors["encoder.bias"].float(),
-            "W_dec": tensors["W_dec"].float(),
-            "b_dec": tensors["b_dec"].float(),
-        },
-        strict=True,
-    )
+    require_keys(tensors, list(expected), f"{FORMAT.where(spec)}: {WEIGHTS}", f"it needs {', '.join(expected)}")
+    check_shapes(tensors, expected, FORMAT.where(spec), f"d_in={d_in}, num_latents={num_latents} from {CFG}")
+    cfg_dict = {
+        "architecture": activation, "d_in": d_in, "d_sae": num_latents, "k": k, "apply_b_dec_to_input": True,
+        "rescale_acts_by_decoder_norm": False, "metadata": {"hook_name": hook_of(cfg, path)},
+    }
+    state_dict = {
+        "W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],
+    }
     info = {
-        "activation": activation, "k": k, "multi_topk": bool(cfg.get("multi_topk", False)),
+        "format": "sparsify", "hookpoint": hookpoint_of(path), "activation": activation, "k": k, "multi_topk": bool(cfg.get("multi_topk", False)),
         "normalize_decoder": bool(cfg.get("normalize_decoder", True)), "stored_dtype": str(tensors["W_dec"].dtype),
     }
-    return sae, info
+    return Converted(cfg_dict, state_dict, info)
 
 
 class GroupMax(nn.Module):
@@ -208,9 +172,17 @@ class GroupMax(nn.Module):
 
 
 @lru_cache(maxsize=1)
-def groupmax_sae_class() -> type:
-    """A TopKSAE whose activation is sparsify's GroupMax (built on first use: importing sae_lens is slow)."""
-    from sae_lens import TopKSAE
+def groupmax_classes() -> tuple[type, type]:
+    """(GroupMaxSAE, GroupMaxSAEConfig): sae_lens's TopKSAE with sparsify's GroupMax as its activation,
+    architecture ``groupmax`` (built on first use: importing sae_lens is slow)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    class GroupMaxSAEConfig(TopKSAEConfig):
+        """TopKSAEConfig under the architecture name ``groupmax``."""
+
+        @classmethod
+        def architecture(cls) -> str:
+            return "groupmax"
 
     class GroupMaxSAE(TopKSAE):
         """sparsify's groupmax SAE: TopKSAE's encoder, decoder and b_dec handling, GroupMax activation."""
@@ -218,4 +190,7 @@ def groupmax_sae_class() -> type:
         def get_activation_fn(self):
             return GroupMax(self.cfg.k)
 
-    return GroupMaxSAE
+    return GroupMaxSAE, GroupMaxSAEConfig
+
+
+register_architecture("groupmax", groupmax_classes)

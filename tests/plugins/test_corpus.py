@@ -80,6 +80,10 @@ def test_cli_build_corpus_feeds_the_text_token_source(tmp_path, capsys, load_mod
     assert main(["build-corpus", "--out", str(out), "--python-doc", str(doc), "--fortunes", str(fortunes)]) == 0
     printed = capsys.readouterr().out
     assert f"--dataset text:{out / 'eval'}" in printed
+    splits = json.loads((out / "corpus.json").read_text())["splits"]
+    assert splits["train"]["documents"] + splits["eval"]["documents"] == 70
+    for split, c in splits.items():  # one line per split, as the command printed before it moved into the plugin
+        assert f"{split}: {c['documents']} documents, {c['characters']:,} characters -> {out / split / 'corpus.jsonl'}\n" in printed
     source = get_host().registry("token_source").get("text")
     contexts = source.contexts(tiny_gpt2, n_contexts=4, context_len=32, seed=0, prepend_bos=True, arg=str(out / "eval"))
     assert contexts.shape == (4, 32) and int(contexts.max()) < tiny_gpt2.vocab_size

@@ -10,6 +10,7 @@ import torch
 
 from klgap.errors import KlgapError, PluginError
 from klgap.plugins import PluginHost, registry
+from klgap.protocols import FittablePerturbation, Perturbation
 from klgap_perturbations import geometry
 from klgap_perturbations.perturbations import FACTORIES
 
@@ -33,7 +34,7 @@ def perturbation_registry():
 def build(name: str, **params):
     """The perturbation; one that fits statistics (epsilon_anisotropic) is fitted on anisotropic Gaussians."""
     p = perturbation_registry().get(name)(**params)
-    if callable(getattr(p, "fit", None)):
+    if isinstance(p, FittablePerturbation):
         p.fit(torch.randn(4096, D, generator=gen(77)) * torch.linspace(0.1, 3.0, D))
     return p
 
@@ -227,7 +228,7 @@ def test_degenerate_tokens_are_finite(name):
     x_hat[2] = 0  # ‖x̂‖ = 0
     x_hat[3] = -x[3]  # cos = -1
     p = build(name)
-    if callable(getattr(p, "fit", None)):
+    if isinstance(p, FittablePerturbation):
         p.fit(torch.randn(100, 8, generator=gen(1)))
     out = p(x, x_hat, gen())
     assert torch.isfinite(out).all()
@@ -305,6 +306,13 @@ def _anisotropic_acts(n=20000, d=16, seed=0):
     scales = torch.linspace(0.05, 3.0, d)
     basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
     return (torch.randn(n, d, generator=g) * scales) @ basis.T, basis, scales
+
+
+def test_only_epsilon_anisotropic_declares_fit():
+    """Every built-in is a Perturbation; the one that fits statistics declares FittablePerturbation."""
+    built = {name: perturbation_registry().get(name)() for name in ALL}
+    assert all(isinstance(p, Perturbation) for p in built.values())
+    assert [name for name, p in built.items() if isinstance(p, FittablePerturbation)] == ["epsilon_anisotropic"]
 
 
 def test_epsilon_anisotropic_keeps_eps_and_follows_the_covariance():

@@ -117,3 +117,60 @@ def test_res_jb_records_center_writing_weights():
     from klgap_saes.pretrained import release_overrides
 
     assert release_overrides()["gpt2-small-res-jb"]["center_writing_weights"] is True
+
+
+def test_sae_lens_release_check_is_typed_and_offline(monkeypatch):
+    from klgap.protocols import SAECheck
+    from klgap_saes.pretrained import SaeLensPretrainedLoader
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checked = SaeLensPretrainedLoader().check("gpt2-small-res-jb/blocks.6.hook_resid_pre")
+    assert checked == SAECheck(hook_name="blocks.6.hook_resid_pre", repo_id="jbloom/GPT2-Small-SAEs-Reformatted",
+                               release="gpt2-small-res-jb", sae_id="blocks.6.hook_resid_pre", model="gpt2-small",
+                               detail="sae_lens release gpt2-small-res-jb")
+
+
+def _sae_lens_folder(path, d: int, hook: str, centred: bool):
+    """A sae_lens folder whose SAE reconstructs 0.5·x (features relu(±x)); `centred`: trained with
+    TransformerLens's center_writing_weights, as sae_lens's training runner records it."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = hook
+    if centred:
+        cfg.metadata.model_from_pretrained_kwargs = {"center_writing_weights": True}
+    sae = StandardSAE(cfg)
+    eye = torch.eye(d)
+    sae.load_state_dict({"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
+                         "W_dec": 0.5 * torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)})
+    sae.save_model(str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:sae_lens.*")
+def test_a_sae_lens_folder_trained_centred_is_measured_centred(tmp_path, load_model):
+    """center_resid comes from the folder's config; the engine centres resid sites only, and then measures the
+    SAE on x - mean(x): ‖x_c‖ < ‖x‖ for every token of the same contexts."""
+    import pandas as pd
+
+    from klgap import engine
+    from klgap.config import RunConfig
+
+    d = load_model("tiny-gpt2").d_model
+    plain = _sae_lens_folder(tmp_path / "plain", d, "blocks.1.hook_resid_pre", centred=False)
+    centred = _sae_lens_folder(tmp_path / "centred", d, "blocks.1.hook_resid_pre", centred=True)
+    mlp = _sae_lens_folder(tmp_path / "mlp", d, "blocks.1.hook_mlp_out", centred=True)
+    assert (load_sae(str(plain), CPU).center_resid, load_sae(str(centred), CPU).center_resid) == (False, True)
+
+    def run(sae, name):
+        cfg = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=2 * 16, context_len=16, batch_size=2, device="cpu",
+                        dataset="random", interventions=["sae", "sae_norm_corrected"])
+        report = engine.run(cfg, tmp_path / name, progress=False)
+        return report, pd.read_parquet(tmp_path / name / "tokens.parquet").query("intervention == 'sae'")
+
+    (r_plain, t_plain), (r_centred, t_centred) = run(plain, "p"), run(centred, "c")
+    assert (r_plain.centered_activations, r_centred.centered_activations) == (False, True)
+    assert len(t_plain) == len(t_centred) == 2 * 15
+    assert (t_centred.x_norm.to_numpy() < t_plain.x_norm.to_numpy()).all()
+    assert r_centred.interventions["sae_norm_corrected"].kl_mean < 1e-6  # x_c + mean = x exactly
+    assert run(mlp, "m")[0].centered_activations is False  # not a resid site

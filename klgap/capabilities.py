@@ -1,0 +1,78 @@
+"""Ask a plugin's object for an optional capability through the protocol that declares it, never ``getattr``.
+
+The capabilities live in :mod:`klgap.protocols`: :class:`~klgap.protocols.SAEChecker` (``check(spec)``,
+used by ``--dry-run``), :class:`~klgap.protocols.DefaultSAEFinder` (``default_sae(model, site, layer)``, used
+when no ``--sae`` is given) and :class:`~klgap.protocols.FittablePerturbation` (``fit(acts)``, called before
+the first batch). Each function here is the one place the core asks for one of them; a plugin's answer of
+the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from klgap.errors import PluginError
+from klgap.protocols import DefaultSAEFinder, FittablePerturbation, Perturbation, SAECheck, SAEChecker
+
+if TYPE_CHECKING:
+    from klgap.plugins import Registry
+    from klgap.protocols import LoadedModel
+
+#: What every perturbation declares (klgap.protocols.Perturbation), for the error that names what is missing.
+PERTURBATION_MEMBERS = ("name", "stochastic", "geometry", "__call__")
+
+
+def check_sae_spec(loader: object, spec: str) -> SAECheck | None:
+    """What `spec` names, from a loader that declares :class:`SAEChecker`; None when the loader cannot tell.
+
+    `spec` is the loader's argument (no ``NAME:`` prefix). KlgapError from the loader (a spec that cannot be
+    right) passes through.
+    """
+    if not isinstance(loader, SAEChecker):
+        return None
+    result = loader.check(spec)
+    if not isinstance(result, SAECheck):
+        raise PluginError(
+            f"SAE loader {type(loader).__name__}.check({spec!r}) returned a {type(result).__name__}; "
+            "it must return klgap.protocols.SAECheck"
+        )
+    return result
+
+
+def find_default_sae(loaders: Registry, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
+    """``("NAME:SPEC", note)`` from the first registered loader that declares :class:`DefaultSAEFinder` and
+    knows a pretrained SAE for `model` at `site`, `layer`; None when none does."""
+    for name, entry in loaders.entries.items():
+        if not isinstance(entry.obj, DefaultSAEFinder):
+            continue
+        found = entry.obj.default_sae(model, site, layer)
+        if found is None:
+            continue
+        if not (isinstance(found, tuple) and len(found) == 2 and all(isinstance(s, str) for s in found)):
+            raise PluginError(
+                f"SAE loader {name!r}: default_sae returned {found!r}; it must return (spec, note) strings or None"
+            )
+        spec, note = found
+        return f"{name}:{spec}", note
+    return None
+
+
+def fittable(perturbations: Iterable[object | None]) -> list[FittablePerturbation]:
+    """The perturbations that declare :class:`FittablePerturbation` (``fit(acts)``), in order; None skipped."""
+    return [p for p in perturbations if p is not None and isinstance(p, FittablePerturbation)]
+
+
+def as_perturbation(obj: Any, spec: str) -> Perturbation:
+    """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
+    error naming the members it lacks."""
+    if isinstance(obj, Perturbation):
+        return obj
+    missing = [m for m in PERTURBATION_MEMBERS if not hasattr(obj, m)]
+    raise PluginError(
+        f"intervention {spec!r}: its factory returned a {type(obj).__name__} without {', '.join(missing)}; "
+        f"a perturbation declares {', '.join(PERTURBATION_MEMBERS)} (klgap.protocols.Perturbation)"
+    )
+
+
+__all__ = ["as_perturbation", "check_sae_spec", "find_default_sae", "fittable"]

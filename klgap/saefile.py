@@ -1,0 +1,38 @@
+"""The plain safetensors SAE file: its tensor names and its writer (the ``safetensors`` SAE loader reads it).
+
+One file of ``W_enc [d_in d_sae]``, ``W_dec [d_sae d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]`` (+ ``threshold
+[d_sae]`` for a JumpReLU SAE), float32, with ``hook_name`` / ``model_name`` in the safetensors metadata. The core
+owns the format so that :mod:`klgap.testing` (and users converting their SAEs) can write it without importing
+a plugin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+#: tensors every plain SAE file holds; ``threshold`` is optional (JumpReLU).
+REQUIRED = ("W_enc", "W_dec", "b_enc", "b_dec")
+THRESHOLD = "threshold"
+#: safetensors metadata keys the loader reads.
+METADATA = ("hook_name", "model_name")
+
+
+def save_safetensors_sae(path: str | Path, W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, b_dec: Tensor,
+                         threshold: Tensor | None = None, hook_name: str | None = None,
+                         model_name: str | None = None) -> Path:
+    """Write an SAE in the plain format (float32, contiguous, on CPU); return the path."""
+    from safetensors.torch import save_file
+
+    tensors = dict(zip(REQUIRED, (W_enc, W_dec, b_enc, b_dec), strict=True))
+    if threshold is not None:
+        tensors[THRESHOLD] = threshold
+    metadata = {k: v for k, v in zip(METADATA, (hook_name, model_name), strict=True) if v}
+    save_file({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()}, str(path), metadata=metadata or None)
+    return Path(path)
+
+
+__all__ = ["METADATA", "REQUIRED", "THRESHOLD", "save_safetensors_sae"]
