@@ -1,11 +1,19 @@
 """klgap: is an SAE's reconstruction worse for the model than a random vector with the same error?
 
-The public surface is small: the plugin protocols (:mod:`klgap.protocols`), the hook specs
-(:mod:`klgap.hookspecs`), the plugin manager (:func:`klgap.plugins.get_plugin_manager`), the
-measurement engine (:mod:`klgap.engine`) and the command line (:mod:`klgap.cli`).
+From Python (a notebook holding a model and an SAE)::
+
+    import klgap
+    result = klgap.measure(model, sae, tokens=4096)      # -> klgap.Result
+    result.ratio, result.summary(), result.plot("kl_bars"), result.report, result.tokens
+
+``measure``, ``curve``, ``compare``, ``train_sae``, ``load_run``, ``Result``, ``Report``, ``StudyReport`` and
+``RunConfig`` are imported on first use, so ``import klgap`` (which every plugin does) stays light. Plugins use
+``klgap.hookimpl`` and raise ``klgap.KlgapError``; the protocols are in :mod:`klgap.protocols`.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("klgap")
@@ -15,4 +23,21 @@ except PackageNotFoundError:  # running from an unbuilt tree
 from klgap.errors import KlgapError  # noqa: E402  (plugins raise `klgap.KlgapError` for bad user input)
 from klgap.hookspecs import hookimpl  # noqa: E402  (plugins write `@klgap.hookimpl`)
 
-__all__ = ["KlgapError", "__version__", "hookimpl"]
+#: public name -> the module that defines it (imported when first asked for)
+_LAZY = {
+    "measure": "klgap.api", "curve": "klgap.api", "compare": "klgap.api", "train_sae": "klgap.api",
+    "load_run": "klgap.api", "Result": "klgap.api",
+    "Report": "klgap.schema", "StudyReport": "klgap.schema", "RunConfig": "klgap.config",
+}
+
+__all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'klgap' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -22,7 +22,7 @@ from klgap import activations, metrics, modes
 from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.executors import Executor, choose
-from klgap.plugins import get_host, model_adapter
+from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
@@ -75,13 +75,16 @@ class Loaded:
 _MODELS: dict[tuple[str, ...], LoadedModel] = {}
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype, placement: Placement = Placement()) -> LoadedModel:
-    """Load (or reuse: at most one model is held) the model a ``--model`` value names."""
-    key = (name, str(device), str(dtype), str(placement))
+def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
+               placement: Placement = Placement()) -> LoadedModel:
+    """Load (or reuse: at most one model is held) the model a ``--model`` value (or a resolved ModelRef) names."""
+    ref = model if isinstance(model, ModelRef) else model_adapter(model)
+    name = ref.name
+    key = (name, id(ref.adapter), str(device), str(dtype), str(placement))
     if key not in _MODELS:
         from klgap.protocols import PlacingModelAdapter
 
-        adapter = model_adapter(name).adapter
+        adapter = ref.adapter
         if not placement.local and not isinstance(adapter, PlacingModelAdapter):
             what = "--remote" if placement.remote else "--device-map"
             raise KlgapError(f"model {name!r} cannot take {what}: its adapter loads it locally only; {what} works "
@@ -113,11 +116,15 @@ def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[SAERoute, st
 def load_plan(plan: RunPlan) -> Loaded:
     """Load the SAE, the model and the tokens of a plan (in that order) and choose its executor."""
     config, device = plan.config, plan.device
-    sae = load_sae(plan.sae, device) if plan.sae is not None else None
-    site, layer = site_of(config, plan.sae, sae.hook_name if sae is not None else None)
+    if isinstance(plan.sae, LoadedSAE):  # an SAE object from Python, already wrapped on the run's device
+        sae, route = plan.sae, None
+    else:
+        route = plan.sae
+        sae = load_sae(route, device) if route is not None else None
+    site, layer = site_of(config, route, sae.hook_name if sae is not None else None)
     if site is None or layer is None:
         raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer")
-    model = load_model(config.model, device, plan.dtype, plan.placement)
+    model = load_model(plan.model, device, plan.dtype, plan.placement)
     notes = [model.site_note] if model.site_note else []
     if layer >= model.n_layers:
         raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
@@ -206,10 +213,13 @@ def make_record(run: Loaded) -> RunRecord:
     from klgap.provenance import provenance
 
     plan, cfg = run.plan, run.config
-    loader = plan.sae if plan.sae is not None else route_sae(run.sae.source)
     plugins = {f"model:{cfg.model}": plugin_ref(plan.model.plugin),
-               f"sae_loader:{loader.loader}": plugin_ref(loader.plugin),
                f"token_source:{plan.tokens.name}": plugin_ref(plan.tokens.plugin)}
+    if isinstance(plan.sae, LoadedSAE):
+        plugins["sae_loader:in_memory"] = PluginRef(plugin="python", version=None)
+    else:
+        loader = plan.sae if plan.sae is not None else route_sae(run.sae.source)
+        plugins[f"sae_loader:{loader.loader}"] = plugin_ref(loader.plugin)
     for i in (*plan.interventions, *([plan.sample] if plan.sample else [])):
         plugins[f"perturbation:{i.registered}"] = plugin_ref(i.plugin)
     return RunRecord(

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from klgap.protocols import ModelAdapter
+    import torch
+
+    from klgap.protocols import LoadedModel, LoadedSAE, ModelAdapter
 
 PROJECT = "klgap"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -124,6 +126,45 @@ def resolve_model_adapter(spec: str) -> ModelAdapter | None:
         @klgap.hookimpl
         def resolve_model_adapter(spec):
             return MyAdapter(spec) if spec.startswith("my-org/") else None
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_model(model: Any, tokenizer: Any) -> LoadedModel | None:
+    """A LoadedModel for a model object the user already holds (``klgap.measure(model=obj)``), or None.
+
+    ``firstresult``: the first plugin that knows the object answers. The model stays where it is (device,
+    dtype); nothing is copied or re-implemented.
+
+    :param model: e.g. a ``transformers`` ``PreTrainedModel`` or an nnsight ``LanguageModel`` / ``NNsight``.
+    :param tokenizer: the tokenizer the user passed (may be None: then the object's own, if it has one).
+
+    Example::
+
+        @klgap.hookimpl
+        def wrap_model(model, tokenizer):
+            if isinstance(model, MyModel):
+                return my_loaded_model(model, tokenizer)
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_sae(sae: Any, device: torch.device) -> LoadedSAE | None:
+    """A LoadedSAE for an SAE object the user already holds (``klgap.measure(sae=obj)``), or None.
+
+    ``firstresult``: the first plugin that knows the object answers; an object no plugin knows but that has
+    ``encode`` and ``decode`` is used as it is (klgap.api).
+
+    :param sae: e.g. a sae_lens ``SAE``.
+    :param device: the run's device (the SAE is moved there in float32).
+
+    Example::
+
+        @klgap.hookimpl
+        def wrap_sae(sae, device):
+            if isinstance(sae, MySAE):
+                return LoadedSAE(module=sae.to(device), d_in=sae.d_in, d_sae=sae.d_sae, hook_name=sae.hook,
+                                 source="my-sae (in memory)")
     """
 
 

@@ -1,7 +1,8 @@
-"""Figures for a run: PNGs drawn with matplotlib's non-interactive Agg backend (never opens a window).
+"""Figures for a run, drawn on plain matplotlib ``Figure`` objects: no pyplot, no backend switched, no window.
 
 Every function takes data (a typed report from klgap.schema, the per-token table, or both) and an output path, writes one PNG
-atomically and returns its path. Titles say what is drawn and for which run (model, site, layer, mode,
+atomically and returns its path; with ``path=None`` it returns the Figure instead (``klgap.Result.plot`` in a
+notebook). Titles say what is drawn and for which run (model, site, layer, mode,
 number of tokens). :func:`figures_for_run` draws every figure that applies to a saved run folder.
 """
 
@@ -13,11 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -36,16 +32,20 @@ N_CONTEXT_PANELS = 4
 # ----------------------------------------------------------------------------- helpers
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Render `fig` to PNG bytes, write them atomically to `path`, close the figure."""
+def _save(fig: Figure, path: str | Path | None) -> Path | Figure:
+    """Render `fig` to PNG bytes and write them atomically to `path`; with no path, hand the figure back."""
+    if path is None:
+        return fig
     path = Path(path)
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure of its own (not pyplot's): drawing never touches the caller's backend or open figures."""
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def site_label(run: SiteSummary, with_site: bool = True) -> str:
@@ -148,7 +148,8 @@ def kl_bars(
     colors = colors_for(names)
     errors = _context_se(tokens) if tokens is not None and len(runs) == 1 else {}
     width_in = min(16.0, max(6.0, 0.4 * len(runs) * max(1, len(names)) + 3))
-    fig, ax = plt.subplots(figsize=(width_in, 4.5), layout="constrained")
+    fig = _figure((width_in, 4.5))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(names))
     x = np.arange(len(runs))
     values_all = []
@@ -210,7 +211,8 @@ def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Report | None =
     colors = colors_for(names)
     typical = int(np.median([v.size for v in groups.values()])) if groups else 0
     bins = _log_bins(list(groups.values()), int(np.clip(2 * math.sqrt(typical), 10, 60)))
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig = _figure((8, 5))
+    ax = fig.subplots()
     n_nonpositive = 0
     for name in names:
         values = groups[name]
@@ -245,7 +247,8 @@ def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Report | None
     table = rows.groupby(["intervention", "position"], observed=True)["kl"].agg(["mean", "std", "count"])
     names = _ordered(intervention_names(rows))
     colors = colors_for(names)
-    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    fig = _figure((9, 5))
+    ax = fig.subplots()
     for name in names:
         part = table.loc[name]
         primary = name in PRIMARY
@@ -286,7 +289,8 @@ def single_token_curve(data: pd.DataFrame | Report, path: str | Path, report: Re
     curves = _offset_table(data)
     names = _ordered(curves)
     colors = colors_for(names)
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig = _figure((8, 5))
+    ax = fig.subplots()
     for name in names:
         offsets = list(curves[name])
         primary = name in PRIMARY
@@ -325,7 +329,7 @@ def many_samples_hist(tokens: pd.DataFrame, report: Report | None, path: str | P
     sae = tokens[(tokens["draw"] < 0) & (tokens["intervention"] == "sae")].groupby("context")["kl"].first()
     zs = _zscores(tokens, report)
     contexts = sorted(draws["context"].unique())[:N_CONTEXT_PANELS]
-    fig = plt.figure(figsize=(12, 6), layout="constrained")
+    fig = _figure((12, 6))
     grid = fig.add_gridspec(2, 3)
     by_context = dict(tuple(draws[draws["context"].isin(contexts)].groupby("context")["kl"]))
     for i, context in enumerate(contexts):
@@ -380,7 +384,8 @@ def robustness_curve(
     names = list(dict.fromkeys([*points, *(sae_points or {})]))
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     many = len(names) > 4
-    fig, ax = plt.subplots(figsize=(11, 5) if many else (8, 5), layout="constrained")
+    fig = _figure((11, 5) if many else (8, 5))
+    ax = fig.subplots()
     curves = {name: sorted((float(c), float(k)) for c, k in curve if k is not None) for name, curve in points.items()}
     # KL at cos -> 1 can fall to ~0 (a rescaled x where a norm layer hides the scale): decades below every
     # other point. Such points are drawn at the floor as ▼ so they do not squash the rest of the axis.
@@ -496,7 +501,8 @@ def ratio_bars(entries: Sequence[tuple[str, SummaryRow]], path: str | Path, base
     low = np.array([_num(row.ratio_ci_low) for _, row in entries], dtype=float)
     high = np.array([_num(row.ratio_ci_high) for _, row in entries], dtype=float)
     err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
-    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.7 * len(entries) + 3)), 4.5), layout="constrained")
+    fig = _figure((min(16.0, max(7.0, 0.7 * len(entries) + 3)), 4.5))
+    ax = fig.subplots()
     ax.bar(np.arange(len(entries)), ratio, color="C3", yerr=err, capsize=4, error_kw={"elinewidth": 1})
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xticks(np.arange(len(entries)), labels, rotation=20 if len(entries) > 4 else 0, ha="right" if len(entries) > 4 else "center")

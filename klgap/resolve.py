@@ -21,7 +21,7 @@ from klgap.config import RunConfig, parse_intervention
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import as_perturbation, check_sae_spec
-from klgap.protocols import Perturbation, Placement, PlacingModelAdapter, SAECheck
+from klgap.protocols import LoadedSAE, Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.sites import parse_hook_name
 
 
@@ -71,15 +71,17 @@ class Intervention:
 
 @dataclass(frozen=True)
 class TokenSourceRef:
-    """``--dataset NAME[:ARG]``: the registered source, its argument and its plugin."""
+    """``--dataset NAME[:ARG]``: the registered source, its argument and its plugin; or, from Python, a
+    source object of the caller's (``given``: token ids or texts handed to ``klgap.measure``)."""
 
     name: str
     arg: str | None
     plugin: str
+    given: Any = field(default=None, compare=False)
 
     @property
     def obj(self) -> Any:
-        return get_host().registry("token_source").get(self.name)
+        return self.given if self.given is not None else get_host().registry("token_source").get(self.name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class RunPlan:
     device: torch.device
     dtype: torch.dtype
     placement: Placement
-    sae: SAERoute | None  # None: the model's default pretrained SAE at the site (found after loading)
+    sae: SAERoute | LoadedSAE | None  # an SAE object from Python; None: the model's default pretrained SAE
     site: str | None  # None only when the SAE's hook name is known only once it is loaded
     layer: int | None
     interventions: tuple[Intervention, ...]
@@ -183,11 +185,15 @@ def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) ->
     return site, layer
 
 
-def resolve(config: RunConfig) -> RunPlan:
-    """Check `config` against the installed plugins and return what the run will do; loads nothing."""
+def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE | None = None,
+            tokens: TokenSourceRef | None = None) -> RunPlan:
+    """Check `config` against the installed plugins and return what the run will do; loads nothing.
+
+    From Python (klgap.api) the model, the SAE and the tokens may be objects the caller holds: they replace
+    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name."""
     config.validate()
     host = get_host()
-    model = model_adapter(config.model)
+    model = model if model is not None else model_adapter(config.model)
     placement = Placement(config.device_map, bool(config.remote))
     if not placement.local and not isinstance(model.adapter, PlacingModelAdapter):
         what = "--remote" if placement.remote else "--device-map"
@@ -207,13 +213,20 @@ def resolve(config: RunConfig) -> RunPlan:
                 f"--sample-intervention {config.sample_intervention!r} is not random; many-samples mode needs "
                 "one that is, e.g. epsilon_random or theta_random"
             )
-    source_name, _, source_arg = config.dataset.partition(":")
-    sources = host.registry("token_source")
-    sources.get(source_name)
-    tokens = TokenSourceRef(source_name, source_arg or None, sources.entries[source_name].plugin)
+    if tokens is None:
+        source_name, _, source_arg = config.dataset.partition(":")
+        sources = host.registry("token_source")
+        sources.get(source_name)
+        tokens = TokenSourceRef(source_name, source_arg or None, sources.entries[source_name].plugin)
     device = pick_device(config.device)
-    sae = route_sae(config.sae) if config.sae else None
-    site, layer = site_of(config, sae)
+    if sae is not None:
+        site, layer = site_of(config, None, sae.hook_name)
+        if site is None or layer is None:
+            raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name in its cfg); "
+                             "give site= and layer=")
+    else:
+        sae = route_sae(config.sae) if config.sae else None
+        site, layer = site_of(config, sae)
     if sae is None and (site is None or layer is None):
         raise KlgapError("give --site and --layer (or an --sae whose hook name names them)")
     return RunPlan(config, model, device, getattr(torch, config.dtype), placement, sae, site, layer,

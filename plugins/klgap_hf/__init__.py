@@ -34,3 +34,11 @@ def register_model_adapters(register) -> None:
     for kind in ("gpt2", "pythia", "llama"):
         adapter = TinyAdapter(kind)
         register(f"tiny-{kind}", adapter, adapter.description)
+
+
+@klgap.hookimpl
+def wrap_model(model, tokenizer):
+    """A transformers causal LM (or nnsight's wrapper of one) that the user holds, for ``klgap.measure``."""
+    from klgap_hf.inmemory import wrap_in_memory
+
+    return wrap_in_memory(model, tokenizer)

@@ -11,7 +11,8 @@ from klgap.saefile import save_safetensors_sae
 from klgap_saes.disk import SaeLensDiskLoader, SafetensorsLoader
 from klgap_saes.pretrained import SaeLensPretrainedLoader
 
-__all__ = ["SaeLensDiskLoader", "SaeLensPretrainedLoader", "SafetensorsLoader", "register_sae_loaders", "save_safetensors_sae"]
+__all__ = ["SaeLensDiskLoader", "SaeLensPretrainedLoader", "SafetensorsLoader", "register_sae_loaders", "save_safetensors_sae",
+           "wrap_sae"]
 
 
 @klgap.hookimpl
@@ -19,3 +20,14 @@ def register_sae_loaders(register):
     register("sae_lens", SaeLensPretrainedLoader())
     register("sae_lens_disk", SaeLensDiskLoader())
     register("safetensors", SafetensorsLoader())
+
+
+@klgap.hookimpl
+def wrap_sae(sae, device):
+    """A sae_lens SAE the user holds (trained or loaded in a notebook), for ``klgap.measure``."""
+    if not type(sae).__module__.startswith("sae_lens"):  # never import sae_lens for another object
+        return None
+    from klgap_saes.common import trained_centred, wrap_sae_lens
+
+    return wrap_sae_lens(sae, f"in memory: sae_lens {type(sae).__name__}", device, {"in_memory": True},
+                         center_resid=trained_centred(sae))

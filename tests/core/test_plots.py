@@ -223,7 +223,20 @@ def test_robustness_curve(tmp_path):
 def test_robustness_curve_keeps_near_zero_kl_from_squashing_the_axis(tmp_path):
     points = {"a": [(0.5, 0.2), (0.9, 0.05), (1.0, 0.0)], "b": [(0.5, 0.1), (0.9, 0.01), (1.0, 1e-9)]}
     path = plots.robustness_curve(points, tmp_path / "r.png", sae_points={"a": (0.8, 0.06)})
-    assert mpimg.imread(path).shape[0] > 100 and not plots.plt.get_fignums()  # written, figure closed
+    assert mpimg.imread(path).shape[0] > 100 and not plt.get_fignums()  # written, no pyplot figure left open
     # the floor ignores the ~0 values at cos = 1: 1/20 of the smallest other KL (0.01)
     assert plots.curve_floor(points, {"a": (0.8, 0.06)}) == pytest.approx(0.01 / 20)
     assert plots.curve_floor({"a": [(1.0, 0.0)]}) is None
+
+
+def test_importing_and_drawing_leave_the_callers_matplotlib_alone(tmp_path):
+    """A notebook's backend and open figures are untouched; with no path a figure comes back to display."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import klgap.plots as p; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "svg"
+    fig = plots.robustness_curve({"sae": [(0.5, 0.2), (0.9, 0.01)]}, None, {"sae": (0.8, 0.05)})
+    assert fig.axes and fig.axes[0].get_xlabel() and not plt.get_fignums()

@@ -1,0 +1,345 @@
+"""klgap from Python: measure an SAE on a model you already hold (a notebook's objects), or by name as the CLI.
+
+>>> result = klgap.measure(model, sae, tokens=4096)          # a transformers / nnsight model, a sae_lens SAE
+>>> result.ratio, result.summary(), result.plot("kl_bars")
+>>> klgap.load_run("runs/x").report == klgap.measure(..., out="runs/x").report
+
+Argument names are the CLI's flags (``tokens``, ``context_len``, ``batch_size``, ``position``, ``k``,
+``n_samples``, ...). Bad input raises :class:`klgap.KlgapError` with the CLI's one-line message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from klgap.config import RunConfig, split_interventions
+from klgap.errors import KlgapError
+from klgap.plugins import ModelRef, get_host
+from klgap.protocols import LoadedModel, LoadedSAE
+from klgap.schema import BASELINE, RatioCI, Report, load_report
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from torch import Tensor
+
+PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples", "robustness")
+
+
+# ----------------------------------------------------------------------------- the result
+
+
+@dataclass
+class Result:
+    """One measurement: the typed report, the per-token table, and (if it was saved) its folder.
+
+    report: :class:`klgap.Report` (``report.model_dump(mode="json")`` is what report.json holds).
+    tokens: one row per token × intervention, with ``model``, ``site``, ``layer`` and ``sae`` columns, so that
+            ``pd.concat`` of several results stays tidy.
+    path:   the run folder (None when measured in memory).
+    """
+
+    report: Report
+    tokens: pd.DataFrame
+    path: Path | None = None
+
+    @property
+    def ratio(self) -> RatioCI | None:
+        """KL(sae)/KL(epsilon_random) with its 95% context-bootstrap interval (None without that baseline)."""
+        comparison = self.report.comparisons.get(BASELINE)
+        return comparison.kl_ratio if comparison is not None else None
+
+    def summary(self) -> pd.DataFrame:
+        """The console table as a DataFrame: one row per intervention, with its KL/ΔCE statistics and, for
+        each baseline, the SAE's KL ratio over it (95% CI) and the Wilcoxon p-value (Holm-corrected)."""
+        import pandas as pd
+
+        rows = []
+        for name, stats in self.report.interventions.items():
+            row: dict[str, Any] = {"intervention": name, **stats.model_dump()}
+            comparison = self.report.comparisons.get(name)
+            row.update(
+                ratio_sae_over_this=comparison.kl_ratio.ratio if comparison else None,
+                ci_low=comparison.kl_ratio.ci_low if comparison else None,
+                ci_high=comparison.kl_ratio.ci_high if comparison else None,
+                p_value=comparison.wilcoxon_kl.p_value if comparison else None,
+                p_holm=comparison.wilcoxon_kl.p_holm if comparison else None,
+            )
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("intervention")
+
+    def plot(self, kind: str = "kl_bars") -> Figure:
+        """A matplotlib figure of this run: kl_bars, kl_hist, kl_by_position, single_token, many_samples or
+        robustness (those that apply to its mode)."""
+        from klgap import plots
+
+        report, tokens = self.report, self.tokens
+        if kind == "kl_bars":
+            return plots.kl_bars(report, None, tokens=tokens)
+        if kind == "kl_hist":
+            return plots.kl_histogram(tokens, None, report)
+        if kind == "kl_by_position" and report.mode == "all_tokens":
+            return plots.kl_by_position(tokens, None, report)
+        if kind == "single_token" and report.mode == "single_token":
+            return plots.single_token_curve(tokens, None, report)
+        if kind == "many_samples" and report.mode == "many_samples":
+            return plots.many_samples_hist(tokens, report, None)
+        if kind == "robustness" and report.curve is not None:
+            points, stars = plots.curves_of([(plots.site_label(report), report.curve)])
+            return plots.robustness_curve(points, None, stars, plots.run_label(report))
+        if kind not in PLOTS:
+            from klgap.errors import unknown
+
+            raise unknown("plot kind", kind, PLOTS)
+        raise KlgapError(f"plot {kind!r} does not apply to this {report.mode} run"
+                         + (" (it has no cosine_matched interventions)" if kind == "robustness" else ""))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the run folder (report.json, tokens.parquet, report.md/html and figures) to `folder`."""
+        from klgap.render import rebuild
+        from klgap.rundir import atomic_write_json, atomic_write_parquet
+        from klgap.schema import as_json
+
+        folder = Path(folder)
+        if self.path is not None and self.path.resolve() != folder.resolve():
+            shutil.copytree(self.path, folder, dirs_exist_ok=True)
+        elif self.path is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "report.json", as_json(self.report))
+            atomic_write_parquet(folder / "tokens.parquet", self.tokens.drop(columns=list(LABELS)))
+        rebuild(folder)
+        return folder
+
+
+LABELS = ("model", "site", "layer", "sae")
+
+
+def load_run(folder: str | Path) -> Result:
+    """A saved run folder (written by ``klgap replicate``, ``klgap merge`` or ``measure(out=...)``) as a Result."""
+    import pandas as pd
+
+    folder = Path(folder)
+    report = load_report(folder)
+    if not isinstance(report, Report):
+        raise KlgapError(f"{str(folder)!r} holds a study (several sites/layers); load one of its run folders: "
+                         f"{', '.join(run.path for run in report.runs)}")
+    tokens = pd.read_parquet(folder / "tokens.parquet")
+    labels = {"model": report.model, "site": report.site, "layer": report.layer, "sae": report.sae.source}
+    for i, (name, value) in enumerate(labels.items()):
+        tokens.insert(i, name, value)
+    return Result(report, tokens, folder)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _model_ref(model: Any, tokenizer: Any) -> tuple[str, ModelRef | None]:
+    """A model name for the config, and for an object the ModelRef that carries it."""
+    if isinstance(model, (str, Path)):
+        return str(model), None
+    loaded = get_host().pm.hook.wrap_model(model=model, tokenizer=tokenizer)
+    if loaded is None:
+        config = getattr(model, "config", None)
+        kind = getattr(config, "model_type", None) or type(model).__name__
+        raise KlgapError(f"no model adapter knows model {kind!r}: pass a transformers causal LM, an nnsight "
+                         "LanguageModel wrapping one, or a model name / hub repo id / folder (see `klgap plugins`)")
+    return loaded.name, ModelRef(loaded.name, HeldModel(loaded), "python")
+
+
+@dataclass
+class HeldModel:
+    """A model the caller holds, as an adapter: ``load`` hands it back where it is (no copy)."""
+
+    loaded: LoadedModel
+    description: str = "a model object held by the caller (klgap.measure)"
+
+    def load(self, device: Any, dtype: Any) -> LoadedModel:
+        if (str(device), dtype) != (str(self.loaded.device), self.loaded.dtype):
+            raise KlgapError(f"the model is on {self.loaded.device} in {self.loaded.dtype}, but device={device} "
+                             f"dtype={dtype} was asked for; move it first (model.to(...)) or leave device/dtype out")
+        return self.loaded
+
+
+def _sae_object(sae: Any, device: Any) -> LoadedSAE:
+    """An SAE object as a LoadedSAE: through a plugin (sae_lens SAEs), else any module with encode/decode."""
+    import torch
+
+    loaded = get_host().pm.hook.wrap_sae(sae=sae, device=device)
+    if loaded is not None:
+        return loaded
+    if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
+        raise KlgapError(f"sae={type(sae).__name__} is neither an SAE spec (str), a sae_lens SAE, nor an object "
+                         "with encode(x) and decode(features)")
+    if isinstance(sae, torch.nn.Module):
+        sae = sae.to(device=device, dtype=torch.float32).eval()
+    cfg = getattr(sae, "cfg", None)
+    hook = getattr(cfg, "hook_name", None) or getattr(getattr(cfg, "metadata", None), "hook_name", None)
+    d_in = getattr(cfg, "d_in", None)
+    if d_in is None:
+        w_dec = getattr(sae, "W_dec", None)
+        d_in = w_dec.shape[-1] if w_dec is not None else None
+    if d_in is None:
+        raise KlgapError(f"cannot tell the width of SAE {type(sae).__name__}: give it cfg.d_in or a W_dec [d_sae d_in]")
+    with torch.no_grad():
+        d_sae = int(sae.encode(torch.zeros(1, int(d_in), device=device)).shape[-1])
+    return LoadedSAE(module=sae, d_in=int(d_in), d_sae=d_sae, hook_name=hook,
+                     source=f"in memory: {type(sae).__name__}", architecture=type(sae).__name__,
+                     info={"in_memory": True})
+
+
+@dataclass
+class GivenTokens:
+    """Token ids the caller handed over, ``[n_contexts context_len]``: used as they are."""
+
+    ids: Tensor
+    description: str = "token ids given to klgap.measure"
+
+    def contexts(self, model: Any, n_contexts: int, context_len: int, seed: int, prepend_bos: bool,
+                 arg: str | None) -> Tensor:
+        return self.ids
+
+
+def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: int, prepend_bos: bool,
+               plan_device: str, dtype: str) -> Tensor:
+    """Texts (a list of strings, or a datasets.Dataset with a text column) -> contexts packed with the model's
+    tokenizer (BOS first), in order; every full context is kept."""
+    import torch
+
+    from klgap.packing import pack, tokenize_documents
+
+    texts = tokens
+    if hasattr(tokens, "column_names"):  # a datasets.Dataset
+        columns = [c for c in tokens.column_names if c == "text"] or [
+            c for c in tokens.column_names if isinstance(tokens[0][c], str)]
+        if not columns:
+            raise KlgapError(f"the dataset has no text column (columns: {', '.join(tokens.column_names)})")
+        texts = tokens[columns[0]]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise KlgapError("tokens= as texts must be a non-empty list of strings (or a datasets.Dataset with a text column)")
+    if isinstance(model, ModelRef):
+        loaded = model.adapter.loaded
+    else:
+        from klgap.engine import load_model
+        from klgap.resolve import pick_device
+
+        loaded = load_model(model, pick_device(plan_device), getattr(torch, dtype))
+    if loaded.tokenizer is None:
+        raise KlgapError("tokens= as texts needs the model's tokenizer: pass tokenizer=..., or token ids")
+    ids = tokenize_documents(loaded.tokenizer, list(texts))
+    bos = loaded.bos_token_id if prepend_bos else None
+    n = ids.numel() // (context_len - (bos is not None))
+    return pack(ids, max(n, 1), context_len, bos, None, "the texts given to klgap.measure")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None, layer: int | None = None,
+            mode: str = "all_tokens", interventions: str | list[str] | None = None, seed: int = 0,
+            dataset: str | None = None, tokenizer: Any = None, out: str | Path | None = None,
+            overwrite: bool = False, progress: bool = True, **options: Any) -> Result:
+    """Measure the KL gap of `sae` on `model` (what ``klgap replicate`` does), returning a :class:`Result`.
+
+    model:  a registered name, hub repo id or local folder (as ``--model``); or a ``transformers`` causal LM
+            (tokenizer= optional) or an nnsight ``LanguageModel`` wrapping one: its sites are found by the same
+            adapters the CLI uses, and it stays on its device and dtype.
+    sae:    a spec string (as ``--sae``), a sae_lens ``SAE``, or any module with ``encode``/``decode`` (its
+            ``cfg.hook_name`` / ``cfg.metadata.hook_name`` names the site; else give site= and layer=).
+    tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
+            of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.
+    out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
+            ``klgap report`` / ``merge`` / ``compare`` read it).
+    options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
+            device, dtype, include_first_position, no_bos, no_fast.
+    """
+    import torch
+
+    from klgap import engine
+    from klgap.resolve import TokenSourceRef, pick_device, resolve
+
+    name, ref = _model_ref(model, tokenizer)
+    values: dict[str, Any] = {"model": name, "site": site, "layer": layer, "mode": mode, "seed": seed, **options}
+    if ref is not None:  # a held model runs where it is
+        values.setdefault("device", str(ref.adapter.loaded.device))
+        values.setdefault("dtype", str(ref.adapter.loaded.dtype).removeprefix("torch."))
+    if interventions is not None:
+        values["interventions"] = split_interventions(interventions)
+    if dataset is not None:
+        values["dataset"] = dataset
+    if isinstance(sae, (str, Path)):
+        values["sae"] = str(sae)
+    given = None
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        values["tokens"] = tokens
+    else:
+        config = RunConfig.from_dict(values)
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+                raise KlgapError(f"tokens= as ids must be a [n_contexts context_len] integer tensor, got "
+                                 f"{tuple(tokens.shape)} {tokens.dtype}")
+            ids = tokens.long().cpu()
+        else:
+            ids = _token_ids(tokens, ref or name, config.context_len, config.prepend_bos, config.device, config.dtype)
+        values.update(tokens=int(ids.numel()), context_len=int(ids.shape[1]))
+        given = TokenSourceRef("given", f"{ids.shape[0]}x{ids.shape[1]} token ids", "python", GivenTokens(ids))
+        values["dataset"] = f"given:{ids.shape[0]}x{ids.shape[1]}"
+    config = RunConfig.from_dict(values)
+    sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
+    plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
+    if out is not None:
+        engine.run(plan, out, overwrite=overwrite, progress=progress)
+        return load_run(out)
+    with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:
+        engine.run(plan, Path(tmp) / "run", progress=progress)
+        result = load_run(Path(tmp) / "run")
+    result.path = None
+    return result
+
+
+def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | float = "0.9",
+          interventions: str | list[str] | None = None, **kwargs: Any) -> Result:
+    """``klgap curve``: KL of cosine_matched noise over a grid of cosines, with sae and epsilon_random, and the
+    SAE's own point on it (``result.report.curve``, ``result.plot("robustness")``). Other arguments as measure."""
+    from klgap.curve import curve_interventions, parse_cos_grid, parse_norm_fracs
+
+    grid = curve_interventions(parse_cos_grid(str(cos)), parse_norm_fracs(str(norm_frac)))
+    chosen = split_interventions(interventions) if interventions else []
+    return measure(model, sae, interventions=grid + [s for s in chosen if s not in grid], **kwargs)
+
+
+def compare(runs: list[Result | str | Path], labels: list[str] | None = None) -> pd.DataFrame:
+    """Runs side by side (``klgap compare``'s table): Results or run / study folders, one row per site/layer."""
+    import pandas as pd
+
+    from klgap.compare import COLUMNS, Entry, entries_for
+    from klgap.summary import summary_row
+
+    if labels is not None and len(labels) != len(runs):
+        raise KlgapError(f"labels has {len(labels)} entries for {len(runs)} runs; give one per run")
+    entries = []
+    for i, run in enumerate(runs):
+        label = labels[i] if labels else None
+        if isinstance(run, Result):
+            row = summary_row(run.report, run.report.model, run.report.mode)
+            entries.append(Entry(label or f"{run.report.model} {row.where}", str(run.path or ""), row, run.report.curve))
+        else:
+            entries.extend(entries_for(run, label))
+    return pd.DataFrame([{k: r[k] for k in COLUMNS} for r in (e.record() for e in entries)], columns=COLUMNS)
+
+
+def train_sae(model: str, site: str | list[str], layer: int | str | list[int], out: str | Path,
+              **flags: Any) -> pd.DataFrame:
+    """``klgap train-sae`` (same argument names as its flags: tokens, context_len, dataset, expansion, l1, lr,
+    steps, b_dec_init, seed, device, dtype, batch_size): one row per SAE trained, with its held-out numbers."""
+    import pandas as pd
+
+    from klgap.train import train_saes
+
+    return pd.DataFrame(train_saes(str(model), site, layer, out, **flags))
+
+
+__all__ = ["Result", "compare", "curve", "load_run", "measure", "train_sae"]
