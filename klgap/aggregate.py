@@ -1,23 +1,18 @@
 """Reduce a run's parts to the statistics its report holds, streaming: never the whole per-token table at once.
 
-A pure function of the part files (``OUT/parts/batch_*.parquet``, read with pyarrow, only the columns a step
-needs) and plain arguments. Every number is the one the whole-frame code gave (klgap/report.py before issue 14;
-tests/core/test_aggregate.py), because each is computed from the same values, in the same order, with the same
-operations:
-
-- per-context sums of KL and ΔCE (ratios, bootstrap intervals, Wilcoxon, curve intervals): pandas groupby part by
-  part; every context lives in exactly one part;
-- per-intervention mean / median / 99.9th percentile, kl_by_offset, the SAE rows' means: one intervention's column
-  at a time, float32 as in the parts (:func:`stats.describe` partitions its float64 copy in place);
-- top tokens: pandas groupby over ranges of token ids (a group's mean depends only on its own rows);
-- many-samples z-scores: per context, part by part.
-
-One exception: the Spearman correlations of the per-token gap come from :func:`stats.spearman` (exact integer rank
-sums) rather than scipy's spearmanr, whose rank arrays cost ~85 bytes per token; they agree to ~1e-15 relative
+A pure function of the part files (``OUT/parts/batch_*.parquet``, read with pyarrow, a few columns at a time) and
+plain arguments. Every number is the one the whole-frame code (klgap/report.py before issue 14) gave, computed from
+the same values in the same order with the same operations (tests/core/test_aggregate.py):
+- per-context sums (ratios, bootstrap intervals, Wilcoxon, curve intervals): pandas groupby part by part, as every
+  context lives in one part;
+- means, medians, 99.9th percentiles, kl_by_offset: one intervention's column at a time, as the parts hold it;
+- top tokens: pandas groupby over ranges of token ids (stats.top_tokens_of); many-samples z-scores: per context.
+One exception: the Spearman correlations of the per-token gap come from stats.spearman (exact integer rank sums),
+not scipy's spearmanr, whose rank arrays cost ~85 bytes per token; the two agree to ~1e-15 relative
 (tests/replications/test_golden.py compares them with rel=1e-12).
 
-Memory beyond the per-context table: at most ~30 bytes per measured token of one intervention (a float32 column and
-its float64 copy for the percentiles; the float32 gap, its int32 ranks and one sorted column for Spearman).
+Memory beyond the per-context table: ~25 bytes per measured token of one intervention (a float64 column for the
+percentiles; the float32 gap, its int32 ranks, one column and its sorted copy for Spearman; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ from klgap.schema import Comparison, Curve, GapAnalysis, InterventionStats, Many
 
 BASELINE = "epsilon_random"
 GAP_COLUMNS = ("cos", "l0", "x_norm", "eps", "position")  # what the per-token gap is correlated with
-TOP_TOKEN_ROWS = 1 << 18  # rows grouped at once when finding the top tokens
 _SCAN = ["context", "position", "intervention", "draw", "kl", "ce_delta"]
 
 Rows = slice | np.ndarray  # where one intervention's measured rows lie in a part
@@ -62,7 +56,7 @@ class RunStatistics:
 
 
 def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
-    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the run, from each part's side sums (n, sum_x, sum_sq_x, sum_sq_err)."""
+    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the run, from the parts' side sums (n, sum_x, sum_sq_x, sum_sq_err)."""
     n = sum(s["n"] for s in sides)
     if n == 0:
         return math.nan
@@ -76,7 +70,8 @@ def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
 
 def _read(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
     """Columns of one part as numpy arrays; ``intervention`` as int codes with its names under ``names``."""
-    table = pq.read_table(path, columns=list(columns), read_dictionary=["intervention"] if "intervention" in columns else None)
+    with pq.ParquetFile(path, read_dictionary=["intervention"] if "intervention" in columns else None) as part:
+        table = part.read(columns=list(columns), use_threads=False)  # ~5x quicker than pq.read_table for a part
     out: dict[str, Any] = {}
     for name in columns:
         column = table.column(name)
@@ -135,7 +130,7 @@ class _Parts:
                 dtype = dtype or (np.int32 if values.dtype.kind in "iu" else values.dtype)
                 out = np.empty(self.counts[name], dtype=dtype)
             if out.dtype == np.int32 and values.size and (values.max() >= 2**31 or values.min() < -(2**31)):
-                raise KlgapError(f"{path}: column {column!r} holds {values.max()}, beyond int32; the part is not klgap's")
+                raise KlgapError(f"{path}: column {column!r} holds {values.max()}, beyond int32; not a klgap part")
             out[start : start + values.size] = values
             start += values.size
         return out if out is not None else np.empty(0, dtype=np.float32)
@@ -187,8 +182,8 @@ class _Growing:
         self.data[self.size : self.size + values.size] = values
         self.size += values.size
 
-    def view(self, dtype: type = np.float32) -> np.ndarray:
-        return self.data[: self.size] if self.data is not None else np.empty(0, dtype=dtype)
+    def view(self) -> np.ndarray:
+        return self.data[: self.size] if self.data is not None else np.empty(0, dtype=np.float32)
 
 
 class _ContextSums:
@@ -238,12 +233,13 @@ class _ContextSums:
         """:func:`stats.per_context` of the whole run for one intervention and column."""
         if name not in self.contexts:
             return pd.DataFrame({"sum": np.empty(0, np.float32), "n": np.empty(0, np.int64)})
-        frame = pd.DataFrame({"sum": self.sums[(name, column, "sum")].view(), "n": self.sums[(name, column, "n")].view()},
-                             index=pd.Index(self.contexts[name].view(), name="context"))
+        total, count = self.sums[(name, column, "sum")].view(), self.sums[(name, column, "n")].view()
+        frame = pd.DataFrame({"sum": total, "n": count}, index=pd.Index(self.contexts[name].view(), name="context"))
         return frame.sort_index(kind="stable")
 
 
-def _part_gap(part: dict[str, np.ndarray], masks: dict[str, np.ndarray], baseline: str) -> tuple[np.ndarray, Rows] | None:
+def _part_gap(part: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+              baseline: str) -> tuple[np.ndarray, Rows] | None:
     """This part's per-token gap KL(sae) − KL(baseline) joined on (context, position) as :func:`stats.token_gap`,
     and which of the part's sae rows (positions among them) it holds."""
     if "sae" not in masks or baseline not in masks:
@@ -267,7 +263,8 @@ def _part_zscores(part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> 
     draws = part["draw"] >= 0
     if not draws.any():
         return []
-    sae = pd.Series(part["kl"][masks["sae"]], index=part["context"][masks["sae"]]) if "sae" in masks else pd.Series(dtype=float)
+    sae = masks.get("sae", np.zeros_like(draws))
+    sae = pd.Series(part["kl"][sae], index=part["context"][sae])
     out = []
     for context, kl in pd.Series(part["kl"][draws]).groupby(part["context"][draws]):
         sae_kl = float(sae.loc[context])
@@ -300,8 +297,9 @@ def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, dict[
 
 
 def _gap_analysis(parts: _Parts, gap: np.ndarray, take: np.ndarray | None,
-                  decode: Callable[[int], str | None]) -> dict[str, Any]:
-    """Spearman of the gap with each of GAP_COLUMNS, and the tokens with the largest mean gap."""
+                  decode: Callable[[int], str | None]) -> GapAnalysis:
+    """Spearman of the gap with each of GAP_COLUMNS, and the tokens with the largest mean gap.
+    take: the gap's rows among the run's sae rows, None when it holds all of them in order."""
 
     def sae_column(column: str) -> np.ndarray:
         values = parts.gather("sae", column)
@@ -310,44 +308,31 @@ def _gap_analysis(parts: _Parts, gap: np.ndarray, take: np.ndarray | None,
     gap_ranks = stats.centred_ranks(gap) if np.isfinite(gap).all() and gap.size >= 3 else None
     spearman = {column: stats.spearman(gap, sae_column(column), gap_ranks) for column in GAP_COLUMNS}
     del gap_ranks
-    top = _top_tokens(sae_column("token_id"), gap)
-    return {
-        "baseline": BASELINE,
-        "gap_mean": _mean(gap),
-        "frac_tokens_gap_positive": float(pd.Series(gap > 0).mean()) if gap.size else math.nan,
-        "spearman": spearman,
-        "top_tokens": [
-            {"token_id": int(r.token_id), "token": decode(int(r.token_id)), "mean_gap": float(r.mean_gap), "count": int(r["count"])}
-            for _, r in top.iterrows()
-        ],
-    }
+    top = stats.top_tokens_of(sae_column("token_id"), gap)
+    return GapAnalysis(
+        baseline=BASELINE, gap_mean=_mean(gap), spearman=spearman,
+        frac_tokens_gap_positive=float(pd.Series(gap > 0).mean()) if gap.size else math.nan,
+        top_tokens=[{"token_id": int(r.token_id), "token": decode(int(r.token_id)), "mean_gap": float(r.mean_gap),
+                     "count": int(r["count"])} for _, r in top.iterrows()])
 
 
-def _top_tokens(token_id: np.ndarray, gap: np.ndarray, min_count: int = 5) -> pd.DataFrame:
-    """:func:`stats.top_tokens` of (token_id, gap), grouping ~TOP_TOKEN_ROWS rows at a time by ranges of token ids.
-
-    A token's mean depends only on its own rows, but pandas (3.1) takes its mean with reduceat in float64 when the
-    call's ids are in order and no gap is NaN, else with its Kahan loop in float32; each range's call is made to
-    take the way the whole call would (a NaN row in an extra last group)."""
-    if token_id.size == 0:
-        return stats.top_tokens(pd.DataFrame({"token_id": token_id, "gap": gap}), min_count)
-    kahan = bool(np.isnan(gap).any() or not np.all(token_id[1:] >= token_id[:-1]))
-    counts = np.bincount(token_id)
-    frequent = counts >= min_count
-    keep = frequent[token_id]
-    rows_below = np.cumsum(np.where(frequent, counts, 0))  # rows of frequent ids ≤ each id
-    bounds = np.searchsorted(rows_below, np.arange(TOP_TOKEN_ROWS, rows_below[-1], TOP_TOKEN_ROWS)) + 1
-    edges = np.unique([0, *bounds.tolist(), counts.size])
-    groups = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        rows = keep & (token_id >= low) & (token_id < high)
-        ids, values = token_id[rows], gap[rows]
-        if kahan:
-            ids = np.concatenate([ids, [counts.size]])
-            values = np.concatenate([values, np.array([np.nan], dtype=values.dtype)])
-        grouped = pd.DataFrame({"token_id": ids, "gap": values}).groupby("token_id")["gap"].agg(["mean", "count"])
-        groups.append(grouped.iloc[:-1] if kahan else grouped)
-    return stats.top_of_means(pd.concat(groups), min_count)
+def _per_intervention(parts: _Parts, single_token: bool) -> tuple[dict[str, InterventionStats], dict[str, dict], dict]:
+    """Per intervention, one column at a time: KL and ΔCE described (the ΔCE one also returned whole), and in
+    single-token mode the mean KL per offset."""
+    interventions, ce_delta, kl_by_offset = {}, {}, {}
+    for name in parts.counts:
+        if single_token:
+            kl, offsets = parts.gather(name, "kl"), parts.gather(name, "offset")
+            means = pd.Series(kl, copy=False).groupby(offsets).mean()
+            kl_by_offset[name] = {str(offset): float(mean) for offset, mean in means.items()}
+            del kl, offsets
+        # read as float64, as describe casts them (exactly), straight into the array it partitions
+        kl = stats.describe(parts.gather(name, "kl", np.float64), overwrite_input=True)
+        ce = ce_delta[name] = stats.describe(parts.gather(name, "ce_delta", np.float64), overwrite_input=True)
+        interventions[name] = InterventionStats(
+            kl_mean=kl["mean"], kl_median=kl["median"], kl_p999=kl["p999"], ce_delta_mean=ce["mean"],
+            ce_delta_median=ce["median"], ce_delta_p999=ce["p999"], n_tokens=kl["n"], n_nonfinite=kl["n_nonfinite"])
+    return interventions, ce_delta, kl_by_offset
 
 
 def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], *, names: list[str], mode: str,
@@ -368,77 +353,48 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
             n_draws = max(n_draws, int(part["draw"].max()) + 1)
         elif (joined := _part_gap(part, masks, BASELINE)) is not None:
             gaps.extend(joined[0])
-            takes.append(joined[1])
-
+            takes.append((parts.counts["sae"] - _size(parts.rows[-1]["sae"]), joined[1]))  # (sae rows before, rows)
     sums.redo_as_whole_run(parts)
 
-    interventions, described, kl_by_offset = {}, {}, {}
-    for name in parts.counts:  # one intervention's values at a time
-        if mode == "single_token":
-            kl, offsets = parts.gather(name, "kl"), parts.gather(name, "offset")
-            kl_by_offset[name] = {str(k): float(v) for k, v in pd.Series(kl, copy=False).groupby(offsets).mean().items()}
-            del kl, offsets
-        # float64 as describe casts them (exactly), read straight into the array it partitions
-        kl_stats = stats.describe(parts.gather(name, "kl", np.float64), overwrite_input=True)
-        ce = described[name] = stats.describe(parts.gather(name, "ce_delta", np.float64), overwrite_input=True)
-        interventions[name] = InterventionStats(
-            kl_mean=kl_stats["mean"], kl_median=kl_stats["median"], kl_p999=kl_stats["p999"], ce_delta_mean=ce["mean"],
-            ce_delta_median=ce["median"], ce_delta_p999=ce["p999"], n_tokens=kl_stats["n"], n_nonfinite=kl_stats["n_nonfinite"])
-
+    interventions, ce_delta, kl_by_offset = _per_intervention(parts, mode == "single_token")
     comparisons = _compare(sums, names, seed)
-    first = names[0] if names else None  # the SAE's rows: its geometry (one column at a time)
+    first = names[0] if names else None  # the SAE's rows: their geometry, one column at a time
     sae_metrics = SAEMetrics(
         explained_variance=explained_variance(sides),
-        l0_mean=_mean(parts.gather(first, "l0")),
-        cos_mean=_mean(parts.gather(first, "cos")),
-        eps_mean=_mean(parts.gather(first, "eps")),
-        x_norm_mean=_mean(parts.gather(first, "x_norm")),
-        x_hat_norm_mean=_mean(parts.gather(first, "x_hat_norm")),
-        n_nonfinite_activations=int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
-    )
+        n_nonfinite_activations=sum(s.get("n_nonfinite_acts", 0) for s in sides),
+        **{f"{c}_mean": _mean(parts.gather(first, c)) for c in ("l0", "cos", "eps", "x_norm", "x_hat_norm")})
 
     gap = curve = None
     if mode != "many_samples":
         if {"sae", BASELINE} <= parts.counts.keys():
-            trivial = all(isinstance(t, slice) for t in takes) and sum(map(_size, takes)) == parts.counts["sae"]
-            gap = GapAnalysis(**_gap_analysis(parts, gaps.view(), None if trivial else _global_take(parts, takes), decode))
+            in_order = all(isinstance(t, slice) for _, t in takes) and sum(_size(t) for _, t in takes) == parts.counts["sae"]
+            take = None if in_order else np.concatenate(
+                [before + (np.arange(t.start, t.stop) if isinstance(t, slice) else t) for before, t in takes])
+            gap = _gap_analysis(parts, gaps.view(), take, decode)
 
         def sae_geometry() -> tuple[float, float] | None:
             if not parts.counts.get("sae"):
                 return None
-            return _mean(parts.gather("sae", "cos")), norm_frac_mean(parts.gather("sae", "x_hat_norm"),
-                                                                      parts.gather("sae", "x_norm"))
+            frac = norm_frac_mean(parts.gather("sae", "x_hat_norm"), parts.gather("sae", "x_norm"))
+            return _mean(parts.gather("sae", "cos")), frac
 
-        curve_dict = build_curve(names, kl_by_context=lambda name: sums.per_context(name, "kl"),
-                                 ce_delta=lambda name: described.get(name) or stats.describe(np.empty(0)),
-                                 sae_geometry=sae_geometry, seed=seed)
-        curve = Curve(**curve_dict) if curve_dict is not None else None
+        curve = build_curve(names, kl_by_context=lambda name: sums.per_context(name, "kl"),
+                            ce_delta=lambda name: ce_delta.get(name) or stats.describe(np.empty(0)),
+                            sae_geometry=sae_geometry, seed=seed)
 
     return RunStatistics(
         n_tokens=parts.counts.get(first, 0) if first else sum(parts.counts.values()),
-        n_contexts=int(np.unique(contexts.view(np.int64)).size),
+        n_contexts=int(np.unique(contexts.view()).size),
         interventions=interventions,
         comparisons={name: Comparison(**c) for name, c in comparisons.items()},
-        kl_ratio_sae_over_epsilon_random=comparisons[BASELINE]["kl_ratio"]["ratio"] if BASELINE in comparisons else math.nan,
+        kl_ratio_sae_over_epsilon_random=comparisons[BASELINE]["kl_ratio"]["ratio"] if BASELINE in comparisons
+        else math.nan,
         sae_metrics=sae_metrics,
         gap=gap,
-        curve=curve,
+        curve=Curve(**curve) if curve is not None else None,
         kl_by_offset=kl_by_offset if mode == "single_token" else None,
         many_samples=ManySamples(**_many_samples(zscores, n_draws, sample_name)) if mode == "many_samples" else None,
     )
-
-
-def _global_take(parts: _Parts, takes: list[Rows]) -> np.ndarray:
-    """Positions among the run's sae rows (as :meth:`_Parts.gather` returns them) of the gap's rows."""
-    offsets, start = [], 0
-    takes_iter = iter(takes)
-    for rows in parts.rows:
-        n_sae = _size(rows["sae"]) if "sae" in rows else 0
-        if "sae" in rows and BASELINE in rows:
-            take = next(takes_iter)
-            offsets.append(start + (np.arange(take.start, take.stop) if isinstance(take, slice) else take))
-        start += n_sae
-    return np.concatenate(offsets)
 
 
 def _many_samples(per_context: list[dict[str, Any]], n_draws: int, sample_name: str | None) -> dict[str, Any]:
@@ -468,5 +424,6 @@ def token_gaps(part_paths: Sequence[Path], baseline: str = BASELINE) -> pd.Serie
             positions.append(part["position"][masks["sae"]][joined[1]])
     if not {"sae", baseline} <= set(parts.counts):
         return None
-    index = pd.MultiIndex.from_arrays([np.concatenate(contexts), np.concatenate(positions)], names=["context", "position"])
+    index = pd.MultiIndex.from_arrays([np.concatenate(contexts), np.concatenate(positions)],
+                                      names=["context", "position"])
     return pd.Series(np.concatenate(gaps), index=index, name="gap")

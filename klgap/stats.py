@@ -149,14 +149,36 @@ def gap_correlations(gaps: pd.DataFrame, columns: tuple[str, ...] = ("cos", "l0"
     return out
 
 
+TOP_TOKEN_ROWS = 1 << 18  # rows grouped at once by top_tokens_of
+
+
 def top_tokens(gaps: pd.DataFrame, min_count: int = 5, n: int = 15) -> pd.DataFrame:
     """Token ids with the largest mean gap among those seen at least `min_count` times."""
-    return top_of_means(gaps.groupby("token_id")["gap"].agg(["mean", "count"]), min_count, n)
+    return top_tokens_of(gaps["token_id"].to_numpy(), gaps["gap"].to_numpy(), min_count, n)
 
 
-def top_of_means(grouped: pd.DataFrame, min_count: int = 5, n: int = 15) -> pd.DataFrame:
-    """The `n` rows with the largest ``mean`` among those with ``count`` ≥ `min_count`, from a frame indexed by
-    token_id (ascending) with columns mean, count: columns token_id, mean_gap, count."""
+def top_tokens_of(token_id: np.ndarray, gap: np.ndarray, min_count: int = 5, n: int = 15) -> pd.DataFrame:
+    """:func:`top_tokens` of aligned arrays (ids ≥ 0): columns token_id, mean_gap, count. The rows of frequent ids
+    are grouped ~TOP_TOKEN_ROWS at a time, by ranges of ids, as ``groupby("token_id")["gap"].agg(["mean", "count"])``
+    of all of them: a token's mean depends only on its rows, but pandas (3.1) takes it with reduceat in float64 when
+    the ids are in order and no gap is NaN, else with its Kahan loop in the gap's dtype, so each range's call is made
+    to take the whole call's way (a NaN row in an extra last group)."""
+    token_id, gap = np.asarray(token_id), np.asarray(gap)
+    counts = np.bincount(token_id) if token_id.size else np.zeros(0, dtype=np.int64)
+    kahan = bool(np.isnan(gap).any() or not np.all(token_id[1:] >= token_id[:-1]))
+    keep = (counts >= min_count)[token_id]
+    rows_below = np.cumsum(np.where(counts >= min_count, counts, 0))  # rows of frequent ids ≤ each id
+    bounds = np.searchsorted(rows_below, np.arange(TOP_TOKEN_ROWS, rows_below[-1] if counts.size else 0, TOP_TOKEN_ROWS))
+    edges = np.unique([0, *(bounds + 1).tolist(), counts.size])
+    groups = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        rows = keep & (token_id >= low) & (token_id < high)
+        ids, values = token_id[rows], gap[rows]
+        if kahan:
+            ids, values = np.append(ids, np.array([counts.size], ids.dtype)), np.append(values, np.array([np.nan], values.dtype))
+        grouped = pd.DataFrame({"token_id": ids, "gap": values}).groupby("token_id")["gap"].agg(["mean", "count"])
+        groups.append(grouped.iloc[:-1] if kahan else grouped)
+    grouped = pd.concat(groups) if groups else pd.DataFrame({"token_id": token_id, "gap": gap}).groupby("token_id")["gap"].agg(["mean", "count"])
     grouped = grouped[grouped["count"] >= min_count].sort_values("mean", ascending=False)
     return grouped.head(n).reset_index().rename(columns={"mean": "mean_gap"})
 
