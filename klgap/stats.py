@@ -168,19 +168,25 @@ def top_tokens_of(token_id: np.ndarray, gap: np.ndarray, min_count: int = 5, n: 
     kahan = bool(np.isnan(gap).any() or not np.all(token_id[1:] >= token_id[:-1]))
     keep = (counts >= min_count)[token_id]
     rows_below = np.cumsum(np.where(counts >= min_count, counts, 0))  # rows of frequent ids ≤ each id
-    bounds = np.searchsorted(rows_below, np.arange(TOP_TOKEN_ROWS, rows_below[-1] if counts.size else 0, TOP_TOKEN_ROWS))
-    edges = np.unique([0, *(bounds + 1).tolist(), counts.size])
+    total = rows_below[-1] if counts.size else 0
+    edges = np.unique([0, *(np.searchsorted(rows_below, np.arange(TOP_TOKEN_ROWS, total, TOP_TOKEN_ROWS)) + 1).tolist(),
+                       counts.size])
     groups = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         rows = keep & (token_id >= low) & (token_id < high)
         ids, values = token_id[rows], gap[rows]
         if kahan:
-            ids, values = np.append(ids, np.array([counts.size], ids.dtype)), np.append(values, np.array([np.nan], values.dtype))
-        grouped = pd.DataFrame({"token_id": ids, "gap": values}).groupby("token_id")["gap"].agg(["mean", "count"])
+            ids = np.append(ids, np.array([counts.size], ids.dtype))
+            values = np.append(values, np.array([np.nan], values.dtype))
+        grouped = _gap_means(ids, values)
         groups.append(grouped.iloc[:-1] if kahan else grouped)
-    grouped = pd.concat(groups) if groups else pd.DataFrame({"token_id": token_id, "gap": gap}).groupby("token_id")["gap"].agg(["mean", "count"])
+    grouped = pd.concat(groups) if groups else _gap_means(token_id, gap)
     grouped = grouped[grouped["count"] >= min_count].sort_values("mean", ascending=False)
     return grouped.head(n).reset_index().rename(columns={"mean": "mean_gap"})
+
+
+def _gap_means(token_id: np.ndarray, gap: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"token_id": token_id, "gap": gap}).groupby("token_id")["gap"].agg(["mean", "count"])
 
 
 SPEARMAN_CHUNK = 1 << 16  # values ranked at once (the rank sums are exact int64 within a chunk; see spearman)
