@@ -1,11 +1,17 @@
-"""Peak memory against the number of tokens: the same run at two sizes, each in a fresh process.
+"""Peak memory of building a run's statistics against the number of tokens: parts synthesised at two sizes, the
+statistics built from each in a fresh process.
 
-Measurement streams per-batch parts to disk (logits are reduced to per-token scalars inside each batch), so the
-measuring loop's memory does not depend on the number of tokens; the report is then built from the per-token
-table, which does. Prints the peak RSS of each size, the peak RSS just before the report is built, and their
-ratios. The last line is machine-readable.
+Measuring streams per-batch parts to disk, so its memory does not depend on the number of tokens; this measures
+the other half, reducing the parts to what the report holds. No model: the parts are written directly, with the
+columns, dtypes and row layout `klgap/engine.py` gives them (`_table`, one block of rows per intervention, written
+by `RunDir.write_part`), KL log-normal, token ids Zipf-distributed over a GPT-2-sized vocabulary. Each size's parts
+are written by one subprocess and read by another, which reports its own peak RSS (ru_maxrss). The last line is
+machine-readable:
 
-    .venv/bin/python benchmarks/bench_memory.py --model tiny-llama --small 20000 --large 200000
+    .venv/bin/python benchmarks/bench_memory.py                # 20,000 and 2,000,000 tokens, 6 interventions
+    .venv/bin/python benchmarks/bench_memory.py --large 200000  # quicker
+
+`report_rss_ratio` = peak RSS at the large size / at the small size (target ≤ 1.3).
 """
 
 from __future__ import annotations
@@ -17,56 +23,90 @@ import sys
 import tempfile
 from pathlib import Path
 
-CHILD = r"""
-import json, resource, sys, tempfile
-from pathlib import Path
-import torch
-from klgap import engine
-from klgap.config import RunConfig
-from klgap.sites import hook_name
-from klgap_saes import save_safetensors_sae
+INTERVENTIONS = ["sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random_xnorm"]
 
-model, site, layer, n_tokens, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
-lm = engine.load_model(model, torch.device("cpu"), torch.float32)
-d = lm.site_widths[site]
-gen = torch.Generator().manual_seed(0)
-W_dec = torch.randn(8 * d, d, generator=gen) / d ** 0.5
-sae = save_safetensors_sae(out / "sae.safetensors", 2 * W_dec.T.contiguous(), W_dec, torch.zeros(8 * d), torch.zeros(d),
-                           hook_name=hook_name(site, layer))
-config = RunConfig(model=model, sae=str(sae), tokens=n_tokens, context_len=128, batch_size=8, device="cpu", dataset="random")
-opened = engine.open_run(config, out / "run")
-for index in opened.todo:
-    opened.rundir.write_part(index, *engine.measure_batch(opened.prep, index))
-measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-engine.finish_run(opened)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"measure_peak_mb": measured, "peak_mb": peak}))
+WRITE = r"""
+import sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from klgap.rundir import RunDir
+
+out, n_tokens, context_len, batch_size, names = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split(",")
+rng = np.random.default_rng(0)
+n_pos = context_len - 1  # position 0 is neither patched nor measured
+n_contexts = -(-n_tokens // n_pos)
+rundir, d, vocab = RunDir(out), 64, 50257
+for index in range(-(-n_contexts // batch_size)):
+    contexts = np.arange(index * batch_size, min((index + 1) * batch_size, n_contexts))
+    n = contexts.size * n_pos
+    f32 = lambda a: a.astype(np.float32)
+    base = {
+        "context": np.repeat(contexts, n_pos).astype(np.int64),
+        "position": np.tile(np.arange(1, context_len), contexts.size).astype(np.int64),
+        "token_id": np.minimum(rng.zipf(1.2, n), vocab - 1).astype(np.int64),
+        "eps": f32(rng.lognormal(0, 0.3, n)), "cos": f32(rng.uniform(0.5, 1.0, n)), "x_norm": f32(rng.lognormal(1, 0.2, n)),
+        "x_hat_norm": f32(rng.lognormal(1, 0.2, n)), "l0": f32(rng.integers(5, 80, n)),
+    }
+    base["offset"] = base["position"]
+    frames = [pd.DataFrame({**base, "intervention": name, "draw": -1, "kl": f32(rng.lognormal(-4 + 0.1 * j, 1.0, n)),
+                            "ce_delta": f32(rng.normal(0.01, 0.05, n))}) for j, name in enumerate(names)]
+    side = {"n": n, "n_nonfinite_acts": 0, "sum_x": rng.normal(0, 1, d).tolist(), "sum_sq_x": float(n * d),
+            "sum_sq_err": float(n * d * 0.3)}
+    rundir.write_part(index, pd.concat(frames, ignore_index=True), side)
+"""
+
+BUILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+
+
+def build(run: Path, names: list[str]) -> None:
+    # The one thing measured: swap this body for the full report (build_report(record, parts)) when it exists.
+    from klgap.aggregate import run_statistics
+    from klgap.rundir import RunDir
+
+    rundir = RunDir(run)
+    batches = sorted(rundir.done_batches())
+    sides = [json.loads(rundir.part_paths(i)[1].read_text()) for i in batches]
+    run_statistics([rundir.part_paths(i)[0] for i in batches], sides, names=names, mode="all_tokens", seed=0)
+
+
+import klgap.aggregate, klgap.rundir  # the imports' memory is part of the baseline, not of the statistics
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+build(Path(sys.argv[1]), sys.argv[2].split(","))
+print(json.dumps({"import_mb": imported, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - start}))
 """
 
 
-def measure(model: str, site: str, layer: int, n_tokens: int) -> dict[str, float]:
+def measure(n_tokens: int, context_len: int, batch_size: int, names: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-c", CHILD, model, site, str(layer), str(n_tokens), tmp],
-                              capture_output=True, text=True, check=True)
+        run = Path(tmp) / "run"
+        subprocess.run([sys.executable, "-c", WRITE, str(run), str(n_tokens), str(context_len), str(batch_size),
+                        ",".join(names)], check=True)
+        done = subprocess.run([sys.executable, "-c", BUILD, str(run), ",".join(names)], capture_output=True, text=True,
+                              check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny-llama")
-    parser.add_argument("--site", default="mlp_out")
-    parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--small", type=int, default=20_000)
-    parser.add_argument("--large", type=int, default=200_000)
+    parser.add_argument("--large", type=int, default=2_000_000)
+    parser.add_argument("--context-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--interventions", type=int, default=len(INTERVENTIONS))
     args = parser.parse_args()
-    small = measure(args.model, args.site, args.layer, args.small)
-    large = measure(args.model, args.site, args.layer, args.large)
-    for name, n, m in (("small", args.small, small), ("large", args.large, large)):
-        print(f"{name:5} {n:>8} tokens: peak RSS while measuring {m['measure_peak_mb']:.0f} MB, with the report {m['peak_mb']:.0f} MB")
-    ratio_measure = large["measure_peak_mb"] / small["measure_peak_mb"]
-    ratio = large["peak_mb"] / small["peak_mb"]
-    print(f"rss_ratio_measuring={ratio_measure:.3f} rss_ratio_with_report={ratio:.3f} "
-          f"peak_rss_small_mb={small['peak_mb']:.0f} peak_rss_large_mb={large['peak_mb']:.0f}")
+    names = INTERVENTIONS[: args.interventions]
+    small = measure(args.small, args.context_len, args.batch_size, names)
+    large = measure(args.large, args.context_len, args.batch_size, names)
+    for label, n, m in (("small", args.small, small), ("large", args.large, large)):
+        print(f"{label:5} {n:>9} tokens x {len(names)} interventions: peak RSS {m['peak_mb']:.0f} MB "
+              f"(after imports {m['import_mb']:.0f} MB), {m['seconds']:.1f} s")
+    print(f"report_rss_ratio={large['peak_mb'] / small['peak_mb']:.3f} peak_rss_small_mb={small['peak_mb']:.0f} "
+          f"peak_rss_large_mb={large['peak_mb']:.0f} seconds_large={large['seconds']:.1f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,26 +93,49 @@ def _equivalent_cos(cos: np.ndarray, kl: np.ndarray, target: float) -> float | N
 def curve_summary(frame: pd.DataFrame, names: list[str], seed: int = 0) -> dict[str, Any] | None:
     """The ``curve`` section of a report: one point per cosine_matched intervention, the SAE's point, and per
     norm fraction the cosine at which cosine-matched noise does as much damage (KL) as the SAE."""
+    sae_rows = frame[frame["intervention"] == "sae"]
+    return build_curve(
+        names,
+        kl_by_context=lambda name: stats.per_context(frame, name, "kl"),
+        ce_delta=lambda name: stats.describe(frame.loc[frame["intervention"] == name, "ce_delta"].to_numpy()),
+        sae_geometry=lambda: (float(sae_rows["cos"].mean()),
+                              norm_frac_mean(sae_rows["x_hat_norm"].to_numpy(), sae_rows["x_norm"].to_numpy()))
+        if len(sae_rows) else None,
+        seed=seed,
+    )
+
+
+def norm_frac_mean(x_hat_norm: np.ndarray, x_norm: np.ndarray) -> float:
+    """Mean of ‖x̂‖/‖x‖ over the tokens where it is finite (in the arrays' dtype, as pandas' mean)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = (pd.Series(x_hat_norm, copy=False) / pd.Series(x_norm, copy=False)).replace([np.inf, -np.inf], np.nan)
+    return float(frac.mean())
+
+
+def build_curve(names: list[str], kl_by_context: Callable[[str], pd.DataFrame], ce_delta: Callable[[str], dict[str, Any]],
+                sae_geometry: Callable[[], tuple[float, float] | None], seed: int = 0) -> dict[str, Any] | None:
+    """The ``curve`` section from per-intervention pieces (a whole frame's or a stream's, klgap/aggregate.py):
+    kl_by_context(name) = :func:`stats.per_context` of its KL, ce_delta(name) = :func:`stats.describe` of its ΔCE,
+    sae_geometry() = the SAE rows' (mean cos, :func:`norm_frac_mean`), None when there are none. None when `names`
+    holds no cosine_matched intervention (then nothing is asked of the pieces)."""
     matched = [(n, _POINT.match(n)) for n in names]
     matched = [(n, float(m["cos"]), float(m["frac"])) for n, m in matched if m]
     if not matched:
         return None
     points = []
     for name, cos, frac in matched:
-        kl = stats.mean_ci(stats.per_context(frame, name, "kl"), seed=seed)
-        ce = stats.describe(frame.loc[frame["intervention"] == name, "ce_delta"].to_numpy())
+        kl = stats.mean_ci(kl_by_context(name), seed=seed)
+        ce = ce_delta(name)
         points.append({"intervention": name, "cos": cos, "norm_frac": frac, "kl_mean": kl["mean"],
                        "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"], "ce_delta_mean": ce["mean"],
                        "n_tokens": ce["n"]})
     out: dict[str, Any] = {"points": points, "sae": None, "sae_equivalent_cos": {}}
-    sae_rows = frame[frame["intervention"] == "sae"]
-    if len(sae_rows):
-        kl = stats.mean_ci(stats.per_context(frame, "sae", "kl"), seed=seed)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = (sae_rows["x_hat_norm"] / sae_rows["x_norm"]).replace([np.inf, -np.inf], np.nan)
-        out["sae"] = {"cos_mean": float(sae_rows["cos"].mean()), "norm_frac_mean": float(frac.mean()),
+    geometry = sae_geometry()
+    if geometry is not None:
+        kl = stats.mean_ci(kl_by_context("sae"), seed=seed)
+        out["sae"] = {"cos_mean": geometry[0], "norm_frac_mean": geometry[1],
                       "kl_mean": kl["mean"], "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
-                      "ce_delta_mean": stats.describe(sae_rows["ce_delta"].to_numpy())["mean"]}
+                      "ce_delta_mean": ce_delta("sae")["mean"]}
         for frac_value in sorted({p["norm_frac"] for p in points}):
             curve = [p for p in points if p["norm_frac"] == frac_value]
             out["sae_equivalent_cos"][f"{frac_value:g}"] = _equivalent_cos(

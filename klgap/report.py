@@ -9,13 +9,11 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from klgap import stats
-from klgap.curve import curve_summary
+from klgap.aggregate import run_statistics
 from klgap.record import RunRecord
 from klgap.rundir import RunDir
-from klgap.schema import BASELINE, SCHEMA_VERSION, Report
+from klgap.schema import SCHEMA_VERSION, Report
 
 
 def _clean(obj: Any) -> Any:
@@ -31,100 +29,6 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def explained_variance(sides: list[dict[str, Any]]) -> float:
-    n = sum(s["n"] for s in sides)
-    if n == 0:
-        return math.nan
-    sum_x = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0)
-    total = sum(s["sum_sq_x"] for s in sides) - float(sum_x @ sum_x) / n
-    return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
-
-
-def summarize_interventions(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    interventions = frame["intervention"]
-    for name in pd.unique(interventions):  # column by column: no sub-frame of every column per intervention
-        rows = (interventions == name).to_numpy()
-        kl, ce = stats.describe(frame["kl"].to_numpy()[rows]), stats.describe(frame["ce_delta"].to_numpy()[rows])
-        out[str(name)] = {
-            "kl_mean": kl["mean"],
-            "kl_median": kl["median"],
-            "kl_p999": kl["p999"],
-            "ce_delta_mean": ce["mean"],
-            "ce_delta_median": ce["median"],
-            "ce_delta_p999": ce["p999"],
-            "n_tokens": kl["n"],
-            "n_nonfinite": kl["n_nonfinite"],
-        }
-    return out
-
-
-def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str, Any]:
-    """For each baseline: ratio mean KL(sae)/KL(baseline) (and ΔCE) with context-bootstrap CIs, Wilcoxon."""
-    out: dict[str, Any] = {}
-    if "sae" not in names:
-        return out
-    sae_kl = stats.per_context(frame, "sae", "kl")
-    sae_ce = stats.per_context(frame, "sae", "ce_delta")
-    for name in names:
-        if name == "sae":
-            continue
-        base_kl = stats.per_context(frame, name, "kl")
-        out[name] = {
-            "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
-            "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, stats.per_context(frame, name, "ce_delta"), seed=seed),
-            "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
-        }
-    return out
-
-
-def add_holm(comparisons: dict[str, Any]) -> None:
-    """Holm-correct the Wilcoxon p-values across every baseline compared in this report."""
-    names = list(comparisons)
-    adjusted = stats.holm([comparisons[n]["wilcoxon_kl"]["p_value"] for n in names])
-    for name, p in zip(names, adjusted, strict=True):
-        comparisons[name]["wilcoxon_kl"]["p_holm"] = p
-
-
-def gap_analysis(frame: pd.DataFrame, decode: Any) -> dict[str, Any] | None:
-    """Spearman correlations of the per-token gap KL(sae) − KL(epsilon_random), and the top tokens by gap."""
-    names = set(frame["intervention"].unique())
-    if not {"sae", BASELINE} <= names:
-        return None
-    gaps = stats.token_gap(frame, BASELINE)
-    top = stats.top_tokens(gaps)
-    return {
-        "baseline": BASELINE,
-        "gap_mean": float(gaps["gap"].mean()) if len(gaps) else math.nan,
-        "frac_tokens_gap_positive": float((gaps["gap"] > 0).mean()) if len(gaps) else math.nan,
-        "spearman": stats.gap_correlations(gaps),
-        "top_tokens": [
-            {"token_id": int(r.token_id), "token": decode(r.token_id), "mean_gap": float(r.mean_gap), "count": int(r["count"])}
-            for _, r in top.iterrows()
-        ],
-    }
-
-
-def many_samples_summary(frame: pd.DataFrame, sample_name: str) -> dict[str, Any]:
-    draws = frame[frame["draw"] >= 0]
-    sae = frame[(frame["draw"] < 0) & (frame["intervention"] == "sae")].set_index("context")["kl"]
-    per_context = []
-    for context, rows in draws.groupby("context"):
-        z = stats.zscores(float(sae.loc[context]), rows["kl"].to_numpy())
-        per_context.append({"context": int(context), "sae_kl": float(sae.loc[context]), **z})
-    zs = np.array([c["z"] for c in per_context], dtype=float)
-    finite = zs[np.isfinite(zs)]
-    return {
-        "sample_intervention": sample_name,
-        "n_draws": int(draws["draw"].max() + 1) if len(draws) else 0,
-        "z_mean": float(finite.mean()) if finite.size else math.nan,
-        "z_median": float(np.median(finite)) if finite.size else math.nan,
-        "frac_z_above_2": float((finite > 2).mean()) if finite.size else math.nan,
-        "percentile_mean": float(np.mean([c["percentile"] for c in per_context])) if per_context else math.nan,
-        "per_context": per_context,
-    }
-
-
 def token_decoder(sides: list[dict[str, Any]]) -> Any:
     """``decode(token_id) -> text | None`` from the token texts the parts recorded (no tokenizer needed)."""
     texts: dict[str, str] = {}
@@ -134,48 +38,39 @@ def token_decoder(sides: list[dict[str, Any]]) -> Any:
 
 
 def build_report(record: RunRecord, rundir: RunDir) -> Report:
-    """The report of a run folder: a pure function of its run.json and parts (no model, no SAE)."""
-    frame, sides = rundir.read_parts()
-    measured = frame[frame["draw"] < 0] if (frame["draw"] >= 0).any() else frame  # no copy without draws
-    names = record.names
-    seed, mode = record.seed, record.mode
-    interventions = summarize_interventions(measured)
-    comparisons = compare_to_sae(measured, names, seed)
-    add_holm(comparisons)
-    ratio = comparisons.get(BASELINE, {}).get("kl_ratio", {}).get("ratio", math.nan)
-    sae_rows = measured[measured["intervention"] == names[0]] if names else measured
-    decode = token_decoder(sides)
+    """The report of a run folder: a pure function of its run.json and parts (no model, no SAE), computed a part
+    at a time (klgap.aggregate), so memory does not grow with the run."""
+    paths, sides = rundir.finished_parts()
+    found = run_statistics(paths, sides, names=record.names, mode=record.mode, seed=record.seed,
+                           sample_name=record.sample_intervention, decode=token_decoder(sides))
     facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches"})
     report: dict[str, Any] = {
         **facts,
         "schema_version": SCHEMA_VERSION,
         "kind": "run",
-        "n_tokens": int(len(sae_rows)),
-        "n_contexts": int(measured["context"].nunique()) if len(measured) else 0,
-        "interventions": interventions,
-        "kl_ratio_sae_over_epsilon_random": ratio,
-        "comparisons": comparisons,
-        "sae_metrics": {
-            "explained_variance": explained_variance(sides),
-            "l0_mean": float(sae_rows["l0"].mean()) if len(sae_rows) else math.nan,
-            "cos_mean": float(sae_rows["cos"].mean()) if len(sae_rows) else math.nan,
-            "eps_mean": float(sae_rows["eps"].mean()) if len(sae_rows) else math.nan,
-            "x_norm_mean": float(sae_rows["x_norm"].mean()) if len(sae_rows) else math.nan,
-            "x_hat_norm_mean": float(sae_rows["x_hat_norm"].mean()) if len(sae_rows) else math.nan,
-            "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
-        },
-        "gap": gap_analysis(measured, decode) if mode != "many_samples" else None,
-        "curve": curve_summary(measured, names, seed) if mode != "many_samples" else None,
+        "n_tokens": found.n_tokens,
+        "n_contexts": found.n_contexts,
+        "interventions": found.interventions,
+        "kl_ratio_sae_over_epsilon_random": found.kl_ratio_sae_over_epsilon_random,
+        "comparisons": found.comparisons,
+        "sae_metrics": found.sae_metrics,
+        "gap": found.gap,
+        "curve": found.curve,
     }
-    if mode == "single_token":
-        report["single_token"] = {
-            "position": record.config["position"],
-            "k": record.config["k"],
-            "kl_by_offset": {
-                str(name): rows.groupby("offset")["kl"].mean().to_dict()
-                for name, rows in measured.groupby("intervention", sort=False, observed=True)
-            },
-        }
-    if mode == "many_samples":
-        report["many_samples"] = many_samples_summary(frame, record.sample_intervention)
-    return Report.model_validate(_clean(report))
+    if record.mode == "single_token":
+        report["single_token"] = {"position": record.config["position"], "k": record.config["k"],
+                                  "kl_by_offset": found.kl_by_offset}
+    if record.mode == "many_samples":
+        report["many_samples"] = found.many_samples
+    return Report.model_validate(_clean(_plain(report)))
+
+
+def _plain(obj: Any) -> Any:
+    """Pydantic sub-results as the dicts they would be written as (only the fields they were built with)."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(exclude_unset=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj

@@ -146,6 +146,12 @@ class RunDir:
         atomic_write_parquet(table_path, frame)
         atomic_write_json(meta_path, side)
 
+    def finished_parts(self) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The finished parts' table files and their side JSON, in batch order (what a report is built from)."""
+        indices = sorted(self.done_batches())
+        return ([self.part_paths(i)[0] for i in indices],
+                [json.loads(self.part_paths(i)[1].read_text()) for i in indices])
+
     def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
         """Every finished part as one compact frame, filled part by part into preallocated columns (never two
         copies of the table): intervention categorical, integers int32 (~50 bytes per row, not ~200)."""

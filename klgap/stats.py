@@ -7,19 +7,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import special
 from scipy import stats as sps
 
 
-def describe(values: np.ndarray) -> dict[str, float | int]:
-    """Mean, median and 99.9th percentile of the finite values, with counts of both kinds."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
+def describe(values: np.ndarray, overwrite_input: bool = False) -> dict[str, float | int]:
+    """Mean, median and 99.9th percentile of the finite values, with counts of both kinds (in float64).
+
+    overwrite_input: the caller's float64 `values` may be reordered in place (spares a copy)."""
+    values = np.asarray(values)
+    owned = overwrite_input or values.dtype != np.float64  # a cast copies: partition that copy in place
+    values = values.astype(np.float64, copy=False)
+    ok = np.isfinite(values)
+    finite = (values if owned else values.copy()) if ok.all() else values[ok]
+    del ok
     if finite.size == 0:
         return {"mean": math.nan, "median": math.nan, "p999": math.nan, "n": 0, "n_nonfinite": int(values.size)}
+    mean = float(finite.mean())  # before partitioning: the pairwise sum follows the values' order
     return {
-        "mean": float(finite.mean()),
-        "median": float(np.median(finite)),
-        "p999": float(np.quantile(finite, 0.999)),
+        "mean": mean,
+        "median": float(np.median(finite, overwrite_input=True)),  # order statistics: same values in any order
+        "p999": float(np.quantile(finite, 0.999, overwrite_input=True)),
         "n": int(finite.size),
         "n_nonfinite": int(values.size - finite.size),
     }
@@ -141,11 +149,104 @@ def gap_correlations(gaps: pd.DataFrame, columns: tuple[str, ...] = ("cos", "l0"
     return out
 
 
+TOP_TOKEN_ROWS = 1 << 18  # rows grouped at once by top_tokens_of
+
+
 def top_tokens(gaps: pd.DataFrame, min_count: int = 5, n: int = 15) -> pd.DataFrame:
     """Token ids with the largest mean gap among those seen at least `min_count` times."""
-    grouped = gaps.groupby("token_id")["gap"].agg(["mean", "count"])
+    return top_tokens_of(gaps["token_id"].to_numpy(), gaps["gap"].to_numpy(), min_count, n)
+
+
+def top_tokens_of(token_id: np.ndarray, gap: np.ndarray, min_count: int = 5, n: int = 15) -> pd.DataFrame:
+    """:func:`top_tokens` of aligned arrays (ids ≥ 0): columns token_id, mean_gap, count. The rows of frequent ids
+    are grouped ~TOP_TOKEN_ROWS at a time, by ranges of ids, as ``groupby("token_id")["gap"].agg(["mean", "count"])``
+    of all of them: a token's mean depends only on its rows, but pandas (3.1) takes it with reduceat in float64 when
+    the ids are in order and no gap is NaN, else with its Kahan loop in the gap's dtype, so each range's call is made
+    to take the whole call's way (a NaN row in an extra last group)."""
+    token_id, gap = np.asarray(token_id), np.asarray(gap)
+    counts = np.bincount(token_id) if token_id.size else np.zeros(0, dtype=np.int64)
+    kahan = bool(np.isnan(gap).any() or not np.all(token_id[1:] >= token_id[:-1]))
+    keep = (counts >= min_count)[token_id]
+    rows_below = np.cumsum(np.where(counts >= min_count, counts, 0))  # rows of frequent ids ≤ each id
+    total = rows_below[-1] if counts.size else 0
+    edges = np.unique([0, *(np.searchsorted(rows_below, np.arange(TOP_TOKEN_ROWS, total, TOP_TOKEN_ROWS)) + 1).tolist(),
+                       counts.size])
+    groups = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        rows = keep & (token_id >= low) & (token_id < high)
+        ids, values = token_id[rows], gap[rows]
+        if kahan:
+            ids = np.append(ids, np.array([counts.size], ids.dtype))
+            values = np.append(values, np.array([np.nan], values.dtype))
+        grouped = _gap_means(ids, values)
+        groups.append(grouped.iloc[:-1] if kahan else grouped)
+    grouped = pd.concat(groups) if groups else _gap_means(token_id, gap)
     grouped = grouped[grouped["count"] >= min_count].sort_values("mean", ascending=False)
     return grouped.head(n).reset_index().rename(columns={"mean": "mean_gap"})
+
+
+def _gap_means(token_id: np.ndarray, gap: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"token_id": token_id, "gap": gap}).groupby("token_id")["gap"].agg(["mean", "count"])
+
+
+SPEARMAN_CHUNK = 1 << 16  # values ranked at once (the rank sums are exact int64 within a chunk; see spearman)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values) if values.dtype.kind == "f" else np.ones(values.shape, dtype=bool)
+
+
+def _twice_centred_ranks(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """2 × the average rank − (n + 1) of `values` among `ordered` (n sorted values), int64: a value's average
+    1-based rank is (#smaller + #smaller-or-equal + 1) / 2, ties sharing the mean of their ranks as scipy's rankdata."""
+    return np.searchsorted(ordered, values, "left") + np.searchsorted(ordered, values, "right") - ordered.size
+
+
+def centred_ranks(values: np.ndarray) -> np.ndarray:
+    """2 × the average rank − (n + 1) of each of `values` (finite), an integer in [1 − n, n − 1]; int32 when that
+    fits. No argsort: one sorted copy, ranked SPEARMAN_CHUNK values at a time."""
+    values = np.asarray(values)
+    ordered = np.sort(values)
+    out = np.empty(values.size, dtype=np.int32 if values.size < 2**31 else np.int64)
+    for start in range(0, values.size, SPEARMAN_CHUNK):
+        out[start : start + SPEARMAN_CHUNK] = _twice_centred_ranks(ordered, values[start : start + SPEARMAN_CHUNK])
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray, a_ranks: np.ndarray | None = None) -> dict[str, Any]:
+    """Spearman ρ (and its two-sided p) of two aligned arrays over the pairs where both are finite: rho, p_value, n.
+
+    ρ is Pearson's correlation of the average ranks, as ``scipy.stats.spearmanr``, without its rank arrays
+    (~85 bytes per pair): ranks come from :func:`centred_ranks`, and the rank sums Σ rₐr_b, Σ rₐ², Σ r_b² are exact
+    integers (int64 per chunk of rows, Python ints across them), so ρ is their quotient rounded a few times in
+    float64 (≤ 3e-16 relative); scipy sums float64 ranks, so the two agree to ~1e-15 relative. p comes from the same
+    t distribution with n − 2 degrees of freedom as scipy's. NaN (with n) for n < 3 or a constant array.
+    `a_ranks`: :func:`centred_ranks` of `a`, used when no pair is dropped (to rank `a` once for several `b`).
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    ok = _finite(a) & _finite(b)
+    if not ok.all():
+        a, b, a_ranks = a[ok], b[ok], None
+    del ok
+    n = int(a.size)
+    nan = {"rho": math.nan, "p_value": math.nan, "n": n}
+    if n < 3:
+        return nan
+    if a.min() == a.max() or b.min() == b.max():
+        return nan
+    ra = centred_ranks(a) if a_ranks is None else a_ranks
+    ordered_b = np.sort(b)
+    chunk = max(1, min(SPEARMAN_CHUNK, 2**62 // (n * n)))  # |r| < n: a chunk's int64 sums cannot overflow
+    s_ab = s_aa = s_bb = 0
+    for start in range(0, n, chunk):
+        x = ra[start : start + chunk].astype(np.int64)
+        y = _twice_centred_ranks(ordered_b, b[start : start + chunk])
+        s_ab, s_aa, s_bb = s_ab + int(x @ y), s_aa + int(x @ x), s_bb + int(y @ y)
+    rho = np.float64(min(1.0, max(-1.0, s_ab / math.sqrt(s_aa * s_bb))))
+    dof = n - 2
+    with np.errstate(divide="ignore"):
+        t = rho * np.sqrt((dof / ((rho + 1.0) * (1.0 - rho))).clip(0))
+    return {"rho": float(rho), "p_value": float(2 * special.stdtr(dof, -np.abs(t))), "n": n}
 
 
 def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from klgap import engine
 from klgap.cli import main
 from klgap.config import RunConfig
+from klgap.schema import as_json
 from klgap.sites import hook_name
 from tests.helpers import random_sae
 
@@ -38,4 +39,4 @@ def test_engine_then_report(tmp_path, capsys, load_model, mode):
     assert f"{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]" in md
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= len(EXPECTED[mode]) and "<script" not in page
-    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report.model_dump(mode="json")  # untouched
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == as_json(report)  # the data is untouched

@@ -1,0 +1,124 @@
+"""The report statistics as klgap computed them before they streamed: from the whole per-token frame at once.
+
+Kept as the reference that klgap.aggregate is checked against (tests/core/test_aggregate.py): the same numbers,
+computed the simple way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from klgap import stats
+from klgap.schema import BASELINE
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def explained_variance(sides: list[dict[str, Any]]) -> float:
+    n = sum(s["n"] for s in sides)
+    if n == 0:
+        return math.nan
+    sum_x = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0)
+    total = sum(s["sum_sq_x"] for s in sides) - float(sum_x @ sum_x) / n
+    return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
+
+
+def summarize_interventions(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    interventions = frame["intervention"]
+    for name in pd.unique(interventions):  # column by column: no sub-frame of every column per intervention
+        rows = (interventions == name).to_numpy()
+        kl, ce = stats.describe(frame["kl"].to_numpy()[rows]), stats.describe(frame["ce_delta"].to_numpy()[rows])
+        out[str(name)] = {
+            "kl_mean": kl["mean"],
+            "kl_median": kl["median"],
+            "kl_p999": kl["p999"],
+            "ce_delta_mean": ce["mean"],
+            "ce_delta_median": ce["median"],
+            "ce_delta_p999": ce["p999"],
+            "n_tokens": kl["n"],
+            "n_nonfinite": kl["n_nonfinite"],
+        }
+    return out
+
+
+def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str, Any]:
+    """For each baseline: ratio mean KL(sae)/KL(baseline) (and ΔCE) with context-bootstrap CIs, Wilcoxon."""
+    out: dict[str, Any] = {}
+    if "sae" not in names:
+        return out
+    sae_kl = stats.per_context(frame, "sae", "kl")
+    sae_ce = stats.per_context(frame, "sae", "ce_delta")
+    for name in names:
+        if name == "sae":
+            continue
+        base_kl = stats.per_context(frame, name, "kl")
+        out[name] = {
+            "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
+            "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, stats.per_context(frame, name, "ce_delta"), seed=seed),
+            "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
+        }
+    return out
+
+
+def add_holm(comparisons: dict[str, Any]) -> None:
+    """Holm-correct the Wilcoxon p-values across every baseline compared in this report."""
+    names = list(comparisons)
+    adjusted = stats.holm([comparisons[n]["wilcoxon_kl"]["p_value"] for n in names])
+    for name, p in zip(names, adjusted, strict=True):
+        comparisons[name]["wilcoxon_kl"]["p_holm"] = p
+
+
+def gap_analysis(frame: pd.DataFrame, tokenizer: Any) -> dict[str, Any] | None:
+    """Spearman correlations of the per-token gap KL(sae) − KL(epsilon_random), and the top tokens by gap."""
+    names = set(frame["intervention"].unique())
+    if not {"sae", BASELINE} <= names:
+        return None
+    gaps = stats.token_gap(frame, BASELINE)
+    top = stats.top_tokens(gaps)
+    decode = (lambda i: tokenizer.decode([int(i)])) if tokenizer is not None else (lambda i: None)
+    return {
+        "baseline": BASELINE,
+        "gap_mean": float(gaps["gap"].mean()) if len(gaps) else math.nan,
+        "frac_tokens_gap_positive": float((gaps["gap"] > 0).mean()) if len(gaps) else math.nan,
+        "spearman": stats.gap_correlations(gaps),
+        "top_tokens": [
+            {"token_id": int(r.token_id), "token": decode(r.token_id), "mean_gap": float(r.mean_gap), "count": int(r["count"])}
+            for _, r in top.iterrows()
+        ],
+    }
+
+
+def many_samples_summary(frame: pd.DataFrame, sample_name: str) -> dict[str, Any]:
+    draws = frame[frame["draw"] >= 0]
+    sae = frame[(frame["draw"] < 0) & (frame["intervention"] == "sae")].set_index("context")["kl"]
+    per_context = []
+    for context, rows in draws.groupby("context"):
+        z = stats.zscores(float(sae.loc[context]), rows["kl"].to_numpy())
+        per_context.append({"context": int(context), "sae_kl": float(sae.loc[context]), **z})
+    zs = np.array([c["z"] for c in per_context], dtype=float)
+    finite = zs[np.isfinite(zs)]
+    return {
+        "sample_intervention": sample_name,
+        "n_draws": int(draws["draw"].max() + 1) if len(draws) else 0,
+        "z_mean": float(finite.mean()) if finite.size else math.nan,
+        "z_median": float(np.median(finite)) if finite.size else math.nan,
+        "frac_z_above_2": float((finite > 2).mean()) if finite.size else math.nan,
+        "percentile_mean": float(np.mean([c["percentile"] for c in per_context])) if per_context else math.nan,
+        "per_context": per_context,
+    }
