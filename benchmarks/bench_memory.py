@@ -1,5 +1,5 @@
-"""Peak memory of building a run's statistics against the number of tokens: parts synthesised at two sizes, the
-statistics built from each in a fresh process.
+"""Peak memory of building a run's report against the number of tokens: parts (and run.json) synthesised at two
+sizes, the report built from each folder in a fresh process (klgap.report.build_report).
 
 Measuring streams per-batch parts to disk, so its memory does not depend on the number of tokens; this measures
 the other half, reducing the parts to what the report holds. No model: the parts are written directly, with the
@@ -54,6 +54,21 @@ for index in range(-(-n_contexts // batch_size)):
     side = {"n": n, "n_nonfinite_acts": 0, "sum_x": rng.normal(0, 1, d).tolist(), "sum_sq_x": float(n * d),
             "sum_sq_err": float(n * d * 0.3)}
     rundir.write_part(index, pd.concat(frames, ignore_index=True), side)
+
+# run.json, as engine.open_run writes it (what the report needs besides the parts)
+from klgap.provenance import provenance
+from klgap.record import InterventionRef, RunRecord, write_record
+from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, SAEInfo
+
+plugin = PluginRef(plugin="bench", version=None)
+write_record(out, RunRecord(
+    schema_version=SCHEMA_VERSION, model="synthetic", site="mlp_out", layer=0, hook_name="blocks.0.hook_mlp_out",
+    module=ModuleRef(path="h.0.mlp", io="output", index=None),
+    sae=SAEInfo(source="synthetic", hook_name="blocks.0.hook_mlp_out", architecture="standard", d_in=d, d_sae=8 * d),
+    mode="all_tokens", context_len=context_len, first_position="excluded (not patched, not measured)",
+    centered_activations=False, interventions=[InterventionRef(name=n, spec=n, plugin=plugin) for n in names],
+    n_contexts=n_contexts, n_batches=-(-n_contexts // batch_size), notes=[], config={"tokens": n_tokens}, seed=0,
+    device="cpu", dtype="float32", dataset="synthetic", plugins={}, provenance=provenance()))
 """
 
 BUILD = r"""
@@ -62,17 +77,16 @@ from pathlib import Path
 
 
 def build(run: Path, names: list[str]) -> None:
-    # The one thing measured: swap this body for the full report (build_report(record, parts)) when it exists.
-    from klgap.aggregate import run_statistics
+    # The one thing measured: the whole report of a run folder, from its run.json and parts (what
+    # `klgap merge` / `klgap report` / the end of `klgap replicate` do).
+    from klgap.record import read_record
+    from klgap.report import build_report
     from klgap.rundir import RunDir
 
-    rundir = RunDir(run)
-    batches = sorted(rundir.done_batches())
-    sides = [json.loads(rundir.part_paths(i)[1].read_text()) for i in batches]
-    run_statistics([rundir.part_paths(i)[0] for i in batches], sides, names=names, mode="all_tokens", seed=0)
+    build_report(read_record(run), RunDir(run))
 
 
-import klgap.aggregate, klgap.rundir  # the imports' memory is part of the baseline, not of the statistics
+import klgap.report, klgap.record, klgap.rundir  # the imports' memory is part of the baseline, not of the report
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 build(Path(sys.argv[1]), sys.argv[2].split(","))

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats as sps
 
 from klgap import stats
 from klgap.config import RunConfig
@@ -88,12 +87,16 @@ def _finite(value: float | None) -> float | None:
 
 
 def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[RunPairCorrelation]:
-    """Spearman ρ of the per-token gap KL(sae) − KL(baseline) between every pair of sub-runs."""
+    """Spearman ρ of the per-token gap KL(sae) − KL(baseline) between every pair of sub-runs, read a part at a
+    time from each sub-run's parts (klgap.aggregate.token_gaps), paired on (context, position)."""
+    from klgap.aggregate import token_gaps
+    from klgap.rundir import RunDir
+
     gaps = {}
     for folder, label in zip(folders, labels, strict=True):
-        frame = pd.read_parquet(folder / "tokens.parquet", columns=["context", "position", "intervention", "draw", "kl"])
-        if {"sae", BASELINE} <= set(frame["intervention"].unique()):
-            gaps[label] = stats.token_gap(frame, BASELINE).set_index(["context", "position"])["gap"]
+        gap = token_gaps(RunDir(folder).finished_parts()[0], BASELINE)
+        if gap is not None:
+            gaps[label] = gap
     out = []
     names = list(gaps)
     for i, a in enumerate(names):
@@ -101,7 +104,7 @@ def gap_correlations_between(folders: list[Path], labels: list[str]) -> list[Run
             pair = pd.concat([gaps[a].rename("a"), gaps[b].rename("b")], axis=1, join="inner").dropna()
             if len(pair) < 3:
                 continue
-            result = sps.spearmanr(pair["a"], pair["b"])
-            out.append(RunPairCorrelation(a=a, b=b, rho=_finite(float(result.statistic)),
-                                          p_value=_finite(float(result.pvalue)), n=int(len(pair))))
+            found = stats.spearman(pair["a"].to_numpy(), pair["b"].to_numpy())
+            out.append(RunPairCorrelation(a=a, b=b, rho=_finite(float(found["rho"])),
+                                          p_value=_finite(float(found["p_value"])), n=int(found["n"])))
     return out
