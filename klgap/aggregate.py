@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from klgap import stats
-from klgap.curve import build_curve, norm_frac_mean
+from klgap.robustness import build_curve, norm_frac_mean
 from klgap.errors import KlgapError
 from klgap.schema import Comparison, Curve, GapAnalysis, InterventionStats, ManySamples, SAEMetrics
 

@@ -77,6 +77,7 @@ class Result:
         robustness (those that apply to its mode)."""
         from klgap import plots
 
+        _show_figures_in_notebooks()
         report, tokens = self.report, self.tokens
         if kind == "kl_bars":
             return plots.kl_bars(report, None, tokens=tokens)
@@ -116,6 +117,26 @@ class Result:
 
 
 LABELS = ("model", "site", "layer", "sae")
+
+
+def _show_figures_in_notebooks() -> None:
+    """In IPython, make a returned Figure display as a PNG (klgap draws without pyplot, so the inline backend
+    may not have registered its formatter); the user's backend is left as it is."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from matplotlib.figure import Figure
+
+    try:
+        shell.display_formatter.formatters["image/png"].lookup_by_type(Figure)
+    except KeyError:
+        from IPython.core.pylabtools import select_figure_formats
+
+        select_figure_formats(shell, {"png"})
 
 
 def load_run(folder: str | Path) -> Result:
@@ -304,7 +325,7 @@ def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | flo
           interventions: str | list[str] | None = None, **kwargs: Any) -> Result:
     """``klgap curve``: KL of cosine_matched noise over a grid of cosines, with sae and epsilon_random, and the
     SAE's own point on it (``result.report.curve``, ``result.plot("robustness")``). Other arguments as measure."""
-    from klgap.curve import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
 
     grid = curve_interventions(parse_cos_grid(str(cos)), parse_norm_fracs(str(norm_frac)))
     chosen = split_interventions(interventions) if interventions else []
@@ -315,7 +336,7 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     """Runs side by side (``klgap compare``'s table): Results or run / study folders, one row per site/layer."""
     import pandas as pd
 
-    from klgap.compare import COLUMNS, Entry, entries_for
+    from klgap.comparison import COLUMNS, Entry, entries_for
     from klgap.summary import summary_row
 
     if labels is not None and len(labels) != len(runs):

@@ -217,7 +217,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
-    from klgap.curve import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
 
     config, extra = run_config_from_args(args)
     # a replication file may carry its grid as `cos` / `norm_frac`; flags given on the command line win
@@ -448,7 +448,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from klgap.compare import compare_runs
+    from klgap.comparison import compare_runs
 
     result = compare_runs(args.run_dirs, args.out, labels=args.label)
     print(result["table_text"])

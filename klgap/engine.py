@@ -342,14 +342,20 @@ def run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = False, p
     return finish_run(opened)
 
 
-def _measure_todo(opened: OpenRun, progress: bool) -> None:
-    """Measure the batches an open run still has to do, writing each part as it is finished."""
+def _bar(items: list[int], desc: str, progress: bool) -> Any:
+    """A progress bar over batches (tqdm's notebook or terminal bar), or the plain list when progress is off."""
+    if not progress:
+        return items
     from tqdm.auto import tqdm
 
+    return tqdm(items, desc=desc, unit="batch")
+
+
+def _measure_todo(opened: OpenRun, progress: bool) -> None:
+    """Measure the batches an open run still has to do, writing each part as it is finished."""
     loaded, shard = opened.run, opened.shard
     tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
-    for index in tqdm(opened.todo, desc=f"{loaded.config.mode} {loaded.site} L{loaded.layer}{tag}",
-                      disable=not progress, unit="batch"):
+    for index in _bar(opened.todo, f"{loaded.config.mode} {loaded.site} L{loaded.layer}{tag}", progress):
         opened.rundir.write_part(index, *modes.measure_batch(loaded, index))
 
 
@@ -360,8 +366,6 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
 
     Falls back to one run after another when a run cannot share (another mode, no suffix replay, other tokens).
     Per-token numbers are those of separate runs (tests/core/test_engine.py)."""
-    from tqdm.auto import tqdm
-
     from klgap.suffix import shared_clean
 
     opened = [open_run(c, o, overwrite, shard) for c, o in zip(configs, outs, strict=True)]
@@ -380,8 +384,7 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
         o.record = o.record.model_copy(update={"execution": _json_safe(o.run.execution)})
         write_record(o.rundir.root, o.record)
     indices = sorted(set().union(*(o.todo for o in opened)))
-    for index in tqdm(indices, desc=f"all_tokens, {len(opened)} sites/layers, shared clean forward",
-                      disable=not progress, unit="batch"):
+    for index in _bar(indices, f"all_tokens, {len(opened)} sites/layers, shared clean forward", progress):
         need = [o for o in opened if index in o.todo]
         ids = modes.batch_ids(first, index)[0].to(first.model.device)
         runners = [o.run.executor.runner for o in need]

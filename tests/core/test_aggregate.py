@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from klgap import aggregate, stats
 from tests.core import whole_frame as report
-from klgap.curve import curve_summary
+from klgap.robustness import curve_summary
 from klgap.rundir import RunDir
 
 SEED = 5

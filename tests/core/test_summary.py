@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from klgap import engine
-from klgap.compare import entries_for
+from klgap.comparison import entries_for
 from klgap.config import RunConfig
 from klgap.console import print_study, print_summary
 from klgap.render import render_markdown

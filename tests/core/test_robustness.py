@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from klgap import curve, stats
+from klgap import robustness as curve, stats
 from klgap.errors import KlgapError
 
 
