@@ -23,6 +23,7 @@ from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import as_perturbation, check_sae_spec
 from klgap.protocols import LoadedSAE, Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.sites import parse_hook_name
+from klgap.specs import split_spec
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def route_sae(spec: str) -> SAERoute:
     without its config) surface here."""
     spec = os.path.expanduser(spec)
     loaders = get_host().registry("sae_loader")
-    prefix, sep, rest = spec.partition(":")
+    prefix, rest = split_spec(spec)
+    sep = rest is not None
     if sep and prefix in loaders:
         name, arg = prefix, rest
     else:
@@ -214,7 +216,7 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
                 "one that is, e.g. epsilon_random or theta_random"
             )
     if tokens is None:
-        source_name, _, source_arg = config.dataset.partition(":")
+        source_name, source_arg = split_spec(config.dataset)
         sources = host.registry("token_source")
         sources.get(source_name)
         tokens = TokenSourceRef(source_name, source_arg or None, sources.entries[source_name].plugin)

@@ -17,10 +17,9 @@ import pandas as pd
 
 from klgap import stats
 from klgap.config import RunConfig
-from klgap.errors import KlgapError
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_json
-from klgap.grid import parse_layers, parse_sites, sae_for  # noqa: F401  (re-exported: klgap.study.sae_for)
+from klgap.grid import sae_for
 from klgap.schema import (
     BASELINE, SCHEMA_VERSION, Report, RunPairCorrelation, SiteSummary, StudyReport, StudyRun, as_json, load_report,
 )
@@ -45,9 +44,10 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
             configs.append(dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer)))
             folders.append(out / f"{site}_L{layer:02d}")
     if base.mode == "all_tokens" and base.fast and len(configs) > 1:
-        reports = engine.run_shared(configs, folders, overwrite=overwrite, progress=progress, shard=shard)
+        engine.run_shared(configs, folders, overwrite=overwrite, progress=progress, shard=shard)
     else:
-        reports = [engine.run(c, f, overwrite=overwrite, progress=progress, shard=shard) for c, f in zip(configs, folders, strict=True)]
+        for config, folder in zip(configs, folders, strict=True):
+            engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard)
     if shard is not None:
         return None
     return write_study(base, folders, out)

@@ -278,7 +278,9 @@ def train_saes(
         raise unknown("dtype", dtype, DTYPES)
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
-    source_name, _, source_arg = dataset.partition(":")
+    from klgap.specs import split_spec
+
+    source_name, source_arg = split_spec(dataset)
     source = get_host().registry("token_source").get(source_name)
     model_adapter(model)
     torch_device = pick_device(device)

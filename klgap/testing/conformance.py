@@ -15,7 +15,7 @@ import torch
 from klgap.capabilities import check_sae_spec, fittable
 from klgap.errors import KlgapError
 from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker
-from klgap.sites import SITES, hook_name, parse_hook_name
+from klgap.sites import SITES, parse_hook_name
 
 _MODELS: dict[tuple[str, str], Any] = {}
 

@@ -10,7 +10,7 @@ from klgap.cli import main
 from klgap.errors import KlgapError
 from klgap.schema import load_report
 from klgap.sites import hook_name
-from klgap.study import parse_layers
+from klgap.grid import parse_layers
 from tests.helpers import random_sae
 
 

@@ -99,7 +99,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
 
 def test_recipe_overrides_per_sae():
     """[train_sae.sites.SITE_L<layer>] tables change the recipe of one SAE; bad names and keys are refused."""
-    from klgap.cli import recipe_overrides
+    from klgap.recipes import recipe_overrides
     from klgap.errors import KlgapError
 
     recipe = {"l1": 3, "sites": {"attn_out_L24": {"l1": 10, "steps": 3000, "b_dec_init": "mean"}, "resid_post_L3": {"lr": 5e-4}}}

@@ -1,0 +1,169 @@
+"""The command line's grammar: every subcommand's flags (argparse), and the subcommands plugins register.
+
+The commands themselves are in klgap/cli.py; a flag's dest is the RunConfig field of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+#: flags whose dest is the RunConfig field of the same name (the boolean flags are set below)
+RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
+             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map")
+#: keys of a replication file that are not RunConfig fields
+FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac")
+
+
+def _int_arg(name: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+
+    return parse
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a replication file (TOML or JSON) whose keys are these flags' names")
+    p.add_argument("--model", help="model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2")
+    p.add_argument(
+        "--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list (default: from the SAE)"
+    )
+    p.add_argument(
+        "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
+        "sites/layers make one study report, with {layer}/{site} in --sae"
+    )
+    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file")
+    p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
+    p.add_argument(
+        "--interventions",
+        help="comma-separated, e.g. sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9 "
+        "(default: sae, sae_norm_corrected, sae_norm, epsilon_random, theta_random, theta_random_xnorm)",
+    )
+    p.add_argument("--tokens", type=_int_arg("--tokens"), help="tokens to read (default 8192)")
+    p.add_argument("--context-len", type=_int_arg("--context-len"), help="tokens per context (default 128)")
+    p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
+    p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device-map", help="hub models: spread the layers over devices, e.g. auto (transformers/accelerate)")
+    p.add_argument(
+        "--remote", action="store_true", default=None,
+        help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
+    )
+    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
+    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, random")
+    p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
+    p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")
+    p.add_argument("--n-samples", type=_int_arg("--n-samples"), help="many-samples: draws per context (default 500)")
+    p.add_argument("--sample-intervention", help="many-samples: the random perturbation drawn (default epsilon_random)")
+    p.add_argument(
+        "--include-first-position",
+        action="store_true",
+        default=None,
+        help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
+    )
+    p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="check names, config and SAE ids offline (sae_lens releases against its bundled directory), print "
+        "the runs and what they need, load nothing",
+    )
+    p.add_argument(
+        "--shard", help="I/N: measure only shard I of N of the batches (1..N) and write no report; "
+        "`klgap merge` joins the N shard folders into the unsharded run's report",
+    )
+    p.add_argument(
+        "--no-fast", action="store_true", default=None,
+        help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
+        "only the layers above the site",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klgap", description="Measure the KL gap of sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
+    _add_run_flags(rep)
+    rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
+    rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    curve = sub.add_parser(
+        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it"
+    )
+    _add_run_flags(curve)
+    curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
+    curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
+    curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
+    curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    curve.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or study folders (each with report.json)")
+    compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
+    compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
+
+    merge = sub.add_parser("merge", help="join the folders of `--shard I/N` runs into one report (as if unsharded)")
+    merge.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="the N shard folders of one command")
+    merge.add_argument("--out", required=True, help="folder for the merged run (report.json, tokens.parquet, ...)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from")
+    new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
+    new.add_argument("--dir", help="where to write it (default ./klgap-NAME)")
+
+    train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
+    train.add_argument("--model", required=True)
+    train.add_argument("--site", required=True, help="a site, or a comma list (one pass gathers them all)")
+    train.add_argument("--layer", required=True, help="a layer, a list (3,10,17,24) or a range (0-5)")
+    train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000, help="training tokens (default 200000)")
+    train.add_argument(
+        "--out", required=True,
+        help="folder for cfg.json + sae_weights.safetensors + training.json; with several sites/layers put "
+        "{site} and {layer} in it, e.g. ~/.cache/klgap/saes/smollm2-135m/blocks.{layer}.hook_{site}",
+    )
+    train.add_argument("--context-len", type=_int_arg("--context-len"), default=128)
+    train.add_argument("--dataset", default="sample")
+    train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
+    train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
+    train.add_argument("--steps", type=_int_arg("--steps"), default=None, help="training steps of 1024 tokens (default 2000)")
+    train.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
+                       help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
+                            "common offset)")
+    train.add_argument("--seed", type=_int_arg("--seed"), default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--dtype", default="float32")
+    train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
+    train.add_argument("--quiet", action="store_true")
+
+    rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data")
+    rep_cmd.add_argument("run_dir")
+
+    val = sub.add_parser("validate", help="check a report.json against the report schema")
+    val.add_argument("report", help="a report.json, or a run folder holding one")
+
+    plugins = sub.add_parser("plugins", help="list plugins and what each registers")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Subcommands that plugins register (``register_commands``); a name the core uses is refused."""
+    from klgap.errors import PluginError
+    from klgap.plugins import get_host
+
+    commands = get_host().registry("command")
+    for name, entry in commands.entries.items():
+        if name in sub.choices:
+            raise PluginError(f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself defines")
+        parser = sub.add_parser(name, help=entry.description, description=entry.description)
+        entry.obj.add_arguments(parser)
+        parser.set_defaults(plugin_command=entry.obj)
