@@ -243,7 +243,7 @@ def prepare(config: RunConfig, progress: bool = False) -> Prepared:
         )
     entries = {kind: host.registry(kind).entries for kind in ("model", "sae_loader", "token_source", "perturbation")}
     plugins_used = {
-        f"model:{config.model}": entries["model"][config.model].plugin,
+        f"model:{config.model}": model_adapter(config.model).plugin,  # a registered name, repo id or folder
         f"token_source:{source_name}": entries["token_source"][source_name].plugin,
         **{f"perturbation:{parse_intervention(s)[0]}": entries["perturbation"][parse_intervention(s)[0]].plugin for s in specs},
     }
