@@ -73,6 +73,7 @@ class Family:
     kv_cache_note: str = ""  # why it is off
     inferred: bool = False  # found by klgap_hf.generic, not written here
     block_output_index: int | None = None  # a block that returns a tuple: where its hidden states are
+    attn_z_width: int | None = None  # attn_z's width when not n_heads * head_dim (found by klgap_hf.generic)
 
     def points(self) -> dict[str, Point | None]:
         """Every site's point inside a block, in the order of :data:`klgap.sites.SITES`."""
@@ -231,12 +232,17 @@ def text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
-def _first(config: Any, *names: str) -> Any:
-    """The first of `names` that `config` has and that is not None."""
+NO_LIMIT = 1 << 20  # max_context of a model whose config names no position limit (ALiBi: BLOOM)
+
+
+def _first(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` that `config` has and that is not None (else `default`, else a KlgapError)."""
     for name in names:
         value = getattr(config, name, None)
         if value is not None:
             return value
+    if default is not None:
+        return default
     raise KlgapError(f"{type(config).__name__} has none of {', '.join(names)}; cannot read the model's shape")
 
 
@@ -251,7 +257,7 @@ def dims(config: Any) -> dict[str, int]:
         "d_model": d_model,
         "n_heads": n_heads,
         "head_dim": int(head_dim),
-        "max_context": int(_first(config, "max_position_embeddings", "n_positions", "seq_length")),
+        "max_context": int(_first(config, "max_position_embeddings", "n_positions", "seq_length", default=NO_LIMIT)),
         "vocab_size": int(_first(config, "vocab_size")),
     }
 

@@ -17,7 +17,7 @@ Two steps:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from klgap_hf.families import Family, Point, dims
 
 ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 NORM_NAME = re.compile(r"norm|ln", re.IGNORECASE)
+NOT_A_SUBLAYER = re.compile(r"norm|dropout|identity", re.IGNORECASE)  # class names
 NOT_YET = "identified by a check forward pass when the model is loaded (klgap_hf.generic)"
 
 
@@ -86,13 +87,24 @@ def infer_family(hf_model: nn.Module, config: Any) -> Family:
 
 @dataclass
 class _Call:
-    """One direct child of block 0 as the check forward called it."""
+    """One direct child of a block as the check forward called it."""
 
     name: str
     order: int
-    value: Tensor  # the [b pos d] tensor it returned
+    value: Tensor  # the [b pos d] tensor it returned (a copy: a block may add into it in place)
     index: int | None  # its place in a tuple output (None: the output is the tensor)
-    is_norm: bool
+
+
+@dataclass
+class _Found:
+    """What the check forward showed for one kind of block."""
+
+    attn_out: Point | None = None
+    mlp_out: Point | None = None
+    attn_z: Point | None = None
+    z_width: int | None = None
+    block_output_index: int | None = None
+    reasons: list[str] = field(default_factory=list)
 
 
 def _tensor_of(output: Any, shape: torch.Size) -> tuple[Tensor | None, int | None]:
@@ -103,99 +115,155 @@ def _tensor_of(output: Any, shape: torch.Size) -> tuple[Tensor | None, int | Non
     return None, None
 
 
+def _copy(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    return value
+
+
 def _check_ids(config: Any, device: torch.device) -> Tensor:
     vocab = dims(config)["vocab_size"]
     return (torch.arange(1, 9) % vocab).unsqueeze(0).to(device)
 
 
+def _kinds(blocks: nn.ModuleList) -> dict[tuple[str, ...], list[int]]:
+    """Blocks grouped by their children (name, class): one kind for most models, several for hybrid ones."""
+    kinds: dict[tuple[str, ...], list[int]] = {}
+    for i, block in enumerate(blocks):
+        kinds.setdefault(tuple(f"{n}:{type(c).__name__}" for n, c in block.named_children()), []).append(i)
+    return kinds
+
+
+class _Recorder:
+    """Hooks on one block, its direct children and its attention module's leaves, recording one forward pass."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.children = dict(block.named_children())
+        self.attention = [n for n, c in self.children.items()
+                          if ATTENTION_NAME.search(n) and not NOT_A_SUBLAYER.search(type(c).__name__)]
+        self.seen: dict[str, Any] = {}
+        self.calls: list[tuple[str, Any]] = []
+        self.leaves: list[tuple[str, Any, Any]] = []
+        self.handles = [block.register_forward_pre_hook(self._input, with_kwargs=True),
+                        block.register_forward_hook(self._output)]
+        for name, child in self.children.items():
+            self.handles.append(child.register_forward_hook(self._child(name)))
+        if len(self.attention) == 1:
+            for name, sub in self.children[self.attention[0]].named_modules():
+                if name and not any(True for _ in sub.children()):  # leaves: projections, dropouts, ...
+                    self.handles.append(sub.register_forward_hook(self._leaf(name)))
+
+    def _input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.seen.setdefault("pre", _copy(args[0] if args else kwargs["hidden_states"]))
+
+    def _output(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.seen.setdefault("post", _copy(out))
+
+    def _child(self, name: str) -> Any:
+        return lambda module, args, out: self.calls.append((name, _copy(out))) and None
+
+    def _leaf(self, name: str) -> Any:
+        return lambda module, args, out: self.leaves.append((name, _copy(args[0]) if args else None, _copy(out))) and None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def found(self, where: str) -> _Found:
+        """attn_out / mlp_out (the one pair of child outputs that adds up to block output − input, the first at or
+        after the attention module) and attn_z (the attention leaf that turns the heads into its output)."""
+        pre = self.seen["pre"]
+        post, post_index = _tensor_of(self.seen["post"], pre.shape)
+        if post is None:
+            raise KlgapError(f"block {where} returns no tensor shaped like its input {tuple(pre.shape)}")
+        result = _Found(block_output_index=post_index)
+        names = [name for name, _ in self.calls]
+        if len(self.attention) != 1:
+            result.reasons.append(f"no single attention submodule in {where} (children: {', '.join(self.children)})")
+            return result
+        attention = self.attention[0]
+        # distinct [b pos d] outputs in call order; a child returning an earlier child's tensor (dropout) is an alias
+        distinct: list[_Call] = []
+        for order, (name, out) in enumerate(self.calls):
+            value, index = _tensor_of(out, pre.shape)
+            if names.count(name) > 1 or value is None or any(torch.equal(value, c.value) for c in distinct):
+                continue
+            distinct.append(_Call(name, order, value, index))
+        delta = (post - pre).double()
+        tol = 8 * torch.finfo(post.dtype).eps * max(float(post.abs().max()), float(pre.abs().max()), 1.0)
+        start = names.index(attention) if attention in names else len(names)
+        pairs = [(a, m) for i, a in enumerate(distinct) for m in distinct[i + 1:]
+                 if a.order >= start and float((a.value.double() + m.value.double() - delta).abs().max()) <= tol]
+        if len(pairs) == 1:
+            a, m = pairs[0]
+            result.attn_out, result.mlp_out = Point(a.name, "output", a.index), Point(m.name, "output", m.index)
+        else:
+            what = "no pair" if not pairs else f"{len(pairs)} pairs"
+            result.reasons.append(f"attn_out / mlp_out: {what} of {where}'s submodule outputs add up to its output − "
+                                  f"input (submodule calls: {', '.join(names) or 'none'})")
+        attn_tensor, _ = _tensor_of(next((out for name, out in self.calls if name == attention), None), pre.shape)
+        # the output projection: the leaf whose output is the attention output and whose input is not (a dropout's is)
+        projections = [
+            (name, inp) for name, inp, out in self.leaves
+            if attn_tensor is not None and isinstance(out, Tensor) and out.shape == attn_tensor.shape
+            and torch.equal(out, attn_tensor) and isinstance(inp, Tensor) and inp.dim() == 3
+            and not (inp.shape == out.shape and torch.equal(inp, out))
+        ]
+        if len(projections) == 1:
+            result.attn_z = Point(f"{attention}.{projections[0][0]}", "input")
+            result.z_width = int(projections[0][1].shape[-1])
+        else:
+            result.reasons.append(f"attn_z: no single layer of {attention} gives its output from the heads")
+        return result
+
+
+def _agree(kinds: dict[tuple[str, ...], list[int]], found: list[_Found], site: str) -> tuple[Any, str]:
+    """The point every kind of block gives `site`, or None and why not."""
+    values = [getattr(f, site) for f in found]
+    if all(v == values[0] for v in values):
+        return values[0], ""
+    where = "; ".join(f"layers {_span(layers)}: {v.describe() if isinstance(v, Point) else v}"
+                      for layers, v in zip(kinds.values(), values, strict=True))
+    return None, f"{site} differs between the kinds of block ({where})"
+
+
+def _span(layers: list[int]) -> str:
+    return ",".join(map(str, layers)) if len(layers) <= 6 else f"{','.join(map(str, layers[:6]))},..."
+
+
 @torch.no_grad()
 def identify_sublayers(hf_model: nn.Module, family: Family, config: Any) -> Family:
     """`family` (from :func:`infer_family`) with attn_out / mlp_out / attn_z mapped where one forward pass shows
-    them unambiguously; the reasons for anything left unmapped go into ``unmapped``."""
-    block = hf_model.get_submodule(f"{family.blocks}.0")
-    seen: dict[str, Any] = {}
-    calls: list[tuple[str, Any]] = []
-    linear_calls: list[tuple[str, Tensor, Tensor]] = []
-    handles = [
-        block.register_forward_pre_hook(
-            lambda m, a, k: seen.setdefault("pre", a[0] if a else k["hidden_states"]), with_kwargs=True),
-        block.register_forward_hook(lambda m, a, out: seen.setdefault("post", out)),
-    ]
-    children = dict(block.named_children())
-    for name, child in children.items():
-        handles.append(child.register_forward_hook(lambda m, a, out, _n=name: calls.append((_n, out))))
-    attention = [n for n, c in children.items() if ATTENTION_NAME.search(n) and not NORM_NAME.search(type(c).__name__)]
-    if len(attention) == 1:
-        for name, sub in children[attention[0]].named_modules():
-            if isinstance(sub, nn.Linear):
-                handles.append(sub.register_forward_hook(
-                    lambda m, a, out, _n=name: linear_calls.append((_n, a[0], out))))
+    them unambiguously; the reasons for anything left unmapped go into ``unmapped``.
+
+    A hybrid model (blocks of several kinds, e.g. linear- and full-attention layers) is checked on one block of
+    each kind; a site is mapped only where every kind puts it at the same module path."""
+    blocks = hf_model.get_submodule(family.blocks)
+    kinds = _kinds(blocks)
+    recorders = [_Recorder(blocks[layers[0]]) for layers in kinds.values()]
     device = next(hf_model.parameters()).device
     try:
         hf_model.eval()(input_ids=_check_ids(config, device), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-    pre = seen["pre"]
-    post, post_index = _tensor_of(seen["post"], pre.shape)
-    if post is None:
-        raise KlgapError(f"block {family.blocks}.0 of {type(hf_model).__name__} returns no tensor shaped like its input")
-    names = [name for name, _ in calls]
-    reasons: list[str] = []
-    found = replace(family, block_output_index=post_index)
-
-    # distinct [b pos d] outputs in call order; a child that returns an earlier child's tensor (dropout) is an alias
-    distinct: list[_Call] = []
-    for order, (name, out) in enumerate(calls):
-        if names.count(name) > 1:
-            continue  # called twice: not a sublayer
-        value, index = _tensor_of(out, pre.shape)
-        if value is None or any(torch.equal(value, c.value) for c in distinct):
-            continue
-        distinct.append(_Call(name, order, value, index, bool(NORM_NAME.search(type(children[name]).__name__))))
-
-    delta = (post - pre).float()
-    eps = torch.finfo(post.dtype).eps
-    tol = 8 * eps * max(float(post.abs().max()), float(pre.abs().max()), 1.0)
-    attn_out = mlp_out = attn_z = None
-    if len(attention) != 1:
-        reasons.append(f"no single attention submodule in a block (children: {', '.join(children)})")
-    else:
-        attn_order = names.index(attention[0]) if attention[0] in names else -1
-        pairs = [
-            (a, m) for i, a in enumerate(distinct) for m in distinct[i + 1:]
-            if attn_order >= 0 and a.order >= attn_order
-            and float((a.value.float() + m.value.float() - delta).abs().max()) <= tol
-        ]
-        if len(pairs) == 1:
-            a, m = pairs[0]
-            attn_out, mlp_out = Point(a.name, "output", a.index), Point(m.name, "output", m.index)
-        else:
-            what = "no pair" if not pairs else f"{len(pairs)} pairs"
-            reasons.append(
-                f"attn_out / mlp_out: {what} of block outputs add up to block output − input "
-                f"(submodule calls: {', '.join(names) or 'none'})"
-            )
-        attn_value = next((out for name, out in calls if name == attention[0]), None)
-        attn_tensor, _ = _tensor_of(attn_value, pre.shape)
-        projections = [
-            name for name, _, out in linear_calls
-            if attn_tensor is not None and out.shape == attn_tensor.shape and torch.equal(out, attn_tensor)
-        ]
-        if len(projections) == 1:
-            attn_z = Point(f"{attention[0]}.{projections[0]}", "input")
-        else:
-            reasons.append(f"attn_z: no single linear layer of {attention[0]} gives its output")
-    note = family.note + (
-        f"; attn_out = {attn_out.describe()}, mlp_out = {mlp_out.describe()} (block output − input = their sum "
-        "on a check forward)" if attn_out and mlp_out else ""
-    )
-    return replace(found, attn_out=attn_out, mlp_out=mlp_out, attn_z=attn_z, note=note, unmapped="; ".join(reasons))
-
-
-def attn_z_width(hf_model: nn.Module, family: Family) -> int | None:
-    """in_features of the attention output projection the generic map found (None when it found none)."""
-    if family.attn_z is None:
-        return None
-    proj = hf_model.get_submodule(f"{family.blocks}.0.{family.attn_z.module}")
-    return int(proj.in_features) if isinstance(proj, nn.Linear) else None
+        for recorder in recorders:
+            recorder.remove()
+    found = [r.found(f"{family.blocks}.{layers[0]}") for r, layers in zip(recorders, kinds.values(), strict=True)]
+    reasons = list(dict.fromkeys(reason for f in found for reason in f.reasons))
+    points: dict[str, Any] = {}
+    for site in ("attn_out", "mlp_out", "attn_z", "z_width", "block_output_index"):
+        points[site], why = _agree(kinds, found, site)
+        if why and site not in ("z_width", "block_output_index"):
+            reasons.append(why)
+    if points["block_output_index"] is None and any(f.block_output_index is not None for f in found):
+        raise KlgapError(f"the blocks of {type(hf_model).__name__} return their hidden states in different places")
+    note = family.note
+    if points["attn_out"] and points["mlp_out"]:
+        note += (f"; attn_out = {points['attn_out'].describe()}, mlp_out = {points['mlp_out'].describe()} (block "
+                 "output − input = their sum on a check forward)")
+    elif points["mlp_out"]:
+        note += f"; mlp_out = {points['mlp_out'].describe()} (checked on a forward pass)"
+    return replace(family, attn_out=points["attn_out"], mlp_out=points["mlp_out"], attn_z=points["attn_z"],
+                   attn_z_width=points["z_width"] if points["attn_z"] else None,
+                   block_output_index=points["block_output_index"], note=note, unmapped="; ".join(reasons))

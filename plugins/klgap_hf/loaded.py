@@ -9,7 +9,7 @@ import torch
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedModel
 from klgap_hf.families import FAMILIES, Family, SiteMap, dims, site_widths, text_config
-from klgap_hf.generic import attn_z_width, identify_sublayers, infer_family
+from klgap_hf.generic import identify_sublayers, infer_family
 
 
 def family_of(hf_model: torch.nn.Module) -> Family:
@@ -110,7 +110,7 @@ def wrap_loaded(
         tokenizer=tokenizer,
         n_layers=d["n_layers"],
         d_model=d["d_model"],
-        site_widths=site_widths(config, attn_z_width(hf_model, family) if family.inferred else None),
+        site_widths=site_widths(config, family.attn_z_width),
         site_map=SiteMap(family, d["n_layers"], name),
         max_context=d["max_context"],
         bos_token_id=bos,

@@ -18,8 +18,14 @@ def _hookspecs() -> list[str]:
             if hasattr(fn, f"{hookspecs.PROJECT}_spec")]
 
 
-def test_every_hookspec_fills_a_registry():
-    assert _hookspecs() and set(_hookspecs()) == set(hookspecs.REGISTRY_HOOKS)
+def _firstresult(hook: str) -> bool:
+    return bool(getattr(getattr(hookspecs, hook), f"{hookspecs.PROJECT}_spec").get("firstresult"))
+
+
+def test_every_hookspec_fills_a_registry_or_answers_a_question():
+    """register_* hooks fill a registry; firstresult hooks (resolve_model_adapter) answer a question instead."""
+    assert _hookspecs() and {h for h in _hookspecs() if not _firstresult(h)} == set(hookspecs.REGISTRY_HOOKS)
+    assert {h for h in _hookspecs() if _firstresult(h)} == {"resolve_model_adapter"}
 
 
 @pytest.mark.parametrize("hook", _hookspecs())
@@ -37,5 +43,6 @@ def test_contributing_documents_the_hook(hook):
     match = re.search(rf"^### `{hook}`\n(.*?)(?=^#{{1,3}} |\Z)", text, flags=re.M | re.S)
     assert match, f"CONTRIBUTING.md has no '### `{hook}`' section"
     section = match.group(1)
-    assert "**register(" in section, f"CONTRIBUTING.md: the {hook} section does not document its argument"
+    first = next(iter(inspect.signature(getattr(hookspecs, hook)).parameters))
+    assert f"**{first}" in section, f"CONTRIBUTING.md: the {hook} section does not document its argument"
     assert f"def {hook}(" in section, f"CONTRIBUTING.md: the {hook} section has no example"

@@ -83,6 +83,22 @@ def tiny_config(model_type: str) -> Any:
     if model_type == "gpt_oss":
         return T.GptOssConfig(**llama_like, head_dim=D // HEADS, num_local_experts=4, num_experts_per_tok=2,
                               sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    # architectures with no hand-written map (klgap_hf.generic)
+    if model_type == "gpt_neo":
+        return T.GPTNeoConfig(num_layers=LAYERS, hidden_size=D, num_heads=HEADS, max_position_embeddings=CONTEXT,
+                              attention_types=[[["global", "local"], 1]], window_size=8, resid_dropout=0.0,
+                              embed_dropout=0.0, attention_dropout=0.0, **common)
+    if model_type == "phi":
+        return T.PhiConfig(num_hidden_layers=LAYERS, hidden_size=D, num_attention_heads=HEADS, intermediate_size=2 * D,
+                           max_position_embeddings=CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                           **common)
+    if model_type == "opt":
+        return T.OPTConfig(num_hidden_layers=LAYERS, hidden_size=D, ffn_dim=2 * D, num_attention_heads=HEADS,
+                           word_embed_proj_dim=D, max_position_embeddings=CONTEXT, dropout=0.0, **common)
+    if model_type == "bloom":
+        return T.BloomConfig(n_layer=LAYERS, hidden_size=D, n_head=HEADS, **common)
+    if model_type == "qwen3_5_text":  # hybrid: Gated DeltaNet (linear attention) layers 0-2, full attention layer 3
+        return T.Qwen3_5TextConfig(**{**llama_like, "num_hidden_layers": 4}, head_dim=D // HEADS)
     raise KeyError(model_type)
 
 
@@ -176,12 +192,14 @@ def tl_config(hf_model: torch.nn.Module) -> dict[str, Any]:
     hf_config.architectures = [type(hf_model).__name__]
     if hf_config.model_type == "gpt2":
         hf_config.n_ctx = hf_config.n_positions  # transformers 5 dropped n_ctx; TransformerLens still reads it
+    if hf_config.model_type == "phi":  # transformers 5 moved it into rope_parameters; TransformerLens reads the old name
+        hf_config.partial_rotary_factor = hf_config.rope_parameters["partial_rotary_factor"]
     template = TL_TEMPLATES.get(hf_config.model_type)
     if template is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_config.save_pretrained(tmp)
+        with tempfile.TemporaryDirectory() as tmp, _auto_config_returns(hf_config):
+            hf_config.save_pretrained(tmp)  # TransformerLens reads the config of a folder; it gets this object
             return lfp.convert_hf_model_config(tmp)
-    with _auto_config_returns(hf_config):  # OLMo templates read a few fields (clip_qkv) from the HF config
+    with _auto_config_returns(hf_config):  # OLMo's templates read a field (clip_qkv) from the HF config
         cfg = lfp.convert_hf_model_config(template)
     return _redimension(cfg, hf_config)
 

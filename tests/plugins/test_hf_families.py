@@ -186,24 +186,29 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
             assert execution["path"] == path, (family, site, mode, execution)
 
 
-def test_every_family_replicates_at_every_site(tmp_path, family_folder):
-    """`replicate` through the engine at all five sites of layer 1 (one study per family), on the folder path."""
+#: replicate on these in the default run (post-norm + soft cap, multimodal, no pre-norm, parallel blocks, MoE with
+#: a shared expert, MoE with a tuple output); every family with `pytest -m slow`. The fast-path test above already
+#: runs the engine's own checks at every site of every family.
+REPLICATE_DEFAULT = {"gemma2", "gemma3", "olmo2", "gptj", "qwen2_moe", "gpt_oss"}
+
+
+@pytest.mark.parametrize("family", [f if f in REPLICATE_DEFAULT else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in ALL])
+def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
+    """`replicate` through the engine at all five sites of layer 1 (one study), with the folder path as --model."""
     from klgap.study import run_study
 
-    for family in ALL:
-        folder = str(family_folder(family))
-        model = engine.load_model(folder, torch.device("cpu"), torch.float32)
-        saes = tmp_path / family
-        saes.mkdir()
-        for site in SITES:
-            random_sae(saes / f"{site}.safetensors", model.site_widths[site], 2 * model.site_widths[site],
-                       hook_name(site, 1), seed=3)
-        base = RunConfig(model=folder, sae=str(saes / "{site}.safetensors"), n_tokens=64, context_len=16,
-                         batch_size=2, dataset="random", interventions=["sae", "epsilon_random"], device="cpu")
-        study = run_study(base, list(SITES), [1], tmp_path / f"run-{family}", progress=False)
-        assert [run["site"] for run in study["runs"]] == list(SITES)
-        for run in study["runs"]:
-            report = json.loads((tmp_path / f"run-{family}" / run["path"] / "report.json").read_text())
-            assert report["model"] == family and report["execution"]["path"] == "suffix-replay", (family, run["site"])
-            assert report["kl_ratio_sae_over_epsilon_random"] > 0
-
+    folder = str(family_folder(family))
+    model = engine.load_model(folder, torch.device("cpu"), torch.float32)
+    for site in SITES:
+        random_sae(tmp_path / f"{site}.safetensors", model.site_widths[site], 2 * model.site_widths[site],
+                   hook_name(site, 1), seed=3)
+    base = RunConfig(model=folder, sae=str(tmp_path / "{site}.safetensors"), n_tokens=64, context_len=16,
+                     batch_size=2, dataset="random", interventions=["sae", "epsilon_random"], device="cpu")
+    study = run_study(base, list(SITES), [1], tmp_path / "run", progress=False)
+    assert [run["site"] for run in study["runs"]] == list(SITES)
+    for run in study["runs"]:
+        report = json.loads((tmp_path / "run" / run["path"] / "report.json").read_text())
+        assert report["execution"]["path"] == "suffix-replay", (family, run["site"])
+        assert report["kl_ratio_sae_over_epsilon_random"] > 0
+        assert report["config"]["model"] == folder
