@@ -39,7 +39,7 @@ def families_table() -> list[dict[str, Any]]:
     """One row per hand-written family."""
     return [
         {"family": f.model_type, "examples": list(f.examples), "sites": list(f.sites()), "fast_paths": fast_paths(f),
-         "transformer_lens": f.transformer_lens or None, "note": f.note}
+         "transformer_lens": f.transformer_lens or None, "sae_lens_models": sae_lens_models_of(f), "note": f.note}
         for f in sorted(FAMILIES.values(), key=lambda f: f.model_type)
     ]
 

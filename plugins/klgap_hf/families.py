@@ -22,7 +22,7 @@ go through :mod:`klgap_hf.generic`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from klgap.errors import KlgapError
@@ -68,7 +68,6 @@ class Family:
     note: str = ""  # anything a reader of the report should know about the site choice
     unmapped: str = ""  # why a site with no point is not mapped
     softcap: str | None = None  # config attribute of a final-logit soft cap the LM head applies (Gemma 2)
-    text_config: bool = False  # shapes come from ``config.text_config`` (a multimodal checkpoint's language model)
     kv_cache: bool = True  # the single-token / many-samples fast path may be tried
     kv_cache_note: str = ""  # why it is off
     inferred: bool = False  # found by klgap_hf.generic, not written here
@@ -194,7 +193,7 @@ FAMILIES: dict[str, Family] = {
                    examples=("google/gemma-2-2b", "google/gemma-2-9b")),
         _post_norm("gemma3_text", "Gemma 3", tl="Gemma3ForCausalLM", softcap="final_logit_softcapping",
                    examples=("google/gemma-3-270m", "google/gemma-3-1b-pt")),
-        _post_norm("gemma3", "Gemma 3", tl="Gemma3ForConditionalGeneration", text_config=True,
+        _post_norm("gemma3", "Gemma 3", tl="Gemma3ForConditionalGeneration",
                    blocks="model.language_model.layers", final_norm="model.language_model.norm",
                    examples=("google/gemma-3-4b-pt", "google/gemma-3-12b-it", "google/gemma-3-27b-pt"),
                    note="; the multimodal checkpoint: the sites are its language model's (text input only)"),
@@ -216,11 +215,6 @@ def family_for(model_type: str) -> Family:
             "(klgap_hf.generic maps the residual stream of other decoder-only models)"
         )
     return FAMILIES[model_type]
-
-
-def with_note(family: Family, note: str) -> Family:
-    """A copy of `family` with `note` appended to its note."""
-    return replace(family, note="; ".join(n for n in (family.note, note) if n))
 
 
 # ----------------------------------------------------------------------------------------------- shapes

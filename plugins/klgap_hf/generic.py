@@ -57,10 +57,12 @@ def _path_of(hf_model: nn.Module, target: nn.Module | None) -> str:
 
 
 def _final_norm(hf_model: nn.Module, blocks: str) -> str:
-    """The norm next to the blocks (same parent, 'norm' in its name, called last); '' when there is not exactly one."""
+    """The norm next to the blocks (same parent, 'norm' / 'ln' in its name; one named final*, norm or ln_f wins);
+    '' when there is not exactly one. The engine checks the suffix replay that uses it against full forwards."""
     parent_path = blocks.rsplit(".", 1)[0] if "." in blocks else ""
     parent = hf_model.get_submodule(parent_path) if parent_path else hf_model
-    norms = [name for name, child in parent.named_children() if NORM_NAME.search(name) and not isinstance(child, nn.ModuleList)]
+    norms = [name for name, child in parent.named_children()
+             if NORM_NAME.search(name) and not isinstance(child, nn.ModuleList)]
     norms = [n for n in norms if "final" in n or n in ("norm", "ln_f")] or norms
     if len(norms) != 1:
         return ""

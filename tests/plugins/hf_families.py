@@ -67,13 +67,14 @@ def tiny_config(model_type: str) -> Any:
         return T.Gemma2Config(**llama_like, head_dim=32, sliding_window=8, query_pre_attn_scalar=32)
     if model_type == "gemma3_text":
         return T.Gemma3TextConfig(**llama_like, head_dim=32, sliding_window=8, query_pre_attn_scalar=32)
-    if model_type == "gemma3":
-        text = T.Gemma3TextConfig(**llama_like, head_dim=32, sliding_window=8, query_pre_attn_scalar=32)
+    if model_type == "gemma3":  # the multimodal checkpoint; its image tokens 257-259 lie outside the byte tokenizer's
+        text = T.Gemma3TextConfig(**{**llama_like, "vocab_size": VOCAB_SIZE + 3}, head_dim=32, sliding_window=8,
+                                  query_pre_attn_scalar=32)
         vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, image_size=28, patch_size=14)
         return T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                              boi_token_index=VOCAB_SIZE - 3, eoi_token_index=VOCAB_SIZE - 2,
-                              image_token_index=VOCAB_SIZE - 1, **common)
+                              boi_token_index=VOCAB_SIZE, eoi_token_index=VOCAB_SIZE + 1,
+                              image_token_index=VOCAB_SIZE + 2, **{**common, "vocab_size": VOCAB_SIZE + 3})
     if model_type == "phi3":
         return T.Phi3Config(**llama_like, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     if model_type == "olmo":  # OLMo checkpoints have no grouped-query attention (nor do TransformerLens's converters)

@@ -69,10 +69,10 @@ def test_loads_by_folder_path_with_its_map(family, family_folder, family_model):
     model = family_model(family)
     assert model.info["site_map"] == f"klgap_hf.families[{family!r}]"
     assert model.info["architecture"] == family and model.n_layers == 2 and model.d_model == 64
-    assert model.vocab_size == 257 and model.bos_token_id == 256
+    assert model.vocab_size == (260 if family == "gemma3" else 257) and model.bos_token_id == 256
     assert model.tokenizer("Hi é")["input_ids"] == list("Hi é".encode())  # tokenizer.json as written
     logits = activations.run_clean(model, model.site_map("resid_pre", 0), IDS)[1]
-    assert logits.shape == (2, 16, 257) and torch.isfinite(logits).all()
+    assert logits.shape == (2, 16, model.vocab_size) and torch.isfinite(logits).all()
 
 
 FORWARD_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_out", "resid_post")  # as one forward pass meets them
