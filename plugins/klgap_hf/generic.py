@@ -167,7 +167,10 @@ class _Recorder:
         return lambda module, args, out: self.calls.append((name, _copy(out))) and None
 
     def _leaf(self, name: str) -> Any:
-        return lambda module, args, out: self.leaves.append((name, _copy(args[0]) if args else None, _copy(out))) and None
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            self.leaves.append((name, _copy(args[0]) if args else None, _copy(out)))
+
+        return hook
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -119,7 +119,8 @@ class HubAdapter:
         if remote:
             return self._load_remote(dtype)
         try:
-            hf_model, tokenizer, tokenizer_note = self._from_pretrained(dtype, local_files_only=True, device_map=device_map)
+            hf_model, tokenizer, tokenizer_note = self._from_pretrained(dtype, local_files_only=True,
+                                                                        device_map=device_map)
         except _hub_errors() as cache_miss:
             if offline_env() or not hub_reachable():
                 raise self._unavailable() from cache_miss

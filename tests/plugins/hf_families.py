@@ -141,12 +141,13 @@ TL_TEMPLATES = {
 
 
 def _redimension(cfg: dict[str, Any], hf_config: Any) -> dict[str, Any]:
-    """A name-picked TransformerLens template with the tiny model's shapes (everything else as TransformerLens has it)."""
+    """A TransformerLens template picked by name, with the tiny model's shapes (the rest as TransformerLens has it)."""
     text = hf_config.get_text_config()
     n = text.num_hidden_layers
     cfg = dict(cfg)
     cfg.update(
-        d_model=text.hidden_size, d_head=text.head_dim if getattr(text, "head_dim", None) else text.hidden_size // text.num_attention_heads,
+        d_model=text.hidden_size,
+        d_head=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         n_heads=text.num_attention_heads, d_mlp=text.intermediate_size, n_layers=n, n_ctx=text.max_position_embeddings,
         d_vocab=text.vocab_size,
     )
@@ -172,7 +173,8 @@ def _redimension(cfg: dict[str, Any], hf_config: Any) -> dict[str, Any]:
             cfg.pop("rotary_scaling_factor")
     if getattr(text, "query_pre_attn_scalar", None) and "attn_scale" in cfg:
         cfg["attn_scale"] = text.query_pre_attn_scalar ** 0.5
-    for key, attr in (("attn_scores_soft_cap", "attn_logit_softcapping"), ("output_logits_soft_cap", "final_logit_softcapping")):
+    for key, attr in (("attn_scores_soft_cap", "attn_logit_softcapping"),
+                      ("output_logits_soft_cap", "final_logit_softcapping")):
         if key in cfg:
             cfg[key] = getattr(text, attr, None) or -1.0
     act = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
@@ -193,7 +195,7 @@ def tl_config(hf_model: torch.nn.Module) -> dict[str, Any]:
     hf_config.architectures = [type(hf_model).__name__]
     if hf_config.model_type == "gpt2":
         hf_config.n_ctx = hf_config.n_positions  # transformers 5 dropped n_ctx; TransformerLens still reads it
-    if hf_config.model_type == "phi":  # transformers 5 moved it into rope_parameters; TransformerLens reads the old name
+    if hf_config.model_type == "phi":  # transformers 5 moved it into rope_parameters; TransformerLens reads it here
         hf_config.partial_rotary_factor = hf_config.rope_parameters["partial_rotary_factor"]
     template = TL_TEMPLATES.get(hf_config.model_type)
     if template is None:

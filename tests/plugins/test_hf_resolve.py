@@ -71,7 +71,8 @@ def test_a_repo_id_resolves_to_the_hub_and_fails_fast_offline(monkeypatch):
 
 
 def test_an_unknown_name_lists_the_names_and_the_other_forms():
-    with pytest.raises(KlgapError, match=r"unknown model .gpt3. \(did you mean .gpt2.\?\); valid: .*tiny-pythia; or a hub repo id \(ORG/NAME\) "
+    with pytest.raises(KlgapError, match=r"unknown model .gpt3. \(did you mean .gpt2.\?\); valid: .*tiny-pythia; "
+                                         r"or a hub repo id \(ORG/NAME\) "
                                          r"or a folder saved with save_pretrained"):
         model_adapter("gpt3")
 
@@ -93,7 +94,8 @@ def test_the_folder_tokenizer_is_its_tokenizer_json(tmp_path):
     assert auto(text, add_special_tokens=False)["input_ids"] != bpe.encode(text).ids  # the bad pick, still there
     model = model_adapter(str(folder)).adapter.load(torch.device("cpu"), torch.float32)
     assert model.tokenizer(text, add_special_tokens=False)["input_ids"] == bpe.encode(text).ids
-    assert "Qwen2Tokenizer (transformers' pick for this model type) splits text differently" in model.info["tokenizer_note"]
+    note = model.info["tokenizer_note"]
+    assert "Qwen2Tokenizer (transformers' pick for this model type) splits text differently" in note
 
 
 def test_klgap_models_lists_families_and_prints_a_site_map(qwen2_folder, capsys, tmp_path):
@@ -121,7 +123,8 @@ def test_klgap_models_of_an_unmapped_folder_says_generic(tmp_path, capsys):
     assert main(["models", str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "site map generic (klgap_hf.generic)" in printed and "resid_pre   model.decoder.layers.{L} input" in printed
-    assert "attn_out    not mapped" in printed and "identified by a check forward pass when the model is loaded" in printed
+    assert "attn_out    not mapped" in printed
+    assert "identified by a check forward pass when the model is loaded" in printed
 
 
 def test_train_sae_curve_replicate_config_file_with_a_folder(qwen2_folder, tmp_path, capsys):
