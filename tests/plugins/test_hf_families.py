@@ -186,14 +186,7 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
             assert execution["path"] == path, (family, site, mode, execution)
 
 
-#: replicate on these in the default run (post-norm + soft cap, multimodal, no pre-norm, parallel blocks, MoE with
-#: a shared expert, MoE with a tuple output); every family with `pytest -m slow`. The fast-path test above already
-#: runs the engine's own checks at every site of every family.
-REPLICATE_DEFAULT = {"gemma2", "gemma3", "olmo2", "gptj", "qwen2_moe", "gpt_oss"}
-
-
-@pytest.mark.parametrize("family", [f if f in REPLICATE_DEFAULT else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in ALL])
+@pytest.mark.parametrize("family", ALL)
 def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
     """`replicate` through the engine at all five sites of layer 1 (one study), with the folder path as --model."""
     from klgap.study import run_study
