@@ -3,8 +3,11 @@ loading a model's own tokenizer faithfully to its tokenizer.json (:func:`load_to
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Any
+
+log = logging.getLogger("klgap")
 
 BOS = "<|endoftext|>"
 BOS_ID = 256
@@ -74,14 +77,19 @@ def load_tokenizer(source: str, local_files_only: bool = True) -> tuple[Any, str
             raise auto_error  # type: ignore[misc]
         return auto, ""
     if auto is None:
-        return plain, (f"AutoTokenizer failed ({type(auto_error).__name__}: {str(auto_error)[:120]}); "
-                       "tokenizer.json loaded as written")
+        return _plain(plain, f"AutoTokenizer failed ({type(auto_error).__name__}: {str(auto_error)[:120]})")
     try:
         same = auto(PROBE, add_special_tokens=False)["input_ids"] == plain(PROBE, add_special_tokens=False)["input_ids"]
     except Exception as exc:  # noqa: BLE001 - e.g. a class that needs an unknown token this vocabulary lacks
-        return plain, (f"{type(auto).__name__} (transformers' pick for this model type) cannot tokenize with the "
-                       f"folder's tokenizer.json ({type(exc).__name__}); tokenizer.json loaded as written")
+        return _plain(plain, f"{type(auto).__name__} (transformers' pick for this model type) cannot tokenize with "
+                             f"the folder's tokenizer.json ({type(exc).__name__})")
     if same:
         return auto, ""
-    return plain, (f"{type(auto).__name__} (transformers' pick for this model type) splits text differently from "
-                   "the folder's tokenizer.json; tokenizer.json loaded as written")
+    return _plain(plain, f"{type(auto).__name__} (transformers' pick for this model type) splits text differently "
+                         "from the folder's tokenizer.json")
+
+
+def _plain(tokenizer: Any, why: str) -> tuple[Any, str]:
+    note = f"{why}; tokenizer.json loaded as written"
+    log.warning("tokenizer: %s", note)
+    return tokenizer, note
