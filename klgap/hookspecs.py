@@ -118,7 +118,7 @@ def resolve_model_adapter(spec: str) -> ModelAdapter | None:
     Called only for names no plugin registered, e.g. a hub repo id (``EleutherAI/pythia-1b``) or a
     local folder saved with ``save_pretrained``. Must not load weights (``adapter.load`` does).
 
-    :param spec: what the user passed to ``--model`` (or ``klgap.measure(model=...)``).
+    :param spec: what the user passed to ``--model`` (or ``RunConfig(model=...)``).
     :return: an adapter (its ``name`` attribute, if any, names the model in reports), or None.
 
     Example::

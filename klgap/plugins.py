@@ -15,7 +15,7 @@ from typing import Any
 import pluggy
 
 from klgap import hookspecs
-from klgap.errors import PluginError, unknown
+from klgap.errors import KlgapError, PluginError, unknown
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 
@@ -215,4 +215,7 @@ def model_adapter(spec: str) -> ModelRef:
         adapter = impl.function(spec=spec)
         if adapter is not None:
             return ModelRef(str(getattr(adapter, "name", spec)), adapter, impl.plugin_name)
-    raise unknown("model", spec, models.entries)
+    error = unknown("model", spec, models.entries)
+    if host.pm.hook.resolve_model_adapter.get_hookimpls():
+        error = KlgapError(f"{error}; or a hub repo id (ORG/NAME) or a folder saved with save_pretrained")
+    raise error

