@@ -100,17 +100,15 @@ class Test${camel}(PerturbationConformance):
     spec = "${name}"
 
 
-def test_${name}_in_a_run(tmp_path, klgap_sae_file):
-    from klgap import engine
-    from klgap.config import RunConfig
+def test_${name}_in_a_run(klgap_sae_file):
+    import klgap
 
     sae = klgap_sae_file(64, 256, "blocks.1.hook_resid_pre")
-    config = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=124, context_len=32, batch_size=4,
-                       dataset="random", device="cpu", interventions=["sae", "${name}"])
-    report = engine.run(config, tmp_path / "run", progress=False)
-    kl = report["interventions"]
-    assert kl["${name}"]["n_tokens"] == 124 and kl["${name}"]["kl_mean"] > 0
-    assert report["plugins"]["perturbation:${name}"]["plugin"] == "${name}"
+    result = klgap.measure("tiny-gpt2", str(sae), tokens=124, context_len=32, batch_size=4, dataset="random",
+                           device="cpu", interventions="sae,${name}", progress=False)
+    kl = result.report.interventions
+    assert kl["${name}"].n_tokens == 124 and kl["${name}"].kl_mean > 0
+    assert result.report.plugins["perturbation:${name}"].plugin == "${name}"
 ''',
 }
 

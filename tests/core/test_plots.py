@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from klgap import plots
-from klgap import report as report_mod
+from tests.core import whole_frame as report_mod
 from klgap.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
