@@ -6,6 +6,8 @@ built on the meta device, so the module paths printed are the ones the model rea
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +83,7 @@ def describe(spec: str) -> dict[str, Any]:
         "n_layers": d["n_layers"], "d_model": d["d_model"], "vocab_size": d["vocab_size"],
         "site_map": "generic (klgap_hf.generic)" if family.inferred else f"klgap_hf.families[{family.model_type!r}]",
         "sites": sites, "unmapped": family.unmapped or None,
-        "layout": family.layout(), "logit_softcap": cap, "fast_paths": fast_paths(family),
+        "layout": dataclasses.asdict(family.layout()) if family.layout() is not None else None, "logit_softcap": cap, "fast_paths": fast_paths(family),
         "transformer_lens": family.transformer_lens or None, "note": family.note or None,
     }
 

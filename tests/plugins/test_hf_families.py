@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from klgap import activations, engine
+from klgap import activations, engine, executors
 from klgap.config import RunConfig
 from klgap.sites import SITES, hook_name
 from klgap_hf.families import FAMILIES
@@ -181,8 +181,8 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
 
         for mode, path in (("all_tokens", "suffix-replay"), ("single_token", "kv-cache")):
             config = RunConfig(model=family, site=site, layer=1, mode=mode, position=t, k=2, context_len=16,
-                               n_tokens=64, batch_size=2, dataset="random", interventions=["sae", "epsilon_random"])
-            _, _, execution = engine.choose_execution(config, model, spec, 1, contexts)
+                               tokens=64, batch_size=2, dataset="random", interventions=["sae", "epsilon_random"])
+            _, execution = executors.choose(config, model, spec, 1, contexts)
             assert execution["path"] == path, (family, site, mode, execution)
 
 
@@ -196,12 +196,12 @@ def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
     for site in SITES:
         random_sae(tmp_path / f"{site}.safetensors", model.site_widths[site], 2 * model.site_widths[site],
                    hook_name(site, 1), seed=3)
-    base = RunConfig(model=folder, sae=str(tmp_path / "{site}.safetensors"), n_tokens=64, context_len=16,
+    base = RunConfig(model=folder, sae=str(tmp_path / "{site}.safetensors"), tokens=64, context_len=16,
                      batch_size=2, dataset="random", interventions=["sae", "epsilon_random"], device="cpu")
     study = run_study(base, list(SITES), [1], tmp_path / "run", progress=False)
-    assert [run["site"] for run in study["runs"]] == list(SITES)
-    for run in study["runs"]:
-        report = json.loads((tmp_path / "run" / run["path"] / "report.json").read_text())
+    assert [run.site for run in study.runs] == list(SITES)
+    for run in study.runs:
+        report = json.loads((tmp_path / "run" / run.path / "report.json").read_text())
         assert report["execution"]["path"] == "suffix-replay", (family, run["site"])
         assert report["kl_ratio_sae_over_epsilon_random"] > 0
         assert report["config"]["model"] == folder

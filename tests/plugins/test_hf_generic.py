@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap import activations, engine
+from klgap import activations, engine, executors
 from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.sites import SITES, hook_name
@@ -75,12 +75,12 @@ def test_generic_fast_paths_and_a_run(tmp_path):
     for site in SITES:
         for mode, path in (("all_tokens", "suffix-replay"), ("single_token", "kv-cache")):
             config = RunConfig(model="gpt_neo", site=site, layer=1, mode=mode, position=9, k=2, context_len=16,
-                               n_tokens=64, batch_size=2, dataset="random")
-            assert engine.choose_execution(config, model, model.site_map(site, 1), 1, contexts)[2]["path"] == path
+                               tokens=64, batch_size=2, dataset="random")
+            assert executors.choose(config, model, model.site_map(site, 1), 1, contexts)[1]["path"] == path
     sae = random_sae(tmp_path / "sae.safetensors", 64, 128, "blocks.1.hook_mlp_out")
-    report = engine.run(RunConfig(model=str(tmp_path / "gpt_neo"), sae=str(sae), n_tokens=64, context_len=16,
+    report = engine.run(RunConfig(model=str(tmp_path / "gpt_neo"), sae=str(sae), tokens=64, context_len=16,
                                   batch_size=2, dataset="random", device="cpu"), tmp_path / "run", progress=False)
-    assert report["execution"]["path"] == "suffix-replay" and report["kl_ratio_sae_over_epsilon_random"] > 0
+    assert report.execution["path"] == "suffix-replay" and report.kl_ratio_sae_over_epsilon_random > 0
 
 
 def test_bloom_attention_adds_the_residual_itself_so_only_the_residual_stream_is_mapped(tmp_path):

@@ -138,7 +138,7 @@ def test_train_sae_curve_replicate_config_file_with_a_folder(qwen2_folder, tmp_p
     assert len(json.loads((tmp_path / "curve" / "report.json").read_text())["curve"]["points"]) == 3
     random_sae(tmp_path / "z.safetensors", 64, 128, "blocks.0.attn.hook_z")
     config = tmp_path / "run.toml"
-    config.write_text(f'model = "{qwen2_folder}"\nsae = "{tmp_path / "z.safetensors"}"\nn_tokens = 256\n'
+    config.write_text(f'model = "{qwen2_folder}"\nsae = "{tmp_path / "z.safetensors"}"\ntokens = 256\n'
                       f'context_len = 32\nbatch_size = 4\ndataset = "random"\nout = "{tmp_path / "run"}"\n')
     assert main(["replicate", "--config", str(config), "--quiet"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
