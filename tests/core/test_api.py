@@ -137,14 +137,20 @@ def test_bad_input_raises_the_clis_errors(held):
     with pytest.raises(KlgapError, match=r"unknown config key 'tokns' \(did you mean 'tokens'\?\)"):
         klgap.measure(hf, sae, tokenizer=tok, tokns=5)
 
-    class Mamba(torch.nn.Module):
-        config = type("Config", (), {"model_type": "mamba"})()
+    class Mamba(torch.nn.Module):  # an architecture with no site map whose blocks cannot be found either
+        config = type("MambaConfig", (), {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2,
+                                          "num_attention_heads": 4, "vocab_size": 257, "max_position_embeddings": 64})()
 
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Linear(2, 2)
+            self.mixer = torch.nn.Linear(64, 64)
 
-    with pytest.raises(KlgapError, match=r"'mamba'"):
+    with pytest.raises(KlgapError, match=r"cannot find the decoder blocks of Mamba: expected one ModuleList") as refused:
         klgap.measure(Mamba(), sae, **RUN)
+    from klgap_hf.loaded import wrap_loaded  # the CLI's path for a folder or repo: the same words
+
+    with pytest.raises(KlgapError) as cli_words:
+        wrap_loaded("mamba", Mamba(), None, torch.device("cpu"), torch.float32)
+    assert str(refused.value) == str(cli_words.value)
     with pytest.raises(KlgapError, match=r"no model adapter knows model 'object'"):
         klgap.measure(object(), sae, **RUN)
