@@ -13,6 +13,7 @@ from klgap_hf.loaded import wrap_loaded
 from klgap_hf.tokenizer import BOS_ID, VOCAB_SIZE, byte_tokenizer
 
 N_LAYERS, D_MODEL, N_HEADS, CONTEXT = 2, 64, 4, 256
+KINDS = ("gpt2", "pythia", "llama")
 
 
 def tiny_config(kind: str) -> Any:
@@ -36,7 +37,7 @@ def tiny_config(kind: str) -> Any:
             num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=2,
             intermediate_size=2 * D_MODEL, max_position_embeddings=CONTEXT, **common,
         )
-    raise unknown("tiny model kind", kind, ("gpt2", "pythia", "llama"))
+    raise unknown("tiny model kind", kind, KINDS)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class TinyAdapter:
     description: str = ""
 
     def __post_init__(self) -> None:
-        tiny_config(self.kind)  # an unknown kind fails at registration, not at load
+        if self.kind not in KINDS:  # an unknown kind fails at registration, not at load (transformers not imported)
+            raise unknown("tiny model kind", self.kind, KINDS)
         self.description = self.description or (
             f"tiny random {self.kind} ({N_LAYERS} layers, d_model {D_MODEL}, byte tokenizer; for tests, no download)"
         )
