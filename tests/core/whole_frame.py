@@ -13,29 +13,9 @@ import numpy as np
 import pandas as pd
 
 from klgap import stats
+from klgap.aggregate import explained_variance  # noqa: F401  (side sums: the same formula either way)
+from klgap.report import _clean  # noqa: F401  (the report's JSON cleaning, used by the reference's callers)
 from klgap.schema import BASELINE
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def explained_variance(sides: list[dict[str, Any]]) -> float:
-    n = sum(s["n"] for s in sides)
-    if n == 0:
-        return math.nan
-    sum_x = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0)
-    total = sum(s["sum_sq_x"] for s in sides) - float(sum_x @ sum_x) / n
-    return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
 
 
 def summarize_interventions(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
