@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from klgap.errors import KlgapError
-from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Provenance, SAEInfo, _Model
+from klgap.schema import SCHEMA_VERSION, PluginRef, RunFacts, SAEInfo, _Model
 
 RECORD_FILE = "run.json"
 CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match it (klgap/rundir.py)
@@ -29,34 +29,20 @@ class InterventionRef(_Model):
     plugin: PluginRef
 
 
-class RunRecord(_Model):
+class RunRecord(RunFacts):
     """What was measured, how, and with which plugins (report.json's fields minus the statistics)."""
 
     schema_version: str
     kind: Literal["run_record"] = "run_record"
-    model: str
     site: str
     layer: int
     hook_name: str
-    module: ModuleRef
     sae: SAEInfo
-    mode: Literal["all_tokens", "single_token", "many_samples"]
-    context_len: int
-    first_position: str
-    centered_activations: bool
-    execution: dict[str, Any] = Field(default_factory=dict)
     interventions: list[InterventionRef]
     sample_intervention: str | None = None
     n_contexts: int
     n_batches: int
     notes: list[str]
-    config: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    dataset: str
-    plugins: dict[str, PluginRef]
-    provenance: Provenance
 
     @property
     def names(self) -> list[str]:

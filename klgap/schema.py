@@ -202,11 +202,10 @@ class SiteSummary(_Model):
     curve: Curve | None = None
 
 
-class Report(SiteSummary):
-    """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
+class RunFacts(_Model):
+    """How a run measured (shared by run.json's RunRecord and report.json's Report): model, module patched,
+    mode, execution path, configuration, plugins and provenance."""
 
-    schema_version: str
-    kind: Literal["run"] = "run"
     model: str
     module: ModuleRef
     mode: Literal["all_tokens", "single_token", "many_samples"]
@@ -214,7 +213,6 @@ class Report(SiteSummary):
     first_position: str
     centered_activations: bool
     execution: dict[str, Any] = Field(default_factory=dict)
-    gap: GapAnalysis | None = None
     config: dict[str, Any]
     seed: int
     device: str
@@ -222,6 +220,14 @@ class Report(SiteSummary):
     dataset: str
     plugins: dict[str, PluginRef]
     provenance: Provenance
+
+
+class Report(RunFacts, SiteSummary):
+    """One measurement: a model, a site and layer, an SAE, a mode, its interventions."""
+
+    schema_version: str
+    kind: Literal["run"] = "run"
+    gap: GapAnalysis | None = None
     single_token: SingleToken | None = None
     many_samples: ManySamples | None = None
 
