@@ -73,6 +73,15 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return run_and_render(config, extra, args, "curve" if config.mode == "all_tokens" else f"curve-{config.mode}")
 
 
+def model_slug(model: str) -> str:
+    """`--model` as one folder name for the default ``runs/...`` folder: a local folder's own name
+    (``./ckpt/my-qwen2`` -> ``my-qwen2``), a hub repo id with ``--`` for ``/`` (``EleutherAI--pythia-70m``)."""
+    expanded = Path(os.path.expanduser(model))
+    if model.startswith((".", "/", "~")) or expanded.is_dir():
+        return expanded.resolve().name or "model"
+    return model.replace("/", "--")
+
+
 def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
     """Run one site/layer (or a study over several), write the report's figures, print the summary.
 
@@ -101,7 +110,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     from klgap.study import run_study
 
     if several:
-        out = args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-study-{tag}"
+        out = args.out or extra.get("out") or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
         if "train_sae" in extra and layers != "all":
             train_missing_sae(config, extra["train_sae"], not args.quiet, [(s, v) for s in sites for v in layers])
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
@@ -113,9 +122,10 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
     if out is None:
-        site = config.site or "auto"
-        layer = "auto" if config.layer is None else config.layer
-        out = f"runs/{config.model}-{site}-L{layer}-{tag}"
+        known = plans[0] if plans[0].sae is not None else config  # the SAE's own site and layer, when it says them
+        site = known.site or "auto"
+        layer = "auto" if known.layer is None else known.layer
+        out = f"runs/{model_slug(config.model)}-{site}-L{layer}-{tag}"
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
     plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again

@@ -151,3 +151,19 @@ def test_importing_the_plugin_does_not_import_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_default_run_folder_is_one_folder_named_after_the_model(qwen2_folder, tmp_path, monkeypatch):
+    """Without --out, a folder or repo id as --model gives runs/<its name>-..., not folders nested along its path."""
+    from klgap.cli import model_slug
+
+    assert model_slug(str(qwen2_folder)) == model_slug(f"{qwen2_folder}/") == "qwen2"
+    assert model_slug("EleutherAI/pythia-70m") == "EleutherAI--pythia-70m" and model_slug("tiny-gpt2") == "tiny-gpt2"
+    random_sae(tmp_path / "z.safetensors", 64, 128, "blocks.0.attn.hook_z")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["replicate", "--model", str(qwen2_folder), "--sae", str(tmp_path / "z.safetensors"), "--tokens", "64",
+                 "--context-len", "32", "--batch-size", "2", "--dataset", "random", "--quiet"]) == 0
+    (made,) = (work / "runs").iterdir()
+    assert made.name.startswith("qwen2-attn_z-L0-") and (made / "report.json").is_file()
