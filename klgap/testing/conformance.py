@@ -20,13 +20,13 @@ from klgap.sites import SITES, parse_hook_name
 _MODELS: dict[tuple[str, str], Any] = {}
 
 
-def _load_model(name: str, device: str):
-    from klgap.plugins import registry
+def _load_model(spec: str, device: str):
+    from klgap.plugins import model_adapter
 
-    key = (name, device)
+    key = (spec, device)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = registry("model").get(name).load(torch.device(device), torch.float32)
+        _MODELS[key] = model_adapter(spec).adapter.load(torch.device(device), torch.float32)
     return _MODELS[key]
 
 
@@ -35,16 +35,28 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class ModelAdapterConformance:
-    """A model adapter: set ``model`` (its registered name); optionally ``sites``, ``device``, ``context_len``."""
+    """A model adapter: set ``model`` (a ``--model`` value: a registered name, a hub repo id or a local folder), or
+    override ``make_model(self, tmp_path_factory)`` to write a folder and return its path; optionally ``sites``,
+    ``device``, ``context_len``."""
 
-    model: ClassVar[str]
+    model: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...] | None] = None  # default: every site the model reports a width for
     device: ClassVar[str] = "cpu"
     context_len: ClassVar[int] = 12
 
+    def make_model(self, tmp_path_factory: pytest.TempPathFactory) -> str:
+        """The ``--model`` value under test (default: the ``model`` attribute)."""
+        if not self.model:
+            raise NotImplementedError(f"{type(self).__name__}: set `model` or override make_model()")
+        return self.model
+
     @pytest.fixture
-    def lm(self):
-        return _load_model(self.model, self.device)
+    def model_spec(self, tmp_path_factory) -> str:
+        return self.make_model(tmp_path_factory)
+
+    @pytest.fixture
+    def lm(self, model_spec):
+        return _load_model(model_spec, self.device)
 
     def _sites(self, lm) -> list[str]:
         return [s for s in (self.sites or SITES) if s in lm.site_widths]
@@ -53,16 +65,21 @@ class ModelAdapterConformance:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, min(lm.vocab_size, 50_000), (2, self.context_len), generator=gen).to(lm.device)
 
-    def test_registered_with_a_description(self):
-        from klgap.plugins import registry
+    def test_registered_with_a_description(self, model_spec):
+        """A registered name has a description; any other value (a repo id, a folder) is claimed by a plugin's
+        ``resolve_model_adapter``."""
+        from klgap.plugins import model_adapter, registry
 
-        entry = registry("model").entries.get(self.model)
-        assert entry is not None, f"no model adapter is registered as {self.model!r}"
-        assert entry.description, f"model adapter {self.model!r} has no description"
+        entry = registry("model").entries.get(model_spec)
+        if entry is not None:
+            assert entry.description, f"model adapter {model_spec!r} has no description"
+        else:
+            ref = model_adapter(model_spec)  # raises "unknown model" when no plugin claims it
+            assert ref.plugin, f"{model_spec!r} resolved to an adapter with no plugin name"
 
     def test_loaded_model_fields(self, lm):
         assert lm.n_layers >= 1 and lm.d_model >= 1 and lm.vocab_size >= 2 and lm.max_context >= self.context_len
-        assert set(self._sites(lm)), f"{self.model} reports no site widths (site_widths={lm.site_widths})"
+        assert set(self._sites(lm)), f"{lm.name} reports no site widths (site_widths={lm.site_widths})"
         assert lm.device.type == torch.device(self.device).type and lm.dtype == torch.float32
 
     def test_logits_shape(self, lm):

@@ -22,6 +22,15 @@ class TestTinyLlama(ModelAdapterConformance):
     model = "tiny-llama"
 
 
+class TestQwen2Folder(ModelAdapterConformance):
+    """A folder saved with save_pretrained, as `--model ./folder` takes it (the suite is not for registered names only)."""
+
+    def make_model(self, tmp_path_factory):
+        from tests.plugins.hf_families import tiny_folder
+
+        return str(tiny_folder("qwen2", tmp_path_factory.mktemp("conformance")))
+
+
 # ----------------------------------------------------------------------------- SAE loaders
 
 
