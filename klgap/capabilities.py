@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import DefaultSAEFinder, FittablePerturbation, Perturbation, SAECheck, SAEChecker
+from klgap.protocols import (DefaultSAEFinder, FittablePerturbation, HubModelAdapter, Perturbation, SAECheck,
+                             SAEChecker)
 
 if TYPE_CHECKING:
     from klgap.plugins import Registry
@@ -21,6 +22,15 @@ if TYPE_CHECKING:
 
 #: What every perturbation declares (klgap.protocols.Perturbation), for the error that names what is missing.
 PERTURBATION_MEMBERS = ("name", "stochastic", "geometry", "__call__")
+
+
+def hub_repo(adapter: object) -> str | None:
+    """The hub repo a model adapter loads from, when it declares :class:`HubModelAdapter`; else None."""
+    if not isinstance(adapter, HubModelAdapter):
+        return None
+    if not isinstance(adapter.repo_id, str):
+        raise PluginError(f"model adapter {type(adapter).__name__}.repo_id is {adapter.repo_id!r}; it must be a str")
+    return adapter.repo_id
 
 
 def check_sae_spec(loader: object, spec: str) -> SAECheck | None:

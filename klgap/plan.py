@@ -39,6 +39,7 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
 
     trains: an SAE path that does not exist yet is accepted (a config's [train_sae] makes it before the run);
     with False such a path is the resolver's error."""
+    from klgap.capabilities import hub_repo
     from klgap.grid import sae_for
 
     several = len(sites) * len(layers) > 1
@@ -53,7 +54,7 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
                 continue
             plans.append(resolve(dataclasses.replace(config, site=site, layer=layer, sae=spec)))
     needs = []
-    repo = getattr(plans[0].model.adapter, "repo_id", None)
+    repo = hub_repo(plans[0].model.adapter)
     if repo:
         needs.append(f"model {config.model}: the Hugging Face hub or its cache (repo {repo})")
     source = plans[0].tokens

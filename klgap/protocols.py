@@ -129,6 +129,14 @@ class PlacingModelAdapter(Protocol):
         ...
 
 
+@runtime_checkable
+class HubModelAdapter(Protocol):
+    """Optional: an adapter whose weights come from the Hugging Face hub (or its cache); ``--dry-run`` lists the
+    repo among what a run needs beyond this machine's files."""
+
+    repo_id: str
+
+
 # --------------------------------------------------------------------------- SAEs
 
 

@@ -142,3 +142,22 @@ def test_dry_run_checks_a_local_folders_hook_without_reading_its_weights(tmp_pat
     assert f"mlp_out L1: SAE sparsify:{folder} (blocks.1.hook_mlp_out): checked" in capsys.readouterr().out
     assert main([*argv, "--site", "mlp_out", "--layer", "0"]) == 2
     assert "was trained on blocks.1.hook_mlp_out (site mlp_out, layer 1) but --site mlp_out --layer 0 was given" in capsys.readouterr().err
+
+
+def test_a_hub_model_adapter_is_declared_by_its_repo_id():
+    """--dry-run lists a model's hub repo only for adapters that declare HubModelAdapter (a str repo_id)."""
+    from klgap.capabilities import hub_repo
+    from klgap.plugins import model_adapter
+    from klgap.protocols import HubModelAdapter
+
+    class Hub:
+        repo_id = "ORG/NAME"
+
+    class BadHub:
+        repo_id = 3
+
+    assert isinstance(Hub(), HubModelAdapter) and hub_repo(Hub()) == "ORG/NAME"
+    assert hub_repo(model_adapter("tiny-gpt2").adapter) is None  # built from a config: nothing from the hub
+    assert hub_repo(model_adapter("EleutherAI/pythia-70m").adapter) == "EleutherAI/pythia-70m"
+    with pytest.raises(PluginError, match=r"BadHub.repo_id is 3; it must be a str"):
+        hub_repo(BadHub())
