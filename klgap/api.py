@@ -352,15 +352,22 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     return pd.DataFrame([{k: r[k] for k in COLUMNS} for r in (e.record() for e in entries)], columns=COLUMNS)
 
 
-def train_sae(model: str, site: str | list[str], layer: int | str | list[int], out: str | Path,
-              **flags: Any) -> pd.DataFrame:
+def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], out: str | Path, *,
+              tokenizer: Any = None, **flags: Any) -> pd.DataFrame:
     """``klgap train-sae`` (same argument names as its flags: tokens, context_len, dataset, expansion, l1, lr,
-    steps, b_dec_init, seed, device, dtype, batch_size): one row per SAE trained, with its held-out numbers."""
+    steps, b_dec_init, seed, device, dtype, batch_size): one row per SAE trained, with its held-out numbers.
+
+    model: as for :func:`measure`: a name, hub repo id or folder, or a transformers / nnsight model you hold
+    (trained on where it is)."""
     import pandas as pd
 
     from klgap.train import train_saes
 
-    return pd.DataFrame(train_saes(str(model), site, layer, out, **flags))
+    name, ref = _model_ref(model, tokenizer)
+    if ref is not None:  # a held model gathers where it is
+        flags.setdefault("device", str(ref.adapter.loaded.device))
+        flags.setdefault("dtype", str(ref.adapter.loaded.dtype).removeprefix("torch."))
+    return pd.DataFrame(train_saes(ref or name, site, layer, out, **flags))
 
 
 __all__ = ["Result", "compare", "curve", "load_run", "measure", "train_sae"]

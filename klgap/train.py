@@ -18,6 +18,7 @@ from torch import Tensor
 
 from klgap import activations
 from klgap.errors import KlgapError
+from klgap.plugins import ModelRef
 from klgap.protocols import LoadedModel
 from klgap.sites import hook_name
 
@@ -224,7 +225,7 @@ def fit_sae(
 
 
 def train_saes(
-    model: str,
+    model: str | ModelRef,
     site: str | list[str],
     layer: int | str | list[int],
     out: str | Path,
@@ -282,9 +283,9 @@ def train_saes(
 
     source_name, source_arg = split_spec(dataset)
     source = get_host().registry("token_source").get(source_name)
-    model_adapter(model)
+    ref = model if isinstance(model, ModelRef) else model_adapter(model)
     torch_device = pick_device(device)
-    loaded = load_model(model, torch_device, getattr(torch, dtype))
+    loaded = load_model(ref, torch_device, getattr(torch, dtype))
     for value in layers:
         if not 0 <= value < loaded.n_layers:
             raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")

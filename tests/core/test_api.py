@@ -122,6 +122,11 @@ def test_curve_compare_and_train_sae(held, tmp_path):
     trained = klgap.train_sae("tiny-gpt2", "mlp_out", 1, tmp_path / "trained", tokens=3000, context_len=32,
                               steps=20, dataset="random", device="cpu", progress=False)
     assert trained.loc[0, "hook_name"] == HOOK and 0 <= trained.loc[0, "l0_mean"] <= 512
+    # the model held in memory trains the same SAE as its name (same weights, tokens, seed)
+    again = klgap.train_sae(hf, "mlp_out", 1, tmp_path / "held", tokenizer=tok, tokens=3000, context_len=32,
+                            steps=20, dataset="random", progress=False)
+    numbers = ["explained_variance", "l0_mean", "mse", "n_training_tokens"]
+    assert again.loc[0, numbers].tolist() == trained.loc[0, numbers].tolist()
 
 
 def test_bad_input_raises_the_clis_errors(held):
