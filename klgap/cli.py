@@ -194,7 +194,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     print_trained(train_saes(
         args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
         dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps,
-        b_dec_init=args.b_dec_init, seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.k, seed=args.seed, device=args.device,
+        dtype=args.dtype, batch_size=args.batch_size,
         progress=not args.quiet,
     ))
     return 0

@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
                        help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
                             "common offset)")
+    train.add_argument("--architecture", default="standard",
+                       help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
+                            "shrinkage: sites where a few dimensions carry most of the variance)")
+    train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0)
     train.add_argument("--device", default="auto")
     train.add_argument("--dtype", default="float32")

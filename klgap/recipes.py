@@ -36,6 +36,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
         lr=recipe.get("lr"), steps=recipe.get("steps"), b_dec_init=recipe.get("b_dec_init", "zeros"),
+        architecture=recipe.get("architecture", "standard"), k=recipe.get("k"),
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
         overrides=recipe_overrides(recipe),
@@ -49,11 +50,13 @@ def print_trained(results: list[dict[str, Any]]) -> None:
         print(f"wrote SAE to {result['out']} (use --sae {result['out']})")
 
 
-OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init"}
+OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init",
+               "architecture": "architecture", "k": "k"}
 
 
 def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """``[train_sae.sites.attn_out_L24]`` tables: per-SAE changes to the recipe (l1, lr, steps, b_dec_init)."""
+    """``[train_sae.sites.attn_out_L24]`` tables: per-SAE changes to the recipe (l1, lr, steps, b_dec_init,
+    architecture, k)."""
     from klgap.sites import SITES
 
     out: dict[tuple[str, int], dict[str, Any]] = {}

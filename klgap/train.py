@@ -77,6 +77,9 @@ def evaluate(sae: Any, acts: Tensor, device: torch.device) -> dict[str, float]:
 
 
 B_DEC_INITS = ("zeros", "mean")
+#: sae_lens training SAEs klgap trains: "standard" (ReLU + L1 penalty) or "topk" (the k largest latents, no L1:
+#: no shrinkage, for sites where a few dimensions carry most of the variance)
+ARCHITECTURES = ("standard", "topk")
 
 
 def train_sae(
@@ -120,18 +123,24 @@ def fit_sae(
     progress: bool = True,
     started: float | None = None,
     b_dec_init: str = "zeros",
+    architecture: str = "standard",
+    k: int | None = None,
 ) -> dict[str, Any]:
     """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json.
+
+    architecture: "standard" (ReLU, L1 `l1_coefficient`) or "topk" (`k` latents per token, L1 unused).
 
     b_dec_init: "zeros" (sae_lens's trainer as it is: inputs scaled to mean norm sqrt(d)) or "mean": inputs
     scaled so that their spread around the mean has norm sqrt(d), and the decoder bias starts at the mean.
     Sites whose activations share a large common offset (e.g. a late attn_out with ‖mean‖ ≫ spread)
     otherwise spend latents, and L1, on the offset."""
-    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import (LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
+                          TopKTrainingSAEConfig)
     from sae_lens.config import SAETrainerConfig
 
     if b_dec_init not in B_DEC_INITS:
         raise KlgapError(f"unknown b_dec_init {b_dec_init!r}; valid: {', '.join(B_DEC_INITS)}")
+    check_architecture(architecture, k, expansion * acts.shape[-1])
     device = device or model.device
     started = started or time.time()
     if not torch.isfinite(acts).all():
@@ -149,18 +158,15 @@ def fit_sae(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        sae_cfg = StandardTrainingSAEConfig(
-            d_in=d_in,
-            d_sae=expansion * d_in,
-            l1_coefficient=l1_coefficient,
-            l1_warm_up_steps=steps // 10,
-            normalize_activations="expected_average_only_in",
-            device=str(device),
-            dtype="float32",
-        )
+        common = {"d_in": d_in, "d_sae": expansion * d_in, "normalize_activations": "expected_average_only_in",
+                  "device": str(device), "dtype": "float32"}
+        if architecture == "topk":
+            sae_cfg = TopKTrainingSAEConfig(k=int(k), **common)
+        else:
+            sae_cfg = StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, l1_warm_up_steps=steps // 10, **common)
         sae_cfg.metadata.hook_name = hook_name(site, layer)
         sae_cfg.metadata.model_name = model.name
-        sae = StandardTrainingSAE(sae_cfg)
+        sae = TopKTrainingSAE(sae_cfg) if architecture == "topk" else StandardTrainingSAE(sae_cfg)
         trainer_cfg = SAETrainerConfig(
             total_training_samples=steps * train_batch_size,
             train_batch_size_samples=train_batch_size,
@@ -212,7 +218,8 @@ def fit_sae(
         "n_eval_tokens": int(n_eval),
         "steps": steps,
         "train_batch_size": train_batch_size,
-        "l1_coefficient": l1_coefficient,
+        "architecture": architecture,
+        **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
         "b_dec_init": b_dec_init,
         "lr": lr,
         "seed": seed,
@@ -222,6 +229,30 @@ def fit_sae(
     }
     (out_dir / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _merged(recipe_of: dict[str, Any], architecture: str, k: int | None) -> dict[str, Any]:
+    """One SAE's changes to the recipe, checked: a change of architecture brings its own k (or none)."""
+    change = dict(recipe_of)
+    if "architecture" in change and "k" not in change:
+        change["k"] = k if change["architecture"] == architecture else None
+    check_architecture(change.get("architecture", architecture), change.get("k", k))
+    return change
+
+
+def check_architecture(architecture: str, k: int | None, d_sae: int | None = None) -> None:
+    """An SAE architecture klgap trains, and `k` exactly when it is "topk" (1 ≤ k ≤ d_sae)."""
+    from klgap.errors import unknown
+
+    if architecture not in ARCHITECTURES:
+        raise unknown("--architecture", architecture, ARCHITECTURES)
+    if architecture == "topk":
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (d_sae is not None and k > d_sae):
+            limit = f" ≤ d_sae ({d_sae})" if d_sae is not None else ""
+            raise KlgapError(f"--architecture topk needs --k, an integer ≥ 1{limit}; got {k!r}")
+    elif k is not None:
+        raise KlgapError(f"--k {k} is the latents per token of --architecture topk; the {architecture} SAE "
+                         "sets its sparsity with --l1")
 
 
 def train_saes(
@@ -238,6 +269,8 @@ def train_saes(
     lr: float | None = None,
     steps: int | None = None,
     b_dec_init: str = "zeros",
+    architecture: str = "standard",
+    k: int | None = None,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
@@ -251,7 +284,7 @@ def train_saes(
     be checked without weights is checked before the model loads.
 
     only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
-    (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``), as a config's ``[train_sae.sites.*]`` tables give."""
+    (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give."""
     import math
     import os
 
@@ -279,6 +312,8 @@ def train_saes(
         raise unknown("dtype", dtype, DTYPES)
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
+    check_architecture(architecture, k)
+    recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
     from klgap.specs import split_spec
 
     source_name, source_arg = split_spec(dataset)
@@ -294,7 +329,7 @@ def train_saes(
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
     contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
-                              "b_dec_init": b_dec_init}
+                              "b_dec_init": b_dec_init, "architecture": architecture, "k": k}
     for key, value in (("l1_coefficient", l1), ("lr", lr), ("steps", steps)):
         if value is not None:
             recipe[key] = value
@@ -304,7 +339,7 @@ def train_saes(
     for s, v in pairs:
         folder = Path(template.replace("{site}", s).replace("{layer}", str(v)))
         results.append(fit_sae(loaded, s, v, gathered.pop((s, v)), folder, started=started,
-                               **{**recipe, **(overrides or {}).get((s, v), {})}))
+                               **{**recipe, **recipes.get((s, v), {})}))
         results[-1]["out"] = str(folder)
         started = time.time()
     return results

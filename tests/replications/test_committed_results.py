@@ -146,9 +146,13 @@ def _check_recipe(declared_file: Path, runs: list[dict]) -> None:
     recipe = tomllib.loads(declared_file.read_text())["train_sae"]
     for run in runs:
         trained = run["sae"]["info"]["training"]
-        want = {"l1": recipe["l1"], "steps": recipe["steps"], "b_dec_init": recipe.get("b_dec_init", "zeros")}
+        want = {"architecture": recipe.get("architecture", "standard"), "l1": recipe.get("l1"), "k": recipe.get("k"),
+                "steps": recipe["steps"], "b_dec_init": recipe.get("b_dec_init", "zeros")}
         want.update(recipe.get("sites", {}).get(f"{run['site']}_L{run['layer']}", {}))
-        got = {"l1": trained["l1_coefficient"], "steps": trained["steps"], "b_dec_init": trained.get("b_dec_init", "zeros")}
+        if want["architecture"] == "topk":  # k latents per token; no L1
+            want["l1"] = None
+        got = {"architecture": trained.get("architecture", "standard"), "l1": trained.get("l1_coefficient"),
+               "k": trained.get("k"), "steps": trained["steps"], "b_dec_init": trained.get("b_dec_init", "zeros")}
         assert got == want, (declared_file.name, run["path"])
         assert trained["seed"] == recipe["seed"] and trained["d_sae"] == recipe["expansion"] * trained["d_in"], run["path"]
         # the first position of each context is not trained on: 127 of every 128 tokens gathered
