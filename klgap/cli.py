@@ -86,11 +86,15 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     """Run one site/layer (or a study over several), write the report's figures, print the summary.
 
     Every run of the command is resolved (klgap.resolve) before anything is loaded or trained: a bad name, path
-    or number fails in a second, before transformers is imported."""
+    or number fails in a second, before transformers is imported. Under torchrun / srun every rank runs this:
+    the ranks share the batches (klgap.distributed), rank 0 trains a missing SAE, shows progress and the report."""
+    from klgap.distributed import read_world
     from klgap.grid import parse_layers, parse_sites
     from klgap.plan import dry_run
     from klgap.shards import parse_shard
 
+    world = read_world()
+    progress = not args.quiet and world.leader
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
@@ -99,7 +103,9 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
 
         if layers == "all":
             raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
-        print_plan(dry_run(config, sites, layers))
+        planned = dry_run(config, sites, layers)
+        if world.leader:
+            print_plan(planned)
         return 0
     several = len(sites) > 1 or layers == "all" or len(layers) > 1
     if several and None in sites:
@@ -111,9 +117,14 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
 
     if several:
         out = args.out or extra.get("out") or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
+        world.connect(Path(out))
         if "train_sae" in extra and layers != "all":
-            train_missing_sae(config, extra["train_sae"], not args.quiet, [(s, v) for s in sites for v in layers])
-        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+            world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress,
+                                                        [(s, v) for s in sites for v in layers]))
+        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
+                          world=world)
+        if not world.leader:
+            return 0
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
         _render(Path(out))
@@ -126,10 +137,13 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         site = known.site or "auto"
         layer = "auto" if known.layer is None else known.layer
         out = f"runs/{model_slug(config.model)}-{site}-L{layer}-{tag}"
+    world.connect(Path(out))
     if "train_sae" in extra:
-        train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
+        world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress=progress))
     plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again
-    report = engine.run(plan, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+    report = engine.run(plan, out, overwrite=args.overwrite, progress=progress, shard=shard, world=world)
+    if not world.leader:
+        return 0
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
@@ -263,6 +277,9 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+#: commands whose ranks share one run's batches under torchrun / srun; the others (train-sae, merge, report,
+#: ...) run on rank 0 alone and the other ranks exit at once
+DISTRIBUTED = ("replicate", "curve")
 COMMANDS = {"merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
@@ -276,7 +293,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"klgap: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="klgap: %(message)s")
+    from klgap.distributed import read_world
+
+    try:
+        world = read_world()
+    except KlgapError as exc:
+        print(f"klgap: error: {exc}", file=sys.stderr)
+        return 2
+    if world.distributed:  # each rank's lines say which rank wrote them; INFO: which batches each rank measured
+        logging.basicConfig(level=logging.WARNING, format=f"klgap[rank {world.rank}/{world.size}]: %(message)s")
+        log.setLevel(logging.INFO)
+    else:
+        logging.basicConfig(level=logging.WARNING, format="klgap: %(message)s")
     if args.version:
         import klgap
 
@@ -285,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if world.distributed and args.command not in DISTRIBUTED and not world.leader:
+        print(f"klgap: {args.command} runs on rank 0 only; rank {world.rank} of {world.size} has nothing to do",
+              file=sys.stderr)
+        return 0
     try:
         if getattr(args, "plugin_command", None) is not None:
             return args.plugin_command.run(args)
@@ -307,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             f"klgap: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr
         )
         return 1
+    finally:
+        world.close()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from klgap import activations, metrics, modes
 from klgap.config import RunConfig
+from klgap.distributed import SINGLE, World
 from klgap.errors import KlgapError
 from klgap.executors import Executor, choose
 from klgap.plugins import ModelRef, get_host, model_adapter
@@ -208,8 +209,8 @@ def plugin_ref(plugin: str) -> PluginRef:
     return PluginRef(plugin=plugin, version=plugin_version)
 
 
-def make_record(run: Loaded) -> RunRecord:
-    """run.json of a loaded run: what was measured, how, and with which plugins."""
+def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
+    """run.json of a loaded run: what was measured, how, and with which plugins (and by how many ranks)."""
     from klgap.provenance import provenance
 
     plan, cfg = run.plan, run.config
@@ -244,6 +245,7 @@ def make_record(run: Loaded) -> RunRecord:
         config=cfg.to_dict(),
         seed=cfg.seed,
         device=str(run.model.device),
+        world_size=world.size,
         dtype=cfg.dtype,
         dataset=cfg.dataset,
         plugins=plugins,
@@ -263,10 +265,11 @@ def _json_safe(obj: Any) -> Any:
 
 
 def run_identity(run: Loaded) -> dict[str, Any]:
-    """What makes two runs the same run (resume only into an identical one)."""
+    """What makes two runs the same run (resume only into an identical one). The device's kind, not its index:
+    the ranks of a run sit on cuda:0, cuda:1, ... and a killed run resumes on any of them."""
     identity = run.config.to_dict()
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
-    identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=str(run.model.device))
+    identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
     return identity
 
 
@@ -278,13 +281,17 @@ class OpenRun:
     rundir: RunDir
     record: RunRecord
     mine: list[int]  # this run's (or shard's) batches
-    todo: list[int]  # those not measured yet
+    todo: list[int]  # those not measured yet (by this rank, once shared out: share_out)
     shard: tuple[int, int] | None = None
+    world: World = SINGLE
 
 
 def open_run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = False,
-             shard: tuple[int, int] | None = None) -> OpenRun:
-    """Resolve (if given a config), load, and bind to `out` (resuming what is there); writes run.json."""
+             shard: tuple[int, int] | None = None, world: World = SINGLE) -> OpenRun:
+    """Resolve (if given a config), load, and bind to `out` (resuming what is there); writes run.json.
+
+    With several ranks (klgap.distributed) every rank loads; rank 0 alone binds the folder and writes run.json,
+    and every rank gets rank 0's list of batches still to do (its own share: :func:`share_out`)."""
     rundir = RunDir(out)
     rundir.check_writable()
     plan = resolve(config) if isinstance(config, RunConfig) else config
@@ -292,20 +299,43 @@ def open_run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = Fal
     identity = run_identity(loaded)
     if shard is not None:
         identity["shard"] = f"{shard[0]}/{shard[1]}"
-    rundir.prepare(identity, overwrite)
-    record = make_record(loaded)
-    write_record(rundir.root, record)
-    done = rundir.done_batches()
+    record = make_record(loaded, world)
     mine = [i for i in range(loaded.n_batches) if shard is None or i % shard[1] == shard[0] - 1]
-    todo = [i for i in mine if i not in done]
-    if done:
-        log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
-    return OpenRun(loaded, rundir, record, mine, todo, shard)
+
+    def bind() -> tuple[dict[str, Any], list[int]]:
+        rundir.prepare(identity, overwrite)
+        write_record(rundir.root, record)
+        done = rundir.done_batches()
+        todo = [i for i in mine if i not in done]
+        if done:
+            log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
+        return identity, todo
+
+    bound, todo = world.from_leader(bind)
+    if bound != identity:  # every rank must measure the run rank 0 bound the folder to
+        raise KlgapError(f"rank {world.rank} resolved another run than rank 0 ({rundir.root}): start every rank "
+                         "with the same command and environment")
+    return OpenRun(loaded, rundir, record, mine, todo, shard, world)
+
+
+def share_out(opened: list[OpenRun]) -> None:
+    """Keep in each open run only this rank's batches: every world_size-th of the batches any of them still has
+    to do (one split for all, so runs that share a clean forward get the same batches on a rank)."""
+    world = opened[0].world
+    share = set(world.share(sorted(set().union(*(o.todo for o in opened)))))
+    for o in opened:
+        o.todo = [i for i in o.todo if i in share]
 
 
 def finish_run(opened: OpenRun) -> Report | None:
-    """Write the report and tokens table from the folder (a shard writes only its shard.json)."""
-    rundir = opened.rundir
+    """Write the report and tokens table from the folder (a shard writes only its shard.json). With several
+    ranks: after every rank has written its parts, rank 0 writes them; the other ranks return None."""
+    rundir, world = opened.rundir, opened.world
+    if world.distributed:
+        log.info("rank %d of %d measured batches %s of %s", world.rank, world.size, opened.todo, rundir.root)
+        world.barrier()
+        if not world.leader:
+            return None
     if opened.shard is not None:
         atomic_write_json(rundir.root / "shard.json", {"shard": list(opened.shard), "batches": opened.mine,
                                                         "n_batches": opened.run.n_batches})
@@ -331,13 +361,15 @@ def report_folder(folder: Path) -> Report:
 
 
 def run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
-        shard: tuple[int, int] | None = None) -> Report | None:
+        shard: tuple[int, int] | None = None, world: World = SINGLE) -> Report | None:
     """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
 
     ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
-    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
+    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run. `world`: the
+    ranks of a torchrun/srun launch share the batches (klgap.distributed); rank 0 returns the report.
     """
-    opened = open_run(config, out, overwrite, shard)
+    opened = open_run(config, out, overwrite, shard, world)
+    share_out([opened])
     _measure_todo(opened, progress)
     return finish_run(opened)
 
@@ -360,7 +392,7 @@ def _measure_todo(opened: OpenRun, progress: bool) -> None:
 
 
 def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = False, progress: bool = True,
-               shard: tuple[int, int] | None = None) -> list[Report | None]:
+               shard: tuple[int, int] | None = None, world: World = SINGLE) -> list[Report | None]:
     """Several all-token runs on one model and the same tokens (a study's sites/layers): each batch's clean
     forward runs once for all of them, then each reruns only the layers above its own site.
 
@@ -368,7 +400,8 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
     Per-token numbers are those of separate runs (tests/core/test_engine.py)."""
     from klgap.suffix import shared_clean
 
-    opened = [open_run(c, o, overwrite, shard) for c, o in zip(configs, outs, strict=True)]
+    opened = [open_run(c, o, overwrite, shard, world) for c, o in zip(configs, outs, strict=True)]
+    share_out(opened)
     first = opened[0].run
     can_share = len(opened) > 1 and all(
         o.run.config.mode == "all_tokens" and o.run.executor.path == "suffix-replay" and o.run.model is first.model
@@ -382,7 +415,8 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
     for o in opened:  # known before the first batch: recorded now, so a killed study's run.json says it too
         o.run.execution["clean_forward"] = f"shared by {len(opened)} sites/layers"
         o.record = o.record.model_copy(update={"execution": _json_safe(o.run.execution)})
-        write_record(o.rundir.root, o.record)
+        if world.leader:
+            write_record(o.rundir.root, o.record)
     indices = sorted(set().union(*(o.todo for o in opened)))
     for index in _bar(indices, f"all_tokens, {len(opened)} sites/layers, shared clean forward", progress):
         need = [o for o in opened if index in o.todo]

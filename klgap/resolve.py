@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from klgap.config import RunConfig, parse_intervention
+from klgap.distributed import cuda_device, read_world
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import as_perturbation, check_sae_spec
@@ -107,15 +108,18 @@ class RunPlan:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows."""
+    """`auto` -> cuda when available, else cpu; anything else must be a device torch knows. Under torchrun (or
+    srun) with several ranks, cuda is each rank's ``cuda:LOCAL_RANK`` (klgap.distributed)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise KlgapError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KlgapError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    if device.type == "cuda":
+        device = torch.device(cuda_device(name, read_world(), torch.cuda.device_count()))
     return device
 
 
@@ -203,6 +207,9 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
             f"model {config.model!r} cannot take {what}: its adapter loads it locally only; {what} works with "
             "Hugging Face hub models (gpt2, pythia-70m-deduped, a hub repo id, ...)"
         )
+    if placement.device_map is not None and read_world().distributed:
+        raise KlgapError(f"--device-map {placement.device_map!r} spreads one model over this node's GPUs, but "
+                         f"{read_world().size} ranks run: start one process (no torchrun/srun ranks) for --device-map")
     specs = list(config.interventions)
     if config.mode == "many_samples" and not any(parse_intervention(s)[0] == "sae" for s in specs):
         specs = ["sae", *specs]

@@ -90,9 +90,9 @@ class RunDir:
         """Create the folder and prove we can write there, before any heavy work."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".klgap-write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".klgap-write-test.")  # a name of its own per rank
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise KlgapError(f"output directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
 

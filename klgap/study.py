@@ -17,6 +17,7 @@ import pandas as pd
 
 from klgap import stats
 from klgap.config import RunConfig
+from klgap.distributed import SINGLE, World
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_json
 from klgap.grid import sae_for
@@ -26,10 +27,12 @@ from klgap.schema import (
 
 
 def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: str | Path,
-              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> StudyReport | None:
+              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None,
+              world: World = SINGLE) -> StudyReport | None:
     """Run every (site, layer) into its own folder, then write the study report.
 
-    With ``shard=(i, n)`` every sub-run measures only its share of batches and no report is written."""
+    With ``shard=(i, n)`` every sub-run measures only its share of batches and no report is written. The ranks
+    of a torchrun/srun `world` share every sub-run's batches; rank 0 writes the study report (None elsewhere)."""
     from klgap import engine
 
     out = Path(out)
@@ -44,11 +47,11 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
             configs.append(dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer)))
             folders.append(out / f"{site}_L{layer:02d}")
     if base.mode == "all_tokens" and base.fast and len(configs) > 1:
-        engine.run_shared(configs, folders, overwrite=overwrite, progress=progress, shard=shard)
+        engine.run_shared(configs, folders, overwrite=overwrite, progress=progress, shard=shard, world=world)
     else:
         for config, folder in zip(configs, folders, strict=True):
-            engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard)
-    if shard is not None:
+            engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard, world=world)
+    if shard is not None or not world.leader:
         return None
     return write_study(base, folders, out)
 
