@@ -300,11 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except KlgapError as exc:
         print(f"klgap: error: {exc}", file=sys.stderr)
         return 2
-    if world.distributed:  # each rank's lines say which rank wrote them; INFO: which batches each rank measured
-        logging.basicConfig(level=logging.WARNING, format=f"klgap[rank {world.rank}/{world.size}]: %(message)s")
-        log.setLevel(logging.INFO)
-    else:
-        logging.basicConfig(level=logging.WARNING, format="klgap: %(message)s")
+    rank = f"[rank {world.rank}/{world.size}]" if world.distributed else ""  # which rank wrote a line
+    logging.basicConfig(level=logging.WARNING, format=f"klgap{rank}: %(message)s")
     if args.version:
         import klgap
 
@@ -317,10 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"klgap: {args.command} runs on rank 0 only; rank {world.rank} of {world.size} has nothing to do",
               file=sys.stderr)
         return 0
+    if world.distributed and args.command in DISTRIBUTED:
+        log.setLevel(logging.INFO)  # each rank says which batches it measured
     try:
         if getattr(args, "plugin_command", None) is not None:
             return args.plugin_command.run(args)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        world.close(finished=code == 0)
+        return code
     except KlgapError as exc:
         if args.debug:
             raise

@@ -67,7 +67,8 @@ class World:
         else:
             step = f"{os.environ.get('SLURM_JOB_ID', 'job')}.{os.environ.get('SLURM_STEP_ID', os.environ.get('SLURM_STEPID', '0'))}"
             Path(out).mkdir(parents=True, exist_ok=True)
-            init_method = f"file://{(Path(out) / f'{RENDEZVOUS_PREFIX}-{step}').resolve()}"
+            _RENDEZVOUS[:] = [(Path(out) / f"{RENDEZVOUS_PREFIX}-{step}").resolve()]
+            init_method = f"file://{_RENDEZVOUS[0]}"
         dist.init_process_group("gloo", init_method=init_method, rank=self.rank, world_size=self.size, timeout=TIMEOUT)
 
     def barrier(self) -> None:
@@ -97,15 +98,22 @@ class World:
             raise KlgapError(f"{value} (rank 0)")
         return value  # type: ignore[return-value]
 
-    def close(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group. `finished` (every rank got through its command): wait for the others, then
+        rank 0 removes the rendezvous file (not after an error: a rank that died would never arrive)."""
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+        if finished and self.leader and _RENDEZVOUS:
+            _RENDEZVOUS.pop().unlink(missing_ok=True)
 
 
 SINGLE = World()
+_RENDEZVOUS: list[Path] = []  # the file the ranks met through (srun without MASTER_ADDR), removed at the end
 
 
 def _read_int(env: Mapping[str, str], name: str) -> int:
