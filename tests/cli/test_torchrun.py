@@ -115,15 +115,16 @@ def test_killed_two_rank_run_resumes_with_one_process(launched, tmp_path, one_th
     assert json.loads((tmp_path / "killed" / "report.json").read_text())["world_size"] == 1
 
 
-def test_srun_tasks_share_a_study_without_torchrun(launched, tmp_path, load_model, one_thread):
+def test_srun_tasks_share_a_curve_study_without_torchrun(launched, tmp_path, load_model, one_thread):
     """Two tasks that only SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_ID tell apart (as srun starts them, without
-    MASTER_ADDR: they meet through a file in --out) run a two-layer study: the study report of one process."""
+    MASTER_ADDR: they meet through a file in --out) run `klgap curve` over two layers (a study): the study report
+    and every sub-run's report of one process."""
     root, _, _ = launched
     for layer in (0, 1):
         random_sae(tmp_path / f"sae{layer}.safetensors", load_model("tiny-gpt2").d_model, 64, hook_name("mlp_out", layer), seed=layer)
-    args = ["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--sae", str(tmp_path / "sae{layer}.safetensors"),
+    args = ["curve", "--cos", "0.6,0.9", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--sae", str(tmp_path / "sae{layer}.safetensors"),
             "--dataset", "random", "--tokens", "128", "--context-len", "32", "--batch-size", "1", "--device", "cpu",
-            "--interventions", "sae,epsilon_random", "--quiet"]
+            "--quiet"]
     tasks = [subprocess.Popen([sys.executable, "-m", "klgap", *args, "--out", str(tmp_path / "srun")],
                               env=_env(SLURM_JOB_ID="42", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_NTASKS="2",
                                        SLURM_LOCALID=str(rank)),
@@ -138,4 +139,5 @@ def test_srun_tasks_share_a_study_without_torchrun(launched, tmp_path, load_mode
     assert study["kind"] == "study" and len(study["runs"]) == 2
     for sub in ("mlp_out_L00", "mlp_out_L01"):
         assert _numbers(tmp_path / "srun" / sub) == _numbers(tmp_path / "single" / sub)
+        assert len(_numbers(tmp_path / "srun" / sub)["curve"]["points"]) >= 2
     assert not list((tmp_path / "srun").glob(".klgap-rendezvous-*"))
