@@ -65,7 +65,8 @@ class World:
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             init_method = "env://"
         else:
-            step = f"{os.environ.get('SLURM_JOB_ID', 'job')}.{os.environ.get('SLURM_STEP_ID', os.environ.get('SLURM_STEPID', '0'))}"
+            env = os.environ
+            step = f"{env.get('SLURM_JOB_ID', 'job')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID', '0'))}"
             Path(out).mkdir(parents=True, exist_ok=True)
             _RENDEZVOUS[:] = [(Path(out) / f"{RENDEZVOUS_PREFIX}-{step}").resolve()]
             init_method = f"file://{_RENDEZVOUS[0]}"

@@ -141,3 +141,18 @@ def test_srun_tasks_share_a_curve_study_without_torchrun(launched, tmp_path, loa
         assert _numbers(tmp_path / "srun" / sub) == _numbers(tmp_path / "single" / sub)
         assert len(_numbers(tmp_path / "srun" / sub)["curve"]["points"]) >= 2
     assert not list((tmp_path / "srun").glob(".klgap-rendezvous-*"))
+
+
+def test_a_refusal_on_rank_0_ends_every_rank(launched):
+    """Rank 0 refuses the folder (it holds a run of another seed): every rank exits 2 with that one-line message
+    instead of waiting for rank 0 forever, and the folder's run is left as it was."""
+    root, sae, _ = launched
+    before = (root / "two" / "report.json").read_text()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "klgap", *_args(sae, root / "two"),
+                           "--seed", "1"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    refusals = re.findall(r"klgap: error: .*holds a different run \(seed: 0 on disk, 1 now\).*", done.stderr)
+    assert len(refusals) == 2 and sum("(rank 0)" in line for line in refusals) == 1, done.stderr[-3000:]
+    assert "internal error" not in done.stderr  # (torchrun itself then reports the failed workers)
+    assert (root / "two" / "report.json").read_text() == before
