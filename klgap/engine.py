@@ -26,7 +26,7 @@ from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
-from klgap.resolve import Intervention, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
+from klgap.resolve import Intervention, JointPlan, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
 from klgap.sites import hook_name
@@ -330,13 +330,20 @@ def report_folder(folder: Path) -> Report:
     return report
 
 
-def run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
+def run(config: RunConfig | RunPlan | JointPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
         shard: tuple[int, int] | None = None) -> Report | None:
     """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
 
     ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
-    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run.
+    returned): `klgap merge` joins the n shards' parts into the report of the unsharded run. A joint config or
+    plan (``joint=True``) runs as klgap/jointrun.py says.
     """
+    if isinstance(config, RunConfig) and config.joint:
+        config = resolve(config)
+    if isinstance(config, JointPlan):
+        from klgap.jointrun import run_joint
+
+        return run_joint(config, out, overwrite, progress, shard)
     opened = open_run(config, out, overwrite, shard)
     _measure_todo(opened, progress)
     return finish_run(opened)
