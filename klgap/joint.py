@@ -57,21 +57,23 @@ def site_generator(device: torch.device, seed: int, batch: int, intervention: in
 
 
 class SiteSwap:
-    """Replace positions first.. of a site's tensor by `perturbation` applied to that tensor's own SAE view
-    (x, x̂ computed from the activation this forward gives the site)."""
+    """Replace positions `at` of a site's tensor by `perturbation` applied to that tensor's own SAE view (x, x̂
+    computed from the activation this forward gives the site): ``slice(first, None)`` in all-token mode,
+    ``slice(t, t + 1)`` in single-token mode."""
 
-    def __init__(self, run: Loaded, perturbation: Perturbation, generator: torch.Generator, first: int) -> None:
-        self.run, self.perturbation, self.generator, self.first = run, perturbation, generator, first
+    def __init__(self, run: Loaded, perturbation: Perturbation, generator: torch.Generator, at: slice) -> None:
+        self.run, self.perturbation, self.generator, self.at = run, perturbation, generator, at
 
     def substitute(self, tensor: Tensor) -> Tensor:
-        """``tensor [b n d]`` -> x' ``[b n-first d]`` in the model's dtype."""
-        b, n, d = tensor.shape
-        view = modes.SaeView.of(tensor[:, self.first :].reshape(b * (n - self.first), d), self.run.sae, self.run.center)
-        return view.substitute(self.perturbation, self.generator, self.run.model.dtype).reshape(b, n - self.first, d)
+        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype."""
+        x = tensor[:, self.at]
+        b, n_pos, d = x.shape
+        view = modes.SaeView.of(x.reshape(b * n_pos, d), self.run.sae, self.run.center)
+        return view.substitute(self.perturbation, self.generator, self.run.model.dtype).reshape(b, n_pos, d)
 
     def __call__(self, tensor: Tensor) -> Tensor:
         out = tensor.clone()
-        out[:, self.first :] = self.substitute(tensor)
+        out[:, self.at] = self.substitute(tensor)
         return out
 
 
@@ -159,12 +161,12 @@ class JointReplay:
     @torch.no_grad()
     def patched(self, ids: Tensor, swaps: Sequence[Swap]) -> Tensor:
         lowest = self.runners[0]
-        first = swaps[0].first  # type: ignore[attr-defined]
+        at = swaps[0].at  # type: ignore[attr-defined]
         x_prime = swaps[0].substitute(lowest.site_value)  # type: ignore[attr-defined]  # nothing below it is patched
         handles = [register_site_hook(module, run.spec, swap)
                    for module, run, swap in zip(self.full.modules[1:], self.full.runs[1:], swaps[1:], strict=True)]
         try:
-            return lowest.patched(x_prime, slice(first, None))
+            return lowest.patched(x_prime, at)
         finally:
             for handle in handles:
                 handle.remove()
@@ -176,8 +178,8 @@ class JointReplay:
 JointExecutor = JointForward | JointReplay
 
 
-def check_swaps(runs: Sequence[Loaded], first: int) -> list[SiteSwap]:
-    return [SiteSwap(run, _Reconstruct(), torch.Generator(device=run.model.device), first) for run in runs]
+def check_swaps(runs: Sequence[Loaded], at: slice) -> list[SiteSwap]:
+    return [SiteSwap(run, _Reconstruct(), torch.Generator(device=run.model.device), at) for run in runs]
 
 
 def choose(runs: Sequence[Loaded]) -> tuple[JointExecutor, dict[str, Any]]:
@@ -187,6 +189,9 @@ def choose(runs: Sequence[Loaded]) -> tuple[JointExecutor, dict[str, Any]]:
     full = JointForward(model, runs)
     if not config.fast:
         return full, {"path": full.path, "reason": "--no-fast"}
+    if config.mode != "all_tokens":
+        return full, {"path": full.path, "reason": f"{config.mode}: joint patched runs are full forwards (no joint "
+                                                   "KV-cache path yet); each site alone uses its own fast path"}
     if not all(isinstance(run.executor, SuffixReplay) for run in runs):
         return full, {"path": full.path, "reason": "a site has no suffix replay (its single-site run uses "
                                                    "full forwards)"}
@@ -194,8 +199,8 @@ def choose(runs: Sequence[Loaded]) -> tuple[JointExecutor, dict[str, Any]]:
     first = 1 if config.skip_first_position else 0
     ids = runs[0].contexts[: min(2, len(runs[0].contexts))].to(model.device)
     replay.clean(ids)  # each site's own replay was checked against full forwards when its run loaded
-    patched = replay.patched(ids, check_swaps(runs, first))
-    ref_patched = full.patched(ids, check_swaps(runs, first))
+    patched = replay.patched(ids, check_swaps(runs, slice(first, None)))
+    ref_patched = full.patched(ids, check_swaps(runs, slice(first, None)))
     replay.done()
     error = relative_error([(patched, ref_patched)], ref_patched)
     if not error <= TOLERANCE:
@@ -239,11 +244,36 @@ def load_joint(plan: JointPlan) -> JointRun:
     return JointRun(plan, runs, executor, {**execution, "sites": [f"{run.site} L{run.layer}" for run in runs]})
 
 
+Frames = tuple[pd.DataFrame, dict[str, Any]]  # one batch's rows and side sums
+
+
+def measure_batch(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
+    """One batch: the joint rows (every site patched) and each site's own single-site rows. The joint rows carry
+    the lowest site's clean geometry (eps, cos, ...) and side sums."""
+    joint_frames, singles = (_single_token if joint.runs[0].config.mode == "single_token" else _all_tokens)(joint, index)
+    joint_frames[1]["token_text"] = singles[0][1].get("token_text", {})
+    return joint_frames, singles
+
+
+def _rows(joint: JointRun, index: int, ids: Tensor, at: slice, clean_ref: metrics.CleanReference, tail: slice,
+          next_ids: Tensor, base: dict[str, Any], keep: slice = slice(None)) -> pd.DataFrame:
+    """Per intervention, every site patched at positions `at`; KL and ΔCE of the logits' positions `tail` (against
+    `clean_ref`, as the single-site modes measure them), rows kept at `keep` of those."""
+    lowest = joint.runs[0]
+    cfg, device = lowest.config, lowest.model.device
+    frames = []
+    for j, intervention in enumerate(lowest.interventions):
+        swaps = [SiteSwap(run, intervention.perturbation, site_generator(device, cfg.seed, index, j, k), at)
+                 for k, run in enumerate(joint.runs)]
+        kl, ce = clean_ref.measure(joint.executor.patched(ids, swaps)[:, tail], next_ids)
+        frames.append(modes.table({**base, "intervention": intervention.name, "draw": -1,
+                                   "kl": kl[:, keep].reshape(-1), "ce_delta": ce[:, keep].reshape(-1)}))
+    return pd.concat(frames, ignore_index=True)
+
+
 @torch.no_grad()
-def measure_batch(joint: JointRun, index: int) -> tuple[tuple[pd.DataFrame, dict[str, Any]],
-                                                        list[tuple[pd.DataFrame, dict[str, Any]]]]:
-    """One batch: the joint rows (every site patched) and each site's own single-site rows, all against the same
-    clean forward. The joint rows carry the lowest site's clean geometry (eps, cos, ...) and side sums."""
+def _all_tokens(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
+    """Every measured position patched at every site; the single-site runs share the batch's clean forward."""
     runs, ex = joint.runs, joint.executor
     lowest = runs[0]
     cfg, model = lowest.config, lowest.model
@@ -258,7 +288,6 @@ def measure_batch(joint: JointRun, index: int) -> tuple[tuple[pd.DataFrame, dict
     del clean_logits
     singles = [modes.measure_batch(run, index, clean=(a, clean_ref)) for run, a in zip(runs, acts, strict=True)]
     view = modes.SaeView.of(acts[0][:, first:].reshape(n_ctx * n_pos, -1), lowest.sae, lowest.center)
-    next_ids = metrics.next_token_ids(ids)
     base = {
         "context": context_ids.repeat_interleave(n_pos),
         "position": torch.arange(first, ctx_len).repeat(n_ctx),
@@ -266,17 +295,39 @@ def measure_batch(joint: JointRun, index: int) -> tuple[tuple[pd.DataFrame, dict
         **view.stats,
     }
     base["offset"] = base["position"]
-    frames = []
-    for j, intervention in enumerate(lowest.interventions):
-        swaps = [SiteSwap(run, intervention.perturbation, site_generator(model.device, cfg.seed, index, j, k), first)
-                 for k, run in enumerate(runs)]
-        kl, ce = clean_ref.measure(ex.patched(ids, swaps), next_ids)
-        frames.append(modes.table({**base, "intervention": intervention.name, "draw": -1,
-                                   "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
+    frame = _rows(joint, index, ids, slice(first, None), clean_ref, slice(None), metrics.next_token_ids(ids), base,
+                  keep=slice(first, None))
     ex.done()
-    side = view.side_stats()
-    side["token_text"] = singles[0][1].get("token_text", {})
-    return (pd.concat(frames, ignore_index=True), side), singles
+    return (frame, view.side_stats()), singles
+
+
+@torch.no_grad()
+def _single_token(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
+    """Position t patched at every site, positions t..t+k measured; each site alone is its own single-token run."""
+    runs, ex = joint.runs, joint.executor
+    lowest = runs[0]
+    cfg, model = lowest.config, lowest.model
+    singles = [modes.measure_batch(run, index) for run in runs]
+    full_cpu, context_ids = modes.batch_ids(lowest, index)
+    t, k = cfg.position, cfg.k
+    ids = full_cpu[:, : t + k + 1].to(model.device)  # causal: nothing after t+k is needed
+    next_tail = metrics.next_token_ids(full_cpu.to(model.device))[:, t : t + k + 1]
+    n_ctx = ids.shape[0]
+    acts, clean_logits = ex.clean(ids)
+    ex.done()
+    clean_ref = metrics.CleanReference.of(clean_logits[:, t:])
+    del clean_logits
+    view = modes.SaeView.of(acts[0][:, t], lowest.sae, lowest.center)  # [b d]
+    positions = torch.arange(t, t + k + 1)
+    base = {
+        "context": context_ids.repeat_interleave(k + 1),
+        "position": positions.repeat(n_ctx),
+        "offset": (positions - t).repeat(n_ctx),
+        "token_id": full_cpu[:, positions].reshape(-1),
+        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
+    }
+    frame = _rows(joint, index, ids, slice(t, t + 1), clean_ref, slice(t, None), next_tail, base)
+    return (frame, view.side_stats()), singles
 
 
 __all__ = ["JointForward", "JointReplay", "JointRun", "SiteSwap", "choose", "forward_order", "load_joint",
