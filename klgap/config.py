@@ -138,9 +138,6 @@ class RunConfig:
 
         if self.site is None or self.layer is None:
             raise KlgapError("--joint needs --site and --layer (e.g. --site resid_post --layer 3,10,17)")
-        if self.mode == "many_samples":
-            raise KlgapError("--joint measures all_tokens or single_token mode, not many_samples (joint "
-                             "many-samples runs are not built yet); use --mode single_token or drop --joint")
         layers = parse_layers(self.layer)
         if layers == "all":
             raise KlgapError("--joint needs the layers listed (e.g. 3,10,17 or 0-5), not all")

@@ -13,8 +13,8 @@ Two executors, one interface (``clean(ids)`` / ``patched(ids, swaps)``):
   patched by hooks while their blocks rerun. Used only when it reproduces :class:`JointForward` on the run's first
   contexts (relative error ≤ klgap.executors.TOLERANCE), as the other fast paths are checked.
 
-The same command measures every site alone on the same batches (the single-site runs of the plan, sharing the
-batch's clean forward); klgap/jointrun.py writes them and klgap/compounding.py compares.
+The same command measures every site alone on the same batches (the single-site runs of the plan; klgap/jointmodes.py
+measures a batch), klgap/jointrun.py writes them and klgap/compounding.py compares.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 
-from klgap import metrics, modes
+from klgap import modes
 from klgap.errors import KlgapError
 from klgap.executors import TOLERANCE, SuffixReplay, relative_error
 from klgap.hooks import register_site_hook
@@ -244,91 +243,5 @@ def load_joint(plan: JointPlan) -> JointRun:
     return JointRun(plan, runs, executor, {**execution, "sites": [f"{run.site} L{run.layer}" for run in runs]})
 
 
-Frames = tuple[pd.DataFrame, dict[str, Any]]  # one batch's rows and side sums
-
-
-def measure_batch(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
-    """One batch: the joint rows (every site patched) and each site's own single-site rows. The joint rows carry
-    the lowest site's clean geometry (eps, cos, ...) and side sums."""
-    joint_frames, singles = (_single_token if joint.runs[0].config.mode == "single_token" else _all_tokens)(joint, index)
-    joint_frames[1]["token_text"] = singles[0][1].get("token_text", {})
-    return joint_frames, singles
-
-
-def _rows(joint: JointRun, index: int, ids: Tensor, at: slice, clean_ref: metrics.CleanReference, tail: slice,
-          next_ids: Tensor, base: dict[str, Any], keep: slice = slice(None)) -> pd.DataFrame:
-    """Per intervention, every site patched at positions `at`; KL and ΔCE of the logits' positions `tail` (against
-    `clean_ref`, as the single-site modes measure them), rows kept at `keep` of those."""
-    lowest = joint.runs[0]
-    cfg, device = lowest.config, lowest.model.device
-    frames = []
-    for j, intervention in enumerate(lowest.interventions):
-        swaps = [SiteSwap(run, intervention.perturbation, site_generator(device, cfg.seed, index, j, k), at)
-                 for k, run in enumerate(joint.runs)]
-        kl, ce = clean_ref.measure(joint.executor.patched(ids, swaps)[:, tail], next_ids)
-        frames.append(modes.table({**base, "intervention": intervention.name, "draw": -1,
-                                   "kl": kl[:, keep].reshape(-1), "ce_delta": ce[:, keep].reshape(-1)}))
-    return pd.concat(frames, ignore_index=True)
-
-
-@torch.no_grad()
-def _all_tokens(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
-    """Every measured position patched at every site; the single-site runs share the batch's clean forward."""
-    runs, ex = joint.runs, joint.executor
-    lowest = runs[0]
-    cfg, model = lowest.config, lowest.model
-    ids_cpu, context_ids = modes.batch_ids(lowest, index)
-    ids = ids_cpu.to(model.device)
-    n_ctx, ctx_len = ids.shape
-    first = 1 if cfg.skip_first_position else 0
-    n_pos = ctx_len - first
-
-    acts, clean_logits = ex.clean(ids)
-    clean_ref = metrics.CleanReference.of(clean_logits)
-    del clean_logits
-    singles = [modes.measure_batch(run, index, clean=(a, clean_ref)) for run, a in zip(runs, acts, strict=True)]
-    view = modes.SaeView.of(acts[0][:, first:].reshape(n_ctx * n_pos, -1), lowest.sae, lowest.center)
-    base = {
-        "context": context_ids.repeat_interleave(n_pos),
-        "position": torch.arange(first, ctx_len).repeat(n_ctx),
-        "token_id": ids_cpu[:, first:].reshape(-1),
-        **view.stats,
-    }
-    base["offset"] = base["position"]
-    frame = _rows(joint, index, ids, slice(first, None), clean_ref, slice(None), metrics.next_token_ids(ids), base,
-                  keep=slice(first, None))
-    ex.done()
-    return (frame, view.side_stats()), singles
-
-
-@torch.no_grad()
-def _single_token(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
-    """Position t patched at every site, positions t..t+k measured; each site alone is its own single-token run."""
-    runs, ex = joint.runs, joint.executor
-    lowest = runs[0]
-    cfg, model = lowest.config, lowest.model
-    singles = [modes.measure_batch(run, index) for run in runs]
-    full_cpu, context_ids = modes.batch_ids(lowest, index)
-    t, k = cfg.position, cfg.k
-    ids = full_cpu[:, : t + k + 1].to(model.device)  # causal: nothing after t+k is needed
-    next_tail = metrics.next_token_ids(full_cpu.to(model.device))[:, t : t + k + 1]
-    n_ctx = ids.shape[0]
-    acts, clean_logits = ex.clean(ids)
-    ex.done()
-    clean_ref = metrics.CleanReference.of(clean_logits[:, t:])
-    del clean_logits
-    view = modes.SaeView.of(acts[0][:, t], lowest.sae, lowest.center)  # [b d]
-    positions = torch.arange(t, t + k + 1)
-    base = {
-        "context": context_ids.repeat_interleave(k + 1),
-        "position": positions.repeat(n_ctx),
-        "offset": (positions - t).repeat(n_ctx),
-        "token_id": full_cpu[:, positions].reshape(-1),
-        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
-    }
-    frame = _rows(joint, index, ids, slice(t, t + 1), clean_ref, slice(t, None), next_tail, base)
-    return (frame, view.side_stats()), singles
-
-
 __all__ = ["JointForward", "JointReplay", "JointRun", "SiteSwap", "choose", "forward_order", "load_joint",
-           "measure_batch", "site_generator"]
+           "site_generator"]

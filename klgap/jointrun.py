@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from klgap.errors import KlgapError
-from klgap.joint import JointRun, load_joint, measure_batch
+from klgap.joint import JointRun, load_joint
+from klgap.jointmodes import measure_batch
 from klgap.record import RunRecord, write_record
 from klgap.resolve import JointPlan
 from klgap.rundir import RunDir

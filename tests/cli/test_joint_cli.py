@@ -66,7 +66,7 @@ out = "{tmp_path / 'from-file'}"
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--mode", "many_samples", "--position", "3"], "not many_samples"),
+    (["--mode", "single_token", "--position", "30", "--k", "5"], "--context-len 32 is too short"),
     (["--shard", "1/2"], "--shard is not supported for --joint"),
     (["--sae", "/nowhere/sae.safetensors"], "names one SAE but several sites/layers"),
 ])

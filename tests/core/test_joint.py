@@ -211,6 +211,23 @@ def test_single_token_joint(tmp_path, load_model):
     assert both.single_token is not None and both.execution["path"] == "joint-full-forward"
     assert both.compounding.additivity["sae"].joint_kl_mean > 0
     assert not np.allclose(both_tokens.kl, one_tokens.kl)  # the second site changes the numbers
-    with pytest.raises(KlgapError, match="not many_samples"):
-        resolve(RunConfig(model="tiny-pythia", site="resid_pre", layer="0,1", joint=True, sae=template,
-                          mode="many_samples", position=2, context_len=8))
+
+
+def test_many_samples_joint(tmp_path, load_model):
+    """Many-samples mode draws at position t of every site; with one site it is the single-site run."""
+    lm = load_model("tiny-llama")
+    template = _saes(tmp_path, lm, [("resid_post", 0), ("resid_post", 1)])
+    mode = {"mode": "many_samples", "position": 6, "n_samples": 20, "interventions": ["sae", "epsilon_random"],
+            "no_fast": True}
+    one, one_tokens = _joint(tmp_path, "one", model="tiny-llama", site="resid_post", layer="1", sae=template, **mode)
+    single = RunConfig(**SMALL, **mode, model="tiny-llama", site="resid_post", layer=1,
+                       sae=template.format(site="resid_post", layer=1))
+    alone = engine.run(single, tmp_path / "single", progress=False)
+    single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
+    pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
+    assert one.many_samples.z_mean == pytest.approx(alone.many_samples.z_mean, abs=1e-4)
+    both, both_tokens = _joint(tmp_path, "both", model="tiny-llama", site="resid_post", layer="0,1", sae=template,
+                               **mode)
+    draws = both_tokens[both_tokens.draw >= 0]
+    assert len(draws) == 4 * 20 and draws.kl.std() > 0
+    assert both.many_samples.n_draws == 20 and both.compounding.additivity["sae"].joint_kl_mean > 0
