@@ -75,3 +75,15 @@ def test_joint_bad_input_exits_2(tmp_path, capsys, extra, message):
             "--sae", _saes(tmp_path), *ARGS, "--out", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_declared_compounding_replication_checks_out(capsys):
+    """replications/compounding/joint.toml (not run yet) resolves offline: four resid_post sites, jointly."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "replications" / "compounding" / "joint.toml"
+    assert main(["replicate", "--config", str(config), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "joint run" in printed and "ok: 4 run(s) check out" in printed
+    for layer in (3, 10, 17, 24):
+        assert f"resid_post L{layer}:" in printed
