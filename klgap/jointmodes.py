@@ -39,7 +39,8 @@ def _rows(joint: JointRun, index: int, ids: Tensor, at: slice, clean_ref: metric
     cfg, device = lowest.config, lowest.model.device
     frames = []
     for j, intervention in enumerate(lowest.interventions):
-        swaps = [SiteSwap(run, intervention.perturbation, site_generator(device, cfg.seed, index, j, k), at)
+        # each site's own perturbation object: a fitted one (epsilon_anisotropic) was fitted on that site
+        swaps = [SiteSwap(run, run.interventions[j].perturbation, site_generator(device, cfg.seed, index, j, k), at)
                  for k, run in enumerate(joint.runs)]
         kl, ce = clean_ref.measure(joint.executor.patched(ids, swaps)[:, tail], next_ids)
         frames.append(modes.table({**base, "intervention": intervention.name, "draw": -1,
@@ -137,7 +138,8 @@ def _many_samples(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
                       for k in range(len(runs))]
         for start in range(0, n_draws, chunk):
             rows = min(chunk, n_draws - start)
-            swaps = [SiteSwap(run, sample, generators[k], slice(t, t + 1)) for k, run in enumerate(runs)]
+            swaps = [SiteSwap(run, run.sample.perturbation, generators[k], slice(t, t + 1))
+                     for k, run in enumerate(runs)]
             logits = ex.patched(ids[c : c + 1].repeat(rows, 1), swaps)[:, t:]
             owner = torch.full((rows,), c, device=model.device)
             kl, ce = clean_ref.select(owner).measure(logits, next_t[owner])

@@ -81,7 +81,7 @@ def test_fast_path_equals_full_forwards(tmp_path, load_model, model):
     cells = [("attn_out", 0), ("mlp_out", 0), ("attn_out", 1), ("mlp_out", 1)]
     template = _saes(tmp_path, lm, cells)
     kw = {"model": model, "site": "attn_out,mlp_out", "layer": "0,1", "sae": template,
-          "interventions": ["sae", "epsilon_random", "theta_random"]}
+          "interventions": ["sae", "epsilon_random", "theta_random", "epsilon_anisotropic"]}
     fast, fast_tokens = _joint(tmp_path, "fast", **kw)
     full, full_tokens = _joint(tmp_path, "full", no_fast=True, **kw)
     assert fast.execution["path"] == "joint-suffix-replay" and full.execution["path"] == "joint-full-forward"
@@ -231,3 +231,18 @@ def test_many_samples_joint(tmp_path, load_model):
     draws = both_tokens[both_tokens.draw >= 0]
     assert len(draws) == 4 * 20 and draws.kl.std() > 0
     assert both.many_samples.n_draws == 20 and both.compounding.additivity["sae"].joint_kl_mean > 0
+
+
+def test_each_site_fits_its_own_perturbation(tmp_path, load_model):
+    """A fitted perturbation (epsilon_anisotropic) is fitted on each site's own activations, and used there."""
+    from klgap.joint import load_joint
+
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("mlp_out", 0), ("mlp_out", 1)])
+    joint = load_joint(resolve(RunConfig(**SMALL, model="tiny-gpt2", site="mlp_out", layer="0,1", joint=True,
+                                         sae=template, interventions=["sae", "epsilon_anisotropic"])))
+    fitted = [run.interventions[1].perturbation for run in joint.runs]
+    assert fitted[0] is not fitted[1]
+    x = torch.randn(16, lm.d_model, generator=torch.Generator().manual_seed(1))
+    draws = [p(x, x * 0.5, torch.Generator().manual_seed(0)) for p in fitted]
+    assert not torch.allclose(draws[0], draws[1])  # the same draw shaped by two different site covariances
