@@ -266,6 +266,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     """What makes two runs the same run (resume only into an identical one)."""
     identity = run.config.to_dict()
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
+    if not identity.get("joint"):  # a single-site run's identity as before joint runs existed (resumes across)
+        identity.pop("joint", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=str(run.model.device))
     return identity
 
