@@ -138,6 +138,8 @@ class RunConfig:
 
         if self.site is None or self.layer is None:
             raise KlgapError("--joint needs --site and --layer (e.g. --site resid_post --layer 3,10,17)")
+        if self.remote:
+            raise KlgapError("--joint patches every site in one local forward; --remote is not supported with it")
         layers = parse_layers(self.layer)
         if layers == "all":
             raise KlgapError("--joint needs the layers listed (e.g. 3,10,17 or 0-5), not all")

@@ -65,14 +65,14 @@ class SiteSwap:
 
     def substitute(self, tensor: Tensor) -> Tensor:
         """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype."""
-        x = tensor[:, self.at]
+        x = tensor[:, self.at].to(self.run.model.device)  # a site of a model spread over devices (device_map)
         b, n_pos, d = x.shape
         view = modes.SaeView.of(x.reshape(b * n_pos, d), self.run.sae, self.run.center)
         return view.substitute(self.perturbation, self.generator, self.run.model.dtype).reshape(b, n_pos, d)
 
     def __call__(self, tensor: Tensor) -> Tensor:
         out = tensor.clone()
-        out[:, self.at] = self.substitute(tensor)
+        out[:, self.at] = self.substitute(tensor).to(tensor.device)
         return out
 
 

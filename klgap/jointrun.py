@@ -32,7 +32,7 @@ def joint_identity(joint: JointRun) -> dict:
 
     identity = joint.plan.config.to_dict()
     identity.pop("no_fast")
-    identity["sites"] = [run_identity(run) | {"sae": run.sae.source} for run in joint.runs]
+    identity["sites"] = [run_identity(run) for run in joint.runs]
     return identity
 
 
