@@ -427,3 +427,14 @@ def token_gaps(part_paths: Sequence[Path], baseline: str = BASELINE) -> pd.Serie
     index = pd.MultiIndex.from_arrays([np.concatenate(contexts), np.concatenate(positions)],
                                       names=["context", "position"])
     return pd.Series(np.concatenate(gaps), index=index, name="gap")
+
+
+def context_sums(part_paths: Sequence[Path]) -> Callable[[str, str], pd.DataFrame]:
+    """``per_context(intervention, column)`` of a run's parts: the per-context sums and counts of KL and ΔCE its
+    report's ratios are built from (klgap/compounding.py pairs a joint run's with its single-site runs')."""
+    parts = _Parts(part_paths)
+    sums = _ContextSums()
+    for index, (part, masks) in enumerate(parts.scan(["context", *_ContextSums.COLUMNS])):
+        sums.add(index, part, masks)
+    sums.redo_as_whole_run(parts)
+    return sums.per_context

@@ -259,7 +259,7 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None, layer: int | None = None,
+def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None, layer: int | list[int] | None = None,
             mode: str = "all_tokens", interventions: str | list[str] | None = None, seed: int = 0,
             dataset: str | None = None, tokenizer: Any = None, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = True, **options: Any) -> Result:
@@ -275,7 +275,10 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
             ``klgap report`` / ``merge`` / ``compare`` read it).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
-            device, dtype, include_first_position, no_bos, no_fast.
+            device, dtype, include_first_position, no_bos, no_fast, joint.
+    joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
+            each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAE objects in that order; each
+            site is also measured alone, and ``result.report.compounding`` compares them (klgap/joint.py).
     """
     import torch
 
@@ -309,7 +312,12 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
         given = TokenSourceRef("given", f"{ids.shape[0]}x{ids.shape[1]} token ids", "python", GivenTokens(ids))
         values["dataset"] = f"given:{ids.shape[0]}x{ids.shape[1]}"
     config = RunConfig.from_dict(values)
-    sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
+    if isinstance(sae, (list, tuple)):  # joint=True: one SAE object per (site, layer)
+        if not config.joint:
+            raise KlgapError(f"sae= is a list of {len(sae)} SAEs; pass joint=True to patch them together, or one SAE")
+        sae_obj = [_sae_object(s, pick_device(config.device)) for s in sae]
+    else:
+        sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
     plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
     if out is not None:
         engine.run(plan, out, overwrite=overwrite, progress=progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from klgap.cliargs import FILE_EXTRAS, RUN_FLAGS, build_parser
-from klgap.console import print_study, print_summary
+from klgap.console import print_compounding, print_study, print_summary
 from klgap.errors import KlgapError
 from klgap.recipes import print_trained, train_missing_sae
 
@@ -42,6 +42,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         values["no_fast"] = True
     if getattr(args, "remote", None):
         values["remote"] = True
+    if getattr(args, "joint", None):
+        values["joint"] = True
     if "interventions" in values:
         values["interventions"] = split_interventions(values["interventions"])
     if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):
@@ -96,6 +98,8 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     world = read_world()
     progress = not args.quiet and world.leader
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
+    if config.joint:
+        return run_joint_and_render(config, extra, args, tag, shard)
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
     if getattr(args, "dry_run", False):
@@ -148,6 +152,39 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         return _shard_done(out, "run", config, sites, layers, shard)
     _render(Path(out))
     print_summary(report, Path(out))
+    return 0
+
+
+def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str,
+                         shard: tuple[int, int] | None) -> int:
+    """``--joint``: every listed site patched in one forward (klgap/joint.py), each also measured alone."""
+    import dataclasses
+
+    from klgap import engine
+    from klgap.plan import dry_run
+    from klgap.resolve import resolve
+
+    cells = config.joint_cells()
+    if shard is not None:
+        raise KlgapError("--shard is not supported for --joint runs yet; run the joint command unsharded")
+    single = dataclasses.replace(config, joint=False)
+    sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
+    if getattr(args, "dry_run", False):
+        from klgap.plan import print_plan
+
+        print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
+        print_plan(dry_run(single, sites, layers))
+        return 0
+    dry_run(single, sites, layers, trains="train_sae" in extra)
+    if "train_sae" in extra:
+        train_missing_sae(config, extra["train_sae"], not args.quiet, cells)
+    out = Path(args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}")
+    report = engine.run(resolve(config), out, overwrite=args.overwrite, progress=not args.quiet)
+    for site in report.joint or []:
+        _render(out / site.path)
+    _render(out)
+    print_summary(report, out)
+    print_compounding(report)
     return 0
 
 

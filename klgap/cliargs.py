@@ -75,6 +75,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "`klgap merge` joins the N shard folders into the unsharded run's report",
     )
     p.add_argument(
+        "--joint", action="store_true", default=None,
+        help="patch every --site/--layer listed in the same forward, each with its own SAE ({site}/{layer} in "
+        "--sae), and measure each alone on the same tokens: the report's compounding section compares them",
+    )
+    p.add_argument(
         "--no-fast", action="store_true", default=None,
         help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
         "only the layers above the site",

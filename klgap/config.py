@@ -41,6 +41,8 @@ class RunConfig:
     n_samples: many-samples mode draws `sample_intervention` this many times at `position`.
     include_first_position: also patch and measure position 0 (the BOS / attention-sink token).
     no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
+    joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
+    SAE (`sae` a template with {site}/{layer}); klgap/joint.py. `layer` then holds the list.
     """
 
     model: str
@@ -65,6 +67,7 @@ class RunConfig:
     no_fast: bool = False
     device_map: str | None = None
     remote: bool = False
+    joint: bool = False
 
     @property
     def n_contexts(self) -> int:
@@ -91,7 +94,7 @@ class RunConfig:
         """Check what can be checked without loading anything; raise KlgapError on the first problem."""
         if self.mode not in MODES:
             raise unknown("mode", self.mode, MODES)
-        if self.site is not None and self.site not in SITES:
+        if self.site is not None and not self.joint and self.site not in SITES:
             raise unknown("site", self.site, SITES)
         if self.dtype not in DTYPES:
             raise unknown("dtype", self.dtype, DTYPES)
@@ -103,9 +106,11 @@ class RunConfig:
         ):
             if not isinstance(value, int) or value < low:
                 raise KlgapError(f"{name} must be an integer ≥ {low}, got {value!r}")
-        if isinstance(self.layer, str) and self.layer.isdigit():
+        if self.joint:
+            self.joint_cells()
+        elif isinstance(self.layer, str) and self.layer.isdigit():
             self.layer = int(self.layer)
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+        if not self.joint and self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise KlgapError(f"--layer must be a non-negative integer, got {self.layer!r}")
         if self.position < 0 or self.k < 0:
             raise KlgapError(f"--position and --k must be ≥ 0, got position={self.position}, k={self.k}")
@@ -126,6 +131,20 @@ class RunConfig:
         if not self.interventions:
             raise KlgapError("--interventions is empty; give at least one, e.g. sae,epsilon_random")
         return self
+
+    def joint_cells(self) -> list[tuple[str, int]]:
+        """A joint run's (site, layer) pairs, in the order given (`site` and `layer` may be comma lists)."""
+        from klgap.grid import parse_layers, parse_sites
+
+        if self.site is None or self.layer is None:
+            raise KlgapError("--joint needs --site and --layer (e.g. --site resid_post --layer 3,10,17)")
+        if self.remote:
+            raise KlgapError("--joint patches every site in one local forward; --remote is not supported with it")
+        layers = parse_layers(self.layer)
+        if layers == "all":
+            raise KlgapError("--joint needs the layers listed (e.g. 3,10,17 or 0-5), not all")
+        self.layer = layers
+        return [(site, layer) for site in parse_sites(self.site) for layer in layers]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

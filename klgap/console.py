@@ -25,7 +25,9 @@ def print_summary(report: Report, out: Path) -> None:
     """The run's notes, what was measured, each intervention's KL and ΔCE, the ratio to the baseline."""
     for note in report.notes:
         print(f"note: {note}")
-    print(f"{report.model} {report.hook_name}  SAE {report.sae.source}  mode {report.mode}  "
+    where = report.hook_name if report.joint is None else "joint " + " + ".join(s.hook_name for s in report.joint)
+    sae = report.sae.source if report.joint is None else f"{len(report.joint)} SAEs"
+    print(f"{report.model} {where}  SAE {sae}  mode {report.mode}  "
           f"{report.n_tokens} tokens in {report.n_contexts} contexts")
     print(f"{'intervention':<40} {'KL mean':>10} {'KL median':>10} {'ΔCE mean':>10}")
     for name, row in report.interventions.items():
@@ -47,3 +49,25 @@ def print_summary(report: Report, out: Path) -> None:
         print(f"many samples: mean z of the SAE's KL = {fmt_fixed(many.z_mean)}, "
               f"fraction z > 2 = {fmt_fixed(many.frac_z_above_2)}")
     print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
+
+
+def print_compounding(report: Report) -> None:
+    """A joint run: the ratio with every site patched against each site alone, and joint KL against the sum."""
+    found = report.compounding
+    if found is None:
+        return
+    joint = found.joint_kl_ratio
+    if joint is not None:
+        print(f"joint KL(sae)/KL(epsilon_random) = {fmt_fixed(joint.ratio)}  95% CI [{fmt_fixed(joint.ci_low)}, "
+              f"{fmt_fixed(joint.ci_high)}]; alone: " + ", ".join(
+                  f"{site.hook_name} {fmt_fixed(site.kl_ratio.ratio if site.kl_ratio else None)}" for site in found.sites))
+    difference = found.joint_minus_max_single_ratio
+    if difference is not None:
+        print(f"joint ratio − largest single-site ratio ({found.max_single}) = {fmt_fixed(difference.estimate)}  "
+              f"95% CI [{fmt_fixed(difference.ci_low)}, {fmt_fixed(difference.ci_high)}], one-sided p = "
+              f"{fmt_p(difference.p_value)}")
+    print(f"{'intervention':<40} {'joint KL':>10} {'Σ alone':>10} {'joint/Σ [95% CI]':>26}  verdict")
+    for name, row in found.additivity.items():
+        ratio = row.joint_over_sum
+        interval = f"{fmt_fixed(ratio.ratio)} [{fmt_fixed(ratio.ci_low)}, {fmt_fixed(ratio.ci_high)}]"
+        print(f"{name:<40} {fmt(row.joint_kl_mean):>10} {fmt(row.sum_single_kl_mean):>10} {interval:>26}  {row.verdict}")

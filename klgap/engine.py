@@ -27,7 +27,7 @@ from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
-from klgap.resolve import Intervention, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
+from klgap.resolve import Intervention, JointPlan, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
 from klgap.sites import hook_name
@@ -269,6 +269,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     the ranks of a run sit on cuda:0, cuda:1, ... and a killed run resumes on any of them."""
     identity = run.config.to_dict()
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
+    if not identity.get("joint"):  # a single-site run's identity as before joint runs existed (resumes across)
+        identity.pop("joint", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
     return identity
 
@@ -360,14 +362,24 @@ def report_folder(folder: Path) -> Report:
     return report
 
 
-def run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
+def run(config: RunConfig | RunPlan | JointPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
         shard: tuple[int, int] | None = None, world: World = SINGLE) -> Report | None:
     """Measure, writing per-batch parts as it goes; resume a killed run; write report + tokens table.
 
     ``shard=(i, n)`` measures only batches ``b`` with ``b % n == i - 1`` and writes no report (None is
     returned): `klgap merge` joins the n shards' parts into the report of the unsharded run. `world`: the
-    ranks of a torchrun/srun launch share the batches (klgap.distributed); rank 0 returns the report.
+    ranks of a torchrun/srun launch share the batches (klgap.distributed); rank 0 returns the report. A joint
+    config or plan (``joint=True``) runs as klgap/jointrun.py says.
     """
+    if isinstance(config, RunConfig) and config.joint:
+        config = resolve(config)
+    if isinstance(config, JointPlan):
+        if world.size > 1:
+            raise KlgapError(f"joint runs do not share a launch of {world.size} ranks yet; run them as one process "
+                             "(the sites of a joint run share each forward pass)")
+        from klgap.jointrun import run_joint
+
+        return run_joint(config, out, overwrite, progress, shard)
     opened = open_run(config, out, overwrite, shard, world)
     share_out([opened])
     _measure_todo(opened, progress)

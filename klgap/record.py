@@ -53,7 +53,8 @@ class RunRecord(RunFacts):
 def write_record(folder: Path, record: RunRecord) -> None:
     from klgap.rundir import atomic_write_json
 
-    atomic_write_json(Path(folder) / RECORD_FILE, record.model_dump(mode="json"))
+    atomic_write_json(Path(folder) / RECORD_FILE,
+                      record.model_dump(mode="json", exclude={"joint"} if record.joint is None else None))
 
 
 def read_record(folder: Path) -> RunRecord:

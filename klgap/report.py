@@ -43,7 +43,8 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
     paths, sides = rundir.finished_parts()
     found = run_statistics(paths, sides, names=record.names, mode=record.mode, seed=record.seed,
                            sample_name=record.sample_intervention, decode=token_decoder(sides))
-    facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches"})
+    facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches",
+                                       *(["joint"] if record.joint is None else [])})
     report: dict[str, Any] = {
         **facts,
         "schema_version": SCHEMA_VERSION,
@@ -62,6 +63,10 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
                                   "kl_by_offset": found.kl_by_offset}
     if record.mode == "many_samples":
         report["many_samples"] = found.many_samples
+    if record.joint is not None:
+        from klgap.compounding import compounding
+
+        report["compounding"] = compounding(record, rundir, found.interventions)
     return Report.model_validate(_clean(_plain(report)))
 
 

@@ -107,6 +107,20 @@ class RunPlan:
         return [i.name for i in self.interventions]
 
 
+@dataclass(frozen=True)
+class JointPlan:
+    """A joint run (``--joint``): one single-site plan per (site, layer), all patched in the same forward
+    (klgap/joint.py). Each plan is what the same site measured alone would do; ``plans[i].config`` is the
+    joint config with that site, layer and SAE filled in and ``joint`` off."""
+
+    config: RunConfig
+    plans: tuple[RunPlan, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return self.plans[0].names
+
+
 def pick_device(name: str) -> torch.device:
     """`auto` -> cuda when available, else cpu; anything else must be a device torch knows. Under torchrun (or
     srun) with several ranks, cuda is each rank's ``cuda:LOCAL_RANK`` (klgap.distributed)."""
@@ -191,12 +205,41 @@ def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) ->
     return site, layer
 
 
+def resolve_joint(config: RunConfig, *, model: ModelRef | None = None,
+                  sae: list[LoadedSAE] | LoadedSAE | None = None, tokens: TokenSourceRef | None = None) -> JointPlan:
+    """A joint config -> one checked single-site plan per (site, layer); `sae` from Python: one SAE object
+    per (site, layer), in the order of ``config.joint_cells()``."""
+    import dataclasses
+
+    from klgap.grid import sae_for
+
+    config.validate()
+    cells = config.joint_cells()
+    objects = sae if isinstance(sae, list) else ([sae] if sae is not None else None)
+    if objects is not None and len(objects) != len(cells):
+        raise KlgapError(f"a joint run over {len(cells)} sites/layers needs {len(cells)} SAE objects (one per "
+                         f"site and layer, in order), got {len(objects)}")
+    if objects is None and config.sae and len(cells) > 1:
+        sae_for(config.sae, *cells[0])  # a template without {layer}/{site} is refused with the study's words
+    model = model if model is not None else model_adapter(config.model)
+    plans = []
+    for i, (site, layer) in enumerate(cells):
+        templated = bool(config.sae) and ("{layer}" in config.sae or "{site}" in config.sae)
+        spec = sae_for(config.sae, site, layer) if templated or (config.sae and len(cells) > 1) else config.sae
+        single = dataclasses.replace(config, joint=False, site=site, layer=layer, sae=spec)
+        plans.append(resolve(single, model=model, sae=objects[i] if objects else None, tokens=tokens))
+    return JointPlan(config, tuple(plans))
+
+
 def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE | None = None,
             tokens: TokenSourceRef | None = None) -> RunPlan:
     """Check `config` against the installed plugins and return what the run will do; loads nothing.
 
     From Python (klgap.api) the model, the SAE and the tokens may be objects the caller holds: they replace
-    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name."""
+    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name. A joint config (``joint=True``)
+    gives a :class:`JointPlan` (:func:`resolve_joint`)."""
+    if config.joint:
+        return resolve_joint(config, model=model, sae=sae, tokens=tokens)  # type: ignore[return-value]
     config.validate()
     host = get_host()
     model = model if model is not None else model_adapter(config.model)
@@ -242,5 +285,5 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
                    interventions, sample, tokens)
 
 
-__all__ = ["Intervention", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
-           "pick_device", "resolve", "route_sae", "site_of"]
+__all__ = ["Intervention", "JointPlan", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
+           "pick_device", "resolve", "resolve_joint", "route_sae", "site_of"]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klgap.errors import KlgapError
 
-SCHEMA_VERSION = "0.2.0"
+SCHEMA_VERSION = "0.3.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -202,6 +202,65 @@ class SiteSummary(_Model):
     curve: Curve | None = None
 
 
+class JointSite(_Model):
+    """One (site, layer) of a joint run, with its SAE; ``path``: the folder where it was measured alone."""
+
+    site: str
+    layer: int
+    hook_name: str
+    sae: SAEInfo
+    path: str
+
+
+class Difference(_Model):
+    """a − b with a bootstrap interval over contexts; p_value: the share of replicates with a − b ≤ 0
+    (one-sided: small when a is larger)."""
+
+    estimate: Num
+    ci_low: Num
+    ci_high: Num
+    p_value: Num
+    n_contexts: int
+    n_boot: int
+
+
+class CompoundingSite(_Model):
+    """One site of a joint run measured alone, on the same tokens."""
+
+    site: str
+    layer: int
+    hook_name: str
+    path: str
+    kl_mean: dict[str, Num]  # per intervention
+    ce_delta_mean: dict[str, Num]
+    kl_ratio: RatioCI | None  # sae / epsilon_random at this site alone
+
+
+class Additivity(_Model):
+    """One intervention: joint KL against the sum of its single-site KLs (per context, paired)."""
+
+    joint_kl_mean: Num
+    joint_ce_delta_mean: Num
+    sum_single_kl_mean: Num
+    sum_single_ce_delta_mean: Num
+    joint_over_sum: RatioCI  # > 1: super-additive, < 1: sub-additive
+    wilcoxon_joint_vs_sum: PairedTest
+    verdict: Literal["super-additive", "sub-additive", "not distinguishable from additive"]
+
+
+class Compounding(_Model):
+    """A joint run's sites patched together against each alone (issue 21): does the SAE's damage compound
+    more than ε-random's?"""
+
+    sites: list[CompoundingSite]
+    joint_kl_ratio: RatioCI | None  # sae / epsilon_random, every site patched
+    max_single: str | None  # hook name of the site with the largest single-site ratio
+    max_single_kl_ratio: Num
+    joint_minus_max_single_ratio: Difference | None
+    joint_ratio_larger: bool | None  # joint ratio > the largest single-site ratio (point estimates)
+    additivity: dict[str, Additivity]
+
+
 class RunFacts(_Model):
     """How a run measured (shared by run.json's RunRecord and report.json's Report): model, module patched,
     mode, execution path, configuration, plugins and provenance."""
@@ -221,6 +280,7 @@ class RunFacts(_Model):
     dataset: str
     plugins: dict[str, PluginRef]
     provenance: Provenance
+    joint: list[JointSite] | None = None  # a joint run's sites (site/layer/sae above: the lowest one's)
 
 
 class Report(RunFacts, SiteSummary):
@@ -231,6 +291,7 @@ class Report(RunFacts, SiteSummary):
     gap: GapAnalysis | None = None
     single_token: SingleToken | None = None
     many_samples: ManySamples | None = None
+    compounding: Compounding | None = None
 
     @property
     def position(self) -> int | None:

@@ -1,0 +1,248 @@
+"""Joint runs (klgap/joint.py): several sites patched in one forward, against plain forwards with hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from klgap import engine
+from klgap.config import RunConfig
+from klgap.errors import KlgapError
+from klgap.joint import SiteSwap, site_generator
+from klgap.modes import generator_for
+from klgap.resolve import build_intervention, resolve
+from klgap.sites import hook_name
+from tests.helpers import random_sae, shrink_sae
+
+SMALL = {"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random"}
+
+
+def _saes(tmp_path, lm, cells, make=random_sae, **kw):
+    folder = tmp_path / "saes"
+    folder.mkdir(exist_ok=True)
+    for k, (site, layer) in enumerate(cells):
+        path = folder / f"{site}-L{layer}.safetensors"
+        if make is random_sae:
+            random_sae(path, lm.site_widths[site], 4 * lm.site_widths[site], hook_name(site, layer), seed=k)
+        else:
+            make(path, lm.site_widths[site], hook_name=hook_name(site, layer), **kw)
+    return str(folder / "{site}-L{layer}.safetensors")
+
+
+def _joint(tmp_path, name, **kw):
+    config = RunConfig(**{**SMALL, "joint": True, **kw})
+    report = engine.run(config, tmp_path / name, progress=False)
+    return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
+
+
+@pytest.mark.parametrize("no_fast", [False, True])
+def test_identity_sae_at_every_site_gives_zero_kl(tmp_path, load_model, no_fast):
+    lm = load_model("tiny-llama")
+    cells = [("resid_post", 0), ("resid_post", 1), ("mlp_out", 0), ("mlp_out", 1)]
+    template = _saes(tmp_path, lm, cells, shrink_sae, scale=1.0)
+    report, tokens = _joint(tmp_path, "run", model="tiny-llama", site="resid_post,mlp_out", layer="0,1",
+                            sae=template, interventions=["sae", "epsilon_random"], no_fast=no_fast)
+    in_forward_order = [("mlp_out", 0), ("resid_post", 0), ("mlp_out", 1), ("resid_post", 1)]
+    assert [s.hook_name for s in report.joint] == [hook_name(s, v) for s, v in in_forward_order]
+    assert report.execution["path"] == ("joint-full-forward" if no_fast else "joint-suffix-replay")
+    assert len(tokens) == 2 * 4 * 31
+    assert tokens.kl.abs().max() < 1e-6  # x̂ = x and ε = 0 at every site
+    assert np.nanmax(np.abs(tokens.ce_delta)) < 1e-6
+
+
+@pytest.mark.parametrize("no_fast", [False, True])
+def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast):
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 1)])
+    names = ["sae", "epsilon_random", "theta_random", "sae_norm"]
+    joint, joint_tokens = _joint(tmp_path, "joint", model="tiny-gpt2", site="resid_pre", layer="1", sae=template,
+                                 interventions=names, no_fast=no_fast)
+    single_config = RunConfig(**SMALL, model="tiny-gpt2", site="resid_pre", layer=1, no_fast=no_fast,
+                              sae=template.format(site="resid_pre", layer=1), interventions=names)
+    single = engine.run(single_config, tmp_path / "single", progress=False)
+    single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
+    # bit for bit on the fast path (the same suffix replay); the full forward hooks the module nnsight patches
+    pd.testing.assert_frame_equal(joint_tokens, single_tokens, check_exact=not no_fast, rtol=0, atol=1e-6)
+    assert joint.interventions["sae"].kl_mean == pytest.approx(single.interventions["sae"].kl_mean, abs=1e-9)
+    assert joint.interventions["sae"].kl_mean > 1e-4
+    alone = pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" / "tokens.parquet")
+    pd.testing.assert_frame_equal(alone, single_tokens)  # the same code and executor as a single-site run
+    found = joint.compounding
+    assert found.joint_kl_ratio.ratio == pytest.approx(found.sites[0].kl_ratio.ratio, rel=1e-6)
+    for name in names:
+        assert found.additivity[name].joint_over_sum.ratio == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+def test_fast_path_equals_full_forwards(tmp_path, load_model, model):
+    lm = load_model(model)
+    cells = [("attn_out", 0), ("mlp_out", 0), ("attn_out", 1), ("mlp_out", 1)]
+    template = _saes(tmp_path, lm, cells)
+    kw = {"model": model, "site": "attn_out,mlp_out", "layer": "0,1", "sae": template,
+          "interventions": ["sae", "epsilon_random", "theta_random", "epsilon_anisotropic"]}
+    fast, fast_tokens = _joint(tmp_path, "fast", **kw)
+    full, full_tokens = _joint(tmp_path, "full", no_fast=True, **kw)
+    assert fast.execution["path"] == "joint-suffix-replay" and full.execution["path"] == "joint-full-forward"
+    assert fast.execution["replay_check_relative_error"] <= 1e-5
+    np.testing.assert_allclose(fast_tokens.kl, full_tokens.kl, rtol=1e-4, atol=1e-7)
+    assert fast_tokens.kl.mean() > 1e-4
+
+
+@torch.no_grad()
+def _hand_joint_kl(lm, saes, ids):
+    """KL of the SAE patched at every site in turn, by a plain Hugging Face forward with hooks."""
+    model = lm.hf_model
+    clean = model(input_ids=ids, use_cache=False).logits
+    handles = []
+    for (site, layer), sae in saes:
+        spec = lm.site_map(site, layer)
+
+        def swap(module, args, output, sae=sae, spec=spec):
+            tensor = output if spec.index is None else output[spec.index]
+            x = tensor[:, 1:].reshape(-1, tensor.shape[-1])
+            new = tensor.clone()
+            new[:, 1:] = sae.decode(sae.encode(x)).reshape(new[:, 1:].shape)
+            return new if spec.index is None else (*output[: spec.index], new, *output[spec.index + 1 :])
+
+        assert spec.io == "output"
+        handles.append(model.get_submodule(spec.module).register_forward_hook(swap))
+    try:
+        patched = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    logp, logq = torch.log_softmax(clean.double(), -1), torch.log_softmax(patched.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)[:, 1:]
+
+
+def test_each_site_sees_the_activation_the_patched_forward_gives_it(tmp_path, load_model):
+    """The joint KL is that of splicing each SAE in at its site of one forward, lowest first: the higher SAE
+    encodes the activation the lower patch produced (not the clean one)."""
+    from klgap.engine import load_sae
+
+    lm = load_model("tiny-llama")
+    cells = [("mlp_out", 0), ("resid_post", 0), ("mlp_out", 1), ("resid_post", 1)]  # the order of the forward
+    template = _saes(tmp_path, lm, cells)
+    report, tokens = _joint(tmp_path, "run", model="tiny-llama", site="resid_post,mlp_out", layer="0,1",
+                            sae=template, interventions=["sae", "epsilon_random"])
+    contexts = engine.prepare(RunConfig(**SMALL, model="tiny-llama", site="resid_post", layer=0,
+                                        sae=template.format(site="resid_post", layer=0))).contexts
+    saes = [(cell, load_sae(template.format(site=cell[0], layer=cell[1]), torch.device("cpu")).module)
+            for cell in cells]
+    expected = _hand_joint_kl(lm, saes, contexts)
+    got = tokens[tokens.intervention == "sae"].sort_values(["context", "position"]).kl.to_numpy()
+    np.testing.assert_allclose(got, expected.reshape(-1).numpy(), rtol=1e-4, atol=1e-7)
+    alone = sum(pd.read_parquet(tmp_path / "run" / site.path / "tokens.parquet").query("intervention == 'sae'").kl.mean()
+                for site in report.joint)
+    assert report.compounding.additivity["sae"].sum_single_kl_mean == pytest.approx(alone, rel=1e-5)
+    assert abs(got.mean() - alone) > 1e-6  # the joint run is not the sum of the single runs
+
+
+def test_epsilon_draws_are_independent_per_site(load_model, tmp_path):
+    lm = load_model("tiny-gpt2")
+    sae = engine.load_sae(random_sae(tmp_path / "s.safetensors", lm.d_model, 64, hook_name("resid_pre", 1)).as_posix(),
+                          torch.device("cpu"))
+    run = type("Run", (), {"sae": sae, "center": False, "model": lm})()
+    eps = build_intervention("epsilon_random").perturbation
+    tensor = torch.randn(2, 8, lm.d_model, generator=torch.Generator().manual_seed(0))
+    draws = [SiteSwap(run, eps, site_generator(torch.device("cpu"), 0, 3, 1, k), slice(1, None))(tensor) for k in range(3)]
+    view_error = (tensor - SiteSwap(run, build_intervention("sae").perturbation, torch.Generator(), slice(1, None))(tensor))[:, 1:]
+    for k, draw in enumerate(draws):
+        assert torch.equal(draw[:, 0], tensor[:, 0])  # the first position is left as it is
+        # each draw keeps the SAE's error norm, token by token
+        torch.testing.assert_close((draw - tensor)[:, 1:].norm(dim=-1), view_error.norm(dim=-1), rtol=1e-5, atol=1e-6)
+        for other in draws[k + 1 :]:
+            cos = torch.nn.functional.cosine_similarity((draw - tensor)[:, 1:], (other - tensor)[:, 1:], dim=-1)
+            assert cos.abs().max() < 0.9  # independent directions, not the same draw
+    # the lowest site draws as a single-site run does (one site joint == single-site run)
+    assert torch.equal(site_generator(torch.device("cpu"), 0, 3, 1, 0).get_state(),
+                       generator_for(torch.device("cpu"), 0, 3, 1).get_state())
+
+
+def test_joint_inputs_are_checked(tmp_path, load_model):
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
+    with pytest.raises(KlgapError, match="names one SAE but several sites/layers"):
+        resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="0,1", joint=True,
+                          sae=template.format(site="resid_pre", layer=0)))
+    with pytest.raises(KlgapError, match="--joint needs --site and --layer"):
+        resolve(RunConfig(model="tiny-gpt2", joint=True, sae=template))
+    with pytest.raises(KlgapError, match="not all"):
+        resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="all", joint=True, sae=template))
+    plan = resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="1,0", joint=True, sae=template))
+    assert [(p.site, p.layer) for p in plan.plans] == [("resid_pre", 0), ("resid_pre", 1)]
+
+
+def test_measure_joint_from_python(tmp_path, load_model):
+    import klgap
+    from klgap.engine import load_sae
+
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
+    by_spec = klgap.measure("tiny-gpt2", template, site="resid_pre", layer=[0, 1], joint=True,
+                            interventions="sae,epsilon_random", progress=False, **SMALL)
+    objects = [load_sae(template.format(site="resid_pre", layer=v), torch.device("cpu")).module for v in (0, 1)]
+    by_object = klgap.measure("tiny-gpt2", objects, site="resid_pre", layer=[0, 1], joint=True,
+                              interventions="sae,epsilon_random", progress=False, **SMALL)
+    assert by_spec.report.compounding is not None and len(by_spec.report.compounding.sites) == 2
+    assert by_object.report.interventions["sae"].kl_mean == pytest.approx(by_spec.report.interventions["sae"].kl_mean,
+                                                                          rel=1e-6)
+    with pytest.raises(KlgapError, match="pass joint=True"):
+        klgap.measure("tiny-gpt2", objects, site="resid_pre", layer=0, progress=False, **SMALL)
+
+
+def test_single_token_joint(tmp_path, load_model):
+    """Single-token mode patches position t at every site; with one site it is the single-site run."""
+    lm = load_model("tiny-pythia")
+    template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
+    mode = {"mode": "single_token", "position": 5, "k": 3, "interventions": ["sae", "epsilon_random"]}
+    one, one_tokens = _joint(tmp_path, "one", model="tiny-pythia", site="resid_pre", layer="1", sae=template,
+                             no_fast=True, **mode)
+    single = RunConfig(**SMALL, **mode, model="tiny-pythia", site="resid_pre", layer=1, no_fast=True,
+                       sae=template.format(site="resid_pre", layer=1))
+    engine.run(single, tmp_path / "single", progress=False)
+    single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
+    pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
+    assert sorted(one_tokens.offset.unique()) == [0, 1, 2, 3]
+    both, both_tokens = _joint(tmp_path, "both", model="tiny-pythia", site="resid_pre", layer="0,1", sae=template,
+                               **mode)
+    assert both.single_token is not None and both.execution["path"] == "joint-full-forward"
+    assert both.compounding.additivity["sae"].joint_kl_mean > 0
+    assert not np.allclose(both_tokens.kl, one_tokens.kl)  # the second site changes the numbers
+
+
+def test_many_samples_joint(tmp_path, load_model):
+    """Many-samples mode draws at position t of every site; with one site it is the single-site run."""
+    lm = load_model("tiny-llama")
+    template = _saes(tmp_path, lm, [("resid_post", 0), ("resid_post", 1)])
+    mode = {"mode": "many_samples", "position": 6, "n_samples": 20, "interventions": ["sae", "epsilon_random"],
+            "no_fast": True}
+    one, one_tokens = _joint(tmp_path, "one", model="tiny-llama", site="resid_post", layer="1", sae=template, **mode)
+    single = RunConfig(**SMALL, **mode, model="tiny-llama", site="resid_post", layer=1,
+                       sae=template.format(site="resid_post", layer=1))
+    alone = engine.run(single, tmp_path / "single", progress=False)
+    single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
+    pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
+    assert one.many_samples.z_mean == pytest.approx(alone.many_samples.z_mean, abs=1e-4)
+    both, both_tokens = _joint(tmp_path, "both", model="tiny-llama", site="resid_post", layer="0,1", sae=template,
+                               **mode)
+    draws = both_tokens[both_tokens.draw >= 0]
+    assert len(draws) == 4 * 20 and draws.kl.std() > 0
+    assert both.many_samples.n_draws == 20 and both.compounding.additivity["sae"].joint_kl_mean > 0
+
+
+def test_each_site_fits_its_own_perturbation(tmp_path, load_model):
+    """A fitted perturbation (epsilon_anisotropic) is fitted on each site's own activations, and used there."""
+    from klgap.joint import load_joint
+
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("mlp_out", 0), ("mlp_out", 1)])
+    joint = load_joint(resolve(RunConfig(**SMALL, model="tiny-gpt2", site="mlp_out", layer="0,1", joint=True,
+                                         sae=template, interventions=["sae", "epsilon_anisotropic"])))
+    fitted = [run.interventions[1].perturbation for run in joint.runs]
+    assert fitted[0] is not fitted[1]
+    x = torch.randn(16, lm.d_model, generator=torch.Generator().manual_seed(1))
+    draws = [p(x, x * 0.5, torch.Generator().manual_seed(0)) for p in fitted]
+    assert not torch.allclose(draws[0], draws[1])  # the same draw shaped by two different site covariances
