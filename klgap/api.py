@@ -275,7 +275,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
             ``klgap report`` / ``merge`` / ``compare`` read it).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
-            device, dtype, include_first_position, no_bos, no_fast.
+            device, dtype, include_first_position, drop_last_position, no_bos, no_fast.
     """
     import torch
 

@@ -36,6 +36,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
             values[dest] = value
     if args.include_first_position:
         values["include_first_position"] = True
+    if args.drop_last_position:
+        values["drop_last_position"] = True
     if args.no_bos:
         values["no_bos"] = True
     if args.no_fast:

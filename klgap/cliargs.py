@@ -64,6 +64,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
     )
+    p.add_argument(
+        "--drop-last-position",
+        action="store_true",
+        default=None,
+        help="patch the last position of each context but do not measure it (the study's error_eval.py); "
+        "measured by default",
+    )
     p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
     p.add_argument(
         "--dry-run", action="store_true",

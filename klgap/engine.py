@@ -234,6 +234,7 @@ def make_record(run: Loaded) -> RunRecord:
         mode=cfg.mode,
         context_len=cfg.context_len,
         first_position="excluded (not patched, not measured)" if cfg.skip_first_position else "included",
+        last_position="patched, not measured" if cfg.drop_last_position else "measured",
         centered_activations=run.center,
         execution=_json_safe(run.execution),
         interventions=[InterventionRef(name=i.name, spec=i.spec, plugin=plugin_ref(i.plugin)) for i in plan.interventions],
@@ -266,6 +267,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     """What makes two runs the same run (resume only into an identical one)."""
     identity = run.config.to_dict()
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
+    if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
+        identity.pop("drop_last_position")
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=str(run.model.device))
     return identity
 

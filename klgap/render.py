@@ -98,6 +98,19 @@ def _comparisons(report: Report) -> list[Block]:
     ]
 
 
+def _sae_lens_scores(report: Report) -> list[Block]:
+    scores = report.sae_lens_scores
+    if scores is None:
+        return []
+    return [
+        Heading(2, "sae_lens scores"),
+        Para("sae_lens's normalised scores against zero ablation, from this run's means: kl_div_score = "
+             "(KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a "
+             "perfect reconstruction, 0 no better than zero ablation."),
+        Table(["kl_div_score", "ce_loss_score"], [[fmt_fixed(scores.kl_div_score), fmt_fixed(scores.ce_loss_score)]]),
+    ]
+
+
 def _interventions(report: Report) -> list[Block]:
     rows = [[name, fmt(s.n_tokens), fmt(s.n_nonfinite), fmt(s.kl_mean), fmt(s.kl_median), fmt(s.kl_p999),
              fmt(s.ce_delta_mean), fmt(s.ce_delta_median), fmt(s.ce_delta_p999)]
@@ -229,6 +242,7 @@ def _overview(report: Report | StudyReport) -> list[Block]:
         f"mode: {report.mode}",
         f"tokens: {fmt(report.n_tokens)} in {fmt(report.n_contexts)} contexts of {fmt(report.context_len)}",
         f"first position: {report.first_position}",
+        f"last position: {report.last_position}",
         f"dataset: {report.dataset}",
         f"centred activations: {report.centered_activations}",
     ]
@@ -282,7 +296,7 @@ def document(report: Report | StudyReport, figures: Sequence[Path]) -> list[Bloc
     """The report as blocks, in reading order."""
     blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report)]
     if isinstance(report, Report):
-        blocks += [*_comparisons(report), *_interventions(report), *_sae(report), *_single_token(report),
+        blocks += [*_comparisons(report), *_interventions(report), *_sae_lens_scores(report), *_sae(report), *_single_token(report),
                    *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
     return blocks + _figures(report, figures) + _provenance(report)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klgap.errors import KlgapError
 
-SCHEMA_VERSION = "0.2.0"
+SCHEMA_VERSION = "0.3.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -64,6 +64,16 @@ class Comparison(_Model):
     kl_ratio: RatioCI
     ce_delta_ratio: RatioCI
     wilcoxon_kl: PairedTest
+
+
+class SaeLensScores(_Model):
+    """sae_lens's normalised scores (sae_lens.evals.get_downstream_reconstruction_metrics), from this run's own
+    means over its measured tokens, with zero ablation as the reference:
+    kl_div_score = (KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)
+    = (ΔCE_zero − ΔCE_sae) / ΔCE_zero. 1 is a perfect reconstruction, 0 no better than zero ablation."""
+
+    kl_div_score: Num
+    ce_loss_score: Num
 
 
 class SAEInfo(_Model):
@@ -200,6 +210,7 @@ class SiteSummary(_Model):
     sae_metrics: SAEMetrics
     notes: list[str]
     curve: Curve | None = None
+    sae_lens_scores: SaeLensScores | None = None  # when both sae and zero were measured
 
 
 class RunFacts(_Model):
@@ -211,6 +222,7 @@ class RunFacts(_Model):
     mode: Literal["all_tokens", "single_token", "many_samples"]
     context_len: int
     first_position: str
+    last_position: str = "measured"  # "patched, not measured" with drop_last_position (the study's protocol)
     centered_activations: bool
     execution: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any]
