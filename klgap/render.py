@@ -286,15 +286,27 @@ def _provenance(report: Report | StudyReport) -> list[Block]:
     return blocks
 
 
+def expectation_blocks(run_dir: Path) -> list[Block]:
+    """The "Replication targets" section, when the run was checked against an expected.json (klgap/expectations.py)."""
+    from klgap.expectations import load_check
+
+    check = load_check(run_dir)
+    if check is None:
+        return []
+    rows = [[v.target.name, v.status, v.text] for v in check.verdicts]
+    return [Heading(2, "Replication targets"), Para(f"Checked against {check.expected}: {check.summary()}."),
+            Table(["target", "verdict", "measured, interval, source"], rows)]
+
+
 def title_of(report: Report | StudyReport) -> str:
     if isinstance(report, StudyReport):
         return f"klgap study: {report.model} · {report.mode}"
     return f"klgap report: {report.model} · {report.hook_name or _where(report)} · {report.mode}"
 
 
-def document(report: Report | StudyReport, figures: Sequence[Path]) -> list[Block]:
-    """The report as blocks, in reading order."""
-    blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report)]
+def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
+    """The report as blocks, in reading order (`extra`: sections from beside report.json, e.g. replication targets)."""
+    blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report), *extra]
     if isinstance(report, Report):
         blocks += [*_comparisons(report), *_interventions(report), *_sae_lens_scores(report), *_sae(report), *_single_token(report),
                    *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
@@ -334,9 +346,9 @@ def _md_block(block: Block) -> str:
     raise TypeError(f"unknown block {block!r}")
 
 
-def render_markdown(report: Report | StudyReport, figures: Sequence[Path]) -> str:
+def render_markdown(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.md: figures are linked by file name (they lie beside the report)."""
-    return "\n\n".join(_md_block(b) for b in document(report, figures)) + "\n"
+    return "\n\n".join(_md_block(b) for b in document(report, figures, extra)) + "\n"
 
 
 # ----------------------------------------------------------------------------- html
@@ -378,9 +390,9 @@ def _html_block(block: Block) -> str:
     raise TypeError(f"unknown block {block!r}")
 
 
-def render_html(report: Report | StudyReport, figures: Sequence[Path]) -> str:
+def render_html(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.html: one self-contained page (inline CSS, PNGs as data URIs, no scripts, no external assets)."""
-    body = "\n".join(_html_block(b) for b in document(report, figures))
+    body = "\n".join(_html_block(b) for b in document(report, figures, extra))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_esc(title_of(report))}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
@@ -408,7 +420,9 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
     tokens = read_tokens(run_dir) if isinstance(report, Report) else None
     figures = figures_for_run(run_dir, report, tokens)
     written.update({f.name: f for f in figures})
-    for name, text in (("report.md", render_markdown(report, figures)), ("report.html", render_html(report, figures))):
+    extra = expectation_blocks(run_dir)
+    for name, text in (("report.md", render_markdown(report, figures, extra)),
+                       ("report.html", render_html(report, figures, extra))):
         atomic_write_bytes(run_dir / name, text.encode("utf-8"))
         written[name] = run_dir / name
     return written
