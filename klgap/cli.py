@@ -36,6 +36,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
             values[dest] = value
     if args.include_first_position:
         values["include_first_position"] = True
+    if args.drop_last_position:
+        values["drop_last_position"] = True
     if args.no_bos:
         values["no_bos"] = True
     if args.no_fast:
@@ -98,6 +100,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     world = read_world()
     progress = not args.quiet and world.leader
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
+    expected = _expected_for(args)  # a bad expected.json fails now, not after the run
     if config.joint:
         return run_joint_and_render(config, extra, args, tag, shard)
     sites = parse_sites(config.site) if config.site is not None else [None]
@@ -131,8 +134,10 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
             return 0
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
+        check = _check_expected(expected, Path(out))
         _render(Path(out))
         print_study(study, Path(out))
+        _print_check(check)
         return 0
     config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
@@ -150,8 +155,10 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         return 0
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
+    check = _check_expected(expected, Path(out))
     _render(Path(out))
     print_summary(report, Path(out))
+    _print_check(check)
     return 0
 
 
@@ -186,6 +193,30 @@ def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Name
     print_summary(report, out)
     print_compounding(report)
     return 0
+def _expected_for(args: argparse.Namespace) -> Any:
+    """(expected.json, its targets for this file) beside `--config`, or None (no file, or no target for it)."""
+    from klgap.expectations import expected_beside
+
+    found = expected_beside(args.config) if getattr(args, "config", None) else None
+    return found if found is not None and found[1] else None
+
+
+def _check_expected(expected: Any, out: Path) -> Any:
+    """The run's verdict per target, written to OUT/expected_check.json (the report renders it); None without."""
+    if expected is None:
+        return None
+    from klgap.expectations import check_run, write_check
+
+    check = check_run(out, expected[0], expected[1])
+    write_check(out, check)
+    return check
+
+
+def _print_check(check: Any) -> None:
+    if check is not None:
+        from klgap.expectations import print_check
+
+        print_check(check)
 
 
 def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shard: tuple[int, int]) -> int:
@@ -293,6 +324,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """A run or study folder against an expected.json: one verdict per target (no model, no SAE loaded)."""
+    from klgap.expectations import check_run, expected_beside, print_check, write_check
+
+    targets = None
+    if args.for_config:
+        found = expected_beside(Path(args.expected).parent / args.for_config)
+        targets = found[1] if found is not None else []
+        if not targets:
+            raise KlgapError(f"{args.expected!r} has no target for {args.for_config!r}")
+    check = check_run(args.run_dir, args.expected, targets)
+    print_check(check)
+    if args.write:
+        print(f"wrote {write_check(args.run_dir, check)}")
+        _render(Path(args.run_dir))
+    return 0 if check.replicated else 3
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from klgap.comparison import compare_runs
 
@@ -315,9 +364,9 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 #: commands whose ranks share one run's batches under torchrun / srun; the others (train-sae, merge, report,
-#: ...) run on rank 0 alone and the other ranks exit at once
+#: check, ...) run on rank 0 alone and the other ranks exit at once
 DISTRIBUTED = ("replicate", "curve")
-COMMANDS = {"merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
     )
+    p.add_argument(
+        "--drop-last-position",
+        action="store_true",
+        default=None,
+        help="patch the last position of each context but do not measure it (the study's error_eval.py); "
+        "measured by default",
+    )
     p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
     p.add_argument(
         "--dry-run", action="store_true",
@@ -154,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data")
     rep_cmd.add_argument("run_dir")
+
+    check = sub.add_parser(
+        "check", help="a run folder against a replication's expected.json: one verdict per target (exit 3 if any "
+        "target is not met)",
+    )
+    check.add_argument("run_dir", help="a run or study folder (with report.json)")
+    check.add_argument("--expected", required=True, help="an expected.json (beside a replication's files)")
+    check.add_argument(
+        "--for", dest="for_config", help="check the targets of this replication file (e.g. all_tokens.toml); default: "
+        "those whose file declares the run's model and mode",
+    )
+    check.add_argument("--write", action="store_true",
+                       help="also write RUN/expected_check.json and redraw report.md / report.html with the verdicts")
 
     val = sub.add_parser("validate", help="check a report.json against the report schema")
     val.add_argument("report", help="a report.json, or a run folder holding one")

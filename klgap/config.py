@@ -40,6 +40,8 @@ class RunConfig:
     position/k: single-token mode patches `position` and measures positions position..position+k.
     n_samples: many-samples mode draws `sample_intervention` this many times at `position`.
     include_first_position: also patch and measure position 0 (the BOS / attention-sink token).
+    drop_last_position: patch the last position but do not measure it (its KL has no ΔCE beside it), as the
+    study's error_eval.py does (``[:, :-1]``).
     no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
     joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
     SAE (`sae` a template with {site}/{layer}); klgap/joint.py. `layer` then holds the list.
@@ -60,6 +62,7 @@ class RunConfig:
     dataset: str = "sample"
     no_bos: bool = False
     include_first_position: bool = False
+    drop_last_position: bool = False
     position: int = 32
     k: int = 16
     n_samples: int = 500
@@ -122,11 +125,12 @@ class RunConfig:
                     "or --include-first-position"
                 )
             last = self.position + (self.k if self.mode == "single_token" else 0)
-            if last >= self.context_len:
+            dropped = 1 if self.drop_last_position else 0
+            if last >= self.context_len - dropped:
                 raise KlgapError(
                     f"--context-len {self.context_len} is too short for {self.mode} at position "
-                    f"{self.position} with k={self.k if self.mode == 'single_token' else 0}: it needs "
-                    f"context_len ≥ {last + 1}"
+                    f"{self.position} with k={self.k if self.mode == 'single_token' else 0}"
+                    f"{' and --drop-last-position' if dropped else ''}: it needs context_len ≥ {last + 1 + dropped}"
                 )
         if not self.interventions:
             raise KlgapError("--interventions is empty; give at least one, e.g. sae,epsilon_random")

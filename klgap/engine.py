@@ -235,6 +235,7 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         mode=cfg.mode,
         context_len=cfg.context_len,
         first_position="excluded (not patched, not measured)" if cfg.skip_first_position else "included",
+        last_position="patched, not measured" if cfg.drop_last_position else "measured",
         centered_activations=run.center,
         execution=_json_safe(run.execution),
         interventions=[InterventionRef(name=i.name, spec=i.spec, plugin=plugin_ref(i.plugin)) for i in plan.interventions],
@@ -271,6 +272,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
     if not identity.get("joint"):  # a single-site run's identity as before joint runs existed (resumes across)
         identity.pop("joint", None)
+    if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
+        identity.pop("drop_last_position")
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
     return identity
 

@@ -63,9 +63,12 @@ class SaeView:
         x_prime = perturbation(self.x, self.x_hat, generator)
         return (x_prime.float() + self.offset).to(dtype)
 
-    def side_stats(self) -> dict[str, Any]:
-        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖²."""
+    def side_stats(self, measured: Tensor | None = None) -> dict[str, Any]:
+        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖² (over the `measured` rows
+        ``[n] bool`` only, when given)."""
         finite = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
+        if measured is not None:
+            finite &= measured.to(finite.device)
         x, err = self.x[finite].double(), (self.x - self.x_hat)[finite].double()
         return {
             "n": int(finite.sum()),
@@ -94,7 +97,7 @@ def all_tokens(run: Loaded, index: int, clean: tuple[Tensor, Any] | None = None)
     ids = ids_cpu.to(model.device)
     n_ctx, ctx_len = ids.shape
     first = 1 if cfg.skip_first_position else 0
-    n_pos = ctx_len - first
+    n_pos = ctx_len - first  # patched positions; with drop_last_position the last of them is not measured
 
     acts, clean_logits = clean if clean is not None else ex.clean(ids, 0)  # [b pos d], [b pos vocab]
     # once per batch, shared by every intervention (and, in a study, by every site: run_shared builds it)
@@ -125,7 +128,12 @@ def all_tokens(run: Loaded, index: int, clean: tuple[Tensor, Any] | None = None)
             frames.append(table({**base, "intervention": intervention.name, "draw": -1,
                                  "kl": kl[:, first:].reshape(-1), "ce_delta": ce[:, first:].reshape(-1)}))
         del logits_of, logits
-    return pd.concat(frames, ignore_index=True), view.side_stats()
+    frame = pd.concat(frames, ignore_index=True)
+    if not cfg.drop_last_position:
+        return frame, view.side_stats()
+    # the study's protocol: every position patched (the last too), KL and ΔCE kept for positions < ctx_len - 1
+    measured = base["position"] < ctx_len - 1  # [n_ctx * n_pos] bool
+    return frame[frame["position"] < ctx_len - 1].reset_index(drop=True), view.side_stats(measured)
 
 
 @torch.no_grad()

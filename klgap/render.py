@@ -98,6 +98,19 @@ def _comparisons(report: Report) -> list[Block]:
     ]
 
 
+def _sae_lens_scores(report: Report) -> list[Block]:
+    scores = report.sae_lens_scores
+    if scores is None:
+        return []
+    return [
+        Heading(2, "sae_lens scores"),
+        Para("sae_lens's normalised scores against zero ablation, from this run's means: kl_div_score = "
+             "(KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a "
+             "perfect reconstruction, 0 no better than zero ablation."),
+        Table(["kl_div_score", "ce_loss_score"], [[fmt_fixed(scores.kl_div_score), fmt_fixed(scores.ce_loss_score)]]),
+    ]
+
+
 def _interventions(report: Report) -> list[Block]:
     rows = [[name, fmt(s.n_tokens), fmt(s.n_nonfinite), fmt(s.kl_mean), fmt(s.kl_median), fmt(s.kl_p999),
              fmt(s.ce_delta_mean), fmt(s.ce_delta_median), fmt(s.ce_delta_p999)]
@@ -229,6 +242,7 @@ def _overview(report: Report | StudyReport) -> list[Block]:
         f"mode: {report.mode}",
         f"tokens: {fmt(report.n_tokens)} in {fmt(report.n_contexts)} contexts of {fmt(report.context_len)}",
         f"first position: {report.first_position}",
+        f"last position: {report.last_position}",
         f"dataset: {report.dataset}",
         f"centred activations: {report.centered_activations}",
     ]
@@ -299,6 +313,16 @@ def _compounding(report: Report) -> list[Block]:
              a.verdict] for name, a in found.additivity.items()]
     return blocks + [Table(["intervention", "joint KL", "Σ KL alone", "joint/Σ [95% CI]", "Wilcoxon p",
                             "joint ΔCE", "Σ ΔCE alone", "verdict"], rows)]
+def expectation_blocks(run_dir: Path) -> list[Block]:
+    """The "Replication targets" section, when the run was checked against an expected.json (klgap/expectations.py)."""
+    from klgap.expectations import load_check
+
+    check = load_check(run_dir)
+    if check is None:
+        return []
+    rows = [[v.target.name, v.status, v.text] for v in check.verdicts]
+    return [Heading(2, "Replication targets"), Para(f"Checked against {check.expected}: {check.summary()}."),
+            Table(["target", "verdict", "measured, interval, source"], rows)]
 
 
 def title_of(report: Report | StudyReport) -> str:
@@ -307,11 +331,12 @@ def title_of(report: Report | StudyReport) -> str:
     return f"klgap report: {report.model} · {report.hook_name or _where(report)} · {report.mode}"
 
 
-def document(report: Report | StudyReport, figures: Sequence[Path]) -> list[Block]:
-    """The report as blocks, in reading order."""
-    blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report)]
+def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
+    """The report as blocks, in reading order (`extra`: sections from beside report.json, e.g. replication targets)."""
+    blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report), *extra]
     if isinstance(report, Report):
-        blocks += [*_compounding(report), *_comparisons(report), *_interventions(report), *_sae(report), *_single_token(report),
+        blocks += [*_compounding(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
+                   *_sae(report), *_single_token(report),
                    *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
     return blocks + _figures(report, figures) + _provenance(report)
 
@@ -349,9 +374,9 @@ def _md_block(block: Block) -> str:
     raise TypeError(f"unknown block {block!r}")
 
 
-def render_markdown(report: Report | StudyReport, figures: Sequence[Path]) -> str:
+def render_markdown(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.md: figures are linked by file name (they lie beside the report)."""
-    return "\n\n".join(_md_block(b) for b in document(report, figures)) + "\n"
+    return "\n\n".join(_md_block(b) for b in document(report, figures, extra)) + "\n"
 
 
 # ----------------------------------------------------------------------------- html
@@ -393,9 +418,9 @@ def _html_block(block: Block) -> str:
     raise TypeError(f"unknown block {block!r}")
 
 
-def render_html(report: Report | StudyReport, figures: Sequence[Path]) -> str:
+def render_html(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.html: one self-contained page (inline CSS, PNGs as data URIs, no scripts, no external assets)."""
-    body = "\n".join(_html_block(b) for b in document(report, figures))
+    body = "\n".join(_html_block(b) for b in document(report, figures, extra))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_esc(title_of(report))}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
@@ -423,7 +448,9 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
     tokens = read_tokens(run_dir) if isinstance(report, Report) else None
     figures = figures_for_run(run_dir, report, tokens)
     written.update({f.name: f for f in figures})
-    for name, text in (("report.md", render_markdown(report, figures)), ("report.html", render_html(report, figures))):
+    extra = expectation_blocks(run_dir)
+    for name, text in (("report.md", render_markdown(report, figures, extra)),
+                       ("report.html", render_html(report, figures, extra))):
         atomic_write_bytes(run_dir / name, text.encode("utf-8"))
         written[name] = run_dir / name
     return written

@@ -13,7 +13,7 @@ import numpy as np
 from klgap.aggregate import run_statistics
 from klgap.record import RunRecord
 from klgap.rundir import RunDir
-from klgap.schema import SCHEMA_VERSION, Report
+from klgap.schema import SCHEMA_VERSION, InterventionStats, Report, SaeLensScores
 
 
 def _clean(obj: Any) -> Any:
@@ -58,6 +58,9 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         "gap": found.gap,
         "curve": found.curve,
     }
+    scores = sae_lens_scores(found.interventions)
+    if scores is not None:
+        report["sae_lens_scores"] = scores
     if record.mode == "single_token":
         report["single_token"] = {"position": record.config["position"], "k": record.config["k"],
                                   "kl_by_offset": found.kl_by_offset}
@@ -68,6 +71,22 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
 
         report["compounding"] = compounding(record, rundir, found.interventions)
     return Report.model_validate(_clean(_plain(report)))
+
+
+def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:
+    """sae_lens's kl_div_score and ce_loss_score from the mean KL and ΔCE of `sae` and `zero` (ratios of means
+    over the measured tokens, as sae_lens.evals computes them); None unless both were measured."""
+    sae, zero = interventions.get("sae"), interventions.get("zero")
+    if sae is None or zero is None:
+        return None
+
+    def score(ablated: float | None, reconstructed: float | None) -> float:
+        if ablated is None or reconstructed is None or ablated == 0:
+            return math.nan
+        return (ablated - reconstructed) / ablated
+
+    return SaeLensScores(kl_div_score=score(zero.kl_mean, sae.kl_mean),
+                         ce_loss_score=score(zero.ce_delta_mean, sae.ce_delta_mean))
 
 
 def _plain(obj: Any) -> Any:

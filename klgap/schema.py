@@ -66,6 +66,16 @@ class Comparison(_Model):
     wilcoxon_kl: PairedTest
 
 
+class SaeLensScores(_Model):
+    """sae_lens's normalised scores (sae_lens.evals.get_downstream_reconstruction_metrics), from this run's own
+    means over its measured tokens, with zero ablation as the reference:
+    kl_div_score = (KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)
+    = (ΔCE_zero − ΔCE_sae) / ΔCE_zero. 1 is a perfect reconstruction, 0 no better than zero ablation."""
+
+    kl_div_score: Num
+    ce_loss_score: Num
+
+
 class SAEInfo(_Model):
     source: str
     hook_name: str | None
@@ -200,6 +210,7 @@ class SiteSummary(_Model):
     sae_metrics: SAEMetrics
     notes: list[str]
     curve: Curve | None = None
+    sae_lens_scores: SaeLensScores | None = None  # when both sae and zero were measured
 
 
 class JointSite(_Model):
@@ -270,6 +281,7 @@ class RunFacts(_Model):
     mode: Literal["all_tokens", "single_token", "many_samples"]
     context_len: int
     first_position: str
+    last_position: str = "measured"  # "patched, not measured" with drop_last_position (the study's protocol)
     centered_activations: bool
     execution: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any]

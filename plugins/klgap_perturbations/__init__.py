@@ -1,5 +1,5 @@
 """klgap's built-in perturbations (METHOD.md §1): sae, sae_norm_corrected, sae_norm, epsilon_random,
-theta_random, theta_random_xnorm, cosine_matched, identity, zero, and two baselines for anisotropic
+theta_random, theta_random_xnorm, cosine_matched, identity, zero, mean_ablation, and two baselines for anisotropic
 activation spaces: epsilon_anisotropic and sae_error_shuffled.
 
 The formulas themselves are plain functions in :mod:`klgap_perturbations.geometry`.

@@ -138,6 +138,17 @@ def zero(x: Tensor, x_hat: Tensor) -> Tensor:
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
 
 
+def mean_ablation(x: Tensor, x_hat: Tensor) -> Tensor:
+    """x' = the mean of x over the call's tokens, the same row for every token (mean ablation).
+
+    In all-token mode a call holds every patched token of a batch, so this is the batch's mean activation over
+    its tokens, as the study's ``mean_ablation_hook`` (error_eval.py: ``activation.mean((0, 1))``); in
+    single-token and many-samples modes it is the mean over the batch's contexts at the patched position.
+    """
+    mean = as_float32(x).mean(0, keepdim=True)  # [1, d], float64 stays float64 until the end
+    return mean.expand(x.shape[0], -1).float().clone()
+
+
 # --------------------------------------------------------------------------- baselines for anisotropic spaces
 
 

@@ -160,6 +160,10 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
         "x' = x: a control, KL must be 0",
     ),
     "zero": (_deterministic("zero", geometry.zero, {"norm": 0.0}, "x' = 0"), "x' = 0: zero ablation"),
+    "mean_ablation": (
+        _deterministic("mean_ablation", geometry.mean_ablation, {}, "x' = mean of x over the batch's tokens"),
+        "x' = the batch's mean activation over its patched tokens: mean ablation (the study's baseline)",
+    ),
     "epsilon_anisotropic": (
         epsilon_anisotropic,
         "x + ε·u, u drawn from the site's activation covariance (fitted on the run's clean activations)",

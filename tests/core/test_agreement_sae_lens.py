@@ -127,3 +127,69 @@ def test_kl_and_ce_agree_with_sae_lens_evals(tmp_path, load_model, model, site, 
         got = ours(name, "ce_delta")
         assert np.isnan(got[:, -1]).all()
         np.testing.assert_allclose(got[:, :-1], delta, rtol=tol["rtol"], atol=10 * tol["atol"])
+
+
+class _Store:
+    """What sae_lens's downstream metrics read from an ActivationsStore: the exact contexts klgap measured."""
+
+    def __init__(self, contexts: torch.Tensor) -> None:
+        self.contexts, self.next = contexts, 0
+
+    def get_batch_tokens(self, n: int) -> torch.Tensor:
+        batch = self.contexts[self.next : self.next + n]
+        self.next += n
+        return batch
+
+
+@pytest.mark.parametrize(("model", "site", "layer"), [("tiny-gpt2", "resid_pre", 1), ("tiny-pythia", "mlp_out", 1)])
+def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp_path, load_model, model, site, layer):
+    """The report's kl_div_score / ce_loss_score are what sae_lens.evals.get_downstream_reconstruction_metrics
+    computes on the same tokens; mean_ablation's KL is the study's mean_ablation_hook (error_eval.py:
+    ``activation.mean((0, 1))`` over each batch) run through TransformerLens."""
+    from functools import partial
+
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from klgap.schema import load_report
+
+    lm = load_model(model)
+    hook = hook_name(site, layer)
+    sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 3)
+    cfg = RunConfig(
+        model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2, device="cpu",
+        dtype="float64", dataset="random", interventions=["sae", "zero", "mean_ablation"], include_first_position=True,
+    )
+    engine.run(cfg, tmp_path / "run", progress=False)
+    report = load_report(tmp_path / "run")
+    prepared = engine.prepare(cfg)
+    contexts = prepared.contexts
+    tl_model = hooked_transformer(lm)
+    sae = prepared.sae.module
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        theirs = get_downstream_reconstruction_metrics(
+            sae, tl_model, _Store(contexts), ActivationScaler(), compute_kl=True, compute_ce_loss=True,
+            n_batches=1, eval_batch_size_prompts=N_CTX,
+        )
+    assert abs(theirs["kl_div_score"]) > 0.05 and theirs["kl_div_score"] < 0.999  # not trivially 0 or 1 (a random SAE may do worse than zero)
+    assert report.sae_lens_scores is not None
+    assert report.sae_lens_scores.kl_div_score == pytest.approx(theirs["kl_div_score"], rel=1e-6)
+    assert report.sae_lens_scores.ce_loss_score == pytest.approx(theirs["ce_loss_score"], rel=1e-6)
+
+    def mean_ablation_hook(activation, hook):  # the study's hook (error_eval.py), pos=None
+        activation[:] = activation.mean((0, 1), keepdim=True).expand_as(activation)
+        return activation
+
+    kl_study = []
+    with torch.no_grad():
+        for start in range(0, N_CTX, cfg.batch_size):  # klgap's batches: the mean is over each batch's tokens
+            batch = contexts[start : start + cfg.batch_size]
+            clean = tl_model(batch).log_softmax(-1)
+            patched = tl_model.run_with_hooks(batch, fwd_hooks=[(hook, partial(mean_ablation_hook))]).log_softmax(-1)
+            kl_study.append((clean.exp() * (clean - patched)).sum(-1))
+    tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["intervention", "context", "position"])
+    ours = tokens[tokens.intervention == "mean_ablation"]["kl"].to_numpy().reshape(N_CTX, CTX_LEN)
+    study = torch.cat(kl_study).numpy()
+    assert study.mean() > 1e-3
+    np.testing.assert_allclose(ours, study, **TOL["float64"])

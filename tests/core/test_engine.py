@@ -260,3 +260,29 @@ def test_parts_read_back_compact_and_joined_a_part_at_a_time(tmp_path, load_mode
     parts = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "run" / "parts").glob("*.parquet"))], ignore_index=True)
     pd.testing.assert_frame_equal(tokens, parts)
     pd.testing.assert_frame_equal(frame.astype({"intervention": str}), parts.astype(frame.dtypes.drop("intervention").to_dict()), check_dtype=False)
+
+
+def test_drop_last_position_keeps_the_patch_and_measures_one_position_less(tmp_path, load_model):
+    """The study's protocol (error_eval.py: every position patched, ``[:, :-1]`` measured): the same numbers as
+    the default run at every position but the last, which is left out; the report and run.json say so."""
+    lm = load_model("tiny-gpt2")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1))
+    kw = dict(model="tiny-gpt2", sae=str(sae), interventions=["sae", "epsilon_random", "mean_ablation"],
+              include_first_position=True)
+    full, t_full = _run(tmp_path, "full", **kw)
+    dropped, t_drop = _run(tmp_path, "dropped", drop_last_position=True, **kw)
+    assert full["last_position"] == "measured" and dropped["last_position"] == "patched, not measured"
+    assert dropped["config"]["drop_last_position"] is True
+    assert json.loads((tmp_path / "dropped" / "run.json").read_text())["last_position"] == "patched, not measured"
+    assert sorted(t_drop.position.unique()) == list(range(31))  # positions 0..30 of 32
+    assert len(t_drop) == 3 * 4 * 31 and dropped["n_tokens"] == 4 * 31
+    kept = t_full[t_full.position < 31].reset_index(drop=True)
+    pd.testing.assert_frame_equal(t_drop[kept.columns].reset_index(drop=True), kept)
+    assert not t_drop.ce_delta.isna().any()  # every measured position has a next token
+    assert dropped["interventions"]["sae"]["kl_mean"] == pytest.approx(kept[kept.intervention == "sae"].kl.mean(), rel=1e-6)
+
+
+def test_drop_last_position_is_checked_against_the_measured_positions():
+    RunConfig(model="m", mode="single_token", position=32, k=16, context_len=49).validate()
+    with pytest.raises(KlgapError, match=r"--drop-last-position: it needs context_len ≥ 50"):
+        RunConfig(model="m", mode="single_token", position=32, k=16, context_len=49, drop_last_position=True).validate()

@@ -113,7 +113,7 @@ class TestDictionaryLearningLoader(SAELoaderConformance):
 SPECS = [
     "sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random:norm=x",
     "theta_random_xnorm", "cosine_matched", "cosine_matched:cos=0.5,norm_frac=0.9", "cosine_matched:cos=-0.3",
-    "identity", "zero", "epsilon_anisotropic", "sae_error_shuffled",
+    "identity", "zero", "mean_ablation", "epsilon_anisotropic", "sae_error_shuffled",
 ]
 
 for _spec in SPECS:

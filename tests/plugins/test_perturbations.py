@@ -17,7 +17,7 @@ from klgap_perturbations.perturbations import FACTORIES
 N, D = 2000, 64
 REL = 1e-4
 ALL = ("sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random_xnorm",
-       "cosine_matched", "identity", "zero", "epsilon_anisotropic", "sae_error_shuffled")
+       "cosine_matched", "identity", "zero", "mean_ablation", "epsilon_anisotropic", "sae_error_shuffled")
 
 
 def perturbation_registry():
@@ -175,6 +175,19 @@ def test_identity_and_zero(acts):
     x, x_hat = acts
     assert torch.equal(build("identity")(x, x_hat, gen(0, x.device)), x)
     assert torch.equal(build("zero")(x, x_hat, gen(0, x.device)), torch.zeros_like(x))
+
+
+def test_mean_ablation_is_the_mean_of_the_calls_tokens(acts):
+    x, x_hat = acts
+    out = build("mean_ablation")(x, x_hat, gen(0, x.device))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    mean = x.double().mean(0)  # [d]
+    assert float((out - mean.float()).abs().max()) < 1e-5 * float(mean.abs().max())
+    assert torch.equal(out[0], out[-1])  # one row for every token
+    # the study's mean_ablation_hook: activation.mean((0, 1)) over a [batch seq d] activation
+    batch = x[:40].reshape(4, 10, D)
+    study = batch.mean((0, 1), keepdim=True).expand_as(batch).reshape(40, D)
+    torch.testing.assert_close(build("mean_ablation")(x[:40], x_hat[:40], gen(0, x.device)), study.float())
 
 
 # --------------------------------------------------------------------------- randomness
