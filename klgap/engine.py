@@ -10,6 +10,8 @@ before the next starts, so a killed run resumes; :func:`finish_run` builds the r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,6 +24,7 @@ from klgap import activations, metrics, modes
 from klgap.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.executors import Executor, choose
+from klgap.finite import NonFiniteLogits, check_sae_finite
 from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
@@ -97,7 +100,9 @@ def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
 def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
     """Load an SAE spec (routed to its loader by :func:`klgap.resolve.route_sae`)."""
     route = route_sae(spec) if isinstance(spec, str) else spec
-    return route.obj.load(route.arg, device)
+    sae = route.obj.load(route.arg, device)
+    check_sae_finite(sae)  # every loader's SAE, before anything else is loaded
+    return sae
 
 
 def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[SAERoute, str]:
@@ -118,6 +123,7 @@ def load_plan(plan: RunPlan) -> Loaded:
     config, device = plan.config, plan.device
     if isinstance(plan.sae, LoadedSAE):  # an SAE object from Python, already wrapped on the run's device
         sae, route = plan.sae, None
+        check_sae_finite(sae)
     else:
         route = plan.sae
         sae = load_sae(route, device) if route is not None else None
@@ -286,16 +292,21 @@ def open_run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = Fal
              shard: tuple[int, int] | None = None) -> OpenRun:
     """Resolve (if given a config), load, and bind to `out` (resuming what is there); writes run.json."""
     rundir = RunDir(out)
-    rundir.check_writable()
-    plan = resolve(config) if isinstance(config, RunConfig) else config
-    loaded = load_plan(plan)
+    created = rundir.check_writable()
+    try:
+        plan = resolve(config) if isinstance(config, RunConfig) else config
+        loaded = load_plan(plan)
+    except BaseException:  # a bad SAE or model: leave no folder behind that a rerun could take for a run
+        if created:
+            rundir.remove_if_empty()
+        raise
     identity = run_identity(loaded)
     if shard is not None:
         identity["shard"] = f"{shard[0]}/{shard[1]}"
     rundir.prepare(identity, overwrite)
     record = make_record(loaded)
     write_record(rundir.root, record)
-    done = rundir.done_batches()
+    done = rundir.reusable_batches()
     mine = [i for i in range(loaded.n_batches) if shard is None or i % shard[1] == shard[0] - 1]
     todo = [i for i in mine if i not in done]
     if done:
@@ -356,7 +367,19 @@ def _measure_todo(opened: OpenRun, progress: bool) -> None:
     loaded, shard = opened.run, opened.shard
     tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
     for index in _bar(opened.todo, f"{loaded.config.mode} {loaded.site} L{loaded.layer}{tag}", progress):
-        opened.rundir.write_part(index, *modes.measure_batch(loaded, index))
+        with _batch_named(index, loaded):
+            measured = modes.measure_batch(loaded, index)
+        opened.rundir.write_part(index, *measured)
+
+
+@contextmanager
+def _batch_named(index: int, run: Loaded) -> Iterator[None]:
+    """Non-finite clean logits stop the run at that batch, named (no part is written for it)."""
+    try:
+        yield
+    except NonFiniteLogits as exc:
+        raise KlgapError(f"batch {index} (contexts {index * run.config.batch_size}..): {exc}; nothing of this "
+                         "batch was written") from exc
 
 
 def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = False, progress: bool = True,
@@ -388,7 +411,8 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
         need = [o for o in opened if index in o.todo]
         ids = modes.batch_ids(first, index)[0].to(first.model.device)
         runners = [o.run.executor.runner for o in need]
-        clean_ref = metrics.CleanReference.of(shared_clean(runners, ids))
+        with _batch_named(index, first):
+            clean_ref = metrics.CleanReference.of(shared_clean(runners, ids))
         for o, runner in zip(need, runners, strict=True):
             o.rundir.write_part(index, *modes.measure_batch(o.run, index, clean=(runner.site_value, clean_ref)))
             runner.site_value = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klgap.errors import KlgapError
+
+log = logging.getLogger("klgap")
 
 from klgap.record import CONFIG_FILE  # noqa: E402
 PARTS_DIR = "parts"
@@ -86,8 +89,13 @@ class RunDir:
         self.root = Path(root)
         self.parts = self.root / PARTS_DIR
 
-    def check_writable(self) -> None:
-        """Create the folder and prove we can write there, before any heavy work."""
+    def check_writable(self) -> bool:
+        """Create the folder and prove we can write there, before any heavy work; True if it was created now."""
+        blocking = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {str(blocking)!r} is a file, not "
+                             "a folder; give --out a folder path (it is created if missing)")
+        created = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".klgap-write-test"
@@ -95,6 +103,14 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise KlgapError(f"output directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
+        return created
+
+    def remove_if_empty(self) -> None:
+        """Remove the folder if nothing was written into it (a run that failed before its first file)."""
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
 
     def prepare(self, identity: dict[str, Any], overwrite: bool) -> int:
         """Bind the folder to a run identity; return how many batches are already done.
@@ -139,6 +155,23 @@ class RunDir:
             index = int(meta.stem.split("_")[1])
             if self.part_paths(index)[0].exists():
                 done.add(index)
+        return done
+
+    def reusable_batches(self) -> set[int]:
+        """Finished batches a resume may keep: a part whose KL column holds a NaN or an infinity (an SAE file
+        fixed in place since, a broken model) is deleted and measured again."""
+        done = self.done_batches()
+        for index in sorted(done):
+            table_path, meta_path = self.part_paths(index)
+            try:
+                kl = pq.read_table(table_path, columns=["kl"]).column("kl").to_numpy(zero_copy_only=False)
+            except (OSError, KeyError, pa.ArrowException):
+                kl = np.array([np.nan])  # unreadable: measured again
+            if not np.isfinite(kl.astype(float)).all():
+                log.warning("batch %d in %s holds non-finite KL values: measuring it again", index, self.root)
+                meta_path.unlink(missing_ok=True)
+                table_path.unlink(missing_ok=True)
+                done.discard(index)
         return done
 
     def write_part(self, index: int, frame: pd.DataFrame, side: dict[str, Any]) -> None:

@@ -1,0 +1,171 @@
+"""Faults a user meets, run as a user runs them: each exits with its one-line message and leaves nothing a rerun
+would mistake for finished work (issue 17)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from klgap.cli import main
+from tests.helpers import random_sae, write_sae
+
+HOOK = "blocks.0.hook_mlp_out"  # tiny-gpt2's mlp_out is 64 wide
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def _one_line_error(err: str, message: str) -> None:
+    last = err.splitlines()[-1]
+    assert last.startswith("klgap: error: ") and message in last, err
+    assert "Traceback" not in err
+
+
+def _replicate(sae, out, *extra: str) -> list[str]:
+    return ["replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--tokens", "512", "--context-len", "32",
+            "--batch-size", "4", "--interventions", "sae,epsilon_random", "--out", str(out), "--quiet", *extra]
+
+
+# ----------------------------------------------------------------------------- non-finite SAEs
+
+
+def _nan_sae(path, tensor: str, value: float, count: int = 1):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"W_dec": torch.randn(128, 64, generator=gen) / 8, "b_enc": torch.zeros(128), "b_dec": torch.zeros(64)}
+    tensors["W_enc"] = tensors["W_dec"].T.contiguous() * 2
+    tensors[tensor].view(-1)[:count] = value
+    return write_sae(path, tensors["W_enc"], tensors["W_dec"], tensors["b_enc"], tensors["b_dec"], HOOK)
+
+
+@pytest.mark.parametrize("tensor,value,count,message", [
+    ("W_dec", float("nan"), 1, "W_dec has 1 NaN"),
+    ("W_enc", float("inf"), 3, "W_enc has 3 +inf"),
+    ("b_dec", float("-inf"), 1, "b_dec has 1 -inf"),
+])
+def test_a_safetensors_sae_with_a_non_finite_weight_is_refused_and_writes_no_folder(
+        tmp_path, capsys, tensor, value, count, message):
+    sae = _nan_sae(tmp_path / "sae.safetensors", tensor, value, count)
+    code, out, err = _run(_replicate(sae, tmp_path / "run"), capsys)
+    assert code == 2
+    _one_line_error(err, f"has non-finite weights: {message}")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sae_lens_folder_with_a_non_finite_weight_is_refused_by_the_same_check(tmp_path, capsys):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    cfg.metadata.hook_name = HOOK
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+        sae.b_enc[5] = float("nan")
+        sae.b_enc[9] = float("nan")
+    sae.save_model(tmp_path / "folder")
+    code, _, err = _run(_replicate(tmp_path / "folder", tmp_path / "run"), capsys)
+    assert code == 2
+    _one_line_error(err, "has non-finite weights: b_enc has 2 NaN")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_sae_object_with_a_nan_is_refused_from_python(tmp_path):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    import klgap
+    from klgap.errors import KlgapError
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    cfg.metadata.hook_name = HOOK
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc[0, 0] = float("nan")
+    with pytest.raises(KlgapError, match="W_enc has 1 NaN"):
+        klgap.measure("tiny-gpt2", sae, tokens=256, context_len=32, interventions="sae,epsilon_random",
+                      out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_folder_is_kept_when_the_sae_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    code, _, err = _run(_replicate(_nan_sae(tmp_path / "sae.safetensors", "W_dec", float("nan")), out), capsys)
+    assert code == 2 and "W_dec has 1 NaN" in err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+# ----------------------------------------------------------------------------- non-finite clean logits
+
+
+def test_a_model_with_non_finite_logits_stops_at_the_first_batch(tmp_path, capsys):
+    from klgap.plugins import registry
+
+    tiny = registry("model").get("tiny-gpt2").load(torch.device("cpu"), torch.float32)
+    folder = tmp_path / "broken-model"
+    tiny.hf_model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("ln_f.weight"))
+    state[name][3] = float("nan")  # every clean logit becomes NaN, as a broken checkpoint would make them
+    save_file(state, weights, metadata={"format": "pt"})
+
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    code, _, err = _run(["replicate", "--model", str(folder), "--sae", str(sae), "--tokens", "512",
+                         "--context-len", "32", "--batch-size", "4", "--dataset", "random",
+                         "--interventions", "sae,epsilon_random", "--out", str(out), "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, "batch 0 (contexts 0..): the model's clean logits hold")
+    assert "NaN" in err and "--dtype float32" in err
+    assert not list((out / "parts").glob("batch_*"))
+    assert not (out / "report.json").exists()
+
+
+# ----------------------------------------------------------------------------- resume never reuses a NaN part
+
+
+def test_a_part_with_nan_kl_is_measured_again_on_resume(tmp_path, capsys, caplog):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert main(_replicate(sae, full)) == 0
+    assert main(_replicate(sae, broken)) == 0
+    # what a run with a broken SAE (since fixed in place at the same path) left behind: a part of NaN KLs
+    part = broken / "parts" / "batch_00002.parquet"
+    table = pq.read_table(part).to_pandas()
+    table["kl"] = float("nan")
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), part)
+    (broken / "report.json").unlink()
+    capsys.readouterr()
+    code, _, err = _run(_replicate(sae, broken), capsys)
+    assert code == 0, err
+    assert "batch 2 in" in caplog.text and "non-finite KL values: measuring it again" in caplog.text
+    assert "resuming: 3 of 4 batches already done" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_parquet(full / "tokens.parquet"), pd.read_parquet(broken / "tokens.parquet"))
+    a, b = (json.loads((d / "report.json").read_text()) for d in (full, broken))
+    assert a["interventions"] == b["interventions"]
+    assert b["interventions"]["sae"]["kl_mean"] > 0
+
+
+# ----------------------------------------------------------------------------- --out
+
+
+def test_out_that_is_a_file_is_named_as_a_file(tmp_path, capsys):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    target = tmp_path / "results.txt"
+    target.write_text("not a folder")
+    code, _, err = _run(_replicate(sae, target), capsys)
+    assert code == 2
+    _one_line_error(err, f"{str(target)!r} is a file, not a folder; give --out a folder path")
+    assert target.read_text() == "not a folder"
