@@ -116,9 +116,9 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
-        _render(Path(out))
+        failure = _render(Path(out))
         print_study(study, Path(out))
-        return 0
+        return _rendered_or_fail(Path(out), failure)
     config.site, config.layer = sites[0], layers[0]
     out = args.out or extra.get("out")
     if out is None:
@@ -132,9 +132,9 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     report = engine.run(plan, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
-    _render(Path(out))
-    print_summary(report, Path(out))
-    return 0
+    failure = _render(Path(out))
+    print_summary(report, Path(out), pages=failure is None)
+    return _rendered_or_fail(Path(out), failure)
 
 
 def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shard: tuple[int, int]) -> int:
@@ -167,25 +167,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for folder in runs:
             report_folder(folder)
         study = write_study(config, runs, out)
-        _render(out)
+        failure = _render(out)
         print_study(study, out)
     else:
         report = report_folder(out)
-        _render(out)
-        print_summary(report, out)
+        failure = _render(out)
+        print_summary(report, out, pages=failure is None)
     print(f"merged {plan['n_shards']} shards into {out}")
-    return 0
+    return _rendered_or_fail(out, failure)
 
 
-def _render(out: Path) -> None:
-    """Figures + report.md/html next to report.json (data first: a failure here loses no data)."""
+def _render(out: Path) -> str | None:
+    """Figures + report.md/html next to report.json (data first: a failure here loses no data). Returns why
+    they were not all written, or None when they were."""
     from klgap.render import rebuild
 
     try:
         rebuild(out)
-    except Exception as exc:  # noqa: BLE001 - the numbers are saved; say so and go on
-        log.warning("could not draw the report (%s: %s); the data is saved, retry with `klgap report %s`",
-                    type(exc).__name__, exc, out)
+    except Exception as exc:  # noqa: BLE001 - the numbers are saved; the command still fails, after the summary
+        return str(exc) if isinstance(exc, KlgapError) else f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _rendered_or_fail(out: Path, failure: str | None) -> int:
+    """The command's exit: 0 when the pages and figures were written, else an error saying which were not."""
+    if failure is not None:
+        raise KlgapError(f"report.md, report.html and the figures of {out} were not all written ({failure}); the "
+                         f"numbers are saved in report.json and tokens.parquet: retry with `klgap report {out}`")
+    return 0
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:

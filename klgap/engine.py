@@ -22,7 +22,7 @@ from torch import Tensor
 
 from klgap import activations, metrics, modes
 from klgap.config import RunConfig
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, WriteError
 from klgap.executors import Executor, choose
 from klgap.finite import NonFiniteLogits, check_sae_finite
 from klgap.plugins import ModelRef, get_host, model_adapter
@@ -336,8 +336,12 @@ def report_folder(folder: Path) -> Report:
         raise KlgapError(f"{str(rundir.root)!r} holds {done} of its {record.n_batches} batches; run its command "
                          "again to finish it (finished batches are kept)")
     report = build_report(record, rundir)
-    rundir.write_tokens(rundir.root / "tokens.parquet")
-    atomic_write_json(rundir.root / "report.json", as_json(report))
+    try:
+        rundir.write_tokens(rundir.root / "tokens.parquet")
+        atomic_write_json(rundir.root / "report.json", as_json(report))
+    except WriteError as exc:
+        raise KlgapError(f"{exc}; every measured batch is kept in {rundir.parts}: free space, then "
+                         f"`klgap report {rundir.root}` writes the report") from exc
     return report
 
 
@@ -369,7 +373,15 @@ def _measure_todo(opened: OpenRun, progress: bool) -> None:
     for index in _bar(opened.todo, f"{loaded.config.mode} {loaded.site} L{loaded.layer}{tag}", progress):
         with _batch_named(index, loaded):
             measured = modes.measure_batch(loaded, index)
+        _write_part(opened, index, measured)
+
+
+def _write_part(opened: OpenRun, index: int, measured: tuple[Any, dict[str, Any]]) -> None:
+    try:
         opened.rundir.write_part(index, *measured)
+    except WriteError as exc:
+        raise KlgapError(f"{exc}; the batches finished before it are kept: free space and run the same command "
+                         "to resume") from exc
 
 
 @contextmanager
@@ -414,6 +426,6 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
         with _batch_named(index, first):
             clean_ref = metrics.CleanReference.of(shared_clean(runners, ids))
         for o, runner in zip(need, runners, strict=True):
-            o.rundir.write_part(index, *modes.measure_batch(o.run, index, clean=(runner.site_value, clean_ref)))
+            _write_part(o, index, modes.measure_batch(o.run, index, clean=(runner.site_value, clean_ref)))
             runner.site_value = None
     return [finish_run(o) for o in opened]

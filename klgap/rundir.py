@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, WriteError
 
 log = logging.getLogger("klgap")
 
@@ -28,17 +28,10 @@ OUTPUTS = ("report.json", "tokens.parquet")
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -47,15 +40,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @contextmanager
 def _atomic_target(path: Path) -> Iterator[str]:
-    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not.
+    An OSError (disk full, ``ulimit -f``) becomes a :class:`klgap.errors.WriteError` naming `path`."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(path, exc) from exc
         raise
 
 

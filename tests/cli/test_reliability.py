@@ -169,3 +169,73 @@ def test_out_that_is_a_file_is_named_as_a_file(tmp_path, capsys):
     assert code == 2
     _one_line_error(err, f"{str(target)!r} is a file, not a folder; give --out a folder path")
     assert target.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- truthful exits when a file cannot be written
+
+
+def _klgap_limited(argv: list[str], kib: int | None):
+    """The klgap command in a shell with ``ulimit -f kib`` (files larger than that fail with EFBIG)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    limit = f"ulimit -f {kib}; " if kib is not None else ""
+    command = f"{limit}exec {shlex.join([sys.executable, '-m', 'klgap.cli', *argv])}"
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_figures_and_pages_that_cannot_be_written_fail_the_command(tmp_path):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    done = _klgap_limited(_replicate(sae, out), kib=50)  # parts, report.json, tokens.parquet fit; figures do not
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("klgap: error: report.md, report.html and the figures of") and "not all written" in last
+    assert "File too large" in last and f"klgap report {out}" in last
+    assert done.stdout.strip().splitlines()[-1] == f"wrote {out / 'report.json'} and {out / 'tokens.parquet'}"
+    assert json.loads((out / "report.json").read_text())["interventions"]["sae"]["kl_mean"] > 0
+    assert not list(out.glob(".*.tmp"))  # no half-written temp file left behind
+    again = _klgap_limited(["report", str(out)], kib=None)  # the retry it names writes them
+    assert again.returncode == 0, again.stderr
+    assert (out / "report.html").is_file() and (out / "kl_by_position.png").is_file()
+
+
+def test_a_report_json_or_tokens_table_that_cannot_be_written_fails_the_command(tmp_path):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    done = _klgap_limited(_replicate(sae, out), kib=30)  # a part (14 KiB) fits, the tokens table (37 KiB) does not
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"klgap: error: {out / 'tokens.parquet'} was not written: File too large"), last
+    assert f"every measured batch is kept in {out / 'parts'}" in last and f"`klgap report {out}`" in last
+    assert not (out / "report.json").exists() and not (out / "tokens.parquet").exists()
+    assert len(list((out / "parts").glob("batch_*.json"))) == 4
+
+
+def test_a_full_disk_while_measuring_stops_with_what_was_not_written_and_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    real = pd.DataFrame.to_parquet
+    calls = []
+
+    def full_disk(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    code, _, err = _run(_replicate(sae, out), capsys)
+    assert code == 2
+    _one_line_error(err, f"{out / 'parts' / 'batch_00002.parquet'} was not written: No space left on device")
+    assert "the batches finished before it are kept: free space and run the same command to resume" in err
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "batch_00000.json", "batch_00000.parquet", "batch_00001.json", "batch_00001.parquet"]
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
+    assert main(_replicate(sae, out)) == 0
+    assert len(pd.read_parquet(out / "tokens.parquet")) == 2 * 16 * 31
