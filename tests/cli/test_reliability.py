@@ -4,6 +4,7 @@ would mistake for finished work (issue 17)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -239,3 +240,45 @@ def test_a_full_disk_while_measuring_stops_with_what_was_not_written_and_resumes
     monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
     assert main(_replicate(sae, out)) == 0
     assert len(pd.read_parquet(out / "tokens.parquet")) == 2 * 16 * 31
+
+
+# ----------------------------------------------------------------------------- klgap validate checks values
+
+QUICKSTART = Path(__file__).parents[2] / "replications" / "smollm2-135m-quickstart" / "results" / "report.json"
+
+
+def _set(data, path: str, value):
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("interventions.sae.kl_mean", float("nan"), "interventions.sae.kl_mean: nan is not a JSON number"),
+    ("interventions.epsilon_random.kl_median", -0.25, "interventions.epsilon_random.kl_median: KL -0.25 is negative"),
+    ("comparisons.epsilon_random.wilcoxon_kl.p_value", 1.5, "comparisons.epsilon_random.wilcoxon_kl.p_value: 1.5 lies outside [0, 1]"),
+    ("comparisons.epsilon_random.kl_ratio.ci_low", 9.0, "comparisons.epsilon_random.kl_ratio.ratio: 1.46"),
+    ("interventions.sae.n_tokens", 17, "interventions.sae.n_tokens: 17 disagrees with the report's n_tokens 8128"),
+    ("comparisons.epsilon_random.kl_ratio.n_contexts", 65, "comparisons.epsilon_random.kl_ratio.n_contexts: 65 is more than the report's 64 contexts"),
+    ("kl_ratio_sae_over_epsilon_random", 123, "kl_ratio_sae_over_epsilon_random: 123 is not interventions.sae.kl_mean"),
+])
+def test_validate_names_the_json_path_of_the_first_bad_value(tmp_path, capsys, path, value, message):
+    data = json.loads(QUICKSTART.read_text())
+    assert main(["validate", str(QUICKSTART)]) == 0
+    _set(data, path, value)
+    bad = tmp_path / "report.json"
+    bad.write_text(json.dumps(data))  # json writes NaN as the literal NaN, as a hand-edited file would hold it
+    capsys.readouterr()
+    code, _, err = _run(["validate", str(bad)], capsys)
+    assert code == 2
+    _one_line_error(err, f"{bad}: {message}")
+
+
+@pytest.mark.parametrize("report", sorted((Path(__file__).parents[2] / "replications").rglob("report.json")),
+                         ids=lambda p: str(p.relative_to(p.parents[3])))
+def test_every_committed_report_passes_the_value_checks(report):
+    from klgap.validate import validate_file
+
+    validate_file(report)
