@@ -282,3 +282,28 @@ def test_every_committed_report_passes_the_value_checks(report):
     from klgap.validate import validate_file
 
     validate_file(report)
+
+
+# ----------------------------------------------------------------------------- a malformed sae_lens cfg.json
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda cfg: cfg.pop("d_in"), "cfg.json lacks d_in "),
+    (lambda cfg: (cfg.pop("d_in"), cfg.pop("d_sae")), "cfg.json lacks d_in, d_sae "),
+    (lambda cfg: cfg.update(d_sae="wide"), "cfg.json lacks d_sae "),
+])
+def test_a_sae_lens_cfg_without_its_sizes_names_them_and_what_writes_a_valid_folder(tmp_path, capsys, edit, named):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    cfg.metadata.hook_name = HOOK
+    StandardSAE(cfg).save_model(tmp_path / "sae")
+    data = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    edit(data)
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(data))
+    code, _, err = _run(_replicate(tmp_path / "sae", tmp_path / "run"), capsys)
+    assert code == 2
+    _one_line_error(err, named)
+    assert "a sae_lens cfg.json holds architecture, d_in, d_sae and metadata.hook_name" in err
+    assert "klgap train-sae" in err and "TypeError" not in err
+    assert not (tmp_path / "run").exists()
