@@ -106,11 +106,24 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         raise KlgapError("several layers need --site too")
     # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
     plans = dry_run(config, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
+    from klgap.runlock import run_lock
+
+    out = args.out or extra.get("out")
+    if out is None and several:
+        out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
+    elif out is None:  # the SAE's own site and layer, when it says them
+        site, layer = (plans[0].site, plans[0].layer) if plans[0].sae is not None else (sites[0], layers[0])
+        out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
+    with run_lock(out, wait=args.wait):  # one klgap process per --out, until its pages are written
+        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out))
+
+
+def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, sites: list, layers: Any,
+                several: bool, plans: list, shard: tuple[int, int] | None, out: str) -> int:
     from klgap import engine
     from klgap.study import run_study
 
     if several:
-        out = args.out or extra.get("out") or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
         if "train_sae" in extra and layers != "all":
             train_missing_sae(config, extra["train_sae"], not args.quiet, [(s, v) for s in sites for v in layers])
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
@@ -120,12 +133,6 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         print_study(study, Path(out))
         return _rendered_or_fail(Path(out), failure)
     config.site, config.layer = sites[0], layers[0]
-    out = args.out or extra.get("out")
-    if out is None:
-        known = plans[0] if plans[0].sae is not None else config  # the SAE's own site and layer, when it says them
-        site = known.site or "auto"
-        layer = "auto" if known.layer is None else known.layer
-        out = f"runs/{model_slug(config.model)}-{site}-L{layer}-{tag}"
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], progress=not args.quiet)
     plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again

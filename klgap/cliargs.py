@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(rep)
     rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
     rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    rep.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     curve = sub.add_parser(
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
     curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
     curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    curve.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     curve.add_argument("--quiet", action="store_true", help="no progress bars")
 
     compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs")

@@ -307,3 +307,64 @@ def test_a_sae_lens_cfg_without_its_sizes_names_them_and_what_writes_a_valid_fol
     assert "a sae_lens cfg.json holds architecture, d_in, d_sae and metadata.hook_name" in err
     assert "klgap train-sae" in err and "TypeError" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- one run per --out
+
+
+def _slow_run(sae, out) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "klgap.cli", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset",
+            "random", "--tokens", str(60 * 32), "--context-len", "32", "--batch-size", "1", "--interventions",
+            "sae,epsilon_random", "--out", str(out), "--quiet"]
+
+
+def _start(argv, out):
+    import os
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("batch_*.json"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the first run ended before the second started"
+    return proc
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first_then_waits_with_wait(tmp_path, capsys):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    first = _start(_slow_run(sae, out), out)
+    try:
+        second = _slow_run(sae, out)[3:]  # the same command, in this process
+        code, _, err = _run(second, capsys)
+        assert code == 2
+        _one_line_error(err, f"{str(out)!r} is in use by another klgap run (pid {first.pid} on ")
+        assert "klgap replicate --model tiny-gpt2" in err and "--wait" in err
+        assert first.poll() is None  # the first run goes on
+        code, _, err = _run([*second, "--wait"], capsys)  # waits for it, then finds every batch done
+        assert code == 0, err
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+    assert json.loads((out / "report.json").read_text())["n_contexts"] == 60
+    assert not (out / ".klgap.lock").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_by_the_next(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    out = tmp_path / "run"
+    first = _start(_slow_run(sae, out), out)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (out / ".klgap.lock").exists()  # SIGKILL leaves the file; the OS released its lock
+    done = subprocess.run(_slow_run(sae, out), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr and not (out / ".klgap.lock").exists()
