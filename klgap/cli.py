@@ -227,10 +227,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = get_host()
     for info in infos:
         print(f"{info.name}  ({info.package or '?'} {info.version or ''})".rstrip())
+        if info.error is not None:
+            print(f"  BROKEN: {info.error}")
         for kind, names in info.registers.items():
             print(f"  {kind}:")
             for name in names:
-                print(f"    {name:<28} {host.registry(kind).entries[name].description}")
+                print(f"    {name:<28} {host.registries[kind].entries[name].description}")
     return 0
 
 
@@ -302,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "plugins":  # a broken plugin stops every command but the one that lists it
+            from klgap.plugins import get_host
+
+            get_host().check()
         if getattr(args, "plugin_command", None) is not None:
             return args.plugin_command.run(args)
         return COMMANDS[args.command](args)

@@ -165,13 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_plugin_commands(sub: Any) -> None:
     """Subcommands that plugins register (``register_commands``); a name the core uses is refused."""
-    from klgap.errors import PluginError
     from klgap.plugins import get_host
 
-    commands = get_host().registry("command")
-    for name, entry in commands.entries.items():
+    host = get_host()
+    for name, entry in list(host.registries["command"].entries.items()):  # a broken plugin: `klgap plugins` says so
         if name in sub.choices:
-            raise PluginError(f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself defines")
+            host.mark_broken(entry.plugin, f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself "
+                                           "defines")
+            continue
         parser = sub.add_parser(name, help=entry.description, description=entry.description)
         entry.obj.add_arguments(parser)
         parser.set_defaults(plugin_command=entry.obj)
