@@ -24,11 +24,12 @@ from klgap import activations, metrics, modes
 from klgap.config import RunConfig
 from klgap.errors import KlgapError, WriteError
 from klgap.executors import Executor, choose
-from klgap.finite import NonFiniteLogits, check_sae_finite
+from klgap.finite import NonFiniteLogits
 from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
+from klgap.saecheck import check_loaded_sae
 from klgap.resolve import Intervention, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
@@ -101,7 +102,7 @@ def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
     """Load an SAE spec (routed to its loader by :func:`klgap.resolve.route_sae`)."""
     route = route_sae(spec) if isinstance(spec, str) else spec
     sae = route.obj.load(route.arg, device)
-    check_sae_finite(sae)  # every loader's SAE, before anything else is loaded
+    check_loaded_sae(sae)  # every loader's SAE, before anything else is loaded
     return sae
 
 
@@ -123,7 +124,7 @@ def load_plan(plan: RunPlan) -> Loaded:
     config, device = plan.config, plan.device
     if isinstance(plan.sae, LoadedSAE):  # an SAE object from Python, already wrapped on the run's device
         sae, route = plan.sae, None
-        check_sae_finite(sae)
+        check_loaded_sae(sae)
     else:
         route = plan.sae
         sae = load_sae(route, device) if route is not None else None

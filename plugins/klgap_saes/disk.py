@@ -126,6 +126,11 @@ def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], sp
     if THRESHOLD in tensors:
         expected[THRESHOLD] = (d_sae,)
     check_shapes(tensors, expected, where, f"from W_enc [d_in={d_in}, d_sae={d_sae}]")
+    unread = sorted(set(tensors) - set(expected))
+    if unread:  # e.g. a transcoder's W_skip: measuring without it would measure another function
+        raise KlgapError(f"{where} holds tensors a plain SAE file does not: {', '.join(unread)}; it holds "
+                         f"{', '.join(REQUIRED)} (+ {THRESHOLD}) only" + (" (W_skip is a transcoder's skip "
+                         "connection: klgap measures SAEs that reconstruct their own input)" if "W_skip" in unread else ""))
     cfg_dict = {
         "architecture": "jumprelu" if THRESHOLD in tensors else "standard", "d_in": int(d_in), "d_sae": int(d_sae),
         "metadata": {k: metadata[k] for k in METADATA if k in metadata},

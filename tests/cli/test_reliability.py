@@ -368,3 +368,80 @@ def test_a_lock_left_by_a_killed_run_is_taken_by_the_next(tmp_path):
     done = subprocess.run(_slow_run(sae, out), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr and not (out / ".klgap.lock").exists()
+
+
+# ----------------------------------------------------------------------------- train-sae interrupted while saving
+
+
+def _train(out) -> list[str]:
+    return ["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0", "--tokens", "4000",
+            "--context-len", "64", "--steps", "30", "--out", str(out), "--quiet"]
+
+
+def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(tmp_path, capsys, monkeypatch):
+    import klgap.train
+
+    out = tmp_path / "sae"
+    (tmp_path / ".sae.partial-left-by-a-sigkill").mkdir()  # what a SIGKILL during an earlier save leaves
+
+    def killed(*args, **kwargs):  # the weights are saved; training.json is not written yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(klgap.train, "evaluate", killed)
+    code, _, err = _run(_train(out), capsys)
+    assert code == 130 and "interrupted" in err
+    assert not out.exists()  # no cfg.json + weights without training.json where replicate would look
+    assert [p.name for p in tmp_path.iterdir()] == []  # its staging folder and the earlier leftover are gone
+    monkeypatch.undo()
+    assert main(_train(out)) == 0
+    assert json.loads((out / "training.json").read_text())["hook_name"] == HOOK
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    code, printed, err = _run(_replicate(out, tmp_path / "run"), capsys)
+    assert code == 0, err
+    assert "KL(sae)/KL(epsilon_random) =" in printed
+
+
+# ----------------------------------------------------------------------------- transcoders, SAEs without a hook name
+
+
+def test_a_plain_sae_file_with_a_skip_connection_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    tensors = load_file(sae)
+    tensors["W_skip"] = torch.eye(64)
+    save_file(tensors, sae, metadata={"hook_name": HOOK})
+    code, _, err = _run(_replicate(sae, tmp_path / "run"), capsys)
+    assert code == 2
+    _one_line_error(err, "holds tensors a plain SAE file does not: W_skip; it holds W_enc, W_dec, b_enc, b_dec")
+    assert "transcoder's skip connection" in err and not (tmp_path / "run").exists()
+
+
+def test_a_sae_lens_skip_transcoder_is_refused_by_the_shared_check(tmp_path, capsys):
+    from sae_lens import SkipTranscoder, SkipTranscoderConfig
+
+    cfg = SkipTranscoderConfig(d_in=64, d_sae=128, d_out=64, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = HOOK
+    SkipTranscoder(cfg).save_model(tmp_path / "tc")
+    code, _, err = _run(_replicate(tmp_path / "tc", tmp_path / "run"), capsys)
+    assert code == 2
+    _one_line_error(err, "is a transcoder (skip_transcoder, with a skip connection W_skip)")
+    assert "klgap measures SAEs that reconstruct their own input" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "no hook name); give --site and --layer"),
+    (["--site", "mlp_out"], "give --site and --layer"),
+    (["--layer", "0"], "give --site and --layer"),
+])
+def test_an_sae_without_a_hook_name_needs_site_and_layer(tmp_path, capsys, flags, message):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, None)
+    code, _, err = _run(_replicate(sae, tmp_path / "run", *flags), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert not (tmp_path / "run").exists()
+    if flags:
+        return
+    code, printed, err = _run(_replicate(sae, tmp_path / "run", "--site", "mlp_out", "--layer", "0"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["hook_name"] == HOOK
