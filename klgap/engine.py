@@ -155,6 +155,10 @@ def load_plan(plan: RunPlan) -> Loaded:
         )
     contexts = plan.tokens.obj.contexts(model, config.n_contexts, config.context_len, config.seed,
                                         config.prepend_bos, plan.tokens.arg)
+    if contexts.dim() == 2 and contexts.shape[1] == config.context_len and len(contexts) < config.n_contexts:
+        raise KlgapError(f"token source {plan.tokens.name!r} gave {len(contexts)} contexts of {config.context_len} "
+                         f"tokens but --tokens {config.tokens} needs {config.n_contexts}; nothing was measured: give "
+                         f"--tokens {len(contexts) * config.context_len} or less, or a source with more text")
     if contexts.shape != (config.n_contexts, config.context_len):
         raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
                          f"{(config.n_contexts, config.context_len)}")

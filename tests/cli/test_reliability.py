@@ -445,3 +445,62 @@ def test_an_sae_without_a_hook_name_needs_site_and_layer(tmp_path, capsys, flags
     code, printed, err = _run(_replicate(sae, tmp_path / "run", "--site", "mlp_out", "--layer", "0"), capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "report.json").read_text())["hook_name"] == HOOK
+
+
+# ----------------------------------------------------------------------------- a token source that runs short
+
+
+class _ShortSource:
+    """A plugin's token source that has only 3 contexts, whatever is asked."""
+
+    description = "three contexts (a test source that runs short)"
+
+    def contexts(self, model, n_contexts, context_len, seed, prepend_bos, arg):
+        return torch.randint(0, 200, (min(3, n_contexts), context_len), generator=torch.Generator().manual_seed(seed))
+
+
+class _ShortPlugin:
+    import klgap as _klgap
+
+    @_klgap.hookimpl
+    def register_token_sources(self, register):
+        register("short", _ShortSource())
+
+
+def test_a_token_source_with_fewer_tokens_than_asked_says_how_many_it_has(tmp_path, capsys):
+    from klgap.plugins import get_host, reset_host
+
+    reset_host()
+    get_host().add_plugin(_ShortPlugin(), "test-short")
+    try:
+        sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+        code, _, err = _run(_replicate(sae, tmp_path / "run", "--dataset", "short"), capsys)
+        assert code == 2
+        _one_line_error(err, "token source 'short' gave 3 contexts of 32 tokens but --tokens 512 needs 16; nothing "
+                             "was measured: give --tokens 96 or less")
+        assert not (tmp_path / "run").exists()
+        code, printed, err = _run([*_replicate(sae, tmp_path / "run", "--dataset", "short"), "--tokens", "96"], capsys)
+        assert code == 0, err
+        assert "93 tokens in 3 contexts" in printed  # 3 contexts of 31 measured positions
+    finally:
+        reset_host()
+
+
+# ----------------------------------------------------------------------------- compare across models, sites, modes
+
+
+def test_compare_runs_of_different_modes_tells_them_apart(tmp_path, capsys):
+    sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
+    assert main(_replicate(sae, tmp_path / "all")) == 0
+    assert main([*_replicate(sae, tmp_path / "one"), "--mode", "single_token", "--context-len", "64", "--position",
+                 "8", "--k", "4"]) == 0
+    capsys.readouterr()
+    quickstart = QUICKSTART.parent  # another model and site
+    code, printed, err = _run(["compare", str(tmp_path / "all"), str(tmp_path / "one"), str(quickstart), "--out",
+                               str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["tiny-gpt2 mlp_out L0 all_tokens", "tiny-gpt2 mlp_out L0 single_token",
+                                          "smollm2-135m mlp_out L15 all_tokens"]
+    assert [r["mode"] for r in runs] == ["all_tokens", "single_token", "all_tokens"]
+    assert all(r["ratio"] > 0 for r in runs)
