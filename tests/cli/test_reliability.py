@@ -260,7 +260,7 @@ def _set(data, path: str, value):
     ("interventions.epsilon_random.kl_median", -0.25, "interventions.epsilon_random.kl_median: KL -0.25 is negative"),
     ("comparisons.epsilon_random.wilcoxon_kl.p_value", 1.5, "comparisons.epsilon_random.wilcoxon_kl.p_value: 1.5 lies outside [0, 1]"),
     ("comparisons.epsilon_random.kl_ratio.ci_low", 9.0, "comparisons.epsilon_random.kl_ratio.ratio: 1.46"),
-    ("interventions.sae.n_tokens", 17, "interventions.sae.n_tokens: 17 disagrees with the report's n_tokens 8128"),
+    ("interventions.sae.n_tokens", 17, "interventions.sae.n_tokens: 17 (+ 0 non-finite) disagrees with the report's n_tokens 8128"),
     ("comparisons.epsilon_random.kl_ratio.n_contexts", 65, "comparisons.epsilon_random.kl_ratio.n_contexts: 65 is more than the report's 64 contexts"),
     ("kl_ratio_sae_over_epsilon_random", 123, "kl_ratio_sae_over_epsilon_random: 123 is not interventions.sae.kl_mean"),
 ])
