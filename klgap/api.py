@@ -320,7 +320,10 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
         sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
     plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
     if out is not None:
-        engine.run(plan, out, overwrite=overwrite, progress=progress)
+        from klgap.runlock import run_lock
+
+        with run_lock(out):  # as the CLI: a second process writing `out` is refused, naming this one
+            engine.run(plan, out, overwrite=overwrite, progress=progress)
         return load_run(out)
     with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:
         engine.run(plan, Path(tmp) / "run", progress=progress)

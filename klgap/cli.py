@@ -95,10 +95,10 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     from klgap.distributed import read_world
     from klgap.grid import parse_layers, parse_sites
     from klgap.plan import dry_run
+    from klgap.runlock import run_lock
     from klgap.shards import parse_shard
 
     world = read_world()
-    progress = not args.quiet and world.leader
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     expected = _expected_for(args)  # a bad expected.json fails now, not after the run
     if config.joint:
@@ -119,12 +119,25 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         raise KlgapError("several layers need --site too")
     # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
     plans = dry_run(config, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
+    out = args.out or extra.get("out")
+    if out is None and several:
+        out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
+    elif out is None:  # the SAE's own site and layer, when it says them
+        site, layer = (plans[0].site, plans[0].layer) if plans[0].sae is not None else (sites[0], layers[0])
+        out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
+    # one klgap process (one launch of ranks) per --out, until its pages are written
+    with run_lock(out, wait=args.wait, leader=world.leader):
+        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected)
+
+
+def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, sites: list, layers: Any,
+                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any) -> int:
     from klgap import engine
     from klgap.study import run_study
 
+    progress = not args.quiet and world.leader
+    world.connect(Path(out))
     if several:
-        out = args.out or extra.get("out") or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
-        world.connect(Path(out))
         if "train_sae" in extra and layers != "all":
             world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress,
                                                         [(s, v) for s in sites for v in layers]))
@@ -135,18 +148,11 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         if shard is not None:
             return _shard_done(out, "study", config, sites, layers, shard)
         check = _check_expected(expected, Path(out))
-        _render(Path(out))
+        failure = _render(Path(out))
         print_study(study, Path(out))
         _print_check(check)
-        return 0
+        return _rendered_or_fail(Path(out), failure)
     config.site, config.layer = sites[0], layers[0]
-    out = args.out or extra.get("out")
-    if out is None:
-        known = plans[0] if plans[0].sae is not None else config  # the SAE's own site and layer, when it says them
-        site = known.site or "auto"
-        layer = "auto" if known.layer is None else known.layer
-        out = f"runs/{model_slug(config.model)}-{site}-L{layer}-{tag}"
-    world.connect(Path(out))
     if "train_sae" in extra:
         world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress=progress))
     plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again
@@ -156,10 +162,10 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     if shard is not None:
         return _shard_done(out, "run", config, sites, layers, shard)
     check = _check_expected(expected, Path(out))
-    _render(Path(out))
-    print_summary(report, Path(out))
+    failure = _render(Path(out))
+    print_summary(report, Path(out), pages=failure is None)
     _print_check(check)
-    return 0
+    return _rendered_or_fail(Path(out), failure)
 
 
 def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str,
@@ -185,14 +191,19 @@ def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Name
     dry_run(single, sites, layers, trains="train_sae" in extra)
     if "train_sae" in extra:
         train_missing_sae(config, extra["train_sae"], not args.quiet, cells)
-    out = Path(args.out or extra.get("out") or f"runs/{config.model}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}")
-    report = engine.run(resolve(config), out, overwrite=args.overwrite, progress=not args.quiet)
-    for site in report.joint or []:
-        _render(out / site.path)
-    _render(out)
-    print_summary(report, out)
-    print_compounding(report)
-    return 0
+    from klgap.runlock import run_lock
+
+    out = Path(args.out or extra.get("out")
+               or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}")
+    with run_lock(out, wait=args.wait):
+        report = engine.run(resolve(config), out, overwrite=args.overwrite, progress=not args.quiet)
+        failure = next((f for f in (_render(out / site.path) for site in report.joint or []) if f), None)
+        failure = _render(out) or failure
+        print_summary(report, out, pages=failure is None)
+        print_compounding(report)
+        return _rendered_or_fail(out, failure)
+
+
 def _expected_for(args: argparse.Namespace) -> Any:
     """(expected.json, its targets for this file) beside `--config`, or None (no file, or no target for it)."""
     from klgap.expectations import expected_beside
@@ -249,25 +260,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for folder in runs:
             report_folder(folder)
         study = write_study(config, runs, out)
-        _render(out)
+        failure = _render(out)
         print_study(study, out)
     else:
         report = report_folder(out)
-        _render(out)
-        print_summary(report, out)
+        failure = _render(out)
+        print_summary(report, out, pages=failure is None)
     print(f"merged {plan['n_shards']} shards into {out}")
-    return 0
+    return _rendered_or_fail(out, failure)
 
 
-def _render(out: Path) -> None:
-    """Figures + report.md/html next to report.json (data first: a failure here loses no data)."""
+def _render(out: Path) -> str | None:
+    """Figures + report.md/html next to report.json (data first: a failure here loses no data). Returns why
+    they were not all written, or None when they were."""
     from klgap.render import rebuild
 
     try:
         rebuild(out)
-    except Exception as exc:  # noqa: BLE001 - the numbers are saved; say so and go on
-        log.warning("could not draw the report (%s: %s); the data is saved, retry with `klgap report %s`",
-                    type(exc).__name__, exc, out)
+    except Exception as exc:  # noqa: BLE001 - the numbers are saved; the command still fails, after the summary
+        return str(exc) if isinstance(exc, KlgapError) else f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _rendered_or_fail(out: Path, failure: str | None) -> int:
+    """The command's exit: 0 when the pages and figures were written, else an error saying which were not."""
+    if failure is not None:
+        raise KlgapError(f"report.md, report.html and the figures of {out} were not all written ({failure}); the "
+                         f"numbers are saved in report.json and tokens.parquet: retry with `klgap report {out}`")
+    return 0
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
@@ -293,10 +313,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = get_host()
     for info in infos:
         print(f"{info.name}  ({info.package or '?'} {info.version or ''})".rstrip())
+        if info.error is not None:
+            print(f"  BROKEN: {info.error}")
         for kind, names in info.registers.items():
             print(f"  {kind}:")
             for name in names:
-                print(f"    {name:<28} {host.registry(kind).entries[name].description}")
+                print(f"    {name:<28} {host.registries[kind].entries[name].description}")
     return 0
 
 
@@ -317,10 +339,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from klgap.schema import load_report
+    from klgap.validate import validate_file
 
-    report = load_report(args.report)
-    print(f"{args.report}: valid klgap report (schema {report.schema_version})")
+    report = validate_file(args.report)
+    print(f"{args.report}: valid klgap report (schema {report.schema_version}; values checked)")
     return 0
 
 
@@ -403,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     if world.distributed and args.command in DISTRIBUTED:
         log.setLevel(logging.INFO)  # each rank says which batches it measured
     try:
+        if args.command != "plugins":  # a broken plugin stops every command but the one that lists it
+            from klgap.plugins import get_host
+
+            get_host().check()
         if getattr(args, "plugin_command", None) is not None:
             return args.plugin_command.run(args)
         code = COMMANDS[args.command](args)

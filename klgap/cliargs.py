@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(rep)
     rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
     rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    rep.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     curve = sub.add_parser(
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
     curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
     curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    curve.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     curve.add_argument("--quiet", action="store_true", help="no progress bars")
 
     compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs")
@@ -186,13 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_plugin_commands(sub: Any) -> None:
     """Subcommands that plugins register (``register_commands``); a name the core uses is refused."""
-    from klgap.errors import PluginError
     from klgap.plugins import get_host
 
-    commands = get_host().registry("command")
-    for name, entry in commands.entries.items():
+    host = get_host()
+    for name, entry in list(host.registries["command"].entries.items()):  # a broken plugin: `klgap plugins` says so
         if name in sub.choices:
-            raise PluginError(f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself defines")
+            host.mark_broken(entry.plugin, f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself "
+                                           "defines")
+            continue
         parser = sub.add_parser(name, help=entry.description, description=entry.description)
         entry.obj.add_arguments(parser)
         parser.set_defaults(plugin_command=entry.obj)

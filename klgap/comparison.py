@@ -7,7 +7,7 @@ curves, robustness_compare.png with every curve and each SAE's own point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     if len(run_dirs) < 1:
         raise KlgapError("klgap compare needs at least one RUN_DIR")
     entries = [e for i, d in enumerate(run_dirs) for e in entries_for(d, labels[i] if labels else None)]
+    if not labels and len({e.row.mode for e in entries}) > 1:  # runs of several modes: the mode tells them apart
+        entries = [replace(e, label=f"{e.label} {e.row.mode}") for e in entries]
     seen = [e.label for e in entries]
     dupes = sorted({x for x in seen if seen.count(x) > 1})
     if dupes:

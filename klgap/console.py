@@ -21,8 +21,9 @@ def print_study(study: StudyReport, out: Path) -> None:
     print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 
-def print_summary(report: Report, out: Path) -> None:
-    """The run's notes, what was measured, each intervention's KL and ΔCE, the ratio to the baseline."""
+def print_summary(report: Report, out: Path, pages: bool = True) -> None:
+    """The run's notes, what was measured, each intervention's KL and ΔCE, the ratio to the baseline.
+    `pages`: report.md, report.html and the figures were written too (the last line lists only what was)."""
     for note in report.notes:
         print(f"note: {note}")
     where = report.hook_name if report.joint is None else "joint " + " + ".join(s.hook_name for s in report.joint)
@@ -48,7 +49,10 @@ def print_summary(report: Report, out: Path) -> None:
         many = report.many_samples
         print(f"many samples: mean z of the SAE's KL = {fmt_fixed(many.z_mean)}, "
               f"fraction z > 2 = {fmt_fixed(many.frac_z_above_2)}")
-    print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
+    if pages:
+        print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
+    else:
+        print(f"wrote {out / 'report.json'} and {out / 'tokens.parquet'}")
 
 
 def print_compounding(report: Report) -> None:

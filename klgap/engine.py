@@ -10,6 +10,8 @@ before the next starts, so a killed run resumes; :func:`finish_run` builds the r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,12 +23,14 @@ from torch import Tensor
 from klgap import activations, metrics, modes
 from klgap.config import RunConfig
 from klgap.distributed import SINGLE, World
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, WriteError
 from klgap.executors import Executor, choose
+from klgap.finite import NonFiniteLogits
 from klgap.plugins import ModelRef, get_host, model_adapter
 from klgap.capabilities import find_default_sae, fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
+from klgap.saecheck import check_loaded_sae
 from klgap.resolve import Intervention, JointPlan, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
 from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
@@ -98,7 +102,9 @@ def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
 def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
     """Load an SAE spec (routed to its loader by :func:`klgap.resolve.route_sae`)."""
     route = route_sae(spec) if isinstance(spec, str) else spec
-    return route.obj.load(route.arg, device)
+    sae = route.obj.load(route.arg, device)
+    check_loaded_sae(sae)  # every loader's SAE, before anything else is loaded
+    return sae
 
 
 def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[SAERoute, str]:
@@ -119,6 +125,7 @@ def load_plan(plan: RunPlan) -> Loaded:
     config, device = plan.config, plan.device
     if isinstance(plan.sae, LoadedSAE):  # an SAE object from Python, already wrapped on the run's device
         sae, route = plan.sae, None
+        check_loaded_sae(sae)
     else:
         route = plan.sae
         sae = load_sae(route, device) if route is not None else None
@@ -149,6 +156,10 @@ def load_plan(plan: RunPlan) -> Loaded:
         )
     contexts = plan.tokens.obj.contexts(model, config.n_contexts, config.context_len, config.seed,
                                         config.prepend_bos, plan.tokens.arg)
+    if contexts.dim() == 2 and contexts.shape[1] == config.context_len and len(contexts) < config.n_contexts:
+        raise KlgapError(f"token source {plan.tokens.name!r} gave {len(contexts)} contexts of {config.context_len} "
+                         f"tokens but --tokens {config.tokens} needs {config.n_contexts}; nothing was measured: give "
+                         f"--tokens {len(contexts) * config.context_len} or less, or a source with more text")
     if contexts.shape != (config.n_contexts, config.context_len):
         raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
                          f"{(config.n_contexts, config.context_len)}")
@@ -298,9 +309,14 @@ def open_run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = Fal
     With several ranks (klgap.distributed) every rank loads; rank 0 alone binds the folder and writes run.json,
     and every rank gets rank 0's list of batches still to do (its own share: :func:`share_out`)."""
     rundir = RunDir(out)
-    rundir.check_writable()
-    plan = resolve(config) if isinstance(config, RunConfig) else config
-    loaded = load_plan(plan)
+    created = rundir.check_writable()
+    try:
+        plan = resolve(config) if isinstance(config, RunConfig) else config
+        loaded = load_plan(plan)
+    except BaseException:  # a bad SAE or model: leave no folder behind that a rerun could take for a run
+        if created:
+            rundir.remove_if_empty()
+        raise
     identity = run_identity(loaded)
     if shard is not None:
         identity["shard"] = f"{shard[0]}/{shard[1]}"
@@ -310,7 +326,7 @@ def open_run(config: RunConfig | RunPlan, out: str | Path, overwrite: bool = Fal
     def bind() -> tuple[dict[str, Any], list[int]]:
         rundir.prepare(identity, overwrite)
         write_record(rundir.root, record)
-        done = rundir.done_batches()
+        done = rundir.reusable_batches()  # a part holding a non-finite KL is measured again
         todo = [i for i in mine if i not in done]
         if done:
             log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
@@ -360,8 +376,12 @@ def report_folder(folder: Path) -> Report:
         raise KlgapError(f"{str(rundir.root)!r} holds {done} of its {record.n_batches} batches; run its command "
                          "again to finish it (finished batches are kept)")
     report = build_report(record, rundir)
-    rundir.write_tokens(rundir.root / "tokens.parquet")
-    atomic_write_json(rundir.root / "report.json", as_json(report))
+    try:
+        rundir.write_tokens(rundir.root / "tokens.parquet")
+        atomic_write_json(rundir.root / "report.json", as_json(report))
+    except WriteError as exc:
+        raise KlgapError(f"{exc}; every measured batch is kept in {rundir.parts}: free space, then "
+                         f"`klgap report {rundir.root}` writes the report") from exc
     return report
 
 
@@ -403,7 +423,27 @@ def _measure_todo(opened: OpenRun, progress: bool) -> None:
     loaded, shard = opened.run, opened.shard
     tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
     for index in _bar(opened.todo, f"{loaded.config.mode} {loaded.site} L{loaded.layer}{tag}", progress):
-        opened.rundir.write_part(index, *modes.measure_batch(loaded, index))
+        with _batch_named(index, loaded):
+            measured = modes.measure_batch(loaded, index)
+        _write_part(opened, index, measured)
+
+
+def _write_part(opened: OpenRun, index: int, measured: tuple[Any, dict[str, Any]]) -> None:
+    try:
+        opened.rundir.write_part(index, *measured)
+    except WriteError as exc:
+        raise KlgapError(f"{exc}; the batches finished before it are kept: free space and run the same command "
+                         "to resume") from exc
+
+
+@contextmanager
+def _batch_named(index: int, run: Loaded) -> Iterator[None]:
+    """Non-finite clean logits stop the run at that batch, named (no part is written for it)."""
+    try:
+        yield
+    except NonFiniteLogits as exc:
+        raise KlgapError(f"batch {index} (contexts {index * run.config.batch_size}..): {exc}; nothing of this "
+                         "batch was written") from exc
 
 
 def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = False, progress: bool = True,
@@ -437,8 +477,9 @@ def run_shared(configs: list[RunConfig], outs: list[Path], overwrite: bool = Fal
         need = [o for o in opened if index in o.todo]
         ids = modes.batch_ids(first, index)[0].to(first.model.device)
         runners = [o.run.executor.runner for o in need]
-        clean_ref = metrics.CleanReference.of(shared_clean(runners, ids))
+        with _batch_named(index, first):
+            clean_ref = metrics.CleanReference.of(shared_clean(runners, ids))
         for o, runner in zip(need, runners, strict=True):
-            o.rundir.write_part(index, *modes.measure_batch(o.run, index, clean=(runner.site_value, clean_ref)))
+            _write_part(o, index, modes.measure_batch(o.run, index, clean=(runner.site_value, clean_ref)))
             runner.site_value = None
     return [finish_run(o) for o in opened]

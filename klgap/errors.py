@@ -14,6 +14,25 @@ class PluginError(KlgapError):
     """A plugin failed to load or to register; the message names the plugin."""
 
 
+class WriteError(KlgapError):
+    """A file klgap had to write could not be written (a full disk, a file-size limit, permissions)."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} was not written: {_reason(exc)} (a full disk or a file-size limit?)")
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's words for an OSError; pyarrow's carry the errno only in their text (``[errno 27] ...``)."""
+    import os
+    import re
+
+    found = re.search(r"\[errno (\d+)\]", str(exc), flags=re.I)
+    if found:
+        return os.strerror(int(found.group(1)))
+    return exc.strerror or str(exc)
+
+
 class HubUnavailableError(KlgapError):
     """Something needs the Hugging Face hub, which this machine cannot reach."""
 

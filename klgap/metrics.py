@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from klgap.finite import check_clean_logits
+
 EXP_SAFE = 60.0  # rows whose max(d − m) exceeds this are measured with a max-shifted log-sum-exp
 CHUNK_BYTES = 1 << 23  # CPU: rows per step of the fused pass, ~8 MiB of logits (1–8 MiB measured alike), cache-sized
 CHUNK_BYTES_GPU = 1 << 28  # GPU: ~256 MiB per step, few kernel launches and bounded temporaries
@@ -47,6 +49,8 @@ class CleanReference:
 
     @classmethod
     def of(cls, clean_logits: Tensor) -> "CleanReference":
+        """Raises KlgapError on NaN or +inf clean logits (klgap.finite.check_clean_logits)."""
+        check_clean_logits(clean_logits)
         z = _compute_dtype(clean_logits)
         p = torch.empty_like(z)
         flat_z, flat_p = z.reshape(-1, z.shape[-1]), p.view(-1, z.shape[-1])

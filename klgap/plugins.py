@@ -73,6 +73,7 @@ class PluginInfo:
     package: str | None
     version: str | None
     registers: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None  # a broken plugin: why (it registers nothing)
 
 
 class PluginHost:
@@ -82,6 +83,7 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.dists: dict[str, tuple[str | None, str | None]] = {}
+        self.broken: dict[str, str] = {}  # plugin -> why it failed to load or to register (klgap plugins lists it)
         if load_entry_points:
             self._load_entry_points()
         self._registries: dict[str, Registry] | None = None
@@ -101,14 +103,17 @@ class PluginHost:
             seen.add(ep.name)
             dist = getattr(ep, "dist", None)
             package = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - reported by name, not as a traceback
-                raise PluginError(
-                    f"plugin {ep.name!r} (package {package or '?'}, entry point {ep.value!r}) failed to "
-                    f"load: {type(exc).__name__}: {exc}. Set KLGAP_DISABLE_PLUGINS={ep.name} to skip it."
-                ) from exc
-            self.add_plugin(plugin, ep.name, package=package, version=dist.version if dist else None)
+                self.mark_broken(ep.name, f"plugin {ep.name!r} (package {package or '?'}, entry point {ep.value!r}) "
+                                          f"failed to load: {type(exc).__name__}: {exc}", package, version)
+                continue
+            try:
+                self.add_plugin(plugin, ep.name, package=package, version=version)
+            except PluginError as exc:
+                self.mark_broken(ep.name, str(exc), package, version)
 
     def add_plugin(self, plugin: Any, name: str, package: str | None = None, version: str | None = None) -> None:
         """Register a plugin object (module or instance) by name; tests use this directly."""
@@ -123,6 +128,24 @@ class PluginHost:
             raise PluginError(f"plugin {name!r} is not a valid klgap plugin: {exc}") from exc
         self.dists[name] = (package, version)
         self._registries = None
+
+    def mark_broken(self, name: str, why: str, package: str | None = None, version: str | None = None) -> None:
+        """Record a plugin that failed to load or to register: `klgap plugins` lists it with `why`, every other
+        command refuses to run (:meth:`check`) until it is fixed or skipped with KLGAP_DISABLE_PLUGINS."""
+        self.broken.setdefault(name, f"{why.rstrip('.')}. Set KLGAP_DISABLE_PLUGINS={name} to skip it.")
+        if name not in self.dists:
+            self.dists[name] = (package, version)
+        if self._registries is not None:
+            for registry in self._registries.values():
+                registry.entries = {k: e for k, e in registry.entries.items() if e.plugin != name}
+
+    def check(self) -> None:
+        """Raise the first broken plugin's error (what every command but `klgap plugins` does)."""
+        self.registries  # registering may break a plugin too
+        if self.broken:
+            name, why = next(iter(self.broken.items()))
+            more = f" ({len(self.broken) - 1} more broken: {', '.join(list(self.broken)[1:])})" if len(self.broken) > 1 else ""
+            raise PluginError(f"{why}{more}")
 
     def remove_plugin(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -152,20 +175,29 @@ class PluginHost:
                 kwargs = {"register": register}
                 try:
                     impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-                except PluginError:
-                    raise
+                except PluginError as exc:
+                    self.broken.setdefault(impl.plugin_name, f"{exc}. Set KLGAP_DISABLE_PLUGINS={impl.plugin_name} "
+                                                             "to skip it.")
                 except Exception as exc:  # noqa: BLE001
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} raised in {hook_name}: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    self.broken.setdefault(impl.plugin_name, f"plugin {impl.plugin_name!r} raised in {hook_name}: "
+                                           f"{type(exc).__name__}: {exc}. Set KLGAP_DISABLE_PLUGINS="
+                                           f"{impl.plugin_name} to skip it.")
+        for registry in registries.values():  # a broken plugin registers nothing
+            registry.entries = {k: e for k, e in registry.entries.items() if e.plugin not in self.broken}
         return registries
 
     def registry(self, kind: str) -> Registry:
+        """The registry of `kind`; a PluginError while any plugin is broken (:meth:`check`)."""
+        self.check()
         return self.registries[kind]
 
     def plugin_infos(self) -> list[PluginInfo]:
+        """Every plugin with what it registers, broken ones with their error (never raises for them)."""
+        registries = self.registries
         infos = {name: PluginInfo(name, *self.dists.get(name, (None, None))) for name, _ in self.pm.list_name_plugin()}
-        for kind, registry in self.registries.items():
+        for name, why in self.broken.items():
+            infos[name] = PluginInfo(name, *self.dists.get(name, (None, None)), error=why)
+        for kind, registry in registries.items():
             for entry in registry.entries.values():
                 infos.setdefault(entry.plugin, PluginInfo(entry.plugin, None, None))
                 infos[entry.plugin].registers.setdefault(kind, []).append(entry.name)

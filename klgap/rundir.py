@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,7 +17,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, WriteError
+
+log = logging.getLogger("klgap")
 
 from klgap.record import CONFIG_FILE  # noqa: E402
 PARTS_DIR = "parts"
@@ -25,17 +28,10 @@ OUTPUTS = ("report.json", "tokens.parquet")
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -44,15 +40,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @contextmanager
 def _atomic_target(path: Path) -> Iterator[str]:
-    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not.
+    An OSError (disk full, ``ulimit -f``) becomes a :class:`klgap.errors.WriteError` naming `path`."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(path, exc) from exc
         raise
 
 
@@ -86,8 +87,13 @@ class RunDir:
         self.root = Path(root)
         self.parts = self.root / PARTS_DIR
 
-    def check_writable(self) -> None:
-        """Create the folder and prove we can write there, before any heavy work."""
+    def check_writable(self) -> bool:
+        """Create the folder and prove we can write there, before any heavy work; True if it was created now."""
+        blocking = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {str(blocking)!r} is a file, not "
+                             "a folder; give --out a folder path (it is created if missing)")
+        created = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.root, prefix=".klgap-write-test.")  # a name of its own per rank
@@ -95,6 +101,14 @@ class RunDir:
             os.unlink(probe)
         except OSError as exc:
             raise KlgapError(f"output directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
+        return created
+
+    def remove_if_empty(self) -> None:
+        """Remove the folder if nothing was written into it (a run that failed before its first file)."""
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
 
     def prepare(self, identity: dict[str, Any], overwrite: bool) -> int:
         """Bind the folder to a run identity; return how many batches are already done.
@@ -139,6 +153,23 @@ class RunDir:
             index = int(meta.stem.split("_")[1])
             if self.part_paths(index)[0].exists():
                 done.add(index)
+        return done
+
+    def reusable_batches(self) -> set[int]:
+        """Finished batches a resume may keep: a part whose KL column holds a NaN or an infinity (an SAE file
+        fixed in place since, a broken model) is deleted and measured again."""
+        done = self.done_batches()
+        for index in sorted(done):
+            table_path, meta_path = self.part_paths(index)
+            try:
+                kl = pq.read_table(table_path, columns=["kl"]).column("kl").to_numpy(zero_copy_only=False)
+            except (OSError, KeyError, pa.ArrowException):
+                kl = np.array([np.nan])  # unreadable: measured again
+            if not np.isfinite(kl.astype(float)).all():
+                log.warning("batch %d in %s holds non-finite KL values: measuring it again", index, self.root)
+                meta_path.unlink(missing_ok=True)
+                table_path.unlink(missing_ok=True)
+                done.discard(index)
         return done
 
     def write_part(self, index: int, frame: pd.DataFrame, side: dict[str, Any]) -> None:

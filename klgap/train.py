@@ -8,8 +8,12 @@ gets an SAE: no TransformerLens model and no hub needed. The result is a sae_len
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,35 +203,33 @@ def fit_sae(
                 sae.b_dec.copy_((mean * scale).to(sae.b_dec.device))
         trained = trainer.fit()
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trained.save_inference_model(out_dir)
-
     from sae_lens import SAE
 
-    inference = SAE.load_from_disk(str(out_dir), device=str(device)).eval()
-    result = {
-        "model": model.name,
-        "site": site,
-        "layer": layer,
-        "hook_name": hook_name(site, layer),
-        "d_in": d_in,
-        "d_sae": expansion * d_in,
-        "n_training_tokens": int(len(train)),
-        "n_training_samples": int(steps * train_batch_size),
-        "n_eval_tokens": int(n_eval),
-        "steps": steps,
-        "train_batch_size": train_batch_size,
-        "architecture": architecture,
-        **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
-        "b_dec_init": b_dec_init,
-        "lr": lr,
-        "seed": seed,
-        "first_position": "excluded" if skip_first_position else "included",
-        **evaluate(inference, held_out, device),
-        "wall_time_s": round(time.time() - started, 2),
-    }
-    (out_dir / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    with _staged(Path(out_dir)) as staging:
+        trained.save_inference_model(staging)
+        inference = SAE.load_from_disk(str(staging), device=str(device)).eval()
+        result = {
+            "model": model.name,
+            "site": site,
+            "layer": layer,
+            "hook_name": hook_name(site, layer),
+            "d_in": d_in,
+            "d_sae": expansion * d_in,
+            "n_training_tokens": int(len(train)),
+            "n_training_samples": int(steps * train_batch_size),
+            "n_eval_tokens": int(n_eval),
+            "steps": steps,
+            "train_batch_size": train_batch_size,
+            "architecture": architecture,
+            **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
+            "b_dec_init": b_dec_init,
+            "lr": lr,
+            "seed": seed,
+            "first_position": "excluded" if skip_first_position else "included",
+            **evaluate(inference, held_out, device),
+            "wall_time_s": round(time.time() - started, 2),
+        }
+        (staging / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -253,6 +255,30 @@ def check_architecture(architecture: str, k: int | None, d_sae: int | None = Non
     elif k is not None:
         raise KlgapError(f"--k {k} is the latents per token of --architecture topk; the {architecture} SAE "
                          "sets its sparsity with --l1")
+
+
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A folder beside `out_dir` to save the SAE into, renamed onto `out_dir` once complete (training.json
+    last): a train-sae killed while saving leaves no half SAE where replicate (or a config's [train_sae],
+    which trains what is missing) would take it for a finished one. Leftovers of a killed run are removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    staging.chmod(0o755)  # as mkdir would make it (mkdtemp's are private)
+    try:
+        yield staging
+        if out_dir.exists():  # a previous SAE: moved aside, then removed once the new one is in place
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-old-"))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
 
 
 def train_saes(

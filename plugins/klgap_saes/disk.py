@@ -7,6 +7,7 @@ The plain file's format (tensor names, writer) lives in :mod:`klgap.saefile`; it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,14 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
+CFG_REQUIRED = ("d_in", "d_sae")  # what every sae_lens architecture's config needs (positive integers)
+
+
+def _malformed(spec: str, fields: list[str]) -> str:
+    """A cfg.json missing what sae_lens needs: which fields, and what writes a valid folder."""
+    return (f"SAE folder {spec!r}: cfg.json lacks {', '.join(fields)} (or {'they are' if len(fields) > 1 else 'it is'} "
+            "not a positive integer); a sae_lens cfg.json holds architecture, d_in, d_sae and metadata.hook_name, "
+            "as `klgap train-sae` or sae_lens's SAE.save_model writes it")
 
 
 class SaeLensDiskLoader:
@@ -53,6 +62,9 @@ class SaeLensDiskLoader:
             raise KlgapError(f"SAE folder {spec!r}: cfg.json is not valid JSON: {exc}") from exc
         if not isinstance(cfg, dict):
             raise KlgapError(f"SAE folder {spec!r}: cfg.json holds a {type(cfg).__name__}, expected a sae_lens config object")
+        missing = [key for key in CFG_REQUIRED if not isinstance(cfg.get(key), int) or cfg[key] < 1]
+        if missing:
+            raise KlgapError(_malformed(spec, missing))
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
         return SAECheck(hook_name=meta.get("hook_name"), model=meta.get("model_name"),
                         detail=f"sae_lens folder ({cfg.get('architecture', 'standard')}, d_sae {cfg.get('d_sae')})")
@@ -66,6 +78,11 @@ class SaeLensDiskLoader:
             sae = SAE.load_from_disk(str(path), device=str(device))
         except ValueError as exc:
             raise KlgapError(f"SAE folder {spec!r} could not be read: {exc}") from exc
+        except TypeError as exc:  # sae_lens's config class refused cfg.json: a field it needs is missing
+            fields = re.findall(r"'(\w+)'", str(exc)) if "required" in str(exc) else []
+            if not fields:
+                raise KlgapError(f"SAE folder {spec!r}: cfg.json is not a sae_lens config: {exc}") from exc
+            raise KlgapError(_malformed(spec, fields)) from exc
         except Exception as exc:  # noqa: BLE001 - safetensors / torch errors on a damaged file
             raise KlgapError(f"SAE folder {spec!r} could not be read (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
         info = {}
@@ -109,6 +126,11 @@ def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], sp
     if THRESHOLD in tensors:
         expected[THRESHOLD] = (d_sae,)
     check_shapes(tensors, expected, where, f"from W_enc [d_in={d_in}, d_sae={d_sae}]")
+    unread = sorted(set(tensors) - set(expected))
+    if unread:  # e.g. a transcoder's W_skip: measuring without it would measure another function
+        raise KlgapError(f"{where} holds tensors a plain SAE file does not: {', '.join(unread)}; it holds "
+                         f"{', '.join(REQUIRED)} (+ {THRESHOLD}) only" + (" (W_skip is a transcoder's skip "
+                         "connection: klgap measures SAEs that reconstruct their own input)" if "W_skip" in unread else ""))
     cfg_dict = {
         "architecture": "jumprelu" if THRESHOLD in tensors else "standard", "d_in": int(d_in), "d_sae": int(d_sae),
         "metadata": {k: metadata[k] for k in METADATA if k in metadata},

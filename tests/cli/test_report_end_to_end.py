@@ -28,6 +28,7 @@ def test_engine_then_report(tmp_path, capsys, load_model, mode):
                     mode=mode, position=5, k=4, n_samples=10, interventions=["sae", "epsilon_random", "theta_random"])
     report = engine.run(cfg, tmp_path / "run", progress=False)
     assert main(["report", str(tmp_path / "run")]) == 0
+    assert main(["validate", str(tmp_path / "run")]) == 0  # a fresh report's values pass klgap's own checks
     written = {line.split("/")[-1] for line in capsys.readouterr().out.split()}
     assert EXPECTED[mode] | {"report.md", "report.html"} <= written
     for name in EXPECTED[mode]:

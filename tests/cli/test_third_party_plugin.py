@@ -108,11 +108,19 @@ def test_its_perturbation_runs_in_replicate(installed, tmp_path):
     assert report["plugins"]["perturbation:halfway"] == {"plugin": "klgap_halfway", "version": "0.3.1"}
 
 
-def test_broken_plugin_reported_by_name(tmp_path):
+def test_broken_plugin_listed_by_klgap_plugins_and_named_by_every_other_command(tmp_path):
     site_dir = tmp_path / "site"
     _pip_install(_make_package(tmp_path / "src", "klgap_broken", BROKEN_SOURCE), site_dir)
-    done = _klgap(["plugins"], site_dir, tmp_path)
-    assert done.returncode != 0
-    assert "plugin 'klgap_broken' (package klgap-broken" in done.stderr
-    assert "this plugin is broken on purpose" in done.stderr
-    assert "Traceback" not in done.stderr
+    listed = _klgap(["plugins"], site_dir, tmp_path)  # still runs: the broken one listed with its error
+    assert listed.returncode == 0, listed.stderr
+    assert "klgap_broken  (klgap-broken 0.3.1)\n  BROKEN: plugin 'klgap_broken' (package klgap-broken" in listed.stdout
+    assert "ImportError: this plugin is broken on purpose" in listed.stdout
+    assert "epsilon_random" in listed.stdout  # the working plugins are listed as before
+    as_json = json.loads(_klgap(["plugins", "--json"], site_dir, tmp_path).stdout)
+    assert "broken on purpose" in next(i["error"] for i in as_json if i["name"] == "klgap_broken")
+    for argv in (["replicate", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0"], ["validate", "x"]):
+        done = _klgap(argv, site_dir, tmp_path)
+        assert done.returncode == 2
+        assert "plugin 'klgap_broken' (package klgap-broken" in done.stderr
+        assert "this plugin is broken on purpose" in done.stderr and "KLGAP_DISABLE_PLUGINS=klgap_broken" in done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

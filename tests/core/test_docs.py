@@ -48,3 +48,14 @@ def test_contributing_documents_the_hook(hook):
     assert f"def {hook}(" in section, f"CONTRIBUTING.md: the {hook} section has no example"
     if getattr(hookspecs, hook).klgap_spec.get("firstresult"):
         assert "firstresult" in section, f"CONTRIBUTING.md: the {hook} section does not say it is firstresult"
+
+
+def test_contributing_lists_every_fault_with_its_message():
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    table = text[text.index("### Bad input and faults"):text.index("### Adding a hook")]
+    for message in ("has non-finite weights: W_dec has 1 NaN", "the model's clean logits hold",
+                    "measuring it again", "was not written: File too large", "were not all written",
+                    "is not interventions.sae.kl_mean", "cfg.json lacks d_in", "is a file, not a folder",
+                    "is in use by another klgap run", "BROKEN:", "is a transcoder", "give --site and --layer",
+                    "klgap compare", "train-sae", "gave 3 contexts of 32 tokens"):
+        assert message in table, f"CONTRIBUTING.md's bad-input table lacks {message!r}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -100,3 +102,21 @@ def test_select_rows_and_positions():
     kl, _ = ref.select(rows, slice(3, 5)).measure(z_patched[rows][:, 3:5].clone(), next_ids[rows][:, 3:5])
     full, _ = ref.measure(z_patched.clone(), next_ids)
     torch.testing.assert_close(kl, full[rows][:, 3:5], rtol=1e-12, atol=0)
+
+
+def test_clean_logits_masked_to_minus_inf_are_still_measured():
+    from klgap.errors import KlgapError
+
+    z = torch.randn(2, 3, 50)
+    z[..., :5] = float("-inf")
+    kl, _ = metrics.CleanReference.of(z).measure(z.clone(), torch.zeros(2, 3, dtype=torch.long))
+    assert torch.allclose(kl, torch.zeros_like(kl), atol=1e-6)
+    for bad, words in ((float("nan"), "1 NaN"), (float("inf"), "1 +inf")):
+        broken = z.clone()
+        broken[1, 2, 7] = bad
+        with pytest.raises(KlgapError, match=re.escape(words)):
+            metrics.CleanReference.of(broken)
+    dead = z.clone()
+    dead[0, 1] = float("-inf")
+    with pytest.raises(KlgapError, match="every logit is -inf"):
+        metrics.CleanReference.of(dead)

@@ -140,8 +140,12 @@ def test_plugin_command_runs_through_the_cli(with_plugin, capsys):
 
 def test_plugin_command_may_not_take_a_core_name(with_plugin, capsys):
     with_plugin(_Shadowing(), "test-shadowing")
-    assert main(["plugins"]) == 2
-    assert "plugin 'test-shadowing' registers command 'replicate', which klgap itself defines" in capsys.readouterr().err
+    assert main(["plugins"]) == 0  # listed as broken
+    assert "BROKEN: plugin 'test-shadowing' registers command 'replicate', which klgap itself defines" in capsys.readouterr().out
+    assert main(["validate", "x"]) == 2  # every other command names it
+    err = capsys.readouterr().err
+    assert "registers command 'replicate', which klgap itself defines" in err
+    assert "KLGAP_DISABLE_PLUGINS=test-shadowing" in err
 
 
 def test_build_corpus_is_the_token_source_plugins_command(capsys):

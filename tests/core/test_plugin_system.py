@@ -104,3 +104,15 @@ def test_builtin_plugins_arrive_through_entry_points():
     assert {"sae", "epsilon_random", "theta_random", "cosine_matched"} <= set(infos["perturbations"].registers["perturbation"])
     assert {"sae_lens", "sae_lens_disk", "safetensors"} <= set(infos["sae_loaders"].registers["sae_loader"])
     assert {"sample", "text", "random"} <= set(infos["token_sources"].registers["token_source"])
+
+
+def test_a_plugin_that_raises_while_registering_is_listed_broken_and_blocks_lookups():
+    host = PluginHost(load_entry_points=False)
+    host.add_plugin(PluginA(), "a")
+    host.add_plugin(Raising(), "raising-plugin")
+    infos = {info.name: info for info in host.plugin_infos()}  # listing never raises
+    assert infos["a"].error is None and infos["a"].registers == {"perturbation": ["plus_one"]}
+    assert "raised in register_model_adapters: RuntimeError: boom" in infos["raising-plugin"].error
+    assert infos["raising-plugin"].registers == {}
+    with pytest.raises(PluginError, match="KLGAP_DISABLE_PLUGINS=raising-plugin to skip it"):
+        host.registry("perturbation")
