@@ -65,7 +65,7 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
 
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
     """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
-    from klgap.plots import curves_of, ratio_bars, robustness_curve
+    from klgap.plot_curves import curves_of, ratio_bars, robustness_curve, runs_title
     from klgap.blocks import Bullets, Figure, Heading, Para, Table, md_block
 
     if labels and len(labels) != len(run_dirs):
@@ -90,7 +90,7 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     points, stars = curves_of((e.label, e.curve) for e in entries)
     if points:
         figures.append(robustness_curve(points, out / "robustness_compare.png", stars,
-                                        f"{len(points)} curves; stars: each SAE's (mean cos, mean KL)"))
+                                        runs_title([e.row for e in entries if e.curve is not None])))
     written += figures
     rows = [e.cells() for e in entries]
     blocks = [Heading(1, "klgap comparison"),
