@@ -66,11 +66,16 @@ def _misses(value: Any, low: Any, high: Any) -> bool:
     return not low <= value <= high
 
 
+LARGE = 1e4  # fmt_ci shows values this large in significant digits, not as a wall of decimals
+
+
 def fmt_ci(value: Any, low: Any, high: Any, decimals: int = 3) -> str:
     """'1.462 [1.401, 1.530]'; '—' when the value and both ends are missing; '6.149 [interval excludes the
-    estimate]' when the interval does not hold the value."""
+    estimate]' when the interval does not hold the value; '3.396e+13 [3.024e+13, 3.869e+13]' from 1e4 up."""
     if value is None and low is None and high is None:
         return DASH
+    if any(_special(v) is None and abs(v) >= LARGE for v in (value, low, high)):  # a ratio over ~0: as 3.396e+13
+        return fmt_ci_sig(value, low, high, 4)
     if _misses(value, low, high):
         return f"{fmt_fixed(value, decimals)} {NO_INTERVAL}"
     return f"{fmt_fixed(value, decimals)} [{fmt_fixed(low, decimals)}, {fmt_fixed(high, decimals)}]"
@@ -84,3 +89,12 @@ def fmt_ci_sig(value: Any, low: Any, high: Any, digits: int = 3) -> str:
     if _misses(value, low, high):
         return f"{fmt(value, digits)} {NO_INTERVAL}"
     return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def fmt_p_holm(p_value: Any, p_holm: Any, family_size: int | None) -> str:
+    """'0.002 (Holm 0.004)': a Wilcoxon p with its Holm correction, shown where the report has one and its family
+    holds more than this one test (family_size None: a report older than 0.3.0, whose correction is shown)."""
+    text = fmt_p(p_value)
+    if p_holm is None or family_size == 1:
+        return text
+    return f"{text} (Holm {fmt_p(p_holm)})"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from klgap.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Para, Table, esc, html_block, md_block
-from klgap.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, interval_holds
+from klgap.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
 from klgap.rundir import atomic_write_bytes
 from klgap.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
@@ -29,7 +29,7 @@ def _where(run: SiteSummary) -> str:
 def _verdict(report: Report | StudyReport) -> list[Block]:
     """The finding first: one sentence per site/layer (klgap.summary.SummaryRow.verdict)."""
     sentences = [row.verdict() for row in summary_rows(report)]
-    return [Para(sentences[0])] if len(sentences) == 1 else [Bullets(sentences)]
+    return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
 
 
 def _summary(report: Report | StudyReport) -> list[Block]:
@@ -91,19 +91,24 @@ def ce_delta_ratio_text(comparison: Comparison) -> str:
     return _ci(ratio)
 
 
+def _p_with_holm(comparison: Comparison) -> str:
+    """'3.81e-06 (Holm 4.20e-05)': the Holm-corrected p where its family holds more than this test."""
+    test = comparison.wilcoxon_kl
+    return fmt_p_holm(test.p_value, test.p_holm, test.holm_family_size)
+
+
 def _comparisons(report: Report) -> list[Block]:
     if not report.comparisons:
         return []
     sae = report.interventions.get("sae")
     rows = [[name, _ci(comp.kl_ratio), ce_delta_difference_text(comp, sae, report.interventions.get(name)),
-             ce_delta_ratio_text(comp), fmt(comp.wilcoxon_kl.statistic), fmt_p(comp.wilcoxon_kl.p_value),
-             fmt_p(comp.wilcoxon_kl.p_holm) if comp.wilcoxon_kl.p_holm is not None else DASH,
-             fmt_fixed(comp.wilcoxon_kl.effect_size), fmt(comp.wilcoxon_kl.n_contexts)]
+             ce_delta_ratio_text(comp), _p_with_holm(comp), fmt_fixed(comp.wilcoxon_kl.effect_size),
+             fmt(comp.wilcoxon_kl.n_contexts)]
             for name, comp in report.comparisons.items()]
     return [
         Heading(2, "SAE against each baseline"),
         Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE sae − baseline [95% CI], nats", "ΔCE ratio [95% CI]",
-               "Wilcoxon W", "p", "p (Holm)", "effect size (rank-biserial)", "contexts"], rows),
+               "Wilcoxon p (Holm)", "effect size (rank-biserial)", "contexts"], rows),
         Para("ΔCE is the change in next-token cross-entropy caused by the patch. Its difference pairs the SAE and "
              "the baseline on the same contexts (interval: bootstrap over contexts). The ΔCE ratio is shown only "
              "where the baseline's mean ΔCE has a 95% interval that excludes 0: a ratio over a denominator that may "
@@ -219,7 +224,9 @@ CAPTIONS = {
                     "later offsets show how the perturbation travels to later positions.",
     "many_samples": "Left: for the first contexts, the KL of random draws with the SAE's KL marked (red). "
                     "Right: the per-context z-scores of the SAE's KL against its draws.",
-    "robustness": "Mean KL against the cosine similarity of the substitute; stars mark the SAE reconstructions.",
+    "robustness": "Mean KL of cosine-matched noise against its cosine similarity to x, one curve per norm fraction "
+                  "(named in the legend), with 95% bands that resample contexts; stars mark the SAE reconstructions "
+                  "with their intervals.",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klgap.formatting import fmt, fmt_ci, fmt_p
+from klgap.formatting import fmt, fmt_ci, fmt_p, fmt_p_holm
 from klgap.schema import BASELINE, Report, SiteSummary, StudyReport
 
 
@@ -54,10 +54,7 @@ class SummaryRow:
     def p_text(self) -> str:
         """'0.002 (Holm 0.004)': the Wilcoxon p-value, with the Holm-corrected one when the report has it and its
         family holds more than this one test."""
-        text = fmt_p(self.p_value)
-        if self.p_holm is None or self.holm_family_size == 1:
-            return text
-        return f"{text} (Holm {fmt_p(self.p_holm)})"
+        return fmt_p_holm(self.p_value, self.p_holm, self.holm_family_size)
 
     def verdict(self) -> str:
         """The finding in one sentence: 'At blocks.1.hook_mlp_out of tiny-gpt2 the SAE's reconstruction moves the

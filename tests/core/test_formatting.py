@@ -40,6 +40,7 @@ def test_fmt_ci():
     assert fmt_ci(None, math.nan, None) == "— [nan, —]"  # a missing end is shown, not hidden
     assert fmt_ci(1.2, None, None) == "1.200 [—, —]"
     assert fmt_ci(None, None, None) == DASH  # no ratio at all
+    assert fmt_ci(33956260295023.09, 30241910869700.523, 38685426212958.477) == "3.396e+13 [3.024e+13, 3.869e+13]"
 
 
 def test_an_interval_that_misses_its_estimate_is_not_shown():

@@ -78,7 +78,8 @@ def test_html_is_self_contained(built, mode):
     assert "<script" not in page.lower()
     assert "http://" not in page and "https://" not in page and "<link" not in page
     ratio = report.comparisons["epsilon_random"].kl_ratio
-    assert f"<td>{ratio.ratio:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]</td>" in page
+    assert (f'<td><span class="nw">{ratio.ratio:.3f}</span> <span class="nw">[{ratio.ci_low:.3f}, '
+            f"{ratio.ci_high:.3f}]</span></td>") in page  # a cell breaks between a number and its interval only
 
 
 def test_rebuild_is_idempotent_and_leaves_data_alone(tmp_path):
@@ -105,7 +106,7 @@ def test_missing_and_nan_values_render(tmp_path):
     assert "| resid_post L3 | — | nan | — [nan, —] | — |" in md
     assert "| explained_variance | — |" in md
     page = render_html(report, [])
-    assert "<td>— [nan, —]</td>" in page and "data:image" not in page
+    assert '<td><span class="nw">—</span> <span class="nw">[nan, —]</span></td>' in page and "data:image" not in page
 
     root = write_run(tmp_path / "run", "all_tokens", report=report)  # nulls (and a NaN) through rebuild
     assert "| resid_post L3 | — | nan | — [nan, —] | — |" in rebuild(root)["report.md"].read_text()
