@@ -327,10 +327,18 @@ def render_html(report: Report | StudyReport, figures: Sequence[Path]) -> str:
 # ----------------------------------------------------------------------------- a run folder
 
 
+#: figures drawn only from tokens.parquet, in page order; kept as they are where that table is gone
+TOKEN_FIGURES = ("kl_hist.png", "kl_by_position.png", "many_samples.png")
+PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png")
+
+
 def rebuild(run_dir: str | Path) -> dict[str, Path]:
     """(Re)write the figures, report.md and report.html of a run folder from report.json + tokens.parquet.
 
-    Nothing is recomputed. Returns {file name: path} for every file written.
+    Nothing is recomputed. A study also rebuilds each site/layer folder holding a report.json. Without
+    tokens.parquet (committed results keep only report.json and the figures), the figures drawn from the report
+    are redrawn and those only the tokens table can draw are kept as they are. Returns {file name: path} for
+    every file written.
     """
     from klgap.plots import figures_for_run, read_tokens
 
@@ -340,11 +348,14 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
     if isinstance(report, StudyReport):  # each site/layer's own figures and pages, then the study's
         for run in report.runs:
             sub = run_dir / run.path
-            if (sub / "report.json").is_file() and (sub / "tokens.parquet").is_file():
+            if (sub / "report.json").is_file():
                 written.update({f"{run.path}/{name}": path for name, path in rebuild(sub).items()})
     tokens = read_tokens(run_dir) if isinstance(report, Report) else None
     figures = figures_for_run(run_dir, report, tokens)
     written.update({f.name: f for f in figures})
+    if isinstance(report, Report) and tokens is None:
+        figures += [run_dir / name for name in TOKEN_FIGURES if (run_dir / name).is_file()]
+        figures.sort(key=lambda f: PAGE_ORDER.index(f.name) if f.name in PAGE_ORDER else len(PAGE_ORDER))
     for name, text in (("report.md", render_markdown(report, figures)), ("report.html", render_html(report, figures))):
         atomic_write_bytes(run_dir / name, text.encode("utf-8"))
         written[name] = run_dir / name

@@ -223,3 +223,21 @@ def test_a_study_states_one_verdict_per_site_and_layer(tmp_path):
 
 def ratio_text(ratio) -> str:
     return fmt_ci(ratio.ratio, ratio.ci_low, ratio.ci_high)
+
+
+def test_a_folder_without_its_tokens_table_keeps_the_figures_only_that_table_could_draw(tmp_path):
+    """Committed results keep report.json and figures, not tokens.parquet: `klgap report` re-renders their pages."""
+    root = write_run(tmp_path / "run", "all_tokens")
+    rebuild(root)
+    hist = (root / "kl_hist.png").read_bytes()
+    (root / "tokens.parquet").unlink()
+    (root / "report.md").unlink()
+    written = rebuild(root)
+    assert set(written) == {"kl_bars.png", "report.md", "report.html"}  # kl_hist / kl_by_position left alone
+    assert (root / "kl_hist.png").read_bytes() == hist
+    md = written["report.md"].read_text()
+    assert md.index("](kl_bars.png)") < md.index("](kl_hist.png)") < md.index("](kl_by_position.png)")
+    study = make_study([load_report(root)])
+    (tmp_path / "report.json").write_text(json.dumps(study.model_dump(exclude_unset=True)))
+    (root.rename(tmp_path / study.runs[0].path))
+    assert f"{study.runs[0].path}/report.md" in rebuild(tmp_path)  # a study re-renders its sub-run too
