@@ -121,7 +121,7 @@ def runs_title(rows: Sequence[SummaryRow]) -> str:
     models = list(dict.fromkeys(r.model for r in rows))
     where = list(dict.fromkeys(r.where for r in rows))
     modes = list(dict.fromkeys(r.mode for r in rows))
-    where_text = ", ".join(where) if len(where) <= 4 else f"{len(where)} sites/layers"
+    where_text = ", ".join(where) if len(where) <= 4 else f"{len(rows)} runs at {len(where)} sites/layers"
     return f"{', '.join(models)} · {where_text} · {', '.join(modes)}"
 
 
@@ -161,7 +161,7 @@ def ratio_bars(entries: Sequence[tuple[str, SummaryRow]], path: str | Path | Non
     reach = max(reach * 1.15, math.log(1.02))
     ax.set_xlim(math.exp(-reach), math.exp(reach))
     ax.xaxis.set_major_locator(FixedLocator(_ratio_ticks(reach)))
-    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.3g}×")
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.3g}×" if v >= 1 else f"{v:.2g}×")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.7, len(entries) - 0.3)

@@ -71,8 +71,10 @@ def test_every_reader_shows_the_same_row(run, capsys):
     assert entry.cells()[3] == ci
     print_summary(report, run)
     printed = capsys.readouterr().out
-    assert (f"KL(sae)/KL(epsilon_random) = {row.ratio:.3f}  95% CI [{row.ratio_ci_low:.3f}, {row.ratio_ci_high:.3f}] "
-            f"over 8 contexts; Wilcoxon p = ") in printed
+    assert (f"At blocks.1.hook_mlp_out of tiny-gpt2 the SAE's reconstruction moves the next-token distribution "
+            f"{row.ratio:.3f}× [{row.ratio_ci_low:.3f}, {row.ratio_ci_high:.3f}] as much as a random error of the same "
+            f"size (Wilcoxon p = {row.p_text()} over 8 contexts)") in printed
+    assert "Holm family: sae vs epsilon_random at 1 site/layer (1 test)" in printed
     assert f"sae{' ' * 37} {row.kl_sae:>10.4g}" in printed
 
 
