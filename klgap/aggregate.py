@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from klgap import stats
 from klgap.robustness import build_curve, norm_frac_mean
 from klgap.errors import KlgapError
+from klgap.families import apply_holm
 from klgap.schema import Comparison, Curve, GapAnalysis, InterventionStats, ManySamples, SAEMetrics
 
 BASELINE = "epsilon_random"
@@ -134,6 +135,10 @@ class _Parts:
             out[start : start + values.size] = values
             start += values.size
         return out if out is not None else np.empty(0, dtype=np.float32)
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _mean(values: np.ndarray) -> float:
@@ -275,25 +280,35 @@ def _part_zscores(part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> 
 # ----------------------------------------------------------------------------- the run
 
 
-def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, dict[str, Any]]:
-    """For each baseline: KL and ΔCE ratios sae/baseline with context-bootstrap intervals, Wilcoxon; Holm across."""
-    out: dict[str, dict[str, Any]] = {}
+def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, Comparison]:
+    """For each baseline: KL and ΔCE ratios sae/baseline with context-bootstrap intervals, the paired ΔCE difference
+    and the baseline's mean ΔCE with theirs, Wilcoxon; Holm within each family of the run (klgap.families)."""
+    out: dict[str, Comparison] = {}
     if "sae" not in names:
         return out
     sae_kl, sae_ce = sums.per_context("sae", "kl"), sums.per_context("sae", "ce_delta")
     for name in names:
         if name == "sae":
             continue
-        base_kl = sums.per_context(name, "kl")
-        out[name] = {
+        base_kl, base_ce = sums.per_context(name, "kl"), sums.per_context(name, "ce_delta")
+        out[name] = Comparison.model_validate(_clean_json({
             "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
-            "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, sums.per_context(name, "ce_delta"), seed=seed),
+            "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, base_ce, seed=seed),
             "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
-        }
-    adjusted = stats.holm([c["wilcoxon_kl"]["p_value"] for c in out.values()])
-    for comparison, p in zip(out.values(), adjusted, strict=True):
-        comparison["wilcoxon_kl"]["p_holm"] = p
+            "ce_delta_difference": stats.difference_of_means_ci(sae_ce, base_ce, seed=seed),
+            "ce_delta_baseline": stats.mean_ci(base_ce, seed=seed),
+        }))
+    apply_holm([out])
     return out
+
+
+def _clean_json(obj: Any) -> Any:
+    """NaN and infinities as None (as report.json saves them), so a model holds what its file will."""
+    if isinstance(obj, dict):
+        return {k: _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _gap_analysis(parts: _Parts, gap: np.ndarray, take: np.ndarray | None,
@@ -386,8 +401,8 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
         n_tokens=parts.counts.get(first, 0) if first else sum(parts.counts.values()),
         n_contexts=int(np.unique(contexts.view()).size),
         interventions=interventions,
-        comparisons={name: Comparison(**c) for name, c in comparisons.items()},
-        kl_ratio_sae_over_epsilon_random=comparisons[BASELINE]["kl_ratio"]["ratio"] if BASELINE in comparisons
+        comparisons=comparisons,
+        kl_ratio_sae_over_epsilon_random=_num(comparisons[BASELINE].kl_ratio.ratio) if BASELINE in comparisons
         else math.nan,
         sae_metrics=sae_metrics,
         gap=gap,

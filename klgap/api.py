@@ -53,9 +53,16 @@ class Result:
         comparison = self.report.comparisons.get(BASELINE)
         return comparison.kl_ratio if comparison is not None else None
 
+    def verdict(self) -> str:
+        """The run's finding in one sentence, as its report.md opens (klgap.summary.SummaryRow.verdict)."""
+        from klgap.summary import summary_row
+
+        return summary_row(self.report, self.report.model, self.report.mode).verdict()
+
     def summary(self) -> pd.DataFrame:
         """The console table as a DataFrame: one row per intervention, with its KL/ΔCE statistics and, for
-        each baseline, the SAE's KL ratio over it (95% CI) and the Wilcoxon p-value (Holm-corrected)."""
+        each baseline, the SAE's KL ratio over it (95% CI), the Wilcoxon p-value (Holm-corrected within
+        holm_family) and the paired ΔCE difference SAE − baseline."""
         import pandas as pd
 
         rows = []
@@ -68,6 +75,8 @@ class Result:
                 ci_high=comparison.kl_ratio.ci_high if comparison else None,
                 p_value=comparison.wilcoxon_kl.p_value if comparison else None,
                 p_holm=comparison.wilcoxon_kl.p_holm if comparison else None,
+                holm_family=comparison.wilcoxon_kl.holm_family if comparison else None,
+                ce_delta_diff=comparison.ce_delta_difference.mean if comparison and comparison.ce_delta_difference else None,
             )
             rows.append(row)
         return pd.DataFrame(rows).set_index("intervention")

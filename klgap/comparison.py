@@ -14,15 +14,15 @@ from typing import Any
 import pandas as pd
 
 from klgap.errors import KlgapError
-from klgap.formatting import fmt, fmt_fixed, fmt_p
+from klgap.formatting import fmt, fmt_fixed
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_bytes, atomic_write_json
 from klgap.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json, load_report
 from klgap.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
-           "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path"]
-HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "p (Holm, within its report)", "SAE cos", "noise cos at SAE KL"]
+           "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path", "p_value", "holm_family"]
+HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "Wilcoxon p", "SAE cos", "noise cos at SAE KL"]
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,13 @@ class Entry:
         row = self.row
         values = [self.label, row.model, row.site, row.layer, row.mode, row.n_tokens, row.kl_sae, row.kl_baseline,
                   row.ratio, row.ratio_ci_low, row.ratio_ci_high, row.p_holm, row.sae_cos, row.sae_equivalent_cos,
-                  self.path]
+                  self.path, row.p_value, row.holm_family]
         return {**dict(zip(COLUMNS, values, strict=True)), "curve": as_json(self.curve) if self.curve is not None else None}
 
     def cells(self) -> list[str]:
         """The row of compare.md and of the terminal table (HEADER)."""
         row = self.row
-        return [self.label, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), fmt_p(row.p_holm),
+        return [self.label, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), row.p_text(),
                 fmt_fixed(row.sae_cos), fmt_fixed(row.sae_equivalent_cos)]
 
 
@@ -65,8 +65,8 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
 
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
     """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
-    from klgap.plots import curves_of, ratio_bars, robustness_curve
-    from klgap.render import Figure, Heading, Para, Table, _md_block
+    from klgap.plot_curves import curves_of, ratio_bars, robustness_curve, runs_title
+    from klgap.blocks import Bullets, Figure, Heading, Para, Table, md_block
 
     if labels and len(labels) != len(run_dirs):
         raise KlgapError(f"--label was given {len(labels)} times for {len(run_dirs)} run folders; give one per folder")
@@ -92,17 +92,21 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     points, stars = curves_of((e.label, e.curve) for e in entries)
     if points:
         figures.append(robustness_curve(points, out / "robustness_compare.png", stars,
-                                        f"{len(points)} curves; stars: each SAE's (mean cos, mean KL)"))
+                                        runs_title([e.row for e in entries if e.curve is not None])))
     written += figures
     rows = [e.cells() for e in entries]
     blocks = [Heading(1, "klgap comparison"),
               Para(f"{len(entries)} runs from: {', '.join(str(d) for d in run_dirs)}. Ratios are KL(sae)/KL("
                    f"{BASELINE}) with 95% intervals that resample contexts; p is the Wilcoxon test of its own report, "
-                   "Holm-corrected there. 'noise cos at SAE KL' is the cosine at which cosine-matched noise does "
+                   "with its Holm correction there (in parentheses, where its family holds more than one test). "
+                   "'noise cos at SAE KL' is the cosine at which cosine-matched noise does "
                    "the SAE's damage (from the run's robustness curve)."),
               Table(HEADER, rows)]
+    families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
+    if families:
+        blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
-    atomic_write_bytes(out / "compare.md", ("\n\n".join(_md_block(b) for b in blocks) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *rows])

@@ -15,9 +15,12 @@ def print_study(study: StudyReport, out: Path) -> None:
     rows = summary_rows(study)
     print(f"{study.model} study, mode {study.mode}: {len(rows)} sites/layers")
     print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}")
+    families = sorted({row.holm_family for row in rows if row.holm_family is not None})
     for row in rows:
         print(f"{row.site:<12} {row.layer:>5} {fmt(row.kl_sae):>10} {fmt(row.kl_baseline):>10} "
               f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
+    for family in families:
+        print(f"Holm family: {family}")
     print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 
@@ -34,11 +37,10 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
     for name, row in report.interventions.items():
         print(f"{name:<40} {fmt(row.kl_mean):>10} {fmt(row.kl_median):>10} {fmt(row.ce_delta_mean):>10}")
     summary = summary_row(report, report.model, report.mode)
-    comparison = report.comparisons.get(summary.baseline)
-    if comparison is not None:
-        print(f"KL(sae)/KL({summary.baseline}) = {fmt_fixed(summary.ratio)}  95% CI [{fmt_fixed(summary.ratio_ci_low)}, "
-              f"{fmt_fixed(summary.ratio_ci_high)}] over {comparison.kl_ratio.n_contexts} contexts; "
-              f"Wilcoxon p = {fmt_p(summary.p_value)}")
+    print(summary.verdict())  # the ratio, its interval, the Wilcoxon p (Holm-corrected where its family is larger)
+    if summary.holm_family is not None:
+        print(f"Holm family: {summary.holm_family} ({summary.holm_family_size} test"
+              f"{'s' * (summary.holm_family_size != 1)})")
     curve = report.curve
     if curve is not None and curve.sae is not None:
         for frac, cos in curve.sae_equivalent_cos.items():

@@ -8,44 +8,25 @@ number of tokens). :func:`figures_for_run` draws every figure that applies to a 
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import NullFormatter
 
-from klgap.rundir import atomic_write_bytes  # noqa: E402
-from klgap.schema import BASELINE, Curve, Report, SiteSummary, StudyReport, load_report  # noqa: E402
-from klgap.summary import SummaryRow  # noqa: E402
-
-DPI = 120
+from klgap.figstyle import BASELINE_COLOR, SAE, colors_for, legend_beside, save as _save, title
+from klgap.figstyle import new_figure as _figure
+from klgap.plot_curves import CurvePoint, curve_floor, curves_of, ratio_bars, robustness_curve  # noqa: F401
+from klgap.schema import BASELINE, Report, SiteSummary, StudyReport, load_report
 PRIMARY = ("sae", BASELINE)
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
 N_CONTEXT_PANELS = 4
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _save(fig: Figure, path: str | Path | None) -> Path | Figure:
-    """Render `fig` to PNG bytes and write them atomically to `path`; with no path, hand the figure back."""
-    if path is None:
-        return fig
-    path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def _figure(figsize: tuple[float, float]) -> Figure:
-    """A figure of its own (not pyplot's): drawing never touches the caller's backend or open figures."""
-    return Figure(figsize=figsize, layout="constrained")
 
 
 def site_label(run: SiteSummary, with_site: bool = True) -> str:
@@ -65,22 +46,7 @@ def run_label(report: Report | None, n_tokens: int | None = None) -> str:
 
 
 def _title(ax: Any, what: str, label: str) -> None:
-    ax.figure.suptitle(f"{what}\n{label}" if label else what, fontsize=10)  # centred on the figure, never clipped
-
-
-def colors_for(names: Iterable[str]) -> dict[str, str]:
-    """Stable colours: sae red, the baseline (epsilon_random) blue, the rest from the default cycle."""
-    fixed = {"sae": "C3", BASELINE: "C0"}
-    spare = [f"C{i}" for i in (1, 2, 4, 5, 6, 7, 8, 9)]
-    out: dict[str, str] = {}
-    for name in names:
-        if name in out:
-            continue
-        if name in fixed:
-            out[name] = fixed[name]
-        else:
-            out[name] = spare[len([n for n in out if n not in fixed]) % len(spare)]
-    return out
+    title(ax.figure, what, label)
 
 
 def _ordered(names: Iterable[str]) -> list[str]:
@@ -143,37 +109,52 @@ def kl_bars(
     """
     runs = _runs(reports)
     same_site = len({run.site for run, _, _ in runs}) <= 1
-    labels = [site_label(run, with_site=not same_site) for run, _, _ in runs]
     names = _ordered(n for run, _, _ in runs for n in run.interventions)
     colors = colors_for(names)
     errors = _context_se(tokens) if tokens is not None and len(runs) == 1 else {}
-    width_in = min(16.0, max(6.0, 0.4 * len(runs) * max(1, len(names)) + 3))
-    fig = _figure((width_in, 4.5))
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(names))
-    x = np.arange(len(runs))
-    values_all = []
-    for i, name in enumerate(names):
-        values = [_num(run.interventions[name].kl_mean) if name in run.interventions else math.nan
-                  for run, _, _ in runs]
-        values_all += values
-        err = [errors.get(name, math.nan) for _ in runs] if errors else None
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=colors[name],
-               yerr=err, capsize=3 if err else 0, error_kw={"elinewidth": 1})
-    ax.set_xticks(x, labels)
-    ax.set_xlabel("layer" if same_site else "site / layer")
+    values_all: list[float] = []
+    if len(runs) == 1:  # one site/layer: a bar per intervention, named on the axis (no one-tick layer axis)
+        run = runs[0][0]
+        fig = _figure((min(16.0, max(7.0, 0.9 * len(names) + 3)), 4.8))
+        ax = fig.subplots()
+        values_all = [_num(run.interventions[n].kl_mean) for n in names]
+        err = [errors.get(n, math.nan) for n in names] if errors else None
+        ax.bar(np.arange(len(names)), values_all, 0.7, color=[colors[n] for n in names], yerr=err,
+               capsize=3 if err else 0, error_kw={"elinewidth": 1})
+        rotate = len(names) > 4 or max((len(n) for n in names), default=0) > 16
+        ax.set_xticks(np.arange(len(names)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+                      fontsize=8)
+        ax.set_xlabel("intervention")
+    else:
+        labels = [site_label(run, with_site=not same_site) for run, _, _ in runs]
+        fig = _figure((min(16.0, max(7.0, 0.4 * len(runs) * max(1, len(names)) + 4)), 4.8))
+        ax = fig.subplots()
+        width = 0.8 / max(1, len(names))
+        x = np.arange(len(runs))
+        for i, name in enumerate(names):
+            values = [_num(run.interventions[name].kl_mean) if name in run.interventions else math.nan
+                      for run, _, _ in runs]
+            values_all += values
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=colors[name])
+        ax.set_xticks(x, labels)
+        ax.set_xlabel(f"layer of {runs[0][0].site}" if same_site else "site / layer")
+        legend_beside(ax, title="intervention", title_fontsize=8)
     ax.set_ylabel("mean KL(P_clean ‖ P_patched) [nats]")
     if _spans_decades(values_all, 2):
         ax.set_yscale("log")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="intervention", title_fontsize=8)
+        positive = [v for v in values_all if math.isfinite(v) and v > 0]
+        floor = min(v for v in positive if v >= max(positive) * 1e-6) / 5  # ~0 KL (x' = x) does not squash the rest
+        ax.set_ylim(bottom=floor)
+        if any(v < floor for v in positive):  # said under the axis, not over the bars
+            ax.set_xlabel(f"{ax.get_xlabel()} (bars below {floor:.1g} nats, ≈ 0, are cut at the axis)")
     models = sorted({model for _, model, _ in runs})
     modes = sorted({mode for _, _, mode in runs})
     if len(runs) == 1:
         label = _label(*runs[0])
     else:
         total = sum(run.n_tokens for run, _, _ in runs)
-        site = f"{runs[0][0].site} · " if same_site else ""
-        label = f"{', '.join(models)} · {site}{', '.join(modes)} · {len(runs)} runs, {total:,} tokens"
+        where = ", ".join(site_label(run) for run, _, _ in runs) if len(runs) <= 6 else f"{len(runs)} sites/layers"
+        label = f"{', '.join(models)} · {where} · {', '.join(modes)} · {total:,} tokens"
     what = "Mean per-token KL per intervention" + (" (error bars: ±1.96·SE over contexts)" if errors else "")
     _title(ax, what if len(runs) == 1 else what + " by site/layer", label)
     return _save(fig, path)
@@ -231,10 +212,10 @@ def kl_histogram(tokens: pd.DataFrame, path: str | Path, report: Report | None =
             ax.axvline(values.mean(), color=colors[name], linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("per-token KL(P_clean ‖ P_patched) [nats], log scale")
-    ax.set_ylabel("density per decade of KL")
-    ax.legend(fontsize=8)
-    if n_nonpositive:
-        ax.text(0.01, 0.98, f"{n_nonpositive:,} values ≤ 0 not shown", transform=ax.transAxes, va="top", fontsize=8)
+    ax.set_ylabel("density [fraction of tokens per decade of KL]")
+    legend_beside(ax)
+    if n_nonpositive:  # said under the axis, not over the data
+        ax.set_xlabel(f"{ax.get_xlabel()} ({n_nonpositive:,} values ≤ 0 not shown)")
     n = int(len(rows[rows["intervention"] == "sae"])) if "sae" in groups else None
     _title(ax, "Distribution of per-token KL" + _pooled(report) + " (dashed: means)", run_label(report, n))
     return _save(fig, path)
@@ -260,9 +241,9 @@ def kl_by_position(tokens: pd.DataFrame, path: str | Path, report: Report | None
                             color=colors[name], alpha=0.15, linewidth=0)
     if _spans_decades(table["mean"].to_numpy()):
         ax.set_yscale("log")
-    ax.set_xlabel("position in context")
-    ax.set_ylabel("mean KL [nats]")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("position in context [tokens]")
+    ax.set_ylabel("mean KL(P_clean ‖ P_patched) [nats]")
+    legend_beside(ax)
     n = int((rows["intervention"] == "sae").sum()) if "sae" in names else None
     _title(ax, "Mean per-token KL by position (bands: ±1.96·SE)", run_label(report, n))
     return _save(fig, path)
@@ -300,10 +281,10 @@ def single_token_curve(data: pd.DataFrame | Report, path: str | Path, report: Re
         ax.set_yscale("log")
     position = report.single_token.position if report is not None and report.single_token is not None else None
     where = f"t = {position}" if position is not None else "t"
-    ax.set_xlabel(f"offset from the patched position ({where}); 0 = the patched token")
-    ax.set_ylabel("mean KL [nats]")
+    ax.set_xlabel(f"offset from the patched position {where} [tokens]; 0 = the patched token")
+    ax.set_ylabel("mean KL(P_clean ‖ P_patched) [nats]")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
+    legend_beside(ax)
     _title(ax, f"Mean KL at positions after patching only position {where}", run_label(report))
     return _save(fig, path)
 
@@ -346,103 +327,31 @@ def many_samples_hist(tokens: pd.DataFrame, report: Report | None, path: str | P
         else:
             span = values.tolist() + ([sae_kl] if math.isfinite(sae_kl) else [])
             bins = np.linspace(min(span), max(span), 41) if span and max(span) > min(span) else 40
-        ax.hist(values, bins=bins, color="C0", alpha=0.6, label=f"{len(values)} draws of {sample_name}")
-        ax.axvline(sae_kl, color="C3", linewidth=2, label=f"sae KL = {sae_kl:.3g}")
+        ax.hist(values, bins=bins, color=BASELINE_COLOR, alpha=0.6)
+        ax.axvline(sae_kl, color=SAE, linewidth=2)
         z = float(zs["z"].get(context, math.nan)) if "z" in zs else math.nan
-        ax.set_title(f"context {context}: z = {z:.2f}", fontsize=9)
-        ax.set_xlabel("KL [nats]", fontsize=8)
-        ax.set_ylabel("draws", fontsize=8)
+        ax.set_title(f"context {context}: {len(values)} draws (blue); sae KL {sae_kl:.3g} (line), z = {z:.2f}",
+                     fontsize=8)
+        ax.set_xlabel("KL(P_clean ‖ P_patched) [nats]", fontsize=8)
+        ax.set_ylabel("draws [count]", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
     ax = fig.add_subplot(grid[:, 2])
     z = zs["z"].to_numpy(dtype=np.float64) if "z" in zs else np.empty(0)
     z = z[np.isfinite(z)]
     if z.size:
-        ax.hist(z, bins=min(40, max(5, z.size // 3)), color="C3", alpha=0.7)
+        ax.hist(z, bins=min(40, max(5, z.size // 3)), color=SAE, alpha=0.7)
         ax.axvline(0, color="black", linewidth=1)
-        ax.axvline(2, color="gray", linestyle="--", linewidth=1, label="z = 2")
-        ax.legend(fontsize=8)
-    ax.set_title(f"z of sae KL against the draws,\nall {z.size:,} contexts (mean {z.mean() if z.size else math.nan:.2f})",
-                 fontsize=9)
-    ax.set_xlabel("z = (KL_sae − mean draws) / sd draws", fontsize=8)
-    ax.set_ylabel("contexts", fontsize=8)
+        ax.axvline(2, color="gray", linestyle="--", linewidth=1)
+    ax.set_title(f"z of sae KL against the draws, all {z.size:,}\ncontexts (mean {z.mean() if z.size else math.nan:.2f};"
+                 " dashed: z = 2)", fontsize=9)
+    ax.set_xlabel("z = (KL_sae − mean draws) / sd draws [sd]", fontsize=8)
+    ax.set_ylabel("contexts [count]", fontsize=8)
     position = report.position if report is not None else None
     at = f" at position {position}" if position is not None else ""
     n_draws = int(draws["draw"].max()) + 1 if len(draws) else 0
     fig.suptitle(f"Many samples{at}: KL of {n_draws} random {sample_name} draws per context vs the SAE's KL\n"
                  f"{run_label(report)}", fontsize=10)
     return _save(fig, path)
-
-
-def robustness_curve(
-    points: Mapping[str, Sequence[tuple[float, float]]],
-    path: str | Path,
-    sae_points: Mapping[str, tuple[float, float]] | None = None,
-    subtitle: str = "",
-) -> Path:
-    """Mean KL (log y) against cos(x, x') for each labelled curve; each SAE's (cos_mean, kl_mean) as a star."""
-    names = list(dict.fromkeys([*points, *(sae_points or {})]))
-    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    many = len(names) > 4
-    fig = _figure((11, 5) if many else (8, 5))
-    ax = fig.subplots()
-    curves = {name: sorted((float(c), float(k)) for c, k in curve if k is not None) for name, curve in points.items()}
-    # KL at cos -> 1 can fall to ~0 (a rescaled x where a norm layer hides the scale): decades below every
-    # other point. Such points are drawn at the floor as ▼ so they do not squash the rest of the axis.
-    floor = curve_floor(curves, sae_points)
-    clipped_any = False
-    for name, pairs in curves.items():
-        if not pairs:
-            continue
-        cos = [c for c, _ in pairs]
-        kl = [max(k, floor) if floor is not None else k for _, k in pairs]
-        ax.plot(cos, kl, marker="o", markersize=3, color=colors[name], label=name)
-        low = [(c, floor) for c, k in pairs if floor is not None and k < floor]
-        if low:
-            clipped_any = True
-            ax.plot(*zip(*low, strict=True), marker="v", markersize=8, color=colors[name], linestyle="none")
-    for name, (cos, kl) in (sae_points or {}).items():
-        ax.plot([cos], [kl], marker="*", markersize=16, color=colors[name], markeredgecolor="black",
-                linestyle="none", label=f"{name}: SAE (cos {cos:.3f}, KL {kl:.3g})")
-    if floor is not None:
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=floor * 0.7)
-    if clipped_any:
-        ax.plot([], [], marker="v", color="gray", linestyle="none", label=f"▼ KL below {floor:.2g} (drawn at the floor)")
-    ax.set_xlabel("cosine similarity cos(x, x') of the substitute to the clean activation")
-    ax.set_ylabel("mean KL [nats], log scale")
-    if many:  # beside the axes, not over the curves
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    else:
-        ax.legend(fontsize=8)
-    _title(ax, "Robustness: mean KL vs cosine similarity (stars: the SAE reconstruction)", subtitle)
-    return _save(fig, path)
-
-
-def curve_floor(curves: Mapping[str, Sequence[tuple[float, float]]],
-                sae_points: Mapping[str, tuple[float, float]] | None = None) -> float | None:
-    """The lowest KL a robustness plot shows: 1/20 of the smallest positive KL away from cos = 1 (None: none)."""
-    informative = [k for pairs in curves.values() for c, k in pairs if c < 0.999 and k is not None and k > 0]
-    informative += [kl for _, kl in (sae_points or {}).values() if kl is not None and kl > 0]
-    return min(informative) / 20 if informative else None
-
-
-def curves_of(entries: Iterable[tuple[str, Curve | None]]) -> tuple[dict, dict]:
-    """(label, a report's curve) pairs -> robustness_curve's points and SAE stars (one curve per norm_frac)."""
-    points: dict[str, list[tuple[float, float]]] = {}
-    stars: dict[str, tuple[float, float]] = {}
-    for label, curve in entries:
-        if curve is None:
-            continue
-        fracs = sorted({p.norm_frac for p in curve.points})
-        for frac in fracs:
-            name = label if len(fracs) == 1 else f"{label} (norm {frac:g}·‖x‖)"
-            points[name] = [(p.cos, p.kl_mean) for p in curve.points if p.norm_frac == frac and p.kl_mean is not None]
-        sae = curve.sae
-        if sae is not None and sae.cos_mean is not None and sae.kl_mean is not None:
-            first = label if len(fracs) == 1 else f"{label} (norm {fracs[0]:g}·‖x‖)"
-            stars[first] = (sae.cos_mean, sae.kl_mean)
-    return points, stars
 
 
 # ----------------------------------------------------------------------------- a run folder
@@ -474,7 +383,10 @@ def figures_for_run(
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
         points, stars = curves_of((site_label(run), run.curve) for run in report.runs)
         if points:
-            paths.append(robustness_curve(points, run_dir / "robustness.png", stars, report.model))
+            one_site = len({run.site for run in report.runs}) == 1
+            where = ", ".join(site_label(run) for run in report.runs if run.curve is not None)
+            paths.append(robustness_curve(points, run_dir / "robustness.png", stars,
+                                          f"{report.model} · {where} · {report.mode}", ordered=one_site))
         return paths
     if tokens is None:
         tokens = read_tokens(run_dir)
@@ -492,21 +404,3 @@ def figures_for_run(
         points, stars = curves_of([(site_label(report), report.curve)])
         paths.append(robustness_curve(points, run_dir / "robustness.png", stars, run_label(report)))
     return paths
-
-
-def ratio_bars(entries: Sequence[tuple[str, SummaryRow]], path: str | Path, baseline: str = BASELINE) -> Path:
-    """KL(sae)/KL(baseline) per (label, summary row) with its 95% context-bootstrap interval; 1 is 'no gap'."""
-    labels = [label for label, _ in entries]
-    ratio = np.array([_num(row.ratio) for _, row in entries], dtype=float)
-    low = np.array([_num(row.ratio_ci_low) for _, row in entries], dtype=float)
-    high = np.array([_num(row.ratio_ci_high) for _, row in entries], dtype=float)
-    err = np.vstack([np.nan_to_num(ratio - low), np.nan_to_num(high - ratio)])
-    fig = _figure((min(16.0, max(7.0, 0.7 * len(entries) + 3)), 4.5))
-    ax = fig.subplots()
-    ax.bar(np.arange(len(entries)), ratio, color="C3", yerr=err, capsize=4, error_kw={"elinewidth": 1})
-    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
-    ax.set_xticks(np.arange(len(entries)), labels, rotation=20 if len(entries) > 4 else 0, ha="right" if len(entries) > 4 else "center")
-    ax.set_ylabel(f"mean KL(sae) / mean KL({baseline})")
-    _title(ax, f"KL gap per run: KL(sae) / KL({baseline})",
-           f"{len(entries)} runs · bars: 95% intervals resampling contexts · dashed line: no gap")
-    return _save(fig, path)

@@ -7,94 +7,112 @@ Nothing is recomputed: every number comes from the report, every picture from th
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
 
-from klgap.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p
+from klgap.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Para, Table, esc, html_block, md_block
+from klgap.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
 from klgap.rundir import atomic_write_bytes
-from klgap.schema import BASELINE, Curve, RatioCI, Report, SiteSummary, StudyReport, load_report
+from klgap.schema import (
+    BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
+)
 from klgap.summary import summary_rows
 
 N_TOP_ROWS = 10
-
-
-# ----------------------------------------------------------------------------- the document
-
-
-@dataclass(frozen=True)
-class Heading:
-    level: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Para:
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: list[str]
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Code:
-    text: str
-    lang: str = ""
-
-
-@dataclass(frozen=True)
-class Figure:
-    path: Path
-    caption: str
-
-
-Block = Union[Heading, Para, Bullets, Table, Code, Figure]
 
 
 def _where(run: SiteSummary) -> str:
     return f"{run.site} L{run.layer}"
 
 
+def _verdict(report: Report | StudyReport) -> list[Block]:
+    """The finding first: one sentence per site/layer (klgap.summary.SummaryRow.verdict)."""
+    sentences = [row.verdict() for row in summary_rows(report)]
+    return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
+
+
 def _summary(report: Report | StudyReport) -> list[Block]:
     rows = [[row.where, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), row.p_text()]
             for row in summary_rows(report)]
     return [
-        Heading(2, "Summary"),
+        Table(["site/layer", "KL sae", f"KL {BASELINE}", "ratio [95% CI]", "Wilcoxon p"], rows),
         Para(f"Mean per-token KL(P_clean ‖ P_patched) in nats for the SAE reconstruction and for {BASELINE} "
              "(a random direction with the SAE's error norm); the ratio's interval is a bootstrap over whole "
              "contexts; the Wilcoxon signed-rank test pairs per-context mean KL."),
-        Table(["site/layer", "KL sae", f"KL {BASELINE}", "ratio [95% CI]", "Wilcoxon p"], rows),
+        *_holm_families(report),
     ]
+
+
+def _runs_of(report: Report | StudyReport) -> list[SiteSummary]:
+    return list(report.runs) if isinstance(report, StudyReport) else [report]
+
+
+def _holm_families(report: Report | StudyReport) -> list[Block]:
+    """What each Holm correction was made across, as the report recorded it (klgap.families)."""
+    tests = [c.wilcoxon_kl for run in _runs_of(report) for c in run.comparisons.values()]
+    if not any(t.p_holm is not None for t in tests):
+        return []
+    families = list(dict.fromkeys(f"{t.holm_family} ({t.holm_family_size} test{'s' * (t.holm_family_size != 1)})"
+                                  for t in tests if t.holm_family is not None and t.holm_family_size is not None))
+    if not families:  # reports written before klgap 0.3.0
+        return [Para("Holm correction: across every Wilcoxon test of this report together (recorded by a klgap "
+                     "older than 0.3.0, before it corrected each baseline's tests as a family of their own).")]
+    return [Para("Holm correction, one family per baseline (curve points a family of their own); a p-value is "
+                 "shown Holm-corrected where its family holds more than one test:"), Bullets(families)]
 
 
 def _ci(ratio: RatioCI) -> str:
     return fmt_ci(ratio.ratio, ratio.ci_low, ratio.ci_high)
 
 
+def ce_delta_difference_text(comparison: Comparison, sae: InterventionStats | None,
+                             baseline: InterventionStats | None) -> str:
+    """Mean ΔCE(sae) − mean ΔCE(baseline) in nats with its paired context-bootstrap interval; reports without it
+    (before 0.3.0) give the difference of the two means alone."""
+    diff = comparison.ce_delta_difference
+    if diff is not None:
+        return fmt_ci_sig(diff.mean, diff.ci_low, diff.ci_high)
+    if sae is None or baseline is None or sae.ce_delta_mean is None or baseline.ce_delta_mean is None:
+        return DASH
+    return fmt(sae.ce_delta_mean - baseline.ce_delta_mean, 3)
+
+
+def ce_delta_ratio_text(comparison: Comparison) -> str:
+    """The ΔCE ratio sae/baseline, only where the baseline's mean ΔCE (its denominator) has an interval that
+    excludes 0 and the ratio's interval holds the ratio; otherwise '—'."""
+    denominator, ratio = comparison.ce_delta_baseline, comparison.ce_delta_ratio
+    if denominator is None or denominator.ci_low is None or denominator.ci_high is None:
+        return DASH
+    if denominator.ci_low <= 0 <= denominator.ci_high:
+        return DASH
+    if not interval_holds(ratio.ratio, ratio.ci_low, ratio.ci_high):
+        return DASH
+    return _ci(ratio)
+
+
+def _p_with_holm(comparison: Comparison) -> str:
+    """'3.81e-06 (Holm 4.20e-05)': the Holm-corrected p where its family holds more than this test."""
+    test = comparison.wilcoxon_kl
+    return fmt_p_holm(test.p_value, test.p_holm, test.holm_family_size)
+
+
 def _comparisons(report: Report) -> list[Block]:
     if not report.comparisons:
         return []
-    rows = [[name, _ci(comp.kl_ratio), _ci(comp.ce_delta_ratio), fmt(comp.wilcoxon_kl.statistic),
-             fmt_p(comp.wilcoxon_kl.p_value), fmt_p(comp.wilcoxon_kl.p_holm) if comp.wilcoxon_kl.p_holm is not None else DASH,
-             fmt_fixed(comp.wilcoxon_kl.effect_size), fmt(comp.wilcoxon_kl.n_contexts)]
+    sae = report.interventions.get("sae")
+    rows = [[name, _ci(comp.kl_ratio), ce_delta_difference_text(comp, sae, report.interventions.get(name)),
+             ce_delta_ratio_text(comp), _p_with_holm(comp), fmt_fixed(comp.wilcoxon_kl.effect_size),
+             fmt(comp.wilcoxon_kl.n_contexts)]
             for name, comp in report.comparisons.items()]
     return [
         Heading(2, "SAE against each baseline"),
-        Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE ratio [95% CI]", "Wilcoxon W", "p", "p (Holm)",
-               "effect size (rank-biserial)", "contexts"], rows),
+        Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE sae − baseline [95% CI], nats", "ΔCE ratio [95% CI]",
+               "Wilcoxon p (Holm)", "effect size (rank-biserial)", "contexts"], rows),
+        Para("ΔCE is the change in next-token cross-entropy caused by the patch. Its difference pairs the SAE and "
+             "the baseline on the same contexts (interval: bootstrap over contexts). The ΔCE ratio is shown only "
+             "where the baseline's mean ΔCE has a 95% interval that excludes 0: a ratio over a denominator that may "
+             "be 0 says nothing."),
     ]
 
 
@@ -219,7 +237,9 @@ CAPTIONS = {
                     "later offsets show how the perturbation travels to later positions.",
     "many_samples": "Left: for the first contexts, the KL of random draws with the SAE's KL marked (red). "
                     "Right: the per-context z-scores of the SAE's KL against its draws.",
-    "robustness": "Mean KL against the cosine similarity of the substitute; stars mark the SAE reconstructions.",
+    "robustness": "Mean KL of cosine-matched noise against its cosine similarity to x, one curve per norm fraction "
+                  "(named in the legend), with 95% bands that resample contexts; stars mark the SAE reconstructions "
+                  "with their intervals.",
 }
 
 
@@ -234,7 +254,7 @@ def caption_for(path: Path, report: Report | StudyReport) -> str:
 
 def _overview(report: Report | StudyReport) -> list[Block]:
     if isinstance(report, StudyReport):
-        return [Bullets([f"model: {report.model}", f"mode: {report.mode}",
+        return [Heading(2, "Study"), Bullets([f"model: {report.model}", f"mode: {report.mode}",
                          f"runs: {', '.join(_where(r) for r in report.runs) or DASH}"])]
     items = [
         f"model: {report.model}",
@@ -249,15 +269,16 @@ def _overview(report: Report | StudyReport) -> list[Block]:
     path = report.execution.get("path")  # execution is free-form in the schema: {"path": ..., and what it chose}
     if path:
         items.append(f"execution: {path}")
-    return [Bullets(items)]
+    return [Heading(2, "Run"), Bullets(items)]
 
 
 def _notes(report: Report | StudyReport) -> list[Block]:
+    """The run's notes; no section at all when there are none."""
     if isinstance(report, StudyReport):
         notes = [f"{_where(r)}: {n}" for r in report.runs for n in r.notes]
     else:
         notes = list(report.notes)
-    return [Heading(2, "Notes"), Bullets(notes) if notes else Para("None.")]
+    return [Heading(2, "Notes"), Bullets(notes)] if notes else []
 
 
 def _figures(report: Report | StudyReport, figures: Sequence[Path]) -> list[Block]:
@@ -332,8 +353,10 @@ def title_of(report: Report | StudyReport) -> str:
 
 
 def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
-    """The report as blocks, in reading order (`extra`: sections from beside report.json, e.g. replication targets)."""
-    blocks: list[Block] = [Heading(1, title_of(report)), *_overview(report), *_notes(report), *_summary(report), *extra]
+    """The report as blocks, in reading order: the verdict, the key table, then notes, what was run, the details
+    (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
+    blocks: list[Block] = [Heading(1, title_of(report)), *_verdict(report), *_summary(report), *extra,
+                           *_notes(report), *_overview(report)]
     if isinstance(report, Report):
         blocks += [*_compounding(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
                    *_sae(report), *_single_token(report),
@@ -341,99 +364,35 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     return blocks + _figures(report, figures) + _provenance(report)
 
 
-# ----------------------------------------------------------------------------- markdown
-
-
-def _md_text(text: str) -> str:
-    """Plain text for markdown: no raw HTML, no accidental line breaks."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
-
-
-def _md_cell(text: str) -> str:
-    return _md_text(text).replace("|", "\\|")
-
-
-def _md_block(block: Block) -> str:
-    if isinstance(block, Heading):
-        return f"{'#' * block.level} {_md_text(block.text)}"
-    if isinstance(block, Para):
-        return _md_text(block.text)
-    if isinstance(block, Bullets):
-        return "\n".join(f"- {_md_text(item)}" for item in block.items)
-    if isinstance(block, Table):
-        lines = ["| " + " | ".join(_md_cell(h) for h in block.header) + " |",
-                 "|" + "|".join("---" for _ in block.header) + "|"]
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
-        return "\n".join(lines)
-    if isinstance(block, Code):
-        longest = max((len(m) for m in re.findall(r"`+", block.text)), default=0)
-        fence = "`" * max(3, longest + 1)
-        return f"{fence}{block.lang}\n{block.text}\n{fence}"
-    if isinstance(block, Figure):
-        return f"![{block.path.stem}]({block.path.name})\n\n*{_md_text(block.caption)}*"
-    raise TypeError(f"unknown block {block!r}")
-
-
 def render_markdown(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.md: figures are linked by file name (they lie beside the report)."""
-    return "\n\n".join(_md_block(b) for b in document(report, figures, extra)) + "\n"
-
-
-# ----------------------------------------------------------------------------- html
-
-STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
-    "table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}"
-    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-    "td:first-child,th:first-child{text-align:left}"
-    "pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}"
-    "figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.9em;color:#555}"
-)
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _png_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _html_block(block: Block) -> str:
-    if isinstance(block, Heading):
-        return f"<h{block.level}>{_esc(block.text)}</h{block.level}>"
-    if isinstance(block, Para):
-        return f"<p>{_esc(block.text)}</p>"
-    if isinstance(block, Bullets):
-        return "<ul>" + "".join(f"<li>{_esc(item)}</li>" for item in block.items) + "</ul>"
-    if isinstance(block, Table):
-        head = "".join(f"<th>{_esc(h)}</th>" for h in block.header)
-        body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    if isinstance(block, Code):
-        return f"<pre><code>{_esc(block.text)}</code></pre>"
-    if isinstance(block, Figure):
-        return (f'<figure><img src="{_png_uri(block.path)}" alt="{_esc(block.path.stem)}">'
-                f"<figcaption>{_esc(block.caption)}</figcaption></figure>")
-    raise TypeError(f"unknown block {block!r}")
+    return "\n\n".join(md_block(b) for b in document(report, figures, extra)) + "\n"
 
 
 def render_html(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> str:
     """report.html: one self-contained page (inline CSS, PNGs as data URIs, no scripts, no external assets)."""
-    body = "\n".join(_html_block(b) for b in document(report, figures, extra))
+    body = "\n".join(html_block(b) for b in document(report, figures, extra))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title_of(report))}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+        f"<title>{esc(title_of(report))}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
 
 
 # ----------------------------------------------------------------------------- a run folder
 
 
+#: figures drawn only from tokens.parquet, in page order; kept as they are where that table is gone
+TOKEN_FIGURES = ("kl_hist.png", "kl_by_position.png", "many_samples.png")
+PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png")
+
+
 def rebuild(run_dir: str | Path) -> dict[str, Path]:
     """(Re)write the figures, report.md and report.html of a run folder from report.json + tokens.parquet.
 
-    Nothing is recomputed. Returns {file name: path} for every file written.
+    Nothing is recomputed. A study also rebuilds each site/layer folder holding a report.json. Without
+    tokens.parquet (committed results keep only report.json and the figures), the figures drawn from the report
+    are redrawn and those only the tokens table can draw are kept as they are. Returns {file name: path} for
+    every file written.
     """
     from klgap.plots import figures_for_run, read_tokens
 
@@ -443,11 +402,14 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
     if isinstance(report, StudyReport):  # each site/layer's own figures and pages, then the study's
         for run in report.runs:
             sub = run_dir / run.path
-            if (sub / "report.json").is_file() and (sub / "tokens.parquet").is_file():
+            if (sub / "report.json").is_file():
                 written.update({f"{run.path}/{name}": path for name, path in rebuild(sub).items()})
     tokens = read_tokens(run_dir) if isinstance(report, Report) else None
     figures = figures_for_run(run_dir, report, tokens)
     written.update({f.name: f for f in figures})
+    if isinstance(report, Report) and tokens is None:
+        figures += [run_dir / name for name in TOKEN_FIGURES if (run_dir / name).is_file()]
+        figures.sort(key=lambda f: PAGE_ORDER.index(f.name) if f.name in PAGE_ORDER else len(PAGE_ORDER))
     extra = expectation_blocks(run_dir)
     for name, text in (("report.md", render_markdown(report, figures, extra)),
                        ("report.html", render_html(report, figures, extra))):

@@ -22,6 +22,17 @@ from klgap.errors import KlgapError
 _POINT = re.compile(r"^cosine_matched\(cos=(?P<cos>[^,]+),norm_frac=(?P<frac>[^)]+)\)$")
 
 
+def parse_point(name: str) -> tuple[float, float] | None:
+    """(norm_frac, cos) of a robustness-curve point's recorded name `cosine_matched(cos=..,norm_frac=..)`, else None."""
+    match = _POINT.match(name)
+    return (float(match["frac"]), float(match["cos"])) if match else None
+
+
+def is_curve_point(name: str) -> bool:
+    """Whether a recorded intervention name is a point of a robustness curve (`cosine_matched(cos=..,norm_frac=..)`)."""
+    return _POINT.match(name) is not None
+
+
 def parse_cos_grid(text: str) -> list[float]:
     """`"0.5:1.0:11"` (start:stop:count, both ends included) or `"0.5,0.8,0.95"` -> sorted cosines in [-1, 1]."""
     text = str(text).strip()

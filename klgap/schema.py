@@ -51,19 +51,42 @@ class RatioCI(_Model):
 
 
 class PairedTest(_Model):
-    """Wilcoxon signed-rank on per-context means (sae vs baseline); effect size is rank-biserial."""
+    """Wilcoxon signed-rank on per-context means (sae vs baseline); effect size is rank-biserial.
+
+    p_holm is Holm-corrected within `holm_family` (klgap.families: the SAE against one named baseline across a
+    study's sites/layers, or all cosine_matched curve points), a family of `holm_family_size` tests; reports
+    written before 0.3.0 have no family (their p_holm corrected every test of the report together)."""
 
     statistic: Num
     p_value: Num
     effect_size: Num
     n_contexts: int
     p_holm: Num = None
+    holm_family: str | None = None
+    holm_family_size: int | None = None
+
+
+class MeanCI(_Model):
+    """A mean over tokens (or a difference of two, paired on contexts) with a bootstrap interval that resamples
+    whole contexts."""
+
+    mean: Num
+    ci_low: Num
+    ci_high: Num
+    n_contexts: int
+    n_boot: int | None = None
 
 
 class Comparison(_Model):
+    """The SAE against one baseline. ce_delta_difference is mean ΔCE(sae) − mean ΔCE(baseline), its interval
+    resampling the same contexts for both; ce_delta_baseline is the baseline's mean ΔCE (the ratio's denominator)
+    with its interval: ce_delta_ratio means something only where that interval excludes 0."""
+
     kl_ratio: RatioCI
     ce_delta_ratio: RatioCI
     wilcoxon_kl: PairedTest
+    ce_delta_difference: MeanCI | None = None
+    ce_delta_baseline: MeanCI | None = None
 
 
 class SaeLensScores(_Model):
@@ -328,7 +351,8 @@ class RunPairCorrelation(_Model):
 
 
 class StudyReport(_Model):
-    """Several sites/layers from one command; p_holm is corrected across every test in the study."""
+    """Several sites/layers from one command; p_holm is corrected within each Holm family across the study
+    (klgap.families)."""
 
     schema_version: str
     kind: Literal["study"]

@@ -80,6 +80,32 @@ def ratio_of_means_ci(
     return {"ratio": point, "ci_low": float(low), "ci_high": float(high), "n_contexts": int(n), "n_boot": n_boot}
 
 
+def difference_of_means_ci(
+    a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """mean(a) − mean(b) over tokens, paired: each bootstrap resample draws the same whole contexts for both.
+
+    a, b: per-context ``sum`` and ``n`` (from :func:`per_context`), joined on the contexts both hold.
+    Returns mean, ci_low, ci_high, n_contexts, n_boot (NaN without a shared context)."""
+    joined = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+    if joined.empty:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0, "n_boot": n_boot}
+    s_a, n_a = joined["sum_a"].to_numpy(np.float64), joined["n_a"].to_numpy(np.float64)
+    s_b, n_b = joined["sum_b"].to_numpy(np.float64), joined["n_b"].to_numpy(np.float64)
+
+    def difference(idx: np.ndarray | slice) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return s_a[idx].sum(-1) / n_a[idx].sum(-1) - s_b[idx].sum(-1) / n_b[idx].sum(-1)
+
+    point = float(difference(slice(None)))
+    n = len(joined)
+    boots = np.concatenate([difference(idx) for idx in bootstrap_indices(n, n_boot, seed)])
+    boots = boots[np.isfinite(boots)]
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
+    return {"mean": point, "ci_low": float(low), "ci_high": float(high), "n_contexts": int(n), "n_boot": n_boot}
+
+
 def paired_wilcoxon(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
     """Wilcoxon signed-rank on per-context mean values (a vs b), with the rank-biserial effect size."""
     joined = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
@@ -253,10 +279,12 @@ def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: flo
     """Mean over tokens with a bootstrap interval that resamples whole contexts (per-context ``sum``, ``n``)."""
     s, n = per_ctx["sum"].to_numpy(dtype=np.float64), per_ctx["n"].to_numpy(dtype=np.float64)
     if s.size == 0 or n.sum() == 0:
-        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0, "n_boot": n_boot}
     with np.errstate(divide="ignore", invalid="ignore"):
         boots = np.concatenate([s[idx].sum(-1) / n[idx].sum(-1) for idx in bootstrap_indices(s.size, n_boot, seed)])
     boots = boots[np.isfinite(boots)]
     alpha = (1 - level) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
-    return {"mean": float(s.sum() / n.sum()), "ci_low": float(low), "ci_high": float(high), "n_contexts": int(s.size)}
+    return {"mean": float(s.sum() / n.sum()), "ci_low": float(low), "ci_high": float(high), "n_contexts": int(s.size),
+            "n_boot": n_boot}
+

@@ -2,9 +2,10 @@
 
 `--layer 3,10,17` (or `all`, or `0-5`) and `--site mlp_out,attn_out` make the cross product. Each
 sub-run is an ordinary run in ``OUT/<site>_L<layer>/`` (its own report.json, tokens.parquet, resume);
-``OUT/report.json`` is the study report: every sub-run's summary, Wilcoxon p-values Holm-corrected
-across all of them, and the Spearman correlation of the per-token gap between every pair of sub-runs
-(the same tokens are measured everywhere: same dataset, seed and context length).
+``OUT/report.json`` is the study report: every sub-run's summary, Wilcoxon p-values Holm-corrected within
+each family (klgap.families: the SAE against one baseline across the sites/layers; curve points apart), and the
+Spearman correlation of the per-token gap between every pair of sub-runs (the same tokens are measured everywhere:
+same dataset, seed and context length).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from klgap import stats
 from klgap.config import RunConfig
 from klgap.distributed import SINGLE, World
+from klgap.families import apply_holm
 from klgap.provenance import provenance
 from klgap.rundir import atomic_write_json
 from klgap.grid import sae_for
@@ -64,14 +66,12 @@ def write_study(base: RunConfig, folders: list[Path], out: Path) -> StudyReport:
 
 
 def build_study(base: RunConfig, reports: list[Report], folders: list[Path], out: Path) -> StudyReport:
-    """The study report over its sub-runs' reports: their summaries, Holm across every (run, baseline)
-    Wilcoxon test of the study, the gap correlations between sub-runs. The sub-reports are left unchanged."""
+    """The study report over its sub-runs' reports: their summaries, Holm within each family across the study's
+    sites/layers (klgap.families), the gap correlations between sub-runs. The sub-reports are left unchanged."""
     runs = [StudyRun(**{k: getattr(report, k) for k in report.model_fields_set & set(SiteSummary.model_fields)},
                      path=str(folder.relative_to(out))).model_copy(deep=True)
             for report, folder in zip(reports, folders, strict=True)]
-    tests = [run.comparisons[name].wilcoxon_kl for run in runs for name in run.comparisons]
-    for test, p in zip(tests, stats.holm([test.p_value for test in tests]), strict=True):
-        test.p_holm = _finite(p)
+    apply_holm([run.comparisons for run in runs])
     return StudyReport(
         schema_version=SCHEMA_VERSION,
         kind="study",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klgap.formatting import fmt_ci, fmt_p
+from klgap.formatting import fmt, fmt_ci, fmt_p, fmt_p_holm
 from klgap.schema import BASELINE, Report, SiteSummary, StudyReport
 
 
@@ -38,6 +38,9 @@ class SummaryRow:
     sae_cos: float | None
     sae_equivalent_cos: float | None
     baseline: str = BASELINE
+    test_contexts: int | None = None  # the contexts the Wilcoxon test paired
+    holm_family: str | None = None  # what p_holm was corrected across (klgap.families); None in older reports
+    holm_family_size: int | None = None
 
     @property
     def where(self) -> str:
@@ -49,9 +52,27 @@ class SummaryRow:
         return fmt_ci(self.ratio, self.ratio_ci_low, self.ratio_ci_high)
 
     def p_text(self) -> str:
-        """'0.002 (Holm 0.004)': the Wilcoxon p-value, with the Holm-corrected one when the report has it."""
-        text = fmt_p(self.p_value)
-        return f"{text} (Holm {fmt_p(self.p_holm)})" if self.p_holm is not None else text
+        """'0.002 (Holm 0.004)': the Wilcoxon p-value, with the Holm-corrected one when the report has it and its
+        family holds more than this one test."""
+        return fmt_p_holm(self.p_value, self.p_holm, self.holm_family_size)
+
+    def verdict(self) -> str:
+        """The finding in one sentence: 'At blocks.1.hook_mlp_out of tiny-gpt2 the SAE's reconstruction moves the
+        next-token distribution 1.462× [1.401, 1.530] as much as a random error of the same size (Wilcoxon
+        p = 3.52e-12 over 64 contexts).'"""
+        where = f"At {self.hook_name} of {self.model}" + (f" ({self.mode} mode)" if self.mode != "all_tokens" else "")
+        if self.ratio is None:
+            kl = f"a mean KL of {fmt(self.kl_sae)} nats" if self.kl_sae is not None else "no measured KL"
+            return f"{where} the SAE's reconstruction gives {kl}; no {self.baseline} baseline was compared, so there is no ratio."
+        test = f"Wilcoxon p = {fmt_p(self.p_value)}"
+        if self.p_holm is not None and self.holm_family_size != 1:
+            test += f", Holm-corrected {fmt_p(self.p_holm)}" + ("," if self.test_contexts else "")
+        test += f" over {self.test_contexts} contexts" if self.test_contexts else ""
+        sentence = (f"{where} the SAE's reconstruction moves the next-token distribution {self.ratio_text().replace(' ', '× ', 1)}"
+                    f" as much as a random error of the same size ({test})")
+        if self.ratio_ci_low is not None and self.ratio_ci_high is not None and self.ratio_ci_low <= 1 <= self.ratio_ci_high:
+            sentence += "; the interval includes 1: no gap is resolved at this size"
+        return sentence + "."
 
 
 def summary_row(run: SiteSummary, model: str, mode: str) -> SummaryRow:
@@ -74,6 +95,9 @@ def summary_row(run: SiteSummary, model: str, mode: str) -> SummaryRow:
         p_value=comparison.wilcoxon_kl.p_value if comparison is not None else None,
         p_holm=comparison.wilcoxon_kl.p_holm if comparison is not None else None,
         sae_cos=run.sae_metrics.cos_mean, sae_equivalent_cos=equivalent,
+        test_contexts=comparison.wilcoxon_kl.n_contexts if comparison is not None else None,
+        holm_family=comparison.wilcoxon_kl.holm_family if comparison is not None else None,
+        holm_family_size=comparison.wilcoxon_kl.holm_family_size if comparison is not None else None,
     )
 
 

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from klgap.cli import main
+from klgap.formatting import fmt_p
 from klgap.schema import load_report
+from klgap.summary import summary_row
 from tests.helpers import random_sae
 
 FAST = ["--tokens", "600", "--context-len", "32", "--batch-size", "4", "--quiet"]
@@ -104,3 +106,32 @@ def test_curve_bad_grid(tmp_path, saes, capsys):
     assert main(argv) == 2
     assert "1.2 is not a cosine; valid values lie in [-1, 1]" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_stdout_report_and_compare_show_one_p_whatever_the_cosine_grid(saes, two_curves, tmp_path, capsys):
+    """The SAE-vs-epsilon_random p of a run is Holm-corrected within its own family (not with the curve's points):
+    a finer grid leaves it alone, and the terminal, report.md and compare.md print the same p."""
+    fine = tmp_path / "fine"
+    capsys.readouterr()
+    assert main(["curve", "--model", "tiny-gpt2", "--sae", str(saes / "resid_pre_1.safetensors"), "--cos",
+                 "0.5:1.0:11", "--norm-frac", "1", "--out", str(fine), *FAST]) == 0
+    printed = capsys.readouterr().out
+    coarse_report, fine_report = load_report(two_curves / "tiny-gpt2"), load_report(fine)
+    coarse_test = coarse_report.comparisons["epsilon_random"].wilcoxon_kl
+    fine_test = fine_report.comparisons["epsilon_random"].wilcoxon_kl
+    assert fine_test.p_value == coarse_test.p_value and fine_test.p_holm == coarse_test.p_holm == coarse_test.p_value
+    assert fine_test.holm_family == "sae vs epsilon_random at 1 site/layer"
+    curve = [c.wilcoxon_kl for n, c in fine_report.comparisons.items() if n.startswith("cosine_matched")]
+    assert len(curve) == 11 and {t.holm_family_size for t in curve} == {11}
+
+    row = summary_row(fine_report, fine_report.model, fine_report.mode)
+    p = row.p_text()
+    assert p == fmt_p(fine_test.p_value)
+    assert f"Wilcoxon p = {p}" in printed and row.verdict() in printed
+    assert f"| {row.ratio_text()} | {p} |" in (fine / "report.md").read_text()
+    assert main(["compare", str(fine), "--out", str(tmp_path / "cmp")]) == 0
+    assert f"| {row.ratio_text()} | {p} |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert p in capsys.readouterr().out.splitlines()[1]
+    record = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]
+    assert (record["p_value"], record["p_holm"], record["holm_family"]) == (
+        fine_test.p_value, fine_test.p_holm, fine_test.holm_family)

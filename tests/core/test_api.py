@@ -94,6 +94,10 @@ def test_saved_run_loads_back_identical_with_label_columns(held, tmp_path):
     summary = loaded.summary()
     assert summary.loc["sae", "kl_mean"] == loaded.report.interventions["sae"].kl_mean
     assert summary.loc["epsilon_random", "ratio_sae_over_this"] == loaded.ratio.ratio
+    comparison = loaded.report.comparisons["epsilon_random"]
+    assert summary.loc["epsilon_random", "holm_family"] == "sae vs epsilon_random at 1 site/layer"
+    assert summary.loc["epsilon_random", "ce_delta_diff"] == comparison.ce_delta_difference.mean
+    assert loaded.verdict().startswith(f"At {loaded.report.hook_name} of {loaded.report.model} the SAE's reconstruction")
     assert loaded.plot("kl_bars").axes and loaded.plot("kl_by_position").axes
     with pytest.raises(KlgapError, match="plot 'single_token' does not apply to this all_tokens run"):
         loaded.plot("single_token")

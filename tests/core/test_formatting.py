@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from klgap.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p
+from klgap.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, interval_holds
 
 
 @pytest.mark.parametrize("value,digits,text", [
@@ -40,3 +40,12 @@ def test_fmt_ci():
     assert fmt_ci(None, math.nan, None) == "— [nan, —]"  # a missing end is shown, not hidden
     assert fmt_ci(1.2, None, None) == "1.200 [—, —]"
     assert fmt_ci(None, None, None) == DASH  # no ratio at all
+    assert fmt_ci(33956260295023.09, 30241910869700.523, 38685426212958.477) == "3.396e+13 [3.024e+13, 3.869e+13]"
+
+
+def test_an_interval_that_misses_its_estimate_is_not_shown():
+    assert fmt_ci(6.149, -10.187, 5.0) == "6.149 [interval excludes the estimate]"
+    assert fmt_ci_sig(0.004123, 0.00211, 0.00633) == "0.00412 [0.00211, 0.00633]"
+    assert fmt_ci_sig(0.01, 0.02, 0.03) == "0.01 [interval excludes the estimate]"
+    assert fmt_ci_sig(None, None, None) == DASH
+    assert interval_holds(1.0, 0.9, 1.1) and not interval_holds(1.0, None, 1.1) and not interval_holds(2, 0, 1)

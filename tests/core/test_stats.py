@@ -97,3 +97,19 @@ def test_bootstrap_in_chunks_draws_the_one_shot_numbers(n):
     ci = stats.mean_ci(per_ctx, n_boot=2000, seed=3)
     assert ci["ci_low"] == pytest.approx(np.quantile(boots, 0.025), rel=1e-13)
     assert ci["ci_high"] == pytest.approx(np.quantile(boots, 0.975), rel=1e-13)
+
+
+def test_difference_of_means_pairs_the_bootstrap_contexts():
+    rng = np.random.default_rng(0)
+    n = rng.integers(5, 30, 40)  # contexts of different lengths: token means, not means of context means
+    shared = rng.normal(0, 1.0, 40)  # a context effect both share: pairing removes it from the interval
+    a = pd.DataFrame({"sum": (shared + 0.3) * n, "n": n})
+    b = pd.DataFrame({"sum": shared * n, "n": n})
+    found = stats.difference_of_means_ci(a, b, n_boot=500, seed=1)
+    assert found["mean"] == pytest.approx(a["sum"].sum() / n.sum() - b["sum"].sum() / n.sum())
+    assert found["ci_low"] == pytest.approx(0.3) and found["ci_high"] == pytest.approx(0.3)  # exactly paired
+    idx = np.random.default_rng(1).integers(0, 40, (500, 40))
+    boots = a["sum"].to_numpy()[idx].sum(1) / n[idx].sum(1) - b["sum"].to_numpy()[idx].sum(1) / n[idx].sum(1)
+    assert (found["ci_low"], found["ci_high"]) == pytest.approx(tuple(np.quantile(boots, [0.025, 0.975])))
+    empty = stats.difference_of_means_ci(a, b.iloc[:0])
+    assert math.isnan(empty["mean"]) and empty["n_contexts"] == 0

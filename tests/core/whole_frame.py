@@ -52,16 +52,25 @@ def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str
             "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
             "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, stats.per_context(frame, name, "ce_delta"), seed=seed),
             "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
+            "ce_delta_difference": stats.difference_of_means_ci(
+                sae_ce, stats.per_context(frame, name, "ce_delta"), seed=seed),
+            "ce_delta_baseline": stats.mean_ci(stats.per_context(frame, name, "ce_delta"), seed=seed),
         }
     return out
 
 
 def add_holm(comparisons: dict[str, Any]) -> None:
-    """Holm-correct the Wilcoxon p-values across every baseline compared in this report."""
-    names = list(comparisons)
-    adjusted = stats.holm([comparisons[n]["wilcoxon_kl"]["p_value"] for n in names])
-    for name, p in zip(names, adjusted, strict=True):
-        comparisons[name]["wilcoxon_kl"]["p_holm"] = p
+    """Holm-correct the Wilcoxon p-values of one run within each family: a named baseline alone, the
+    cosine_matched curve points together."""
+    from klgap.families import describe
+
+    curve = [n for n in comparisons if n.startswith("cosine_matched")]
+    for family, names in [(n, [n]) for n in comparisons if n not in curve] + ([("cosine_matched", curve)] if curve else []):
+        adjusted = stats.holm([comparisons[n]["wilcoxon_kl"]["p_value"] for n in names])
+        size = sum(1 for p in adjusted if p == p)
+        for name, p in zip(names, adjusted, strict=True):
+            comparisons[name]["wilcoxon_kl"].update(p_holm=p, holm_family=describe(family, size, 1),
+                                                    holm_family_size=size)
 
 
 def gap_analysis(frame: pd.DataFrame, tokenizer: Any) -> dict[str, Any] | None:
