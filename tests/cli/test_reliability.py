@@ -398,7 +398,7 @@ def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
     code, printed, err = _run(_replicate(out, tmp_path / "run"), capsys)
     assert code == 0, err
-    assert "KL(sae)/KL(epsilon_random) =" in printed
+    assert "the SAE's reconstruction moves the next-token distribution" in printed
 
 
 # ----------------------------------------------------------------------------- transcoders, SAEs without a hook name
