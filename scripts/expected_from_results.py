@@ -71,10 +71,9 @@ def main() -> None:
            ("many_samples.toml", "results/many_samples")])
     write(reps / "smollm2-135m-quickstart", "The quickstart: the committed result of config.toml",
           [("config.toml", "results")])
-    write(reps / "cross-model-robustness", "Cross-model robustness curves: SmolLM2-135M's committed results",
-          [("smollm2.toml", "results/smollm2")],
-          NOTE + " Gemma 3 (gemma3.toml) has no targets yet: its results are being re-run at the post-norm points "
-          "(README.md, issue 22); add them with this script once they are committed.")
+    write(reps / "cross-model-robustness", "Cross-model robustness curves: the committed results of both models",
+          [("smollm2.toml", "results/smollm2"), ("gemma3.toml", "results/gemma3"),
+           ("gemma3-baselines.toml", "results/gemma3-baselines")])
 
 
 if __name__ == "__main__":

@@ -192,3 +192,22 @@ def test_cross_model_readme_table_is_the_committed_comparison():
         ratio = {"ratio": float(row["ratio"]), "ci_low": float(row["ratio_ci_low"]), "ci_high": float(row["ratio_ci_high"])}
         _check_ratio_cell(cells[3], ratio, row["label"])
         assert run["comparisons"]["epsilon_random"]["kl_ratio"]["ratio"] == ratio["ratio"], row["label"]
+
+
+def test_gemma_baselines_table_is_the_committed_run():
+    """The README's Gemma baselines table (isotropic, covariance-shaped, shuffled SAE error) is results/gemma3-baselines,
+    and that run measured the same SAEs as the curves (the recipe of gemma3.toml)."""
+    rows = _readme_rows(CROSS / "README.md", "Gemma after the post-norms")
+    assert len(rows) == 4
+    baselines = ("epsilon_random", "epsilon_anisotropic", "sae_error_shuffled")
+    for cells in rows:
+        site, layer = cells[0].split(" L")
+        run = json.loads((CROSS / "results" / "gemma3-baselines" / f"{site}_L{int(layer):02d}" / "report.json").read_text())
+        curve = json.loads((CROSS / "results" / "gemma3" / f"{site}_L{int(layer):02d}" / "report.json").read_text())
+        assert run["sae"]["info"]["training"] == curve["sae"]["info"]["training"], cells[0]
+        kl = {name: stats["kl_mean"] for name, stats in run["interventions"].items()}
+        _check_printed(cells[1], kl["sae"], cells[0])
+        for i, name in enumerate(baselines):
+            _check_printed(cells[2 + 2 * i], kl[name], cells[0])
+            _check_ratio_cell(cells[3 + 2 * i], run["comparisons"][name]["kl_ratio"], cells[0])
+    _check_recipe(CROSS / "gemma3.toml", json.loads((CROSS / "results" / "gemma3-baselines" / "report.json").read_text())["runs"])
