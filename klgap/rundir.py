@@ -38,6 +38,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_target(path: Path) -> Iterator[str]:
     """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not.
@@ -48,6 +55,7 @@ def _atomic_target(path: Path) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder is shared as open() would leave it
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
