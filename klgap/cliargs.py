@@ -53,7 +53,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
     )
     p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
-    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, random")
+    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random "
+                   "(klgap plugins lists them)")
     p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
     p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")
     p.add_argument("--n-samples", type=_int_arg("--n-samples"), help="many-samples: draws per context (default 500)")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
 
-    rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
+    rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet", description="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
     _add_run_flags(rep)
     rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
     rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
@@ -108,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     curve = sub.add_parser(
-        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it"
-    )
+        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it", description="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it")
     _add_run_flags(curve)
     curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
@@ -119,23 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     curve.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs")
+    compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs", description="overlay robustness curves and ratio tables of several runs")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or study folders (each with report.json)")
     compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
     compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
 
-    merge = sub.add_parser("merge", help="join the folders of `--shard I/N` runs into one report (as if unsharded)")
+    merge = sub.add_parser("merge", help="join the folders of `--shard I/N` runs into one report (as if unsharded)", description="join the folders of `--shard I/N` runs into one report (as if unsharded)")
     merge.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="the N shard folders of one command")
     merge.add_argument("--out", required=True, help="folder for the merged run (report.json, tokens.parquet, ...)")
     merge.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from")
+    new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from", description="write a working plugin package (a perturbation + its tests) to start from")
     new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
     new.add_argument("--dir", help="where to write it (default ./klgap-NAME)")
 
-    train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations")
-    train.add_argument("--model", required=True)
+    train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations", description="train an SAE with sae_lens's trainer on a site's activations")
+    train.add_argument("--model", required=True, help="a registered name, a hub repo id (ORG/NAME) or a model folder")
     train.add_argument("--site", required=True, help="a site, or a comma list (one pass gathers them all)")
     train.add_argument("--layer", required=True, help="a layer, a list (3,10,17,24) or a range (0-5)")
     train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000, help="training tokens (default 200000)")
@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for cfg.json + sae_weights.safetensors + training.json; with several sites/layers put "
         "{site} and {layer} in it, e.g. ~/.cache/klgap/saes/smollm2-135m/blocks.{layer}.hook_{site}",
     )
-    train.add_argument("--context-len", type=_int_arg("--context-len"), default=128)
-    train.add_argument("--dataset", default="sample")
+    train.add_argument("--context-len", type=_int_arg("--context-len"), default=128, help="tokens per context (default 128)")
+    train.add_argument("--dataset", default="sample",
+                       help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)")
     train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
     train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
@@ -157,19 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
                             "shrinkage: sites where a few dimensions carry most of the variance)")
     train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
-    train.add_argument("--seed", type=_int_arg("--seed"), default=0)
-    train.add_argument("--device", default="auto")
-    train.add_argument("--dtype", default="float32")
+    train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
+    train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")
     train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data")
-    rep_cmd.add_argument("run_dir")
+    rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data", description="rebuild figures, report.md and report.html from a run folder's data")
+    rep_cmd.add_argument("run_dir", help="a run or study folder (report.json, or run.json and parts to build it from)")
 
-    check = sub.add_parser(
-        "check", help="a run folder against a replication's expected.json: one verdict per target (exit 3 if any "
-        "target is not met)",
-    )
+    check_help = ("a run folder against a replication's expected.json: one verdict per target (exit 3 if any "
+                  "target is not met)")
+    check = sub.add_parser("check", help=check_help, description=check_help)
     check.add_argument("run_dir", help="a run or study folder (with report.json)")
     check.add_argument("--expected", required=True, help="an expected.json (beside a replication's files)")
     check.add_argument(
@@ -179,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--write", action="store_true",
                        help="also write RUN/expected_check.json and redraw report.md / report.html with the verdicts")
 
-    val = sub.add_parser("validate", help="check a report.json against the report schema")
+    val = sub.add_parser("validate", help="check a report.json against the report schema", description="check a report.json against the report schema")
     val.add_argument("report", help="a report.json, or a run folder holding one")
 
-    plugins = sub.add_parser("plugins", help="list plugins and what each registers")
+    plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)
     return parser

@@ -149,3 +149,19 @@ def test_console_script_installed():
     exe = shutil.which("klgap") or str(Path(__file__).parents[2] / ".venv" / "bin" / "klgap")
     done = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip()
+
+
+def test_every_flag_of_every_subcommand_has_help_and_every_subcommand_a_description():
+    """`klgap X --help` explains every flag (issue 16 item 7), for the core's and the built-in plugins' commands."""
+    import argparse
+
+    from klgap.cliargs import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"replicate", "curve", "train-sae", "report", "check", "models", "build-corpus"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        assert sub.description, f"klgap {name} has no description"
+        bare = [a.option_strings[0] if a.option_strings else a.dest for a in sub._actions
+                if a.dest != "help" and not a.help]
+        assert bare == [], f"klgap {name}: no help for {bare}"
