@@ -166,6 +166,6 @@ def ratio_bars(entries: Sequence[tuple[str, SummaryRow]], path: str | Path | Non
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.7, len(entries) - 0.3)
     ax.set_xlabel(f"mean KL(sae) / mean KL({baseline}) [ratio, log scale; 1 = no gap]")
-    title(fig, f"KL gap per run: KL(sae) / KL({baseline}) with 95% intervals over contexts (red: above 1, blue: "
+    title(fig, f"KL gap per run: KL(sae) / KL({baseline}) with 95% intervals over contexts (orange: above 1, blue: "
           "below, gray: 1 inside the interval)", runs_title([row for _, row in entries]))
     return save(fig, path)
