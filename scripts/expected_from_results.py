@@ -72,8 +72,7 @@ def main() -> None:
     write(reps / "smollm2-135m-quickstart", "The quickstart: the committed result of config.toml",
           [("config.toml", "results")])
     write(reps / "cross-model-robustness", "Cross-model robustness curves: the committed results of both models",
-          [("smollm2.toml", "results/smollm2"), ("gemma3.toml", "results/gemma3"),
-           ("gemma3-baselines.toml", "results/gemma3-baselines")])
+          [("smollm2.toml", "results/smollm2"), ("gemma3.toml", "results/gemma3")])
 
 
 if __name__ == "__main__":
