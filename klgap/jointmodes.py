@@ -96,14 +96,7 @@ def _single_token(joint: JointRun, index: int) -> tuple[Frames, list[Frames]]:
     clean_ref = metrics.CleanReference.of(clean_logits[:, t:])
     del clean_logits
     view = modes.SaeView.of(acts[0][:, t], lowest.sae, lowest.center)  # [b d]
-    positions = torch.arange(t, t + k + 1)
-    base = {
-        "context": context_ids.repeat_interleave(k + 1),
-        "position": positions.repeat(n_ctx),
-        "offset": (positions - t).repeat(n_ctx),
-        "token_id": full_cpu[:, positions].reshape(-1),
-        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
-    }
+    base = modes.single_token_rows(context_ids, full_cpu, view, t, k)
     frame = _rows(joint, index, ids, slice(t, t + 1), clean_ref, slice(t, None), next_tail, base)
     return (frame, view.side_stats()), singles
 

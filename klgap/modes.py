@@ -90,6 +90,19 @@ def batch_ids(run: Loaded, index: int) -> tuple[Tensor, Tensor]:
     return run.contexts[context_ids], context_ids
 
 
+
+def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: int, k: int) -> dict[str, Tensor]:
+    """The per-token columns of a single-token batch, ``n_ctx * (k + 1)`` rows: context, position t..t+k, offset,
+    token id, and the SAE's stats at t repeated over the k + 1 measured positions."""
+    positions = torch.arange(t, t + k + 1)
+    return {
+        "context": context_ids.repeat_interleave(k + 1),
+        "position": positions.repeat(len(context_ids)),
+        "offset": (positions - t).repeat(len(context_ids)),
+        "token_id": full_cpu[:, positions].reshape(-1),
+        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
+    }
+
 @torch.no_grad()
 def all_tokens(run: Loaded, index: int, clean: tuple[Tensor, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     cfg, model, ex = run.config, run.model, run.executor
@@ -150,14 +163,7 @@ def single_token(run: Loaded, index: int) -> tuple[pd.DataFrame, dict[str, Any]]
     clean_ref = metrics.CleanReference.of(clean_logits)
     del clean_logits
     view = SaeView.of(acts[:, 0], run.sae, run.center)  # [b d]
-    positions = torch.arange(t, t + k + 1)
-    base = {
-        "context": context_ids.repeat_interleave(k + 1),
-        "position": positions.repeat(n_ctx),
-        "offset": (positions - t).repeat(n_ctx),
-        "token_id": full_cpu[:, positions].reshape(-1),
-        **{name: value.repeat_interleave(k + 1) for name, value in view.stats.items()},
-    }
+    base = single_token_rows(context_ids, full_cpu, view, t, k)
     frames = []
     for j, intervention in enumerate(run.interventions):
         x_prime = view.substitute(intervention.perturbation, generator_for(model.device, cfg.seed, index, j), model.dtype)
