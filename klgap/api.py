@@ -187,6 +187,10 @@ class HeldModel:
     loaded: LoadedModel
     description: str = "a model object held by the caller (klgap.measure)"
 
+    def placement(self) -> dict[str, str]:
+        """The device and dtype flags of where the model is (a held model runs, and gathers, where it is)."""
+        return {"device": str(self.loaded.device), "dtype": str(self.loaded.dtype).removeprefix("torch.")}
+
     def load(self, device: Any, dtype: Any) -> LoadedModel:
         if (str(device), dtype) != (str(self.loaded.device), self.loaded.dtype):
             raise KlgapError(f"the model is on {self.loaded.device} in {self.loaded.dtype}, but device={device} "
@@ -297,8 +301,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     name, ref = _model_ref(model, tokenizer)
     values: dict[str, Any] = {"model": name, "site": site, "layer": layer, "mode": mode, "seed": seed, **options}
     if ref is not None:  # a held model runs where it is
-        values.setdefault("device", str(ref.adapter.loaded.device))
-        values.setdefault("dtype", str(ref.adapter.loaded.dtype).removeprefix("torch."))
+        values = {**ref.adapter.placement(), **values}
     if interventions is not None:
         values["interventions"] = split_interventions(interventions)
     if dataset is not None:
@@ -385,8 +388,7 @@ def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], o
 
     name, ref = _model_ref(model, tokenizer)
     if ref is not None:  # a held model gathers where it is
-        flags.setdefault("device", str(ref.adapter.loaded.device))
-        flags.setdefault("dtype", str(ref.adapter.loaded.dtype).removeprefix("torch."))
+        flags = {**ref.adapter.placement(), **flags}
     return pd.DataFrame(train_saes(ref or name, site, layer, out, **flags))
 
 
