@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (DefaultSAEFinder, FittablePerturbation, HubModelAdapter, Perturbation, SAECheck,
-                             SAEChecker)
+from klgap.protocols import (DefaultSAEFinder, FittablePerturbation, HubModelAdapter, ModelSAENames, Perturbation,
+                             PretrainedSAEAdapter, SAECheck, SAEChecker)
 
 if TYPE_CHECKING:
     from klgap.plugins import Registry
@@ -31,6 +31,18 @@ def hub_repo(adapter: object) -> str | None:
     if not isinstance(adapter.repo_id, str):
         raise PluginError(f"model adapter {type(adapter).__name__}.repo_id is {adapter.repo_id!r}; it must be a str")
     return adapter.repo_id
+
+
+def model_sae_names(name: str, adapter: object) -> ModelSAENames | None:
+    """The sae_lens model names (and note) of a model before it loads, when its adapter declares
+    :class:`PretrainedSAEAdapter`; None when the adapter does not say (then only the loaded model tells)."""
+    if not isinstance(adapter, PretrainedSAEAdapter):
+        return None
+    models = adapter.sae_lens_models
+    if not (isinstance(models, tuple) and all(isinstance(m, str) for m in models)):
+        raise PluginError(f"model adapter {type(adapter).__name__}.sae_lens_models is {models!r}; it must be a tuple "
+                          "of str")
+    return ModelSAENames(name, models, adapter.sae_note)
 
 
 def check_sae_spec(loader: object, spec: str) -> SAECheck | None:
@@ -50,7 +62,7 @@ def check_sae_spec(loader: object, spec: str) -> SAECheck | None:
     return result
 
 
-def find_default_sae(loaders: Registry, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
+def find_default_sae(loaders: Registry, model: LoadedModel | ModelSAENames, site: str, layer: int) -> tuple[str, str] | None:
     """``("NAME:SPEC", note)`` from the first registered loader that declares :class:`DefaultSAEFinder` and
     knows a pretrained SAE for `model` at `site`, `layer`; None when none does."""
     for name, entry in loaders.entries.items():
@@ -85,4 +97,4 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "check_sae_spec", "find_default_sae", "fittable"]
+__all__ = ["as_perturbation", "check_sae_spec", "find_default_sae", "fittable", "model_sae_names"]

@@ -110,7 +110,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
 
         if layers == "all":
             raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
-        planned = dry_run(config, sites, layers)
+        planned = dry_run(config, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
         if world.leader:
             print_plan(planned)
         return 0
@@ -186,7 +186,7 @@ def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Name
         from klgap.plan import print_plan
 
         print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
-        print_plan(dry_run(single, sites, layers))
+        print_plan(dry_run(single, sites, layers, trains="train_sae" in extra))
         return 0
     dry_run(single, sites, layers, trains="train_sae" in extra)
     if "train_sae" in extra:

@@ -27,11 +27,12 @@ from klgap.errors import KlgapError, WriteError
 from klgap.executors import Executor, choose
 from klgap.finite import NonFiniteLogits
 from klgap.plugins import ModelRef, get_host, model_adapter
-from klgap.capabilities import find_default_sae, fittable
+from klgap.capabilities import fittable
 from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
 from klgap.saecheck import check_loaded_sae
-from klgap.resolve import Intervention, JointPlan, RunPlan, SAERoute, pick_device, resolve, route_sae, site_of
+from klgap.resolve import (Intervention, JointPlan, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae,
+                           site_of)
 from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, Report, SAEInfo, as_json
 from klgap.sites import hook_name
@@ -105,19 +106,6 @@ def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
     sae = route.obj.load(route.arg, device)
     check_loaded_sae(sae)  # every loader's SAE, before anything else is loaded
     return sae
-
-
-def default_sae(model: LoadedModel, site: str, layer: int) -> tuple[SAERoute, str]:
-    """Ask every SAE loader that can name a pretrained SAE (:class:`klgap.protocols.DefaultSAEFinder`)."""
-    found = find_default_sae(get_host().registry("sae_loader"), model, site, layer)
-    if found is not None:
-        spec, note = found
-        return route_sae(spec), note
-    raise KlgapError(
-        f"no --sae given and no pretrained SAE is known for {model.name} {hook_name(site, layer)}; "
-        f"train one with `klgap train-sae --model {model.name} --site {site} --layer {layer} --out DIR` "
-        "and pass --sae DIR"
-    )
 
 
 def load_plan(plan: RunPlan) -> Loaded:

@@ -137,6 +137,27 @@ class HubModelAdapter(Protocol):
     repo_id: str
 
 
+@runtime_checkable
+class PretrainedSAEAdapter(Protocol):
+    """Optional: an adapter that names, before loading, the models under which sae_lens's pretrained directory
+    lists SAEs for its model (what ``LoadedModel.sae_lens_models`` / ``sae_note`` will say). ``--dry-run`` and
+    ``klgap saes`` read it to name the default SAE without loading the model."""
+
+    sae_lens_models: tuple[str, ...]
+    sae_note: str | None
+
+
+@dataclass(frozen=True)
+class ModelSAENames:
+    """What a :class:`DefaultSAEFinder` reads of a model, known before it loads: its name, the sae_lens model
+    names of its SAEs (best first) and the note shown with any SAE picked for it. ``LoadedModel`` has the
+    same three fields, so ``default_sae`` receives either."""
+
+    name: str
+    sae_lens_models: tuple[str, ...] = ()
+    sae_note: str | None = None
+
+
 # --------------------------------------------------------------------------- SAEs
 
 
@@ -209,10 +230,12 @@ class SAELoader(Protocol):
 class DefaultSAEFinder(Protocol):
     """Optional capability of an SAE loader: name a pretrained SAE for a model/site/layer.
 
-    Asked (in registration order) when a run gives no ``--sae``; must not download anything.
+    Asked (in registration order) when a run gives no ``--sae``; must not download anything. `model` is the
+    :class:`LoadedModel`, or, before anything loads (``--dry-run``, ``klgap saes``), a :class:`ModelSAENames`:
+    read only ``name``, ``sae_lens_models`` and ``sae_note``, which both have.
     """
 
-    def default_sae(self, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
+    def default_sae(self, model: LoadedModel | ModelSAENames, site: str, layer: int) -> tuple[str, str] | None:
         """Return ``(spec, note)`` for the default SAE, or None. `spec` is this loader's argument (no
         ``NAME:`` prefix); `note` is shown to the user and recorded in the report."""
         ...

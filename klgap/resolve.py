@@ -21,9 +21,9 @@ from klgap.config import RunConfig, parse_intervention
 from klgap.distributed import cuda_device, read_world
 from klgap.errors import KlgapError, unknown
 from klgap.plugins import ModelRef, get_host, model_adapter
-from klgap.capabilities import as_perturbation, check_sae_spec
-from klgap.protocols import LoadedSAE, Perturbation, Placement, PlacingModelAdapter, SAECheck
-from klgap.sites import parse_hook_name
+from klgap.capabilities import as_perturbation, check_sae_spec, find_default_sae
+from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter, SAECheck
+from klgap.sites import hook_name, parse_hook_name
 from klgap.specs import split_spec
 
 
@@ -190,6 +190,20 @@ def route_sae(spec: str) -> SAERoute:
     return SAERoute(spec, name, arg, loaders.entries[name].plugin, found)
 
 
+def default_sae(model: LoadedModel | ModelSAENames, site: str, layer: int) -> tuple[SAERoute, str]:
+    """The pretrained SAE a run without ``--sae`` uses: the first SAE loader that names one
+    (:class:`klgap.protocols.DefaultSAEFinder`), routed and checked; else the error that says to train one."""
+    found = find_default_sae(get_host().registry("sae_loader"), model, site, layer)
+    if found is not None:
+        spec, note = found
+        return route_sae(spec), note
+    raise KlgapError(
+        f"no --sae given and no pretrained SAE is known for {model.name} {hook_name(site, layer)}; "
+        f"train one with `klgap train-sae --model {model.name} --site {site} --layer {layer} --out DIR` "
+        "and pass --sae DIR"
+    )
+
+
 def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) -> tuple[str | None, int | None]:
     """Site and layer from the flags, else from the SAE's hook name; a disagreement is an error."""
     site, layer = config.site, config.layer
@@ -286,4 +300,4 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
 
 
 __all__ = ["Intervention", "JointPlan", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
-           "pick_device", "resolve", "resolve_joint", "route_sae", "site_of"]
+           "default_sae", "pick_device", "resolve", "resolve_joint", "route_sae", "site_of"]

@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import HubUnavailableError, KlgapError, unknown
-from klgap.protocols import LoadedModel, LoadedSAE, SAECheck
+from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, SAECheck
 from klgap.sites import hook_name
 from klgap_saes.common import wrap_sae_lens
 
@@ -112,7 +112,7 @@ class SaeLensPretrainedLoader:
         return wrap_sae_lens(sae, f"sae_lens:{release}/{sae_id}", device, info,
                              center_resid=bool(overrides.get("center_writing_weights")))
 
-    def default_sae(self, model: LoadedModel, site: str, layer: int) -> tuple[str, str] | None:
+    def default_sae(self, model: LoadedModel | ModelSAENames, site: str, layer: int) -> tuple[str, str] | None:
         """The study's release for this model/site when sae_lens lists one (no download)."""
         wanted = {hook_name(site, layer)}
         if site == "attn_z":

@@ -28,7 +28,7 @@ def test_dry_run_checks_sae_ids_and_hook_names_against_the_sae_lens_directory(co
     n_runs = EXPECTED_RUNS[config.name]
     assert f"ok: {n_runs} run(s) check out" in out
     assert out.count(": checked") == n_runs  # every SAE id found in the release, its hook = the run's site/layer
-    assert "the Hugging Face hub (repo " in out
+    assert "SAE weights: the Hugging Face hub or its cache (repo " in out
 
 
 @pytest.mark.parametrize("config", HUB_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
