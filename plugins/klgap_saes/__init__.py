@@ -11,7 +11,8 @@ from klgap.saefile import save_safetensors_sae
 from klgap_saes.disk import SaeLensDiskLoader, SafetensorsLoader
 from klgap_saes.pretrained import SaeLensPretrainedLoader
 
-__all__ = ["SaeLensDiskLoader", "SaeLensPretrainedLoader", "SafetensorsLoader", "register_sae_loaders", "save_safetensors_sae",
+__all__ = ["SaeLensDiskLoader", "SaeLensPretrainedLoader", "SafetensorsLoader", "register_commands", "register_sae_loaders",
+           "save_safetensors_sae",
            "wrap_sae"]
 
 
@@ -31,3 +32,11 @@ def wrap_sae(sae, device):
 
     return wrap_sae_lens(sae, f"in memory: sae_lens {type(sae).__name__}", device, {"in_memory": True},
                          center_resid=trained_centred(sae))
+
+
+@klgap.hookimpl
+def register_commands(register):
+    """``klgap saes``: the pretrained SAEs sae_lens's bundled directory knows for a model (offline)."""
+    from klgap_saes.listing import SaesCommand
+
+    register("saes", SaesCommand(), SaesCommand.description)

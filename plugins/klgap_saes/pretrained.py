@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from klgap.errors import HubUnavailableError, KlgapError, unknown
 from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, SAECheck
-from klgap.sites import hook_name
+from klgap.sites import hook_name, parse_hook_name
 from klgap_saes.common import wrap_sae_lens
 
 if TYPE_CHECKING:
@@ -52,6 +52,15 @@ def release_overrides() -> dict[str, dict[str, Any]]:
     return out
 
 
+def is_hook_name(sae_id: str) -> bool:
+    """An SAE id that is a hook name klgap reads a site and layer from (``blocks.6.hook_resid_pre``)."""
+    try:
+        parse_hook_name(sae_id)
+    except KlgapError:
+        return False
+    return True
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """`RELEASE/SAE_ID` -> (release, sae_id); the release is the longest known prefix before a '/'."""
     releases = directory()
@@ -75,13 +84,15 @@ class SaeLensPretrainedLoader:
 
     def check(self, spec: str) -> SAECheck:
         """What `spec` names, from sae_lens's bundled directory alone (no download): release, SAE id, hook
-        name (the releases klgap knows name their SAEs by hook name), hub repo and model."""
+        name (when the id is one, as in the releases klgap picks by default; an id such as Gemma Scope's
+        ``layer_12/width_16k/canonical`` says no hook: --site/--layer, or the loaded SAE's cfg, tell), hub repo
+        and model."""
         release, sae_id = split_spec(spec)
         lookup = directory()[release]
         if sae_id not in lookup.saes_map:
             raise unknown(f"SAE id in release {release}", sae_id, lookup.saes_map)
-        return SAECheck(hook_name=sae_id, repo_id=lookup.repo_id, release=release, sae_id=sae_id, model=lookup.model,
-                        detail=f"sae_lens release {release}")
+        return SAECheck(hook_name=sae_id if is_hook_name(sae_id) else None, repo_id=lookup.repo_id, release=release,
+                        sae_id=sae_id, model=lookup.model, detail=f"sae_lens release {release}")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         from sae_lens import SAE

@@ -159,7 +159,7 @@ def test_every_flag_of_every_subcommand_has_help_and_every_subcommand_a_descript
 
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert {"replicate", "curve", "train-sae", "report", "check", "models", "build-corpus"} <= set(subparsers.choices)
+    assert {"replicate", "curve", "train-sae", "report", "check", "models", "build-corpus", "saes"} <= set(subparsers.choices)
     for name, sub in subparsers.choices.items():
         assert sub.description, f"klgap {name} has no description"
         bare = [a.option_strings[0] if a.option_strings else a.dest for a in sub._actions
