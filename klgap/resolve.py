@@ -55,10 +55,19 @@ class SAERoute:
         return get_host().registry("sae_loader").get(self.loader)
 
 
+def recorded_name(registered: str, params: dict[str, str], own: str) -> str:
+    """The name an intervention's rows, report and figures carry. The perturbation's own ``name`` when it takes
+    no parameters or names itself apart from its registered name (``cosine_matched(cos=0.8,norm_frac=0.9)``);
+    else ``NAME(key=value,...)`` (keys sorted), so ``my_noise`` and ``my_noise:scale=3`` are two interventions."""
+    if not params or own != registered:
+        return own
+    return f"{registered}({','.join(f'{key}={params[key]}' for key in sorted(params))})"
+
+
 @dataclass(frozen=True)
 class Intervention:
     """One entry of ``--interventions``: its spec, the registered factory's name and plugin, and the built
-    perturbation (whose ``name`` labels its rows: ``cosine_matched(cos=0.8,norm_frac=0.9)``)."""
+    perturbation. ``name`` labels its rows (:func:`recorded_name`)."""
 
     spec: str
     registered: str
@@ -68,7 +77,7 @@ class Intervention:
 
     @property
     def name(self) -> str:
-        return str(self.perturbation.name)
+        return recorded_name(self.registered, self.params, str(self.perturbation.name))
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,9 @@ def build_interventions(specs: list[str]) -> tuple[Intervention, ...]:
     names = [i.name for i in built]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise KlgapError(f"intervention {dupes[0]!r} is listed twice in --interventions")
+        specs_of = [i.spec for i in built if i.name == dupes[0]]
+        raise KlgapError(f"intervention {dupes[0]!r} is listed twice in --interventions ({' and '.join(specs_of)} "
+                         "name the same perturbation)")
     return tuple(built)
 
 
@@ -300,4 +311,4 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
 
 
 __all__ = ["Intervention", "JointPlan", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
-           "default_sae", "pick_device", "resolve", "resolve_joint", "route_sae", "site_of"]
+           "default_sae", "pick_device", "recorded_name", "resolve", "resolve_joint", "route_sae", "site_of"]
