@@ -8,7 +8,9 @@ From Python (a notebook holding a model and an SAE)::
 
 ``measure``, ``curve``, ``compare``, ``train_sae``, ``load_run``, ``Result``, ``Report``, ``StudyReport`` and
 ``RunConfig`` are imported on first use, so ``import klgap`` (which every plugin does) stays light. Plugins use
-``klgap.hookimpl`` and raise ``klgap.KlgapError``; the protocols are in :mod:`klgap.protocols`.
+``klgap.hookimpl`` and raise ``klgap.KlgapError``; the protocol types they implement or return (``LoadedModel``,
+``LoadedSAE``, ``SiteSpec``, ``SAECheck``, ``Perturbation``, ``TokenSource``, ...; :mod:`klgap.protocols`) are
+importable from ``klgap`` too, on first use.
 """
 
 from importlib import import_module
@@ -28,6 +30,12 @@ _LAZY = {
     "measure": "klgap.api", "curve": "klgap.api", "compare": "klgap.api", "train_sae": "klgap.api",
     "load_run": "klgap.api", "Result": "klgap.api",
     "Report": "klgap.schema", "StudyReport": "klgap.schema", "RunConfig": "klgap.config",
+    # what a plugin implements or returns (klgap.protocols)
+    **{name: "klgap.protocols" for name in (
+        "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",
+        "ModelAdapter", "SAELoader", "Perturbation", "TokenSource", "Command", "SparseAutoencoder",
+        "SAEChecker", "DefaultSAEFinder", "FittablePerturbation", "PlacingModelAdapter", "HubModelAdapter",
+        "PretrainedSAEAdapter")},
 }
 
 __all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]

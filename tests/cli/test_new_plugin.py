@@ -82,3 +82,39 @@ def test_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     assert main(["new-plugin", "ok_name", "--dir", str(tmp_path / "x")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+KINDS = {"perturbation": "register_perturbations", "sae_loader": "register_sae_loaders",
+         "model": "register_model_adapters", "token_source": "register_token_sources"}
+
+
+def test_every_kind_scaffolds_a_plugin_whose_own_tests_pass_uninstalled(tmp_path, capsys):
+    """Each --kind, written to tmp and imported from its folder (PYTHONPATH, no pip install): its conformance suite
+    and its tiny-model run pass, the plugin registered by tests/conftest.py (klgap.testing.use_plugin)."""
+    roots = []
+    for kind, hook in KINDS.items():
+        root = tmp_path / kind
+        assert main(["new-plugin", f"my_{kind}", "--kind", kind, "--dir", str(root)]) == 0
+        assert f"@klgap.hookimpl\ndef {hook}(register):" in (root / f"klgap_my_{kind}" / "__init__.py").read_text()
+        assert f"(tests, before or after installing: pytest {root / 'tests'})" in capsys.readouterr().out
+        assert f"my_{kind} = \"klgap_my_{kind}\"" in (root / "pyproject.toml").read_text()
+        roots.append(root)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([*map(str, roots), str(Path(__file__).parents[2])])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *(str(r / "tests") for r in roots)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    # perturbation 5 + run (fit skipped), SAE loader 9 + run (default_sae skipped), model 7 + run, token source 6 + run
+    assert re.search(r"\b31 passed, 2 skipped\b", done.stdout), done.stdout[-2000:]
+    with pytest.raises(SystemExit) as exited:
+        main(["new-plugin", "x", "--kind", "tokenizer", "--dir", str(tmp_path / "bad")])
+    assert exited.value.code == 2 and "invalid choice: 'tokenizer'" in capsys.readouterr().err
+
+
+def test_protocol_types_come_from_klgap_itself():
+    import klgap
+    import klgap.protocols as protocols
+
+    for name in ("LoadedSAE", "LoadedModel", "SiteSpec", "SAECheck", "Perturbation", "TokenSource", "ModelAdapter",
+                 "SAELoader", "BlockLayout", "ModelSAENames"):
+        assert getattr(klgap, name) is getattr(protocols, name) and name in dir(klgap)

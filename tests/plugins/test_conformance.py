@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from klgap.testing import ModelAdapterConformance, PerturbationConformance, SAELoaderConformance
+from klgap.testing import (ModelAdapterConformance, PerturbationConformance, SAELoaderConformance,
+                           TokenSourceConformance)
 from klgap_saes import save_safetensors_sae
 
 # ----------------------------------------------------------------------------- model adapters
@@ -127,3 +128,15 @@ def test_every_registered_perturbation_is_in_the_suite():
 
     builtin = {name for name, e in get_host().registry("perturbation").entries.items() if e.plugin == "perturbations"}
     assert builtin <= {parse_intervention(s)[0] for s in SPECS}
+
+
+# ----------------------------------------------------------------------------- token sources
+
+
+class TestRandomTokens(TokenSourceConformance):
+    source = "random"
+
+
+class TestSampleText(TokenSourceConformance):
+    source = "sample"
+    arg = "eval"
