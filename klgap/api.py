@@ -378,7 +378,8 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
 def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], out: str | Path, *,
               tokenizer: Any = None, **flags: Any) -> pd.DataFrame:
     """``klgap train-sae`` (same argument names as its flags: tokens, context_len, dataset, expansion, l1, lr,
-    steps, b_dec_init, seed, device, dtype, batch_size): one row per SAE trained, with its held-out numbers.
+    steps or epochs (default one pass over tokens), b_dec_init, seed, device, dtype, batch_size): one row per SAE
+    trained, with its held-out numbers.
 
     model: as for :func:`measure`: a name, hub repo id or folder, or a transformers / nnsight model you hold
     (trained on where it is)."""

@@ -35,7 +35,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         config.model, list(dict.fromkeys(s for s, _ in missing)), [v for v in dict.fromkeys(layer for _, layer in missing)],
         template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
-        lr=recipe.get("lr"), steps=recipe.get("steps"), b_dec_init=recipe.get("b_dec_init", "zeros"),
+        lr=recipe.get("lr"), steps=recipe.get("steps"), epochs=recipe.get("epochs"), b_dec_init=recipe.get("b_dec_init", "zeros"),
         architecture=recipe.get("architecture", "standard"), k=recipe.get("k"),
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,

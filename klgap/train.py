@@ -8,8 +8,10 @@ gets an SAE: no TransformerLens model and no hub needed. The result is a sae_len
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -233,6 +235,37 @@ def fit_sae(
     return result
 
 
+#: tokens per training step (sae_lens's train_batch_size_samples): what --steps counts in
+TRAIN_BATCH = 1024
+#: passes over the training tokens above which train-sae warns that it reuses its data
+MAX_PASSES = 4
+
+
+def steps_for(tokens: int, batch: int = TRAIN_BATCH, epochs: float | None = None, steps: int | None = None) -> int:
+    """Training steps of `batch` tokens: `steps` as given, else `epochs` passes over `tokens` (default one pass),
+    rounded up. Giving both is an error."""
+    if steps is not None and epochs is not None:
+        raise KlgapError(f"give --steps ({steps}) or --epochs ({epochs}), not both: --steps counts training steps of "
+                         f"{batch} tokens, --epochs passes over --tokens")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise KlgapError(f"--steps must be an integer ≥ 1, got {steps!r}")
+        return steps
+    passes = 1.0 if epochs is None else epochs
+    if isinstance(passes, bool) or not isinstance(passes, (int, float)) or not math.isfinite(passes) or passes <= 0:
+        raise KlgapError(f"--epochs must be a number > 0 (passes over --tokens), got {epochs!r}")
+    return max(1, math.ceil(passes * tokens / batch))
+
+
+def reuse_warning(tokens: int, steps: int, batch: int = TRAIN_BATCH) -> str | None:
+    """What train-sae says on stderr when `steps` reuse the `tokens` more than :data:`MAX_PASSES` times."""
+    passes = steps * batch / tokens
+    if passes <= MAX_PASSES:
+        return None
+    return (f"training {steps:,} steps of {batch} tokens reads {steps * batch:,} samples, {passes:.0f} passes over "
+            f"--tokens {tokens:,}: the SAE may overfit them; give more --tokens, or fewer --steps / --epochs")
+
+
 def _merged(recipe_of: dict[str, Any], architecture: str, k: int | None) -> dict[str, Any]:
     """One SAE's changes to the recipe, checked: a change of architecture brings its own k (or none)."""
     change = dict(recipe_of)
@@ -294,6 +327,7 @@ def train_saes(
     l1: float | None = None,
     lr: float | None = None,
     steps: int | None = None,
+    epochs: float | None = None,
     b_dec_init: str = "zeros",
     architecture: str = "standard",
     k: int | None = None,
@@ -309,6 +343,8 @@ def train_saes(
     in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
     be checked without weights is checked before the model loads.
 
+    steps / epochs: training steps of 1024 tokens, or passes over `tokens` (not both); default one pass
+    (:func:`steps_for`); more than :data:`MAX_PASSES` passes is a warning on stderr.
     only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give."""
     import math
@@ -339,6 +375,10 @@ def train_saes(
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
     check_architecture(architecture, k)
+    n_steps = steps_for(tokens, TRAIN_BATCH, epochs, steps)  # default: one pass over --tokens
+    for warning in sorted({reuse_warning(tokens, n) for n in [n_steps, *(c["steps"] for c in (overrides or {}).values()
+                                                                            if "steps" in c)]} - {None}):
+        print(f"klgap: warning: {warning}", file=sys.stderr)
     recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
     from klgap.specs import split_spec
 
@@ -356,7 +396,8 @@ def train_saes(
     contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
                               "b_dec_init": b_dec_init, "architecture": architecture, "k": k}
-    for key, value in (("l1_coefficient", l1), ("lr", lr), ("steps", steps)):
+    recipe["steps"] = n_steps
+    for key, value in (("l1_coefficient", l1), ("lr", lr)):
         if value is not None:
             recipe[key] = value
     started = time.time()

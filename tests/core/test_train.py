@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from klgap.engine import load_sae
+from klgap.errors import KlgapError
 from klgap.plugins import registry
 from klgap.train import gather, train_sae
 
@@ -139,3 +140,55 @@ def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, l
 
     assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "1", "--out", str(tmp_path / "x"),
                  "--architecture", "topk", "--dataset", "random"]) == 2
+
+
+# ----------------------------------------------------------------------------- sizing: --tokens, --epochs, --steps
+
+
+def test_steps_for_one_pass_by_default_epochs_or_steps_otherwise():
+    from klgap.train import TRAIN_BATCH, steps_for
+
+    assert TRAIN_BATCH == 1024
+    assert steps_for(20_000) == 20  # ceil(20000 / 1024): one pass, not 2000 steps (~107 passes)
+    assert steps_for(20_000, epochs=3) == 59  # ceil(60000 / 1024)
+    assert steps_for(20_000, epochs=0.5) == 10
+    assert steps_for(100, steps=7) == 7  # explicit steps are kept exactly (the replication recipes)
+    assert steps_for(10) == 1
+    with pytest.raises(KlgapError, match=r"give --steps \(7\) or --epochs \(2\), not both"):
+        steps_for(20_000, epochs=2, steps=7)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(KlgapError, match="--epochs must be a number > 0"):
+            steps_for(20_000, epochs=bad)
+
+
+def test_train_sae_reads_its_tokens_once_by_default_and_warns_when_steps_reuse_them(tmp_path, capsys):
+    from klgap.cli import main
+
+    base = ["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0", "--tokens", "3000",
+            "--context-len", "32", "--dataset", "random", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "once")]) == 0
+    info = json.loads((tmp_path / "once" / "training.json").read_text())
+    assert (info["steps"], info["n_training_samples"]) == (3, 3 * 1024)  # ceil(3000 / 1024) steps of 1024 tokens
+    assert "warning" not in capsys.readouterr().err
+    assert main([*base, "--steps", "20", "--out", str(tmp_path / "twenty")]) == 0
+    assert json.loads((tmp_path / "twenty" / "training.json").read_text())["steps"] == 20
+    err = capsys.readouterr().err
+    assert "klgap: warning: training 20 steps of 1024 tokens reads 20,480 samples, 7 passes over --tokens 3,000" in err
+    assert main([*base, "--steps", "20", "--epochs", "2", "--out", str(tmp_path / "both")]) == 2
+    assert "give --steps (20) or --epochs (2.0), not both" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
+
+
+def test_a_config_recipe_with_steps_trains_exactly_those_steps(tmp_path, capsys):
+    """[train_sae] tables with `steps` (every committed replication's) keep their steps; epochs are read too."""
+    from klgap.config import RunConfig
+    from klgap.recipes import train_missing_sae
+
+    config = RunConfig(model="tiny-gpt2", site="mlp_out", layer=0, sae=str(tmp_path / "blocks.{layer}.hook_{site}"),
+                       dataset="random", context_len=32, device="cpu")
+    recipe = {"tokens": 3000, "steps": 9, "sites": {"mlp_out_L1": {"steps": 4}}}
+    train_missing_sae(config, recipe, progress=False, pairs=[("mlp_out", 0), ("mlp_out", 1)])
+    steps = {layer: json.loads((tmp_path / f"blocks.{layer}.hook_mlp_out" / "training.json").read_text())["steps"]
+             for layer in (0, 1)}
+    assert steps == {0: 9, 1: 4}
+    assert "warning" not in capsys.readouterr().err  # 9 steps read 3.1 passes, 4 steps 1.4: no reuse warning
