@@ -1,4 +1,7 @@
-"""`klgap validate`: a report's values, not only its shape (the shape is :func:`klgap.schema.validate_report`).
+"""`klgap validate`: what klgap writes, checked for its shape and its values. The kind of file comes from its
+content (``kind``): a run report (report.json; a `klgap curve` run's holds its robustness curve), a study report,
+or a comparison (compare.json, :mod:`klgap.compare_schema`); each against its own schema
+(:func:`klgap.schema.validate_report`, :func:`klgap.compare_schema.validate_compare`), then its values.
 
 A report that matches the schema can still say something klgap never writes: a NaN literal (klgap writes
 null), a negative KL, a p-value outside [0, 1], an interval that does not contain its estimate, counts that
@@ -11,18 +14,24 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klgap.compare_schema import CompareFile
 from klgap.errors import KlgapError
-from klgap.schema import BASELINE, Report, StudyReport, load_report
+from klgap.schema import BASELINE, Report, StudyReport, validate_report
 
-#: KL values (means, medians, quantiles, interval ends, per-context values): never below 0
-KL_KEYS = frozenset({"kl_mean", "kl_median", "kl_p999", "kl_ci_low", "kl_ci_high", "sae_kl", "draw_mean"})
+#: KL values (means, medians, quantiles, interval ends, per-context values, compare.json's columns): never below 0
+KL_KEYS = frozenset({"kl_mean", "kl_median", "kl_p999", "kl_ci_low", "kl_ci_high", "sae_kl", "draw_mean", "kl_sae",
+                     f"kl_{BASELINE}"})
+#: cosines (a curve's grid, the SAE's own, the noise's cosine at the SAE's KL): within [-1, 1]
+COS_KEYS = frozenset({"cos", "cos_mean", "sae_cos", "sae_equivalent_cos"})
 #: probabilities and fractions: within [0, 1]
 UNIT_KEYS = frozenset({"p_value", "p_holm", "frac_z_above_2", "frac_tokens_gap_positive"})
 #: (estimate, low, high) of the intervals a report holds
-INTERVALS = (("ratio", "ci_low", "ci_high"), ("kl_mean", "kl_ci_low", "kl_ci_high"))
+INTERVALS = (("ratio", "ci_low", "ci_high"), ("kl_mean", "kl_ci_low", "kl_ci_high"),
+             ("ratio", "ratio_ci_low", "ratio_ci_high"))
 KL_TOLERANCE = 1e-6  # per-token KLs are computed in float32: a mean of exact zeros can land a hair below 0
 RATIO_RTOL = 1e-5  # the headline ratio is a ratio of float64 means; kl_mean is rounded from float32 sums
 
@@ -62,6 +71,8 @@ def _leaf_problem(path: str, value: Any, under_kl_by_offset: bool) -> str | None
         return f"{value} lies outside [0, 1]"
     if key == "rho" and not -1.0 <= value <= 1.0:
         return f"a correlation of {value} lies outside [-1, 1]"
+    if key in COS_KEYS and not -1.0 - 1e-6 <= value <= 1.0 + 1e-6:
+        return f"a cosine of {value} lies outside [-1, 1]"
     return None
 
 
@@ -110,6 +121,14 @@ def _summary_problem(path: str, node: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _compare_row_problem(path: str, node: dict[str, Any]) -> tuple[str, str] | None:
+    """A compare.json row: its ratio is its KL(sae) / KL(baseline), as its run's headline ratio is."""
+    ratio, sae, base = node.get("ratio"), node.get("kl_sae"), node.get(f"kl_{BASELINE}")
+    if _number(ratio) and _number(sae) and _number(base) and base > 0 and not _close(ratio, sae / base, RATIO_RTOL):
+        return f"{path}.ratio", f"{ratio} is not kl_sae / kl_{BASELINE} = {sae / base:.6g}"
+    return None
+
+
 def value_problem(data: Any) -> tuple[str, str] | None:
     """(JSON path, what is wrong) of the first value in a report's JSON that klgap would never write (single
     values first, then values that disagree); None if every value is sound. `data` is the parsed JSON (it
@@ -127,19 +146,78 @@ def value_problem(data: Any) -> tuple[str, str] | None:
                 found = _summary_problem(path, node)
                 if found:
                     return found
+            if "kl_sae" in node and "label" in node:
+                found = _compare_row_problem(path, node)
+                if found:
+                    return found
     return None
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A file `klgap validate` found sound: where it is, what it is, and its typed content."""
+
+    file: Path
+    model: Report | StudyReport | CompareFile
+
+    @property
+    def what(self) -> str:
+        """``report``, ``report with a robustness curve (11 points)``, ``study report (4 runs)``, ``comparison (8 runs)``."""
+        model = self.model
+        if isinstance(model, CompareFile):
+            return f"comparison (compare.json, {len(model.runs)} runs)"
+        if isinstance(model, StudyReport):
+            return f"study report ({len(model.runs)} runs)"
+        return f"report with a robustness curve ({len(model.curve.points)} points)" if model.curve else "report"
+
+
+def _file_of(path: str | Path) -> Path:
+    """`path`, or the report.json (else compare.json) of a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("report.json", "compare.json"):
+        if (path / name).is_file():
+            return path / name
+    raise KlgapError(f"{str(path)!r} holds no report.json or compare.json; klgap validate reads a run or study folder, "
+                     "a `klgap compare` folder, or one of those files")
+
+
+def validate_any(path: str | Path) -> Validated:
+    """A report.json, compare.json (or the folder of one) checked against its own schema, then its values; the kind
+    is read from the file's ``kind``. KlgapError naming the JSON path of the first bad value, or why the file is
+    not one klgap validates."""
+    file = _file_of(path)
+    if not file.is_file():
+        raise KlgapError(f"no file at {str(file)!r}")
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KlgapError(f"{str(file)!r} is not valid JSON: {exc}") from exc
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "compare":
+        from klgap.compare_schema import validate_compare
+
+        model: Report | StudyReport | CompareFile = validate_compare(data, source=str(file))
+    elif kind in ("run", "study") or (isinstance(data, dict) and kind is None and "schema_version" in data):
+        model = validate_report(data, source=str(file))
+    else:
+        raise KlgapError(f"{file}: not a file klgap validates (kind {kind!r}); it validates report.json (a run, a "
+                         "curve or a study) and compare.json")
+    found = value_problem(data)
+    if found is not None:
+        where, what = found
+        raise KlgapError(f"{file}: {where}: {what}")
+    return Validated(file, model)
 
 
 def validate_file(path: str | Path) -> Report | StudyReport:
     """A report.json (or a run folder's) checked for its shape and then its values; KlgapError naming the JSON
     path of the first bad value."""
-    report = load_report(path)  # the shape; also: the file exists and is JSON
-    file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
-    found = value_problem(json.loads(file.read_text()))
-    if found is not None:
-        where, what = found
-        raise KlgapError(f"{file}: {where}: {what}")
-    return report
+    validated = validate_any(Path(path) / "report.json" if Path(path).is_dir() else path)
+    if isinstance(validated.model, CompareFile):
+        raise KlgapError(f"{validated.file} is a compare.json, not a report")
+    return validated.model
 
 
-__all__ = ["validate_file", "value_problem"]
+__all__ = ["Validated", "validate_any", "validate_file", "value_problem"]
