@@ -295,7 +295,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
     print_trained(train_saes(
         args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
-        dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps,
+        dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps, epochs=args.epochs,
         b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.k, seed=args.seed, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size,
         progress=not args.quiet,
@@ -339,10 +339,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from klgap.validate import validate_file
+    """A report.json (run, curve, study) or compare.json, each against its own schema, then its values."""
+    from klgap.validate import validate_any
 
-    report = validate_file(args.report)
-    print(f"{args.report}: valid klgap report (schema {report.schema_version}; values checked)")
+    found = validate_any(args.report)
+    print(f"{args.report}: valid klgap {found.what} (schema {found.model.schema_version}; values checked)")
     return 0
 
 
@@ -377,11 +378,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     from klgap.scaffold import create_plugin
 
-    root = create_plugin(args.name, args.dir)
+    root = create_plugin(args.name, args.dir, kind=args.kind)
     print(f"wrote plugin package {root}:")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(root)}")
-    print(f"next: pip install -e {root} && klgap plugins   (tests: pytest {root / 'tests'})")
+    print(f"next: pip install -e {root} && klgap plugins   (tests, before or after installing: pytest {root / 'tests'})")
     return 0
 
 

@@ -130,15 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    new = sub.add_parser("new-plugin", help="write a working plugin package (a perturbation + its tests) to start from", description="write a working plugin package (a perturbation + its tests) to start from")
+    new_help = "write a working plugin package (a perturbation, SAE loader, model or token source + its tests) to start from"
+    new = sub.add_parser("new-plugin", help=new_help, description=new_help)
     new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
     new.add_argument("--dir", help="where to write it (default ./klgap-NAME)")
+    new.add_argument("--kind", default="perturbation", choices=["perturbation", "sae_loader", "model", "token_source"],
+                     help="what the plugin registers (default perturbation); its tests run klgap's conformance suite "
+                          "for that kind")
 
     train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations", description="train an SAE with sae_lens's trainer on a site's activations")
     train.add_argument("--model", required=True, help="a registered name, a hub repo id (ORG/NAME) or a model folder")
     train.add_argument("--site", required=True, help="a site, or a comma list (one pass gathers them all)")
     train.add_argument("--layer", required=True, help="a layer, a list (3,10,17,24) or a range (0-5)")
-    train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000, help="training tokens (default 200000)")
+    train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000,
+                       help="training tokens gathered (default 200000); training reads them once unless --epochs or "
+                            "--steps say otherwise")
     train.add_argument(
         "--out", required=True,
         help="folder for cfg.json + sae_weights.safetensors + training.json; with several sites/layers put "
@@ -150,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
     train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    train.add_argument("--steps", type=_int_arg("--steps"), default=None, help="training steps of 1024 tokens (default 2000)")
+    train.add_argument("--steps", type=_int_arg("--steps"), default=None,
+                       help="training steps of 1024 tokens (default: one pass over --tokens, --tokens / 1024 steps); "
+                            "not with --epochs")
+    train.add_argument("--epochs", type=float, default=None,
+                       help="passes over --tokens (default 1; a warning above 4: the SAE may overfit them); not with "
+                            "--steps")
     train.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
                        help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
                             "common offset)")
@@ -179,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--write", action="store_true",
                        help="also write RUN/expected_check.json and redraw report.md / report.html with the verdicts")
 
-    val = sub.add_parser("validate", help="check a report.json against the report schema", description="check a report.json against the report schema")
-    val.add_argument("report", help="a report.json, or a run folder holding one")
+    val_help = ("check what klgap wrote against its schema and its values: a report.json (run, curve or study) or a "
+                "compare.json; the kind is read from the file")
+    val = sub.add_parser("validate", help=val_help, description=val_help)
+    val.add_argument("report", help="a report.json or compare.json, or a run, study or compare folder holding one")
 
     plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
