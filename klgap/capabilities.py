@@ -3,7 +3,8 @@
 The capabilities live in :mod:`klgap.protocols`: :class:`~klgap.protocols.SAEChecker` (``check(spec)``,
 used by ``--dry-run``), :class:`~klgap.protocols.DefaultSAEFinder` (``default_sae(model, site, layer)``, used
 when no ``--sae`` is given) and :class:`~klgap.protocols.FittablePerturbation` (``fit(acts)``, called before
-the first batch). Each function here is the one place the core asks for one of them; a plugin's answer of
+the first batch), :class:`~klgap.protocols.ErrorFittablePerturbation` (``fit_error(x, x_hat)``, called with
+it) and :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
 
@@ -13,8 +14,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (DefaultSAEFinder, FittablePerturbation, HubModelAdapter, ModelSAENames, Perturbation,
-                             PretrainedSAEAdapter, SAECheck, SAEChecker)
+from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FittablePerturbation,
+                             HubModelAdapter, ModelSAENames, Perturbation, PretrainedSAEAdapter, SAECheck, SAEChecker)
 
 if TYPE_CHECKING:
     from klgap.plugins import Registry
@@ -85,6 +86,16 @@ def fittable(perturbations: Iterable[object | None]) -> list[FittablePerturbatio
     return [p for p in perturbations if p is not None and isinstance(p, FittablePerturbation)]
 
 
+def error_fittable(perturbations: Iterable[object | None]) -> list[ErrorFittablePerturbation]:
+    """The perturbations that declare :class:`ErrorFittablePerturbation` (``fit_error(x, x_hat)``), in order."""
+    return [p for p in perturbations if p is not None and isinstance(p, ErrorFittablePerturbation)]
+
+
+def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | None:
+    """The first perturbation that declares :class:`ErrorSplitter` (``error_parts``); None when none does."""
+    return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
+
+
 def as_perturbation(obj: Any, spec: str) -> Perturbation:
     """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
     error naming the members it lacks."""
@@ -97,4 +108,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "check_sae_spec", "find_default_sae", "fittable", "model_sae_names"]
+__all__ = ["as_perturbation", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fittable",
+           "model_sae_names"]

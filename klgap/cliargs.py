@@ -10,7 +10,8 @@ from typing import Any
 
 #: flags whose dest is the RunConfig field of the same name (the boolean flags are set below)
 RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
-             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map")
+             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map",
+             "fit_tokens")
 #: keys of a replication file that are not RunConfig fields
 FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac")
 
@@ -44,6 +45,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tokens", type=_int_arg("--tokens"), help="tokens to read (default 8192)")
     p.add_argument("--context-len", type=_int_arg("--context-len"), help="tokens per context (default 128)")
+    p.add_argument("--fit-tokens", type=_int_arg("--fit-tokens"),
+                   help="fit the fitted interventions (epsilon_anisotropic, sae_plus_linear_error, ...) on this many "
+                   "tokens drawn after the measured ones (default: the run's first contexts, the measured ones)")
     p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
     p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")

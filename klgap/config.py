@@ -45,6 +45,9 @@ class RunConfig:
     no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
     joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
     SAE (`sae` a template with {site}/{layer}); klgap/joint.py. `layer` then holds the list.
+    fit_tokens: tokens the fitted perturbations (epsilon_anisotropic, the error decomposition) are fitted on, drawn
+    from the token source after the measured contexts (disjoint from them); None fits on the run's first contexts
+    (up to 8192 tokens, the measured ones).
     """
 
     model: str
@@ -71,6 +74,7 @@ class RunConfig:
     device_map: str | None = None
     remote: bool = False
     joint: bool = False
+    fit_tokens: int | None = None
 
     @property
     def n_contexts(self) -> int:
@@ -109,6 +113,9 @@ class RunConfig:
         ):
             if not isinstance(value, int) or value < low:
                 raise KlgapError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if self.fit_tokens is not None and (not isinstance(self.fit_tokens, int) or self.fit_tokens < 2):
+            raise KlgapError(f"--fit-tokens must be an integer ≥ 2 (tokens to fit on, apart from the measured ones), "
+                             f"got {self.fit_tokens!r}")
         if self.joint:
             self.joint_cells()
         elif isinstance(self.layer, str) and self.layer.isdigit():

@@ -27,8 +27,8 @@ from klgap.errors import KlgapError, WriteError
 from klgap.executors import Executor, choose
 from klgap.finite import NonFiniteLogits
 from klgap.plugins import ModelRef, get_host, model_adapter
-from klgap.capabilities import fittable
-from klgap.protocols import LoadedModel, LoadedSAE, Placement, SiteSpec
+from klgap.capabilities import error_fittable, error_splitter, fittable
+from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, Placement, SiteSpec
 from klgap.record import InterventionRef, RunRecord, write_record
 from klgap.saecheck import check_loaded_sae
 from klgap.resolve import (Intervention, JointPlan, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae,
@@ -58,6 +58,7 @@ class Loaded:
     executor: Executor
     execution: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fit_contexts: Tensor | None = None  # [n_fit ctx] int64, CPU: drawn after `contexts` (--fit-tokens), else None
 
     @property
     def config(self) -> RunConfig:
@@ -70,6 +71,11 @@ class Loaded:
     @property
     def sample(self) -> Intervention | None:
         return self.plan.sample
+
+    @property
+    def error_split(self) -> ErrorSplitter | None:
+        """The run's split of the SAE's error into e_lin + e_nl (its first intervention declaring one), or None."""
+        return error_splitter(i.perturbation for i in self.interventions)
 
     @property
     def n_batches(self) -> int:
@@ -142,23 +148,44 @@ def load_plan(plan: RunPlan) -> Loaded:
             "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
             "over d_model before the SAE and every perturbation (LayerNorm makes the mean invisible downstream)"
         )
-    contexts = plan.tokens.obj.contexts(model, config.n_contexts, config.context_len, config.seed,
-                                        config.prepend_bos, plan.tokens.arg)
-    if contexts.dim() == 2 and contexts.shape[1] == config.context_len and len(contexts) < config.n_contexts:
-        raise KlgapError(f"token source {plan.tokens.name!r} gave {len(contexts)} contexts of {config.context_len} "
-                         f"tokens but --tokens {config.tokens} needs {config.n_contexts}; nothing was measured: give "
-                         f"--tokens {len(contexts) * config.context_len} or less, or a source with more text")
-    if contexts.shape != (config.n_contexts, config.context_len):
-        raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
-                         f"{(config.n_contexts, config.context_len)}")
-    contexts = contexts.to(torch.long).cpu()
+    contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
     executor, execution = choose(config, model, spec, layer, contexts)
-    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes)
+    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts)
     fitted = fit_perturbations(loaded)
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
     return loaded
+
+
+def n_fit_contexts(config: RunConfig) -> int:
+    """Contexts that hold --fit-tokens fit tokens (the first position excluded, as measured); 0 without it."""
+    if config.fit_tokens is None:
+        return 0
+    return max(2, -(-config.fit_tokens // (config.context_len - (1 if config.skip_first_position else 0))))
+
+
+def draw_contexts(plan: RunPlan, model: LoadedModel) -> tuple[Tensor, Tensor | None]:
+    """The run's contexts ``[n_contexts ctx]`` and, with --fit-tokens, the fit contexts ``[n_fit ctx]`` (int64, CPU).
+
+    One draw of n_contexts + n_fit contexts from the token source with the run's seed: the measured ones first
+    (the contexts a run without --fit-tokens measures, for the built-in sources, whose draws are prefixes of
+    each other), the fit ones after them, so the two never share a context."""
+    config = plan.config
+    n_fit = n_fit_contexts(config)
+    n_all = config.n_contexts + n_fit
+    contexts = plan.tokens.obj.contexts(model, n_all, config.context_len, config.seed, config.prepend_bos,
+                                        plan.tokens.arg)
+    needs = f"--tokens {config.tokens}" + (f" and --fit-tokens {config.fit_tokens}" if n_fit else "")
+    if contexts.dim() == 2 and contexts.shape[1] == config.context_len and len(contexts) < n_all:
+        raise KlgapError(f"token source {plan.tokens.name!r} gave {len(contexts)} contexts of {config.context_len} "
+                         f"tokens but {needs} need{'s' * (not n_fit)} {n_all}; nothing was measured: give "
+                         f"--tokens {(len(contexts) - n_fit) * config.context_len} or less, or a source with more text")
+    if contexts.shape != (n_all, config.context_len):
+        raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
+                         f"{(n_all, config.context_len)}")
+    contexts = contexts.to(torch.long).cpu()
+    return contexts[: config.n_contexts], (contexts[config.n_contexts :] if n_fit else None)
 
 
 def prepare(config: RunConfig) -> Loaded:
@@ -166,32 +193,50 @@ def prepare(config: RunConfig) -> Loaded:
     return load_plan(resolve(config))
 
 
-FIT_TOKENS = 8192  # clean activations handed to perturbations that fit statistics (epsilon_anisotropic)
+FIT_TOKENS = 8192  # without --fit-tokens: clean activations of the run's first contexts handed to fitted perturbations
 
 
 @torch.no_grad()
 def fit_perturbations(run: Loaded) -> dict[str, Any]:
-    """Call ``fit(acts [n, d])`` on every perturbation that has one, with the clean site activations of the
-    run's first contexts (up to FIT_TOKENS tokens; centred like the SAE's input). Same tokens on every resume."""
+    """Fit every perturbation that declares ``fit(acts [n, d])`` or ``fit_error(x [n, d], x_hat [n, d])`` on the clean
+    site activations (centred like the SAE's input; x̂ the SAE's reconstruction) of the fit tokens: with
+    --fit-tokens the fit contexts drawn after the measured ones, else the run's first contexts (up to FIT_TOKENS
+    tokens). The same tokens on every resume."""
     perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
-    needing = fittable(perturbations)
-    if not needing:
+    needing, needing_error = fittable(perturbations), error_fittable(perturbations)
+    if not needing and not needing_error:
         return {}
     config, model = run.config, run.model
     first = 1 if config.skip_first_position else 0
-    per_context = config.context_len - first
-    n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
-    chunks = []
+    if run.fit_contexts is not None:
+        fit_ids, n_ctx = run.fit_contexts, len(run.fit_contexts)
+        source = f"{n_ctx} contexts drawn after the measured ones (--fit-tokens {config.fit_tokens}; disjoint from them)"
+    else:
+        per_context = config.context_len - first
+        n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
+        fit_ids, source = run.contexts[:n_ctx], "the run's first contexts"
+    chunks, chunks_hat = [], []
     for start in range(0, n_ctx, config.batch_size):
-        ids = run.contexts[start:min(start + config.batch_size, n_ctx)].to(model.device)
+        ids = fit_ids[start:min(start + config.batch_size, n_ctx)].to(model.device)
         x = activations.collect(model, run.spec, ids)[:, first:].reshape(-1, run.sae.d_in).float()
-        chunks.append(x - x.mean(-1, keepdim=True) if run.center else x)  # what SaeView.of hands the perturbations
+        if needing_error:
+            view = modes.SaeView.of(x, run.sae, run.center)
+            chunks.append(view.x)
+            chunks_hat.append(view.x_hat)
+        else:
+            chunks.append(x - x.mean(-1, keepdim=True) if run.center else x)  # what SaeView.of hands the perturbations
     acts = torch.cat(chunks)
-    acts = acts[torch.isfinite(acts).all(-1)]
+    finite = torch.isfinite(acts).all(-1)
+    acts = acts[finite]
     for p in needing:
         p.fit(acts)
-    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": "the run's first contexts"}
-            for p in needing}
+    if needing_error:
+        acts_hat = torch.cat(chunks_hat)[finite]
+        keep = torch.isfinite(acts_hat).all(-1)
+        for p in needing_error:
+            p.fit_error(acts[keep], acts_hat[keep])
+    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source}
+            for p in [*needing, *needing_error]}
 
 
 # ----------------------------------------------------------------------------- the record
@@ -273,6 +318,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("joint", None)
     if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
         identity.pop("drop_last_position")
+    if identity.get("fit_tokens") is None:  # likewise for --fit-tokens
+        identity.pop("fit_tokens", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
     return identity
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from klgap import metrics
-from klgap.protocols import LoadedSAE, Perturbation
+from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 if TYPE_CHECKING:
     from klgap.engine import Loaded
@@ -41,8 +41,12 @@ class SaeView:
     offset: Tensor  # [n 1] float32: added back before patching (the mean when centring, else 0)
     stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
 
+    parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
+
     @classmethod
-    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool) -> SaeView:
+    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None) -> SaeView:
+        """The view of ``acts: [n d]``; with `split` (klgap.protocols.ErrorSplitter) the stats also hold eps_lin and
+        eps_nl, the norms of the linear and nonlinear parts of the error."""
         x = acts.float()
         offset = x.mean(-1, keepdim=True) if center else torch.zeros_like(x[:, :1])
         x = x - offset
@@ -57,7 +61,11 @@ class SaeView:
             "x_hat_norm": x_hat_norm,
             "l0": (feats != 0).sum(-1).float(),
         }
-        return cls(x, x_hat, offset, stats)
+        parts = None
+        if split is not None:
+            parts = split.error_parts(x, x_hat)
+            stats["eps_lin"], stats["eps_nl"] = parts[0].norm(dim=-1), parts[1].norm(dim=-1)
+        return cls(x, x_hat, offset, stats, parts)
 
     def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
         x_prime = perturbation(self.x, self.x_hat, generator)
@@ -70,13 +78,18 @@ class SaeView:
         if measured is not None:
             finite &= measured.to(finite.device)
         x, err = self.x[finite].double(), (self.x - self.x_hat)[finite].double()
-        return {
+        sides = {
             "n": int(finite.sum()),
             "n_nonfinite_acts": int((~finite).sum()),
             "sum_x": x.sum(0).cpu().tolist(),
             "sum_sq_x": float((x**2).sum()),
             "sum_sq_err": float((err**2).sum()),
         }
+        if self.parts is not None:  # the centred R² of the error's linear part (klgap/decomposition.py)
+            e_nl = self.parts[1][finite].double()
+            sides |= {"sum_err": err.sum(0).cpu().tolist(), "sum_err_nl": e_nl.sum(0).cpu().tolist(),
+                      "sum_sq_err_nl": float((e_nl**2).sum())}
+        return sides
 
 
 def table(columns: dict[str, Any]) -> pd.DataFrame:
@@ -116,7 +129,7 @@ def all_tokens(run: Loaded, index: int, clean: tuple[Tensor, Any] | None = None)
     # once per batch, shared by every intervention (and, in a study, by every site: run_shared builds it)
     clean_ref = clean_logits if isinstance(clean_logits, metrics.CleanReference) else metrics.CleanReference.of(clean_logits)
     del clean_logits
-    view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), run.sae, run.center)
+    view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), run.sae, run.center, run.error_split)
     next_ids = metrics.next_token_ids(ids)
 
     base = {
@@ -162,7 +175,7 @@ def single_token(run: Loaded, index: int) -> tuple[pd.DataFrame, dict[str, Any]]
     acts, clean_logits = ex.clean(ids, t)  # positions t..t+k
     clean_ref = metrics.CleanReference.of(clean_logits)
     del clean_logits
-    view = SaeView.of(acts[:, 0], run.sae, run.center)  # [b d]
+    view = SaeView.of(acts[:, 0], run.sae, run.center, run.error_split)  # [b d]
     base = single_token_rows(context_ids, full_cpu, view, t, k)
     frames = []
     for j, intervention in enumerate(run.interventions):
@@ -196,7 +209,7 @@ def many_samples(run: Loaded, index: int) -> tuple[pd.DataFrame, dict[str, Any]]
     acts, clean_logits = ex.clean(ids, t)  # position t only
     clean_ref = metrics.CleanReference.of(clean_logits[:, :1])  # [b 1 vocab]
     del clean_logits
-    view = SaeView.of(acts[:, 0], run.sae, run.center)
+    view = SaeView.of(acts[:, 0], run.sae, run.center, run.error_split)
     base = {"context": context_ids, "position": t, "offset": 0, "token_id": full_cpu[:, t], **view.stats}
 
     frames = []

@@ -5,7 +5,8 @@ on a plugin; nnsight objects never appear here (the engine wraps models itself).
 
 Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
-(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``) on a perturbation. The core asks
+(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ErrorFittablePerturbation`
+(``fit_error``) and :class:`ErrorSplitter` (``error_parts``) on a perturbation. The core asks
 for them through :mod:`klgap.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
 Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
@@ -308,6 +309,31 @@ class FittablePerturbation(Protocol):
     """
 
     def fit(self, acts: Tensor) -> None: ...
+
+
+@runtime_checkable
+class ErrorFittablePerturbation(Protocol):
+    """Optional capability of a perturbation: a fit of the SAE's error on the site's clean activations, first.
+
+    The engine calls ``fit_error(x, x_hat)`` once per run, before any batch, on the same fit tokens as
+    :class:`FittablePerturbation` (``--fit-tokens N``: N tokens drawn after the measured ones; else the run's first
+    contexts): ``x, x_hat: [n, d]`` float32, x centred like the SAE's input and x̂ the SAE's reconstruction of it.
+    The error decomposition (klgap_perturbations.decomposition) fits e = x − x̂ ≈ W x + b this way.
+    """
+
+    def fit_error(self, x: Tensor, x_hat: Tensor) -> None: ...
+
+
+@runtime_checkable
+class ErrorSplitter(Protocol):
+    """Optional capability of a perturbation: the SAE's error split into two parts, ``e = e_lin + e_nl``.
+
+    ``error_parts(x, x_hat)`` with ``x, x_hat: [n, d]`` returns ``(e_lin, e_nl)``, each ``[n, d]`` float32. When a
+    run holds one, every measured row gets the columns ``eps_lin = ‖e_lin‖`` and ``eps_nl = ‖e_nl‖`` and the
+    report an error-decomposition section (klgap/decomposition.py).
+    """
+
+    def error_parts(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class PerturbationFactory(Protocol):

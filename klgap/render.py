@@ -355,8 +355,10 @@ def title_of(report: Report | StudyReport) -> str:
 def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
     """The report as blocks, in reading order: the verdict, the key table, then notes, what was run, the details
     (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
+    from klgap import render_decomposition
+
     blocks: list[Block] = [Heading(1, title_of(report)), *_verdict(report), *_summary(report), *extra,
-                           *_notes(report), *_overview(report)]
+                           *_notes(report), *_overview(report), *render_decomposition.blocks(report)]
     if isinstance(report, Report):
         blocks += [*_compounding(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
                    *_sae(report), *_single_token(report),

@@ -66,11 +66,25 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
                                   "kl_by_offset": found.kl_by_offset}
     if record.mode == "many_samples":
         report["many_samples"] = found.many_samples
+    decomposition = _error_decomposition(record, paths, sides)
+    if decomposition is not None:
+        report["error_decomposition"] = decomposition
     if record.joint is not None:
         from klgap.compounding import compounding
 
         report["compounding"] = compounding(record, rundir, found.interventions)
     return Report.model_validate(_clean(_plain(report)))
+
+
+def _error_decomposition(record: RunRecord, paths: list[Any], sides: list[dict[str, Any]]) -> Any:
+    """The error-decomposition section (klgap/decomposition.py) when the run measured one of its interventions."""
+    from klgap.aggregate import context_sums
+    from klgap.decomposition import INTERVENTIONS, error_decomposition
+
+    if not set(INTERVENTIONS) & set(record.names) or record.joint is not None:
+        return None
+    return error_decomposition(paths, sides, record.names, context_sums(paths), record.seed,
+                               record.execution.get("fitted", {}), record.config.get("fit_tokens"))
 
 
 def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klgap.errors import KlgapError
 
-SCHEMA_VERSION = "0.3.0"
+SCHEMA_VERSION = "0.4.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -218,6 +218,35 @@ class Curve(_Model):
     sae_equivalent_cos: dict[str, Num]
 
 
+class ErrorPart(_Model):
+    """One part of the SAE's error left alone (the other added back to x̂) against its random twin: a random error
+    of the same per-token norm. Intervals are bootstraps over whole contexts; the test pairs per-context means."""
+
+    intervention: str  # sae_plus_linear_error (the nonlinear part kept) or sae_plus_nonlinear_error
+    twin: str  # epsilon_random_nonlinear / epsilon_random_linear
+    kept: Literal["linear", "nonlinear"]  # the part of the error x' still holds
+    kl: MeanCI  # mean KL of the intervention
+    twin_kl: MeanCI
+    kl_ratio: RatioCI  # KL(intervention) / KL(twin)
+    wilcoxon_kl: PairedTest  # intervention vs twin (uncorrected p)
+    excess: MeanCI  # KL(intervention) − KL(twin), paired over contexts
+    excess_left: RatioCI | None  # excess / (KL(sae) − KL(epsilon_random)); None without sae and epsilon_random
+
+
+class ErrorDecomposition(_Model):
+    """The SAE's error e = x − x̂ split into e_lin = W x + b (ridge least squares on the fit tokens) and e_nl = e − e_lin
+    (Engels et al. 2024), measured on the run's tokens (klgap/decomposition.py)."""
+
+    fit_source: str  # which tokens W, b were fitted on
+    held_out: bool  # fitted on tokens apart from the measured ones (--fit-tokens)
+    n_fit_tokens: int | None
+    r2: MeanCI  # 1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens: the fraction of ‖e‖² the linear part explains
+    r2_centred: Num  # 1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖²: the fraction of the error's variance explained
+    lin_norm_frac: MeanCI  # mean over tokens of ‖e_lin‖ / ‖e‖ (tokens with ‖e‖ > 0)
+    sae_excess: MeanCI | None  # KL(sae) − KL(epsilon_random), paired; None without both
+    parts: list[ErrorPart]
+
+
 class SiteSummary(_Model):
     """What a measurement at one site and layer found (shared by run reports and study rows)."""
 
@@ -234,6 +263,7 @@ class SiteSummary(_Model):
     notes: list[str]
     curve: Curve | None = None
     sae_lens_scores: SaeLensScores | None = None  # when both sae and zero were measured
+    error_decomposition: ErrorDecomposition | None = None  # when the error-decomposition interventions were measured
 
 
 class JointSite(_Model):

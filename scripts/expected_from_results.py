@@ -1,6 +1,6 @@
 """Write a replication's expected.json from its committed results (the targets a re-run must reproduce).
 
-    .venv/bin/python scripts/expected_from_results.py  # rewrites the SmolLM2 and cross-model expected.json files
+    .venv/bin/python scripts/expected_from_results.py  # rewrites the SmolLM2, cross-model and error-decomposition expected.json files
 
 Per site/layer: the all-token KL ratio sae/epsilon_random must fall in the committed 95% context-bootstrap
 interval; the single-token ratio at t within 10% of the committed one; the many-samples mean z-score within two
@@ -73,6 +73,8 @@ def main() -> None:
           [("config.toml", "results")])
     write(reps / "cross-model-robustness", "Cross-model robustness curves: the committed results of both models",
           [("smollm2.toml", "results/smollm2"), ("gemma3.toml", "results/gemma3")])
+    write(reps / "error-decomposition", "Error decomposition on SmolLM2-135M: the committed result of all_tokens.toml",
+          [("all_tokens.toml", "results")])
 
 
 if __name__ == "__main__":

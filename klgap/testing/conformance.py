@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.capabilities import check_sae_spec, fittable
+from klgap.capabilities import check_sae_spec, error_fittable, fittable
 from klgap.errors import KlgapError
-from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker
+from klgap.protocols import DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck, SAEChecker
 from klgap.sites import SITES, parse_hook_name
 
 _MODELS: dict[tuple[str, str], Any] = {}
@@ -276,7 +276,17 @@ class PerturbationConformance:
         p = build_intervention(self.spec).perturbation
         for fittable_p in fittable([p]):
             fittable_p.fit(self.anisotropic_acts())
+        for error_p in error_fittable([p]):
+            error_p.fit_error(*self.fit_pair())
         return p
+
+    def fit_pair(self, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, x̂) ``[512 d]`` each: anisotropic x and an x̂ whose error is part linear in x, part noise (what
+        ``fit_error`` is given)."""
+        x = self.anisotropic_acts(seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        noise = 0.3 * torch.randn(x.shape, generator=gen).to(self.device)
+        return x, 0.8 * x + noise
 
     def anisotropic_acts(self, seed: int = 5) -> torch.Tensor:
         """[512 d] Gaussian activations whose per-dimension scale runs from 0.2 to 2 (what ``fit`` is given)."""
@@ -304,11 +314,14 @@ class PerturbationConformance:
         from klgap.resolve import build_intervention
 
         first = build_intervention(self.spec).perturbation
-        if not isinstance(first, FittablePerturbation):
-            pytest.skip(f"{self.spec} does not declare FittablePerturbation (fit)")
+        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation)):
+            pytest.skip(f"{self.spec} declares neither FittablePerturbation (fit) nor ErrorFittablePerturbation (fit_error)")
         second = build_intervention(self.spec).perturbation
-        first.fit(self.anisotropic_acts())
-        second.fit(self.anisotropic_acts())
+        for p in (first, second):
+            if isinstance(p, FittablePerturbation):
+                p.fit(self.anisotropic_acts())
+            if isinstance(p, ErrorFittablePerturbation):
+                p.fit_error(*self.fit_pair())
         x, x_hat = self.data()
         out = first(x, x_hat, self.gen(6))
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"

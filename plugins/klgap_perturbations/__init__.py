@@ -1,6 +1,8 @@
 """klgap's built-in perturbations (METHOD.md §1): sae, sae_norm_corrected, sae_norm, epsilon_random,
-theta_random, theta_random_xnorm, cosine_matched, identity, zero, mean_ablation, and two baselines for anisotropic
-activation spaces: epsilon_anisotropic and sae_error_shuffled.
+theta_random, theta_random_xnorm, cosine_matched, identity, zero, mean_ablation, two baselines for anisotropic
+activation spaces: epsilon_anisotropic and sae_error_shuffled, and the SAE's error split into its linear and nonlinear
+parts (klgap_perturbations.decomposition): sae_plus_linear_error, sae_plus_nonlinear_error and their random twins
+epsilon_random_nonlinear, epsilon_random_linear.
 
 The formulas themselves are plain functions in :mod:`klgap_perturbations.geometry`.
 """
@@ -8,13 +10,14 @@ The formulas themselves are plain functions in :mod:`klgap_perturbations.geometr
 from __future__ import annotations
 
 import klgap
+from klgap_perturbations.decomposition import DECOMPOSITION_FACTORIES
 from klgap_perturbations.perturbations import FACTORIES, FormulaPerturbation
 
-__all__ = ["FACTORIES", "FormulaPerturbation", "register_perturbations"]
+__all__ = ["DECOMPOSITION_FACTORIES", "FACTORIES", "FormulaPerturbation", "register_perturbations"]
 
 
 @klgap.hookimpl
 def register_perturbations(register) -> None:
-    """Register every factory in :data:`FACTORIES` under its name."""
-    for name, (factory, description) in FACTORIES.items():
+    """Register every factory in :data:`FACTORIES` and :data:`DECOMPOSITION_FACTORIES` under its name."""
+    for name, (factory, description) in {**FACTORIES, **DECOMPOSITION_FACTORIES}.items():
         register(name, factory, description)

@@ -1,0 +1,143 @@
+"""The error-decomposition section of a report (klgap/decomposition.py, klgap/render_decomposition.py) and the
+fit tokens it is fitted on (--fit-tokens, klgap/engine.py), on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats as sps
+import torch
+
+from klgap import engine
+from klgap.config import RunConfig
+from klgap.errors import KlgapError
+from klgap.render import render_markdown
+from klgap.schema import load_report
+from klgap.sites import hook_name
+from tests.helpers import random_sae, write_sae
+
+SIX = ["sae", "epsilon_random", "sae_plus_linear_error", "epsilon_random_nonlinear", "sae_plus_nonlinear_error",
+       "epsilon_random_linear"]
+SITE = hook_name("resid_pre", 1)
+
+
+def linear_sae(path, d: int, seed: int = 0):
+    """An SAE whose reconstruction is exactly x A + c (features relu(x − b_dec), relu(b_dec − x); decoder ±A), so
+    its error x − x̂ is exactly linear in x."""
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(d)
+    A = 0.6 * eye + 0.1 * torch.randn(d, d, generator=gen) / d**0.5
+    return write_sae(path, torch.cat([eye, -eye], dim=1), torch.cat([A, -A], dim=0), torch.zeros(2 * d),
+                     0.1 * torch.randn(d, generator=gen), SITE)
+
+
+def config(sae, **kw) -> RunConfig:
+    base = dict(model="tiny-llama", sae=str(sae), tokens=256, context_len=32, batch_size=4, device="cpu",
+                dataset="random", fit_tokens=1024, interventions=SIX)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def d_model(load_model):
+    return load_model("tiny-llama").d_model
+
+
+def test_exactly_linear_error_gives_r2_one_and_no_kl(tmp_path, d_model):
+    report = engine.run(config(linear_sae(tmp_path / "sae.safetensors", d_model)), tmp_path / "run", progress=False)
+    found = report.error_decomposition
+    assert found.held_out and found.n_fit_tokens == 34 * 31  # ceil(1024 / 31) contexts of 31 patched positions
+    assert found.r2.mean == pytest.approx(1.0, abs=1e-6) and found.r2_centred == pytest.approx(1.0, abs=1e-6)
+    assert found.lin_norm_frac.mean == pytest.approx(1.0, abs=1e-3)
+    assert report.interventions["sae"].kl_mean > 1e-3
+    assert report.interventions["sae_plus_linear_error"].kl_mean < 1e-9  # x̂ + e_lin = x to float32 rounding
+    linear = next(p for p in found.parts if p.kept == "linear")  # x̂ + e_nl = x̂: the whole error is linear
+    assert linear.kl.mean == pytest.approx(report.interventions["sae"].kl_mean, rel=1e-4)
+
+
+def test_fit_tokens_are_drawn_after_the_measured_ones(d_model, tmp_path):
+    from klgap.resolve import resolve
+
+    sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE)
+    with_fit = engine.load_plan(resolve(config(sae)))
+    without = engine.load_plan(resolve(config(sae, fit_tokens=None)))
+    assert torch.equal(with_fit.contexts, without.contexts) and without.fit_contexts is None
+    assert with_fit.fit_contexts.shape == (34, 32)
+    measured = {tuple(c) for c in with_fit.contexts.tolist()}
+    assert not measured & {tuple(c) for c in with_fit.fit_contexts.tolist()}
+    assert "drawn after the measured ones" in with_fit.execution["fitted"]["sae_plus_linear_error"]["source"]
+    assert without.execution["fitted"]["sae_plus_linear_error"]["source"] == "the run's first contexts"
+    with pytest.raises(KlgapError, match="--fit-tokens must be an integer ≥ 2"):
+        config(sae, fit_tokens=1).validate()
+
+
+def test_section_equals_a_hand_computation(tmp_path, d_model):
+    sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE, seed=3)
+    report = engine.run(config(sae), tmp_path / "run", progress=False)
+    found = report.error_decomposition
+    rows = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    one = rows[rows["intervention"] == "sae_plus_linear_error"]
+    assert found.r2.mean == pytest.approx(1 - (one["eps_nl"].astype(float) ** 2).sum()
+                                          / (one["eps"].astype(float) ** 2).sum(), rel=1e-9)
+    assert found.r2.ci_low <= found.r2.mean <= found.r2.ci_high
+    assert found.lin_norm_frac.mean == pytest.approx((one["eps_lin"].astype(float) / one["eps"]).mean(), rel=1e-6)
+
+    kl = {name: rows[rows["intervention"] == name]["kl"].astype(float).mean() for name in SIX}
+    per_ctx = {name: rows[rows["intervention"] == name].groupby("context")["kl"].mean() for name in SIX}
+    sae_excess = kl["sae"] - kl["epsilon_random"]
+    assert found.sae_excess.mean == pytest.approx(sae_excess, rel=1e-6)
+    for part in found.parts:
+        assert part.kl.mean == pytest.approx(kl[part.intervention], rel=1e-6)
+        assert part.twin_kl.mean == pytest.approx(kl[part.twin], rel=1e-6)
+        assert part.kl_ratio.ratio == pytest.approx(kl[part.intervention] / kl[part.twin], rel=1e-6)
+        assert part.excess.mean == pytest.approx(kl[part.intervention] - kl[part.twin], rel=1e-6)
+        assert part.excess_left.ratio == pytest.approx((kl[part.intervention] - kl[part.twin]) / sae_excess, rel=1e-6)
+        diff = (per_ctx[part.intervention] - per_ctx[part.twin]).to_numpy()
+        assert part.wilcoxon_kl.p_value == pytest.approx(sps.wilcoxon(diff).pvalue, rel=1e-9)
+    assert [p.intervention for p in found.parts] == ["sae_plus_linear_error", "sae_plus_nonlinear_error"]
+
+    # the centred R² from the tokens' full error vectors, measured again through the run's own objects
+    loaded = engine.prepare(config(sae))
+    from klgap import activations, modes
+
+    x = torch.cat([activations.collect(loaded.model, loaded.spec, loaded.contexts[i:i + 4])[:, 1:].reshape(-1, d_model)
+                   for i in range(0, len(loaded.contexts), 4)])
+    view = modes.SaeView.of(x, loaded.sae, loaded.center, loaded.error_split)
+    e, e_nl = (view.x - view.x_hat).double(), view.parts[1].double()
+    centred = 1 - ((e_nl - e_nl.mean(0)) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    assert found.r2_centred == pytest.approx(float(centred), rel=1e-5)
+
+    text = render_markdown(load_report(tmp_path / "run"), [])
+    assert "## Error decomposition" in text and "held out" in text and "epsilon_random_nonlinear" in text
+
+
+def test_no_section_without_the_interventions_and_in_sample_without_fit_tokens(tmp_path, d_model):
+    sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE)
+    plain = engine.run(config(sae, interventions=["sae", "epsilon_random"], fit_tokens=None), tmp_path / "a",
+                       progress=False)
+    assert plain.error_decomposition is None and "Error decomposition" not in render_markdown(plain, [])
+    assert "eps_lin" not in pd.read_parquet(tmp_path / "a" / "tokens.parquet").columns
+    alone = engine.run(config(sae, interventions=["sae", "sae_plus_linear_error"], fit_tokens=None), tmp_path / "b",
+                       progress=False)
+    found = alone.error_decomposition
+    assert not found.held_out and found.parts == [] and found.sae_excess is None
+    assert "in-sample" in render_markdown(alone, [])
+
+
+def test_study_table_across_sites(tmp_path, d_model):
+    from klgap.study import run_study
+
+    base = config(str(tmp_path / "sae_{site}_{layer}.safetensors"), tokens=128)
+    for layer in (0, 1):
+        random_sae(tmp_path / f"sae_resid_pre_{layer}.safetensors", d_model, 128, hook_name("resid_pre", layer), seed=layer)
+    study = run_study(dataclasses.replace(base, site=None, layer=None), ["resid_pre"], [0, 1], tmp_path / "study",
+                      progress=False)
+    assert [r.error_decomposition is not None for r in study.runs] == [True, True]
+    r2s = [r.error_decomposition.r2.mean for r in study.runs]
+    assert r2s == [load_report(tmp_path / "study" / r.path).error_decomposition.r2.mean for r in study.runs]
+    text = render_markdown(study, [])
+    assert "## Error decomposition across sites" in text
+    assert "resid_pre L0" in text and "resid_pre L1" in text
+    assert np.all(np.isfinite(r2s))
