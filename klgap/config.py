@@ -45,6 +45,8 @@ class RunConfig:
     no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
     joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
     SAE (`sae` a template with {site}/{layer}); klgap/joint.py. `layer` then holds the list.
+    joint_subsets: a joint run also patches every subset of two or more of its sites (but not all) together, in
+    the same pass (sharing each batch's clean forward and single-site runs); each written to OUT/subsets/<name>/.
     """
 
     model: str
@@ -71,6 +73,7 @@ class RunConfig:
     device_map: str | None = None
     remote: bool = False
     joint: bool = False
+    joint_subsets: bool = False
 
     @property
     def n_contexts(self) -> int:
@@ -110,7 +113,12 @@ class RunConfig:
             if not isinstance(value, int) or value < low:
                 raise KlgapError(f"{name} must be an integer ≥ {low}, got {value!r}")
         if self.joint:
-            self.joint_cells()
+            cells = self.joint_cells()
+            if self.joint_subsets and len(cells) < 3:
+                raise KlgapError(f"--joint-subsets needs at least 3 sites/layers (got {len(cells)}: {cells}); "
+                                 "with 2 the joint run itself is the only subset of two")
+        elif self.joint_subsets:
+            raise KlgapError("--joint-subsets is an option of joint runs; add --joint")
         elif isinstance(self.layer, str) and self.layer.isdigit():
             self.layer = int(self.layer)
         if not self.joint and self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
