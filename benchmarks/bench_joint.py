@@ -43,7 +43,7 @@ def timed(config: RunConfig) -> tuple[float, pd.DataFrame, str]:
     joint = load_joint(resolve(config))
     start, frames = time.perf_counter(), []
     for index in range(joint.n_batches):
-        frames.append(measure_batch(joint, index)[0][0])
+        frames.append(measure_batch(joint, index).joint[0])
     return time.perf_counter() - start, pd.concat(frames, ignore_index=True), joint.execution["path"]
 
 

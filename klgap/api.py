@@ -288,7 +288,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
             ``klgap report`` / ``merge`` / ``compare`` read it).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
-            device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint.
+            device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets.
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
             each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAE objects in that order; each
             site is also measured alone, and ``result.report.compounding`` compares them (klgap/joint.py).

@@ -46,6 +46,8 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         values["remote"] = True
     if getattr(args, "joint", None):
         values["joint"] = True
+    if getattr(args, "joint_subsets", None):
+        values["joint_subsets"] = True
     if "interventions" in values:
         values["interventions"] = split_interventions(values["interventions"])
     if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):
@@ -87,11 +89,14 @@ def model_slug(model: str) -> str:
 
 
 def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
-    """Run one site/layer (or a study over several), write the report's figures, print the summary.
+    """Run one site/layer, a study over several, or a joint run (``--joint``: every listed site patched in one
+    forward, klgap/joint.py); write the report's figures, print the summary.
 
     Every run of the command is resolved (klgap.resolve) before anything is loaded or trained: a bad name, path
     or number fails in a second, before transformers is imported. Under torchrun / srun every rank runs this:
     the ranks share the batches (klgap.distributed), rank 0 trains a missing SAE, shows progress and the report."""
+    import dataclasses
+
     from klgap.distributed import read_world
     from klgap.grid import parse_layers, parse_sites
     from klgap.plan import dry_run
@@ -101,26 +106,34 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     world = read_world()
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     expected = _expected_for(args)  # a bad expected.json fails now, not after the run
+    planned = config  # what each (site, layer) is checked as
     if config.joint:
-        return run_joint_and_render(config, extra, args, tag, shard)
-    sites = parse_sites(config.site) if config.site is not None else [None]
-    layers = parse_layers(config.layer) if config.layer is not None else [None]
+        cells = config.joint_cells()
+        sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
+        planned = dataclasses.replace(config, joint=False, joint_subsets=False)
+    else:
+        sites = parse_sites(config.site) if config.site is not None else [None]
+        layers = parse_layers(config.layer) if config.layer is not None else [None]
     if getattr(args, "dry_run", False):
         from klgap.plan import print_plan
 
         if layers == "all":
             raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
-        planned = dry_run(config, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
+        plan = dry_run(planned, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
         if world.leader:
-            print_plan(planned)
+            if config.joint:
+                print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
+            print_plan(plan)
         return 0
-    several = len(sites) > 1 or layers == "all" or len(layers) > 1
+    several = not config.joint and (len(sites) > 1 or layers == "all" or len(layers) > 1)
     if several and None in sites:
         raise KlgapError("several layers need --site too")
     # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
-    plans = dry_run(config, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
+    plans = dry_run(planned, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
     out = args.out or extra.get("out")
-    if out is None and several:
+    if out is None and config.joint:
+        out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}"
+    elif out is None and several:
         out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
     elif out is None:  # the SAE's own site and layer, when it says them
         site, layer = (plans[0].site, plans[0].layer) if plans[0].sae is not None else (sites[0], layers[0])
@@ -137,71 +150,41 @@ def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, si
 
     progress = not args.quiet and world.leader
     world.connect(Path(out))
-    if several:
-        if "train_sae" in extra and layers != "all":
-            world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress,
-                                                        [(s, v) for s in sites for v in layers]))
+    kind = "joint" if config.joint else "study" if several else "run"
+    if kind == "run":
+        config.site, config.layer = sites[0], layers[0]
+    if "train_sae" in extra and layers != "all":
+        cells = {"joint": config.joint_cells(), "study": [(s, v) for s in sites for v in layers], "run": None}[kind]
+        world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress, cells))
+    if kind == "study":
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
                           world=world)
-        if not world.leader:
-            return 0
-        if shard is not None:
-            return _shard_done(out, "study", config, sites, layers, shard)
-        check = _check_expected(expected, Path(out))
-        failure = _render(Path(out))
-        print_study(study, Path(out))
-        _print_check(check)
-        return _rendered_or_fail(Path(out), failure)
-    config.site, config.layer = sites[0], layers[0]
-    if "train_sae" in extra:
-        world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress=progress))
-    plan = plans[0] if plans[0].sae is not None or not config.sae else config  # an SAE trained just now: resolve again
-    report = engine.run(plan, out, overwrite=args.overwrite, progress=progress, shard=shard, world=world)
+    else:
+        # an SAE trained just now, or a joint run: resolve again
+        plan = plans[0] if kind == "run" and (plans[0].sae is not None or not config.sae) else config
+        report = engine.run(plan, out, overwrite=args.overwrite, progress=progress, shard=shard, world=world)
     if not world.leader:
         return 0
     if shard is not None:
-        return _shard_done(out, "run", config, sites, layers, shard)
+        return _shard_done(out, kind, config, sites, layers, shard)
     check = _check_expected(expected, Path(out))
-    failure = _render(Path(out))
-    print_summary(report, Path(out), pages=failure is None)
+    if kind == "study":
+        failure = _render(Path(out))
+        print_study(study, Path(out))
+    else:
+        failure = _render_joint(Path(out), report) if kind == "joint" else _render(Path(out))
+        print_summary(report, Path(out), pages=failure is None)
+        print_compounding(report)
     _print_check(check)
     return _rendered_or_fail(Path(out), failure)
 
 
-def run_joint_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str,
-                         shard: tuple[int, int] | None) -> int:
-    """``--joint``: every listed site patched in one forward (klgap/joint.py), each also measured alone."""
-    import dataclasses
-
-    from klgap import engine
-    from klgap.plan import dry_run
-    from klgap.resolve import resolve
-
-    cells = config.joint_cells()
-    if shard is not None:
-        raise KlgapError("--shard is not supported for --joint runs yet; run the joint command unsharded")
-    single = dataclasses.replace(config, joint=False)
-    sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
-    if getattr(args, "dry_run", False):
-        from klgap.plan import print_plan
-
-        print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
-        print_plan(dry_run(single, sites, layers, trains="train_sae" in extra))
-        return 0
-    dry_run(single, sites, layers, trains="train_sae" in extra)
-    if "train_sae" in extra:
-        train_missing_sae(config, extra["train_sae"], not args.quiet, cells)
-    from klgap.runlock import run_lock
-
-    out = Path(args.out or extra.get("out")
-               or f"runs/{model_slug(config.model)}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}")
-    with run_lock(out, wait=args.wait):
-        report = engine.run(resolve(config), out, overwrite=args.overwrite, progress=not args.quiet)
-        failure = next((f for f in (_render(out / site.path) for site in report.joint or []) if f), None)
-        failure = _render(out) or failure
-        print_summary(report, out, pages=failure is None)
-        print_compounding(report)
-        return _rendered_or_fail(out, failure)
+def _render_joint(out: Path, report: Any) -> str | None:
+    """A joint run's pages: each site alone, each subset, then the run's own (the first failure, or None)."""
+    subsets = report.compounding.subsets if report.compounding is not None else None
+    folders = [site.path for site in report.joint or []] + [sub.path for sub in subsets or []]
+    failures = [_render(out / folder) for folder in folders]
+    return _render(out) or next((f for f in failures if f), None)
 
 
 def _expected_for(args: argparse.Namespace) -> Any:
@@ -263,9 +246,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         failure = _render(out)
         print_study(study, out)
     else:
+        for sub in subs[1:]:  # a joint run: each site alone, then each subset (their compounding reads those)
+            report_folder(out / sub)
         report = report_folder(out)
-        failure = _render(out)
+        failure = _render_joint(out, report) if plan["kind"] == "joint" else _render(out)
         print_summary(report, out, pages=failure is None)
+        print_compounding(report)
     print(f"merged {plan['n_shards']} shards into {out}")
     return _rendered_or_fail(out, failure)
 

@@ -92,6 +92,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--sae), and measure each alone on the same tokens: the report's compounding section compares them",
     )
     p.add_argument(
+        "--joint-subsets", action="store_true", default=None,
+        help="with --joint (3 or more sites): also patch every subset of two or more sites together in the same "
+        "pass (OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs",
+    )
+    p.add_argument(
         "--no-fast", action="store_true", default=None,
         help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
         "only the layers above the site",

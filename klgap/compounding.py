@@ -24,7 +24,7 @@ from klgap.aggregate import context_sums
 from klgap.record import RunRecord
 from klgap.rundir import RunDir
 from klgap.schema import (
-    BASELINE, Additivity, Compounding, CompoundingSite, Difference, InterventionStats, PairedTest, RatioCI, Report,
+    BASELINE, Additivity, Compounding, CompoundingSite, CompoundingSubset, Difference, InterventionStats, PairedTest, RatioCI, Report,
 )
 
 Sums = Callable[[str, str], pd.DataFrame]  # (intervention, column) -> per-context sum, n
@@ -129,7 +129,27 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
     return Compounding(
         sites=sites, joint_kl_ratio=joint_ratio, max_single=sites[best].hook_name if best is not None else None,
         max_single_kl_ratio=ratios[best] if best is not None else None,
-        joint_minus_max_single_ratio=difference, joint_ratio_larger=larger, additivity=additivity)
+        joint_minus_max_single_ratio=difference, joint_ratio_larger=larger, additivity=additivity,
+        **({"subsets": subsets} if (subsets := _subsets(record, rundir)) else {}))
+
+
+def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
+    """The compounding sections of the subsets measured with the run (``OUT/subsets/*``, klgap/jointrun.py), by
+    size, then by the forward order of their sites."""
+    from klgap.jointrun import SUBSETS_DIR
+    from klgap.record import RECORD_FILE
+
+    folder = rundir.root / SUBSETS_DIR
+    order = [site.hook_name for site in record.joint or []]
+    found = []
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if (sub / RECORD_FILE).is_file():
+            report = _single_report(sub)
+            if report.compounding is not None and report.joint is not None:
+                names = [site.hook_name for site in report.joint]
+                found.append(CompoundingSubset(sites=names, path=f"{SUBSETS_DIR}/{sub.name}",
+                                               compounding=report.compounding))
+    return sorted(found, key=lambda s: (len(s.sites), [order.index(n) if n in order else -1 for n in s.sites]))
 
 
 __all__ = ["compounding", "ratio_difference", "summed"]

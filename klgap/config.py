@@ -48,6 +48,8 @@ class RunConfig:
     fit_tokens: tokens the fitted perturbations (epsilon_anisotropic, the error decomposition) are fitted on, drawn
     from the token source after the measured contexts (disjoint from them); None fits on the run's first contexts
     (up to 8192 tokens, the measured ones).
+    joint_subsets: a joint run also patches every subset of two or more of its sites (but not all) together, in
+    the same pass (sharing each batch's clean forward and single-site runs); each written to OUT/subsets/<name>/.
     """
 
     model: str
@@ -75,6 +77,7 @@ class RunConfig:
     remote: bool = False
     joint: bool = False
     fit_tokens: int | None = None
+    joint_subsets: bool = False
 
     @property
     def n_contexts(self) -> int:
@@ -117,7 +120,12 @@ class RunConfig:
             raise KlgapError(f"--fit-tokens must be an integer ≥ 2 (tokens to fit on, apart from the measured ones), "
                              f"got {self.fit_tokens!r}")
         if self.joint:
-            self.joint_cells()
+            cells = self.joint_cells()
+            if self.joint_subsets and len(cells) < 3:
+                raise KlgapError(f"--joint-subsets needs at least 3 sites/layers (got {len(cells)}: {cells}); "
+                                 "with 2 the joint run itself is the only subset of two")
+        elif self.joint_subsets:
+            raise KlgapError("--joint-subsets is an option of joint runs; add --joint")
         elif isinstance(self.layer, str) and self.layer.isdigit():
             self.layer = int(self.layer)
         if not self.joint and self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

@@ -77,3 +77,10 @@ def print_compounding(report: Report) -> None:
         ratio = row.joint_over_sum
         interval = f"{fmt_fixed(ratio.ratio)} [{fmt_fixed(ratio.ci_low)}, {fmt_fixed(ratio.ci_high)}]"
         print(f"{name:<40} {fmt(row.joint_kl_mean):>10} {fmt(row.sum_single_kl_mean):>10} {interval:>26}  {row.verdict}")
+    if found.subsets:
+        from klgap.render_compounding import subset_table
+
+        header, rows = subset_table(found)
+        print("every subset of the sites patched together (--joint-subsets), and all of them:")
+        for row in [header, *rows]:
+            print("  " + " | ".join(row))

@@ -316,6 +316,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     identity.pop("no_fast")  # both execution paths give the same numbers (tests/core/test_engine.py)
     if not identity.get("joint"):  # a single-site run's identity as before joint runs existed (resumes across)
         identity.pop("joint", None)
+    if not identity.get("joint_subsets"):  # joint runs written before --joint-subsets existed still resume
+        identity.pop("joint_subsets", None)
     if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
         identity.pop("drop_last_position")
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens

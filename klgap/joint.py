@@ -19,6 +19,8 @@ measures a batch), klgap/jointrun.py writes them and klgap/compounding.py compar
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -213,16 +215,43 @@ def choose(runs: Sequence[Loaded]) -> tuple[JointExecutor, dict[str, Any]]:
 @dataclass
 class JointRun:
     """A joint plan loaded: its single-site runs in forward order (each an ordinary run, measured alone on the
-    same batches) and the executor that patches them together."""
+    same batches), the executor that patches them together and, with ``joint_subsets``, every subset of two or
+    more of them (not all) as a JointRun of its own that shares this one's clean forward (:func:`subsets_of`)."""
 
     plan: JointPlan
     runs: list[Loaded]
     executor: JointExecutor
     execution: dict[str, Any] = field(default_factory=dict)
+    subsets: list[JointRun] = field(default_factory=list)
 
     @property
     def n_batches(self) -> int:
         return self.runs[0].n_batches
+
+    @property
+    def name(self) -> str:
+        """``resid_post_L03+resid_post_L10``: the sites patched together, in forward order."""
+        return "+".join(f"{run.site}_L{run.layer:02d}" for run in self.runs)
+
+
+def subsets_of(joint: JointRun) -> list[JointRun]:
+    """Every subset of two or more of `joint`'s sites, short of all of them (by size, then forward order), each
+    with an executor of `joint`'s kind over its own sites. A subset's patched run reads what `joint`'s clean run
+    recorded (the lowest site's suffix replay state), so it is measured between ``joint.executor.clean`` and
+    ``done``; its site k draws from ``site_generator(..., k)`` as the same subset run alone would."""
+    runs = joint.runs
+    out = []
+    for size in range(2, len(runs)):
+        for chosen in itertools.combinations(runs, size):
+            full = JointForward(runs[0].model, chosen)
+            executor = JointReplay(full) if isinstance(joint.executor, JointReplay) else full
+            config = dataclasses.replace(joint.plan.config, joint_subsets=False,
+                                         site=",".join(dict.fromkeys(run.site for run in chosen)),
+                                         layer=list(dict.fromkeys(run.layer for run in chosen)))
+            plan = JointPlan(config, tuple(run.plan for run in chosen))
+            out.append(JointRun(plan, list(chosen), executor, {**joint.execution, "path": executor.path,
+                                                               "sites": [f"{r.site} L{r.layer}" for r in chosen]}))
+    return out
 
 
 def load_joint(plan: JointPlan) -> JointRun:
@@ -240,8 +269,11 @@ def load_joint(plan: JointPlan) -> JointRun:
         raise KlgapError("the sites of a joint run read different tokens; give one --dataset and --seed")
     runs.sort(key=lambda run: forward_order(run.site, run.layer))
     executor, execution = choose(runs)
-    return JointRun(plan, runs, executor, {**execution, "sites": [f"{run.site} L{run.layer}" for run in runs]})
+    joint = JointRun(plan, runs, executor, {**execution, "sites": [f"{run.site} L{run.layer}" for run in runs]})
+    if plan.config.joint_subsets:
+        joint.subsets = subsets_of(joint)
+    return joint
 
 
 __all__ = ["JointForward", "JointReplay", "JointRun", "SiteSwap", "choose", "forward_order", "load_joint",
-           "site_generator"]
+           "site_generator", "subsets_of"]

@@ -1,7 +1,9 @@
 """A joint run's folder: ``OUT/`` holds the joint measurement (run.json with its sites, parts, report.json with
 its compounding section); ``OUT/single/<site>_L<layer>/`` holds each site measured alone on the same batches,
-an ordinary run folder (its own run.json, parts, report). A batch is done when the joint part is written (the
-single-site parts are written first), so a killed joint run resumes like any other.
+an ordinary run folder (its own run.json, parts, report); with ``joint_subsets``, ``OUT/subsets/<name>/`` holds
+each subset of two or more sites patched together, a joint run folder of its own whose sites alone are the
+``single/`` folders above it (its run.json names them ``../../single/...``). A batch is done when the joint part
+is written (the single-site and subset parts are written first), so a killed joint run resumes like any other.
 """
 
 from __future__ import annotations
@@ -9,17 +11,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from klgap.errors import KlgapError
 from klgap.joint import JointRun, load_joint
 from klgap.jointmodes import measure_batch
 from klgap.record import RunRecord, write_record
 from klgap.resolve import JointPlan
-from klgap.rundir import RunDir
+from klgap.rundir import RunDir, atomic_write_json
 from klgap.schema import JointSite, Report
+from klgap.shards import SHARD_FILE
 
 log = logging.getLogger("klgap")
 
 SINGLE_DIR = "single"
+SUBSETS_DIR = "subsets"
 
 
 def single_folder(site: str, layer: int) -> str:
@@ -32,17 +35,24 @@ def joint_identity(joint: JointRun) -> dict:
 
     identity = joint.plan.config.to_dict()
     identity.pop("no_fast")
+    if not identity["joint_subsets"]:  # joint runs written before --joint-subsets existed still resume
+        identity.pop("joint_subsets")
     identity["sites"] = [run_identity(run) for run in joint.runs]
     return identity
 
 
-def joint_record(joint: JointRun) -> RunRecord:
-    """run.json of the joint run: the lowest site's facts, the joint config and execution, and every site."""
+def subset_folder(subset: JointRun) -> str:
+    return f"{SUBSETS_DIR}/{subset.name}"
+
+
+def joint_record(joint: JointRun, up: str = "") -> RunRecord:
+    """run.json of the joint run: the lowest site's facts, the joint config and execution, and every site (its
+    folder alone relative to this run's: `up` is ``../../`` for a subset's)."""
     from klgap.engine import _json_safe, make_record
 
     lowest = make_record(joint.runs[0])
     sites = [JointSite(site=run.site, layer=run.layer, hook_name=record.hook_name, sae=record.sae,
-                       path=single_folder(run.site, run.layer))
+                       path=up + single_folder(run.site, run.layer))
              for run, record in ((run, make_record(run)) for run in joint.runs)]
     notes = list(dict.fromkeys(note for run in joint.runs for note in run.notes))
     notes.append("joint run: every site below is patched in the same forward, each with its own SAE (x, x̂, ε "
@@ -53,36 +63,48 @@ def joint_record(joint: JointRun) -> RunRecord:
 
 
 def run_joint(plan: JointPlan, out: str | Path, overwrite: bool = False, progress: bool = True,
-              shard: tuple[int, int] | None = None) -> Report:
-    """Measure a joint run into `out` (resuming what is there) and write its report, then each site's."""
+              shard: tuple[int, int] | None = None) -> Report | None:
+    """Measure a joint run into `out` (resuming what is there) and write its report, then each site's.
+
+    ``shard=(i, n)`` measures only the batches ``b % n == i - 1`` (the same per-batch streams as the unsharded
+    run) into every folder of the run and writes their shard.json instead of reports (None is returned):
+    `klgap merge` joins the n shards (klgap/shards.py)."""
     from klgap.engine import _bar, make_record, report_folder, run_identity
 
-    if shard is not None:
-        raise KlgapError("--shard is not supported for --joint runs yet; run the joint command unsharded")
     rundir = RunDir(out)
     rundir.check_writable()
     joint = load_joint(plan)
-    rundir.prepare(joint_identity(joint), overwrite)
-    write_record(rundir.root, joint_record(joint))
-    singles = []
-    for run in joint.runs:
-        sub = RunDir(rundir.root / single_folder(run.site, run.layer))
-        sub.prepare(run_identity(run), overwrite)
-        write_record(sub.root, make_record(run))
-        singles.append(sub)
+    folders = [(rundir, joint_identity(joint), joint_record(joint))]
+    folders += [(RunDir(rundir.root / single_folder(run.site, run.layer)), run_identity(run), make_record(run))
+                for run in joint.runs]
+    folders += [(RunDir(rundir.root / subset_folder(subset)), joint_identity(subset),
+                 joint_record(subset, up="../../")) for subset in joint.subsets]
+    for folder, identity, record in folders:
+        if shard is not None:
+            identity["shard"] = f"{shard[0]}/{shard[1]}"
+        folder.prepare(identity, overwrite)
+        write_record(folder.root, record)
+    mine = [i for i in range(joint.n_batches) if shard is None or i % shard[1] == shard[0] - 1]
     done = rundir.done_batches()
-    todo = [i for i in range(joint.n_batches) if i not in done]
+    todo = [i for i in mine if i not in done]
     if done:
-        log.warning("resuming: %d of %d batches already done in %s", len(done), joint.n_batches, rundir.root)
+        log.warning("resuming: %d of %d batches already done in %s", len(mine) - len(todo), len(mine), rundir.root)
     sites = ", ".join(f"{run.site} L{run.layer}" for run in joint.runs)
-    for index in _bar(todo, f"joint {sites}", progress):
-        (frame, side), alone = measure_batch(joint, index)
-        for sub, (single_frame, single_side) in zip(singles, alone, strict=True):
-            sub.write_part(index, single_frame, single_side)
-        rundir.write_part(index, frame, side)  # last: the batch is done when this part is there
-    for sub in singles:
-        report_folder(sub.root)
+    tag = f" shard {shard[0]}/{shard[1]}" if shard else ""
+    others = [folder for folder, _, _ in folders[1:]]
+    for index in _bar(todo, f"joint {sites}{tag}", progress):
+        found = measure_batch(joint, index)
+        for folder, frames in zip(others, [*found.singles, *found.subsets], strict=True):
+            folder.write_part(index, *frames)
+        rundir.write_part(index, *found.joint)  # last: the batch is done when this part is there
+    if shard is not None:
+        for folder in [rundir, *others]:
+            atomic_write_json(folder.root / SHARD_FILE, {"shard": list(shard), "batches": mine,
+                                                         "n_batches": joint.n_batches})
+        return None
+    for folder in others:  # singles first: each subset's compounding section reads the single-site reports
+        report_folder(folder.root)
     return report_folder(rundir.root)
 
 
-__all__ = ["joint_record", "run_joint", "single_folder"]
+__all__ = ["joint_record", "run_joint", "single_folder", "subset_folder"]

@@ -17,6 +17,7 @@ from klgap.rundir import atomic_write_bytes
 from klgap.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
 )
+from klgap.render_compounding import compounding_blocks
 from klgap.summary import summary_rows
 
 N_TOP_ROWS = 10
@@ -307,33 +308,6 @@ def _provenance(report: Report | StudyReport) -> list[Block]:
     return blocks
 
 
-def _compounding(report: Report) -> list[Block]:
-    """A joint run: every site patched together against each alone (klgap/compounding.py)."""
-    found = report.compounding
-    if found is None:
-        return []
-    sites = [[site.hook_name, _ci(site.kl_ratio) if site.kl_ratio else DASH,
-              *(fmt(site.kl_mean.get(name)) for name in found.additivity), site.path] for site in found.sites]
-    blocks: list[Block] = [
-        Heading(2, "Compounding"),
-        Para("Every site patched in the same forward (joint) against each site patched alone, on the same tokens; "
-             "intervals are bootstraps over whole contexts, tests pair per-context means."),
-        Table(["site alone", f"KL ratio sae/{BASELINE} [95% CI]", *(f"KL {n}" for n in found.additivity), "folder"],
-              sites),
-    ]
-    if found.joint_kl_ratio is not None:
-        bullets = [f"joint KL ratio sae/{BASELINE}: {_ci(found.joint_kl_ratio)}"]
-        diff = found.joint_minus_max_single_ratio
-        if diff is not None:
-            bullets.append(f"joint ratio − largest single-site ratio ({found.max_single}, "
-                           f"{fmt_fixed(found.max_single_kl_ratio)}): {fmt_ci(diff.estimate, diff.ci_low, diff.ci_high)}, "
-                           f"one-sided p = {fmt_p(diff.p_value)}")
-        blocks.append(Bullets(bullets))
-    rows = [[name, fmt(a.joint_kl_mean), fmt(a.sum_single_kl_mean), _ci(a.joint_over_sum),
-             fmt_p(a.wilcoxon_joint_vs_sum.p_value), fmt(a.joint_ce_delta_mean), fmt(a.sum_single_ce_delta_mean),
-             a.verdict] for name, a in found.additivity.items()]
-    return blocks + [Table(["intervention", "joint KL", "Σ KL alone", "joint/Σ [95% CI]", "Wilcoxon p",
-                            "joint ΔCE", "Σ ΔCE alone", "verdict"], rows)]
 def expectation_blocks(run_dir: Path) -> list[Block]:
     """The "Replication targets" section, when the run was checked against an expected.json (klgap/expectations.py)."""
     from klgap.expectations import load_check
@@ -360,7 +334,7 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     blocks: list[Block] = [Heading(1, title_of(report)), *_verdict(report), *_summary(report), *extra,
                            *_notes(report), *_overview(report), *render_decomposition.blocks(report)]
     if isinstance(report, Report):
-        blocks += [*_compounding(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
+        blocks += [*compounding_blocks(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
                    *_sae(report), *_single_token(report),
                    *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
     return blocks + _figures(report, figures) + _provenance(report)

@@ -251,7 +251,7 @@ def resolve_joint(config: RunConfig, *, model: ModelRef | None = None,
     for i, (site, layer) in enumerate(cells):
         templated = bool(config.sae) and ("{layer}" in config.sae or "{site}" in config.sae)
         spec = sae_for(config.sae, site, layer) if templated or (config.sae and len(cells) > 1) else config.sae
-        single = dataclasses.replace(config, joint=False, site=site, layer=layer, sae=spec)
+        single = dataclasses.replace(config, joint=False, joint_subsets=False, site=site, layer=layer, sae=spec)
         plans.append(resolve(single, model=model, sae=objects[i] if objects else None, tokens=tokens))
     return JointPlan(config, tuple(plans))
 

@@ -323,6 +323,19 @@ class Compounding(_Model):
     joint_minus_max_single_ratio: Difference | None
     joint_ratio_larger: bool | None  # joint ratio > the largest single-site ratio (point estimates)
     additivity: dict[str, Additivity]
+    subsets: list[CompoundingSubset] | None = None  # --joint-subsets: every subset of 2+ sites, by size
+
+
+class CompoundingSubset(_Model):
+    """A subset of a joint run's sites patched together in the same pass (``--joint-subsets``), with its own
+    compounding section (against the same single-site runs)."""
+
+    sites: list[str]  # hook names, in forward order
+    path: str  # its folder, relative to the joint run's
+    compounding: Compounding
+
+
+Compounding.model_rebuild()
 
 
 class RunFacts(_Model):

@@ -4,7 +4,8 @@ Shard I of N measures the batches b with ``b % N == I - 1`` of every (site, laye
 the same per-batch random streams as the unsharded run, and writes only per-batch parts plus
 ``shard_plan.json`` (the command's configuration). ``klgap merge SHARD_DIR... --out OUT`` checks that the
 shards come from one command and cover 1..N, copies their parts and run.json into OUT and builds the report from those files (no model, no
-SAE) exactly as the unsharded run does at its end: the numbers are identical (tests/cli/test_shards.py).
+SAE) exactly as the unsharded run does at its end: the numbers are identical (tests/cli/test_shards.py). A joint
+run's shard holds its single-site and subset folders too; each is merged likewise.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def _read_plan(folder: Path) -> dict[str, Any]:
 
 
 def _sub_runs(folder: Path) -> list[str]:
-    """Run folders inside a shard folder, relative: ``"."`` for a single run, ``site_Lnn`` for a study."""
+    """Run folders inside a shard folder, relative: ``"."`` for a single run, ``site_Lnn`` for a study,
+    ``"."`` then ``single/site_Lnn`` and ``subsets/NAME`` for a joint run (klgap/jointrun.py)."""
     if (folder / CONFIG_FILE).is_file():
-        return ["."]
+        return [".", *sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob(f"*/*/{CONFIG_FILE}"))]
     return sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}"))
 
 

@@ -67,7 +67,7 @@ out = "{tmp_path / 'from-file'}"
 
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "single_token", "--position", "30", "--k", "5"], "--context-len 32 is too short"),
-    (["--shard", "1/2"], "--shard is not supported for --joint"),
+    (["--joint-subsets"], "--joint-subsets needs at least 3 sites/layers"),
     (["--sae", "/nowhere/sae.safetensors"], "names one SAE but several sites/layers"),
 ])
 def test_joint_bad_input_exits_2(tmp_path, capsys, extra, message):
@@ -75,6 +75,41 @@ def test_joint_bad_input_exits_2(tmp_path, capsys, extra, message):
             "--sae", _saes(tmp_path), *ARGS, "--out", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+VOLATILE = {"provenance", "created_at", "timing"}
+
+
+def _numbers(folder):
+    return {k: v for k, v in json.loads((folder / "report.json").read_text()).items() if k not in VOLATILE}
+
+
+def test_sharded_joint_run_merges_into_the_unsharded_one(tmp_path, capsys):
+    """--shard I/N of a joint run with --joint-subsets: each shard writes its batches into every folder (the
+    joint run, each site alone, each subset); `klgap merge` gives the unsharded run's numbers, folder by folder."""
+    sites = ("attn_out", "mlp_out", "resid_post")
+    for k, site in enumerate(sites):
+        random_sae(tmp_path / f"{site}-L1.safetensors", 64, 128, hook_name(site, 1), seed=k)
+    argv = ["replicate", "--model", "tiny-gpt2", "--site", ",".join(sites), "--layer", "1", "--joint",
+            "--joint-subsets", "--sae", str(tmp_path / "{site}-L{layer}.safetensors"), *ARGS, "--tokens", str(5 * 32),
+            "--batch-size", "1", "--interventions", "sae,epsilon_random,theta_random"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    for i in (1, 2):
+        assert main([*argv, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+        assert not (tmp_path / f"s{i}" / "report.json").exists()
+    assert json.loads((tmp_path / "s2" / "single" / "mlp_out_L01" / "shard.json").read_text())["batches"] == [1, 3]
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert "every subset of the sites patched together" in capsys.readouterr().out
+    full = load_report(tmp_path / "full")
+    folders = [".", *(s.path for s in full.joint), *(s.path for s in full.compounding.subsets)]
+    assert len(folders) == 1 + 3 + 3
+    for folder in folders:
+        assert _numbers(tmp_path / "m" / folder) == _numbers(tmp_path / "full" / folder), folder
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m" / folder / "tokens.parquet"),
+                                      pd.read_parquet(tmp_path / "full" / folder / "tokens.parquet"))
+    assert full.compounding.subsets[0].compounding.additivity["sae"].joint_kl_mean > 0
+    assert "Every subset of two or more sites" in (tmp_path / "m" / "report.md").read_text()
 
 
 def test_declared_compounding_replication_checks_out(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from klgap.errors import KlgapError
 from klgap.joint import SiteSwap, site_generator
 from klgap.modes import generator_for
 from klgap.resolve import build_intervention, resolve
+from klgap.schema import load_report
 from klgap.sites import hook_name
 from tests.helpers import random_sae, shrink_sae
 
@@ -246,3 +249,36 @@ def test_each_site_fits_its_own_perturbation(tmp_path, load_model):
     x = torch.randn(16, lm.d_model, generator=torch.Generator().manual_seed(1))
     draws = [p(x, x * 0.5, torch.Generator().manual_seed(0)) for p in fitted]
     assert not torch.allclose(draws[0], draws[1])  # the same draw shaped by two different site covariances
+
+
+@pytest.mark.parametrize("no_fast", [False, True])
+def test_each_subset_equals_its_own_joint_run(tmp_path, load_model, no_fast):
+    """--joint-subsets: every pair of three sites, patched in the same pass as the joint run, gives the rows of
+    that pair's own joint run (the same draws), and its compounding section reads the shared single-site runs."""
+    lm = load_model("tiny-llama")
+    sites = ["resid_pre", "attn_out", "mlp_out"]
+    template = _saes(tmp_path, lm, [(site, 1) for site in sites])
+    kw = {"model": "tiny-llama", "layer": "1", "sae": template, "no_fast": no_fast,
+          "interventions": ["sae", "epsilon_random", "theta_random"]}
+    report, _ = _joint(tmp_path, "all", site=",".join(sites), joint_subsets=True, **kw)
+    folders = sorted(p.name for p in (tmp_path / "all" / "subsets").iterdir())
+    assert folders == ["attn_out_L01+mlp_out_L01", "resid_pre_L01+attn_out_L01", "resid_pre_L01+mlp_out_L01"]
+    for pair in itertools.combinations(sites, 2):
+        name = "+".join(f"{site}_L01" for site in pair)
+        alone, alone_tokens = _joint(tmp_path, name, site=",".join(pair), **kw)
+        subset = tmp_path / "all" / "subsets" / name
+        pd.testing.assert_frame_equal(pd.read_parquet(subset / "tokens.parquet"), alone_tokens, check_exact=False,
+                                      rtol=1e-5, atol=1e-7)
+        found = load_report(subset).compounding
+        assert [s.path for s in found.sites] == [f"../../single/{site}_L01" for site in pair]
+        assert found.joint_kl_ratio.ratio == pytest.approx(alone.compounding.joint_kl_ratio.ratio, rel=1e-5)
+        assert found.additivity["sae"].sum_single_kl_mean == pytest.approx(
+            alone.compounding.additivity["sae"].sum_single_kl_mean, rel=1e-6)
+        assert alone_tokens.kl.mean() > 1e-4
+
+
+def test_joint_subsets_needs_three_sites():
+    with pytest.raises(KlgapError, match="at least 3 sites/layers"):
+        RunConfig(model="tiny-gpt2", site="resid_pre", layer="0,1", joint=True, joint_subsets=True).validate()
+    with pytest.raises(KlgapError, match="add --joint"):
+        RunConfig(model="tiny-gpt2", site="resid_pre", layer=0, joint_subsets=True).validate()
