@@ -54,7 +54,10 @@ def test_each_rank_takes_its_local_gpu():
     two = World(1, 2, 1, "torchrun")
     assert cuda_device("cuda", SINGLE, 8) == "cuda" and cuda_device("cuda:3", SINGLE, 8) == "cuda:3"
     assert cuda_device("cuda", two, 2) == "cuda:1"
-    assert cuda_device("cuda", two, 1) == "cuda:0"  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+    # srun --gpus-per-task=1: each task sees its own GPU as cuda:0; torchrun's ranks all see the node's GPUs
+    assert cuda_device("cuda", World(1, 2, 1, "srun"), 1) == "cuda:0"
+    with pytest.raises(KlgapError, match="LOCAL_RANK 1 but this node shows 1 GPU: start at most 1 ranks per node"):
+        cuda_device("cuda", two, 1)
     with pytest.raises(KlgapError, match="--device 'cuda:0' under torchrun with 2 ranks"):
         cuda_device("cuda:0", two, 2)
     with pytest.raises(KlgapError, match="LOCAL_RANK 3 but this node shows 2 GPUs"):
@@ -113,9 +116,15 @@ def test_ranks_with_cuda_take_cuda_local_rank(monkeypatch):
 
 
 def test_srun_task_with_its_own_gpu_takes_cuda_0(monkeypatch):
-    """srun --gpus-per-task=1: each task sees one GPU, as cuda:0, whatever its SLURM_LOCALID."""
+    """srun --gpus-per-task=1: each task sees one GPU, as cuda:0, whatever its SLURM_LOCALID; tasks that all
+    see the node's GPUs take cuda:SLURM_LOCALID, and more tasks than GPUs are refused in srun's words."""
     _machine(monkeypatch, 1, SLURM_STEP_ID="0", SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="3")
     assert pick_device("auto") == torch.device("cuda:0")
+    _machine(monkeypatch, 4, SLURM_STEP_ID="0", SLURM_PROCID="6", SLURM_NTASKS="8", SLURM_LOCALID="2")
+    assert pick_device("auto") == torch.device("cuda:2")
+    _machine(monkeypatch, 2, SLURM_STEP_ID="0", SLURM_PROCID="2", SLURM_NTASKS="3", SLURM_LOCALID="2")
+    with pytest.raises(KlgapError, match=r"SLURM_LOCALID 2 but this node shows 2 GPUs: .*srun --ntasks-per-node=2"):
+        pick_device("auto")
 
 
 def test_more_ranks_than_gpus_is_refused(monkeypatch):
@@ -125,6 +134,10 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch):
         pick_device("auto")
     with pytest.raises(KlgapError, match="LOCAL_RANK 2 but this node shows 2 GPUs"):
         resolve(RunConfig(model="gpt2", site="mlp_out", layer=0, device="cuda"))
+    # torchrun --nproc_per_node=2 on a node with one GPU: not both ranks on cuda:0
+    _machine(monkeypatch, 1, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    with pytest.raises(KlgapError, match=r"LOCAL_RANK 1 but this node shows 1 GPU: .* \(torchrun --nproc_per_node=1\)"):
+        pick_device("auto")
 
 
 def test_one_process_names_its_gpu(monkeypatch):
