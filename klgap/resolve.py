@@ -88,7 +88,7 @@ class TokenSourceRef:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything one run will do, resolved and checked; loading it is :func:`klgap.engine.load_plan`."""
+    """Everything one run will do, resolved and checked; loading it is :func:`klgap.loading.load_plan`."""
 
     config: RunConfig
     model: ModelRef
