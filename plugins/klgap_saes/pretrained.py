@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from klgap.errors import HubUnavailableError, KlgapError, unknown
 from klgap.protocols import LoadedModel, LoadedSAE, SAECheck
-from klgap.sites import hook_name
+from klgap.sites import hook_name, parse_hook_name
 from klgap_saes.common import wrap_sae_lens
 
 if TYPE_CHECKING:
@@ -74,13 +74,18 @@ class SaeLensPretrainedLoader:
         return False  # only reached through the `sae_lens:` prefix
 
     def check(self, spec: str) -> SAECheck:
-        """What `spec` names, from sae_lens's bundled directory alone (no download): release, SAE id, hook
-        name (the releases klgap knows name their SAEs by hook name), hub repo and model."""
+        """What `spec` names, from sae_lens's bundled directory alone (no download): release, SAE id, hub repo
+        and model, and the hook name when the SAE id is one (gpt2-small-res-jb's; Gemma Scope's ids, e.g.
+        layer_3/width_16k/canonical, are not: --site and --layer then say where it sits)."""
         release, sae_id = split_spec(spec)
         lookup = directory()[release]
         if sae_id not in lookup.saes_map:
             raise unknown(f"SAE id in release {release}", sae_id, lookup.saes_map)
-        return SAECheck(hook_name=sae_id, repo_id=lookup.repo_id, release=release, sae_id=sae_id, model=lookup.model,
+        try:
+            hook: str | None = sae_id if parse_hook_name(sae_id) else None
+        except KlgapError:
+            hook = None
+        return SAECheck(hook_name=hook, repo_id=lookup.repo_id, release=release, sae_id=sae_id, model=lookup.model,
                         detail=f"sae_lens release {release}")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
