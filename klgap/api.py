@@ -257,7 +257,7 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
     if isinstance(model, ModelRef):
         loaded = model.adapter.loaded
     else:
-        from klgap.engine import load_model
+        from klgap.loading import load_model
         from klgap.resolve import pick_device
 
         loaded = load_model(model, pick_device(plan_device), getattr(torch, dtype))

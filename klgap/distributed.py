@@ -146,18 +146,21 @@ def read_world(env: Mapping[str, str] | None = None) -> World:
 
 def cuda_device(name: str, world: World, n_visible: int) -> str:
     """The CUDA device a rank uses for ``--device`` `name` (cuda or cuda:N) among `n_visible` GPUs:
-    ``cuda:LOCAL_RANK`` when several ranks run (``cuda:0`` when each task sees one GPU, as Slurm's
-    ``--gpus-per-task=1`` arranges); a fixed ``cuda:N`` would put every rank on one GPU and is refused."""
+    ``cuda:LOCAL_RANK`` when several ranks run (an srun task that sees one GPU, as Slurm's
+    ``--gpus-per-task=1`` arranges, takes it: ``cuda:0``); a fixed ``cuda:N`` would put every rank on one GPU
+    and is refused, and so are more ranks on a node than it has GPUs (torchrun's ranks all see the node's GPUs)."""
     if not world.distributed:
         return name
     if name != "cuda":
         raise KlgapError(f"--device {name!r} under {world.launcher} with {world.size} ranks: each rank takes "
                          "cuda:LOCAL_RANK; give --device cuda (or auto), or cpu")
-    if n_visible == 1:
+    if n_visible == 1 and world.launcher == "srun":
         return "cuda:0"
     if world.local_rank >= n_visible:
-        raise KlgapError(f"LOCAL_RANK {world.local_rank} but this node shows {n_visible} GPUs: start at most "
-                         f"{n_visible} ranks per node (torchrun --nproc_per_node={n_visible})")
+        local, fix = (("SLURM_LOCALID", f"srun --ntasks-per-node={n_visible}, or --gpus-per-task=1")
+                      if world.launcher == "srun" else ("LOCAL_RANK", f"torchrun --nproc_per_node={n_visible}"))
+        raise KlgapError(f"{local} {world.local_rank} but this node shows {n_visible} GPU{'s' * (n_visible != 1)}: "
+                         f"start at most {n_visible} ranks per node ({fix}), or give --device cpu")
     return f"cuda:{world.local_rank}"
 
 

@@ -23,7 +23,7 @@ from klgap import metrics
 from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 if TYPE_CHECKING:
-    from klgap.engine import Loaded
+    from klgap.loading import Loaded
 
 
 def generator_for(device: torch.device, *keys: int) -> torch.Generator:

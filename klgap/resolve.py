@@ -97,7 +97,7 @@ class TokenSourceRef:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything one run will do, resolved and checked; loading it is :func:`klgap.engine.load_plan`."""
+    """Everything one run will do, resolved and checked; loading it is :func:`klgap.loading.load_plan`."""
 
     config: RunConfig
     model: ModelRef
@@ -142,7 +142,11 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KlgapError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
     if device.type == "cuda":
-        device = torch.device(cuda_device(name, read_world(), torch.cuda.device_count()))
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise KlgapError(f"device {name!r} asked for, but this machine shows {count} GPU{'s' if count != 1 else ''}"
+                             f": valid: cuda, {', '.join(f'cuda:{i}' for i in range(count))}")
+        device = torch.device(cuda_device(name, read_world(), count))
     return device
 
 

@@ -1,4 +1,4 @@
-"""What every loaded SAE must be before a run uses it, whichever loader made it (engine.load_sae and SAE
+"""What every loaded SAE must be before a run uses it, whichever loader made it (loading.load_sae and SAE
 objects from Python): an SAE of one site (not a transcoder, which maps one site to another) with finite weights
 (:func:`klgap.finite.check_sae_finite`)."""
 

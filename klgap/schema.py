@@ -353,7 +353,7 @@ class RunFacts(_Model):
     config: dict[str, Any]
     seed: int
     device: str
-    world_size: int = 1  # torchrun/srun ranks that shared the batches (last command); numbers do not depend on it
+    world_size: int = 1  # ranks that shared the batches (last command; a merge: its shards' most); numbers do not depend on it
     dtype: str
     dataset: str
     plugins: dict[str, PluginRef]

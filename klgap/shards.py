@@ -133,8 +133,12 @@ def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | N
         if device is not None:
             identity["device"] = device.split(":")[0]  # the device's kind, as engine.run_identity records it
         atomic_write_json(target.root / CONFIG_FILE, identity)
-        record = read_record(folders[0] / sub)  # every shard wrote the same record but for its device
-        write_record(target.root, record.model_copy(update={"device": device}) if device is not None else record)
+        record = read_record(folders[0] / sub)  # every shard wrote the same record but for its device and ranks
+        # the most ranks any shard ran with (a job-array task may be a torchrun launch), whatever the folders' order
+        update: dict[str, Any] = {"world_size": max(read_record(folder / sub).world_size for folder in folders)}
+        if device is not None:
+            update["device"] = device
+        write_record(target.root, record.model_copy(update=update))
     return subs
 
 

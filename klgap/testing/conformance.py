@@ -162,7 +162,7 @@ class SAELoaderConformance:
 
     @pytest.fixture
     def sae(self, tmp_path):
-        from klgap.engine import load_sae
+        from klgap.loading import load_sae
 
         self.spec = self.make_spec(tmp_path)
         return load_sae(f"{self.loader}:{self.spec}", torch.device(self.device))
@@ -204,7 +204,7 @@ class SAELoaderConformance:
         assert sae.d_in == lm.site_widths[site], f"d_in {sae.d_in} != {self.model} {site} width {lm.site_widths[site]}"
 
     def test_missing_file_is_a_clear_error(self, tmp_path):
-        from klgap.engine import load_sae
+        from klgap.loading import load_sae
 
         with pytest.raises(KlgapError):
             load_sae(f"{self.loader}:{tmp_path / 'does-not-exist'}", torch.device(self.device))

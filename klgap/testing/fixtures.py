@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="session")
 def klgap_tiny_model():
     """``klgap_tiny_model("tiny-gpt2")`` -> a LoadedModel (CPU, float32), built once per session."""
-    from klgap.engine import load_model
+    from klgap.loading import load_model
 
     return lambda name="tiny-gpt2": load_model(name, torch.device("cpu"), torch.float32)
 

@@ -101,7 +101,7 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, sae, capsys):
 def test_merge_and_report_load_no_model_and_no_sae(tmp_path, sae, monkeypatch, capsys):
     """With the model adapters disabled (KLGAP_DISABLE_PLUGINS=hf_models) and loading made to fail, `merge` and
     `report` still build the unsharded report: they read run.json and the parts, nothing else."""
-    from klgap import engine
+    from klgap import loading
     from klgap.plugins import reset_host
 
     assert main(_base(sae, tmp_path / "full")) == 0
@@ -113,8 +113,8 @@ def test_merge_and_report_load_no_model_and_no_sae(tmp_path, sae, monkeypatch, c
     def refuse(*args, **kwargs):
         raise AssertionError("a model or SAE was loaded")
 
-    monkeypatch.setattr(engine, "load_model", refuse)
-    monkeypatch.setattr(engine, "load_sae", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)  # where load_plan looks them up
+    monkeypatch.setattr(loading, "load_sae", refuse)
     try:
         from klgap.plugins import get_host
 

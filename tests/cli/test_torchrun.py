@@ -1,5 +1,6 @@
 """Real launches: `torchrun --nproc_per_node=2 -m klgap replicate ...` (gloo, CPU, tiny-gpt2) and two srun-like
-tasks (SLURM_* only, no torchrun) give the 1-process numbers; a killed 2-rank run finishes with 1 process."""
+tasks (SLURM_* only, no torchrun) give the 1-process numbers; a killed 2-rank run finishes with 1 process; a
+`--shard I/N` job-array task launched with torchrun splits only its shard among its ranks."""
 
 from __future__ import annotations
 
@@ -158,3 +159,31 @@ def test_a_refusal_on_rank_0_ends_every_rank(launched):
     assert done.stderr.count(refusal) == 2 and done.stderr.count("(rank 0)") == 1, done.stderr[-3000:]
     assert "internal error" not in done.stderr  # (torchrun itself then reports the failed workers)
     assert (root / "two" / "report.json").read_text() == before
+
+
+def test_a_job_array_task_launched_with_torchrun_shares_its_shard(launched, tmp_path, one_thread, capsys):
+    """`torchrun --nproc_per_node=2 ... --shard 1/2`: the two ranks measure only shard 1's batches (0, 2, 4, 6),
+    split between them; shard 2/2 runs as one process; `klgap merge` of the two gives the 1-process report."""
+    root, sae, _ = launched
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "klgap",
+                           *_args(sae, tmp_path / "s1"), "--shard", "1/2"], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = _measured(done.stdout + done.stderr)
+    assert measured == {0: [0, 4], 1: [2, 6]}  # shard 1/2's batches, every 2nd of them to each rank
+    assert sorted(int(p.stem[len("batch_"):]) for p in (tmp_path / "s1" / "parts").glob("batch_*.json")) == [0, 2, 4, 6]
+    assert json.loads((tmp_path / "s1" / "shard.json").read_text())["batches"] == [0, 2, 4, 6]
+    assert not (tmp_path / "s1" / "report.json").exists()
+    assert done.stdout.count("shard 1/2 done") == 1  # rank 0 says it, once
+    assert main([*_args(sae, tmp_path / "s2"), "--shard", "2/2"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    merged, one = _numbers(tmp_path / "merged"), _numbers(root / "one")
+    assert merged == one and one["interventions"]["sae"]["kl_mean"] > 0
+    # the merged run records the most ranks any shard ran with, whichever order the folders are given in
+    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "m21"), "--quiet"]) == 0
+    for folder in ("merged", "m21"):
+        assert json.loads((tmp_path / folder / "report.json").read_text())["world_size"] == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "merged" / "tokens.parquet"),
+                                  pd.read_parquet(root / "one" / "tokens.parquet"))

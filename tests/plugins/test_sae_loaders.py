@@ -130,6 +130,22 @@ def test_sae_lens_release_check_is_typed_and_offline(monkeypatch):
                                detail="sae_lens release gpt2-small-res-jb")
 
 
+def test_sae_lens_id_that_is_no_hook_name_leaves_the_site_to_the_flags(monkeypatch):
+    """Gemma Scope's ids (layer_3/width_16k/canonical) are not hook names: the check says no hook name, so
+    --site/--layer place it (the README's torchrun example), where they once failed as an unreadable hook."""
+    from klgap.config import RunConfig
+    from klgap.resolve import resolve
+    from klgap_saes.pretrained import SaeLensPretrainedLoader
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = "gemma-scope-2b-pt-res-canonical/layer_3/width_16k/canonical"
+    checked = SaeLensPretrainedLoader().check(spec)
+    assert checked.hook_name is None and checked.sae_id == "layer_3/width_16k/canonical"
+    assert checked.repo_id == "google/gemma-scope-2b-pt-res"
+    plan = resolve(RunConfig(model="google/gemma-2-2b", site="resid_post", layer=3, sae=f"sae_lens:{spec}", device="cpu"))
+    assert (plan.site, plan.layer) == ("resid_post", 3)
+
+
 def _sae_lens_folder(path, d: int, hook: str, centred: bool):
     """A sae_lens folder whose SAE reconstructs 0.5·x (features relu(±x)); `centred`: trained with
     TransformerLens's center_writing_weights, as sae_lens's training runner records it."""
