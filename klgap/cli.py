@@ -297,8 +297,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
         dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps, epochs=args.epochs,
         b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.k, seed=args.seed, device=args.device,
-        dtype=args.dtype, batch_size=args.batch_size,
-        progress=not args.quiet,
+        dtype=args.dtype, batch_size=args.batch_size, checkpoints=args.checkpoints,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet,
     ))
     return 0
 

@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
                             "shrinkage: sites where a few dimensions carry most of the variance)")
     train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
+    train.add_argument("--checkpoints", type=_int_arg("--checkpoints"), default=None,
+                       help="also save N evenly spaced checkpoints of each SAE under OUT/checkpoints/step-XXXXXX/ "
+                            "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")
+    train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
+                       help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")
