@@ -57,15 +57,25 @@ class CheckpointInfo:
     tokens_seen: int
     explained_variance: float
     l0_mean: float
+    site: str
+    layer: int
 
     @classmethod
     def read(cls, folder: Path) -> CheckpointInfo:
-        file = folder / "training.json"
         try:
-            data = json.loads(file.read_text())
+            return cls.of(json.loads((folder / "training.json").read_text()), folder)
+        except (OSError, ValueError) as exc:
+            raise KlgapError(f"{str(folder)!r} is not an SAE checkpoint (no readable training.json: {exc}); train with "
+                             "`klgap train-sae --checkpoints N`") from exc
+
+    @classmethod
+    def of(cls, data: Any, folder: Path) -> CheckpointInfo:
+        """From a checkpoint's training.json as read (or as a run's record keeps it: its SAE's info)."""
+        try:
             return cls(path=folder, step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
-                       explained_variance=float(data["explained_variance"]), l0_mean=float(data["l0_mean"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                       explained_variance=float(data["explained_variance"]), l0_mean=float(data["l0_mean"]),
+                       site=str(data["site"]), layer=int(data["layer"]))
+        except (ValueError, KeyError, TypeError) as exc:
             raise KlgapError(f"{str(folder)!r} is not an SAE checkpoint (its training.json has no step, tokens_seen, "
                              f"explained_variance and l0_mean: {type(exc).__name__}: {exc}); train with "
                              "`klgap train-sae --checkpoints N`") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -105,20 +106,31 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         return run_joint_and_render(config, extra, args, tag, shard)
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
+    from klgap.checkpoints import is_glob
+    from klgap.overtraining import cells_of, checkpoint_spec
+
+    checkpoints = checkpoint_spec(config.sae, extra.get("checkpoints"), "train_sae" in extra)
+    if checkpoints is not None:  # an SAE's checkpoints: another axis of a study (klgap/overtraining.py)
+        if shard is not None:
+            raise KlgapError("--shard is not supported for a study over SAE checkpoints yet; run it unsharded")
+        sites, layers = cells_of(checkpoints, sites, layers)
+        config.sae = checkpoints
+    # the checkpoints of a glob are checked when the study lists them; the other SAEs now
+    checked = dataclasses.replace(config, sae=None) if checkpoints and is_glob(checkpoints) else config
     if getattr(args, "dry_run", False):
         from klgap.plan import print_plan
 
         if layers == "all":
             raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
-        planned = dry_run(config, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
+        planned = dry_run(checked, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
         if world.leader:
             print_plan(planned)
         return 0
-    several = len(sites) > 1 or layers == "all" or len(layers) > 1
+    several = checkpoints is not None or len(sites) > 1 or layers == "all" or len(layers) > 1
     if several and None in sites:
         raise KlgapError("several layers need --site too")
     # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
-    plans = dry_run(config, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
+    plans = dry_run(checked, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
     out = args.out or extra.get("out")
     if out is None and several:
         out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
@@ -127,11 +139,13 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
     # one klgap process (one launch of ranks) per --out, until its pages are written
     with run_lock(out, wait=args.wait, leader=world.leader):
-        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected)
+        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected,
+                           checkpoints)
 
 
 def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, sites: list, layers: Any,
-                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any) -> int:
+                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any,
+                checkpoints: str | None = None) -> int:
     from klgap import engine
     from klgap.study import run_study
 
@@ -142,7 +156,7 @@ def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, si
             world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress,
                                                         [(s, v) for s in sites for v in layers]))
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
-                          world=world)
+                          world=world, checkpoints=checkpoints)
         if not world.leader:
             return 0
         if shard is not None:

@@ -12,7 +12,7 @@ from typing import Any
 RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
              "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map")
 #: keys of a replication file that are not RunConfig fields
-FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac")
+FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "checkpoints")
 
 
 def _int_arg(name: str):
@@ -35,7 +35,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
         "sites/layers make one study report, with {layer}/{site} in --sae"
     )
-    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file")
+    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file; a glob "
+                   "('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")
     p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
     p.add_argument(
         "--interventions",
