@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -106,14 +107,25 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     world = read_world()
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     expected = _expected_for(args)  # a bad expected.json fails now, not after the run
-    planned = config  # what each (site, layer) is checked as
     if config.joint:
         cells = config.joint_cells()
         sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
         planned = dataclasses.replace(config, joint=False, joint_subsets=False)
+        checkpoints = None
     else:
+        from klgap.checkpoints import is_glob
+        from klgap.overtraining import cells_of, checkpoint_spec
+
         sites = parse_sites(config.site) if config.site is not None else [None]
         layers = parse_layers(config.layer) if config.layer is not None else [None]
+        checkpoints = checkpoint_spec(config.sae, extra.get("checkpoints"), "train_sae" in extra)
+        if checkpoints is not None:  # an SAE's checkpoints: another axis of a study (klgap/overtraining.py)
+            if shard is not None:
+                raise KlgapError("--shard is not supported for a study over SAE checkpoints yet; run it unsharded")
+            sites, layers = cells_of(checkpoints, sites, layers)
+            config.sae = checkpoints
+        # the checkpoints of a glob are checked when the study lists them; the other SAEs now
+        planned = dataclasses.replace(config, sae=None) if checkpoints and is_glob(checkpoints) else config
     if getattr(args, "dry_run", False):
         from klgap.plan import print_plan
 
@@ -125,7 +137,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
                 print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
             print_plan(plan)
         return 0
-    several = not config.joint and (len(sites) > 1 or layers == "all" or len(layers) > 1)
+    several = not config.joint and (checkpoints is not None or len(sites) > 1 or layers == "all" or len(layers) > 1)
     if several and None in sites:
         raise KlgapError("several layers need --site too")
     # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
@@ -140,11 +152,13 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
     # one klgap process (one launch of ranks) per --out, until its pages are written
     with run_lock(out, wait=args.wait, leader=world.leader):
-        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected)
+        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected,
+                           checkpoints)
 
 
 def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, sites: list, layers: Any,
-                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any) -> int:
+                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any,
+                checkpoints: str | None = None) -> int:
     from klgap import engine
     from klgap.study import run_study
 
@@ -158,7 +172,7 @@ def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, si
         world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress, cells))
     if kind == "study":
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
-                          world=world)
+                          world=world, checkpoints=checkpoints)
     else:
         # an SAE trained just now, or a joint run: resolve again
         plan = plans[0] if kind == "run" and (plans[0].sae is not None or not config.sae) else config
@@ -283,8 +297,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
         dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps, epochs=args.epochs,
         b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.k, seed=args.seed, device=args.device,
-        dtype=args.dtype, batch_size=args.batch_size,
-        progress=not args.quiet,
+        dtype=args.dtype, batch_size=args.batch_size, checkpoints=args.checkpoints,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet,
     ))
     return 0
 

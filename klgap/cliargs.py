@@ -13,7 +13,7 @@ RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens",
              "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map",
              "fit_tokens")
 #: keys of a replication file that are not RunConfig fields
-FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac")
+FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "checkpoints")
 
 
 def _int_arg(name: str):
@@ -36,7 +36,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
         "sites/layers make one study report, with {layer}/{site} in --sae"
     )
-    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file")
+    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file; a glob "
+                   "('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")
     p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
     p.add_argument(
         "--interventions",
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
                             "shrinkage: sites where a few dimensions carry most of the variance)")
     train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
+    train.add_argument("--checkpoints", type=_int_arg("--checkpoints"), default=None,
+                       help="also save N evenly spaced checkpoints of each SAE under OUT/checkpoints/step-XXXXXX/ "
+                            "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")
+    train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
+                       help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")

@@ -21,6 +21,10 @@ def print_study(study: StudyReport, out: Path) -> None:
               f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
     for family in families:
         print(f"Holm family: {family}")
+    for curve in study.over_training or []:  # a study over SAE checkpoints
+        print(f"{curve.site} L{curve.layer} over training: "
+              + ", ".join(f"step {p.step} {fmt_fixed(p.kl_ratio.ratio)}" for p in curve.points))
+        print(curve.finding)
     print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 

@@ -379,6 +379,10 @@ def figures_for_run(
     run_dir = Path(run_dir)
     if report is None:
         report = load_report(run_dir)
+    if isinstance(report, StudyReport) and report.over_training is not None:  # the checkpoints of an SAE
+        from klgap.plot_training import over_training
+
+        return [over_training(report, run_dir / "over_training.png")]
     if isinstance(report, StudyReport):
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
         points, stars = curves_of((site_label(run), run.curve) for run in report.runs)

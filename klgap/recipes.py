@@ -39,7 +39,8 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         architecture=recipe.get("architecture", "standard"), k=recipe.get("k"),
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
-        overrides=recipe_overrides(recipe),
+        overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
+        checkpoint_every=recipe.get("checkpoint_every"),
     )
     print_trained(results)
 

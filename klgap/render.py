@@ -229,6 +229,9 @@ def curve_blocks(curve: Curve | None, label: str = "") -> list[Block]:
 
 
 CAPTIONS = {
+    "over_training": "Each SAE checkpoint against the tokens it had seen in training: mean KL of the SAE and of "
+                     f"{BASELINE} and their ratio (bands: 95% intervals resampling whole contexts; 1 dashed), and "
+                     "the checkpoint's held-out explained variance and L0.",
     "kl_bars": "Mean per-token KL for each intervention{error}.",
     "kl_hist": "Distribution of per-token KL on a log axis (log-spaced bins, density per decade) for the SAE "
                f"reconstruction and {BASELINE}; other interventions as faint lines; dashed lines are means.",
@@ -331,8 +334,14 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
     from klgap import render_decomposition
 
-    blocks: list[Block] = [Heading(1, title_of(report)), *_verdict(report), *_summary(report), *extra,
-                           *_notes(report), *_overview(report), *render_decomposition.blocks(report)]
+    if isinstance(report, StudyReport) and report.over_training is not None:  # a study over SAE checkpoints
+        from klgap.overtraining import training_blocks
+
+        lead = training_blocks(report)
+    else:
+        lead = [*_verdict(report), *_summary(report)]
+    blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
+                           *render_decomposition.blocks(report)]
     if isinstance(report, Report):
         blocks += [*compounding_blocks(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
                    *_sae(report), *_single_token(report),

@@ -393,6 +393,35 @@ class RunPairCorrelation(_Model):
     n: int
 
 
+class TrainingPoint(_Model):
+    """One checkpoint of an SAE, measured in a study over its training: where in training it was saved, how it
+    reconstructs held-out activations (its training.json), and the study's KL on it. Intervals resample whole
+    contexts; kl_gap is KL(sae) − KL(baseline) paired on them."""
+
+    path: str  # the sub-run's folder, relative to the study
+    checkpoint: str  # the checkpoint's SAE folder
+    step: int
+    tokens_seen: int
+    explained_variance: Num  # held-out tokens of training
+    l0_mean: Num
+    kl_sae: MeanCI
+    kl_baseline: MeanCI
+    kl_gap: MeanCI
+    kl_ratio: RatioCI
+
+
+class TrainingCurve(_Model):
+    """One SAE's checkpoints in training order (issue 23: does the excess KL over the baseline appear early and
+    persist, or grow as training trades fidelity for sparsity?); `finding` says it in one sentence."""
+
+    site: str
+    layer: int
+    hook_name: str
+    baseline: str
+    points: list[TrainingPoint]
+    finding: str
+
+
 class StudyReport(_Model):
     """Several sites/layers from one command; p_holm is corrected within each Holm family across the study
     (klgap.families)."""
@@ -405,6 +434,7 @@ class StudyReport(_Model):
     gap_correlation_between_runs: list[RunPairCorrelation]
     config: dict[str, Any]
     provenance: Provenance
+    over_training: list[TrainingCurve] | None = None  # a study over SAE checkpoints (klgap/overtraining.py)
 
 
 def _major(version: str) -> str:

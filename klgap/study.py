@@ -30,8 +30,11 @@ from klgap.schema import (
 
 def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: str | Path,
               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None,
-              world: World = SINGLE) -> StudyReport | None:
+              world: World = SINGLE, checkpoints: str | None = None) -> StudyReport | None:
     """Run every (site, layer) into its own folder, then write the study report.
+
+    checkpoints: an SAE spec (``{site}``/``{layer}`` filled in) whose checkpoints are measured, each in
+    ``OUT/<site>_L<layer>/step-XXXXXX/``; the study report gets its over-training section (klgap/overtraining.py).
 
     With ``shard=(i, n)`` every sub-run measures only its share of batches and no report is written. The ranks
     of a torchrun/srun `world` share every sub-run's batches; rank 0 writes the study report (None elsewhere)."""
@@ -44,7 +47,13 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
         plan = resolve(dataclasses.replace(base, site=sites[0], layer=0, sae=sae_for(base.sae, sites[0], 0)))
         layers = list(range(engine.load_model(base.model, plan.device, plan.dtype, plan.placement).n_layers))
     configs, folders = [], []
-    for site in sites:
+    if checkpoints is not None:
+        from klgap.overtraining import checkpoint_runs
+        from klgap.resolve import resolve
+
+        configs, folders = checkpoint_runs(base, [(s, v) for s in sites for v in layers], checkpoints, out)
+        configs = [resolve(config) for config in configs]  # every checkpoint checked before anything loads
+    for site in sites if checkpoints is None else []:
         for layer in layers:
             configs.append(dataclasses.replace(base, site=site, layer=layer, sae=sae_for(base.sae, site, layer)))
             folders.append(out / f"{site}_L{layer:02d}")
@@ -55,23 +64,30 @@ def run_study(base: RunConfig, sites: list[str], layers: list[int] | str, out: s
             engine.run(config, folder, overwrite=overwrite, progress=progress, shard=shard, world=world)
     if shard is not None or not world.leader:
         return None
-    return write_study(base, folders, out)
+    return write_study(base, folders, out, over_training=checkpoints is not None)
 
 
-def write_study(base: RunConfig, folders: list[Path], out: Path) -> StudyReport:
+def write_study(base: RunConfig, folders: list[Path], out: Path, over_training: bool = False) -> StudyReport:
     """Build OUT/report.json of a study from its sub-runs' report.json files (no model needed)."""
-    study = build_study(base, [load_report(folder) for folder in folders], folders, out)
+    study = build_study(base, [load_report(folder) for folder in folders], folders, out, over_training)
     atomic_write_json(out / "report.json", as_json(study))
     return study
 
 
-def build_study(base: RunConfig, reports: list[Report], folders: list[Path], out: Path) -> StudyReport:
+def build_study(base: RunConfig, reports: list[Report], folders: list[Path], out: Path,
+                over_training: bool = False) -> StudyReport:
     """The study report over its sub-runs' reports: their summaries, Holm within each family across the study's
-    sites/layers (klgap.families), the gap correlations between sub-runs. The sub-reports are left unchanged."""
+    sites/layers (klgap.families), the gap correlations between sub-runs, and with `over_training` (its sub-runs
+    are an SAE's checkpoints) the over-training section. The sub-reports are left unchanged."""
     runs = [StudyRun(**{k: getattr(report, k) for k in report.model_fields_set & set(SiteSummary.model_fields)},
                      path=str(folder.relative_to(out))).model_copy(deep=True)
             for report, folder in zip(reports, folders, strict=True)]
     apply_holm([run.comparisons for run in runs])
+    extra = {}
+    if over_training:
+        from klgap.overtraining import over_training as section
+
+        extra["over_training"] = section(runs, folders, base.seed)
     return StudyReport(
         schema_version=SCHEMA_VERSION,
         kind="study",
@@ -81,6 +97,7 @@ def build_study(base: RunConfig, reports: list[Report], folders: list[Path], out
         gap_correlation_between_runs=gap_correlations_between(folders, [run.path for run in runs]),
         config={**base.to_dict(), "layer": [run.layer for run in runs], "site": [run.site for run in runs]},
         provenance=provenance(),
+        **extra,
     )
 
 

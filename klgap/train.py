@@ -131,10 +131,16 @@ def fit_sae(
     b_dec_init: str = "zeros",
     architecture: str = "standard",
     k: int | None = None,
+    checkpoints: int | None = None,
+    checkpoint_every: int | None = None,
 ) -> dict[str, Any]:
     """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json.
 
     architecture: "standard" (ReLU, L1 `l1_coefficient`) or "topk" (`k` latents per token, L1 unused).
+
+    checkpoints / checkpoint_every: also save `checkpoints` evenly spaced SAEs (or one about every
+    `checkpoint_every` steps) under ``out_dir/checkpoints/step-XXXXXX/`` (klgap/checkpoints.py), the last the
+    final SAE.
 
     b_dec_init: "zeros" (sae_lens's trainer as it is: inputs scaled to mean norm sqrt(d)) or "mean": inputs
     scaled so that their spread around the mean has norm sqrt(d), and the decoder bias starts at the mean.
@@ -144,6 +150,9 @@ def fit_sae(
                           TopKTrainingSAEConfig)
     from sae_lens.config import SAETrainerConfig
 
+    from klgap import checkpoints as ckpt
+
+    n_checkpoints = ckpt.count(steps, checkpoints, checkpoint_every)
     if b_dec_init not in B_DEC_INITS:
         raise KlgapError(f"unknown b_dec_init {b_dec_init!r}; valid: {', '.join(B_DEC_INITS)}")
     check_architecture(architecture, k, expansion * acts.shape[-1])
@@ -161,6 +170,26 @@ def fit_sae(
         )
     held_out, train = acts[:n_eval], acts[n_eval:]
     d_in = acts.shape[-1]
+    facts = {
+        "model": model.name,
+        "site": site,
+        "layer": layer,
+        "hook_name": hook_name(site, layer),
+        "d_in": d_in,
+        "d_sae": expansion * d_in,
+        "n_training_tokens": int(len(train)),
+        "n_training_samples": int(steps * train_batch_size),
+        "n_eval_tokens": int(n_eval),
+        "steps": steps,
+        "train_batch_size": train_batch_size,
+        "architecture": architecture,
+        **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
+        "b_dec_init": b_dec_init,
+        "lr": lr,
+        "seed": seed,
+        "first_position": "excluded" if skip_first_position else "included",
+    }
+    saver = ckpt.CheckpointSaver(Path(out_dir), held_out, device, facts) if n_checkpoints else None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -188,13 +217,16 @@ def fit_sae(
             autocast=False,
             dead_feature_window=1000,
             feature_sampling_window=2000,
-            n_checkpoints=0,
-            checkpoint_path=None,
+            n_checkpoints=max(0, n_checkpoints - 1),  # sae_lens spaces them; the last is the final SAE
+            checkpoint_path=None,  # sae_lens writes nothing itself: CheckpointSaver saves a loadable SAE
             save_final_checkpoint=False,
             logger=LoggingConfig(log_to_wandb=False),
             n_batches_for_norm_estimate=min(50, max(1, len(train) // train_batch_size)),
         )
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train, train_batch_size, seed, device))
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train, train_batch_size, seed, device),
+                             save_checkpoint_fn=saver)
+        if saver is not None:
+            saver.attach(trainer)
         if b_dec_init == "mean":
             # Scale so that the spread around the mean (not the offset) has norm sqrt(d) on average, and start
             # b_dec at the mean in those units; the factor is folded into the saved weights as usual.
@@ -210,27 +242,10 @@ def fit_sae(
     with _staged(Path(out_dir)) as staging:
         trained.save_inference_model(staging)
         inference = SAE.load_from_disk(str(staging), device=str(device)).eval()
-        result = {
-            "model": model.name,
-            "site": site,
-            "layer": layer,
-            "hook_name": hook_name(site, layer),
-            "d_in": d_in,
-            "d_sae": expansion * d_in,
-            "n_training_tokens": int(len(train)),
-            "n_training_samples": int(steps * train_batch_size),
-            "n_eval_tokens": int(n_eval),
-            "steps": steps,
-            "train_batch_size": train_batch_size,
-            "architecture": architecture,
-            **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
-            "b_dec_init": b_dec_init,
-            "lr": lr,
-            "seed": seed,
-            "first_position": "excluded" if skip_first_position else "included",
-            **evaluate(inference, held_out, device),
-            "wall_time_s": round(time.time() - started, 2),
-        }
+        result = {**facts, **evaluate(inference, held_out, device), "wall_time_s": round(time.time() - started, 2)}
+        if saver is not None:
+            saver.finish(staging, result)
+            result["checkpoints"] = n_checkpoints
         (staging / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -338,6 +353,8 @@ def train_saes(
     progress: bool = True,
     only: list[tuple[str, int]] | None = None,
     overrides: dict[tuple[str, int], dict[str, Any]] | None = None,
+    checkpoints: int | None = None,
+    checkpoint_every: int | None = None,
 ) -> list[dict[str, Any]]:
     """``klgap train-sae`` as a function (argument names are the flags'): train an SAE at every (site, layer)
     in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
@@ -346,7 +363,8 @@ def train_saes(
     steps / epochs: training steps of 1024 tokens, or passes over `tokens` (not both); default one pass
     (:func:`steps_for`); more than :data:`MAX_PASSES` passes is a warning on stderr.
     only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
-    (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give."""
+    (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
+    checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/checkpoints.py)."""
     import math
     import os
 
@@ -379,6 +397,10 @@ def train_saes(
     for warning in sorted({reuse_warning(tokens, n) for n in [n_steps, *(c["steps"] for c in (overrides or {}).values()
                                                                             if "steps" in c)]} - {None}):
         print(f"klgap: warning: {warning}", file=sys.stderr)
+    from klgap.checkpoints import count
+
+    for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
+        count(value, checkpoints, checkpoint_every)  # checked before the model loads
     recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
     from klgap.specs import split_spec
 
@@ -395,7 +417,8 @@ def train_saes(
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
     contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
-                              "b_dec_init": b_dec_init, "architecture": architecture, "k": k}
+                              "b_dec_init": b_dec_init, "architecture": architecture, "k": k,
+                              "checkpoints": checkpoints, "checkpoint_every": checkpoint_every}
     recipe["steps"] = n_steps
     for key, value in (("l1_coefficient", l1), ("lr", lr)):
         if value is not None:
