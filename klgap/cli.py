@@ -168,7 +168,8 @@ def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, si
     if kind == "run":
         config.site, config.layer = sites[0], layers[0]
     if "train_sae" in extra and layers != "all":
-        cells = {"joint": config.joint_cells(), "study": [(s, v) for s in sites for v in layers], "run": None}[kind]
+        cells = (config.joint_cells() if kind == "joint" else [(s, v) for s in sites for v in layers]
+                 if kind == "study" else None)
         world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress, cells))
     if kind == "study":
         study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
