@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from klgap.saefile import save_safetensors_sae
-from klgap.sites import hook_name
+from klgap.sae.file import save_safetensors_sae
+from klgap.plan.sites import hook_name
 
 
 def random_sae(path: Path, model: str, site: str, layer: int) -> Path:
-    from klgap.plugins import registry
+    from klgap.plugins.manager import registry
 
     d = registry("model").get(model).load(torch.device("cpu"), torch.float32).site_widths[site]
     gen = torch.Generator().manual_seed(0)

@@ -3,8 +3,8 @@
 naive: every patched run is a full forward of the whole context through nnsight, and the clean forward is
        repeated with it (per intervention; in many-samples mode per draw).
 engine: klgap's measure_batch, timed over every batch after loading (the naive runner is timed the same way):
-  - all_tokens:   one clean forward per batch, then only the layers above the site per intervention (klgap.suffix);
-  - single_token: positions < t from the KV cache, only t..t+k computed per intervention (klgap.kvcache);
+  - all_tokens:   one clean forward per batch, then only the layers above the site per intervention (klgap.forward.suffix);
+  - single_token: positions < t from the KV cache, only t..t+k computed per intervention (klgap.forward.kvcache);
   - many_samples: the same, only position t per draw, draws batched.
 floor (all-token): one clean forward + n_interventions × (layers above the site + final norm + unembedding) per
        batch, timed piece by piece.
@@ -30,10 +30,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from klgap import activations, engine, executors, metrics, modes
-from klgap.config import DEFAULT_INTERVENTIONS, RunConfig
-from klgap.plugins import registry
-from klgap.train import train_sae
+from klgap.forward import activations
+
+from klgap.job import engine
+
+from klgap.forward import executors
+
+from klgap.forward import metrics
+
+from klgap.job import modes
+from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig
+from klgap.plugins.manager import registry
+from klgap.sae.train import train_sae
 
 KEY = ["intervention", "context", "position", "draw"]
 

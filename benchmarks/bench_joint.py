@@ -1,4 +1,4 @@
-"""A joint run's fast path (klgap/joint.py: the lowest site's suffix replay, higher sites patched by hooks) against
+"""A joint run's fast path (klgap/job/joint.py: the lowest site's suffix replay, higher sites patched by hooks) against
 its full forwards, on the same tokens and draws: seconds per batch of the joint rows and of each site alone.
 
 Random ReLU SAEs (d_sae = 4 × d_in) stand in for trained ones: the timing does not depend on what they learned.
@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from klgap.config import RunConfig
-from klgap.joint import load_joint
-from klgap.jointmodes import measure_batch
-from klgap.plugins import registry
-from klgap.resolve import resolve
-from klgap.saefile import save_safetensors_sae
-from klgap.sites import hook_name
+from klgap.plan.config import RunConfig
+from klgap.job.joint import load_joint
+from klgap.job.joint_modes import measure_batch
+from klgap.plugins.manager import registry
+from klgap.plan.resolve import resolve
+from klgap.sae.file import save_safetensors_sae
+from klgap.plan.sites import hook_name
 
 
 def random_saes(folder: Path, model: str, cells: list[tuple[str, int]]) -> str:

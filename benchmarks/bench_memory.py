@@ -1,9 +1,9 @@
 """Peak memory of building a run's report against the number of tokens: parts (and run.json) synthesised at two
-sizes, the report built from each folder in a fresh process (klgap.report.build_report).
+sizes, the report built from each folder in a fresh process (klgap.report.build.build_report).
 
 Measuring streams per-batch parts to disk, so its memory does not depend on the number of tokens; this measures
 the other half, reducing the parts to what the report holds. No model: the parts are written directly, with the
-columns, dtypes and row layout `klgap/engine.py` gives them (`_table`, one block of rows per intervention, written
+columns, dtypes and row layout `klgap/job/engine.py` gives them (`_table`, one block of rows per intervention, written
 by `RunDir.write_part`), KL log-normal, token ids Zipf-distributed over a GPT-2-sized vocabulary. Each size's parts
 are written by one subprocess and read by another, which reports its own peak RSS (ru_maxrss). The last line is
 machine-readable:
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from klgap.rundir import RunDir
+from klgap.job.folder import RunDir
 
 out, n_tokens, context_len, batch_size, names = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split(",")
 rng = np.random.default_rng(0)
@@ -56,9 +56,9 @@ for index in range(-(-n_contexts // batch_size)):
     rundir.write_part(index, pd.concat(frames, ignore_index=True), side)
 
 # run.json, as engine.open_run writes it (what the report needs besides the parts)
-from klgap.provenance import provenance
-from klgap.record import InterventionRef, RunRecord, write_record
-from klgap.schema import SCHEMA_VERSION, ModuleRef, PluginRef, SAEInfo
+from klgap.report.provenance import provenance
+from klgap.job.record import InterventionRef, RunRecord, write_record
+from klgap.report.schema import SCHEMA_VERSION, ModuleRef, PluginRef, SAEInfo
 
 plugin = PluginRef(plugin="bench", version=None)
 write_record(out, RunRecord(
@@ -79,14 +79,14 @@ from pathlib import Path
 def build(run: Path, names: list[str]) -> None:
     # The one thing measured: the whole report of a run folder, from its run.json and parts (what
     # `klgap merge` / `klgap report` / the end of `klgap replicate` do).
-    from klgap.record import read_record
-    from klgap.report import build_report
-    from klgap.rundir import RunDir
+    from klgap.job.record import read_record
+    from klgap.report.build import build_report
+    from klgap.job.folder import RunDir
 
     build_report(read_record(run), RunDir(run))
 
 
-import klgap.report, klgap.record, klgap.rundir  # the imports' memory is part of the baseline, not of the report
+import klgap.report.build, klgap.job.record, klgap.job.folder  # the imports' memory is part of the baseline, not of the report
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 build(Path(sys.argv[1]), sys.argv[2].split(","))

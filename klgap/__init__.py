@@ -29,7 +29,7 @@ from klgap.hookspecs import hookimpl  # noqa: E402  (plugins write `@klgap.hooki
 _LAZY = {
     "measure": "klgap.api", "curve": "klgap.api", "compare": "klgap.api", "train_sae": "klgap.api",
     "load_run": "klgap.api", "Result": "klgap.api",
-    "Report": "klgap.schema", "StudyReport": "klgap.schema", "RunConfig": "klgap.config",
+    "Report": "klgap.report.schema", "StudyReport": "klgap.report.schema", "RunConfig": "klgap.plan.config",
     # what a plugin implements or returns (klgap.protocols)
     **{name: "klgap.protocols" for name in (
         "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",

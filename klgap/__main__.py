@@ -2,6 +2,6 @@
 
 import sys
 
-from klgap.cli import main
+from klgap.cli.main import main
 
 sys.exit(main())

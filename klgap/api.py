@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from klgap.config import RunConfig, split_interventions
+from klgap.plan.config import RunConfig, split_interventions
 from klgap.errors import KlgapError
-from klgap.plugins import ModelRef, get_host
+from klgap.plugins.manager import ModelRef, get_host
 from klgap.protocols import LoadedModel, LoadedSAE
-from klgap.schema import BASELINE, RatioCI, Report, load_report
+from klgap.report.schema import BASELINE, RatioCI, Report, load_report
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,8 +54,8 @@ class Result:
         return comparison.kl_ratio if comparison is not None else None
 
     def verdict(self) -> str:
-        """The run's finding in one sentence, as its report.md opens (klgap.summary.SummaryRow.verdict)."""
-        from klgap.summary import summary_row
+        """The run's finding in one sentence, as its report.md opens (klgap.report.summary.SummaryRow.verdict)."""
+        from klgap.report.summary import summary_row
 
         return summary_row(self.report, self.report.model, self.report.mode).verdict()
 
@@ -84,7 +84,7 @@ class Result:
     def plot(self, kind: str = "kl_bars") -> Figure:
         """A matplotlib figure of this run: kl_bars, kl_hist, kl_by_position, single_token, many_samples or
         robustness (those that apply to its mode)."""
-        from klgap import plots
+        from klgap.figures import runs as plots
 
         _show_figures_in_notebooks()
         report, tokens = self.report, self.tokens
@@ -110,9 +110,9 @@ class Result:
 
     def save(self, folder: str | Path) -> Path:
         """Write the run folder (report.json, tokens.parquet, report.md/html and figures) to `folder`."""
-        from klgap.render import rebuild
-        from klgap.rundir import atomic_write_json, atomic_write_parquet
-        from klgap.schema import as_json
+        from klgap.render.pages import rebuild
+        from klgap.job.folder import atomic_write_json, atomic_write_parquet
+        from klgap.report.schema import as_json
 
         folder = Path(folder)
         if self.path is not None and self.path.resolve() != folder.resolve():
@@ -243,7 +243,7 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
     tokenizer (BOS first), in order; every full context is kept."""
     import torch
 
-    from klgap.packing import pack, tokenize_documents
+    from klgap.job.packing import pack, tokenize_documents
 
     texts = tokens
     if hasattr(tokens, "column_names"):  # a datasets.Dataset
@@ -257,8 +257,8 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
     if isinstance(model, ModelRef):
         loaded = model.adapter.loaded
     else:
-        from klgap.loading import load_model
-        from klgap.resolve import pick_device
+        from klgap.job.loading import load_model
+        from klgap.plan.resolve import pick_device
 
         loaded = load_model(model, pick_device(plan_device), getattr(torch, dtype))
     if loaded.tokenizer is None:
@@ -291,12 +291,12 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
             device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets.
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
             each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAE objects in that order; each
-            site is also measured alone, and ``result.report.compounding`` compares them (klgap/joint.py).
+            site is also measured alone, and ``result.report.compounding`` compares them (klgap/job/joint.py).
     """
     import torch
 
-    from klgap import engine
-    from klgap.resolve import TokenSourceRef, pick_device, resolve
+    from klgap.job import engine
+    from klgap.plan.resolve import TokenSourceRef, pick_device, resolve
 
     name, ref = _model_ref(model, tokenizer)
     values: dict[str, Any] = {"model": name, "site": site, "layer": layer, "mode": mode, "seed": seed, **options}
@@ -332,7 +332,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
         sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
     plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
     if out is not None:
-        from klgap.runlock import run_lock
+        from klgap.job.lock import run_lock
 
         with run_lock(out):  # as the CLI: a second process writing `out` is refused, naming this one
             engine.run(plan, out, overwrite=overwrite, progress=progress)
@@ -348,7 +348,7 @@ def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | flo
           interventions: str | list[str] | None = None, **kwargs: Any) -> Result:
     """``klgap curve``: KL of cosine_matched noise over a grid of cosines, with sae and epsilon_random, and the
     SAE's own point on it (``result.report.curve``, ``result.plot("robustness")``). Other arguments as measure."""
-    from klgap.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
 
     grid = curve_interventions(parse_cos_grid(str(cos)), parse_norm_fracs(str(norm_frac)))
     chosen = split_interventions(interventions) if interventions else []
@@ -359,8 +359,8 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     """Runs side by side (``klgap compare``'s table): Results or run / study folders, one row per site/layer."""
     import pandas as pd
 
-    from klgap.comparison import COLUMNS, Entry, entries_for
-    from klgap.summary import summary_row
+    from klgap.report.compare import COLUMNS, Entry, entries_for
+    from klgap.report.summary import summary_row
 
     if labels is not None and len(labels) != len(runs):
         raise KlgapError(f"labels has {len(labels)} entries for {len(runs)} runs; give one per run")
@@ -385,7 +385,7 @@ def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], o
     (trained on where it is)."""
     import pandas as pd
 
-    from klgap.train import train_saes
+    from klgap.sae.train import train_saes
 
     name, ref = _model_ref(model, tokenizer)
     if ref is not None:  # a held model gathers where it is

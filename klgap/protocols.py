@@ -7,7 +7,7 @@ Optional capabilities are declared here too, each as a small ``@runtime_checkabl
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
 (``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ErrorFittablePerturbation`
 (``fit_error``) and :class:`ErrorSplitter` (``error_parts``) on a perturbation. The core asks
-for them through :mod:`klgap.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
+for them through :mod:`klgap.plugins.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
 Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
 """
@@ -43,7 +43,7 @@ class SiteSpec:
 class BlockLayout:
     """Where the decoder blocks, the final norm and the unembedding live (dotted paths from the HF model root).
 
-    A model adapter that gives one lets klgap rerun only the layers above a site (klgap/suffix.py)."""
+    A model adapter that gives one lets klgap rerun only the layers above a site (klgap/forward/suffix.py)."""
 
     blocks: str  # e.g. "model.layers": a ModuleList of n_layers blocks
     final_norm: str  # e.g. "model.norm"
@@ -330,7 +330,7 @@ class ErrorSplitter(Protocol):
 
     ``error_parts(x, x_hat)`` with ``x, x_hat: [n, d]`` returns ``(e_lin, e_nl)``, each ``[n, d]`` float32. When a
     run holds one, every measured row gets the columns ``eps_lin = ‖e_lin‖`` and ``eps_nl = ‖e_nl‖`` and the
-    report an error-decomposition section (klgap/decomposition.py).
+    report an error-decomposition section (klgap/report/decomposition.py).
     """
 
     def error_parts(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...

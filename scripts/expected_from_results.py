@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from klgap.expectations import Expected, Target  # noqa: E402
-from klgap.schema import Report, load_report  # noqa: E402
+from klgap.report.expectations import Expected, Target  # noqa: E402
+from klgap.report.schema import Report, load_report  # noqa: E402
 
 NOTE = ("Targets from the committed results in results/ (scripts/expected_from_results.py): a re-run of the same "
         "file with the same seed reproduces them to float rounding on CPU; the intervals allow another device, "

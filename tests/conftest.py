@@ -34,7 +34,7 @@ _MODEL_CACHE: dict[tuple[str, str], object] = {}
 @pytest.fixture(scope="session")
 def load_model(device):
     """``load_model("tiny-gpt2")`` -> LoadedModel, built once per session."""
-    from klgap.plugins import registry
+    from klgap.plugins.manager import registry
 
     def _load(name: str):
         key = (name, str(device))

@@ -31,7 +31,7 @@ CASES = {
 
 def make_sae(folder: Path, d: int, site: str, layer: int) -> Path:
     """A fixed random ReLU SAE in the plain safetensors format."""
-    from klgap.sites import hook_name
+    from klgap.plan.sites import hook_name
     from klgap_saes import save_safetensors_sae
 
     gen = torch.Generator().manual_seed(11)
@@ -54,8 +54,8 @@ def token_digest(folder: Path) -> dict:
 
 
 def generate(out: Path) -> dict:
-    from klgap import engine
-    from klgap.config import RunConfig
+    from klgap.job import engine
+    from klgap.plan.config import RunConfig
 
     sae = make_sae(out, 64, "resid_pre", 1)
     results = {}
@@ -64,7 +64,7 @@ def generate(out: Path) -> dict:
         report = json.loads((out / name / "report.json").read_text())
         results[name] = {"report": numbers(report), "tokens": token_digest(out / name)}
     # a study: two sites of one batch loop sharing each batch's clean forward
-    from klgap.study import run_study
+    from klgap.job.study import run_study
 
     for site in ("mlp_out", "resid_post"):
         make_sae(out, 64, site, 0)

@@ -21,7 +21,7 @@ from klgap.testing.token_sources import TokenSourceConformance
 def use_plugin(name: str, module: Any) -> None:
     """Register `module` (its ``@klgap.hookimpl`` functions) as plugin `name`, unless an installed ``klgap`` entry
     point already registered a plugin of that name: a plugin's tests then pass before ``pip install -e .``."""
-    from klgap.plugins import get_host
+    from klgap.plugins.manager import get_host
 
     host = get_host()
     if not host.pm.has_plugin(name):

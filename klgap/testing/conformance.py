@@ -12,16 +12,16 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.capabilities import check_sae_spec, error_fittable, fittable
+from klgap.plugins.capabilities import check_sae_spec, error_fittable, fittable
 from klgap.errors import KlgapError
 from klgap.protocols import DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck, SAEChecker
-from klgap.sites import SITES, parse_hook_name
+from klgap.plan.sites import SITES, parse_hook_name
 
 _MODELS: dict[tuple[str, str], Any] = {}
 
 
 def _load_model(spec: str, device: str):
-    from klgap.plugins import model_adapter
+    from klgap.plugins.manager import model_adapter
 
     key = (spec, device)
     if key not in _MODELS:
@@ -68,7 +68,7 @@ class ModelAdapterConformance:
     def test_registered_with_a_description(self, model_spec):
         """A registered name has a description; any other value (a repo id, a folder) is claimed by a plugin's
         ``resolve_model_adapter``."""
-        from klgap.plugins import model_adapter, registry
+        from klgap.plugins.manager import model_adapter, registry
 
         entry = registry("model").entries.get(model_spec)
         if entry is not None:
@@ -90,7 +90,7 @@ class ModelAdapterConformance:
         assert torch.isfinite(logits).all()
 
     def test_sites_resolve_with_the_right_shape(self, lm):
-        from klgap import activations
+        from klgap.forward import activations
 
         ids = self._ids(lm)
         for site in self._sites(lm):
@@ -102,7 +102,7 @@ class ModelAdapterConformance:
 
     def test_site_equals_a_plain_forward_hook(self, lm):
         """The activation klgap reads is the tensor a PyTorch hook on the same module sees."""
-        from klgap import activations
+        from klgap.forward import activations
 
         ids = self._ids(lm)
         for site in self._sites(lm):
@@ -127,7 +127,7 @@ class ModelAdapterConformance:
                                        msg=lambda m: f"{site} L{layer} differs from a hook on {spec.module}: {m}")
 
     def test_patching_x_itself_leaves_logits_unchanged(self, lm):
-        from klgap import activations
+        from klgap.forward import activations
 
         ids = self._ids(lm)
         for site in self._sites(lm):
@@ -137,7 +137,7 @@ class ModelAdapterConformance:
             assert _rel(patched, clean) < 1e-5, f"{site}: patching x' = x changed the logits"
 
     def test_patching_takes_effect(self, lm):
-        from klgap import activations
+        from klgap.forward import activations
 
         ids = self._ids(lm)
         site = "resid_pre" if "resid_pre" in lm.site_widths else self._sites(lm)[0]
@@ -162,18 +162,18 @@ class SAELoaderConformance:
 
     @pytest.fixture
     def sae(self, tmp_path):
-        from klgap.loading import load_sae
+        from klgap.job.loading import load_sae
 
         self.spec = self.make_spec(tmp_path)
         return load_sae(f"{self.loader}:{self.spec}", torch.device(self.device))
 
     def test_registered(self):
-        from klgap.plugins import registry
+        from klgap.plugins.manager import registry
 
         assert self.loader in registry("sae_loader").names(), f"no SAE loader is registered as {self.loader!r}"
 
     def test_bare_path_routes_to_this_loader(self, tmp_path):
-        from klgap.plugins import registry
+        from klgap.plugins.manager import registry
 
         spec = self.make_spec(tmp_path)
         loader = registry("sae_loader").get(self.loader)
@@ -204,7 +204,7 @@ class SAELoaderConformance:
         assert sae.d_in == lm.site_widths[site], f"d_in {sae.d_in} != {self.model} {site} width {lm.site_widths[site]}"
 
     def test_missing_file_is_a_clear_error(self, tmp_path):
-        from klgap.loading import load_sae
+        from klgap.job.loading import load_sae
 
         with pytest.raises(KlgapError):
             load_sae(f"{self.loader}:{tmp_path / 'does-not-exist'}", torch.device(self.device))
@@ -215,7 +215,7 @@ class SAELoaderConformance:
     # -- optional capabilities: checked when the loader declares them (klgap.protocols)
 
     def _registered(self):
-        from klgap.plugins import registry
+        from klgap.plugins.manager import registry
 
         return registry("sae_loader").get(self.loader)
 
@@ -271,7 +271,7 @@ class PerturbationConformance:
     n: ClassVar[int] = 64
 
     def build(self):
-        from klgap.resolve import build_intervention
+        from klgap.plan.resolve import build_intervention
 
         p = build_intervention(self.spec).perturbation
         for fittable_p in fittable([p]):
@@ -311,7 +311,7 @@ class PerturbationConformance:
     def test_fit_is_reproducible(self):
         """FittablePerturbation: fitting twice on the same activations gives the same x' under one seed (a
         resumed run refits on the same tokens)."""
-        from klgap.resolve import build_intervention
+        from klgap.plan.resolve import build_intervention
 
         first = build_intervention(self.spec).perturbation
         if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation)):

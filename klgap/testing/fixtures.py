@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="session")
 def klgap_tiny_model():
     """``klgap_tiny_model("tiny-gpt2")`` -> a LoadedModel (CPU, float32), built once per session."""
-    from klgap.loading import load_model
+    from klgap.job.loading import load_model
 
     return lambda name="tiny-gpt2": load_model(name, torch.device("cpu"), torch.float32)
 
@@ -19,7 +19,7 @@ def klgap_tiny_model():
 @pytest.fixture
 def klgap_sae_file(tmp_path: Path):
     """``klgap_sae_file(d_in, d_sae, hook_name)`` -> path of a random ReLU SAE in the plain safetensors format."""
-    from klgap.saefile import save_safetensors_sae
+    from klgap.sae.file import save_safetensors_sae
 
     def make(d_in: int = 64, d_sae: int = 256, hook_name: str | None = "blocks.1.hook_resid_pre", seed: int = 0) -> Path:
         gen = torch.Generator().manual_seed(seed)

@@ -26,13 +26,13 @@ class TokenSourceConformance:
         return _load_model(self.model, "cpu")
 
     def contexts(self, lm, seed: int = 0, prepend_bos: bool = True, context_len: int | None = None) -> torch.Tensor:
-        from klgap.plugins import registry
+        from klgap.plugins.manager import registry
 
         obj = registry("token_source").get(self.source)
         return obj.contexts(lm, self.n_contexts, context_len or self.context_len, seed, prepend_bos, self.arg)
 
     def test_registered_with_a_description(self):
-        from klgap.plugins import registry
+        from klgap.plugins.manager import registry
 
         entry = registry("token_source").entries.get(self.source)
         assert entry is not None, f"no token source is registered as {self.source!r}"

@@ -41,7 +41,7 @@ import torch
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
-from klgap.sites import hook_name
+from klgap.plan.sites import hook_name
 from klgap_saes.convert import Converted, FolderFormat, check_shapes, load_converted, read_torch, require_keys
 
 WEIGHTS, CONFIG = "ae.pt", "config.json"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klgap.errors import KlgapError
-from klgap.sites import SITES
+from klgap.plan.sites import SITES
 from klgap_hf.families import FAMILIES, Family, dims, site_widths, text_config
 from klgap_hf.folder import FolderAdapter
 from klgap_hf.gguf import GGUFAdapter
@@ -48,7 +48,7 @@ def families_table() -> list[dict[str, Any]]:
 
 def describe(spec: str) -> dict[str, Any]:
     """What `spec` resolves to and its site map (module paths at layer L), from the config and a meta-device build."""
-    from klgap.plugins import model_adapter
+    from klgap.plugins.manager import model_adapter
 
     ref = model_adapter(spec)
     if not isinstance(ref.adapter, DESCRIBABLE):

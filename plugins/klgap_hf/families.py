@@ -1,6 +1,6 @@
 """Site maps of the supported architectures: where each site lives in the Hugging Face module tree.
 
-Every family maps the five sites of :data:`klgap.sites.SITES` at block L to a :class:`SiteSpec`, and each site
+Every family maps the five sites of :data:`klgap.plan.sites.SITES` at block L to a :class:`SiteSpec`, and each site
 means what the TransformerLens hook of the same name means (``transformer_lens/components/transformer_block.py``):
 
 ====================  =====================================================================================
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from klgap.errors import KlgapError
 from klgap.protocols import BlockLayout, SiteSpec
-from klgap.sites import check_site
+from klgap.plan.sites import check_site
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Family:
     attn_z_width: int | None = None  # attn_z's width when not n_heads * head_dim (found by klgap_hf.generic)
 
     def points(self) -> dict[str, Point | None]:
-        """Every site's point inside a block, in the order of :data:`klgap.sites.SITES`."""
+        """Every site's point inside a block, in the order of :data:`klgap.plan.sites.SITES`."""
         resid_post = RESID_POST if self.block_output_index is None else Point("", "output", self.block_output_index)
         return {"resid_pre": RESID_PRE, "resid_post": resid_post, "attn_out": self.attn_out,
                 "mlp_out": self.mlp_out, "attn_z": self.attn_z}
@@ -85,7 +85,7 @@ class Family:
         return tuple(site for site, point in self.points().items() if point is not None)
 
     def layout(self, softcap: float | None = None) -> BlockLayout | None:
-        """What :mod:`klgap.suffix` needs to rerun only the layers above a site (None: final norm or head unknown);
+        """What :mod:`klgap.forward.suffix` needs to rerun only the layers above a site (None: final norm or head unknown);
         `softcap`: the value of the config's final-logit soft cap (:attr:`softcap` names it)."""
         if not (self.final_norm and self.unembed):
             return None

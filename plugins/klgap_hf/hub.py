@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from klgap.errors import HubUnavailableError, KlgapError
-from klgap.hub import hub_reachable, offline_env
+from klgap.plugins.hubcheck import hub_reachable, offline_env
 from klgap.protocols import LoadedModel, Placement
 from klgap_hf.loaded import check_structure, wrap_loaded
 

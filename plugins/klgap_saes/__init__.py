@@ -7,7 +7,7 @@ shares (this plugin's plain safetensors file, ``klgap_sparsify``, ``klgap_dictio
 from __future__ import annotations
 
 import klgap
-from klgap.saefile import save_safetensors_sae
+from klgap.sae.file import save_safetensors_sae
 from klgap_saes.disk import SaeLensDiskLoader, SafetensorsLoader
 from klgap_saes.pretrained import SaeLensPretrainedLoader
 

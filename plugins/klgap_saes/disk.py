@@ -1,6 +1,6 @@
 """SAEs on disk: a sae_lens folder (cfg.json + sae_weights.safetensors) and a plain safetensors file.
 
-The plain file's format (tensor names, writer) lives in :mod:`klgap.saefile`; its converter is
+The plain file's format (tensor names, writer) lives in :mod:`klgap.sae.file`; its converter is
 :func:`convert_safetensors`, built into a sae_lens SAE by :mod:`klgap_saes.convert`.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
-from klgap.saefile import METADATA, REQUIRED, THRESHOLD, save_safetensors_sae
+from klgap.sae.file import METADATA, REQUIRED, THRESHOLD, save_safetensors_sae
 from klgap_saes.common import trained_centred, wrap_sae_lens
 from klgap_saes.convert import Converted, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from klgap.errors import KlgapError
 from klgap.protocols import ModelSAENames
-from klgap.sites import SITES, parse_hook_name
+from klgap.plan.sites import SITES, parse_hook_name
 from klgap_saes.pretrained import SaeLensPretrainedLoader, directory, is_hook_name
 
 #: releases of transcoders / cross-layer transcoders: they do not reconstruct their own input, klgap refuses them
@@ -74,8 +74,8 @@ def _width(release: str, sae_id: str) -> str | None:
 def sae_lens_names(model: str) -> ModelSAENames:
     """The sae_lens model names of `--model` (its adapter's, as a run uses them); a model name the directory
     itself uses (``gpt2-small``, ``google/gemma-3-270m``) is taken as it is."""
-    from klgap.capabilities import model_sae_names
-    from klgap.plugins import model_adapter
+    from klgap.plugins.capabilities import model_sae_names
+    from klgap.plugins.manager import model_adapter
 
     if model in {lookup.model for lookup in directory().values()}:
         return ModelSAENames(model, (model,))

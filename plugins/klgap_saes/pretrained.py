@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from klgap.errors import HubUnavailableError, KlgapError, unknown
 from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, SAECheck
-from klgap.sites import hook_name, parse_hook_name
+from klgap.plan.sites import hook_name, parse_hook_name
 from klgap_saes.common import wrap_sae_lens
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from torch import nn
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
-from klgap.sites import hook_name
+from klgap.plan.sites import hook_name
 from klgap_saes.convert import (
     Converted, FolderFormat, check_shapes, load_converted, read_safetensors, register_architecture, require_keys,
 )

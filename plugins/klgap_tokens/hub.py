@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from klgap.errors import HubUnavailableError, KlgapError
-from klgap.hub import hub_reachable, offline_env
+from klgap.plugins.hubcheck import hub_reachable, offline_env
 from klgap.protocols import LoadedModel
 from klgap_tokens.checks import check_request
 from klgap_tokens.loading import root_cause

@@ -1,5 +1,5 @@
-"""Documents -> contexts: the core's packing (klgap.packing), used by the `text`, `sample` and `hf` sources."""
+"""Documents -> contexts: the core's packing (klgap.job.packing), used by the `text`, `sample` and `hf` sources."""
 
-from klgap.packing import pack, separator_id, tokenize_documents
+from klgap.job.packing import pack, separator_id, tokenize_documents
 
 __all__ = ["pack", "separator_id", "tokenize_documents"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from klgap.cli import main
-from klgap.schema import SCHEMA_VERSION
+from klgap.cli.main import main
+from klgap.report.schema import SCHEMA_VERSION
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_bad_input_one_line_no_traceback(tmp_path, capsys, bad_files, argv, mess
 
 
 def test_unknown_plugin_in_disable_list(monkeypatch, capsys):
-    from klgap.plugins import reset_host
+    from klgap.plugins.manager import reset_host
 
     monkeypatch.setenv("KLGAP_DISABLE_PLUGINS", "hf_modls")
     reset_host()
@@ -155,7 +155,7 @@ def test_every_flag_of_every_subcommand_has_help_and_every_subcommand_a_descript
     """`klgap X --help` explains every flag (issue 16 item 7), for the core's and the built-in plugins' commands."""
     import argparse
 
-    from klgap.cliargs import build_parser
+    from klgap.cli.args import build_parser
 
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

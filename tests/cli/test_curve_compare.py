@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from klgap.cli import main
-from klgap.formatting import fmt_p
-from klgap.schema import load_report
-from klgap.summary import summary_row
+from klgap.cli.main import main
+from klgap.render.formatting import fmt_p
+from klgap.report.schema import load_report
+from klgap.report.summary import summary_row
 from tests.helpers import random_sae
 
 FAST = ["--tokens", "600", "--context-len", "32", "--batch-size", "4", "--quiet"]

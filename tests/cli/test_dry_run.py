@@ -7,7 +7,7 @@ import json
 
 from safetensors.torch import save_file
 
-from klgap.cli import main
+from klgap.cli.main import main
 from tests.helpers import random_sae
 
 

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from klgap.cli import main
-from klgap.schema import load_report
-from klgap.sites import hook_name
+from klgap.cli.main import main
+from klgap.report.schema import load_report
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 
 ARGS = ["--dataset", "random", "--tokens", "128", "--context-len", "32", "--batch-size", "2",

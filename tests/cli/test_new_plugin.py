@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 from tests.helpers import random_sae
 
 
@@ -41,7 +41,7 @@ def test_files_written(generated):
 
 
 def test_listed_by_klgap_plugins(generated, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "klgap.cli", "plugins", "--json"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "klgap", "plugins", "--json"], capture_output=True, text=True,
                           env=_env(generated / "site"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     infos = {p["name"]: p for p in json.loads(done.stdout)}
@@ -61,7 +61,7 @@ def test_its_perturbation_in_a_replicate_report(generated, tmp_path):
     sae = random_sae(tmp_path / "sae.safetensors", 64, 256, "blocks.1.hook_resid_pre")
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "klgap.cli", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset", "random",
+        [sys.executable, "-m", "klgap", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset", "random",
          "--tokens", "124", "--context-len", "32", "--interventions", "sae,epsilon_random,mirror_err", "--out", str(out),
          "--quiet"], capture_output=True, text=True, env=_env(generated / "site"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from klgap.cli import main
+from klgap.cli.main import main
 from tests.helpers import random_sae, write_sae
 
 HOOK = "blocks.0.hook_mlp_out"  # tiny-gpt2's mlp_out is 64 wide
@@ -108,7 +108,7 @@ def test_an_existing_folder_is_kept_when_the_sae_is_refused(tmp_path, capsys):
 
 
 def test_a_model_with_non_finite_logits_stops_at_the_first_batch(tmp_path, capsys):
-    from klgap.plugins import registry
+    from klgap.plugins.manager import registry
 
     tiny = registry("model").get("tiny-gpt2").load(torch.device("cpu"), torch.float32)
     folder = tmp_path / "broken-model"
@@ -183,7 +183,7 @@ def _klgap_limited(argv: list[str], kib: int | None):
     import sys
 
     limit = f"ulimit -f {kib}; " if kib is not None else ""
-    command = f"{limit}exec {shlex.join([sys.executable, '-m', 'klgap.cli', *argv])}"
+    command = f"{limit}exec {shlex.join([sys.executable, '-m', 'klgap.cli.main', *argv])}"
     return subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -279,7 +279,7 @@ def test_validate_names_the_json_path_of_the_first_bad_value(tmp_path, capsys, p
 @pytest.mark.parametrize("report", sorted((Path(__file__).parents[2] / "replications").rglob("report.json")),
                          ids=lambda p: str(p.relative_to(p.parents[3])))
 def test_every_committed_report_passes_the_value_checks(report):
-    from klgap.validate import validate_file
+    from klgap.report.validate import validate_file
 
     validate_file(report)
 
@@ -315,7 +315,7 @@ def test_a_sae_lens_cfg_without_its_sizes_names_them_and_what_writes_a_valid_fol
 def _slow_run(sae, out) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "klgap.cli", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset",
+    return [sys.executable, "-m", "klgap", "replicate", "--model", "tiny-gpt2", "--sae", str(sae), "--dataset",
             "random", "--tokens", str(60 * 32), "--context-len", "32", "--batch-size", "1", "--interventions",
             "sae,epsilon_random", "--out", str(out), "--quiet"]
 
@@ -379,7 +379,7 @@ def _train(out) -> list[str]:
 
 
 def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(tmp_path, capsys, monkeypatch):
-    import klgap.train
+    import klgap.sae.train
 
     out = tmp_path / "sae"
     (tmp_path / ".sae.partial-left-by-a-sigkill").mkdir()  # what a SIGKILL during an earlier save leaves
@@ -387,7 +387,7 @@ def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(t
     def killed(*args, **kwargs):  # the weights are saved; training.json is not written yet
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(klgap.train, "evaluate", killed)
+    monkeypatch.setattr(klgap.sae.train, "evaluate", killed)
     code, _, err = _run(_train(out), capsys)
     assert code == 130 and "interrupted" in err
     assert not out.exists()  # no cfg.json + weights without training.json where replicate would look
@@ -468,7 +468,7 @@ class _ShortPlugin:
 
 
 def test_a_token_source_with_fewer_tokens_than_asked_says_how_many_it_has(tmp_path, capsys):
-    from klgap.plugins import get_host, reset_host
+    from klgap.plugins.manager import get_host, reset_host
 
     reset_host()
     get_host().add_plugin(_ShortPlugin(), "test-short")

@@ -7,11 +7,11 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from klgap import engine
-from klgap.cli import main
-from klgap.config import RunConfig
-from klgap.schema import as_json
-from klgap.sites import hook_name
+from klgap.job import engine
+from klgap.cli.main import main
+from klgap.plan.config import RunConfig
+from klgap.report.schema import as_json
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 
 EXPECTED = {

@@ -15,7 +15,7 @@ from tests.helpers import random_sae
 
 
 def _cmd(sae, out):
-    return [sys.executable, "-m", "klgap.cli", "replicate", "--model", "tiny-llama", "--sae", str(sae),
+    return [sys.executable, "-m", "klgap", "replicate", "--model", "tiny-llama", "--sae", str(sae),
             "--dataset", "random", "--tokens", str(40 * 32), "--context-len", "32", "--batch-size", "1",
             "--interventions", "sae,epsilon_random,theta_random", "--out", str(out), "--quiet"]
 

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 from klgap.errors import KlgapError
-from klgap.shards import parse_shard
-from klgap.sites import hook_name
+from klgap.job.shards import parse_shard
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 
 VOLATILE = {"provenance", "created_at", "timing"}
@@ -101,8 +101,8 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, sae, capsys):
 def test_merge_and_report_load_no_model_and_no_sae(tmp_path, sae, monkeypatch, capsys):
     """With the model adapters disabled (KLGAP_DISABLE_PLUGINS=hf_models) and loading made to fail, `merge` and
     `report` still build the unsharded report: they read run.json and the parts, nothing else."""
-    from klgap import loading
-    from klgap.plugins import reset_host
+    from klgap.job import loading
+    from klgap.plugins.manager import reset_host
 
     assert main(_base(sae, tmp_path / "full")) == 0
     for i in (1, 2):
@@ -116,7 +116,7 @@ def test_merge_and_report_load_no_model_and_no_sae(tmp_path, sae, monkeypatch, c
     monkeypatch.setattr(loading, "load_model", refuse)  # where load_plan looks them up
     monkeypatch.setattr(loading, "load_sae", refuse)
     try:
-        from klgap.plugins import get_host
+        from klgap.plugins.manager import get_host
 
         assert "tiny-gpt2" not in get_host().registry("model")  # no model adapter is there to call
         assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
@@ -134,7 +134,7 @@ def test_report_refuses_an_unfinished_run_and_a_folder_without_run_json(tmp_path
     assert main([*_base(sae, tmp_path / "s1"), "--shard", "1/2"]) == 0
     assert main(["report", str(tmp_path / "s1")]) == 2
     assert "holds 3 of its 5 batches" in capsys.readouterr().err
-    from klgap.engine import report_folder
+    from klgap.job.engine import report_folder
 
     (tmp_path / "s1" / "run.json").unlink()  # a folder written before run.json existed
     with pytest.raises(KlgapError, match=r"has no run.json: it was written by an older klgap .* run its command again"):

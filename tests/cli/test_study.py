@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from klgap import stats
-from klgap.cli import main
+from klgap.report import stats
+from klgap.cli.main import main
 from klgap.errors import KlgapError
-from klgap.schema import load_report
-from klgap.sites import hook_name
-from klgap.grid import parse_layers
+from klgap.report.schema import load_report
+from klgap.plan.sites import hook_name
+from klgap.plan.grid import parse_layers
 from tests.helpers import random_sae
 
 
@@ -63,7 +63,7 @@ def test_config_with_train_sae_trains_every_missing_sae_of_a_study_then_runs(tmp
     """A replication file names a study's SAEs by template; the missing ones are trained in one pass first."""
     import json
 
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     config = tmp_path / "rep.toml"
     config.write_text(f"""

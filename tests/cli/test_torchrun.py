@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from klgap.cli import main
-from klgap.sites import hook_name
+from klgap.cli.main import main
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""klgap.aggregate streams a run's parts into the numbers report.py computed from the whole per-token frame: the
+"""klgap.report.aggregate streams a run's parts into the numbers report.py computed from the whole per-token frame: the
 same numbers, bit for bit (Spearman to rel 1e-12: stats.spearman sums ranks exactly, scipy in float64), in every
 mode, with the awkward cases (non-finite values, interleaved rows, missing baseline rows, parts out of order)."""
 
@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from klgap import aggregate, stats
+from klgap.report import aggregate
+
+from klgap.report import stats
 from tests.core import whole_frame as report
-from klgap.robustness import curve_summary
-from klgap.rundir import RunDir
+from klgap.report.robustness import curve_summary
+from klgap.job.folder import RunDir
 
 SEED = 5
 ALL = ["sae", "sae_norm", "epsilon_random", "theta_random", "cosine_matched(cos=0.5,norm_frac=0.9)",

@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap import engine
-from klgap.config import RunConfig
-from klgap.sites import hook_name
+from klgap.job import engine
+from klgap.plan.config import RunConfig
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 
 N_CTX, CTX_LEN = 4, 24
@@ -151,7 +151,7 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     from sae_lens.evals import get_downstream_reconstruction_metrics
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from klgap.schema import load_report
+    from klgap.report.schema import load_report
 
     lm = load_model(model)
     hook = hook_name(site, layer)

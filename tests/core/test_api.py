@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import klgap
-from klgap.cli import main
+from klgap.cli.main import main
 from klgap.errors import KlgapError
 
 HOOK = "blocks.1.hook_mlp_out"
@@ -20,7 +20,7 @@ def held(tmp_path_factory):
     """A transformers model and a sae_lens SAE held in memory (tiny-gpt2's weights), and the SAE saved to disk."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from klgap.plugins import registry
+    from klgap.plugins.manager import registry
 
     lm = registry("model").get("tiny-gpt2").load(torch.device("cpu"), torch.float32)
     cfg = StandardSAEConfig(d_in=64, d_sae=256, device="cpu", dtype="float32")

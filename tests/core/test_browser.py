@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from klgap.render import rebuild
+from klgap.render.pages import rebuild
 from tests.core.test_plots import EXPECTED, MODES, make_report, make_study, make_tokens, write_run
 
 BROWSERS = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")

@@ -1,4 +1,4 @@
-"""Optional plugin capabilities are declared protocols (klgap.protocols) asked through klgap.capabilities."""
+"""Optional plugin capabilities are declared protocols (klgap.protocols) asked through klgap.plugins.capabilities."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 import klgap
-from klgap.capabilities import as_perturbation, check_sae_spec, find_default_sae, fittable
-from klgap.cli import main
+from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae, fittable
+from klgap.cli.main import main
 from klgap.errors import KlgapError, PluginError
-from klgap.plugins import Registry, get_host, reset_host
+from klgap.plugins.manager import Registry, get_host, reset_host
 from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker
 from tests.helpers import FakeModel
 
@@ -115,7 +115,7 @@ def with_nameless():
 
 
 def test_an_undeclared_perturbation_fails_on_the_command_line(with_nameless, capsys):
-    from klgap.resolve import build_intervention as build_perturbation
+    from klgap.plan.resolve import build_intervention as build_perturbation
 
     with pytest.raises(KlgapError, match="without name, geometry"):
         build_perturbation("nameless")
@@ -146,8 +146,8 @@ def test_dry_run_checks_a_local_folders_hook_without_reading_its_weights(tmp_pat
 
 def test_a_hub_model_adapter_is_declared_by_its_repo_id():
     """--dry-run lists a model's hub repo only for adapters that declare HubModelAdapter (a str repo_id)."""
-    from klgap.capabilities import hub_repo
-    from klgap.plugins import model_adapter
+    from klgap.plugins.capabilities import hub_repo
+    from klgap.plugins.manager import model_adapter
     from klgap.protocols import HubModelAdapter
 
     class Hub:

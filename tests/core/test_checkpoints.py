@@ -1,4 +1,4 @@
-"""SAE checkpoints (klgap/checkpoints.py): saved while training, loadable, distinct, the last the final SAE."""
+"""SAE checkpoints (klgap/sae/checkpoints.py): saved while training, loadable, distinct, the last the final SAE."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from klgap.checkpoints import CheckpointInfo, count, expand
-from klgap.engine import load_sae
+from klgap.sae.checkpoints import CheckpointInfo, count, expand
+from klgap.job.engine import load_sae
 from klgap.errors import KlgapError
-from klgap.train import evaluate, fit_sae, gather
+from klgap.sae.train import evaluate, fit_sae, gather
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_expand_says_what_is_missing(tmp_path):
 
 
 def test_train_sae_cli_checkpoints(tmp_path, capsys):
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     out = tmp_path / "saes" / "blocks.{layer}.hook_{site}"
     assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0,1", "--tokens", "4000",

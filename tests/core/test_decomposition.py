@@ -1,5 +1,5 @@
-"""The error-decomposition section of a report (klgap/decomposition.py, klgap/render_decomposition.py) and the
-fit tokens it is fitted on (--fit-tokens, klgap/engine.py), on tiny models."""
+"""The error-decomposition section of a report (klgap/report/decomposition.py, klgap/render/decomposition_page.py) and the
+fit tokens it is fitted on (--fit-tokens, klgap/job/engine.py), on tiny models."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import scipy.stats as sps
 import torch
 
-from klgap import engine
-from klgap.config import RunConfig
+from klgap.job import engine
+from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.render import render_markdown
-from klgap.schema import load_report
-from klgap.sites import hook_name
+from klgap.render.pages import render_markdown
+from klgap.report.schema import load_report
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae, write_sae
 
 SIX = ["sae", "epsilon_random", "sae_plus_linear_error", "epsilon_random_nonlinear", "sae_plus_nonlinear_error",
@@ -58,7 +58,7 @@ def test_exactly_linear_error_gives_r2_one_and_no_kl(tmp_path, d_model):
 
 
 def test_fit_tokens_are_drawn_after_the_measured_ones(d_model, tmp_path):
-    from klgap.resolve import resolve
+    from klgap.plan.resolve import resolve
 
     sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE)
     with_fit = engine.load_plan(resolve(config(sae)))
@@ -100,7 +100,8 @@ def test_section_equals_a_hand_computation(tmp_path, d_model):
 
     # the centred R² from the tokens' full error vectors, measured again through the run's own objects
     loaded = engine.prepare(config(sae))
-    from klgap import activations, modes
+    from klgap.forward import activations
+    from klgap.job import modes
 
     x = torch.cat([activations.collect(loaded.model, loaded.spec, loaded.contexts[i:i + 4])[:, 1:].reshape(-1, d_model)
                    for i in range(0, len(loaded.contexts), 4)])
@@ -127,7 +128,7 @@ def test_no_section_without_the_interventions_and_in_sample_without_fit_tokens(t
 
 
 def test_study_table_across_sites(tmp_path, d_model):
-    from klgap.study import run_study
+    from klgap.job.study import run_study
 
     base = config(str(tmp_path / "sae_{site}_{layer}.safetensors"), tokens=128)
     for layer in (0, 1):

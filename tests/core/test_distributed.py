@@ -1,4 +1,4 @@
-"""klgap.distributed: a process's rank from the launcher's environment, the split of a run's batches, the CUDA
+"""klgap.job.distributed: a process's rank from the launcher's environment, the split of a run's batches, the CUDA
 device of a rank (CUDA faked: torch.cuda.is_available / device_count monkeypatched), gloo, and the commands that
 run on rank 0 only. Real launches: tests/cli/test_torchrun.py."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from klgap.cli import main
-from klgap.config import RunConfig
-from klgap.distributed import SINGLE, World, cuda_device, read_world
+from klgap.cli.main import main
+from klgap.plan.config import RunConfig
+from klgap.job.distributed import SINGLE, World, cuda_device, read_world
 from klgap.errors import KlgapError
-from klgap.resolve import pick_device, resolve
+from klgap.plan.resolve import pick_device, resolve
 
 
 def test_torchrun_environment():
@@ -162,7 +162,7 @@ def test_ranks_talk_over_gloo_whatever_the_device(monkeypatch, tmp_path, gpus):
     calls = []
     _machine(monkeypatch, gpus)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr("klgap.distributed._RENDEZVOUS", [])  # (connect notes the file it met through)
+    monkeypatch.setattr("klgap.job.distributed._RENDEZVOUS", [])  # (connect notes the file it met through)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap import engine, executors
-from klgap.config import RunConfig
+from klgap.job import engine
+
+from klgap.forward import executors
+from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.sites import hook_name
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae, shrink_sae
 
 
@@ -66,7 +68,7 @@ def _hook_capture_and_patch(module, replacement=None, store=None):
 @pytest.mark.parametrize("mode", ["all_tokens", "single_token"])
 def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
     """KL from the engine == KL from two plain HF forwards, the second with a hand-written hook."""
-    from klgap.engine import load_sae
+    from klgap.job.engine import load_sae
 
     lm = load_model("tiny-gpt2")
     sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("mlp_out", 1), seed=3)
@@ -157,7 +159,7 @@ def test_bad_inputs(tmp_path, load_model):
 def test_suffix_replay_equals_full_forward(tmp_path, load_model, model, monkeypatch):
     """Rerunning only the layers above the site gives the same numbers as full forwards through nnsight, with
     the interventions stacked along the batch (the default on CUDA; here given a CPU budget)."""
-    from klgap.sites import SITES
+    from klgap.plan.sites import SITES
 
     monkeypatch.setattr(executors, "STACK_BYTES_CPU", 1 << 30)
 
@@ -207,7 +209,7 @@ def test_kv_cache_equals_full_forward(tmp_path, load_model, model, dtype, mode):
 
     float32: attention over the cached prefix sums in another order, so KL (~1e-4 here) differs by float32
     round-off of the log-probabilities (<= 1e-6 absolute); float64 shows the computation is the same."""
-    from klgap.sites import SITES
+    from klgap.plan.sites import SITES
 
     lm = load_model(model)
     tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-9, "atol": 1e-12}
@@ -247,7 +249,7 @@ def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_
 def test_parts_read_back_compact_and_joined_a_part_at_a_time(tmp_path, load_model):
     """The report reads the parts into one compact frame (categorical names, int32 ids) and tokens.parquet is
     the parts joined in order, with plain columns."""
-    from klgap.rundir import RunDir
+    from klgap.job.folder import RunDir
 
     lm = load_model("tiny-gpt2")
     sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1))

@@ -1,4 +1,4 @@
-"""expected.json files and their verdicts (klgap/expectations.py): every replication's targets validate and name
+"""expected.json files and their verdicts (klgap/report/expectations.py): every replication's targets validate and name
 files beside them; the committed SmolLM2 results meet their own targets; a synthetic GPT-2 run is judged
 against the study's figures target by target, from its files alone."""
 
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 from klgap.errors import KlgapError
-from klgap.expectations import (
+from klgap.report.expectations import (
     CHECK_FILE, EXPECTED_FILE, Target, check_run, expected_beside, load_check, load_expected, targets_for_run,
 )
-from klgap.grid import parse_layers
-from klgap.schema import SCHEMA_VERSION, load_report, validate_report
+from klgap.plan.grid import parse_layers
+from klgap.report.schema import SCHEMA_VERSION, load_report, validate_report
 
 REPLICATIONS = Path(__file__).resolve().parents[2] / "replications"
 GPT2 = REPLICATIONS / "gpt2-small-res-jb"

@@ -1,4 +1,4 @@
-"""klgap.families: Holm families (the SAE against each named baseline across sites/layers; curve points apart)."""
+"""klgap.report.holm: Holm families (the SAE against each named baseline across sites/layers; curve points apart)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from klgap import stats
-from klgap.families import CURVE_FAMILY, apply_holm, family_of
-from klgap.schema import Comparison
+from klgap.report import stats
+from klgap.report.holm import CURVE_FAMILY, apply_holm, family_of
+from klgap.report.schema import Comparison
 
 
 def _comparison(p: float | None) -> Comparison:

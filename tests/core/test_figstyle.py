@@ -10,9 +10,11 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
-from klgap import figstyle, plots
-from klgap.plot_curves import CurvePoint, curves_of, ratio_bars, robustness_curve
-from klgap.summary import summary_row
+from klgap.figures import style as figstyle
+
+from klgap.figures import runs as plots
+from klgap.figures.curves import CurvePoint, curves_of, ratio_bars, robustness_curve
+from klgap.report.summary import summary_row
 from tests.core.test_plots import make_report, make_study, make_tokens
 
 COSINES = [f"cosine_matched(cos={c:g},norm_frac=0.9)" for c in np.linspace(0.5, 1.0, 11).round(2)]
@@ -93,7 +95,7 @@ def test_robustness_bands_norm_frac_and_ordered_colours(report_and_tokens):
 
 def test_curves_state_their_norm_fraction(report_and_tokens):
     report, _ = report_and_tokens
-    from klgap.schema import Curve
+    from klgap.report.schema import Curve
 
     curve = Curve(points=[{"intervention": "cosine_matched(cos=0.5,norm_frac=0.9)", "cos": 0.5, "norm_frac": 0.9,
                            "kl_mean": 0.1, "kl_ci_low": 0.09, "kl_ci_high": 0.11, "ce_delta_mean": 0.1, "n_tokens": 9}],

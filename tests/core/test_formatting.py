@@ -1,4 +1,4 @@
-"""klgap.formatting: the one way numbers become text in the terminal, report.md/html and compare.md."""
+"""klgap.render.formatting: the one way numbers become text in the terminal, report.md/html and compare.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from klgap.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, interval_holds
+from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, interval_holds
 
 
 @pytest.mark.parametrize("value,digits,text", [

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import klgap
-from klgap.cli import main
-from klgap.plugins import get_host, reset_host
-from klgap.resolve import build_interventions, recorded_name
+from klgap.cli.main import main
+from klgap.plugins.manager import get_host, reset_host
+from klgap.plan.resolve import build_interventions, recorded_name
 from tests.helpers import random_sae
 
 

@@ -1,4 +1,4 @@
-"""Joint runs (klgap/joint.py): several sites patched in one forward, against plain forwards with hooks."""
+"""Joint runs (klgap/job/joint.py): several sites patched in one forward, against plain forwards with hooks."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap import engine
-from klgap.config import RunConfig
+from klgap.job import engine
+from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.joint import SiteSwap, site_generator
-from klgap.modes import generator_for
-from klgap.resolve import build_intervention, resolve
-from klgap.schema import load_report
-from klgap.sites import hook_name
+from klgap.job.joint import SiteSwap, site_generator
+from klgap.job.modes import generator_for
+from klgap.plan.resolve import build_intervention, resolve
+from klgap.report.schema import load_report
+from klgap.plan.sites import hook_name
 from tests.helpers import random_sae, shrink_sae
 
 SMALL = {"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random"}
@@ -123,7 +123,7 @@ def _hand_joint_kl(lm, saes, ids):
 def test_each_site_sees_the_activation_the_patched_forward_gives_it(tmp_path, load_model):
     """The joint KL is that of splicing each SAE in at its site of one forward, lowest first: the higher SAE
     encodes the activation the lower patch produced (not the clean one)."""
-    from klgap.engine import load_sae
+    from klgap.job.engine import load_sae
 
     lm = load_model("tiny-llama")
     cells = [("mlp_out", 0), ("resid_post", 0), ("mlp_out", 1), ("resid_post", 1)]  # the order of the forward
@@ -180,7 +180,7 @@ def test_joint_inputs_are_checked(tmp_path, load_model):
 
 def test_measure_joint_from_python(tmp_path, load_model):
     import klgap
-    from klgap.engine import load_sae
+    from klgap.job.engine import load_sae
 
     lm = load_model("tiny-gpt2")
     template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
@@ -238,7 +238,7 @@ def test_many_samples_joint(tmp_path, load_model):
 
 def test_each_site_fits_its_own_perturbation(tmp_path, load_model):
     """A fitted perturbation (epsilon_anisotropic) is fitted on each site's own activations, and used there."""
-    from klgap.joint import load_joint
+    from klgap.job.joint import load_joint
 
     lm = load_model("tiny-gpt2")
     template = _saes(tmp_path, lm, [("mlp_out", 0), ("mlp_out", 1)])

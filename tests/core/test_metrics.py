@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from klgap import metrics
+from klgap.forward import metrics
 
 
 def textbook(z: torch.Tensor, z_patched: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""A study over an SAE's checkpoints (klgap/overtraining.py): the same numbers as a run on each checkpoint alone,
+"""A study over an SAE's checkpoints (klgap/job/checkpoint_study.py): the same numbers as a run on each checkpoint alone,
 and its over-training section, figure and pages."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap import engine
-from klgap.checkpoints import expand
-from klgap.config import RunConfig
+from klgap.job import engine
+from klgap.sae.checkpoints import expand
+from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.schema import load_report
-from klgap.train import fit_sae, gather
+from klgap.report.schema import load_report
+from klgap.sae.train import fit_sae, gather
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
@@ -32,7 +32,7 @@ def trained(tmp_path_factory, load_model):
 
 
 def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, trained):
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     out = tmp_path / "study"
     argv = ["replicate", "--model", "tiny-gpt2", "--sae", str(trained / "checkpoints" / "*"), "--tokens", "192",
@@ -65,8 +65,8 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
     page = (out / "report.md").read_text()
     assert "## Over training" in page and curve.finding in page and "over_training.png" in page
     assert (out / "over_training.png").stat().st_size > 10_000 and not (out / "kl_bars.png").exists()
-    from klgap.plot_training import over_training
-    from klgap.validate import validate_file
+    from klgap.figures.training import over_training
+    from klgap.report.validate import validate_file
     from tests.core.test_figstyle import _check
 
     _check(over_training(study, None), model="tiny-gpt2", where="mlp_out L1")  # title, units, legend beside
@@ -74,7 +74,7 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
 
 
 def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_path, trained, capsys):
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     config = tmp_path / "over.toml"
     config.write_text("\n".join([f'checkpoints = "{trained}"', 'model = "tiny-gpt2"', 'site = "mlp_out"', "layer = 1",
@@ -88,7 +88,7 @@ def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_pat
 
 
 def test_checkpoint_spec_is_one_of_a_glob_or_a_folder(tmp_path):
-    from klgap.overtraining import checkpoint_spec
+    from klgap.job.checkpoint_study import checkpoint_spec
 
     assert checkpoint_spec("a/checkpoints/*", None) == "a/checkpoints/*"
     assert checkpoint_spec("a/sae", None) is None and checkpoint_spec(None, "a/sae") == "a/sae"

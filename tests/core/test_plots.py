@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from klgap import plots
+from klgap.figures import runs as plots
 from tests.core import whole_frame as report_mod
-from klgap.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
+from klgap.report.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODES = ("all_tokens", "single_token", "many_samples")
@@ -78,7 +78,7 @@ def make_tokens(mode: str, seed: int = 0) -> pd.DataFrame:
 
 
 def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> Report:
-    """A run report built from `tokens` with klgap.report's own summaries, validated into the schema's model."""
+    """A run report built from `tokens` with klgap.report.build's own summaries, validated into the schema's model."""
     measured = tokens[tokens["draw"] < 0]
     sae = measured[measured["intervention"] == "sae"]
     comparisons = report_mod.compare_to_sae(measured, list(INTERVENTIONS), seed)
@@ -234,7 +234,7 @@ def test_importing_and_drawing_leave_the_callers_matplotlib_alone(tmp_path):
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('svg'); import klgap.plots as p; "
+    code = ("import matplotlib; matplotlib.use('svg'); import klgap.figures.runs as p; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "svg"

@@ -15,9 +15,9 @@ import pytest
 
 import klgap
 from klgap import hookspecs
-from klgap.cli import main
+from klgap.cli.main import main
 from klgap.errors import KlgapError
-from klgap.plugins import get_host, model_adapter, reset_host
+from klgap.plugins.manager import get_host, model_adapter, reset_host
 from klgap.protocols import Command
 
 ROOT = Path(__file__).parents[2]

@@ -6,7 +6,7 @@ import pytest
 
 import klgap
 from klgap.errors import PluginError
-from klgap.plugins import PluginHost, get_host
+from klgap.plugins.manager import PluginHost, get_host
 
 
 class _Perturbation:

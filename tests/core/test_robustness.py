@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from klgap import robustness as curve, stats
+from klgap.report import robustness as curve
+
+from klgap.report import stats
 from klgap.errors import KlgapError
 
 

@@ -8,8 +8,8 @@ import stat
 import pandas as pd
 import pytest
 
-from klgap.cli import main
-from klgap.rundir import atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from klgap.cli.main import main
+from klgap.job.folder import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 from tests.helpers import random_sae
 
 

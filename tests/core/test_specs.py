@@ -1,12 +1,12 @@
-"""klgap.specs: `NAME:ARG` and an intervention's `NAME:key=value,...`, parsed in one place."""
+"""klgap.plan.specs: `NAME:ARG` and an intervention's `NAME:key=value,...`, parsed in one place."""
 
 from __future__ import annotations
 
 import pytest
 
-from klgap import config
+from klgap.plan import config
 from klgap.errors import KlgapError
-from klgap.specs import parse_intervention, split_interventions, split_spec
+from klgap.plan.specs import parse_intervention, split_interventions, split_spec
 
 
 @pytest.mark.parametrize("text,parts", [

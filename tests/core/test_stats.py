@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from klgap import stats
+from klgap.report import stats
 
 
 def _frame(n_contexts: int, n_pos: int, shift: float, seed: int = 0) -> pd.DataFrame:

@@ -1,18 +1,18 @@
-"""klgap.summary: a run's summary row, read from a tiny real run's report, and what each reader shows of it."""
+"""klgap.report.summary: a run's summary row, read from a tiny real run's report, and what each reader shows of it."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from klgap import engine
-from klgap.comparison import entries_for
-from klgap.config import RunConfig
-from klgap.console import print_study, print_summary
-from klgap.render import render_markdown
-from klgap.schema import BASELINE, load_report
-from klgap.sites import hook_name
-from klgap.summary import summary_row, summary_rows
+from klgap.job import engine
+from klgap.report.compare import entries_for
+from klgap.plan.config import RunConfig
+from klgap.render.console import print_study, print_summary
+from klgap.render.pages import render_markdown
+from klgap.report.schema import BASELINE, load_report
+from klgap.plan.sites import hook_name
+from klgap.report.summary import summary_row, summary_rows
 from tests.core.test_plots import make_study
 from tests.helpers import random_sae
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klgap
-from klgap.plugins import get_host, reset_host
+from klgap.plugins.manager import get_host, reset_host
 from klgap.testing import PerturbationConformance, SAELoaderConformance
 
 
@@ -106,7 +106,7 @@ class _WrongCheckSuite(SAELoaderConformance):
     expected_hook = "blocks.1.hook_mlp_out"
 
     def make_spec(self, tmp_path):
-        from klgap.saefile import save_safetensors_sae
+        from klgap.sae.file import save_safetensors_sae
 
         W_dec = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) / 8
         return str(save_safetensors_sae(tmp_path / "sae.safetensors", 2 * W_dec.T, W_dec, torch.zeros(256),
@@ -114,7 +114,7 @@ class _WrongCheckSuite(SAELoaderConformance):
 
 
 def test_suite_fails_a_check_that_names_the_wrong_hook(with_capabilities, tmp_path):
-    from klgap.engine import load_sae
+    from klgap.job.engine import load_sae
 
     suite = _WrongCheckSuite()
     suite.spec = suite.make_spec(tmp_path)

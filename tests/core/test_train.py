@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from klgap.engine import load_sae
+from klgap.job.engine import load_sae
 from klgap.errors import KlgapError
-from klgap.plugins import registry
-from klgap.train import gather, train_sae
+from klgap.plugins.manager import registry
+from klgap.sae.train import gather, train_sae
 
 
 def test_train_sae_on_tiny_gpt2(tmp_path, load_model):
@@ -41,8 +41,8 @@ def test_train_sae_is_deterministic(tmp_path, load_model):
 
 
 def test_gather_many_equals_one_site_at_a_time(load_model):
-    from klgap import activations
-    from klgap.train import gather_many
+    from klgap.forward import activations
+    from klgap.sae.train import gather_many
 
     lm = load_model("tiny-llama")
     contexts = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -55,7 +55,7 @@ def test_gather_many_equals_one_site_at_a_time(load_model):
 
 
 def test_train_sae_several_sites_and_layers_in_one_pass(tmp_path, capsys):
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     out = tmp_path / "saes" / "blocks.{layer}.hook_{site}"
     assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out,attn_out", "--layer", "0,1", "--tokens", "8000",
@@ -76,7 +76,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
     SmolLM2's attn_out at layer 24): starting the decoder bias at zero spends latents on the offset; at the mean
     the same budget reconstructs the spread. The saved SAE still works on raw activations."""
     from klgap.errors import KlgapError
-    from klgap.train import fit_sae
+    from klgap.sae.train import fit_sae
 
     model = load_model("tiny-gpt2")
     contexts = registry("token_source").get("sample").contexts(model, 200, 64, 0, True, "train")
@@ -100,7 +100,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
 
 def test_recipe_overrides_per_sae():
     """[train_sae.sites.SITE_L<layer>] tables change the recipe of one SAE; bad names and keys are refused."""
-    from klgap.recipes import recipe_overrides
+    from klgap.sae.recipes import recipe_overrides
     from klgap.errors import KlgapError
 
     recipe = {"l1": 3, "sites": {"attn_out_L24": {"l1": 10, "steps": 3000, "b_dec_init": "mean"}, "resid_post_L3": {"lr": 5e-4}}}
@@ -116,7 +116,7 @@ def test_recipe_overrides_per_sae():
 def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, load_model):
     """--architecture topk --k K: sae_lens's TopK trainer (no L1); the saved folder loads through the sae_lens path."""
     from klgap.errors import KlgapError
-    from klgap.train import fit_sae
+    from klgap.sae.train import fit_sae
 
     model = load_model("tiny-gpt2")
     contexts = registry("token_source").get("sample").contexts(model, 120, 64, 0, True, "train")
@@ -136,7 +136,7 @@ def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, l
                          ({"architecture": "gated"}, r"unknown --architecture 'gated'.*valid: standard, topk")):
         with pytest.raises(KlgapError, match=message):
             fit_sae(model, "mlp_out", 1, acts, tmp_path / "bad", **{"architecture": "topk", "k": 8, **bad})
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "1", "--out", str(tmp_path / "x"),
                  "--architecture", "topk", "--dataset", "random"]) == 2
@@ -146,7 +146,7 @@ def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, l
 
 
 def test_steps_for_one_pass_by_default_epochs_or_steps_otherwise():
-    from klgap.train import TRAIN_BATCH, steps_for
+    from klgap.sae.train import TRAIN_BATCH, steps_for
 
     assert TRAIN_BATCH == 1024
     assert steps_for(20_000) == 20  # ceil(20000 / 1024): one pass, not 2000 steps (~107 passes)
@@ -162,7 +162,7 @@ def test_steps_for_one_pass_by_default_epochs_or_steps_otherwise():
 
 
 def test_train_sae_reads_its_tokens_once_by_default_and_warns_when_steps_reuse_them(tmp_path, capsys):
-    from klgap.cli import main
+    from klgap.cli.main import main
 
     base = ["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0", "--tokens", "3000",
             "--context-len", "32", "--dataset", "random", "--quiet"]
@@ -181,8 +181,8 @@ def test_train_sae_reads_its_tokens_once_by_default_and_warns_when_steps_reuse_t
 
 def test_a_config_recipe_with_steps_trains_exactly_those_steps(tmp_path, capsys):
     """[train_sae] tables with `steps` (every committed replication's) keep their steps; epochs are read too."""
-    from klgap.config import RunConfig
-    from klgap.recipes import train_missing_sae
+    from klgap.plan.config import RunConfig
+    from klgap.sae.recipes import train_missing_sae
 
     config = RunConfig(model="tiny-gpt2", site="mlp_out", layer=0, sae=str(tmp_path / "blocks.{layer}.hook_{site}"),
                        dataset="random", context_len=32, device="cpu")

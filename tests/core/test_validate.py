@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from klgap.cli import main
-from klgap.schema import SCHEMA_VERSION
+from klgap.cli.main import main
+from klgap.report.schema import SCHEMA_VERSION
 
 RESULTS = Path(__file__).resolve().parents[2] / "replications" / "cross-model-robustness" / "results"
 COMPARE = RESULTS / "compare.json"
@@ -22,10 +22,10 @@ def _validate(capsys, path) -> tuple[int, str, str]:
 
 
 def test_committed_compare_schema_is_current():
-    from klgap.compare_schema import json_schema
+    from klgap.report.compare_schema import json_schema
 
-    committed = json.loads((Path(__file__).parents[2] / "klgap" / "compare.schema.json").read_text())
-    assert committed == json_schema(), "regenerate with: python -m klgap.compare_schema > klgap/compare.schema.json"
+    committed = json.loads((Path(__file__).parents[2] / "klgap" / "report" / "compare.schema.json").read_text())
+    assert committed == json_schema(), "regenerate with: python -m klgap.report.compare_schema > klgap/report/compare.schema.json"
 
 
 def test_each_kind_is_read_from_the_file(capsys):

@@ -1,6 +1,6 @@
 """The report statistics as klgap computed them before they streamed: from the whole per-token frame at once.
 
-Kept as the reference that klgap.aggregate is checked against (tests/core/test_aggregate.py): the same numbers,
+Kept as the reference that klgap.report.aggregate is checked against (tests/core/test_aggregate.py): the same numbers,
 computed the simple way.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from klgap import stats
-from klgap.aggregate import explained_variance  # noqa: F401  (side sums: the same formula either way)
-from klgap.report import _clean  # noqa: F401  (the report's JSON cleaning, used by the reference's callers)
-from klgap.schema import BASELINE
+from klgap.report import stats
+from klgap.report.aggregate import explained_variance  # noqa: F401  (side sums: the same formula either way)
+from klgap.report.build import _clean  # noqa: F401  (the report's JSON cleaning, used by the reference's callers)
+from klgap.report.schema import BASELINE
 
 
 def summarize_interventions(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -62,7 +62,7 @@ def compare_to_sae(frame: pd.DataFrame, names: list[str], seed: int) -> dict[str
 def add_holm(comparisons: dict[str, Any]) -> None:
     """Holm-correct the Wilcoxon p-values of one run within each family: a named baseline alone, the
     cosine_matched curve points together."""
-    from klgap.families import describe
+    from klgap.report.holm import describe
 
     curve = [n for n in comparisons if n.startswith("cosine_matched")]
     for family, names in [(n, [n]) for n in comparisons if n not in curve] + ([("cosine_matched", curve)] if curve else []):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 from klgap.errors import KlgapError
 from klgap_tokens.corpus import build_corpus, html_to_text, is_eval
 
@@ -73,7 +73,7 @@ def test_build_corpus_splits_deterministically_by_source(tmp_path):
 
 def test_cli_build_corpus_feeds_the_text_token_source(tmp_path, capsys, load_model):
     tiny_gpt2 = load_model("tiny-gpt2")
-    from klgap.plugins import get_host
+    from klgap.plugins.manager import get_host
 
     doc, fortunes = _sources(tmp_path)
     out = tmp_path / "corpus"

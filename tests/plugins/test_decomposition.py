@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap.capabilities import error_fittable, error_splitter, fittable
+from klgap.plugins.capabilities import error_fittable, error_splitter, fittable
 from klgap.errors import KlgapError
 from klgap_perturbations import geometry
 from klgap_perturbations.decomposition import DECOMPOSITION_FACTORIES, fit_linear_error
@@ -51,7 +51,7 @@ def fitted(name: str, pair) -> object:
 
 
 def r2(p, x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """1 − Σ‖e_nl‖² / Σ‖e‖² on (x, x̂) — the report's R² (klgap.decomposition.r2) on one context."""
+    """1 − Σ‖e_nl‖² / Σ‖e‖² on (x, x̂) — the report's R² (klgap.report.decomposition.r2) on one context."""
     _, e_nl = p.error_parts(x, x_hat)
     return 1.0 - float(e_nl.double().pow(2).sum() / (x - x_hat).double().pow(2).sum())
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from klgap import engine
-from klgap.config import RunConfig
-from klgap.engine import load_sae
+from klgap.job import engine
+from klgap.plan.config import RunConfig
+from klgap.job.engine import load_sae
 from klgap.errors import KlgapError
 from klgap_dictionary_learning import DICT_CLASSES, hook_name_for_submodule
 

@@ -17,9 +17,13 @@ import json
 import pytest
 import torch
 
-from klgap import activations, engine, executors
-from klgap.config import RunConfig
-from klgap.sites import SITES, hook_name
+from klgap.forward import activations
+
+from klgap.job import engine
+
+from klgap.forward import executors
+from klgap.plan.config import RunConfig
+from klgap.plan.sites import SITES, hook_name
 from klgap_hf.families import FAMILIES
 from tests.helpers import random_sae
 from tests.plugins.hf_families import TL_UNSUPPORTED, tiny_folder, tiny_model
@@ -48,7 +52,7 @@ def family_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_model(family_folder):
     """``family_model("qwen2", torch.float64)`` -> the folder's LoadedModel (through `--model FOLDER`), cached."""
-    from klgap.plugins import model_adapter
+    from klgap.plugins.manager import model_adapter
 
     def _get(model_type: str, dtype: torch.dtype = torch.float32):
         key = (model_type, str(dtype))
@@ -61,7 +65,7 @@ def family_model(family_folder):
 
 @pytest.mark.parametrize("family", ALL)
 def test_loads_by_folder_path_with_its_map(family, family_folder, family_model):
-    from klgap.plugins import model_adapter
+    from klgap.plugins.manager import model_adapter
     from klgap_hf.folder import FolderAdapter
 
     ref = model_adapter(str(family_folder(family)))
@@ -159,8 +163,8 @@ def test_transformer_lens_really_lacks(family):
 def test_fast_paths_reproduce_full_forwards(family, family_model):
     """Suffix replay and KV cache on a real patch (x' = x / 2) against nnsight full forwards, and the engine's own
     first-batch checks pick both fast paths."""
-    from klgap.kvcache import PrefixCacheRunner
-    from klgap.suffix import SuffixRunner
+    from klgap.forward.kvcache import PrefixCacheRunner
+    from klgap.forward.suffix import SuffixRunner
 
     model = family_model(family)
     contexts = torch.cat([IDS, IDS.flip(1)])
@@ -189,7 +193,7 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
 @pytest.mark.parametrize("family", ALL)
 def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
     """`replicate` through the engine at all five sites of layer 1 (one study), with the folder path as --model."""
-    from klgap.study import run_study
+    from klgap.job.study import run_study
 
     folder = str(family_folder(family))
     model = engine.load_model(folder, torch.device("cpu"), torch.float32)

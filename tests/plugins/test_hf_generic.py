@@ -11,10 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap import activations, engine, executors
-from klgap.config import RunConfig
+from klgap.forward import activations
+
+from klgap.job import engine
+
+from klgap.forward import executors
+from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.sites import SITES, hook_name
+from klgap.plan.sites import SITES, hook_name
 from klgap_hf.families import FAMILIES
 from klgap_hf.generic import find_blocks, identify_sublayers, infer_family
 from tests.plugins.hf_families import hooked_transformer, tiny_folder, tiny_model
@@ -36,7 +40,7 @@ def test_generic_map_finds_every_hand_written_map(family):
 
 
 def _load(model_type: str, tmp_path, dtype=torch.float64):
-    from klgap.plugins import model_adapter
+    from klgap.plugins.manager import model_adapter
 
     folder = tiny_folder(model_type, tmp_path)
     return model_adapter(str(folder)).adapter.load(torch.device("cpu"), dtype)

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from klgap import activations
+from klgap.forward import activations
 from klgap.errors import HubUnavailableError, KlgapError
-from klgap.plugins import registry
-from klgap.sites import SITES
+from klgap.plugins.manager import registry
+from klgap.plan.sites import SITES
 
 SEED_IDS = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 256, (2, 12), generator=SEED_IDS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from klgap.errors import KlgapError, PluginError
-from klgap.plugins import PluginHost, registry
+from klgap.plugins.manager import PluginHost, registry
 from klgap.protocols import FittablePerturbation, Perturbation
 from klgap_perturbations import geometry
 from klgap_perturbations.perturbations import FACTORIES
@@ -369,9 +369,9 @@ def test_shuffle_partner_is_a_derangement():
 
 
 def test_new_baselines_in_a_run(tmp_path, load_model):
-    from klgap import engine
-    from klgap.config import RunConfig
-    from klgap.sites import hook_name
+    from klgap.job import engine
+    from klgap.plan.config import RunConfig
+    from klgap.plan.sites import hook_name
     from tests.helpers import random_sae
 
     lm = load_model("tiny-llama")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap import activations
+from klgap.forward import activations
 from klgap.errors import KlgapError
 from klgap.protocols import Placement
 from klgap_hf.hub import HubAdapter
@@ -16,7 +16,7 @@ from klgap_hf.hub import HubAdapter
 
 @pytest.fixture(scope="module")
 def saved_repo(tmp_path_factory):
-    from klgap.plugins import registry
+    from klgap.plugins.manager import registry
 
     tiny = registry("model").get("tiny-gpt2").load(torch.device("cpu"), torch.float32)
     folder = tmp_path_factory.mktemp("repo")
@@ -68,7 +68,7 @@ def test_remote_serializes_the_trace_and_stops_at_the_ndif_call(saved_repo, monk
 
 
 def test_local_only_models_refuse_remote_and_device_map():
-    from klgap.engine import load_model
+    from klgap.job.engine import load_model
 
     with pytest.raises(KlgapError, match=r"model 'tiny-gpt2' cannot take --remote"):
         load_model("tiny-gpt2", torch.device("cpu"), torch.float32, Placement(remote=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap.engine import load_sae
+from klgap.job.engine import load_sae
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap_saes import save_safetensors_sae
 from tests.helpers import FakeModel
@@ -133,8 +133,8 @@ def test_sae_lens_release_check_is_typed_and_offline(monkeypatch):
 def test_sae_lens_id_that_is_no_hook_name_leaves_the_site_to_the_flags(monkeypatch):
     """Gemma Scope's ids (layer_3/width_16k/canonical) are not hook names: the check says no hook name, so
     --site/--layer place it (the README's torchrun example), where they once failed as an unreadable hook."""
-    from klgap.config import RunConfig
-    from klgap.resolve import resolve
+    from klgap.plan.config import RunConfig
+    from klgap.plan.resolve import resolve
     from klgap_saes.pretrained import SaeLensPretrainedLoader
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -169,8 +169,8 @@ def test_a_sae_lens_folder_trained_centred_is_measured_centred(tmp_path, load_mo
     SAE on x - mean(x): ‖x_c‖ < ‖x‖ for every token of the same contexts."""
     import pandas as pd
 
-    from klgap import engine
-    from klgap.config import RunConfig
+    from klgap.job import engine
+    from klgap.plan.config import RunConfig
 
     d = load_model("tiny-gpt2").d_model
     plain = _sae_lens_folder(tmp_path / "plain", d, "blocks.1.hook_resid_pre", centred=False)

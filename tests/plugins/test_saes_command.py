@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 
 
 @pytest.fixture(autouse=True)

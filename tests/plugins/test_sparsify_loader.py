@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from klgap import engine
-from klgap.config import RunConfig
-from klgap.engine import load_sae
+from klgap.job import engine
+from klgap.plan.config import RunConfig
+from klgap.job.engine import load_sae
 from klgap.errors import KlgapError
 from klgap_sparsify import hook_name_for_hookpoint
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from klgap.errors import KlgapError, PluginError
-from klgap.plugins import PluginHost, registry
+from klgap.plugins.manager import PluginHost, registry
 from klgap.protocols import LoadedModel, TokenSource
 from klgap_tokens.packing import pack, tokenize_documents
 
@@ -288,7 +288,7 @@ def test_hf_source_reads_a_local_dataset_folder_and_says_when_the_hub_is_needed(
     import json
 
     from klgap.errors import HubUnavailableError
-    from klgap.plugins import get_host
+    from klgap.plugins.manager import get_host
     from klgap_tokens.packing import tokenize_documents
 
     lm = load_model("tiny-gpt2")

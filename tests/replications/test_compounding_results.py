@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from klgap.formatting import fmt, fmt_ci, fmt_p
-from klgap.render_compounding import subset_table
-from klgap.schema import load_report
+from klgap.render.formatting import fmt, fmt_ci, fmt_p
+from klgap.render.compounding_page import subset_table
+from klgap.report.schema import load_report
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "compounding"
 RESULTS = FOLDER / "results"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from klgap.cli import main
+from klgap.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2] / "replications"
 HUB_CONFIGS = sorted(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from klgap.schema import StudyReport, load_report
+from klgap.report.schema import StudyReport, load_report
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "error-decomposition"
 DECLARED_KEYS = ("model", "mode", "interventions", "tokens", "fit_tokens", "context_len", "batch_size", "seed",

@@ -3,7 +3,7 @@ tests/data/golden/runs.json from the code before the run-model refactor (see tes
 
 One exception: Spearman correlations (a run's ``gap.spearman``, a study's ``gap_correlation_between_runs``) agree
 to rel 1e-12. They were committed from ``scipy.stats.spearmanr``, which sums float64 ranks; the streamed statistics
-(klgap/aggregate.py) use ``klgap.stats.spearman``, which sums the ranks exactly as integers, because scipy's rank
+(klgap/report/aggregate.py) use ``klgap.report.stats.spearman``, which sums the ranks exactly as integers, because scipy's rank
 arrays (~85 bytes per token) do not fit the memory a report may use. The two differ by ~1e-15 relative."""
 
 from __future__ import annotations

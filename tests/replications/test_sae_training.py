@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from klgap.schema import StudyReport, load_report
-from klgap.validate import validate_file
+from klgap.report.schema import StudyReport, load_report
+from klgap.report.validate import validate_file
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "sae-training"
 OFFLINE = FOLDER.parent / "smollm2-135m-offline" / "all_tokens.toml"

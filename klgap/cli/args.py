@@ -1,0 +1,231 @@
+"""The command line's grammar: every subcommand's flags (argparse), and the subcommands plugins register.
+
+The commands themselves are in klgap/cli/main.py; a flag's dest is the RunConfig field of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+#: flags whose dest is the RunConfig field of the same name (the boolean flags are set below)
+RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
+             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map",
+             "fit_tokens")
+#: keys of a replication file that are not RunConfig fields
+FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "checkpoints")
+
+
+def _int_arg(name: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+
+    return parse
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a replication file (TOML or JSON) whose keys are these flags' names")
+    p.add_argument("--model", help="model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2")
+    p.add_argument(
+        "--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list (default: from the SAE)"
+    )
+    p.add_argument(
+        "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
+        "sites/layers make one study report, with {layer}/{site} in --sae"
+    )
+    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file; a glob "
+                   "('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")
+    p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
+    p.add_argument(
+        "--interventions",
+        help="comma-separated, e.g. sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9 "
+        "(default: sae, sae_norm_corrected, sae_norm, epsilon_random, theta_random, theta_random_xnorm)",
+    )
+    p.add_argument("--tokens", type=_int_arg("--tokens"), help="tokens to read (default 8192)")
+    p.add_argument("--context-len", type=_int_arg("--context-len"), help="tokens per context (default 128)")
+    p.add_argument("--fit-tokens", type=_int_arg("--fit-tokens"),
+                   help="fit the fitted interventions (epsilon_anisotropic, sae_plus_linear_error, ...) on this many "
+                   "tokens drawn after the measured ones (default: the run's first contexts, the measured ones)")
+    p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
+    p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device-map", help="hub models: spread the layers over devices, e.g. auto (transformers/accelerate)")
+    p.add_argument(
+        "--remote", action="store_true", default=None,
+        help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
+    )
+    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
+    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random "
+                   "(klgap plugins lists them)")
+    p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
+    p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")
+    p.add_argument("--n-samples", type=_int_arg("--n-samples"), help="many-samples: draws per context (default 500)")
+    p.add_argument("--sample-intervention", help="many-samples: the random perturbation drawn (default epsilon_random)")
+    p.add_argument(
+        "--include-first-position",
+        action="store_true",
+        default=None,
+        help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
+    )
+    p.add_argument(
+        "--drop-last-position",
+        action="store_true",
+        default=None,
+        help="patch the last position of each context but do not measure it (the study's error_eval.py); "
+        "measured by default",
+    )
+    p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="check names, config and SAE ids offline (sae_lens releases against its bundled directory), print "
+        "the runs and what they need, load nothing",
+    )
+    p.add_argument(
+        "--shard", help="I/N: measure only shard I of N of the batches (1..N) and write no report; "
+        "`klgap merge` joins the N shard folders into the unsharded run's report",
+    )
+    p.add_argument(
+        "--joint", action="store_true", default=None,
+        help="patch every --site/--layer listed in the same forward, each with its own SAE ({site}/{layer} in "
+        "--sae), and measure each alone on the same tokens: the report's compounding section compares them",
+    )
+    p.add_argument(
+        "--joint-subsets", action="store_true", default=None,
+        help="with --joint (3 or more sites): also patch every subset of two or more sites together in the same "
+        "pass (OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs",
+    )
+    p.add_argument(
+        "--no-fast", action="store_true", default=None,
+        help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
+        "only the layers above the site",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klgap", description="Measure the KL gap of sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet", description="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
+    _add_run_flags(rep)
+    rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
+    rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    rep.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    curve = sub.add_parser(
+        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it", description="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it")
+    _add_run_flags(curve)
+    curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
+    curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
+    curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
+    curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    curve.add_argument("--wait", action="store_true",
+                     help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
+    curve.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    compare = sub.add_parser("compare", help="overlay robustness curves and ratio tables of several runs", description="overlay robustness curves and ratio tables of several runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or study folders (each with report.json)")
+    compare.add_argument("--out", required=True, help="folder for compare.json, compare.csv, compare.md and figures")
+    compare.add_argument("--label", action="append", help="a label per RUN_DIR, in order (default: model site layer)")
+
+    merge = sub.add_parser("merge", help="join the folders of `--shard I/N` runs into one report (as if unsharded)", description="join the folders of `--shard I/N` runs into one report (as if unsharded)")
+    merge.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="the N shard folders of one command")
+    merge.add_argument("--out", required=True, help="folder for the merged run (report.json, tokens.parquet, ...)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    new_help = "write a working plugin package (a perturbation, SAE loader, model or token source + its tests) to start from"
+    new = sub.add_parser("new-plugin", help=new_help, description=new_help)
+    new.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. my_noise)")
+    new.add_argument("--dir", help="where to write it (default ./klgap-NAME)")
+    new.add_argument("--kind", default="perturbation", choices=["perturbation", "sae_loader", "model", "token_source"],
+                     help="what the plugin registers (default perturbation); its tests run klgap's conformance suite "
+                          "for that kind")
+
+    train = sub.add_parser("train-sae", help="train an SAE with sae_lens's trainer on a site's activations", description="train an SAE with sae_lens's trainer on a site's activations")
+    train.add_argument("--model", required=True, help="a registered name, a hub repo id (ORG/NAME) or a model folder")
+    train.add_argument("--site", required=True, help="a site, or a comma list (one pass gathers them all)")
+    train.add_argument("--layer", required=True, help="a layer, a list (3,10,17,24) or a range (0-5)")
+    train.add_argument("--tokens", type=_int_arg("--tokens"), default=200_000,
+                       help="training tokens gathered (default 200000); training reads them once unless --epochs or "
+                            "--steps say otherwise")
+    train.add_argument(
+        "--out", required=True,
+        help="folder for cfg.json + sae_weights.safetensors + training.json; with several sites/layers put "
+        "{site} and {layer} in it, e.g. ~/.cache/klgap/saes/smollm2-135m/blocks.{layer}.hook_{site}",
+    )
+    train.add_argument("--context-len", type=_int_arg("--context-len"), default=128, help="tokens per context (default 128)")
+    train.add_argument("--dataset", default="sample",
+                       help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)")
+    train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
+    train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
+    train.add_argument("--steps", type=_int_arg("--steps"), default=None,
+                       help="training steps of 1024 tokens (default: one pass over --tokens, --tokens / 1024 steps); "
+                            "not with --epochs")
+    train.add_argument("--epochs", type=float, default=None,
+                       help="passes over --tokens (default 1; a warning above 4: the SAE may overfit them); not with "
+                            "--steps")
+    train.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
+                       help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
+                            "common offset)")
+    train.add_argument("--architecture", default="standard",
+                       help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
+                            "shrinkage: sites where a few dimensions carry most of the variance)")
+    train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
+    train.add_argument("--checkpoints", type=_int_arg("--checkpoints"), default=None,
+                       help="also save N evenly spaced checkpoints of each SAE under OUT/checkpoints/step-XXXXXX/ "
+                            "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")
+    train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
+                       help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
+    train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
+    train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")
+    train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rep_cmd = sub.add_parser("report", help="rebuild figures, report.md and report.html from a run folder's data", description="rebuild figures, report.md and report.html from a run folder's data")
+    rep_cmd.add_argument("run_dir", help="a run or study folder (report.json, or run.json and parts to build it from)")
+
+    check_help = ("a run folder against a replication's expected.json: one verdict per target (exit 3 if any "
+                  "target is not met)")
+    check = sub.add_parser("check", help=check_help, description=check_help)
+    check.add_argument("run_dir", help="a run or study folder (with report.json)")
+    check.add_argument("--expected", required=True, help="an expected.json (beside a replication's files)")
+    check.add_argument(
+        "--for", dest="for_config", help="check the targets of this replication file (e.g. all_tokens.toml); default: "
+        "those whose file declares the run's model and mode",
+    )
+    check.add_argument("--write", action="store_true",
+                       help="also write RUN/expected_check.json and redraw report.md / report.html with the verdicts")
+
+    val_help = ("check what klgap wrote against its schema and its values: a report.json (run, curve or study) or a "
+                "compare.json; the kind is read from the file")
+    val = sub.add_parser("validate", help=val_help, description=val_help)
+    val.add_argument("report", help="a report.json or compare.json, or a run, study or compare folder holding one")
+
+    plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Subcommands that plugins register (``register_commands``); a name the core uses is refused."""
+    from klgap.plugins.manager import get_host
+
+    host = get_host()
+    for name, entry in list(host.registries["command"].entries.items()):  # a broken plugin: `klgap plugins` says so
+        if name in sub.choices:
+            host.mark_broken(entry.plugin, f"plugin {entry.plugin!r} registers command {name!r}, which klgap itself "
+                                           "defines")
+            continue
+        parser = sub.add_parser(name, help=entry.description, description=entry.description)
+        entry.obj.add_arguments(parser)
+        parser.set_defaults(plugin_command=entry.obj)

@@ -1,0 +1,250 @@
+"""A run's output folder: config identity, per-batch parts (so runs resume), atomic writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from klgap.errors import KlgapError, WriteError
+
+log = logging.getLogger("klgap")
+
+from klgap.job.record import CONFIG_FILE  # noqa: E402
+PARTS_DIR = "parts"
+OUTPUTS = ("report.json", "tokens.parquet")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, then rename: readers never see half a file."""
+    with _atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """A temp file name beside `path` to write to; renamed onto `path` when the block succeeds, removed if not.
+    An OSError (disk full, ``ulimit -f``) becomes a :class:`klgap.errors.WriteError` naming `path`."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder is shared as open() would leave it
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(path, exc) from exc
+        raise
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    with _atomic_target(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Without pandas' metadata (each part's records its own index): the parts then concatenate cleanly."""
+    return table.replace_schema_metadata(None)
+
+
+def _parts_schema(paths: list[Path]) -> pa.Schema:
+    """One schema for every part (integers widened where parts differ), without pandas' metadata."""
+    return pa.unify_schemas([pq.read_schema(path).remove_metadata() for path in paths], promote_options="permissive")
+
+
+def _codes(values: np.ndarray, codes: dict[str, int]) -> np.ndarray:
+    """Category codes of a part's string column (few distinct names: one comparison per name)."""
+    names, first, inverse = np.unique(values.astype(str), return_index=True, return_inverse=True)
+    for i in np.argsort(first):  # new names get codes in order of first appearance
+        codes.setdefault(str(names[i]), len(codes))
+    return np.array([codes[str(n)] for n in names], dtype=np.int32)[inverse]
+
+
+class RunDir:
+    """``OUT/run_config.json``, ``OUT/parts/batch_00000.{parquet,json}``, ``OUT/report.json``, ``OUT/tokens.parquet``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.parts = self.root / PARTS_DIR
+
+    def check_writable(self) -> bool:
+        """Create the folder and prove we can write there, before any heavy work; True if it was created now."""
+        blocking = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {str(blocking)!r} is a file, not "
+                             "a folder; give --out a folder path (it is created if missing)")
+        created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".klgap-write-test.")  # a name of its own per rank
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
+        return created
+
+    def remove_if_empty(self) -> None:
+        """Remove the folder if nothing was written into it (a run that failed before its first file)."""
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
+
+    def prepare(self, identity: dict[str, Any], overwrite: bool) -> int:
+        """Bind the folder to a run identity; return how many batches are already done.
+
+        A folder holding a different run is refused unless `overwrite` (which clears it).
+        """
+        self.check_writable()
+        config_path = self.root / CONFIG_FILE
+        if config_path.exists():
+            try:
+                existing = json.loads(config_path.read_text())
+            except ValueError:
+                existing = None
+            if existing != json.loads(json.dumps(identity, default=str)):
+                if not overwrite:
+                    diff = _first_difference(existing, identity)
+                    raise KlgapError(
+                        f"{str(self.root)!r} holds a different run ({diff}); use another --out, or "
+                        "--overwrite to replace it"
+                    )
+                self.clear()
+        elif overwrite:
+            self.clear()
+        for name in OUTPUTS:  # a resumed or repeated run rewrites its outputs at the end
+            (self.root / name).unlink(missing_ok=True)
+        atomic_write_json(config_path, identity)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        return len(self.done_batches())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)
+        for name in (*OUTPUTS, CONFIG_FILE):
+            (self.root / name).unlink(missing_ok=True)
+
+    def part_paths(self, index: int) -> tuple[Path, Path]:
+        return self.parts / f"batch_{index:05d}.parquet", self.parts / f"batch_{index:05d}.json"
+
+    def done_batches(self) -> set[int]:
+        """Batches whose parquet and json both exist (the json is written last)."""
+        done = set()
+        for meta in self.parts.glob("batch_*.json"):
+            index = int(meta.stem.split("_")[1])
+            if self.part_paths(index)[0].exists():
+                done.add(index)
+        return done
+
+    def reusable_batches(self) -> set[int]:
+        """Finished batches a resume may keep: a part whose KL column holds a NaN or an infinity (an SAE file
+        fixed in place since, a broken model) is deleted and measured again."""
+        done = self.done_batches()
+        for index in sorted(done):
+            table_path, meta_path = self.part_paths(index)
+            try:
+                kl = pq.read_table(table_path, columns=["kl"]).column("kl").to_numpy(zero_copy_only=False)
+            except (OSError, KeyError, pa.ArrowException):
+                kl = np.array([np.nan])  # unreadable: measured again
+            if not np.isfinite(kl.astype(float)).all():
+                log.warning("batch %d in %s holds non-finite KL values: measuring it again", index, self.root)
+                meta_path.unlink(missing_ok=True)
+                table_path.unlink(missing_ok=True)
+                done.discard(index)
+        return done
+
+    def write_part(self, index: int, frame: pd.DataFrame, side: dict[str, Any]) -> None:
+        table_path, meta_path = self.part_paths(index)
+        atomic_write_parquet(table_path, frame)
+        atomic_write_json(meta_path, side)
+
+    def finished_parts(self) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The finished parts' table files and their side JSON, in batch order (what a report is built from)."""
+        indices = sorted(self.done_batches())
+        return ([self.part_paths(i)[0] for i in indices],
+                [json.loads(self.part_paths(i)[1].read_text()) for i in indices])
+
+    def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """Every finished part as one compact frame, filled part by part into preallocated columns (never two
+        copies of the table): intervention categorical, integers int32 (~50 bytes per row, not ~200)."""
+        indices = sorted(self.done_batches())
+        sides = [json.loads(self.part_paths(i)[1].read_text()) for i in indices]
+        if not indices:
+            return pd.DataFrame(), sides
+        paths = [self.part_paths(i)[0] for i in indices]
+        sizes = [pq.read_metadata(path).num_rows for path in paths]
+        schema = _parts_schema(paths)
+        columns: dict[str, np.ndarray] = {}
+        categories: dict[str, dict[str, int]] = {}  # string columns (the intervention name): name -> code
+        for field in schema:
+            if pa.types.is_integer(field.type):  # int32 unless a part holds a value beyond it
+                columns[field.name] = np.empty(sum(sizes), dtype=np.int32)
+            elif pa.types.is_floating(field.type):
+                columns[field.name] = np.empty(sum(sizes), dtype=field.type.to_pandas_dtype())
+            else:
+                columns[field.name] = np.empty(sum(sizes), dtype=np.int32)
+                categories[field.name] = {}
+        start = 0
+        for path, size in zip(paths, sizes, strict=True):
+            part = pq.read_table(path)
+            for name, column in columns.items():
+                if name not in part.column_names:
+                    raise KlgapError(f"{path} has no column {name!r}: the run folder mixes parts of different versions")
+                values = part.column(name).to_numpy(zero_copy_only=False)
+                if name in categories:
+                    values = _codes(values, categories[name])
+                elif column.dtype == np.int32 and len(values) and np.abs(values).max() >= 2**31:
+                    column = columns[name] = column.astype(np.int64)
+                column[start : start + size] = values
+            start += size
+        frame = pd.DataFrame({
+            name: pd.Categorical.from_codes(column, categories=list(categories[name])) if name in categories
+            else column
+            for name, column in columns.items()
+        }, copy=False)
+        return frame, sides
+
+    def write_tokens(self, path: Path) -> None:
+        """Join the finished parts into one parquet file, a part at a time (never the whole table in memory)."""
+        paths = [self.part_paths(i)[0] for i in sorted(self.done_batches())]
+        schema = _parts_schema(paths) if paths else pa.schema([])
+        with _atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for part in paths:
+                writer.write_table(_plain(pq.read_table(part)).cast(schema))
+
+
+def _first_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "unreadable run_config.json"
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), json.loads(json.dumps(new.get(key), default=str))
+        if a != b:
+            return f"{key}: {a!r} on disk, {b!r} now"
+    return "same keys"

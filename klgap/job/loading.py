@@ -1,0 +1,228 @@
+"""Load a resolved run: its SAE, model and tokens, and the executor that measures its batches.
+
+:func:`load_plan` turns a :class:`klgap.plan.resolve.RunPlan` (checked, nothing loaded) into a :class:`Loaded` run,
+which the modes (klgap/job/modes.py) measure batch by batch; :func:`prepare` does both for a config (notebooks,
+benchmarks). At most one model is held (:func:`load_model`); perturbations that fit statistics are fitted on
+the fit tokens' clean activations (--fit-tokens, else the run's first contexts) before any batch
+(:func:`fit_perturbations`). The run around it (folder, parts, report): klgap/job/engine.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klgap.forward import activations
+from klgap.plugins.capabilities import error_fittable, error_splitter, fittable
+from klgap.plan.config import RunConfig
+from klgap.errors import KlgapError
+from klgap.forward.executors import Executor, choose
+from klgap.plugins.manager import ModelRef, model_adapter
+from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, Placement, SiteSpec
+from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, resolve, route_sae, site_of
+from klgap.sae.check import check_loaded_sae
+
+log = logging.getLogger("klgap")
+
+__all__ = ["FIT_TOKENS", "Loaded", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
+           "n_fit_contexts", "prepare"]
+
+
+@dataclass
+class Loaded:
+    """A plan with its model, SAE and tokens loaded and its executor chosen: what the modes measure."""
+
+    plan: RunPlan
+    model: LoadedModel
+    sae: LoadedSAE
+    site: str
+    layer: int
+    spec: SiteSpec
+    contexts: Tensor  # [n_contexts ctx] int64, CPU
+    center: bool
+    executor: Executor
+    execution: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fit_contexts: Tensor | None = None  # [n_fit ctx] int64, CPU: drawn after `contexts` (--fit-tokens), else None
+
+    @property
+    def config(self) -> RunConfig:
+        return self.plan.config
+
+    @property
+    def interventions(self) -> tuple[Intervention, ...]:
+        return self.plan.interventions
+
+    @property
+    def sample(self) -> Intervention | None:
+        return self.plan.sample
+
+    @property
+    def error_split(self) -> ErrorSplitter | None:
+        """The run's split of the SAE's error into e_lin + e_nl (its first intervention declaring one), or None."""
+        return error_splitter(i.perturbation for i in self.interventions)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.contexts) // self.config.batch_size)
+
+
+_MODELS: dict[tuple[str, ...], LoadedModel] = {}
+
+
+def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
+               placement: Placement = Placement()) -> LoadedModel:
+    """Load (or reuse: at most one model is held) the model a ``--model`` value (or a resolved ModelRef) names."""
+    ref = model if isinstance(model, ModelRef) else model_adapter(model)
+    name = ref.name
+    key = (name, id(ref.adapter), str(device), str(dtype), str(placement))
+    if key not in _MODELS:
+        from klgap.protocols import PlacingModelAdapter
+
+        adapter = ref.adapter
+        if not placement.local and not isinstance(adapter, PlacingModelAdapter):
+            what = "--remote" if placement.remote else "--device-map"
+            raise KlgapError(f"model {name!r} cannot take {what}: its adapter loads it locally only; {what} works "
+                             "with Hugging Face hub models (gpt2, pythia-70m-deduped, a hub repo id, ...)")
+        _MODELS.clear()
+        _MODELS[key] = adapter.load(device, dtype) if placement.local else adapter.load_placed(device, dtype, placement)
+    return _MODELS[key]
+
+
+def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
+    """Load an SAE spec (routed to its loader by :func:`klgap.plan.resolve.route_sae`)."""
+    route = route_sae(spec) if isinstance(spec, str) else spec
+    sae = route.obj.load(route.arg, device)
+    check_loaded_sae(sae)  # every loader's SAE, before anything else is loaded
+    return sae
+
+
+def load_plan(plan: RunPlan) -> Loaded:
+    """Load the SAE, the model and the tokens of a plan (in that order) and choose its executor."""
+    config, device = plan.config, plan.device
+    if isinstance(plan.sae, LoadedSAE):  # an SAE object from Python, already wrapped on the run's device
+        sae, route = plan.sae, None
+        check_loaded_sae(sae)
+    else:
+        route = plan.sae
+        sae = load_sae(route, device) if route is not None else None
+    site, layer = site_of(config, route, sae.hook_name if sae is not None else None)
+    if site is None or layer is None:
+        raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer")
+    model = load_model(plan.model, device, plan.dtype, plan.placement)
+    notes = [model.site_note] if model.site_note else []
+    if layer >= model.n_layers:
+        raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
+    if config.context_len > model.max_context:
+        raise KlgapError(f"--context-len {config.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
+    if sae is None:
+        route, note = default_sae(model, site, layer)
+        notes.append(note)
+        log.warning(note)
+        sae = load_sae(route, device)
+        site_of(RunConfig(model=config.model, site=site, layer=layer), route, sae.hook_name)
+    width = model.site_widths[site]
+    if sae.d_in != width:
+        raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
+                         "it was trained on another model or site")
+    center = sae.center_resid and site.startswith("resid")
+    if center:
+        notes.append(
+            "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
+            "over d_model before the SAE and every perturbation (LayerNorm makes the mean invisible downstream)"
+        )
+    contexts, fit_contexts = draw_contexts(plan, model)
+    spec = model.site_map(site, layer)
+    executor, execution = choose(config, model, spec, layer, contexts)
+    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts)
+    fitted = fit_perturbations(loaded)
+    if fitted:
+        loaded.execution = {**execution, "fitted": fitted}
+    return loaded
+
+
+def n_fit_contexts(config: RunConfig) -> int:
+    """Contexts that hold --fit-tokens fit tokens (the first position excluded, as measured); 0 without it."""
+    if config.fit_tokens is None:
+        return 0
+    return max(2, -(-config.fit_tokens // (config.context_len - (1 if config.skip_first_position else 0))))
+
+
+def draw_contexts(plan: RunPlan, model: LoadedModel) -> tuple[Tensor, Tensor | None]:
+    """The run's contexts ``[n_contexts ctx]`` and, with --fit-tokens, the fit contexts ``[n_fit ctx]`` (int64, CPU).
+
+    One draw of n_contexts + n_fit contexts from the token source with the run's seed: the measured ones first
+    (the contexts a run without --fit-tokens measures, for the built-in sources, whose draws are prefixes of
+    each other), the fit ones after them, so the two never share a context."""
+    config = plan.config
+    n_fit = n_fit_contexts(config)
+    n_all = config.n_contexts + n_fit
+    contexts = plan.tokens.obj.contexts(model, n_all, config.context_len, config.seed, config.prepend_bos,
+                                        plan.tokens.arg)
+    needs = f"--tokens {config.tokens}" + (f" and --fit-tokens {config.fit_tokens}" if n_fit else "")
+    if contexts.dim() == 2 and contexts.shape[1] == config.context_len and len(contexts) < n_all:
+        raise KlgapError(f"token source {plan.tokens.name!r} gave {len(contexts)} contexts of {config.context_len} "
+                         f"tokens but {needs} need{'s' * (not n_fit)} {n_all}; nothing was measured: give "
+                         f"--tokens {(len(contexts) - n_fit) * config.context_len} or less, or a source with more text")
+    if contexts.shape != (n_all, config.context_len):
+        raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
+                         f"{(n_all, config.context_len)}")
+    contexts = contexts.to(torch.long).cpu()
+    return contexts[: config.n_contexts], (contexts[config.n_contexts :] if n_fit else None)
+
+
+def prepare(config: RunConfig) -> Loaded:
+    """Resolve and load a config (no folder): what a notebook or a benchmark measures batches with."""
+    return load_plan(resolve(config))
+
+
+FIT_TOKENS = 8192  # without --fit-tokens: clean activations of the run's first contexts handed to fitted perturbations
+
+
+@torch.no_grad()
+def fit_perturbations(run: Loaded) -> dict[str, Any]:
+    """Fit every perturbation that declares ``fit(acts [n, d])`` or ``fit_error(x [n, d], x_hat [n, d])`` on the clean
+    site activations (centred like the SAE's input; x̂ the SAE's reconstruction) of the fit tokens: with
+    --fit-tokens the fit contexts drawn after the measured ones, else the run's first contexts (up to FIT_TOKENS
+    tokens). The same tokens on every resume."""
+    from klgap.job.modes import SaeView  # (modes imports this module)
+
+    perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
+    needing, needing_error = fittable(perturbations), error_fittable(perturbations)
+    if not needing and not needing_error:
+        return {}
+    config, model = run.config, run.model
+    first = 1 if config.skip_first_position else 0
+    if run.fit_contexts is not None:
+        fit_ids, n_ctx = run.fit_contexts, len(run.fit_contexts)
+        source = f"{n_ctx} contexts drawn after the measured ones (--fit-tokens {config.fit_tokens}; disjoint from them)"
+    else:
+        per_context = config.context_len - first
+        n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
+        fit_ids, source = run.contexts[:n_ctx], "the run's first contexts"
+    chunks, chunks_hat = [], []
+    for start in range(0, n_ctx, config.batch_size):
+        ids = fit_ids[start:min(start + config.batch_size, n_ctx)].to(model.device)
+        x = activations.collect(model, run.spec, ids)[:, first:].reshape(-1, run.sae.d_in).float()
+        if needing_error:
+            view = SaeView.of(x, run.sae, run.center)
+            chunks.append(view.x)
+            chunks_hat.append(view.x_hat)
+        else:
+            chunks.append(x - x.mean(-1, keepdim=True) if run.center else x)  # what SaeView.of hands the perturbations
+    acts = torch.cat(chunks)
+    finite = torch.isfinite(acts).all(-1)
+    acts = acts[finite]
+    for p in needing:
+        p.fit(acts)
+    if needing_error:
+        acts_hat = torch.cat(chunks_hat)[finite]
+        keep = torch.isfinite(acts_hat).all(-1)
+        for p in needing_error:
+            p.fit_error(acts[keep], acts_hat[keep])
+    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source}
+            for p in [*needing, *needing_error]}

@@ -1,0 +1,74 @@
+"""run.json: everything a report needs besides the per-token rows, written when a run opens.
+
+A run folder is ``run.json`` + ``parts/`` (per-batch token tables and side sums). The report is a pure function
+of those files (:func:`klgap.report.build.build_report`), so ``klgap merge`` and ``klgap report`` never load a model
+or an SAE. ``run.json`` is written before the first batch and again if the run learns something while it
+measures (a study's shared clean forward), atomically each time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError
+
+from klgap.errors import KlgapError
+from klgap.report.schema import SCHEMA_VERSION, PluginRef, RunFacts, SAEInfo, _Model
+
+RECORD_FILE = "run.json"
+CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match it (klgap/job/folder.py)
+
+
+class InterventionRef(_Model):
+    """One measured intervention: its row label, the spec the user wrote, and the plugin that made it."""
+
+    name: str
+    spec: str
+    plugin: PluginRef
+
+
+class RunRecord(RunFacts):
+    """What was measured, how, and with which plugins (report.json's fields minus the statistics)."""
+
+    schema_version: str
+    kind: Literal["run_record"] = "run_record"
+    site: str
+    layer: int
+    hook_name: str
+    sae: SAEInfo
+    interventions: list[InterventionRef]
+    sample_intervention: str | None = None
+    n_contexts: int
+    n_batches: int
+    notes: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        """Intervention names in the order they were measured (the SAE's first)."""
+        return [i.name for i in self.interventions]
+
+
+def write_record(folder: Path, record: RunRecord) -> None:
+    from klgap.job.folder import atomic_write_json
+
+    atomic_write_json(Path(folder) / RECORD_FILE,
+                      record.model_dump(mode="json", exclude={"joint"} if record.joint is None else None))
+
+
+def read_record(folder: Path) -> RunRecord:
+    """The run.json of a run folder; a KlgapError saying what to do when it is missing or unreadable."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        raise KlgapError(
+            f"{str(folder)!r} has no {RECORD_FILE}: it was written by an older klgap (or is not a run folder); "
+            "run its command again (finished batches are measured again) to get a report"
+        )
+    try:
+        return RunRecord.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise KlgapError(f"{str(path)!r} is not a valid run record ({SCHEMA_VERSION}): {exc}") from exc
+
+
+__all__ = ["RECORD_FILE", "InterventionRef", "RunRecord", "read_record", "write_record"]

@@ -1,0 +1,112 @@
+"""Ask a plugin's object for an optional capability through the protocol that declares it, never ``getattr``.
+
+The capabilities live in :mod:`klgap.protocols`: :class:`~klgap.protocols.SAEChecker` (``check(spec)``,
+used by ``--dry-run``), :class:`~klgap.protocols.DefaultSAEFinder` (``default_sae(model, site, layer)``, used
+when no ``--sae`` is given) and :class:`~klgap.protocols.FittablePerturbation` (``fit(acts)``, called before
+the first batch), :class:`~klgap.protocols.ErrorFittablePerturbation` (``fit_error(x, x_hat)``, called with
+it) and :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch). Each function here is the one place the core asks for one of them; a plugin's answer of
+the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from klgap.errors import PluginError
+from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FittablePerturbation,
+                             HubModelAdapter, ModelSAENames, Perturbation, PretrainedSAEAdapter, SAECheck, SAEChecker)
+
+if TYPE_CHECKING:
+    from klgap.plugins.manager import Registry
+    from klgap.protocols import LoadedModel
+
+#: What every perturbation declares (klgap.protocols.Perturbation), for the error that names what is missing.
+PERTURBATION_MEMBERS = ("name", "stochastic", "geometry", "__call__")
+
+
+def hub_repo(adapter: object) -> str | None:
+    """The hub repo a model adapter loads from, when it declares :class:`HubModelAdapter`; else None."""
+    if not isinstance(adapter, HubModelAdapter):
+        return None
+    if not isinstance(adapter.repo_id, str):
+        raise PluginError(f"model adapter {type(adapter).__name__}.repo_id is {adapter.repo_id!r}; it must be a str")
+    return adapter.repo_id
+
+
+def model_sae_names(name: str, adapter: object) -> ModelSAENames | None:
+    """The sae_lens model names (and note) of a model before it loads, when its adapter declares
+    :class:`PretrainedSAEAdapter`; None when the adapter does not say (then only the loaded model tells)."""
+    if not isinstance(adapter, PretrainedSAEAdapter):
+        return None
+    models = adapter.sae_lens_models
+    if not (isinstance(models, tuple) and all(isinstance(m, str) for m in models)):
+        raise PluginError(f"model adapter {type(adapter).__name__}.sae_lens_models is {models!r}; it must be a tuple "
+                          "of str")
+    return ModelSAENames(name, models, adapter.sae_note)
+
+
+def check_sae_spec(loader: object, spec: str) -> SAECheck | None:
+    """What `spec` names, from a loader that declares :class:`SAEChecker`; None when the loader cannot tell.
+
+    `spec` is the loader's argument (no ``NAME:`` prefix). KlgapError from the loader (a spec that cannot be
+    right) passes through.
+    """
+    if not isinstance(loader, SAEChecker):
+        return None
+    result = loader.check(spec)
+    if not isinstance(result, SAECheck):
+        raise PluginError(
+            f"SAE loader {type(loader).__name__}.check({spec!r}) returned a {type(result).__name__}; "
+            "it must return klgap.protocols.SAECheck"
+        )
+    return result
+
+
+def find_default_sae(loaders: Registry, model: LoadedModel | ModelSAENames, site: str, layer: int) -> tuple[str, str] | None:
+    """``("NAME:SPEC", note)`` from the first registered loader that declares :class:`DefaultSAEFinder` and
+    knows a pretrained SAE for `model` at `site`, `layer`; None when none does."""
+    for name, entry in loaders.entries.items():
+        if not isinstance(entry.obj, DefaultSAEFinder):
+            continue
+        found = entry.obj.default_sae(model, site, layer)
+        if found is None:
+            continue
+        if not (isinstance(found, tuple) and len(found) == 2 and all(isinstance(s, str) for s in found)):
+            raise PluginError(
+                f"SAE loader {name!r}: default_sae returned {found!r}; it must return (spec, note) strings or None"
+            )
+        spec, note = found
+        return f"{name}:{spec}", note
+    return None
+
+
+def fittable(perturbations: Iterable[object | None]) -> list[FittablePerturbation]:
+    """The perturbations that declare :class:`FittablePerturbation` (``fit(acts)``), in order; None skipped."""
+    return [p for p in perturbations if p is not None and isinstance(p, FittablePerturbation)]
+
+
+def error_fittable(perturbations: Iterable[object | None]) -> list[ErrorFittablePerturbation]:
+    """The perturbations that declare :class:`ErrorFittablePerturbation` (``fit_error(x, x_hat)``), in order."""
+    return [p for p in perturbations if p is not None and isinstance(p, ErrorFittablePerturbation)]
+
+
+def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | None:
+    """The first perturbation that declares :class:`ErrorSplitter` (``error_parts``); None when none does."""
+    return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
+
+
+def as_perturbation(obj: Any, spec: str) -> Perturbation:
+    """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
+    error naming the members it lacks."""
+    if isinstance(obj, Perturbation):
+        return obj
+    missing = [m for m in PERTURBATION_MEMBERS if not hasattr(obj, m)]
+    raise PluginError(
+        f"intervention {spec!r}: its factory returned a {type(obj).__name__} without {', '.join(missing)}; "
+        f"a perturbation declares {', '.join(PERTURBATION_MEMBERS)} (klgap.protocols.Perturbation)"
+    )
+
+
+__all__ = ["as_perturbation", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fittable",
+           "model_sae_names"]

@@ -1,0 +1,68 @@
+"""The report's "Compounding" section of a joint run (klgap/report/compounding.py computes it): the sites alone, the
+joint KL ratio against the largest single-site one, joint KL against the sum per intervention and, with
+``--joint-subsets``, one row per subset of the sites patched together."""
+
+from __future__ import annotations
+
+from klgap.render.blocks import Block, Bullets, Heading, Para, Table
+from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p
+from klgap.report.schema import BASELINE, Compounding, RatioCI, Report
+
+
+def _ci(ratio: RatioCI) -> str:
+    return fmt_ci(ratio.ratio, ratio.ci_low, ratio.ci_high)
+
+
+def compounding_blocks(report: Report) -> list[Block]:
+    """A joint run: every site patched together against each alone (klgap/report/compounding.py)."""
+    found = report.compounding
+    if found is None:
+        return []
+    sites = [[site.hook_name, _ci(site.kl_ratio) if site.kl_ratio else DASH,
+              *(fmt(site.kl_mean.get(name)) for name in found.additivity), site.path] for site in found.sites]
+    blocks: list[Block] = [
+        Heading(2, "Compounding"),
+        Para("Every site patched in the same forward (joint) against each site patched alone, on the same tokens; "
+             "intervals are bootstraps over whole contexts, tests pair per-context means."),
+        Table(["site alone", f"KL ratio sae/{BASELINE} [95% CI]", *(f"KL {n}" for n in found.additivity), "folder"],
+              sites),
+    ]
+    if found.joint_kl_ratio is not None:
+        bullets = [f"joint KL ratio sae/{BASELINE}: {_ci(found.joint_kl_ratio)}"]
+        diff = found.joint_minus_max_single_ratio
+        if diff is not None:
+            bullets.append(f"joint ratio − largest single-site ratio ({found.max_single}, "
+                           f"{fmt_fixed(found.max_single_kl_ratio)}): {fmt_ci(diff.estimate, diff.ci_low, diff.ci_high)}, "
+                           f"one-sided p = {fmt_p(diff.p_value)}")
+        blocks.append(Bullets(bullets))
+    rows = [[name, fmt(a.joint_kl_mean), fmt(a.sum_single_kl_mean), _ci(a.joint_over_sum),
+             fmt_p(a.wilcoxon_joint_vs_sum.p_value), fmt(a.joint_ce_delta_mean), fmt(a.sum_single_ce_delta_mean),
+             a.verdict] for name, a in found.additivity.items()]
+    blocks.append(Table(["intervention", "joint KL", "Σ KL alone", "joint/Σ [95% CI]", "Wilcoxon p",
+                         "joint ΔCE", "Σ ΔCE alone", "verdict"], rows))
+    if found.subsets:
+        blocks += [Para("Every subset of two or more sites, patched together in the same pass (`--joint-subsets`; "
+                        "each folder holds its own report), and all of them:"),
+                   Table(*subset_table(found))]
+    return blocks
+
+
+def subset_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
+    """A joint run's subsets and the run itself, a row each: the joint KL ratio, the largest ratio alone, their
+    difference (one-sided p) and, per intervention, joint KL / Σ alone."""
+    names = list(found.additivity)
+    header = ["sites patched together", f"joint KL ratio sae/{BASELINE} [95% CI]", "largest alone",
+              "joint − largest alone [95% CI]", "p", *(f"joint/Σ {name} [95% CI]" for name in names)]
+    every = [site.hook_name for site in found.sites]
+    rows = []
+    for sites, part in [*((s.sites, s.compounding) for s in found.subsets or []), (every, found)]:
+        diff = part.joint_minus_max_single_ratio
+        rows.append([" + ".join(sites), _ci(part.joint_kl_ratio) if part.joint_kl_ratio else DASH,
+                     fmt_fixed(part.max_single_kl_ratio),
+                     fmt_ci(diff.estimate, diff.ci_low, diff.ci_high) if diff else DASH,
+                     fmt_p(diff.p_value) if diff else DASH,
+                     *(_ci(part.additivity[name].joint_over_sum) for name in names)])
+    return header, rows
+
+
+__all__ = ["compounding_blocks", "subset_table"]

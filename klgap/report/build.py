@@ -1,0 +1,114 @@
+"""report.json: a run's numbers, configuration and provenance, built from its folder alone (run.json + parts).
+
+Data first; pictures come later (klgap/render/pages.py). Nothing here loads a model or an SAE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from klgap.report.aggregate import run_statistics
+from klgap.job.record import RunRecord
+from klgap.job.folder import RunDir
+from klgap.report.schema import SCHEMA_VERSION, InterventionStats, Report, SaeLensScores
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def token_decoder(sides: list[dict[str, Any]]) -> Any:
+    """``decode(token_id) -> text | None`` from the token texts the parts recorded (no tokenizer needed)."""
+    texts: dict[str, str] = {}
+    for side in sides:
+        texts.update(side.get("token_text") or {})
+    return lambda token_id: texts.get(str(int(token_id)))
+
+
+def build_report(record: RunRecord, rundir: RunDir) -> Report:
+    """The report of a run folder: a pure function of its run.json and parts (no model, no SAE), computed a part
+    at a time (klgap.report.aggregate), so memory does not grow with the run."""
+    paths, sides = rundir.finished_parts()
+    found = run_statistics(paths, sides, names=record.names, mode=record.mode, seed=record.seed,
+                           sample_name=record.sample_intervention, decode=token_decoder(sides))
+    facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches",
+                                       *(["joint"] if record.joint is None else [])})
+    report: dict[str, Any] = {
+        **facts,
+        "schema_version": SCHEMA_VERSION,
+        "kind": "run",
+        "n_tokens": found.n_tokens,
+        "n_contexts": found.n_contexts,
+        "interventions": found.interventions,
+        "kl_ratio_sae_over_epsilon_random": found.kl_ratio_sae_over_epsilon_random,
+        "comparisons": found.comparisons,
+        "sae_metrics": found.sae_metrics,
+        "gap": found.gap,
+        "curve": found.curve,
+    }
+    scores = sae_lens_scores(found.interventions)
+    if scores is not None:
+        report["sae_lens_scores"] = scores
+    if record.mode == "single_token":
+        report["single_token"] = {"position": record.config["position"], "k": record.config["k"],
+                                  "kl_by_offset": found.kl_by_offset}
+    if record.mode == "many_samples":
+        report["many_samples"] = found.many_samples
+    decomposition = _error_decomposition(record, paths, sides)
+    if decomposition is not None:
+        report["error_decomposition"] = decomposition
+    if record.joint is not None:
+        from klgap.report.compounding import compounding
+
+        report["compounding"] = compounding(record, rundir, found.interventions)
+    return Report.model_validate(_clean(_plain(report)))
+
+
+def _error_decomposition(record: RunRecord, paths: list[Any], sides: list[dict[str, Any]]) -> Any:
+    """The error-decomposition section (klgap/report/decomposition.py) when the run measured one of its interventions."""
+    from klgap.report.aggregate import context_sums
+    from klgap.report.decomposition import INTERVENTIONS, error_decomposition
+
+    if not set(INTERVENTIONS) & set(record.names) or record.joint is not None:
+        return None
+    return error_decomposition(paths, sides, record.names, context_sums(paths), record.seed,
+                               record.execution.get("fitted", {}), record.config.get("fit_tokens"))
+
+
+def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:
+    """sae_lens's kl_div_score and ce_loss_score from the mean KL and ΔCE of `sae` and `zero` (ratios of means
+    over the measured tokens, as sae_lens.evals computes them); None unless both were measured."""
+    sae, zero = interventions.get("sae"), interventions.get("zero")
+    if sae is None or zero is None:
+        return None
+
+    def score(ablated: float | None, reconstructed: float | None) -> float:
+        if ablated is None or reconstructed is None or ablated == 0:
+            return math.nan
+        return (ablated - reconstructed) / ablated
+
+    return SaeLensScores(kl_div_score=score(zero.kl_mean, sae.kl_mean),
+                         ce_loss_score=score(zero.ce_delta_mean, sae.ce_delta_mean))
+
+
+def _plain(obj: Any) -> Any:
+    """Pydantic sub-results as the dicts they would be written as (only the fields they were built with)."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(exclude_unset=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,162 @@
+"""The report's error-decomposition section: where the KL gap lies, in the linear or the nonlinear part of the
+SAE's error (Engels et al. 2024, arXiv 2410.14670; issue 19).
+
+A pure function of a run's parts, as the rest of the report: the per-token columns ``eps``, ``eps_lin`` and
+``eps_nl`` (``‖e‖``, ``‖e_lin‖``, ``‖e_nl‖``, written when a run holds an :class:`klgap.protocols.ErrorSplitter`),
+the parts' side sums (the centred R²) and the per-context KL sums of the interventions. One function per fact:
+
+- :func:`r2`:             1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens (the fraction of ‖e‖² e_lin explains),
+                          its interval a context bootstrap of that ratio of sums (stats.ratio_of_means_ci);
+- :func:`r2_centred`:     1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖² (the fraction of the error's variance), from the side sums;
+- :func:`lin_norm_frac`:  mean over tokens of ‖e_lin‖ / ‖e‖ (stats.mean_ci);
+- :func:`error_part`:     one intervention against its twin: KLs, ratio, Wilcoxon, paired excess, and the share of
+                          the SAE's excess KL over epsilon_random that is left with only this part of the error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from klgap.report import stats
+from klgap.report.schema import BASELINE, ErrorDecomposition, ErrorPart, MeanCI, PairedTest, RatioCI
+
+#: intervention -> (its random twin at the same per-token norm, the part of the error it keeps)
+PARTS: dict[str, tuple[str, Literal["linear", "nonlinear"]]] = {
+    "sae_plus_linear_error": ("epsilon_random_nonlinear", "nonlinear"),
+    "sae_plus_nonlinear_error": ("epsilon_random_linear", "linear"),
+}
+#: every intervention of the decomposition: one of them in a run writes the eps_lin / eps_nl columns
+INTERVENTIONS = (*PARTS, *(twin for twin, _ in PARTS.values()))
+NORM_COLUMNS = ("eps", "eps_lin", "eps_nl")
+
+PerContext = Callable[[str, str], pd.DataFrame]  # (intervention, column) -> per-context sum, n
+
+
+def norm_sums(paths: Sequence[Path], intervention: str) -> pd.DataFrame | None:
+    """Per context, over `intervention`'s measured rows: n and the sums of ‖e‖², ‖e_nl‖² and ‖e_lin‖/‖e‖ (tokens with
+    ‖e‖ > 0: n_frac of them). None when the parts lack the eps_lin / eps_nl columns."""
+    frames = []
+    for path in paths:
+        with pq.ParquetFile(path) as part:
+            if not set(NORM_COLUMNS) <= set(part.schema_arrow.names):
+                return None
+            table = part.read(columns=["context", "intervention", "draw", *NORM_COLUMNS], use_threads=False)
+        frame = table.to_pandas()
+        frame = frame[(frame["intervention"] == intervention) & (frame["draw"] < 0)]
+        eps, eps_nl = frame["eps"].to_numpy(np.float64), frame["eps_nl"].to_numpy(np.float64)
+        ok = np.isfinite(eps) & np.isfinite(eps_nl) & np.isfinite(frame["eps_lin"].to_numpy(np.float64))
+        positive = ok & (eps > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(positive, frame["eps_lin"].to_numpy(np.float64) / eps, 0.0)
+        frames.append(pd.DataFrame({
+            "context": frame["context"].to_numpy(), "n": ok.astype(np.int64), "sq": np.where(ok, eps**2, 0.0),
+            "sq_nl": np.where(ok, eps_nl**2, 0.0), "frac": frac, "n_frac": positive.astype(np.int64)}))
+    if not frames:
+        return None
+    return pd.concat(frames, ignore_index=True).groupby("context").sum().sort_index()
+
+
+def _sum_n(sums: pd.DataFrame, total: str, count: str) -> pd.DataFrame:
+    """The ``sum``, ``n`` frame stats' interval functions take, from two columns of :func:`norm_sums`."""
+    return pd.DataFrame({"sum": sums[total], "n": sums[count]})
+
+
+def r2(sums: pd.DataFrame, seed: int) -> MeanCI:
+    """1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens, with the context-bootstrap interval of the ratio (flipped)."""
+    ratio = stats.ratio_of_means_ci(_sum_n(sums, "sq_nl", "n"), _sum_n(sums, "sq", "n"), seed=seed)
+    return MeanCI(mean=_num(1.0 - ratio["ratio"]), ci_low=_num(1.0 - ratio["ci_high"]),
+                  ci_high=_num(1.0 - ratio["ci_low"]), n_contexts=ratio["n_contexts"], n_boot=ratio.get("n_boot"))
+
+
+def r2_centred(sides: Sequence[dict[str, Any]]) -> float:
+    """1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖² from the parts' side sums (n, sum_err, sum_sq_err, sum_err_nl, sum_sq_err_nl);
+    NaN when a part lacks them."""
+    if not sides or not all("sum_err_nl" in s for s in sides):
+        return math.nan
+    n = sum(s["n"] for s in sides)
+    sum_err = np.sum([np.asarray(s["sum_err"]) for s in sides], axis=0)
+    sum_nl = np.sum([np.asarray(s["sum_err_nl"]) for s in sides], axis=0)
+    total = sum(s["sum_sq_err"] for s in sides) - float(sum_err @ sum_err) / n if n else 0.0
+    left = sum(s["sum_sq_err_nl"] for s in sides) - float(sum_nl @ sum_nl) / n if n else 0.0
+    return 1.0 - left / total if total > 0 else math.nan
+
+
+def lin_norm_frac(sums: pd.DataFrame, seed: int) -> MeanCI:
+    """Mean over tokens of ‖e_lin‖ / ‖e‖, with a context-bootstrap interval."""
+    return MeanCI.model_validate(_clean(stats.mean_ci(_sum_n(sums, "frac", "n_frac"), seed=seed)))
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Per context, ``sum`` = n_a·(mean_a − mean_b) and ``n`` = n_a on the contexts both hold: a frame whose
+    ratio-of-means is the mean paired difference a − b (what stats.ratio_of_means_ci takes)."""
+    joined = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = joined["sum_a"] / joined["n_a"] - joined["sum_b"] / joined["n_b"]
+    return pd.DataFrame({"sum": (joined["n_a"] * diff).fillna(0.0), "n": joined["n_a"]})
+
+
+def sae_excess(per_context: PerContext, names: Sequence[str], seed: int) -> MeanCI | None:
+    """KL(sae) − KL(epsilon_random), paired over contexts; None unless both were measured."""
+    if not {"sae", BASELINE} <= set(names):
+        return None
+    return MeanCI.model_validate(_clean(stats.difference_of_means_ci(
+        per_context("sae", "kl"), per_context(BASELINE, "kl"), seed=seed)))
+
+
+def error_part(per_context: PerContext, names: Sequence[str], intervention: str, seed: int) -> ErrorPart | None:
+    """`intervention` against its twin (:data:`PARTS`); None unless both were measured."""
+    twin, kept = PARTS[intervention]
+    if not {intervention, twin} <= set(names):
+        return None
+    kl, twin_kl = per_context(intervention, "kl"), per_context(twin, "kl")
+    excess_left = None
+    if {"sae", BASELINE} <= set(names):
+        excess_left = RatioCI.model_validate(_clean(stats.ratio_of_means_ci(
+            paired_difference(kl, twin_kl), paired_difference(per_context("sae", "kl"), per_context(BASELINE, "kl")),
+            seed=seed)))
+    return ErrorPart(
+        intervention=intervention, twin=twin, kept=kept,
+        kl=MeanCI.model_validate(_clean(stats.mean_ci(kl, seed=seed))),
+        twin_kl=MeanCI.model_validate(_clean(stats.mean_ci(twin_kl, seed=seed))),
+        kl_ratio=RatioCI.model_validate(_clean(stats.ratio_of_means_ci(kl, twin_kl, seed=seed))),
+        wilcoxon_kl=PairedTest.model_validate(_clean(stats.paired_wilcoxon(kl, twin_kl))),
+        excess=MeanCI.model_validate(_clean(stats.difference_of_means_ci(kl, twin_kl, seed=seed))),
+        excess_left=excess_left)
+
+
+def error_decomposition(paths: Sequence[Path], sides: Sequence[dict[str, Any]], names: Sequence[str],
+                        per_context: PerContext, seed: int, fitted: dict[str, Any],
+                        fit_tokens: int | None) -> ErrorDecomposition | None:
+    """The section of a run whose parts hold the eps_lin / eps_nl columns; None for any other run.
+
+    names: the run's interventions; per_context: their per-context KL sums (klgap.report.aggregate.context_sums);
+    fitted: run.json's execution["fitted"] (which tokens each fitted intervention saw); fit_tokens: --fit-tokens."""
+    present = [name for name in INTERVENTIONS if name in names]
+    if not present:
+        return None
+    sums = norm_sums(paths, present[0])
+    if sums is None:
+        return None
+    fit = fitted.get(present[0], {})
+    return ErrorDecomposition(
+        fit_source=str(fit.get("source", "unknown")), held_out=fit_tokens is not None,
+        n_fit_tokens=fit.get("n_activations"),
+        r2=r2(sums, seed), r2_centred=_num(r2_centred(sides)), lin_norm_frac=lin_norm_frac(sums, seed),
+        sae_excess=sae_excess(per_context, names, seed),
+        parts=[p for name in PARTS if (p := error_part(per_context, names, name, seed)) is not None])
+
+
+def _num(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _clean(obj: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as None, as report.json saves them."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}

@@ -1,0 +1,52 @@
+"""Holm families: which Wilcoxon tests (the SAE against a baseline, per-context mean KL) are corrected together.
+
+One family per named baseline: the SAE against `epsilon_random` at every site/layer of a run or study is one
+family, against `theta_random` another, and so on. The points of a robustness curve (every `cosine_matched`
+intervention) are a family of their own, so adding cosines to a curve never changes the p-value of the SAE against
+`epsilon_random`. A run report corrects within the run (a named baseline's family is then its one test); a study
+corrects across its sites/layers. The terminal, report.md / report.html and `klgap compare` all show the p_holm
+this module wrote into the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from klgap.report import stats
+from klgap.report.robustness import is_curve_point
+from klgap.report.schema import Comparison
+
+CURVE_FAMILY = "cosine_matched"  # the family of every robustness-curve point
+
+
+def family_of(baseline: str) -> str:
+    """The family of the SAE-against-`baseline` test: the baseline's own name, or CURVE_FAMILY for a curve point."""
+    return CURVE_FAMILY if is_curve_point(baseline) else baseline
+
+
+def describe(family: str, size: int, n_runs: int) -> str:
+    """One line saying what a family holds: 'sae vs epsilon_random at 12 sites/layers'."""
+    where = "at 1 site/layer" if n_runs == 1 else f"at {n_runs} sites/layers"
+    if family == CURVE_FAMILY:
+        return f"sae vs each of {size} cosine_matched curve points {where}"
+    return f"sae vs {family} {where}"
+
+
+def apply_holm(runs: Sequence[Mapping[str, Comparison]]) -> None:
+    """Set p_holm, holm_family and holm_family_size of every comparison of `runs` (each a run's comparisons by
+    baseline name), Holm-correcting within each family across all of them. NaN p-values stay NaN and do not
+    count towards a family's size."""
+    families: dict[str, list[Comparison]] = {}
+    for comparisons in runs:
+        for name, comparison in comparisons.items():
+            families.setdefault(family_of(name), []).append(comparison)
+    for family, members in families.items():
+        adjusted = stats.holm([c.wilcoxon_kl.p_value if c.wilcoxon_kl.p_value is not None else float("nan")
+                               for c in members])
+        n_runs = sum(1 for comparisons in runs if any(family_of(n) == family for n in comparisons))
+        size = sum(1 for p in adjusted if p == p)
+        for comparison, p in zip(members, adjusted, strict=True):
+            test = comparison.wilcoxon_kl
+            test.p_holm = p if p == p else None
+            test.holm_family = describe(family, size, n_runs)
+            test.holm_family_size = size

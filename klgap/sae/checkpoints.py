@@ -1,0 +1,153 @@
+"""SAE checkpoints: saved while an SAE trains (``train-sae --checkpoints N``), found again for a study over them.
+
+Training: sae_lens's SAETrainer decides when (``n_checkpoints`` evenly spaced thresholds over the training
+samples) and calls :class:`CheckpointSaver` (its ``save_checkpoint_fn``); the saver folds the activation scaling
+into a copy of the SAE being trained and saves it as a loadable sae_lens folder
+``OUT/checkpoints/step-XXXXXX/`` (cfg.json + sae_weights.safetensors + training.json with the step, the tokens
+seen and the held-out explained variance and L0). The last checkpoint is the final SAE itself (copied).
+
+Measuring: ``--sae 'DIR/checkpoints/*'`` (a glob) or a config's ``checkpoints = "DIR"`` key name them;
+:func:`expand` lists them in training order.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klgap.errors import KlgapError
+
+#: the folder of an SAE's checkpoints, and the name of one (its training step)
+FOLDER = "checkpoints"
+STEP_NAME = "step-{step:06d}"
+GLOB_CHARS = "*?["
+
+
+def count(steps: int, checkpoints: int | None, every: int | None) -> int:
+    """How many checkpoints to save over `steps` training steps (0: none): ``--checkpoints N`` or one about every
+    ``--checkpoint-every STEPS`` steps (the last at the end)."""
+    if checkpoints is not None and every is not None:
+        raise KlgapError(f"give --checkpoints ({checkpoints}) or --checkpoint-every ({every}), not both")
+    for flag, value in (("--checkpoints", checkpoints), ("--checkpoint-every", every)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= steps):
+            raise KlgapError(f"{flag} must be an integer from 1 to the training steps ({steps}), got {value!r}")
+    if every is not None:
+        return math.ceil(steps / every)
+    return checkpoints or 0
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's training.json, typed: where in training it was saved and how it reconstructs held-out
+    tokens."""
+
+    path: Path
+    step: int
+    tokens_seen: int
+    explained_variance: float
+    l0_mean: float
+    site: str
+    layer: int
+
+    @classmethod
+    def read(cls, folder: Path) -> CheckpointInfo:
+        try:
+            return cls.of(json.loads((folder / "training.json").read_text()), folder)
+        except (OSError, ValueError) as exc:
+            raise KlgapError(f"{str(folder)!r} is not an SAE checkpoint (no readable training.json: {exc}); train with "
+                             "`klgap train-sae --checkpoints N`") from exc
+
+    @classmethod
+    def of(cls, data: Any, folder: Path) -> CheckpointInfo:
+        """From a checkpoint's training.json as read (or as a run's record keeps it: its SAE's info)."""
+        try:
+            return cls(path=folder, step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
+                       explained_variance=float(data["explained_variance"]), l0_mean=float(data["l0_mean"]),
+                       site=str(data["site"]), layer=int(data["layer"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KlgapError(f"{str(folder)!r} is not an SAE checkpoint (its training.json has no step, tokens_seen, "
+                             f"explained_variance and l0_mean: {type(exc).__name__}: {exc}); train with "
+                             "`klgap train-sae --checkpoints N`") from exc
+
+
+class CheckpointSaver:
+    """sae_lens's ``save_checkpoint_fn``: each call saves the SAE being trained, as it is now, to a staging folder
+    beside the SAE's (moved into it with the final SAE by :meth:`finish`, so a killed run leaves no half SAE)."""
+
+    def __init__(self, out_dir: Path, held_out: Tensor, device: torch.device, facts: dict[str, Any]) -> None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.checkpoints-*"):  # a killed run's
+            shutil.rmtree(stale, ignore_errors=True)
+        self.root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.checkpoints-"))
+        self.held_out, self.device, self.facts = held_out, device, facts
+        self.trainer: Any = None  # set by attach(), once sae_lens's trainer exists
+
+    def attach(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def __call__(self, checkpoint_path: Path | None) -> None:  # sae_lens's SaveCheckpointFn
+        from sae_lens import SAE
+
+        from klgap.sae.train import evaluate
+
+        trainer = self.trainer
+        step = trainer.n_training_samples // trainer.cfg.train_batch_size_samples
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # training's RNG untouched
+            sae = copy.deepcopy(trainer.sae)
+            if trainer.activation_scaler.scaling_factor is not None:  # as SAETrainer.fit folds it at the end
+                sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+            folder = self.root / STEP_NAME.format(step=step)
+            sae.save_inference_model(folder)
+            saved = SAE.load_from_disk(str(folder), device=str(self.device)).eval()
+            measured = evaluate(saved, self.held_out, self.device)
+        self._write_info(folder, step, trainer.n_training_samples, measured)
+
+    def _write_info(self, folder: Path, step: int, samples: int, measured: dict[str, Any]) -> None:
+        info = {**self.facts, "step": step, "tokens_seen": int(samples), **measured}
+        (folder / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def finish(self, staging: Path, result: dict[str, Any]) -> None:
+        """Move the checkpoints into the staged SAE folder, the final SAE (already in `staging`) as the last."""
+        final = self.root / STEP_NAME.format(step=int(result["steps"]))
+        final.mkdir(exist_ok=True)
+        for name in os.listdir(staging):
+            if (staging / name).is_file() and name != "training.json":
+                shutil.copy2(staging / name, final / name)
+        self._write_info(final, int(result["steps"]), int(result["n_training_samples"]),
+                         {k: result[k] for k in ("explained_variance", "l0_mean", "cos_mean", "mse")})
+        os.replace(self.root, staging / FOLDER)
+
+
+def is_glob(spec: str) -> bool:
+    return any(c in spec for c in GLOB_CHARS)
+
+
+def expand(spec: str) -> list[CheckpointInfo]:
+    """The checkpoint folders a glob (``DIR/checkpoints/*``) or an SAE folder with ``checkpoints/`` names, in
+    training order; KlgapError when there are none or one is not a checkpoint."""
+    path = os.path.expanduser(spec)
+    if is_glob(path):
+        folders = [Path(p) for p in glob.glob(path) if Path(p).is_dir()]
+        where = f"--sae {spec!r} matches no folder"
+    else:
+        folders = [p for p in (Path(path) / FOLDER).glob("*") if p.is_dir()]
+        where = f"{spec!r} has no {FOLDER}/ folder of SAE checkpoints"
+    if not folders:
+        raise KlgapError(f"{where}; train one with `klgap train-sae ... --checkpoints N`")
+    found = sorted((CheckpointInfo.read(folder) for folder in folders), key=lambda c: c.step)
+    steps = [c.step for c in found]
+    if len(set(steps)) < len(steps):
+        raise KlgapError(f"{spec!r} names several checkpoints of the same step ({steps}): give one SAE's checkpoints")
+    return found

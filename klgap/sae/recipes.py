@@ -1,0 +1,73 @@
+"""A replication file's ``[train_sae]`` table: train, in one pass, the SAEs a command needs that are not there yet
+(``[train_sae.sites.SITE_L<layer>]`` tables change one SAE's recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from klgap.errors import KlgapError, unknown
+
+
+def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]] | None = None) -> None:
+    """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
+    the command (`sae` with {site}/{layer} for a study) that is not there yet."""
+    from klgap.plan.grid import sae_for
+    from klgap.sae.train import train_saes
+
+    if not config.sae:
+        return
+    if pairs is None:
+        if config.site is None or config.layer is None:
+            raise KlgapError("a config with [train_sae] must name site and layer")
+        pairs = [(config.site, int(config.layer))]
+    template = os.path.expanduser(str(config.sae))
+    missing = [(site, layer) for site, layer in pairs
+               if not Path(sae_for(template, site, layer) if len(pairs) > 1 else template).exists()]
+    if not missing:
+        return
+    names = ", ".join(f"{site} L{layer}" for site, layer in missing)
+    print(f"{len(missing)} SAE(s) not found ({names}): training them from the config's [train_sae] recipe", file=sys.stderr)
+    results = train_saes(
+        config.model, list(dict.fromkeys(s for s, _ in missing)), [v for v in dict.fromkeys(layer for _, layer in missing)],
+        template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
+        dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
+        lr=recipe.get("lr"), steps=recipe.get("steps"), epochs=recipe.get("epochs"), b_dec_init=recipe.get("b_dec_init", "zeros"),
+        architecture=recipe.get("architecture", "standard"), k=recipe.get("k"),
+        seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
+        batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
+        overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
+        checkpoint_every=recipe.get("checkpoint_every"),
+    )
+    print_trained(results)
+
+
+def print_trained(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
+        print(f"wrote SAE to {result['out']} (use --sae {result['out']})")
+
+
+OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init",
+               "architecture": "architecture", "k": "k"}
+
+
+def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """``[train_sae.sites.attn_out_L24]`` tables: per-SAE changes to the recipe (l1, lr, steps, b_dec_init,
+    architecture, k)."""
+    from klgap.plan.sites import SITES
+
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for key, table in (recipe.get("sites") or {}).items():
+        site, sep, layer = str(key).rpartition("_L")
+        if not sep or site not in SITES or not layer.isdigit():
+            raise KlgapError(f"[train_sae.sites.{key}]: name the SAE as SITE_L<layer>, e.g. attn_out_L24 "
+                             f"(sites: {', '.join(SITES)})")
+        bad = [k for k in table if k not in OVERRIDABLE]
+        if bad:
+            raise unknown(f"[train_sae.sites.{key}] key", bad[0], list(OVERRIDABLE))
+        out[(site, int(layer))] = {OVERRIDABLE[k]: v for k, v in table.items()}
+    return out
