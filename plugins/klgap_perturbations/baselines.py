@@ -5,6 +5,25 @@ run's first contexts) returning ``(state, summary)`` — the state the formula n
 found, which the engine records in run.json / report.json ``execution["fitted"][name]`` — and a formula
 ``apply(state, x, x_hat, generator) -> x'`` on ``[n d]`` tensors (x' float32). ε = ‖x − x̂‖ and e = x − x̂ per token.
 
+``cov_random_mixture`` and ``real_direction`` follow Lee & Heimersheim 2024 (arXiv 2410.12555); their code
+(github.com/dajale423/error_pathology, ``scripts/sensitive_direction.py``: ``covariance_random``, ``real_direction``)
+differs from klgap's in five places:
+
+1. direction: theirs is (v − x)/‖v − x‖, from the token towards one sampled point v (``origin="x"`` here); klgap's
+   default is v1 − v2 (two samples; two real activations), as METHOD.md §9 describes the baseline. With the default,
+   v1 − v2 ~ N(0, 2Σ), so after the rescale ``cov_random_mixture`` has exactly ``epsilon_anisotropic``'s distribution;
+2. draws: theirs draws one v (``multiNormal.sample()``, one random real activation) per forward pass, shared by
+   every token of the batch; klgap draws per token from the run's generator;
+3. length: theirs is an absolute length swept over 1, 11, …, 201; klgap's is the SAE's ε per token;
+4. fit: theirs fits μ and Σ (``torch.cov``) on every position of the very tokens it measures, the first included;
+   klgap fits on the measured positions of the fit tokens (held out with ``--fit-tokens``);
+5. real activations: theirs draws from every activation of the dataset, the measured token itself included;
+   klgap's from the fit tokens.
+
+(Their ``error_eval.py`` has a covariance variant of the ε-preserving error too,
+``l2_error_preserving_perturbation_hook_covariance``, but it overwrites its Gaussian sample with ``randn_like``, so
+it is the isotropic baseline.)
+
 Random baselines rescaled to a size (the first four) never give NaN: where the drawn direction is zero (two equal
 activations, a token equal to a sample) a random unit direction stands in, drawn in every call so the random stream
 does not depend on the data; where the size is 0, x' = x exactly.
@@ -141,7 +160,8 @@ def fit_whitener(acts: Tensor, ridge: float) -> tuple[Tensor, Summary]:
 
 
 def epsilon_mahalanobis(state: Tensor, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
-    """x' = x + δ, δ = u · ‖e‖_M / ‖u‖_M with u uniform on the unit sphere and ‖v‖_M = ‖W v‖ = sqrt(vᵀ(Σ + λI)⁻¹v):
+    """x' = x + δ, δ = u · ‖e‖_M / ‖u‖_M with u uniform on the unit sphere and
+    ‖v‖_M = ‖W v‖ = sqrt(vᵀ(Σ + λI)⁻¹v):
     an isotropic direction whose Mahalanobis length equals the SAE error's (x' = x where e = 0)."""
     whitener = state.to(x)
     u = random_unit(x.shape[0], x.shape[1], generator, x.device).to(x.dtype)
@@ -212,6 +232,6 @@ def random_dictionary(state: RandomCoder, x: Tensor, x_hat: Tensor, generator: t
 
 
 __all__ = ["ActivationBank", "GaussianFit", "Projection", "RandomCoder", "along", "cov_random_mixture",
-           "epsilon_error_cov", "epsilon_mahalanobis", "explained_variance", "fit_bank", "fit_error_gaussian", "fit_gaussian", "fit_offset",
-           "fit_pca", "fit_random_coder", "fit_whitener", "pca_matched", "random_dictionary", "real_direction",
-           "sae_minus_offset"]
+           "epsilon_error_cov", "epsilon_mahalanobis", "explained_variance", "fit_bank", "fit_error_gaussian",
+           "fit_gaussian", "fit_offset", "fit_pca", "fit_random_coder", "fit_whitener", "pca_matched",
+           "random_dictionary", "real_direction", "sae_minus_offset"]

@@ -89,8 +89,8 @@ class Covariance:
 class ErrorOffset:
     """The SAE's error e = x − x̂ over fit tokens split into its constant part ē (the mean) and the rest e − ē.
 
-    Σ‖e‖²/n = ‖ē‖² + Σ‖e − ē‖²/n, so ``energy_share`` = ‖ē‖² / mean ‖e‖² is the constant part's share of the squared
-    error and ``norm_frac`` = ‖ē‖ / sqrt(mean ‖e‖²) its square root (‖ē‖ over the RMS error)."""
+    Σ‖e‖²/n = ‖ē‖² + Σ‖e − ē‖²/n, so ``energy_share`` = ‖ē‖² / mean ‖e‖² is the constant part's share of
+    the squared error and ``norm_frac`` = ‖ē‖ / sqrt(mean ‖e‖²) its square root (‖ē‖ over the RMS error)."""
 
     mean: Tensor  # [d] float64: ē
     norm: float  # ‖ē‖

@@ -418,3 +418,15 @@ def test_explained_variance_is_the_reports_definition():
     xs, err = x.double(), x.double() - x_hat.double()
     sides = [{"n": 400, "sum_x": xs.sum(0).tolist(), "sum_sq_x": float((xs**2).sum()), "sum_sq_err": float((err**2).sum())}]
     assert baselines.explained_variance(x, x_hat) == pytest.approx(explained_variance(sides), rel=1e-9)
+
+
+def test_epsilon_anisotropic_records_its_top_eigenvalue_share():
+    """The covariance behind the existing anisotropic baseline is flagged the same way (issue 31: one dimension held
+    78% of the variance at a committed site)."""
+    scales = torch.ones(D)
+    scales[0] = 10.0
+    wide = anisotropic(3000, seed=19, scales=scales)
+    p = build_fitted("epsilon_anisotropic", wide)
+    values = np.linalg.eigvalsh(np_cov(wide))
+    assert fit_summary(p) == {"d": D, "top_eigenvalue_share": pytest.approx(values[-1] / values.sum(), rel=1e-9),
+                              "nearly_degenerate": True}
