@@ -209,6 +209,8 @@ class RandomCoder:
     n_atoms: int
 
     def reconstruct(self, x: Tensor) -> Tensor:
+        if self.n_atoms >= x.shape[1]:  # OMP's residual is 0 after d atoms of a spanning (random: a.s.) dictionary
+            return x.float().clone()
         mean = self.mean.to(x)
         return (mean + omp(x - mean, self.dictionary, self.n_atoms).to(x)).float()
 
