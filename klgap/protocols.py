@@ -6,7 +6,8 @@ on a plugin; nnsight objects never appear here (the engine wraps models itself).
 Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
 (``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ErrorFittablePerturbation`
-(``fit_error``) and :class:`ErrorSplitter` (``error_parts``) on a perturbation. The core asks
+(``fit_error``), :class:`SaeFittablePerturbation` (``fit_sae``), :class:`FitSummary` (``fit_summary``) and
+:class:`ErrorSplitter` (``error_parts``) on a perturbation. The core asks
 for them through :mod:`klgap.plugins.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
 Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
@@ -322,6 +323,31 @@ class ErrorFittablePerturbation(Protocol):
     """
 
     def fit_error(self, x: Tensor, x_hat: Tensor) -> None: ...
+
+
+@runtime_checkable
+class SaeFittablePerturbation(Protocol):
+    """Optional capability of a perturbation: a fit that needs the SAE's size as well as x and x̂.
+
+    The engine calls ``fit_sae(x, x_hat, l0, d_sae)`` once per run, before any batch, on the same fit tokens as
+    :class:`ErrorFittablePerturbation`: ``x, x_hat: [n, d]`` float32 as there, ``l0: [n]`` float32 the SAE's
+    active features per token, ``d_sae`` its width. ``random_dictionary`` draws a dictionary of the SAE's width
+    and codes each token with the SAE's mean L0 atoms this way.
+    """
+
+    def fit_sae(self, x: Tensor, x_hat: Tensor, l0: Tensor, d_sae: int) -> None: ...
+
+
+@runtime_checkable
+class FitSummary(Protocol):
+    """Optional capability of a fitted perturbation: what its fit found, for the report.
+
+    ``fit_summary()`` is read once after the fit and returns a flat dict of numbers, strings and bools (e.g.
+    ``{"k": 37, "top_eigenvalue_share": 0.78}``); the engine merges it into run.json's
+    ``execution["fitted"][name]``, which report.json carries as it is.
+    """
+
+    def fit_summary(self) -> dict[str, float | int | str | bool]: ...
 
 
 @runtime_checkable

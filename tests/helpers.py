@@ -38,3 +38,17 @@ class FakeModel:
         self.name = name
         self.sae_lens_models = sae_lens_models
         self.sae_note = sae_note
+
+
+def pca_sae(path: Path, acts, m: int, d_sae: int, hook_name: str | None) -> Path:
+    """An SAE that reconstructs ``acts: [n d]`` from their top-m principal components: b_dec = their mean, features
+    ±(x − mean)·v_i for the top m axes v_i (so its L0 is m), and d_sae − 2m features that never fire."""
+    acts = acts.double()
+    mean = acts.mean(0)
+    _, vectors = torch.linalg.eigh((acts - mean).T @ (acts - mean))
+    top = vectors[:, -m:].T.float()  # [m d]
+    d = acts.shape[1]
+    dead = torch.randn(d_sae - 2 * m, d, generator=torch.Generator().manual_seed(0)) / d**0.5
+    W_dec = torch.cat([top, -top, dead])  # [d_sae d]
+    b_enc = torch.cat([torch.zeros(2 * m), torch.full((d_sae - 2 * m,), -1e4)])
+    return write_sae(path, W_dec.T.clone(), W_dec, b_enc, mean.float(), hook_name)

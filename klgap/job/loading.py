@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from klgap.forward import activations
-from klgap.plugins.capabilities import error_fittable, error_splitter, fittable
+from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, sae_fittable
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.forward.executors import Executor, choose
@@ -185,15 +185,17 @@ FIT_TOKENS = 8192  # without --fit-tokens: clean activations of the run's first 
 
 @torch.no_grad()
 def fit_perturbations(run: Loaded) -> dict[str, Any]:
-    """Fit every perturbation that declares ``fit(acts [n, d])`` or ``fit_error(x [n, d], x_hat [n, d])`` on the clean
-    site activations (centred like the SAE's input; x̂ the SAE's reconstruction) of the fit tokens: with
-    --fit-tokens the fit contexts drawn after the measured ones, else the run's first contexts (up to FIT_TOKENS
-    tokens). The same tokens on every resume."""
+    """Fit every perturbation that declares ``fit(acts [n, d])``, ``fit_error(x [n, d], x_hat [n, d])`` or
+    ``fit_sae(x, x_hat, l0 [n], d_sae)`` on the clean site activations (centred like the SAE's input; x̂ the SAE's
+    reconstruction, l0 its active features per token) of the fit tokens: with --fit-tokens the fit contexts drawn
+    after the measured ones, else the run's first contexts (up to FIT_TOKENS tokens). The same tokens on every
+    resume. Returns, per fitted perturbation, which tokens it saw and what its ``fit_summary()`` says."""
     from klgap.job.modes import SaeView  # (modes imports this module)
 
     perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
     needing, needing_error = fittable(perturbations), error_fittable(perturbations)
-    if not needing and not needing_error:
+    needing_sae = sae_fittable(perturbations)
+    if not needing and not needing_error and not needing_sae:
         return {}
     config, model = run.config, run.model
     first = 1 if config.skip_first_position else 0
@@ -204,14 +206,15 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
         per_context = config.context_len - first
         n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
         fit_ids, source = run.contexts[:n_ctx], "the run's first contexts"
-    chunks, chunks_hat = [], []
+    chunks, chunks_hat, chunks_l0 = [], [], []
     for start in range(0, n_ctx, config.batch_size):
         ids = fit_ids[start:min(start + config.batch_size, n_ctx)].to(model.device)
         x = activations.collect(model, run.spec, ids)[:, first:].reshape(-1, run.sae.d_in).float()
-        if needing_error:
+        if needing_error or needing_sae:
             view = SaeView.of(x, run.sae, run.center)
             chunks.append(view.x)
             chunks_hat.append(view.x_hat)
+            chunks_l0.append(view.stats["l0"])
         else:
             chunks.append(x - x.mean(-1, keepdim=True) if run.center else x)  # what SaeView.of hands the perturbations
     acts = torch.cat(chunks)
@@ -219,10 +222,12 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
     acts = acts[finite]
     for p in needing:
         p.fit(acts)
-    if needing_error:
+    if needing_error or needing_sae:
         acts_hat = torch.cat(chunks_hat)[finite]
         keep = torch.isfinite(acts_hat).all(-1)
         for p in needing_error:
             p.fit_error(acts[keep], acts_hat[keep])
-    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source}
-            for p in [*needing, *needing_error]}
+        for p in needing_sae:
+            p.fit_sae(acts[keep], acts_hat[keep], torch.cat(chunks_l0)[finite][keep], run.sae.d_sae)
+    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source, **fit_summary(p)}
+            for p in [*needing, *needing_error, *needing_sae]}

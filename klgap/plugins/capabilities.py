@@ -4,7 +4,9 @@ The capabilities live in :mod:`klgap.protocols`: :class:`~klgap.protocols.SAEChe
 used by ``--dry-run``), :class:`~klgap.protocols.DefaultSAEFinder` (``default_sae(model, site, layer)``, used
 when no ``--sae`` is given) and :class:`~klgap.protocols.FittablePerturbation` (``fit(acts)``, called before
 the first batch), :class:`~klgap.protocols.ErrorFittablePerturbation` (``fit_error(x, x_hat)``, called with
-it) and :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch). Each function here is the one place the core asks for one of them; a plugin's answer of
+it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, d_sae)``, likewise),
+:class:`~klgap.protocols.FitSummary` (``fit_summary()``, read after the fit) and
+:class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
 
@@ -14,8 +16,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FittablePerturbation,
-                             HubModelAdapter, ModelSAENames, Perturbation, PretrainedSAEAdapter, SAECheck, SAEChecker)
+from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FitSummary,
+                             FittablePerturbation, HubModelAdapter, ModelSAENames, Perturbation, PretrainedSAEAdapter,
+                             SaeFittablePerturbation, SAECheck, SAEChecker)
 
 if TYPE_CHECKING:
     from klgap.plugins.manager import Registry
@@ -91,6 +94,24 @@ def error_fittable(perturbations: Iterable[object | None]) -> list[ErrorFittable
     return [p for p in perturbations if p is not None and isinstance(p, ErrorFittablePerturbation)]
 
 
+def sae_fittable(perturbations: Iterable[object | None]) -> list[SaeFittablePerturbation]:
+    """The perturbations that declare :class:`SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, d_sae)``), in order."""
+    return [p for p in perturbations if p is not None and isinstance(p, SaeFittablePerturbation)]
+
+
+def fit_summary(perturbation: object) -> dict[str, float | int | str | bool]:
+    """What a fitted perturbation that declares :class:`FitSummary` says of its fit (a flat dict of scalars); {}
+    when it does not declare it."""
+    if not isinstance(perturbation, FitSummary):
+        return {}
+    found = perturbation.fit_summary()
+    if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                            for k, v in found.items())):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.fit_summary() returned {found!r}; it must "
+                          "return a dict of str to numbers, strings or bools")
+    return found
+
+
 def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | None:
     """The first perturbation that declares :class:`ErrorSplitter` (``error_parts``); None when none does."""
     return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
@@ -108,5 +129,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fittable",
-           "model_sae_names"]
+__all__ = ["as_perturbation", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fit_summary",
+           "fittable", "model_sae_names", "sae_fittable"]

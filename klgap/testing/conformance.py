@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.plugins.capabilities import check_sae_spec, error_fittable, fittable
+from klgap.plugins.capabilities import check_sae_spec, error_fittable, fit_summary, fittable, sae_fittable
 from klgap.errors import KlgapError
-from klgap.protocols import DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck, SAEChecker
+from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck, SAEChecker,
+                             SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
 
 _MODELS: dict[tuple[str, str], Any] = {}
@@ -278,7 +279,14 @@ class PerturbationConformance:
             fittable_p.fit(self.anisotropic_acts())
         for error_p in error_fittable([p]):
             error_p.fit_error(*self.fit_pair())
+        for sae_p in sae_fittable([p]):
+            sae_p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
         return p
+
+    def fit_sae_size(self) -> tuple[torch.Tensor, int]:
+        """(l0 ``[512]``, d_sae): what ``fit_sae`` is given beside the fit pair (an SAE 4× as wide as d, L0 ≈ d/6)."""
+        gen = torch.Generator().manual_seed(7)
+        return torch.randint(self.d // 8, self.d // 4, (512,), generator=gen).float().to(self.device), 4 * self.d
 
     def fit_pair(self, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, x̂) ``[512 d]`` each: anisotropic x and an x̂ whose error is part linear in x, part noise (what
@@ -314,18 +322,22 @@ class PerturbationConformance:
         from klgap.plan.resolve import build_intervention
 
         first = build_intervention(self.spec).perturbation
-        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation)):
-            pytest.skip(f"{self.spec} declares neither FittablePerturbation (fit) nor ErrorFittablePerturbation (fit_error)")
+        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation)):
+            pytest.skip(f"{self.spec} declares none of FittablePerturbation (fit), ErrorFittablePerturbation "
+                        "(fit_error), SaeFittablePerturbation (fit_sae)")
         second = build_intervention(self.spec).perturbation
         for p in (first, second):
             if isinstance(p, FittablePerturbation):
                 p.fit(self.anisotropic_acts())
             if isinstance(p, ErrorFittablePerturbation):
                 p.fit_error(*self.fit_pair())
+            if isinstance(p, SaeFittablePerturbation):
+                p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
         x, x_hat = self.data()
         out = first(x, x_hat, self.gen(6))
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"
         assert torch.isfinite(out).all()
+        assert fit_summary(first) == fit_summary(second), "two fits on the same activations summarised differently"
 
     def test_shape_dtype_device(self):
         x, x_hat = self.data()

@@ -2,7 +2,9 @@
 theta_random, theta_random_xnorm, cosine_matched, identity, zero, mean_ablation, two baselines for anisotropic
 activation spaces: epsilon_anisotropic and sae_error_shuffled, and the SAE's error split into its linear and nonlinear
 parts (klgap_perturbations.decomposition): sae_plus_linear_error, sae_plus_nonlinear_error and their random twins
-epsilon_random_nonlinear, epsilon_random_linear.
+epsilon_random_nonlinear, epsilon_random_linear, and the baselines of issue 31 (klgap_perturbations.fitted):
+cov_random_mixture, real_direction, epsilon_error_cov, epsilon_mahalanobis, the compressor controls pca_matched and
+random_dictionary, and sae_minus_offset.
 
 The formulas themselves are plain functions in :mod:`klgap_perturbations.geometry`.
 """
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 import klgap
 from klgap_perturbations.decomposition import DECOMPOSITION_FACTORIES
+from klgap_perturbations.fitted import BASELINE_FACTORIES
 from klgap_perturbations.perturbations import FACTORIES, FormulaPerturbation
 
-__all__ = ["DECOMPOSITION_FACTORIES", "FACTORIES", "FormulaPerturbation", "register_perturbations"]
+__all__ = ["BASELINE_FACTORIES", "DECOMPOSITION_FACTORIES", "FACTORIES", "FormulaPerturbation", "register_perturbations"]
 
 
 @klgap.hookimpl
 def register_perturbations(register) -> None:
-    """Register every factory in :data:`FACTORIES` and :data:`DECOMPOSITION_FACTORIES` under its name."""
-    for name, (factory, description) in {**FACTORIES, **DECOMPOSITION_FACTORIES}.items():
+    """Register every factory in :data:`FACTORIES`, :data:`DECOMPOSITION_FACTORIES` and :data:`BASELINE_FACTORIES`
+    under its name."""
+    for name, (factory, description) in {**FACTORIES, **DECOMPOSITION_FACTORIES, **BASELINE_FACTORIES}.items():
         register(name, factory, description)

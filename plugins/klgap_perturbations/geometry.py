@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from klgap_perturbations.covariance import Covariance
+
 #: below this a norm counts as zero (float32 tiny is ~1.2e-38; squares of normal activations never get here).
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -158,19 +160,14 @@ def covariance_factor(acts: Tensor, ridge: float = 1e-6) -> Tensor:
     Built from the eigendecomposition in float64 (negative round-off eigenvalues clipped), so a Gaussian
     z ~ N(0, I) gives L z ~ N(0, Σ): directions drawn where the activations actually vary.
     """
-    acts = acts.double()
-    centred = acts - acts.mean(0, keepdim=True)
-    cov = centred.T @ centred / max(1, acts.shape[0] - 1)
-    cov = cov + ridge * float(cov.diagonal().mean().clamp_min(_TINY)) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    values, vectors = torch.linalg.eigh(cov)
-    return (vectors * values.clamp_min(0.0).sqrt()).float()
+    return Covariance.of(acts).factor(ridge)
 
 
 def epsilon_anisotropic(x: Tensor, x_hat: Tensor, generator: torch.Generator, factor: Tensor) -> Tensor:
     """x' = x + ε·u, u = L z/‖L z‖ with z ~ N(0, I): the SAE's L2 error ε, direction drawn from N(0, Σ)."""
     x, x_hat = as_float32(x), as_float32(x_hat)
     if factor.shape != (x.shape[1], x.shape[1]):
-        raise ValueError(f"epsilon_anisotropic was fitted on {factor.shape[0]}-wide activations, not {x.shape[1]}")
+        raise ValueError(f"the covariance was fitted on {factor.shape[0]}-wide activations, not {x.shape[1]}")
     eps = row_norm(x - x_hat)
     z = torch.randn(x.shape[0], x.shape[1], generator=generator, device=x.device, dtype=torch.float32)
     u = unit(z @ factor.to(device=x.device, dtype=torch.float32).T).to(x.dtype)

@@ -36,6 +36,20 @@ def parse_float(
     return number
 
 
+def parse_int(intervention: str, name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """`value` (a string or number) as an integer in [low, high]; KlgapError naming it otherwise."""
+    bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or (low is not None and number < low) or (high is not None and number > high):
+        raise KlgapError(
+            f"intervention {intervention!r}: {name}={value!r} is not valid; {name} must be an integer in {bounds}"
+        )
+    return number
+
+
 def parse_choice(intervention: str, name: str, value: Any, choices: Iterable[str]) -> str:
     """`value` as one of `choices`; KlgapError naming it and the choices otherwise."""
     choices = list(choices)

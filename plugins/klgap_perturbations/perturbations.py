@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from klgap_perturbations import geometry
+from klgap_perturbations.covariance import Covariance
 from klgap_perturbations.params import check_names, parse_choice, parse_float
 
 #: cosine_matched's defaults (both may be overridden: ``cosine_matched:cos=0.8,norm_frac=0.9``).
@@ -106,12 +107,19 @@ class FittedPerturbation(FormulaPerturbation):
     fit_fn: Callable[[Tensor], Any] | None = None
     state: Any = None
     fit_info: dict[str, Any] = field(default_factory=dict)
+    summary_fn: Callable[[Tensor], dict[str, float | int | str | bool]] | None = None
 
     def fit(self, acts: Tensor) -> None:
         if acts.dim() != 2 or acts.shape[0] < 2:
             raise ValueError(f"{self.name}: fit needs [n >= 2, d] activations, got {tuple(acts.shape)}")
         self.state = self.fit_fn(acts)
         self.fit_info = {"n_activations": int(acts.shape[0]), "d": int(acts.shape[1])}
+        if self.summary_fn is not None:
+            self.fit_info |= self.summary_fn(acts)
+
+    def fit_summary(self) -> dict[str, float | int | str | bool]:
+        """What the fit found (klgap.protocols.FitSummary), e.g. the covariance's top eigenvalue share."""
+        return {k: v for k, v in self.fit_info.items() if k != "n_activations"}
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         if self.state is None:
@@ -125,6 +133,7 @@ def epsilon_anisotropic(**params: Any) -> FittedPerturbation:
     perturbation = FittedPerturbation(
         "epsilon_anisotropic", lambda x, x_hat, generator: geometry.epsilon_anisotropic(x, x_hat, generator, perturbation.state),
         True, {"distance": "eps"}, epsilon_anisotropic.__doc__ or "", fit_fn=geometry.covariance_factor,
+        summary_fn=lambda acts: Covariance.of(acts).summary(),
     )
     return perturbation
 

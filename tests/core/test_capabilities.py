@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 import klgap
-from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae, fittable
+from klgap.plugins.capabilities import (as_perturbation, check_sae_spec, find_default_sae, fit_summary, fittable,
+                                sae_fittable)
 from klgap.cli.main import main
 from klgap.errors import KlgapError, PluginError
 from klgap.plugins.manager import Registry, get_host, reset_host
-from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker
+from klgap.protocols import DefaultSAEFinder, FittablePerturbation, SAECheck, SAEChecker, SaeFittablePerturbation
 from tests.helpers import FakeModel
 
 
@@ -98,6 +99,30 @@ def test_fittable_and_as_perturbation():
     assert as_perturbation(plain, "noise") is plain
     with pytest.raises(PluginError, match=r"intervention 'nameless': its factory returned a _Nameless without name, geometry"):
         as_perturbation(_Nameless(), "nameless")
+
+
+class _SaeFitted(_Noise):
+    name = "sae_fitted"
+
+    def fit_sae(self, x, x_hat, l0, d_sae):
+        self.width = d_sae
+
+    def fit_summary(self):
+        return {"width": self.width, "wide": self.width > 10}
+
+
+class _BadSummary(_Noise):
+    def fit_summary(self):
+        return {"k": [1, 2]}
+
+
+def test_sae_fittable_and_fit_summary():
+    plain, fitted = _Noise(), _SaeFitted()
+    assert sae_fittable([None, plain, _Fitted(), fitted]) == [fitted] and isinstance(fitted, SaeFittablePerturbation)
+    fitted.fit_sae(None, None, None, 16)
+    assert fit_summary(fitted) == {"width": 16, "wide": True} and fit_summary(plain) == {}
+    with pytest.raises(PluginError, match=r"_BadSummary.fit_summary\(\) returned \{'k': \[1, 2\]\}; it must return a dict"):
+        fit_summary(_BadSummary())
 
 
 class _NamelessPlugin:

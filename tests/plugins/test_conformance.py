@@ -116,6 +116,9 @@ SPECS = [
     "theta_random_xnorm", "cosine_matched", "cosine_matched:cos=0.5,norm_frac=0.9", "cosine_matched:cos=-0.3",
     "identity", "zero", "mean_ablation", "epsilon_anisotropic", "sae_error_shuffled",
     "sae_plus_linear_error", "sae_plus_nonlinear_error", "epsilon_random_nonlinear", "epsilon_random_linear",
+    "cov_random_mixture", "cov_random_mixture:origin=x", "real_direction", "real_direction:origin=x",
+    "epsilon_error_cov", "epsilon_mahalanobis", "epsilon_mahalanobis:ridge=0.5", "pca_matched", "random_dictionary",
+    "random_dictionary:seed=3", "sae_minus_offset",
 ]
 
 for _spec in SPECS:
