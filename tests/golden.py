@@ -166,6 +166,7 @@ def compare_parts(fresh: Path, committed: Path = PARTS, folders: tuple[str, ...]
             else:
                 got, want = (json.loads((d / name).read_text()) for d in (got_dir, want_dir))
                 tolerance = _side_tolerance(want)
+            assert got.keys() == want.keys(), f"{folder}/{name}: fields differ: {sorted(got.keys() ^ want.keys())}"
             for key in want:
                 margin = assert_close_tree(got[key], want[key], (*where, key), tolerance, strict=strict)
                 margins.setdefault(key, Margin()).add(margin.used, margin.path)
