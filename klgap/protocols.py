@@ -73,6 +73,8 @@ class LoadedModel:
     nnsight:         the nnsight wrapper to trace through (None: klgap wraps ``hf_model`` itself, once).
     site_note:       what a reader should know about the family's site choice (recorded in reports).
     sae_note:        shown with any pretrained SAE picked for this model (e.g. "trained on other weights").
+    tokenizer_note:  what a reader should know about the tokenizer (e.g. none in the model's folder: token ids
+                     only; text sources fail with it), recorded in the run's notes.
     info:            descriptive provenance only (source, repo, quantization, ...), recorded in reports.
     """
 
@@ -95,6 +97,7 @@ class LoadedModel:
     nnsight: Any = None
     site_note: str | None = None
     sae_note: str | None = None
+    tokenizer_note: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 

@@ -114,7 +114,7 @@ def load_plan(plan: RunPlan) -> Loaded:
     if site is None or layer is None:
         raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer")
     model = load_model(plan.model, device, plan.dtype, plan.placement)
-    notes = [model.site_note] if model.site_note else []
+    notes = [note for note in (model.site_note, model.tokenizer_note) if note]
     if layer >= model.n_layers:
         raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
     if config.context_len > model.max_context:

@@ -46,6 +46,14 @@ def families_table() -> list[dict[str, Any]]:
     ]
 
 
+def folder_tokenizer_text(adapter: FolderAdapter) -> str:
+    """What the folder's tokenizer is ("GPT2TokenizerFast, 257 tokens"), or why there is none and what that means."""
+    tokenizer, note = adapter.tokenizer()
+    if tokenizer is None:
+        return f"none — {note}"
+    return f"{type(tokenizer).__name__}, {len(tokenizer)} tokens" + (f" ({note})" if note else "")
+
+
 def describe(spec: str) -> dict[str, Any]:
     """What `spec` resolves to and its site map (module paths at layer L), from the config and a meta-device build."""
     from klgap.plugins.manager import model_adapter
@@ -78,6 +86,7 @@ def describe(spec: str) -> dict[str, Any]:
         }
     cap = getattr(text_config(config), family.softcap, None) if family.softcap else None
     return {
+        "tokenizer": folder_tokenizer_text(ref.adapter) if isinstance(ref.adapter, FolderAdapter) else None,
         "model": spec, "resolved_as": ref.name, "plugin": ref.plugin, "adapter": type(ref.adapter).__name__,
         "architecture": config.model_type, "hf_class": type(model).__name__,
         "n_layers": d["n_layers"], "d_model": d["d_model"], "vocab_size": d["vocab_size"],
@@ -102,6 +111,8 @@ def print_description(info: dict[str, Any]) -> None:
         print(f"unmapped: {info['unmapped']}")
     cap = f", logit soft cap {info['logit_softcap']}" if info["logit_softcap"] else ""
     print(f"fast paths: {info['fast_paths']}{cap}")
+    if info["tokenizer"]:
+        print(f"tokenizer: {info['tokenizer']}")
     print(f"TransformerLens: {info['transformer_lens'] or 'no HookedTransformer for this family'}")
     if info["note"]:
         print(f"note: {info['note']}")

@@ -49,21 +49,23 @@ class FolderAdapter:
             raise KlgapError(f"model folder {str(self.path)!r}: cannot read config.json ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]})") from exc
 
+    def tokenizer(self) -> tuple[Any | None, str]:
+        """The folder's tokenizer and what a reader should know about it (klgap_hf.tokenizer.folder_tokenizer:
+        None when the folder holds no tokenizer files or they make an empty tokenizer)."""
+        from klgap_hf.tokenizer import folder_tokenizer
+
+        return folder_tokenizer(self.path)
+
     def load(self, device: torch.device, dtype: torch.dtype, device_map: str | None = None) -> LoadedModel:
         """Config first (a model whose blocks cannot be found fails before the weights are read), then the
         tokenizer (tokenizer.json as written when transformers' pick for the model type splits text differently;
-        none when the folder has no tokenizer files), then the weights."""
+        none when the folder has no tokenizer files or they make an empty tokenizer), then the weights."""
         from transformers import AutoModelForCausalLM
-
-        from klgap_hf.tokenizer import load_tokenizer
 
         config = self.config()
         check_structure(config)
         info: dict[str, Any] = {"source": f"folder:{self.path}"}
-        try:
-            tokenizer, note = load_tokenizer(str(self.path))
-        except Exception as exc:  # noqa: BLE001 - no tokenizer in the folder: token ids only
-            tokenizer, note = None, f"no tokenizer loaded from the folder ({type(exc).__name__}); token ids only"
+        tokenizer, note = self.tokenizer()
         if note:
             info["tokenizer_note"] = note
         extra = {"device_map": device_map} if device_map is not None else {}
@@ -76,4 +78,5 @@ class FolderAdapter:
                              f"{str(exc).splitlines()[0][:200]})") from exc
         if device_map is not None:
             device = hf_model.get_input_embeddings().weight.device
-        return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, (), info, move=device_map is None)
+        return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, (), info, move=device_map is None,
+                           tokenizer_note=note or None)

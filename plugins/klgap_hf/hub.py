@@ -141,7 +141,7 @@ class HubAdapter:
             placed = getattr(hf_model, "hf_device_map", None) or {"": str(device)}
             info["device_map"] = {"requested": device_map, "placed": {k: str(v) for k, v in placed.items()}}
         return wrap_loaded(self.name, hf_model, tokenizer, device, dtype, self.sae_lens_models, info,
-                           move=device_map is None, sae_note=self.sae_note)
+                           move=device_map is None, sae_note=self.sae_note, tokenizer_note=tokenizer_note or None)
 
     def _load_remote(self, dtype: torch.dtype) -> LoadedModel:
         """The model as NDIF serves it: meta weights here, forward passes there (results come back to CPU)."""

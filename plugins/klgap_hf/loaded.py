@@ -68,6 +68,7 @@ def wrap_loaded(
     remote: bool = False,
     nnsight: Any = None,
     sae_note: str | None = None,
+    tokenizer_note: str | None = None,
 ) -> LoadedModel:
     """Move `hf_model` to `device`/`dtype`, put it in eval mode and describe it for klgap.
 
@@ -75,7 +76,7 @@ def wrap_loaded(
     inputs go to `device`, the first one) or a meta-device model that runs remotely (``remote=True``, traced
     through the given `nnsight` wrapper; the fast paths are off).
     An architecture without a hand-written site map gets the generic one (klgap_hf.generic); KlgapError when
-    its blocks cannot be found.
+    its blocks cannot be found. `tokenizer_note` (e.g. the folder has no tokenizer) goes into every run's notes.
     """
     config = hf_model.config
     family = family_of(hf_model)
@@ -123,5 +124,6 @@ def wrap_loaded(
         nnsight=nnsight,
         site_note=family.note or None,
         sae_note=sae_note,
+        tokenizer_note=tokenizer_note,
         info=described,
     )

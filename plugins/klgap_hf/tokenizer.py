@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("klgap")
@@ -87,6 +88,47 @@ def load_tokenizer(source: str, local_files_only: bool = True) -> tuple[Any, str
         return auto, ""
     return _plain(plain, f"{type(auto).__name__} (transformers' pick for this model type) splits text differently "
                          "from the folder's tokenizer.json")
+
+
+#: the files a tokenizer is built from (tokenizer_config.json and special_tokens_map.json alone hold no vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+NAMED_FILES = "tokenizer.json, tokenizer.model, or vocab.json + merges.txt"
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files `folder` holds (:data:`TOKENIZER_FILES` and ``*.tiktoken``), by name."""
+    return sorted({p.name for p in folder.iterdir() if p.name in TOKENIZER_FILES or p.suffix == ".tiktoken"})
+
+
+def is_empty(tokenizer: Any) -> bool:
+    """A tokenizer with no token besides its special ones: what transformers 5 builds for some model types (GPT-2,
+    GPT-NeoX, Qwen2: ``GPT2Tokenizer`` of length 1) from a folder without vocabulary files, instead of raising."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
+
+
+def folder_tokenizer(folder: Path) -> tuple[Any | None, str]:
+    """The tokenizer of a model folder saved with ``save_pretrained``, and what a reader should know about it:
+    ``(tokenizer, note)`` (note "" when nothing is to say), or ``(None, why)`` when the folder holds no tokenizer
+    files, its files do not load, or they load as an empty tokenizer (:func:`is_empty`): such a folder serves
+    token-id sources (``--dataset random``, from the model's whole vocabulary) and no text source."""
+    held = tokenizer_files(folder)
+    if not held:
+        return None, _absent(f"the folder {str(folder)!r} holds no tokenizer files ({NAMED_FILES})")
+    try:
+        tokenizer, note = load_tokenizer(str(folder))
+    except Exception as exc:  # noqa: BLE001 - files a tokenizer class cannot read: token ids only
+        return None, _absent(f"the folder's tokenizer files ({', '.join(held)}) do not load "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    if is_empty(tokenizer):
+        return None, _absent(f"the folder's tokenizer files ({', '.join(held)}) make an empty "
+                             f"{type(tokenizer).__name__} ({len(tokenizer)} special tokens, no vocabulary)")
+    return tokenizer, note
+
+
+def _absent(why: str) -> str:
+    return (f"{why}: token ids only (--dataset random draws from the model's whole vocabulary); text sources need "
+            "the model's tokenizer saved in the folder (tokenizer.save_pretrained(FOLDER))")
 
 
 def _plain(tokenizer: Any, why: str) -> tuple[Any, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedModel
 
@@ -17,3 +19,12 @@ def check_request(model: LoadedModel, n_contexts: int, context_len: int, prepend
         raise KlgapError(
             f"context_len {context_len} is larger than {model.name}'s maximum context of {model.max_context}"
         )
+
+
+def text_tokenizer(model: LoadedModel) -> Any:
+    """The tokenizer a text source tokenizes with; KlgapError when the model has none (its tokenizer note says why,
+    e.g. which files its folder lacks)."""
+    if model.tokenizer is None:
+        why = model.tokenizer_note or "it has no tokenizer; use --dataset random (token ids)"
+        raise KlgapError(f"model {model.name} cannot tokenize text: {why}")
+    return model.tokenizer

@@ -17,7 +17,7 @@ from torch import Tensor
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap.plugins.hubcheck import hub_reachable, offline_env
 from klgap.protocols import LoadedModel
-from klgap_tokens.checks import check_request
+from klgap_tokens.checks import check_request, text_tokenizer
 from klgap_tokens.loading import root_cause
 from klgap_tokens.packing import pack, tokenize_documents
 
@@ -80,9 +80,8 @@ class HubDataset:
         """The first documents of the dataset, tokenized and packed; `seed` shuffles the packed contexts."""
         name, split = parse_arg(arg)
         check_request(model, n_contexts, context_len, prepend_bos)
-        if model.tokenizer is None:
-            raise KlgapError(f"model {model.name} has no tokenizer, so text cannot be tokenized; use --dataset random")
+        tokenizer = text_tokenizer(model)
         rows = open_stream(name, split)
-        tokens = stream_documents(rows, model.tokenizer, int(n_contexts * context_len * MARGIN), name)
+        tokens = stream_documents(rows, tokenizer, int(n_contexts * context_len * MARGIN), name)
         bos = model.bos_token_id if prepend_bos else None
         return pack(tokens, n_contexts, context_len, bos, seed, f"dataset {name!r} ({split})")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedModel
-from klgap_tokens.checks import check_request
+from klgap_tokens.checks import check_request, text_tokenizer
 from klgap_tokens.loading import read_documents
 from klgap_tokens.packing import pack, tokenize_documents
 
@@ -66,9 +66,7 @@ def text_contexts(
 ) -> Tensor:
     """Contexts packed from the documents under `path` (see :mod:`klgap_tokens.packing`)."""
     check_request(model, n_contexts, context_len, prepend_bos)
-    if model.tokenizer is None:
-        raise KlgapError(f"model {model.name} has no tokenizer, so text cannot be tokenized; use --dataset random")
-    tokens = tokenize_documents(model.tokenizer, read_documents(path))
+    tokens = tokenize_documents(text_tokenizer(model), read_documents(path))
     source = repr(str(path))
     if split is not None:
         low, high = SPLITS[split]

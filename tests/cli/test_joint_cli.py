@@ -10,6 +10,7 @@ import pytest
 from klgap.cli.main import main
 from klgap.report.schema import load_report
 from klgap.plan.sites import hook_name
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae
 
 ARGS = ["--dataset", "random", "--tokens", "128", "--context-len", "32", "--batch-size", "2",
@@ -106,7 +107,7 @@ def test_sharded_joint_run_merges_into_the_unsharded_one(tmp_path, capsys):
     assert len(folders) == 1 + 3 + 3
     for folder in folders:
         assert _numbers(tmp_path / "m" / folder) == _numbers(tmp_path / "full" / folder), folder
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m" / folder / "tokens.parquet"),
+        assert_identical_frames(pd.read_parquet(tmp_path / "m" / folder / "tokens.parquet"),
                                       pd.read_parquet(tmp_path / "full" / folder / "tokens.parquet"))
     assert full.compounding.subsets[0].compounding.additivity["sae"].joint_kl_mean > 0
     assert "Every subset of two or more sites" in (tmp_path / "m" / "report.md").read_text()

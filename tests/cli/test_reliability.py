@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from klgap.cli.main import main
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae, write_sae
 
 HOOK = "blocks.0.hook_mlp_out"  # tiny-gpt2's mlp_out is 64 wide
@@ -153,7 +154,7 @@ def test_a_part_with_nan_kl_is_measured_again_on_resume(tmp_path, capsys, caplog
     assert code == 0, err
     assert "batch 2 in" in caplog.text and "non-finite KL values: measuring it again" in caplog.text
     assert "resuming: 3 of 4 batches already done" in caplog.text
-    pd.testing.assert_frame_equal(pd.read_parquet(full / "tokens.parquet"), pd.read_parquet(broken / "tokens.parquet"))
+    assert_identical_frames(pd.read_parquet(full / "tokens.parquet"), pd.read_parquet(broken / "tokens.parquet"))
     a, b = (json.loads((d / "report.json").read_text()) for d in (full, broken))
     assert a["interventions"] == b["interventions"]
     assert b["interventions"]["sae"]["kl_mean"] > 0

@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae
 
 
@@ -42,6 +43,6 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, load_model):
     resumed = subprocess.run(_cmd(sae, killed), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    pd.testing.assert_frame_equal(pd.read_parquet(full / "tokens.parquet"), pd.read_parquet(killed / "tokens.parquet"))
+    assert_identical_frames(pd.read_parquet(full / "tokens.parquet"), pd.read_parquet(killed / "tokens.parquet"))
     a, b = (json.loads((d / "report.json").read_text()) for d in (full, killed))
     assert a["interventions"] == b["interventions"] and a["comparisons"] == b["comparisons"]

@@ -11,6 +11,7 @@ from klgap.cli.main import main
 from klgap.errors import KlgapError
 from klgap.job.shards import parse_shard
 from klgap.plan.sites import hook_name
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae
 
 VOLATILE = {"provenance", "created_at", "timing"}
@@ -47,7 +48,7 @@ def test_three_shards_merge_into_the_unsharded_report(tmp_path, sae, capsys):
     merged = json.loads((tmp_path / "m" / "report.json").read_text())
     assert _numbers(merged) == _numbers(full)
     assert full["interventions"]["sae"]["kl_mean"] > 0 and full["n_tokens"] == 5 * 31
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m" / "tokens.parquet"), pd.read_parquet(tmp_path / "full" / "tokens.parquet"))
+    assert_identical_frames(pd.read_parquet(tmp_path / "m" / "tokens.parquet"), pd.read_parquet(tmp_path / "full" / "tokens.parquet"))
     assert (tmp_path / "m" / "report.md").is_file()
     assert main(["validate", str(tmp_path / "m")]) == 0
 

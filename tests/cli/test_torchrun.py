@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from klgap.cli.main import main
 from klgap.plan.sites import hook_name
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae
 
 pytestmark = [
@@ -87,7 +88,7 @@ def test_two_ranks_give_the_one_process_report(launched):
     assert _numbers(root / "two") == _numbers(root / "one")  # every number, not only the interventions block
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert json.loads((root / "two" / "run.json").read_text())["world_size"] == 2
-    pd.testing.assert_frame_equal(pd.read_parquet(root / "two" / "tokens.parquet"), pd.read_parquet(root / "one" / "tokens.parquet"))
+    assert_identical_frames(pd.read_parquet(root / "two" / "tokens.parquet"), pd.read_parquet(root / "one" / "tokens.parquet"))
     assert not list((root / "two").glob(".klgap-*"))  # no probe or rendezvous file left behind
 
 
@@ -185,5 +186,5 @@ def test_a_job_array_task_launched_with_torchrun_shares_its_shard(launched, tmp_
     assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "m21"), "--quiet"]) == 0
     for folder in ("merged", "m21"):
         assert json.loads((tmp_path / folder / "report.json").read_text())["world_size"] == 2
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "merged" / "tokens.parquet"),
+    assert_identical_frames(pd.read_parquet(tmp_path / "merged" / "tokens.parquet"),
                                   pd.read_parquet(root / "one" / "tokens.parquet"))

@@ -15,6 +15,7 @@ from klgap.forward import executors
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.plan.sites import hook_name
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae, shrink_sae
 
 
@@ -129,12 +130,12 @@ def test_same_seed_same_numbers_and_resume(tmp_path, load_model):
     kw = dict(model="tiny-pythia", sae=str(sae), interventions=["sae", "epsilon_random", "theta_random"])
     first, t1 = _run(tmp_path, "a", **kw)
     second, t2 = _run(tmp_path, "b", **kw)
-    pd.testing.assert_frame_equal(t1, t2)
+    assert_identical_frames(t1, t2)
     assert first["interventions"] == second["interventions"]
     # lose one finished batch: the same command recomputes only it and ends with the same numbers
     (tmp_path / "a" / "parts" / "batch_00001.json").unlink()
     third, t3 = _run(tmp_path, "a", **kw)
-    pd.testing.assert_frame_equal(t1, t3)
+    assert_identical_frames(t1, t3)
     # a different config refuses to resume into the folder
     with pytest.raises(KlgapError, match="holds a different run"):
         _run(tmp_path, "a", **{**kw, "seed": 1})
@@ -241,7 +242,7 @@ def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_
     for config, out, report in zip(configs, outs, shared, strict=True):
         alone = engine.run(config, tmp_path / f"alone-{out.name}", progress=False)
         assert report.execution["clean_forward"] == "shared by 4 sites/layers"
-        pd.testing.assert_frame_equal(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
+        assert_identical_frames(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
         assert report.interventions == alone.interventions
         assert report.interventions["sae"].kl_mean > 0
 
@@ -260,8 +261,9 @@ def test_parts_read_back_compact_and_joined_a_part_at_a_time(tmp_path, load_mode
     assert list(frame["intervention"].cat.categories) == ["sae", "epsilon_random"]  # order of appearance
     assert frame["context"].dtype == np.int32 and frame["kl"].dtype == np.float32
     parts = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "run" / "parts").glob("*.parquet"))], ignore_index=True)
-    pd.testing.assert_frame_equal(tokens, parts)
-    pd.testing.assert_frame_equal(frame.astype({"intervention": str}), parts.astype(frame.dtypes.drop("intervention").to_dict()), check_dtype=False)
+    assert_identical_frames(tokens, parts)
+    pd.testing.assert_frame_equal(frame.astype({"intervention": str}), parts.astype(frame.dtypes.drop("intervention").to_dict()), check_dtype=False,
+                                  check_exact=True)
 
 
 def test_drop_last_position_keeps_the_patch_and_measures_one_position_less(tmp_path, load_model):
@@ -279,7 +281,7 @@ def test_drop_last_position_keeps_the_patch_and_measures_one_position_less(tmp_p
     assert sorted(t_drop.position.unique()) == list(range(31))  # positions 0..30 of 32
     assert len(t_drop) == 3 * 4 * 31 and dropped["n_tokens"] == 4 * 31
     kept = t_full[t_full.position < 31].reset_index(drop=True)
-    pd.testing.assert_frame_equal(t_drop[kept.columns].reset_index(drop=True), kept)
+    assert_identical_frames(t_drop[kept.columns].reset_index(drop=True), kept)
     assert not t_drop.ce_delta.isna().any()  # every measured position has a next token
     assert dropped["interventions"]["sae"]["kl_mean"] == pytest.approx(kept[kept.intervention == "sae"].kl.mean(), rel=1e-6)
 

@@ -17,6 +17,7 @@ from klgap.job.modes import generator_for
 from klgap.plan.resolve import build_intervention, resolve
 from klgap.report.schema import load_report
 from klgap.plan.sites import hook_name
+from tests.close import assert_identical_frames
 from tests.helpers import random_sae, shrink_sae
 
 SMALL = {"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random"}
@@ -71,7 +72,7 @@ def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast
     assert joint.interventions["sae"].kl_mean == pytest.approx(single.interventions["sae"].kl_mean, abs=1e-9)
     assert joint.interventions["sae"].kl_mean > 1e-4
     alone = pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" / "tokens.parquet")
-    pd.testing.assert_frame_equal(alone, single_tokens)  # the same code and executor as a single-site run
+    assert_identical_frames(alone, single_tokens)  # the same code and executor as a single-site run
     found = joint.compounding
     assert found.joint_kl_ratio.ratio == pytest.approx(found.sites[0].kl_ratio.ratio, rel=1e-6)
     for name in names:

@@ -15,6 +15,7 @@ from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.report.schema import load_report
 from klgap.sae.train import fit_sae, gather
+from tests.close import assert_identical_frames
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
@@ -51,7 +52,7 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
         assert json.loads((sub / "run.json").read_text())["execution"]["clean_forward"] == "shared by 3 sites/layers"
         alone = engine.run(RunConfig(sae=str(checkpoint.path), **RUN), tmp_path / f"alone-{checkpoint.step}",
                            progress=False)
-        pd.testing.assert_frame_equal(pd.read_parquet(sub / "tokens.parquet"),
+        assert_identical_frames(pd.read_parquet(sub / "tokens.parquet"),
                                       pd.read_parquet(tmp_path / f"alone-{checkpoint.step}" / "tokens.parquet"))
         assert run.interventions == alone.interventions
         assert point.kl_sae.mean == pytest.approx(alone.interventions["sae"].kl_mean, rel=1e-6)

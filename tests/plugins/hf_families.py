@@ -118,11 +118,13 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_folder(model_type: str, root: Path) -> Path:
-    """`root/model_type`: the tiny model and the byte tokenizer (tokenizer.json only), saved as a user would."""
+def tiny_folder(model_type: str, root: Path, tokenizer: bool = True) -> Path:
+    """`root/model_type`: the tiny model and the byte tokenizer (tokenizer.json only), saved as a user would;
+    ``tokenizer=False``: the model alone (``save_pretrained`` of the model only: config and weights)."""
     folder = root / model_type
     tiny_model(model_type).save_pretrained(folder)
-    byte_tokenizer(CONTEXT).backend_tokenizer.save(str(folder / "tokenizer.json"))
+    if tokenizer:
+        byte_tokenizer(CONTEXT).backend_tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.close import EXACT, assert_close_tree, is_printed
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "smollm2-135m-offline"
 CROSS = FOLDER.parent / "cross-model-robustness"
@@ -36,15 +37,6 @@ def _readme_rows(readme: Path, heading_start: str) -> list[list[str]]:
 def _table(heading_start: str) -> dict[tuple[str, int], list[str]]:
     """The SmolLM2 README table under the heading that starts with `heading_start`, keyed by (site, layer)."""
     return {(cells[0], int(cells[1])): cells[2:] for cells in _readme_rows(FOLDER / "README.md", heading_start)}
-
-
-def _close(printed: str, value: float) -> bool:
-    """`printed` is `value` as the README rounds it (fixed decimals or 2 significant digits)."""
-    decimals = len(printed.split("e")[0].split(".")[1]) if "." in printed.split("e")[0] else 0
-    if "e" in printed:
-        mantissa = float(printed.split("e")[0])
-        return math.isclose(float(printed), value, rel_tol=0.51 * 10**-decimals / abs(mantissa))
-    return abs(float(printed) - value) <= 0.51 * 10**-decimals
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -74,15 +66,15 @@ def _rows(heading_start: str, mode: str):
 
 
 def _check_printed(printed: str, value: float, path: str) -> None:
-    assert printed == "1" and value > 0.995 or _close(printed, value), (path, printed, value)
+    assert printed == "1" and value > 0.995 or is_printed(printed, value), (path, printed, value)
 
 
 def _check_ratio_cell(cell: str, kl_ratio: dict, path: str) -> None:
-    """`cell` is "ratio [low, high]" at two decimals."""
-    printed = [float(v) for v in re.findall(r"[\d.]+", cell)]
+    """`cell` is "ratio [low, high]", each rounded as printed (two or three decimals)."""
+    printed = re.findall(r"[\d.]+", cell)
     assert len(printed) == 3, (path, cell)
     for shown, value in zip(printed, (kl_ratio[k] for k in ("ratio", "ci_low", "ci_high"))):
-        assert abs(shown - value) <= 0.0051, (path, shown, value)
+        assert is_printed(shown, value), (path, shown, value)
 
 
 def test_readme_all_token_table_is_the_committed_report():
@@ -153,7 +145,7 @@ def _check_recipe(declared_file: Path, runs: list[dict]) -> None:
             want["l1"] = None
         got = {"architecture": trained.get("architecture", "standard"), "l1": trained.get("l1_coefficient"),
                "k": trained.get("k"), "steps": trained["steps"], "b_dec_init": trained.get("b_dec_init", "zeros")}
-        assert got == want, (declared_file.name, run["path"])
+        assert got == want, (declared_file.name, run["path"])  # settings (an int l1 is recorded as a float)
         assert trained["seed"] == recipe["seed"] and trained["d_sae"] == recipe["expansion"] * trained["d_in"], run["path"]
         # the first position of each context is not trained on: 127 of every 128 tokens gathered
         assert 0.9 * recipe["tokens"] <= trained["n_training_tokens"] <= recipe["tokens"], run["path"]
@@ -191,7 +183,9 @@ def test_cross_model_readme_table_is_the_committed_comparison():
             _check_printed(printed, value, row["label"])
         ratio = {"ratio": float(row["ratio"]), "ci_low": float(row["ratio_ci_low"]), "ci_high": float(row["ratio_ci_high"])}
         _check_ratio_cell(cells[3], ratio, row["label"])
-        assert run["comparisons"]["epsilon_random"]["kl_ratio"]["ratio"] == ratio["ratio"], row["label"]
+        # compare.csv holds the report's number, printed exactly
+        assert_close_tree(run["comparisons"]["epsilon_random"]["kl_ratio"]["ratio"], ratio["ratio"], (row["label"], "ratio"),
+                          EXACT)
 
 
 def test_gemma_baselines_table_is_the_committed_run():
@@ -204,7 +198,7 @@ def test_gemma_baselines_table_is_the_committed_run():
         site, layer = cells[0].split(" L")
         run = json.loads((CROSS / "results" / "gemma3-baselines" / f"{site}_L{int(layer):02d}" / "report.json").read_text())
         curve = json.loads((CROSS / "results" / "gemma3" / f"{site}_L{int(layer):02d}" / "report.json").read_text())
-        assert run["sae"]["info"]["training"] == curve["sae"]["info"]["training"], cells[0]
+        assert_close_tree(run["sae"]["info"]["training"], curve["sae"]["info"]["training"], (cells[0], "training"), EXACT)
         kl = {name: stats["kl_mean"] for name, stats in run["interventions"].items()}
         _check_printed(cells[1], kl["sae"], cells[0])
         for i, name in enumerate(baselines):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from klgap.report.schema import StudyReport, load_report
+from tests.close import is_printed
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "error-decomposition"
 DECLARED_KEYS = ("model", "mode", "interventions", "tokens", "fit_tokens", "context_len", "batch_size", "seed",
@@ -36,12 +37,6 @@ def _readme_rows() -> dict[tuple[str, int], list[str]]:
 
 def _first_number(cell: str) -> str:
     return re.match(r"-?[0-9.]+", cell).group(0)
-
-
-def _close(printed: str, value: float) -> bool:
-    """`printed` is `value` rounded to its printed decimals."""
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(float(printed) - value) <= 0.51 * 10**-decimals
 
 
 def test_results_come_from_the_declared_file():
@@ -71,4 +66,4 @@ def test_readme_table_is_the_committed_results():
         for cell, value in zip(cells, values, strict=True):
             if cell == "—":  # an excess share whose denominator's interval holds 0 is not printed
                 continue
-            assert value is not None and math.isfinite(value) and _close(_first_number(cell), value), (run.path, cell, value)
+            assert value is not None and math.isfinite(value) and is_printed(_first_number(cell), value), (run.path, cell, value)

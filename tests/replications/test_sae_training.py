@@ -10,6 +10,7 @@ import pytest
 
 from klgap.report.schema import StudyReport, load_report
 from klgap.report.validate import validate_file
+from tests.close import Tolerance, assert_close_tree, is_printed
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "sae-training"
 OFFLINE = FOLDER.parent / "smollm2-135m-offline" / "all_tokens.toml"
@@ -46,7 +47,8 @@ def test_committed_results_are_the_declared_study_over_ten_checkpoints_per_sae()
         assert steps == sorted(steps) and len(set(steps)) == len(steps)
         for point in curve.points:
             sub = load_report(RESULTS / point.path)
-            assert sub.interventions["sae"].kl_mean == pytest.approx(point.kl_sae.mean, rel=1e-6)
+            # two computations of one mean (the point's from per-context sums): 3.9e-8 apart at most in these results
+            assert_close_tree(sub.interventions["sae"].kl_mean, point.kl_sae.mean, (point.path, "kl_sae"), Tolerance(rel=1e-6))
             assert sub.sae.info["training"]["step"] == point.step
 
 
@@ -59,5 +61,5 @@ def test_readme_table_is_the_committed_report():
     assert len(body) == len(points)
     for cells, (site, point) in zip(body, points, strict=True):
         assert cells[0] == site and int(cells[1]) == point.step
-        assert float(cells[3]) == pytest.approx(point.explained_variance, abs=0.0051)
-        assert float(cells[7].split()[0]) == pytest.approx(point.kl_ratio.ratio, abs=0.0051)
+        assert is_printed(cells[3], point.explained_variance), (site, point.step, cells[3])
+        assert is_printed(cells[7].split()[0], point.kl_ratio.ratio), (site, point.step, cells[7])
