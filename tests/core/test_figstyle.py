@@ -25,7 +25,7 @@ def test_eleven_cosines_get_eleven_colours_in_order_and_the_rest_a_colour_blind_
     curve = [colors[name] for name in COSINES]
     assert len(set(curve)) == 11 and curve == figstyle.sequential(11)  # along the map, ordered by cos
     assert (colors["sae"], colors["epsilon_random"]) == (figstyle.SAE, figstyle.BASELINE_COLOR)
-    assert [colors["theta_random"], colors["sae_norm"]] == list(figstyle.OKABE_ITO[:2])
+    assert [colors["theta_random"], colors["sae_norm"]] == list(figstyle.PALETTE[:2])
     assert figstyle.series_colors(["L0", "L1", "L2"], ordered=True) == dict(zip(["L0", "L1", "L2"], figstyle.sequential(3)))
 
 
