@@ -33,6 +33,20 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+class NoTokenizer(KlgapError):
+    """A token source needs to tokenize text, and the model has no tokenizer. Its message is the command line's;
+    ``klgap.measure`` says the same in Python's words (:meth:`for_python`)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"model {model} has no tokenizer, so text cannot be tokenized; use --dataset random, "
+                         "or a model with a tokenizer")
+
+    def for_python(self) -> KlgapError:
+        return KlgapError(f"model {self.model} has no tokenizer, so text cannot be tokenized: pass tokenizer=..., "
+                          "token ids as tokens=<[n_contexts context_len] LongTensor>, or dataset='random'")
+
+
 class HubUnavailableError(KlgapError):
     """Something needs the Hugging Face hub, which this machine cannot reach."""
 

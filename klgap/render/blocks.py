@@ -98,6 +98,12 @@ def md_block(block: Block) -> str:
     raise TypeError(f"unknown block {block!r}")
 
 
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table as plain text, columns padded to their widest cell (the terminal, a Result's repr)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
+
+
 # ----------------------------------------------------------------------------- html
 
 STYLE = (

@@ -30,7 +30,9 @@ def _where(run: SiteSummary) -> str:
     return f"{run.site} L{run.layer}"
 
 
-def _summary(report: Report | StudyReport) -> list[Block]:
+def summary_blocks(report: Report | StudyReport) -> list[Block]:
+    """The key table (one row per site/layer: KL of the SAE and the baseline, their ratio, the Wilcoxon p), what
+    its numbers are, and the Holm families."""
     joint = report.joint if isinstance(report, Report) else None  # a joint run: every site patched together
     rows = [["joint " + " + ".join(f"{s.site} L{s.layer}" for s in joint) if joint else row.where, fmt(row.kl_sae),
              fmt(row.kl_baseline), row.ratio_text(), row.p_text()] for row in summary_rows(report)]
@@ -333,7 +335,7 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
 
     lead = lead_blocks(report)  # the page's own finding (klgap/render/lead.py)
     if not (isinstance(report, StudyReport) and report.over_training is not None):  # checkpoints: their own table
-        lead += _summary(report)
+        lead += summary_blocks(report)
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
                            *(study_blocks(report) if isinstance(report, StudyReport) else []),
                            *render_decomposition.blocks(report)]

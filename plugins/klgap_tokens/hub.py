@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from klgap.errors import HubUnavailableError, KlgapError
+from klgap.errors import HubUnavailableError, KlgapError, NoTokenizer
 from klgap.plugins.hubcheck import hub_reachable, offline_env
 from klgap.protocols import LoadedModel
 from klgap_tokens.checks import check_request
@@ -81,7 +81,7 @@ class HubDataset:
         name, split = parse_arg(arg)
         check_request(model, n_contexts, context_len, prepend_bos)
         if model.tokenizer is None:
-            raise KlgapError(f"model {model.name} has no tokenizer, so text cannot be tokenized; use --dataset random")
+            raise NoTokenizer(model.name)
         rows = open_stream(name, split)
         tokens = stream_documents(rows, model.tokenizer, int(n_contexts * context_len * MARGIN), name)
         bos = model.bos_token_id if prepend_bos else None

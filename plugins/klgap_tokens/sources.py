@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, NoTokenizer
 from klgap.protocols import LoadedModel
 from klgap_tokens.checks import check_request
 from klgap_tokens.loading import read_documents
@@ -67,7 +67,7 @@ def text_contexts(
     """Contexts packed from the documents under `path` (see :mod:`klgap_tokens.packing`)."""
     check_request(model, n_contexts, context_len, prepend_bos)
     if model.tokenizer is None:
-        raise KlgapError(f"model {model.name} has no tokenizer, so text cannot be tokenized; use --dataset random")
+        raise NoTokenizer(model.name)
     tokens = tokenize_documents(model.tokenizer, read_documents(path))
     source = repr(str(path))
     if split is not None:
