@@ -67,7 +67,12 @@ def robustness_curve(
         ax.plot(cos, [lift(p.kl) for p in pairs], markersize=3, label=name,
                 **{"marker": "o", **styles[name].line()})
         band = [p for p in pairs if p.low is not None and p.high is not None]
-        if band:
+        if len(band) == 1:  # one point: its interval as a bar (a band of one point has no width)
+            point = band[0]
+            ax.errorbar([point.cos], [lift(point.kl)], yerr=[[lift(point.kl) - lift(point.low)],
+                                                             [lift(point.high) - lift(point.kl)]],
+                        color=colors[name], linestyle="none", capsize=3)
+        elif band:
             ax.fill_between([p.cos for p in band], [lift(p.low) for p in band], [lift(p.high) for p in band],
                             color=colors[name], alpha=0.18, linewidth=0)
         low = [(p.cos, floor) for p in pairs if floor is not None and p.kl < floor]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from klgap.figures.bars import kl_bars
 from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars, robustness_curve
@@ -25,7 +26,7 @@ TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
 
 __all__ = ["CurvePoint", "curve_floor", "curves_of", "figures_for_run", "kl_bars", "kl_by_position", "kl_histogram",
            "many_samples_hist", "ratio_bars", "read_tokens", "robustness_curve", "run_label", "single_token_curve",
-           "site_label"]
+           "site_label", "study_robustness"]
 
 
 # ----------------------------------------------------------------------------- a run folder
@@ -40,6 +41,16 @@ def read_tokens(run_dir: str | Path) -> pd.DataFrame | None:
     names = frame["intervention"].astype(str)
     frame["intervention"] = pd.Categorical(names, categories=pd.unique(names))
     return frame
+
+
+def study_robustness(report: StudyReport, path: str | Path | None) -> Path | Figure:
+    """A study's robustness curves, one per site/layer (sequential colours when they are the layers of one site)."""
+    points, stars = curves_of((site_label(run), run.curve) for run in report.runs)
+    one_site = len({run.site for run in report.runs}) == 1
+    curved = [(run, report.model, report.mode) for run in report.runs if run.curve is not None]
+    where = ", ".join(site_label(run) for run, _, _ in curved)
+    return robustness_curve(points, path, stars, f"{report.model} · {where} · {report.mode} · {tokens_per_run(curved)}",
+                            ordered=one_site)
 
 
 def figures_for_run(
@@ -59,14 +70,8 @@ def figures_for_run(
         return [over_training(report, run_dir / "over_training.png")]
     if isinstance(report, StudyReport):
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
-        points, stars = curves_of((site_label(run), run.curve) for run in report.runs)
-        if points:
-            one_site = len({run.site for run in report.runs}) == 1
-            curved = [(run, report.model, report.mode) for run in report.runs if run.curve is not None]
-            where = ", ".join(site_label(run) for run, _, _ in curved)
-            paths.append(robustness_curve(points, run_dir / "robustness.png", stars,
-                                          f"{report.model} · {where} · {report.mode} · {tokens_per_run(curved)}",
-                                          ordered=one_site))
+        if any(run.curve is not None for run in report.runs):
+            paths.append(study_robustness(report, run_dir / "robustness.png"))
         return paths
     if tokens is None:
         tokens = read_tokens(run_dir)

@@ -68,7 +68,9 @@ def series_of(ax) -> list[Series]:
             out.append(Series(label, to_hex(line.get_color()), "none", str(line.get_marker()), ""))
     for patch in ax.patches:
         if isinstance(patch, StepPatch) and not patch.get_label().startswith("_"):
-            out.append(Series(patch.get_label(), to_hex(patch.get_edgecolor()), str(patch.get_linestyle()), "", ""))
+            color = patch.get_facecolor() if patch.get_fill() else patch.get_edgecolor()
+            style = "filled" if patch.get_fill() else str(patch.get_linestyle())
+            out.append(Series(patch.get_label(), to_hex(color), style, "", ""))
     return out
 
 
@@ -109,11 +111,14 @@ def assert_nothing_clipped(fig) -> None:
             points = _drawn_points(ax, line)
             has_marker = line.get_marker() not in (None, "None", "", " ")
             radius = line.get_markersize() * fig.dpi / 72 / 2 if has_marker else 0.0
+            marker = line.get_marker()
+            rx = 0.0 if marker in ("|", 2, 3) else radius  # an error bar's cap: a line across, no height
+            ry = 0.0 if marker in ("_", 0, 1) else radius
             for px, py in points:
-                assert box.x0 - 1 <= px - radius and px + radius <= box.x1 + 1 and \
-                    box.y0 - 1 <= py - radius and py + radius <= box.y1 + 1, (
-                        f"{line.get_label()!r}: a point at ({px:.0f}, {py:.0f}) px (marker radius {radius:.1f}) "
-                        f"leaves the axes {box}")
+                assert box.x0 - 1 <= px - rx and px + rx <= box.x1 + 1 and \
+                    box.y0 - 1 <= py - ry and py + ry <= box.y1 + 1, (
+                        f"{line.get_label()!r}: a point at ({px:.0f}, {py:.0f}) px (marker {marker!r}, radius "
+                        f"{radius:.1f}) leaves the axes [{box.x0:.0f}, {box.x1:.0f}] x [{box.y0:.0f}, {box.y1:.0f}]")
 
 
 def assert_no_empty_range(fig) -> None:
