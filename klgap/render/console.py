@@ -46,8 +46,8 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
     if summary.holm_family is not None:
         print(f"Holm family: {summary.holm_family} ({summary.holm_family_size} test"
               f"{'s' * (summary.holm_family_size != 1)})")
-    for finding in curve_findings(report.curve):  # the robustness curve's finding, as the page opens with it
-        print(f"robustness curve: {finding}")
+    for finding in curve_findings(report.curve, report.hook_name):  # the robustness curve's, as the page opens
+        print(finding)
     if report.many_samples is not None:
         many = report.many_samples
         print(f"many samples: mean z of the SAE's KL = {fmt_fixed(many.z_mean)}, "
