@@ -10,14 +10,16 @@ Argument names are the CLI's flags (``tokens``, ``context_len``, ``batch_size``,
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from klgap.plan.config import RunConfig, split_interventions
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, NoTokenizer
 from klgap.plugins.manager import ModelRef, get_host
 from klgap.protocols import LoadedModel, LoadedSAE
 from klgap.report.schema import BASELINE, RatioCI, Report, load_report
@@ -27,13 +29,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import Tensor
 
+T = TypeVar("T")
 PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples", "robustness")
 
 
 # ----------------------------------------------------------------------------- the result
 
 
-@dataclass
+@dataclass(eq=False)
 class Result:
     """One measurement: the typed report, the per-token table, and (if it was saved) its folder.
 
@@ -41,11 +44,37 @@ class Result:
     tokens: one row per token × intervention, with ``model``, ``site``, ``layer`` and ``sae`` columns, so that
             ``pd.concat`` of several results stays tidy.
     path:   the run folder (None when measured in memory).
+
+    A notebook shows a Result as its page opens (the finding, the key table, the figures: ``_repr_html_``);
+    ``repr`` gives the finding and the key table as text. Two Results are equal when they hold the same
+    measurement: equal reports (provenance included, so two runs of one command differ by their times) and equal
+    token tables; where they are saved (`path`) is not part of the value. Results are mutable, so not hashable.
     """
 
     report: Report
     tokens: pd.DataFrame
     path: Path | None = None
+    _html: str | None = field(default=None, init=False, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Result):
+            return NotImplemented
+        return self.report == other.report and self.tokens.equals(other.tokens)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        from klgap.render.notebook import result_text
+
+        return result_text(self.report, self.path)
+
+    def _repr_html_(self) -> str:
+        """The page's opening block and key table, then the figures inline (drawn once, then kept)."""
+        from klgap.render.notebook import result_html
+
+        if self._html is None:
+            self._html = result_html(self.report, self.tokens, self.path)
+        return self._html
 
     @property
     def ratio(self) -> RatioCI | None:
@@ -167,16 +196,23 @@ def load_run(folder: str | Path) -> Result:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _model_ref(model: Any, tokenizer: Any) -> tuple[str, ModelRef | None]:
-    """A model name for the config, and for an object the ModelRef that carries it."""
+def _model_ref(model: Any, tokenizer: Any, name: str | None = None) -> tuple[str, ModelRef | None]:
+    """A model name for the config, and for an object the ModelRef that carries it: named `name`, else what its
+    adapter calls it (a transformers model: its ``config.name_or_path``, else its ``model_type``)."""
     if isinstance(model, (str, Path)):
+        if name is not None:
+            raise KlgapError(f"name={name!r} names a model object you hold; model={str(model)!r} is already a name")
         return str(model), None
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise KlgapError(f"name= must be a non-empty string (the model's name in reports and compare), got {name!r}")
     loaded = get_host().pm.hook.wrap_model(model=model, tokenizer=tokenizer)
     if loaded is None:
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None) or type(model).__name__
         raise KlgapError(f"no model adapter knows model {kind!r}: pass a transformers causal LM, an nnsight "
                          "LanguageModel wrapping one, or a model name / hub repo id / folder (see `klgap plugins`)")
+    if name is not None:
+        loaded = replace(loaded, name=name.strip())
     return loaded.name, ModelRef(loaded.name, HeldModel(loaded), "python")
 
 
@@ -272,15 +308,31 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
 # ----------------------------------------------------------------------------- measuring
 
 
+def in_python_words(function: Callable[..., T]) -> Callable[..., T]:
+    """Errors whose command-line message names a flag (klgap.errors.NoTokenizer), said with Python's arguments."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return function(*args, **kwargs)
+        except NoTokenizer as exc:
+            raise exc.for_python() from None
+
+    return wrapper
+
+
+@in_python_words
 def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None, layer: int | list[int] | None = None,
             mode: str = "all_tokens", interventions: str | list[str] | None = None, seed: int = 0,
-            dataset: str | None = None, tokenizer: Any = None, out: str | Path | None = None,
+            dataset: str | None = None, tokenizer: Any = None, name: str | None = None, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = True, **options: Any) -> Result:
     """Measure the KL gap of `sae` on `model` (what ``klgap replicate`` does), returning a :class:`Result`.
 
     model:  a registered name, hub repo id or local folder (as ``--model``); or a ``transformers`` causal LM
             (tokenizer= optional) or an nnsight ``LanguageModel`` wrapping one: its sites are found by the same
             adapters the CLI uses, and it stays on its device and dtype.
+    name:   a held model's name in the report, its tokens table and compare (default: its config.name_or_path,
+            else its model_type; give one to tell two held models apart).
     sae:    a spec string (as ``--sae``), a sae_lens ``SAE``, or any module with ``encode``/``decode`` (its
             ``cfg.hook_name`` / ``cfg.metadata.hook_name`` names the site; else give site= and layer=).
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
@@ -298,7 +350,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     from klgap.job import engine
     from klgap.plan.resolve import TokenSourceRef, pick_device, resolve
 
-    name, ref = _model_ref(model, tokenizer)
+    name, ref = _model_ref(model, tokenizer, name)
     values: dict[str, Any] = {"model": name, "site": site, "layer": layer, "mode": mode, "seed": seed, **options}
     if ref is not None:  # a held model runs where it is
         values = {**ref.adapter.placement(), **values}
@@ -356,7 +408,9 @@ def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | flo
 
 
 def compare(runs: list[Result | str | Path], labels: list[str] | None = None) -> pd.DataFrame:
-    """Runs side by side (``klgap compare``'s table): Results or run / study folders, one row per site/layer."""
+    """Runs side by side (``klgap compare``'s table): Results or run / study folders, one row per site/layer.
+    Without `labels`, a row is labelled by its model and site/layer, and rows that would share a label (two held
+    models both called 'llama': give measure(name=...)) are told apart by their run's place in `runs` ('#2')."""
     import pandas as pd
 
     from klgap.report.compare import COLUMNS, Entry, entries_for
@@ -364,17 +418,23 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
 
     if labels is not None and len(labels) != len(runs):
         raise KlgapError(f"labels has {len(labels)} entries for {len(runs)} runs; give one per run")
-    entries = []
+    entries, runs_of = [], []
     for i, run in enumerate(runs):
         label = labels[i] if labels else None
         if isinstance(run, Result):
             row = summary_row(run.report, run.report.model, run.report.mode)
-            entries.append(Entry(label or f"{run.report.model} {row.where}", str(run.path or ""), row, run.report.curve))
+            found = [Entry(label or f"{run.report.model} {row.where}", str(run.path or ""), row, run.report.curve)]
         else:
-            entries.extend(entries_for(run, label))
+            found = entries_for(run, label)
+        entries += found
+        runs_of += [i] * len(found)
+    seen = [e.label for e in entries]
+    entries = [replace(e, label=f"{e.label} #{i + 1}") if seen.count(e.label) > 1 else e
+               for e, i in zip(entries, runs_of, strict=True)]
     return pd.DataFrame([{k: r[k] for k in COLUMNS} for r in (e.record() for e in entries)], columns=COLUMNS)
 
 
+@in_python_words
 def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], out: str | Path, *,
               tokenizer: Any = None, **flags: Any) -> pd.DataFrame:
     """``klgap train-sae`` (same argument names as its flags: tokens, context_len, dataset, expansion, l1, lr,

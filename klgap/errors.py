@@ -33,6 +33,22 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+class NoTokenizer(KlgapError):
+    """A token source needs to tokenize text, and the model has no tokenizer (`note`: why, e.g. which files its
+    folder lacks). Its message is the command line's; ``klgap.measure`` says the same in Python's words
+    (:meth:`for_python`)."""
+
+    def __init__(self, model: str, note: str | None = None) -> None:
+        self.model, self.note = model, note
+        why = note or "it has no tokenizer; use --dataset random (token ids), or a model with a tokenizer"
+        super().__init__(f"model {model} cannot tokenize text: {why}")
+
+    def for_python(self) -> KlgapError:
+        why = f" ({self.note})" if self.note else ""
+        return KlgapError(f"model {self.model} has no tokenizer, so text cannot be tokenized{why}: pass "
+                          "tokenizer=..., token ids as tokens=<[n_contexts context_len] LongTensor>, or dataset='random'")
+
+
 class HubUnavailableError(KlgapError):
     """Something needs the Hugging Face hub, which this machine cannot reach."""
 

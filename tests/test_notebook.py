@@ -30,9 +30,30 @@ def _outputs(notebook) -> str:
                      for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
 
 
+def _cell(notebook, starts: str):
+    return next(c for c in notebook.cells if c.cell_type == "code" and c.source.startswith(starts))
+
+
 def test_notebook_runs_on_the_tiny_model():
     notebook = _execute({"KLGAP_NOTEBOOK_QUICK": "1", "HF_HUB_OFFLINE": "1"})
     text = _outputs(notebook)
+    # a cell ending in a Result shows the page's opening: its finding, the key table, the figures inline
+    shown = _cell(notebook, "result = klgap.measure")
+    html = next(o["data"]["text/html"] for o in shown.outputs if "text/html" in o.get("data", {}))
+    assert html.startswith('<div class="klgap-result">') and "<style>.klgap-result{" in html  # scoped: the notebook's look kept
+    assert "klgap report: tiny-gpt2 · blocks.1.hook_mlp_out · all_tokens" in html  # named by name=
+    assert "the SAE&#x27;s reconstruction moves the next-token distribution" in html
+    assert "<th>ratio [95% CI]</th>" in html and "mlp_out L1" in html
+    assert html.count("data:image/png;base64,") == 3 and "more figures: kl_hist, kl_by_position" in html
+    plain = next(o["data"]["text/plain"] for o in shown.outputs if "text/plain" in o.get("data", {}))
+    assert plain.startswith("klgap.Result: tiny-gpt2 · blocks.1.hook_mlp_out · all_tokens · 2,016 tokens")
+    assert "site/layer" in plain and len(plain.splitlines()) == 5  # the finding and the key table, not the report
+    # progress in an executed notebook: one line per measurement, no "IProgress not found", no line per update
+    progress = "".join(o["text"] for o in shown.outputs if o.get("name") == "stderr")
+    assert len(progress.splitlines()) == 1 and progress.startswith("all_tokens mlp_out L1: 4 batches ... done in"), progress
+    # (sae_lens's own import may warn "IProgress not found": it imports tqdm.autonotebook; no klgap cell does)
+    klgap_cells = [c for c in notebook.cells if c.cell_type == "code" and "klgap." in c.source]
+    assert not any("IProgress" in str(o.get("text", "")) for c in klgap_cells for o in c.outputs)
     assert "ratio=" in text and "ci_low=" in text  # result.ratio
     assert "kl_mean" in text and "epsilon_random" in text  # the summary table
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("replicate", help="run the KL-gap experiment and write OUT/report.json + tokens.parquet", description="run the KL-gap experiment and write OUT/report.json + tokens.parquet")
     _add_run_flags(rep)
+    _derived_help(rep)
     rep.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-MODE)")
     rep.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     rep.add_argument("--wait", action="store_true",
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve = sub.add_parser(
         "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it", description="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it")
     _add_run_flags(curve)
+    _derived_help(curve, interventions="added to sae, epsilon_random and the cosine_matched grid of --cos × "
+                  "--norm-frac (default: none added), comma-separated, e.g. theta_random,zero")
     curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
     curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
@@ -214,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)
     return parser
+
+
+def sae_help() -> str:
+    """--sae's help, naming every registered SAE loader (plugins' included), so it never lags the registry."""
+    from klgap.plugins.manager import registry
+
+    names = ", ".join(sorted(registry("sae_loader").names()))
+    return (f"an SAE as LOADER:ARG, LOADER one of {names} (`klgap plugins` says what each reads; e.g. "
+            "sae_lens:RELEASE/SAE_ID), or a path that a loader recognises (a sae_lens folder, a .safetensors file, "
+            "...); a glob ('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")
+
+
+def _derived_help(parser: argparse.ArgumentParser, **helps: str) -> None:
+    """Help texts that depend on the command or the plugins: --sae from the loader registry, and the flags named
+    in `helps` (a command's own defaults, e.g. `klgap curve`'s interventions)."""
+    helps = {"sae": sae_help(), **helps}
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
 
 
 def _add_plugin_commands(sub: Any) -> None:

@@ -383,7 +383,8 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     print(f"wrote plugin package {root}:")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(root)}")
-    print(f"next: pip install -e {root} && klgap plugins   (tests, before or after installing: pytest {root / 'tests'})")
+    print(f"next: pip install -e '{root}[test]' && klgap plugins && pytest {root / 'tests'}   "
+          "(pytest runs before installing too)")
     return 0
 
 

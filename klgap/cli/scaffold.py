@@ -45,12 +45,13 @@ pythonpath = ["."]  # the tests import ${package} from this folder, installed or
     "README.md": '''\
 # klgap-${dash}
 
-A [klgap](https://example.invalid/klgap) plugin (${kind}, hook `${hook}`): ${summary}.
+A klgap plugin (${kind}, hook `${hook}`): ${summary}. klgap's CONTRIBUTING.md, "Writing a plugin", says what
+each hook and conformance suite asks of it.
 
 ```bash
-pip install -e .            # next to klgap, in the same environment
+pip install -e ".[test]"    # next to klgap, in the same environment (with pytest for its tests)
 klgap plugins               # lists ${name}
-pip install -e ".[test]" && pytest   # klgap's conformance suite for a ${kind} + a tiny-model run
+pytest                      # klgap's conformance suite for a ${kind} + a tiny-model run
 ```
 
 `pytest` also runs before `pip install` (tests/conftest.py registers the plugin from this folder). Publish:

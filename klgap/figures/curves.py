@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FixedLocator, NullFormatter
 
-from klgap.figures.style import BASELINE_COLOR, SAE, legend_beside, new_figure, save, series_colors, title
+from klgap.figures.style import BASELINE_COLOR, SAE, legend_beside, new_figure, save, series_styles, title
 from klgap.report.schema import BASELINE, Curve
 from klgap.report.summary import SummaryRow
 
@@ -42,9 +42,13 @@ def robustness_curve(
 ):
     """Mean KL (log y) against cos(x, x') for each labelled curve, its 95% interval as a band; each SAE's
     (cos_mean, kl_mean) as a star with its interval. `ordered`: the curves are a progression (layers of a study) and
-    take a sequential colormap; else the colour-blind-safe palette."""
+    take a sequential colormap; else the colour-blind-safe palette (with line styles past its colours).
+
+    The y axis spans what is drawn (points, bands, stars and their intervals) with a margin, so no star is cut at
+    an edge and no empty decades are left below the lowest point."""
     names = list(dict.fromkeys([*points, *(sae_points or {})]))
-    colors = series_colors(names, ordered)
+    styles = series_styles(names, ordered)
+    colors = {name: style.color for name, style in styles.items()}
     fig = new_figure((10, 5))
     ax = fig.subplots()
     curves = {name: sorted((_point(p) for p in curve if _point(p).kl is not None), key=lambda p: p.cos)
@@ -60,9 +64,15 @@ def robustness_curve(
         if not pairs:
             continue
         cos = [p.cos for p in pairs]
-        ax.plot(cos, [lift(p.kl) for p in pairs], marker="o", markersize=3, color=colors[name], label=name)
+        ax.plot(cos, [lift(p.kl) for p in pairs], markersize=3, label=name,
+                **{"marker": "o", **styles[name].line()})
         band = [p for p in pairs if p.low is not None and p.high is not None]
-        if band:
+        if len(band) == 1:  # one point: its interval as a bar (a band of one point has no width)
+            point = band[0]
+            ax.errorbar([point.cos], [lift(point.kl)], yerr=[[lift(point.kl) - lift(point.low)],
+                                                             [lift(point.high) - lift(point.kl)]],
+                        color=colors[name], linestyle="none", capsize=3)
+        elif band:
             ax.fill_between([p.cos for p in band], [lift(p.low) for p in band], [lift(p.high) for p in band],
                             color=colors[name], alpha=0.18, linewidth=0)
         low = [(p.cos, floor) for p in pairs if floor is not None and p.kl < floor]
@@ -78,7 +88,7 @@ def robustness_curve(
                     label=f"{name}: SAE (cos {star.cos:.3f}, KL {star.kl:.3g})")
     if floor is not None:
         ax.set_yscale("log")
-        ax.set_ylim(bottom=floor * 0.7)
+    ax.margins(x=0.04, y=0.08)  # autoscaled to what is drawn (near-zero KL lifted to the floor), with room for a star
     if clipped_any:
         ax.plot([], [], marker="v", color="gray", linestyle="none", label=f"▼ KL below {floor:.2g} (drawn at the floor)")
     ax.set_xlabel("cos(x, x′) of the substitute to the clean activation (cosine, no unit)")

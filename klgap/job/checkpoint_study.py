@@ -142,7 +142,7 @@ def training_blocks(report: StudyReport) -> list:
     from klgap.render.blocks import Bullets, Heading, Para, Table
 
     curves = report.over_training or []
-    blocks: list = [Heading(2, "Over training"), Bullets([c.finding for c in curves], lead=True),
+    blocks: list = [Bullets([c.finding for c in curves], lead=True), Heading(2, "Over training"),
                     Para(f"Every checkpoint measured on the same tokens with the same random draws (the clean forward "
                          f"shared). KL is the mean per-token KL(P_clean ‖ P_patched) in nats; gap = KL(sae) − "
                          f"KL({BASELINE}); intervals (95%) resample whole contexts. Explained variance and L0 are "

@@ -162,12 +162,11 @@ def run(config: RunConfig | RunPlan | JointPlan, out: str | Path, overwrite: boo
 
 
 def _bar(items: list[int], desc: str, progress: bool) -> Any:
-    """A progress bar over batches (tqdm's notebook or terminal bar), or the plain list when progress is off."""
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
+    """A progress bar over batches (klgap/job/progress.py: a terminal bar, or a notebook's), or the plain list when
+    progress is off."""
+    from klgap.job.progress import progress_bar
 
-    return tqdm(items, desc=desc, unit="batch")
+    return progress_bar(items, desc, progress)
 
 
 def _measure_todo(opened: OpenRun, progress: bool) -> None:

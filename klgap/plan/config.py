@@ -178,6 +178,8 @@ class RunConfig:
             key = key.replace("-", "_")
             if key in LEGACY_KEYS:
                 new, convert = LEGACY_KEYS[key]
+                if any(other.replace("-", "_") == new for other in data):
+                    raise KlgapError(f"config key {key!r} is the old name of {new!r}, and both are given; keep {new}")
                 warnings.warn(f"config key {key!r} is deprecated: write {new} = {convert(value)!r}",
                               DeprecationWarning, stacklevel=2)
                 log.warning("config key %r is deprecated: write %s = %r", key, new, convert(value))

@@ -52,7 +52,15 @@ class Figure:
     caption: str
 
 
-Block = Union[Heading, Para, Bullets, Table, Code, Figure]
+@dataclass(frozen=True)
+class PageLinks:
+    """Links to other pages of the same kind, one a bullet: (text, folder) -> folder/report.md in markdown,
+    folder/report.html in HTML (a study's per-site/layer pages)."""
+
+    items: list[tuple[str, str]]
+
+
+Block = Union[Heading, Para, Bullets, Table, Code, Figure, PageLinks]
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -85,7 +93,15 @@ def md_block(block: Block) -> str:
         return f"{fence}{block.lang}\n{block.text}\n{fence}"
     if isinstance(block, Figure):
         return f"![{block.path.stem}]({block.path.name})\n\n*{_md_text(block.caption)}*"
+    if isinstance(block, PageLinks):
+        return "\n".join(f"- [{_md_text(text)}]({folder}/report.md)" for text, folder in block.items)
     raise TypeError(f"unknown block {block!r}")
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table as plain text, columns padded to their widest cell (the terminal, a Result's repr)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
 # ----------------------------------------------------------------------------- html
@@ -136,4 +152,7 @@ def html_block(block: Block) -> str:
     if isinstance(block, Figure):
         return (f'<figure><img src="{_png_uri(block.path)}" alt="{esc(block.path.stem)}">'
                 f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+    if isinstance(block, PageLinks):
+        return "<ul>" + "".join(f'<li><a href="{esc(folder)}/report.html">{esc(text)}</a></li>'
+                                for text, folder in block.items) + "</ul>"
     raise TypeError(f"unknown block {block!r}")

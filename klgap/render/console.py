@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klgap.render.formatting import fmt, fmt_fixed, fmt_p
+from klgap.report.findings import curve_findings
 from klgap.report.schema import Report, StudyReport
 from klgap.report.summary import summary_row, summary_rows
 
@@ -45,12 +46,8 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
     if summary.holm_family is not None:
         print(f"Holm family: {summary.holm_family} ({summary.holm_family_size} test"
               f"{'s' * (summary.holm_family_size != 1)})")
-    curve = report.curve
-    if curve is not None and curve.sae is not None:
-        for frac, cos in curve.sae_equivalent_cos.items():
-            where = f"cos {fmt_fixed(cos)}" if cos is not None else "no cosine on the grid"
-            print(f"robustness curve (norm {frac}·‖x‖): the SAE (cos {fmt_fixed(curve.sae.cos_mean)}, "
-                  f"KL {fmt(curve.sae.kl_mean)}) does the damage of cosine-matched noise at {where}")
+    for finding in curve_findings(report.curve, report.hook_name):  # the robustness curve's, as the page opens
+        print(finding)
     if report.many_samples is not None:
         many = report.many_samples
         print(f"many samples: mean z of the SAE's KL = {fmt_fixed(many.z_mean)}, "

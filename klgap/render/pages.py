@@ -18,6 +18,9 @@ from klgap.report.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
 )
 from klgap.render.compounding_page import compounding_blocks
+from klgap.render.lead import lead_blocks
+from klgap.render.study_page import study_blocks
+from klgap.report.findings import curve_findings
 from klgap.report.summary import summary_rows
 
 N_TOP_ROWS = 10
@@ -27,15 +30,12 @@ def _where(run: SiteSummary) -> str:
     return f"{run.site} L{run.layer}"
 
 
-def _verdict(report: Report | StudyReport) -> list[Block]:
-    """The finding first: one sentence per site/layer (klgap.report.summary.SummaryRow.verdict)."""
-    sentences = [row.verdict() for row in summary_rows(report)]
-    return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
-
-
-def _summary(report: Report | StudyReport) -> list[Block]:
-    rows = [[row.where, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), row.p_text()]
-            for row in summary_rows(report)]
+def summary_blocks(report: Report | StudyReport) -> list[Block]:
+    """The key table (one row per site/layer: KL of the SAE and the baseline, their ratio, the Wilcoxon p), what
+    its numbers are, and the Holm families."""
+    joint = report.joint if isinstance(report, Report) else None  # a joint run: every site patched together
+    rows = [["joint " + " + ".join(f"{s.site} L{s.layer}" for s in joint) if joint else row.where, fmt(row.kl_sae),
+             fmt(row.kl_baseline), row.ratio_text(), row.p_text()] for row in summary_rows(report)]
     return [
         Table(["site/layer", "KL sae", f"KL {BASELINE}", "ratio [95% CI]", "Wilcoxon p"], rows),
         Para(f"Mean per-token KL(P_clean ‖ P_patched) in nats for the SAE reconstruction and for {BASELINE} "
@@ -220,10 +220,7 @@ def curve_blocks(curve: Curve | None, label: str = "") -> list[Block]:
     sae = curve.sae
     if sae is not None:
         items = [f"SAE: mean cos(x, x̂) {fmt_fixed(sae.cos_mean)}, mean ‖x̂‖/‖x‖ "
-                 f"{fmt_fixed(sae.norm_frac_mean)}, mean KL {fmt(sae.kl_mean)}"]
-        for frac, cos in curve.sae_equivalent_cos.items():
-            items.append(f"at norm {frac}·‖x‖, noise does the SAE's damage at cos {fmt_fixed(cos)}" if cos is not None
-                         else f"at norm {frac}·‖x‖, the SAE's KL lies outside the curve's range")
+                 f"{fmt_fixed(sae.norm_frac_mean)}, mean KL {fmt(sae.kl_mean)}", *curve_findings(curve)]
         blocks.append(Bullets(items))
     return blocks
 
@@ -326,6 +323,8 @@ def expectation_blocks(run_dir: Path) -> list[Block]:
 def title_of(report: Report | StudyReport) -> str:
     if isinstance(report, StudyReport):
         return f"klgap study: {report.model} · {report.mode}"
+    if report.joint is not None:
+        return f"klgap joint run: {report.model} · {' + '.join(s.hook_name for s in report.joint)} · {report.mode}"
     return f"klgap report: {report.model} · {report.hook_name or _where(report)} · {report.mode}"
 
 
@@ -334,13 +333,11 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
     from klgap.render import decomposition_page as render_decomposition
 
-    if isinstance(report, StudyReport) and report.over_training is not None:  # a study over SAE checkpoints
-        from klgap.job.checkpoint_study import training_blocks
-
-        lead = training_blocks(report)
-    else:
-        lead = [*_verdict(report), *_summary(report)]
+    lead = lead_blocks(report)  # the page's own finding (klgap/render/lead.py)
+    if not (isinstance(report, StudyReport) and report.over_training is not None):  # checkpoints: their own table
+        lead += summary_blocks(report)
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
+                           *(study_blocks(report) if isinstance(report, StudyReport) else []),
                            *render_decomposition.blocks(report)]
     if isinstance(report, Report):
         blocks += [*compounding_blocks(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),

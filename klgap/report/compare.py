@@ -66,7 +66,8 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
     """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
     from klgap.figures.curves import curves_of, ratio_bars, robustness_curve, runs_title
-    from klgap.render.blocks import Bullets, Figure, Heading, Para, Table, md_block
+    from klgap.render.blocks import Bullets, Figure, Heading, Para, Table, md_block, text_table
+    from klgap.report.findings import compare_finding
 
     if labels and len(labels) != len(run_dirs):
         raise KlgapError(f"--label was given {len(labels)} times for {len(run_dirs)} run folders; give one per folder")
@@ -95,7 +96,7 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
                                         runs_title([e.row for e in entries if e.curve is not None])))
     written += figures
     rows = [e.cells() for e in entries]
-    blocks = [Heading(1, "klgap comparison"),
+    blocks = [Heading(1, "klgap comparison"), Para(compare_finding([e.row for e in entries]), lead=True),
               Para(f"{len(entries)} runs from: {', '.join(str(d) for d in run_dirs)}. Ratios are KL(sae)/KL("
                    f"{BASELINE}) with 95% intervals that resample contexts; p is the Wilcoxon test of its own report, "
                    "with its Holm correction there (in parentheses, where its family holds more than one test). "
@@ -108,6 +109,4 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *rows])
-    return {"entries": entries, "written": written, "table_text": text}
+    return {"entries": entries, "written": written, "table_text": text_table(HEADER, rows)}

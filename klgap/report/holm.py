@@ -25,11 +25,17 @@ def family_of(baseline: str) -> str:
 
 
 def describe(family: str, size: int, n_runs: int) -> str:
-    """One line saying what a family holds: 'sae vs epsilon_random at 12 sites/layers'."""
+    """One line saying what a family of `size` tests over `n_runs` sites/layers holds: 'sae vs epsilon_random at
+    12 sites/layers'; curve points counted per site/layer: 'sae vs 1 cosine_matched curve point at each of 2
+    sites/layers', 'sae vs 11 cosine_matched curve points at 1 site/layer'."""
     where = "at 1 site/layer" if n_runs == 1 else f"at {n_runs} sites/layers"
-    if family == CURVE_FAMILY:
-        return f"sae vs each of {size} cosine_matched curve points {where}"
-    return f"sae vs {family} {where}"
+    if family != CURVE_FAMILY:
+        return f"sae vs {family} {where}"
+    if n_runs > 1 and size % n_runs:  # points not the same at every site/layer (or some without a p-value)
+        return f"sae vs {size} cosine_matched curve points over {n_runs} sites/layers"
+    per_run = size // max(n_runs, 1)
+    points = f"{per_run} cosine_matched curve point{'s' * (per_run != 1)}"
+    return f"sae vs {points} at 1 site/layer" if n_runs == 1 else f"sae vs {points} at each of {n_runs} sites/layers"
 
 
 def apply_holm(runs: Sequence[Mapping[str, Comparison]]) -> None:

@@ -43,13 +43,13 @@ EXECUTION_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_out", "resid_post")
 def gather_many(model: LoadedModel, sites: list[tuple[str, int]], contexts: Tensor, batch_size: int = 16,
                 skip_first_position: bool = True, progress: bool = False) -> dict[tuple[str, int], Tensor]:
     """Activations at several (site, layer)s from one pass over `contexts`: each ``[n_tokens d]`` float32, CPU."""
-    from tqdm.auto import tqdm
+    from klgap.job.progress import progress_bar
 
     order = sorted(range(len(sites)), key=lambda i: (sites[i][1], EXECUTION_ORDER.index(sites[i][0])))
     specs = [model.site_map(*sites[i]) for i in order]  # in the order the forward pass meets them
     first = 1 if skip_first_position else 0
     chunks: dict[tuple[str, int], list[Tensor]] = {key: [] for key in sites}
-    for start in tqdm(range(0, len(contexts), batch_size), desc="activations", disable=not progress, unit="batch"):
+    for start in progress_bar(range(0, len(contexts), batch_size), "activations", progress):
         ids = contexts[start : start + batch_size].to(model.device)
         acts = activations.collect_many(model, specs, ids)
         for i, value in zip(order, acts, strict=True):

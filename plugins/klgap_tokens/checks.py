@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, NoTokenizer
 from klgap.protocols import LoadedModel
 
 
@@ -25,6 +25,5 @@ def text_tokenizer(model: LoadedModel) -> Any:
     """The tokenizer a text source tokenizes with; KlgapError when the model has none (its tokenizer note says why,
     e.g. which files its folder lacks)."""
     if model.tokenizer is None:
-        why = model.tokenizer_note or "it has no tokenizer; use --dataset random (token ids)"
-        raise KlgapError(f"model {model.name} cannot tokenize text: {why}")
+        raise NoTokenizer(model.name, model.tokenizer_note)
     return model.tokenizer

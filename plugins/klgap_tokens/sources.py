@@ -101,8 +101,8 @@ class SampleText:
     """English prose from Python's standard-library docstrings, shipped with klgap (~440 KB)."""
 
     description = (
-        "built-in English sample (Python stdlib docstrings, ~440 KB); sample:train / sample:eval are its first "
-        "80% / last 20%; for real runs use text:PATH"
+        "English prose from the docstrings of Python's standard library, shipped with klgap (~440 KB); "
+        "sample:train / sample:eval are its first 80% / last 20%; for real runs use text:PATH"
     )
 
     def contexts(

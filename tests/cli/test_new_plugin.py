@@ -96,7 +96,8 @@ def test_every_kind_scaffolds_a_plugin_whose_own_tests_pass_uninstalled(tmp_path
         root = tmp_path / kind
         assert main(["new-plugin", f"my_{kind}", "--kind", kind, "--dir", str(root)]) == 0
         assert f"@klgap.hookimpl\ndef {hook}(register):" in (root / f"klgap_my_{kind}" / "__init__.py").read_text()
-        assert f"(tests, before or after installing: pytest {root / 'tests'})" in capsys.readouterr().out
+        assert f"[test]' && klgap plugins && pytest {root / 'tests'}   (pytest runs before installing too)" in \
+            capsys.readouterr().out
         assert f"my_{kind} = \"klgap_my_{kind}\"" in (root / "pyproject.toml").read_text()
         roots.append(root)
     env = {**os.environ, "HF_HUB_OFFLINE": "1",

@@ -163,3 +163,54 @@ def test_bad_input_raises_the_clis_errors(held):
     assert str(refused.value) == str(cli_words.value)
     with pytest.raises(KlgapError, match=r"no model adapter knows model 'object'"):
         klgap.measure(object(), sae, **RUN)
+
+
+def test_a_result_shows_itself_compares_by_value_and_names_its_held_model(held):
+    """Issue 35: a short repr and an HTML display, value equality, name= for a held model, Python's words."""
+    hf, tok, sae, _ = held
+    first = klgap.measure(hf, sae, tokenizer=tok, **RUN)
+    text = repr(first)
+    lines = text.splitlines()
+    assert lines[0] == ("klgap.Result: gpt2 · blocks.1.hook_mlp_out · all_tokens · 248 tokens (8 contexts), "
+                        "3 interventions, in memory (result.save(FOLDER) writes its folder)")
+    assert lines[1] == first.verdict() and lines[2].split() == ["site/layer", "KL", "sae", "KL", "epsilon_random",
+                                                                "ratio", "[95%", "CI]", "Wilcoxon", "p"]
+    assert lines[3].startswith("mlp_out L1") and first.ratio and f"{first.ratio.ratio:.3f}" in lines[3]
+    assert len(lines) == 5 and len(text) < 1000  # the finding and the key table, not the report
+    html = first._repr_html_()
+    assert html.startswith('<div class="klgap-result"><style>.klgap-result{') and "body{" not in html
+    assert "<h3>klgap report: gpt2 · blocks.1.hook_mlp_out · all_tokens</h3>" in html and '<p class="lead">' in html
+    assert html.count("data:image/png;base64,") == 3 and first._repr_html_() is html  # drawn once
+    # value equality: the same measurement is equal wherever it lives; a Result is not hashable (it is mutable)
+    same = klgap.Result(first.report.model_copy(deep=True), first.tokens.copy(), path=None)
+    again = klgap.measure(hf, sae, tokenizer=tok, **RUN)
+    assert first == same and first != again and first != "a result" and (first == again) is False
+    assert first.report.interventions == again.report.interventions  # the numbers agree; provenance times differ
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(first)
+    # name= names a held model in the report, its tokens and compare; unnamed twins get distinct labels
+    named = klgap.measure(hf, sae, tokenizer=tok, name="tiny-a", **RUN)
+    assert named.report.model == "tiny-a" and set(named.tokens["model"]) == {"tiny-a"}
+    assert list(klgap.compare([first, again, named])["label"]) == ["gpt2 mlp_out L1 #1", "gpt2 mlp_out L1 #2",
+                                                                   "tiny-a mlp_out L1"]
+    with pytest.raises(KlgapError, match=r"name='x' names a model object you hold; model='tiny-gpt2' is already"):
+        klgap.measure("tiny-gpt2", sae, name="x", **RUN)
+    with pytest.raises(KlgapError, match=r"name= must be a non-empty string"):
+        klgap.measure(hf, sae, tokenizer=tok, name=" ", **RUN)
+    # a held model without its tokenizer: the message names Python's arguments, not the CLI's flags
+    with pytest.raises(KlgapError) as no_tokenizer:
+        klgap.measure(hf, sae, **{**RUN, "dataset": "sample"})
+    assert str(no_tokenizer.value) == ("model gpt2 has no tokenizer, so text cannot be tokenized: pass tokenizer=..., "
+                                       "token ids as tokens=<[n_contexts context_len] LongTensor>, or dataset='random'")
+
+
+def test_old_config_keys_migrate_in_one_place():
+    from klgap.plan.config import RunConfig
+
+    with pytest.warns(DeprecationWarning, match="config key 'n_tokens' is deprecated: write tokens = 512"):
+        config = RunConfig.from_dict({"model": "tiny-gpt2", "n_tokens": 512, "prepend_bos": False})
+    assert (config.tokens, config.no_bos) == (512, True)
+    with pytest.raises(KlgapError, match="config key 'n_tokens' is the old name of 'tokens', and both are given"):
+        RunConfig.from_dict({"model": "tiny-gpt2", "n_tokens": 512, "tokens": 1024})
+    with pytest.raises(TypeError):  # the dataclass itself takes the flags' names only (README: Config files)
+        RunConfig(model="tiny-gpt2", n_tokens=512)

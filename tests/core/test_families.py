@@ -38,7 +38,7 @@ def test_a_runs_baseline_p_does_not_depend_on_the_cosine_grid():
         assert (test.p_holm, test.holm_family_size, test.holm_family) == (0.011, 1, "sae vs epsilon_random at 1 site/layer")
     curve = [c.wilcoxon_kl for n, c in fine.items() if family_of(n) == CURVE_FAMILY]
     assert [t.p_holm for t in curve] == pytest.approx(stats.holm([t.p_value for t in curve]))
-    assert {t.holm_family for t in curve} == {"sae vs each of 11 cosine_matched curve points at 1 site/layer"}
+    assert {t.holm_family for t in curve} == {"sae vs 11 cosine_matched curve points at 1 site/layer"}
 
 
 def test_a_study_corrects_each_baseline_across_its_sites_and_layers():
@@ -49,6 +49,19 @@ def test_a_study_corrects_each_baseline_across_its_sites_and_layers():
     assert runs[0]["epsilon_random"].wilcoxon_kl.holm_family == "sae vs epsilon_random at 3 sites/layers"
     curve = [c.wilcoxon_kl for r in runs for n, c in r.items() if n.startswith("cosine_matched")]
     assert {t.holm_family_size for t in curve} == {6}
+    assert {t.holm_family for t in curve} == {"sae vs 2 cosine_matched curve points at each of 3 sites/layers"}
+
+
+def test_the_curve_family_counts_points_per_site_not_their_total():
+    """1 point at each of 2 sites is 2 tests, not 'each of 2 points' (issue 35)."""
+    runs = [_run(0.01, [0.2]), _run(0.02, [0.03])]
+    apply_holm(runs)
+    test = runs[0]["cosine_matched(cos=0.5,norm_frac=0.9)"].wilcoxon_kl
+    assert (test.holm_family, test.holm_family_size) == ("sae vs 1 cosine_matched curve point at each of 2 sites/layers", 2)
+    uneven = [_run(0.01, [0.2, 0.3]), _run(0.02, [0.03])]
+    apply_holm(uneven)
+    assert uneven[1]["cosine_matched(cos=0.5,norm_frac=0.9)"].wilcoxon_kl.holm_family == (
+        "sae vs 3 cosine_matched curve points over 2 sites/layers")
 
 
 def test_missing_p_values_stay_missing_and_do_not_count():

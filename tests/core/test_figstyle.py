@@ -25,7 +25,7 @@ def test_eleven_cosines_get_eleven_colours_in_order_and_the_rest_a_colour_blind_
     curve = [colors[name] for name in COSINES]
     assert len(set(curve)) == 11 and curve == figstyle.sequential(11)  # along the map, ordered by cos
     assert (colors["sae"], colors["epsilon_random"]) == (figstyle.SAE, figstyle.BASELINE_COLOR)
-    assert [colors["theta_random"], colors["sae_norm"]] == list(figstyle.OKABE_ITO[:2])
+    assert [colors["theta_random"], colors["sae_norm"]] == list(figstyle.PALETTE[:2])
     assert figstyle.series_colors(["L0", "L1", "L2"], ordered=True) == dict(zip(["L0", "L1", "L2"], figstyle.sequential(3)))
 
 
@@ -117,3 +117,39 @@ def test_ratio_compare_is_log_and_centred_on_one_with_interval_bars(report_and_t
     assert len([c for c in ax.containers]) == 2  # an error bar per run
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
     assert 1.0 in ticks
+
+
+def test_past_eight_series_every_style_is_distinct_and_none_near_black():
+    from tests.core.figure_checks import NEAR_BLACK_L, delta_e, lab
+
+    names = ["sae", "epsilon_random", *[f"baseline_{i}" for i in range(20)], *COSINES]
+    styles = figstyle.styles_for(names)
+    assert len({(s.color, s.linestyle, s.marker, s.hatch) for s in styles.values()}) == len(names)
+    palette = [figstyle.SAE, figstyle.BASELINE_COLOR, *figstyle.PALETTE]
+    assert min(delta_e(a, b) for i, a in enumerate(palette) for b in palette[i + 1:]) >= 25
+    assert all(lab(s.color)[0] >= NEAR_BLACK_L for s in styles.values())  # no series near-black
+    ninth = styles["baseline_8"]  # the palette's first colour again, in the next line style, marker and hatch
+    assert (ninth.color, ninth.linestyle, ninth.marker, ninth.hatch) == (figstyle.PALETTE[0], "--", "o", "//")
+
+
+def test_the_figure_checks_see_what_they_are_for():
+    """figure_checks refuses two series alike, a star cut at the top edge and an axis mostly empty."""
+    from tests.core.figure_checks import assert_distinct_styles, assert_no_empty_range, assert_nothing_clipped
+
+    fig = figstyle.new_figure((6, 4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [1, 2], color="#000000", label="identity")
+    ax.plot([0, 1], [2, 3], color="#111111", label="my_noise(scale=3)")
+    with pytest.raises(AssertionError, match="look alike"):
+        assert_distinct_styles(fig)
+    fig = figstyle.new_figure((6, 4))
+    ax = fig.subplots()
+    ax.plot([0.5, 0.9], [0.1, 0.01], marker="o", label="curve")
+    ax.plot([0.8], [0.1], marker="*", markersize=16, linestyle="none", label="SAE")
+    ax.set_ylim(0.01, 0.1)  # the star's centre on the top edge: half of it cut off
+    with pytest.raises(AssertionError, match="leaves the axes"):
+        assert_nothing_clipped(fig)
+    ax.set_yscale("log")
+    ax.set_ylim(2e-5, 0.2)  # decades of nothing below the curve
+    with pytest.raises(AssertionError, match="drawn from"):
+        assert_no_empty_range(fig)
