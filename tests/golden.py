@@ -14,6 +14,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from tests.helpers import run_config
+
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 #: the summary fields of a run report that are numbers of the measurement (not provenance, paths or timings)
 NUMBER_KEYS = ("n_tokens", "n_contexts", "interventions", "kl_ratio_sae_over_epsilon_random", "comparisons",
@@ -54,23 +56,20 @@ def token_digest(folder: Path) -> dict:
 
 
 def generate(out: Path) -> dict:
-    from klgap.job import engine
     from klgap.plan.config import RunConfig
 
     sae = make_sae(out, 64, "resid_pre", 1)
     results = {}
     for name, case in CASES.items():
-        engine.run(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name, progress=False)
+        run_config(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name, progress=False)
         report = json.loads((out / name / "report.json").read_text())
         results[name] = {"report": numbers(report), "tokens": token_digest(out / name)}
     # a study: two sites of one batch loop sharing each batch's clean forward
-    from klgap.job.study import run_study
-
     for site in ("mlp_out", "resid_post"):
         make_sae(out, 64, site, 0)
     template = str(out / "{site}_L{layer}.safetensors")
-    run_study(RunConfig(**{**BASE, **CASES["all_tokens"], "sae": template}), ["mlp_out", "resid_post"], [0],
-              out / "study", progress=False)
+    run_config(RunConfig(**{**BASE, **CASES["all_tokens"], "sae": template, "site": "mlp_out,resid_post", "layer": 0}),
+               out / "study")
     study = json.loads((out / "study" / "report.json").read_text())  # the study report as written
     results["study"] = {
         "runs": [{"site": run["site"], "layer": run["layer"], **{k: run.get(k) for k in NUMBER_KEYS if k in run}}

@@ -38,3 +38,14 @@ class FakeModel:
         self.name = name
         self.sae_lens_models = sae_lens_models
         self.sae_note = sae_note
+
+
+def run_config(config, out, **options):
+    """Plan a RunConfig into its job (its shape from its site/layer lists, ``joint``, a glob of checkpoints) and run
+    it into `out`, as the CLI does without its pages: the report on top (a run's, a joint run's or a study's)."""
+    from klgap.job.execute import run_job
+    from klgap.job.plan import checkpoint_spec, plan_job
+
+    options.setdefault("progress", False)
+    checkpoints = None if config.joint else checkpoint_spec(config.sae, None)
+    return run_job(plan_job(config, checkpoints=checkpoints), out, **options)

@@ -20,7 +20,8 @@ from matplotlib.ticker import NullFormatter
 from klgap.figures.style import BASELINE_COLOR, SAE, colors_for, legend_beside, save as _save, title
 from klgap.figures.style import new_figure as _figure
 from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars, robustness_curve  # noqa: F401
-from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport, load_report
+from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport
+from klgap.report.read import load_report
 PRIMARY = ("sae", BASELINE)
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
 N_CONTEXT_PANELS = 4
@@ -379,10 +380,6 @@ def figures_for_run(
     run_dir = Path(run_dir)
     if report is None:
         report = load_report(run_dir)
-    if isinstance(report, StudyReport) and report.over_training is not None:  # the checkpoints of an SAE
-        from klgap.figures.training import over_training
-
-        return [over_training(report, run_dir / "over_training.png")]
     if isinstance(report, StudyReport):
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
         points, stars = curves_of((site_label(run), run.curve) for run in report.runs)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from klgap.cli.main import main
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
 from tests.helpers import random_sae
 

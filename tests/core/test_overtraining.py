@@ -1,4 +1,4 @@
-"""A study over an SAE's checkpoints (klgap/job/checkpoint_study.py): the same numbers as a run on each checkpoint alone,
+"""A study over an SAE's checkpoints (klgap/report/over_training.py): the same numbers as a run on each checkpoint alone,
 and its over-training section, figure and pages."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap.job import engine
 from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.sae.train import fit_sae, gather
+from tests.helpers import run_config
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
@@ -49,7 +49,7 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
     for point, run, checkpoint in zip(curve.points, study.runs, found, strict=True):
         sub = out / run.path
         assert json.loads((sub / "run.json").read_text())["execution"]["clean_forward"] == "shared by 3 sites/layers"
-        alone = engine.run(RunConfig(sae=str(checkpoint.path), **RUN), tmp_path / f"alone-{checkpoint.step}",
+        alone = run_config(RunConfig(sae=str(checkpoint.path), **RUN), tmp_path / f"alone-{checkpoint.step}",
                            progress=False)
         pd.testing.assert_frame_equal(pd.read_parquet(sub / "tokens.parquet"),
                                       pd.read_parquet(tmp_path / f"alone-{checkpoint.step}" / "tokens.parquet"))
@@ -88,7 +88,7 @@ def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_pat
 
 
 def test_checkpoint_spec_is_one_of_a_glob_or_a_folder(tmp_path):
-    from klgap.job.checkpoint_study import checkpoint_spec
+    from klgap.job.plan import checkpoint_spec
 
     assert checkpoint_spec("a/checkpoints/*", None) == "a/checkpoints/*"
     assert checkpoint_spec("a/sae", None) is None and checkpoint_spec(None, "a/sae") == "a/sae"

@@ -16,7 +16,8 @@ import pytest
 
 from klgap.figures import runs as plots
 from tests.core import whole_frame as report_mod
-from klgap.report.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
+from klgap.report.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun
+from klgap.report.read import load_report, validate_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODES = ("all_tokens", "single_token", "many_samples")
