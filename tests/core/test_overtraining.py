@@ -73,15 +73,17 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
     validate_file(out / "report.json")
 
 
-def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_path, trained, capsys):
+def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_path, trained, capsys, caplog):
     from klgap.cli.main import main
 
-    config = tmp_path / "over.toml"
-    config.write_text("\n".join([f'checkpoints = "{trained}"', 'model = "tiny-gpt2"', 'site = "mlp_out"', "layer = 1",
-                                 "tokens = 64", "context_len = 32", 'dataset = "random"', 'device = "cpu"',
-                                 'interventions = ["sae", "epsilon_random"]', f'out = "{tmp_path / "cfg"}"']))
-    assert main(["replicate", "--config", str(config), "--quiet"]) == 0
-    assert [p.step for p in load_report(tmp_path / "cfg").over_training[0].points] == [11, 21, 30]
+    lines = ['model = "tiny-gpt2"', 'site = "mlp_out"', "layer = 1", "tokens = 64", "context_len = 32",
+             'dataset = "random"', 'device = "cpu"', 'interventions = ["sae", "epsilon_random"]']
+    for key, out in (("sae_checkpoints", "cfg"), ("checkpoints", "old")):  # the old key still works, with a warning
+        config = tmp_path / f"{out}.toml"
+        config.write_text("\n".join([f'{key} = "{trained}"', *lines, f'out = "{tmp_path / out}"']))
+        assert main(["replicate", "--config", str(config), "--quiet"]) == 0
+        assert [p.step for p in load_report(tmp_path / out).over_training[0].points] == [11, 21, 30]
+    assert "config key 'checkpoints' is deprecated: write sae_checkpoints" in caplog.text
     assert main(["replicate", "--model", "tiny-gpt2", "--sae", str(tmp_path / "none" / "*"), "--out",
                  str(tmp_path / "x"), "--dataset", "random"]) == 2
     assert "matches no folder" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
         fit_sae(model, "mlp_out", 1, shifted, tmp_path / "bad", b_dec_init="median", **kw)
 
 
-def test_recipe_overrides_per_sae():
+def test_recipe_overrides_per_sae(capsys):
     """[train_sae.sites.SITE_L<layer>] tables change the recipe of one SAE; bad names and keys are refused."""
     from klgap.sae.recipes import recipe_overrides
     from klgap.errors import KlgapError
@@ -111,6 +111,11 @@ def test_recipe_overrides_per_sae():
         recipe_overrides({"sites": {"attn_24": {"l1": 10}}})
     with pytest.raises(KlgapError, match=r"unknown \[train_sae.sites.attn_out_L24\] key 'l2'.*valid: architecture, b_dec_init, l1, lr, steps, top_k"):
         recipe_overrides({"sites": {"attn_out_L24": {"l2": 10}}})
+    # train-sae's TopK latents per token are `top_k` (replicate's --k is single-token mode's); `k` still reads
+    topk = {"sites": {"mlp_out_L6": {"architecture": "topk", "top_k": 64}}}
+    assert recipe_overrides(topk) == recipe_overrides({"sites": {"mlp_out_L6": {"architecture": "topk", "k": 64}}}) == \
+        {("mlp_out", 6): {"architecture": "topk", "k": 64}}
+    assert "[train_sae.sites.mlp_out_L6] key 'k' is deprecated: write top_k = 64" in capsys.readouterr().err
 
 
 def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, load_model):
