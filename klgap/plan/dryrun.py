@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from klgap.plan.config import RunConfig
-from klgap.protocols import ModelSAENames
+from klgap.protocols import LoadedSAE, ModelSAENames
 from klgap.plan.resolve import RunPlan, SAERoute, default_sae
 
 
@@ -118,6 +118,8 @@ def _hook(route: SAERoute) -> str:
 def _sae_line(run: RunPlan, spec: str | None, found: DefaultSAE | None, names: ModelSAENames | None) -> str:
     if found is not None:
         return f"SAE {found.route.spec}{_hook(found.route)}, the default (no --sae given): {_status(found.route)}"
+    if isinstance(run.sae, LoadedSAE):  # an SAE object from Python
+        return f"SAE {run.sae.source} ({run.sae.hook_name or 'no hook name'}), held in memory"
     if not spec:
         why = ("its adapter names no sae_lens models" if names is None else "")
         return f"SAE: the default for the site, named once {run.model.name} loads" + (f" ({why})" if why else "")

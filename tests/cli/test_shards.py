@@ -88,17 +88,6 @@ def _merged_equals_unsharded(args, tmp_path) -> dict:
     return {str(path.parent): json.loads((tmp_path / "full" / path).read_text()) for path in reports}
 
 
-def test_a_sharded_joint_run_with_its_subsets_merges_into_the_unsharded_one(tmp_path, load_model):
-    lm = load_model("tiny-gpt2")
-    for site in ("resid_pre", "mlp_out", "attn_out"):
-        random_sae(tmp_path / f"{site}.safetensors", lm.d_model, 128, hook_name(site, 1), seed=3)
-    args = ["replicate", "--model", "tiny-gpt2", "--joint", "--joint-subsets", "--site", "resid_pre,attn_out,mlp_out",
-            "--layer", "1", "--sae", str(tmp_path / "{site}.safetensors"), "--dataset", "random", "--tokens", "96",
-            "--context-len", "32", "--batch-size", "1", "--interventions", "sae,epsilon_random", "--quiet"]
-    found = _merged_equals_unsharded(args, tmp_path)
-    assert len(found) == 1 + 3 + 3 and found["."]["compounding"]["subsets"]
-
-
 def test_a_sharded_study_over_checkpoints_merges_into_the_unsharded_one(tmp_path, load_model):
     import torch
 
