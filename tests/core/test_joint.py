@@ -80,6 +80,19 @@ def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast
         assert found.additivity[name].joint_over_sum.ratio == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_joint_run_drops_the_last_position_as_its_sites_do(tmp_path, load_model):
+    """--drop-last-position: the joint rows, like each site's alone, patch the last position and do not measure it
+    (one batch loop for both); with one site the joint run is the single-site run."""
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 1)])
+    kw = {"model": "tiny-gpt2", "site": "resid_pre", "sae": template, "interventions": ["sae", "epsilon_random"],
+          "drop_last_position": True}
+    _, joint_tokens = _joint(tmp_path, "joint", layer="1", **kw)
+    assert joint_tokens.position.max() == SMALL["context_len"] - 2
+    pd.testing.assert_frame_equal(joint_tokens, pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" /
+                                                                "tokens.parquet"))
+
+
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
 def test_fast_path_equals_full_forwards(tmp_path, load_model, model):
     lm = load_model(model)
