@@ -49,3 +49,14 @@ def run_config(config, out, **options):
     options.setdefault("progress", False)
     checkpoints = None if config.joint else checkpoint_spec(config.sae, None)
     return run_job(plan_job(config, checkpoints=checkpoints), out, **options)
+
+
+def checkpointed_sae(model, folder: Path, checkpoints: int = 3, steps: int = 30, n_contexts: int = 60) -> Path:
+    """An SAE trained at `model`'s mlp_out L1 on random tokens into `folder` (name it blocks.1.hook_mlp_out), saving
+    `checkpoints` checkpoints (the last the final SAE)."""
+    from klgap.sae.train import fit_sae, gather
+
+    contexts = torch.randint(0, 200, (n_contexts, 32), generator=torch.Generator().manual_seed(1))
+    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=steps, train_batch_size=256,
+            checkpoints=checkpoints, progress=False)
+    return folder

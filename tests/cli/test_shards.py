@@ -89,15 +89,10 @@ def _merged_equals_unsharded(args, tmp_path) -> dict:
 
 
 def test_a_sharded_study_over_checkpoints_merges_into_the_unsharded_one(tmp_path, load_model):
-    import torch
+    from tests.helpers import checkpointed_sae
 
-    from klgap.sae.train import fit_sae, gather
-
-    model = load_model("tiny-gpt2")
-    contexts = torch.randint(0, 200, (40, 32), generator=torch.Generator().manual_seed(1))
-    folder = tmp_path / "sae" / "blocks.1.hook_mlp_out"
-    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=20, train_batch_size=256,
-            checkpoints=2, progress=False)
+    folder = checkpointed_sae(load_model("tiny-gpt2"), tmp_path / "sae" / "blocks.1.hook_mlp_out", checkpoints=2,
+                              steps=20, n_contexts=40)
     args = ["replicate", "--model", "tiny-gpt2", "--sae", str(folder / "checkpoints" / "*"), "--dataset", "random",
             "--tokens", "96", "--context-len", "32", "--batch-size", "1", "--interventions", "sae,epsilon_random",
             "--quiet"]

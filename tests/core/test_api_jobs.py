@@ -13,7 +13,7 @@ import klgap
 from klgap.cli.main import main
 from klgap.plan.sites import hook_name
 from klgap.report.read import load_report
-from tests.helpers import random_sae
+from tests.helpers import checkpointed_sae, random_sae
 
 FLAGS = {"tokens": 128, "context_len": 32, "batch_size": 2, "dataset": "random", "device": "cpu", "seed": 2}
 ARGS = [x for key, value in FLAGS.items() for x in (f"--{key.replace('_', '-')}", str(value))]
@@ -69,14 +69,7 @@ def test_measure_sites_and_layers_makes_a_study_with_the_cli_numbers(tmp_path, s
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, load_model):
     """An SAE at tiny-gpt2 mlp_out L1 with 3 checkpoints."""
-    from klgap.sae.train import fit_sae, gather
-
-    model = load_model("tiny-gpt2")
-    contexts = torch.randint(0, 200, (40, 32), generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("trained") / "blocks.1.hook_mlp_out"
-    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=20, train_batch_size=256,
-            checkpoints=3, progress=False)
-    return folder
+    return checkpointed_sae(load_model("tiny-gpt2"), tmp_path_factory.mktemp("trained") / "blocks.1.hook_mlp_out")
 
 
 def test_a_study_over_checkpoints_from_python_equals_the_cli(tmp_path, trained):

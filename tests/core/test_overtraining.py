@@ -7,14 +7,12 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.report.read import load_report
-from klgap.sae.train import fit_sae, gather
-from tests.helpers import run_config
+from tests.helpers import checkpointed_sae, run_config
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
@@ -23,12 +21,7 @@ RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, load_model):
     """An SAE at tiny-gpt2 mlp_out L1 with 3 checkpoints (the last the final SAE)."""
-    model = load_model("tiny-gpt2")
-    contexts = torch.randint(0, 200, (60, 32), generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("saes") / "blocks.1.hook_mlp_out"
-    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=30, train_batch_size=256,
-            checkpoints=3, progress=False)
-    return folder
+    return checkpointed_sae(load_model("tiny-gpt2"), tmp_path_factory.mktemp("saes") / "blocks.1.hook_mlp_out")
 
 
 def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, trained):
