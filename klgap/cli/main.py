@@ -30,8 +30,9 @@ def request_of(args: argparse.Namespace, tag: str | None = None) -> Any:
                  "joint_subsets"):
         if getattr(args, flag, None):
             values[flag] = True
-    options: dict[str, Any] = {"out": args.out, "shard": parse_shard(args.shard) if getattr(args, "shard", None) else None,
-                               "overwrite": args.overwrite, "wait": args.wait, "dry_run": bool(getattr(args, "dry_run", False))}
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
+    options: dict[str, Any] = {"out": args.out, "shard": shard, "overwrite": args.overwrite, "wait": args.wait,
+                               "dry_run": bool(getattr(args, "dry_run", False))}
     if tag is not None:
         options["tag"] = tag
     return request_from(values, args.config, **options)

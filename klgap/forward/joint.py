@@ -47,7 +47,8 @@ class Swap(Protocol):
 
 
 @torch.no_grad()
-def clean_forward(model: LoadedModel, sites: Sequence[tuple[SiteSpec, Executor]], ids: Tensor) -> tuple[list[Tensor], Tensor]:
+def clean_forward(model: LoadedModel, sites: Sequence[tuple[SiteSpec, Executor]],
+                  ids: Tensor) -> tuple[list[Tensor], Tensor]:
     """One clean forward of ``ids [b n]`` for several sites: (each site's activation ``[b n d]``, in the order
     given, and the logits ``[b n vocab]``). A site measured by a suffix replay has its replay's state recorded
     (released by :func:`release`)."""

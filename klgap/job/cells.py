@@ -73,7 +73,8 @@ class LoadedCell:
         if not self.joint:
             return SitePatch(self.runs[0], view, batch.ids, at, seed, batch.index)
         where = at if isinstance(at, slice) else slice(at, at + 1)
-        return JointPatch(self.runs, self.executor, batch.ids, where, batch.start, seed, batch.index)  # type: ignore[arg-type]
+        return JointPatch(self.runs, self.executor, batch.ids, where, batch.start, seed,  # type: ignore[arg-type]
+                          batch.index)
 
 
 @dataclass
@@ -168,7 +169,8 @@ def load_job(job: Job) -> LoadedJob:
         whole.execution = {**execution, "sites": _sites(whole.runs)}
         for sub in (c for c in cells if c.joint and c is not whole):
             full = JointForward(model, [run.spec for run in sub.runs])
-            sub.executor = JointReplay(full, sub.runs[0].executor) if isinstance(whole.executor, JointReplay) else full  # type: ignore[arg-type]
+            replays = isinstance(whole.executor, JointReplay)
+            sub.executor = JointReplay(full, sub.runs[0].executor) if replays else full  # type: ignore[arg-type]
             sub.execution = {**whole.execution, "path": sub.executor.path, "sites": _sites(sub.runs)}
     first = runs[0]
     shares = first.config.mode == "all_tokens" and (whole is not None or (len(runs) > 1 and all(

@@ -94,9 +94,9 @@ def request_from(values: dict[str, Any], config_file: str | Path | None = None, 
         raise KlgapError("--model is required (or a --config that names one), e.g. --model smollm2-135m")
     config = RunConfig.from_dict(merged)
     out = options.pop("out", None) or extra.get("out")
+    rest = {k: v for k, v in extra.items() if k not in ("out", "train_sae", "sae_checkpoints")}
     return Request(config, out, options.pop("tag", config.mode), extra.get("train_sae"), extra.get("sae_checkpoints"),
-                   config_file, extra={k: v for k, v in extra.items() if k not in ("out", "train_sae", "sae_checkpoints")},
-                   **options)
+                   config_file, extra=rest, **options)
 
 
 def model_slug(model: str) -> str:
@@ -210,7 +210,8 @@ def run_request(request: Request, world: World = SINGLE) -> JobResult:
         return JobResult(job, plan=describe(job.config, job.plans, job.saes))
     out = Path(request.out if request.out is not None else default_out(job, request.tag))
     progress = request.progress and world.leader
-    with run_lock(out, wait=request.wait, leader=world.leader):  # one klgap process per --out until its pages are written
+    # one klgap process (one launch of ranks) per --out until its pages are written
+    with run_lock(out, wait=request.wait, leader=world.leader):
         world.connect(out)
         if request.train_sae is not None:
             world.from_leader(lambda: train_missing(job, request.train_sae or {}, progress))
@@ -259,5 +260,5 @@ def merge_shards(folders: list[Path], out: Path, overwrite: bool = False) -> tup
     return JobResult(None, out, report, pages_failure=render_job(out, kind, paths)), int(plan["n_shards"])
 
 
-__all__ = ["JobResult", "Request", "curve_request", "default_out", "merge_shards", "model_slug", "plan_request", "render_folder", "render_job",
-           "request_from", "run_request", "train_missing", "write_shard_plan"]
+__all__ = ["JobResult", "Request", "curve_request", "default_out", "merge_shards", "model_slug", "plan_request",
+           "render_folder", "render_job", "request_from", "run_request", "train_missing", "write_shard_plan"]

@@ -54,7 +54,8 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     n_ctx, ctx_len = batch.ids.shape
     first = 1 if skip_first else 0
     n_pos = ctx_len - first  # patched positions; with drop_last the last of them is not measured
-    view = SaeView.of(clean.acts[0][:, first:].reshape(n_ctx * n_pos, -1), cell.lowest.sae, cell.lowest.center, cell.split)
+    acts = clean.acts[0][:, first:].reshape(n_ctx * n_pos, -1)  # [b*npos d]
+    view = SaeView.of(acts, cell.lowest.sae, cell.lowest.center, cell.split)
     position = torch.arange(first, ctx_len).repeat(n_ctx)
     base = {"context": batch.context_ids.repeat_interleave(n_pos), "position": position,
             "token_id": batch.contexts[:, first:].reshape(-1), **view.stats, "offset": position}

@@ -11,7 +11,8 @@ sits on top:
 - ``checkpoints``:  one cell per checkpoint of an SAE at each (site, layer), in ``OUT/<site>_L<layer>/<step>/``; a
                     study report with its over-training section.
 - ``joint``:        every site patched together (``OUT/``), each alone (``OUT/single/<site>_L<layer>/``) and, with
-                    ``joint_subsets``, every subset of two or more (``OUT/subsets/<a+b>/``); the joint report compares them.
+                    ``joint_subsets``, every subset of two or more (``OUT/subsets/<a+b>/``); the joint report
+                    compares them.
 
 The batch loop (klgap/job/batches.py) runs any job on any executor; :func:`plan_job` is the one place a command
 becomes one.
@@ -109,8 +110,8 @@ def checkpoint_spec(sae: str | None, checkpoints: str | None, trains: bool = Fal
     if sae is None or not is_glob(sae):
         return None
     if trains:
-        raise KlgapError(f"--sae {sae!r} is a glob: a [train_sae] table trains the folder a `sae_checkpoints = \"DIR\"` "
-                         "key names; use that key instead of a glob")
+        raise KlgapError(f"--sae {sae!r} is a glob: a [train_sae] table trains the folder a "
+                         "`sae_checkpoints = \"DIR\"` key names; use that key instead of a glob")
     return os.path.expanduser(sae)
 
 
@@ -152,7 +153,8 @@ def plan_job(config: RunConfig, *, checkpoints: str | None = None, trains: bool 
         pending += [len(plans)] if waiting else []
         plans.append(plan)
         specs.append(spec)
-    cells = tuple(Cell(site_folder(site, layer), (i,)) for i, (site, layer) in enumerate(grid))  # type: ignore[arg-type]
+    cells = tuple(Cell(site_folder(site, layer), (i,))  # type: ignore[arg-type]
+                  for i, (site, layer) in enumerate(grid))
     return Job(config, "study", tuple(plans), cells, tuple(specs), tuple(pending))
 
 
@@ -234,13 +236,14 @@ def _joint(config: RunConfig, saes: list[str | LoadedSAE] | None, model: ModelRe
     found.sort(key=lambda item: item[0])
     plans = tuple(plan for _, plan, _, _ in found)
     n = len(plans)
-    cells = [Cell(f"{SINGLE_DIR}/{site_folder(p.site, p.layer)}", (i,)) for i, p in enumerate(plans)]  # type: ignore[arg-type]
+    cells = [Cell(f"{SINGLE_DIR}/{site_folder(p.site, p.layer)}", (i,))  # type: ignore[arg-type]
+             for i, p in enumerate(plans)]
     if config.joint_subsets:
         for size in range(2, n):
             for chosen in itertools.combinations(range(n), size):
                 subset = [plans[i] for i in chosen]
-                sub_config = dataclasses.replace(config, joint_subsets=False,
-                                                 site=",".join(dict.fromkeys(p.site for p in subset)),  # type: ignore[misc]
+                sites = ",".join(dict.fromkeys(str(p.site) for p in subset))
+                sub_config = dataclasses.replace(config, joint_subsets=False, site=sites,
                                                  layer=list(dict.fromkeys(p.layer for p in subset)))
                 cells.append(Cell(f"{SUBSETS_DIR}/{joint_name(subset)}", chosen, True, sub_config))
     cells.append(Cell(".", tuple(range(n)), True, config))

@@ -1,11 +1,11 @@
 """`--dry-run`: what a command or replication file would run and need, offline.
 
 Every (site, layer) of the command is resolved by the job's planning (klgap.job.plan.plan_job), the same
-resolution a real run uses (names, parameters, SAE routing and the loader's ``check``: hook name against site and layer, hub repo),
-and nothing is loaded. Without ``--sae`` the default SAE is named as a run would pick it, from what the model's
-adapter declares before loading (:class:`klgap.protocols.PretrainedSAEAdapter`). What would need the network is
-listed (model, SAE weights, dataset), and an SAE trained on another model than the one asked for is a warning,
-so a user knows before a long job fails or measures the wrong thing.
+resolution a real run uses (names, parameters, SAE routing and the loader's ``check``: hook name against site and
+layer, hub repo), and nothing is loaded. Without ``--sae`` the default SAE is named as a run would pick it, from
+what the model's adapter declares before loading (:class:`klgap.protocols.PretrainedSAEAdapter`). What would need
+the network is listed (model, SAE weights, dataset), and an SAE trained on another model than the one asked for is
+a warning, so a user knows before a long job fails or measures the wrong thing.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from klgap.render.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Pa
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
 from klgap.job.folder import atomic_write_bytes
 from klgap.report.read import load_report
-from klgap.report.schema import BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport
+from klgap.report.schema import (
+    BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport,
+)
 from klgap.report.sections import present
 from klgap.report.summary import summary_rows
 
@@ -329,7 +331,8 @@ def title_of(report: Report | StudyReport) -> str:
 def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
     """The report as blocks, in reading order: the verdict, the key table, then notes, what was run, the details
     (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
-    found = [(section, section.blocks(report) if section.blocks is not None else []) for _, section, _ in present(report)]
+    found = [(section, section.blocks(report) if section.blocks is not None else [])
+             for _, section, _ in present(report)]
     leads = [block for section, blocks in found if section.lead for block in blocks]  # e.g. a study over checkpoints
     lead = leads or [*_verdict(report), *_summary(report)]
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),

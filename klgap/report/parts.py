@@ -179,4 +179,5 @@ class ContextSums:
         return frame.sort_index(kind="stable")
 
 
-__all__ = ["ContextSums", "Growing", "Parts", "Rows", "as_rows", "n_rows", "part_context_sums", "read_columns", "takes_reduceat"]
+__all__ = ["ContextSums", "Growing", "Parts", "Rows", "as_rows", "n_rows", "part_context_sums", "read_columns",
+           "takes_reduceat"]
