@@ -113,7 +113,7 @@ def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> Report:
             for name, rows in measured.groupby("intervention", sort=False)}}
     if mode == "many_samples":
         report["many_samples"] = report_mod.many_samples_summary(tokens, "epsilon_random")
-    return validate_report(report_mod._clean(report), source="synthetic report")
+    return validate_report(report_mod.plain(report), source="synthetic report")
 
 
 def make_study(reports: list[Report]) -> StudyReport:
