@@ -30,15 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from klgap.forward import activations
-
-from klgap.job import engine
-
-from klgap.forward import executors
-
-from klgap.forward import metrics
-
-from klgap.job import modes
+from klgap.forward import activations, executors, metrics
+from klgap.job import loading
+from klgap.job.batches import measure_batch
+from klgap.job.cells import LoadedJob
+from klgap.job.view import SaeView, generator_for
+from klgap.plan.resolve import pick_device
 from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig
 from klgap.plugins.manager import registry
 from klgap.sae.train import train_sae
@@ -66,23 +63,24 @@ def timed_naive(fn, *args) -> tuple[float, pd.DataFrame]:
     return time.perf_counter() - start - UNTIMED[0], frame
 
 
-def timed_engine(prep: engine.Loaded) -> tuple[float, pd.DataFrame]:
+def timed_engine(prep: loading.Loaded) -> tuple[float, pd.DataFrame]:
     """Seconds of measure_batch over every batch, and the per-token records."""
     frames = []
+    job = LoadedJob.of_run(prep)
     start = time.perf_counter()
-    for index in range(-(-len(prep.contexts) // prep.config.batch_size)):
-        frames.append(modes.measure_batch(prep, index)[0])
+    for index in range(job.n_batches):
+        frames.extend(frame for frame, _ in measure_batch(job, index, job.cells))
     return time.perf_counter() - start, pd.concat(frames, ignore_index=True)
 
 
-def _batches(prep: engine.Loaded):
+def _batches(prep: loading.Loaded):
     size = prep.config.batch_size
     for index in range(-(-len(prep.contexts) // size)):
         yield index, torch.arange(index * size, min((index + 1) * size, len(prep.contexts)))
 
 
 @torch.no_grad()
-def naive_all_tokens(prep: engine.Loaded) -> pd.DataFrame:
+def naive_all_tokens(prep: loading.Loaded) -> pd.DataFrame:
     cfg, model = prep.config, prep.model
     first = 1 if cfg.skip_first_position else 0
     rows = []
@@ -91,8 +89,8 @@ def naive_all_tokens(prep: engine.Loaded) -> pd.DataFrame:
         n_ctx, n_pos = ids.shape[0], ids.shape[1] - first
         for j, (name, perturbation) in enumerate((i.name, i.perturbation) for i in prep.interventions):
             acts, clean = activations.run_clean(model, prep.spec, ids)  # the clean forward, repeated
-            view = modes.SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
-            x_prime = view.substitute(perturbation, modes.generator_for(model.device, cfg.seed, index, j), model.dtype)
+            view = SaeView.of(acts[:, first:].reshape(n_ctx * n_pos, -1), prep.sae, prep.center)
+            x_prime = view.substitute(perturbation, generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime.reshape(n_ctx, n_pos, -1), positions=slice(first, None))
             kl = reference_kl(clean, patched)[:, first:].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(n_pos).numpy(),
@@ -102,7 +100,7 @@ def naive_all_tokens(prep: engine.Loaded) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def naive_single_token(prep: engine.Loaded) -> pd.DataFrame:
+def naive_single_token(prep: loading.Loaded) -> pd.DataFrame:
     cfg, model = prep.config, prep.model
     t, k = cfg.position, cfg.k
     rows = []
@@ -110,8 +108,8 @@ def naive_single_token(prep: engine.Loaded) -> pd.DataFrame:
         ids = prep.contexts[context_ids].to(model.device)  # the whole context
         for j, (name, perturbation) in enumerate((i.name, i.perturbation) for i in prep.interventions):
             acts, clean = activations.run_clean(model, prep.spec, ids)
-            view = modes.SaeView.of(acts[:, t], prep.sae, prep.center)
-            x_prime = view.substitute(perturbation, modes.generator_for(model.device, cfg.seed, index, j), model.dtype)
+            view = SaeView.of(acts[:, t], prep.sae, prep.center)
+            x_prime = view.substitute(perturbation, generator_for(model.device, cfg.seed, index, j), model.dtype)
             patched = activations.run_patched(model, prep.spec, ids, x_prime, positions=t)
             kl = reference_kl(clean, patched)[:, t : t + k + 1].cpu()
             rows.append(pd.DataFrame({"intervention": name, "context": context_ids.repeat_interleave(k + 1).numpy(),
@@ -121,7 +119,7 @@ def naive_single_token(prep: engine.Loaded) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def naive_many_samples(prep: engine.Loaded, n_naive: int) -> pd.DataFrame:
+def naive_many_samples(prep: loading.Loaded, n_naive: int) -> pd.DataFrame:
     """The first `n_naive` draws of each context (the engine's own draws), a clean + a patched forward each."""
     cfg, model = prep.config, prep.model
     t, n_draws = cfg.position, cfg.n_samples
@@ -129,10 +127,10 @@ def naive_many_samples(prep: engine.Loaded, n_naive: int) -> pd.DataFrame:
     for index, context_ids in _batches(prep):
         ids = prep.contexts[context_ids].to(model.device)
         acts, _ = activations.run_clean(model, prep.spec, ids)
-        view = modes.SaeView.of(acts[:, t], prep.sae, prep.center)
+        view = SaeView.of(acts[:, t], prep.sae, prep.center)
         draws = []
         for j in range(len(ids)):  # the engine's draws: same generator keys, same order
-            gen = modes.generator_for(model.device, cfg.seed, index, len(prep.interventions), j)
+            gen = generator_for(model.device, cfg.seed, index, len(prep.interventions), j)
             x = view.x[j : j + 1].expand(n_draws, -1)
             x_hat = view.x_hat[j : j + 1].expand(n_draws, -1)
             draws.append(prep.sample.perturbation(x, x_hat, gen).float() + view.offset[j])
@@ -153,7 +151,7 @@ def max_diff(fast: pd.DataFrame, naive: pd.DataFrame) -> float:
     return float((joined.kl_fast - joined.kl_naive).abs().max())
 
 
-def floor_seconds(prep: engine.Loaded, repeats: int = 3) -> float:
+def floor_seconds(prep: loading.Loaded, repeats: int = 3) -> float:
     """One clean forward + n × suffix for one batch, best of `repeats`, times the number of batches."""
     runner = prep.executor.runner  # the suffix replay's SuffixRunner
     ids = prep.contexts[: prep.config.batch_size].to(prep.model.device)
@@ -188,13 +186,13 @@ def main() -> None:
     parser.add_argument("--cpu-stack-bytes", type=int, default=1 << 30,
                         help="on CPU, also time the engine stacking interventions within this memory budget")
     args = parser.parse_args()
-    modes = args.modes.split(",")
+    chosen = args.modes.split(",")
 
     results: dict[str, float] = {}
     diffs = []
     with TemporaryDirectory() as tmp:
-        device = engine.pick_device(args.device)
-        model = engine.load_model(args.model, device, torch.float32)
+        device = pick_device(args.device)
+        model = loading.load_model(args.model, device, torch.float32)
         contexts = registry("token_source").get("random").contexts(model, 64, 64, 1, True, None)
         sae_dir = Path(tmp) / "sae"
         train_sae(model, args.site, args.layer, contexts, sae_dir, steps=20, train_batch_size=256, progress=False)
@@ -203,8 +201,8 @@ def main() -> None:
                     device=args.device, dataset="random", interventions=interventions)
         print(f"model {args.model} {args.site} L{args.layer} on {device}, {len(interventions)} interventions")
 
-        if "all_tokens" in modes:
-            prep = engine.prepare(RunConfig(**base, tokens=args.tokens))
+        if "all_tokens" in chosen:
+            prep = loading.prepare(RunConfig(**base, tokens=args.tokens))
             naive_s, naive = timed_naive(naive_all_tokens, prep)
             fast_s, fast = timed_engine(prep)
             floor_s = floor_seconds(prep)
@@ -232,8 +230,8 @@ def main() -> None:
                       f"{unstacked_s:.2f} s: stacking x{unstacked_s / stacked_s:.2f}")
             prep.executor.stack = default_stack
 
-        if "single_token" in modes:
-            prep = engine.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
+        if "single_token" in chosen:
+            prep = loading.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
             naive_s, naive = timed_naive(naive_single_token, prep)
             fast_s, fast = timed_engine(prep)
             diffs.append(max_diff(fast, naive))
@@ -242,11 +240,11 @@ def main() -> None:
             print(f"single_token ({n} contexts, t={args.position}, k={args.k}, {prep.execution['path']}): naive {naive_s:.2f} s, "
                   f"engine {fast_s:.2f} s; speed-up {naive_s / fast_s:.2f}x, max |dKL| {diffs[-1]:.1e}")
 
-        if "many_samples" in modes:
+        if "many_samples" in chosen:
             cfg = RunConfig(**{**base, "interventions": ["sae"], "batch_size": args.draw_contexts},
                             tokens=args.draw_contexts * args.context_len, mode="many_samples",
                             position=args.position, n_samples=args.draws)
-            prep = engine.prepare(cfg)
+            prep = loading.prepare(cfg)
             n_naive = min(args.naive_draws, args.draws)
             naive_s, naive = timed_naive(naive_many_samples, prep, n_naive)
             naive_s *= args.draws / n_naive

@@ -1,4 +1,4 @@
-"""A joint run's fast path (klgap/job/joint.py: the lowest site's suffix replay, higher sites patched by hooks) against
+"""A joint run's fast path (klgap/forward/joint.py: the lowest site's suffix replay, higher sites patched by hooks) against
 its full forwards, on the same tokens and draws: seconds per batch of the joint rows and of each site alone.
 
 Random ReLU SAEs (d_sae = 4 × d_in) stand in for trained ones: the timing does not depend on what they learned.
@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from klgap.job.batches import measure_batch
+from klgap.job.cells import load_job
+from klgap.job.plan import plan_job
 from klgap.plan.config import RunConfig
-from klgap.job.joint import load_joint
-from klgap.job.joint_modes import measure_batch
-from klgap.plugins.manager import registry
-from klgap.plan.resolve import resolve
-from klgap.sae.file import save_safetensors_sae
 from klgap.plan.sites import hook_name
+from klgap.plugins.manager import registry
+from klgap.sae.file import save_safetensors_sae
 
 
 def random_saes(folder: Path, model: str, cells: list[tuple[str, int]]) -> str:
@@ -40,10 +40,11 @@ def random_saes(folder: Path, model: str, cells: list[tuple[str, int]]) -> str:
 
 
 def timed(config: RunConfig) -> tuple[float, pd.DataFrame, str]:
-    joint = load_joint(resolve(config))
+    job = load_job(plan_job(config))
+    joint = job.cells[-1]  # the job's own cell, every site patched (after each site alone)
     start, frames = time.perf_counter(), []
-    for index in range(joint.n_batches):
-        frames.append(measure_batch(joint, index).joint[0])
+    for index in range(job.n_batches):
+        frames.append(list(measure_batch(job, index, job.cells))[-1][0])
     return time.perf_counter() - start, pd.concat(frames, ignore_index=True), joint.execution["path"]
 
 

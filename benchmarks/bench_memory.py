@@ -3,7 +3,7 @@ sizes, the report built from each folder in a fresh process (klgap.report.build.
 
 Measuring streams per-batch parts to disk, so its memory does not depend on the number of tokens; this measures
 the other half, reducing the parts to what the report holds. No model: the parts are written directly, with the
-columns, dtypes and row layout `klgap/job/engine.py` gives them (`_table`, one block of rows per intervention, written
+columns, dtypes and row layout `klgap/job/modes.py` gives them (`table`, one block of rows per intervention, written
 by `RunDir.write_part`), KL log-normal, token ids Zipf-distributed over a GPT-2-sized vocabulary. Each size's parts
 are written by one subprocess and read by another, which reports its own peak RSS (ru_maxrss). The last line is
 machine-readable:
@@ -55,7 +55,7 @@ for index in range(-(-n_contexts // batch_size)):
             "sum_sq_err": float(n * d * 0.3)}
     rundir.write_part(index, pd.concat(frames, ignore_index=True), side)
 
-# run.json, as engine.open_run writes it (what the report needs besides the parts)
+# run.json, as the batch loop writes it when a job opens (klgap/job/batches.py) (what the report needs besides the parts)
 from klgap.report.provenance import provenance
 from klgap.job.record import InterventionRef, RunRecord, write_record
 from klgap.report.schema import SCHEMA_VERSION, ModuleRef, PluginRef, SAEInfo

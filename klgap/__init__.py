@@ -6,8 +6,9 @@ From Python (a notebook holding a model and an SAE)::
     result = klgap.measure(model, sae, tokens=4096)      # -> klgap.Result
     result.ratio, result.summary(), result.plot("kl_bars"), result.report, result.tokens
 
-``measure``, ``curve``, ``compare``, ``train_sae``, ``load_run``, ``Result``, ``Report``, ``StudyReport`` and
-``RunConfig`` are imported on first use, so ``import klgap`` (which every plugin does) stays light. Plugins use
+``run`` (``klgap replicate --config FILE`` from Python), ``measure``, ``curve``, ``compare``, ``train_sae``,
+``load_run``, ``load_result``, ``Result``, ``StudyResult``, ``Report``, ``StudyReport`` and ``RunConfig`` are
+imported on first use, so ``import klgap`` (which every plugin does) stays light. Plugins use
 ``klgap.hookimpl`` and raise ``klgap.KlgapError``; the protocol types they implement or return (``LoadedModel``,
 ``LoadedSAE``, ``SiteSpec``, ``SAECheck``, ``Perturbation``, ``TokenSource``, ...; :mod:`klgap.protocols`) are
 importable from ``klgap`` too, on first use.
@@ -28,8 +29,10 @@ from klgap.hookspecs import hookimpl  # noqa: E402  (plugins write `@klgap.hooki
 #: public name -> the module that defines it (imported when first asked for)
 _LAZY = {
     "measure": "klgap.api", "curve": "klgap.api", "compare": "klgap.api", "train_sae": "klgap.api",
-    "load_run": "klgap.api", "Result": "klgap.api",
+    "load_run": "klgap.api", "load_result": "klgap.api", "run": "klgap.api", "Result": "klgap.api",
+    "StudyResult": "klgap.api",
     "Report": "klgap.report.schema", "StudyReport": "klgap.report.schema", "RunConfig": "klgap.plan.config",
+    "ReportSection": "klgap.report.sections",
     # what a plugin implements or returns (klgap.protocols)
     **{name: "klgap.protocols" for name in (
         "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",

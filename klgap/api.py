@@ -18,16 +18,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from klgap.plan.config import RunConfig, split_interventions
 from klgap.errors import KlgapError, NoTokenizer
-from klgap.plugins.manager import ModelRef, get_host
-from klgap.protocols import LoadedModel, LoadedSAE
-from klgap.report.schema import BASELINE, RatioCI, Report, load_report
+from klgap.plan.config import RunConfig
+from klgap.plan.specs import split_interventions
+from klgap.report.schema import BASELINE, RatioCI, Report, StudyReport
+from klgap.report.read import load_report
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
-    from torch import Tensor
+
+    from klgap.job.command import JobResult
+    from klgap.plan.dryrun import DryRun
 
 T = TypeVar("T")
 PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples", "robustness")
@@ -193,116 +195,29 @@ def load_run(folder: str | Path) -> Result:
     return Result(report, tokens, folder)
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def _model_ref(model: Any, tokenizer: Any, name: str | None = None) -> tuple[str, ModelRef | None]:
-    """A model name for the config, and for an object the ModelRef that carries it: named `name`, else what its
-    adapter calls it (a transformers model: its ``config.name_or_path``, else its ``model_type``)."""
-    if isinstance(model, (str, Path)):
-        if name is not None:
-            raise KlgapError(f"name={name!r} names a model object you hold; model={str(model)!r} is already a name")
-        return str(model), None
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise KlgapError(f"name= must be a non-empty string (the model's name in reports and compare), got {name!r}")
-    loaded = get_host().pm.hook.wrap_model(model=model, tokenizer=tokenizer)
-    if loaded is None:
-        config = getattr(model, "config", None)
-        kind = getattr(config, "model_type", None) or type(model).__name__
-        raise KlgapError(f"no model adapter knows model {kind!r}: pass a transformers causal LM, an nnsight "
-                         "LanguageModel wrapping one, or a model name / hub repo id / folder (see `klgap plugins`)")
-    if name is not None:
-        loaded = replace(loaded, name=name.strip())
-    return loaded.name, ModelRef(loaded.name, HeldModel(loaded), "python")
-
-
 @dataclass
-class HeldModel:
-    """A model the caller holds, as an adapter: ``load`` hands it back where it is (no copy)."""
+class StudyResult:
+    """Several measurements of one command (sites, layers, SAEs or checkpoints): the study report and each run's
+    Result, in the study's order; ``tokens`` stacks their per-token tables (labelled by model, site, layer, sae)."""
 
-    loaded: LoadedModel
-    description: str = "a model object held by the caller (klgap.measure)"
+    report: StudyReport
+    runs: list[Result]
+    path: Path | None = None
 
-    def placement(self) -> dict[str, str]:
-        """The device and dtype flags of where the model is (a held model runs, and gathers, where it is)."""
-        return {"device": str(self.loaded.device), "dtype": str(self.loaded.dtype).removeprefix("torch.")}
+    @property
+    def tokens(self) -> pd.DataFrame:
+        import pandas as pd
 
-    def load(self, device: Any, dtype: Any) -> LoadedModel:
-        if (str(device), dtype) != (str(self.loaded.device), self.loaded.dtype):
-            raise KlgapError(f"the model is on {self.loaded.device} in {self.loaded.dtype}, but device={device} "
-                             f"dtype={dtype} was asked for; move it first (model.to(...)) or leave device/dtype out")
-        return self.loaded
+        return pd.concat([run.tokens for run in self.runs], ignore_index=True)
 
 
-def _sae_object(sae: Any, device: Any) -> LoadedSAE:
-    """An SAE object as a LoadedSAE: through a plugin (sae_lens SAEs), else any module with encode/decode."""
-    import torch
-
-    loaded = get_host().pm.hook.wrap_sae(sae=sae, device=device)
-    if loaded is not None:
-        return loaded
-    if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
-        raise KlgapError(f"sae={type(sae).__name__} is neither an SAE spec (str), a sae_lens SAE, nor an object "
-                         "with encode(x) and decode(features)")
-    if isinstance(sae, torch.nn.Module):
-        sae = sae.to(device=device, dtype=torch.float32).eval()
-    cfg = getattr(sae, "cfg", None)
-    hook = getattr(cfg, "hook_name", None) or getattr(getattr(cfg, "metadata", None), "hook_name", None)
-    d_in = getattr(cfg, "d_in", None)
-    if d_in is None:
-        w_dec = getattr(sae, "W_dec", None)
-        d_in = w_dec.shape[-1] if w_dec is not None else None
-    if d_in is None:
-        raise KlgapError(f"cannot tell the width of SAE {type(sae).__name__}: give it cfg.d_in or a W_dec [d_sae d_in]")
-    with torch.no_grad():
-        d_sae = int(sae.encode(torch.zeros(1, int(d_in), device=device)).shape[-1])
-    return LoadedSAE(module=sae, d_in=int(d_in), d_sae=d_sae, hook_name=hook,
-                     source=f"in memory: {type(sae).__name__}", architecture=type(sae).__name__,
-                     info={"in_memory": True})
-
-
-@dataclass
-class GivenTokens:
-    """Token ids the caller handed over, ``[n_contexts context_len]``: used as they are."""
-
-    ids: Tensor
-    description: str = "token ids given to klgap.measure"
-
-    def contexts(self, model: Any, n_contexts: int, context_len: int, seed: int, prepend_bos: bool,
-                 arg: str | None) -> Tensor:
-        return self.ids
-
-
-def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: int, prepend_bos: bool,
-               plan_device: str, dtype: str) -> Tensor:
-    """Texts (a list of strings, or a datasets.Dataset with a text column) -> contexts packed with the model's
-    tokenizer (BOS first), in order; every full context is kept."""
-    import torch
-
-    from klgap.job.packing import pack, tokenize_documents
-
-    texts = tokens
-    if hasattr(tokens, "column_names"):  # a datasets.Dataset
-        columns = [c for c in tokens.column_names if c == "text"] or [
-            c for c in tokens.column_names if isinstance(tokens[0][c], str)]
-        if not columns:
-            raise KlgapError(f"the dataset has no text column (columns: {', '.join(tokens.column_names)})")
-        texts = tokens[columns[0]]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise KlgapError("tokens= as texts must be a non-empty list of strings (or a datasets.Dataset with a text column)")
-    if isinstance(model, ModelRef):
-        loaded = model.adapter.loaded
-    else:
-        from klgap.job.loading import load_model
-        from klgap.plan.resolve import pick_device
-
-        loaded = load_model(model, pick_device(plan_device), getattr(torch, dtype))
-    if loaded.tokenizer is None:
-        raise KlgapError("tokens= as texts needs the model's tokenizer: pass tokenizer=..., or token ids")
-    ids = tokenize_documents(loaded.tokenizer, list(texts))
-    bos = loaded.bos_token_id if prepend_bos else None
-    n = ids.numel() // (context_len - (bos is not None))
-    return pack(ids, max(n, 1), context_len, bos, None, "the texts given to klgap.measure")
+def load_result(folder: str | Path) -> Result | StudyResult:
+    """A saved run or study folder as a Result, or a StudyResult with each run's."""
+    folder = Path(folder)
+    report = load_report(folder)
+    if isinstance(report, Report):
+        return load_run(folder)
+    return StudyResult(report, [load_run(folder / run.path) for run in report.runs], folder)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -322,36 +237,49 @@ def in_python_words(function: Callable[..., T]) -> Callable[..., T]:
 
 
 @in_python_words
-def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None, layer: int | list[int] | None = None,
-            mode: str = "all_tokens", interventions: str | list[str] | None = None, seed: int = 0,
-            dataset: str | None = None, tokenizer: Any = None, name: str | None = None, out: str | Path | None = None,
-            overwrite: bool = False, progress: bool = True, **options: Any) -> Result:
-    """Measure the KL gap of `sae` on `model` (what ``klgap replicate`` does), returning a :class:`Result`.
+def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] | None = None,
+            layer: int | str | list[int] | None = None, mode: str = "all_tokens",
+            interventions: str | list[str] | None = None, seed: int = 0, dataset: str | None = None,
+            tokenizer: Any = None, name: str | None = None, out: str | Path | None = None, overwrite: bool = False,
+            progress: bool = True, checkpoints: str | Path | None = None, dry_run: bool = False,
+            **options: Any) -> Result | StudyResult | DryRun:
+    """Measure the KL gap of `sae` on `model` (what ``klgap replicate`` does): a :class:`Result` for one site or
+    a joint run, a :class:`StudyResult` for several sites, layers, SAEs or checkpoints.
 
     model:  a registered name, hub repo id or local folder (as ``--model``); or a ``transformers`` causal LM
             (tokenizer= optional) or an nnsight ``LanguageModel`` wrapping one: its sites are found by the same
             adapters the CLI uses, and it stays on its device and dtype.
     name:   a held model's name in the report, its tokens table and compare (default: its config.name_or_path,
             else its model_type; give one to tell two held models apart).
-    sae:    a spec string (as ``--sae``), a sae_lens ``SAE``, or any module with ``encode``/``decode`` (its
-            ``cfg.hook_name`` / ``cfg.metadata.hook_name`` names the site; else give site= and layer=).
+    sae:    a spec string (as ``--sae``; {site}/{layer} in it for several sites/layers; a glob measures every
+            checkpoint it matches), a sae_lens ``SAE`` or any module with ``encode``/``decode`` (its
+            ``cfg.hook_name`` / ``cfg.metadata.hook_name`` names the site; else give site= and layer=), or a list
+            of these: one run each (seeds, sweep members), or with ``joint=True`` one per (site, layer).
+    site, layer: one, or lists (``layer=[3, 10]``, ``"0-5"``): one run per (site, layer), a study report over them.
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
             of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
             ``klgap report`` / ``merge`` / ``compare`` read it).
+    checkpoints: an SAE folder trained with checkpoints (``klgap train-sae --checkpoints N``): every checkpoint
+            measured on the same tokens, the study's over-training section.
+    dry_run: resolve and check everything, load nothing; returns what would run (klgap.plan.dryrun.DryRun).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
-            device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets.
+            device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets,
+            fit_tokens.
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
-            each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAE objects in that order; each
-            site is also measured alone, and ``result.report.compounding`` compares them (klgap/job/joint.py).
+            each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAEs in that order; each site is
+            also measured alone, and ``result.report.compounding`` compares them (klgap/job/plan.py).
     """
     import torch
 
-    from klgap.job import engine
-    from klgap.plan.resolve import TokenSourceRef, pick_device, resolve
+    from klgap.job.plan import checkpoint_spec, plan_job
+    from klgap.plan.resolve import TokenSourceRef, pick_device
+    from klgap.plugins.held import GivenTokens, model_ref, sae_object, token_ids
 
-    name, ref = _model_ref(model, tokenizer, name)
-    values: dict[str, Any] = {"model": name, "site": site, "layer": layer, "mode": mode, "seed": seed, **options}
+    name, ref = model_ref(model, tokenizer, name)
+    values: dict[str, Any] = {"model": name, "site": ",".join(site) if isinstance(site, (list, tuple)) else site,
+                              "layer": list(layer) if isinstance(layer, tuple) else layer, "mode": mode, "seed": seed,
+                              **options}
     if ref is not None:  # a held model runs where it is
         values = {**ref.adapter.placement(), **values}
     if interventions is not None:
@@ -371,29 +299,72 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
                                  f"{tuple(tokens.shape)} {tokens.dtype}")
             ids = tokens.long().cpu()
         else:
-            ids = _token_ids(tokens, ref or name, config.context_len, config.prepend_bos, config.device, config.dtype)
+            ids = token_ids(tokens, ref or name, config.context_len, config.prepend_bos, config.device, config.dtype)
         values.update(tokens=int(ids.numel()), context_len=int(ids.shape[1]))
         given = TokenSourceRef("given", f"{ids.shape[0]}x{ids.shape[1]} token ids", "python", GivenTokens(ids))
         values["dataset"] = f"given:{ids.shape[0]}x{ids.shape[1]}"
     config = RunConfig.from_dict(values)
-    if isinstance(sae, (list, tuple)):  # joint=True: one SAE object per (site, layer)
-        if not config.joint:
-            raise KlgapError(f"sae= is a list of {len(sae)} SAEs; pass joint=True to patch them together, or one SAE")
-        sae_obj = [_sae_object(s, pick_device(config.device)) for s in sae]
-    else:
-        sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
-    plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
+    saes = None
+    if isinstance(sae, (list, tuple)):  # one per (site, layer) of a joint run, else one run each
+        saes = [str(s) if isinstance(s, (str, Path)) else sae_object(s, pick_device(config.device)) for s in sae]
+    elif sae is not None and not isinstance(sae, (str, Path)):
+        saes = [sae_object(sae, pick_device(config.device))]
+    spec = None if config.joint else checkpoint_spec(config.sae, str(checkpoints) if checkpoints else None)
+    job = plan_job(config, checkpoints=spec, saes=saes, model=ref, tokens=given)
+    if dry_run:
+        from klgap.plan.dryrun import describe
+
+        return describe(job.config, job.plans, job.saes)
+    return _run(job, out, overwrite, progress)
+
+
+def _run(job: Any, out: str | Path | None, overwrite: bool, progress: bool) -> Result | StudyResult:
+    """Run a job into `out` (under its lock, as the CLI), or into a temporary folder left behind empty."""
+    from klgap.job.execute import run_job
+
     if out is not None:
         from klgap.job.lock import run_lock
 
         with run_lock(out):  # as the CLI: a second process writing `out` is refused, naming this one
-            engine.run(plan, out, overwrite=overwrite, progress=progress)
-        return load_run(out)
+            run_job(job, out, overwrite=overwrite, progress=progress)
+        return load_result(out)
     with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:
-        engine.run(plan, Path(tmp) / "run", progress=progress)
-        result = load_run(Path(tmp) / "run")
+        run_job(job, Path(tmp) / "run", progress=progress)
+        result = load_result(Path(tmp) / "run")
     result.path = None
+    if isinstance(result, StudyResult):
+        for run in result.runs:
+            run.path = None
     return result
+
+
+def run(config: str | Path | RunConfig, *, out: str | Path | None = None, command: str | None = None,
+        shard: tuple[int, int] | str | None = None, overwrite: bool = False, progress: bool = True,
+        wait: bool = False, dry_run: bool = False) -> JobResult:
+    """``klgap replicate --config FILE`` from Python (``klgap curve`` for a file that holds a ``cos`` grid, or
+    ``command="curve"``): resolve, train the SAEs its ``[train_sae]`` table makes that are missing, lock the
+    folder, run, check expected.json beside the file, write the pages and figures. Returns a
+    :class:`klgap.job.command.JobResult` (its ``report``, ``out``, ``check``; ``plan`` for a dry run).
+
+    config: a replication file (TOML or JSON), or a :class:`RunConfig`. out: its folder (default: the file's
+    ``out``, else ``runs/...``). shard: ``(i, n)`` or ``"i/n"``, as ``--shard``."""
+    from klgap.job.command import Request, curve_request, request_from, run_request
+    from klgap.job.distributed import read_world
+    from klgap.job.shards import parse_shard
+
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    options: dict[str, Any] = {"out": out, "shard": shard, "overwrite": overwrite, "progress": progress,
+                               "wait": wait, "dry_run": dry_run}
+    if isinstance(config, RunConfig):
+        request = Request(config, tag=config.mode, **options)
+    else:
+        request = request_from({}, config, **options)
+    if command not in (None, "replicate", "curve"):
+        raise KlgapError(f"command={command!r}: klgap.run runs replicate or curve")
+    if command == "curve" or (command is None and {"cos", "norm_frac"} & set(request.extra)):
+        request = curve_request(request)
+    return run_request(request, read_world())
 
 
 def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | float = "0.9",
@@ -445,12 +416,13 @@ def train_sae(model: Any, site: str | list[str], layer: int | str | list[int], o
     (trained on where it is)."""
     import pandas as pd
 
+    from klgap.plugins.held import model_ref
     from klgap.sae.train import train_saes
 
-    name, ref = _model_ref(model, tokenizer)
+    name, ref = model_ref(model, tokenizer)
     if ref is not None:  # a held model gathers where it is
         flags = {**ref.adapter.placement(), **flags}
     return pd.DataFrame(train_saes(ref or name, site, layer, out, **flags))
 
 
-__all__ = ["Result", "compare", "curve", "load_run", "measure", "train_sae"]
+__all__ = ["Result", "StudyResult", "compare", "curve", "load_result", "load_run", "measure", "run", "train_sae"]

@@ -129,6 +129,24 @@ def resolve_model_adapter(spec: str) -> ModelAdapter | None:
     """
 
 
+@hookspec
+def register_report_sections(register: Register) -> None:
+    """Register report sections (:class:`klgap.report.sections.ReportSection`) under their report.json key.
+
+    :param register: ``register(key, section, description=None)``. The key is the field the section adds to the
+        report (a site's section to each study row as well); the section says its level (``site``, ``run``,
+        ``study``), how it is built from a folder's files alone (``build``, None where a report has none), its
+        page blocks, figures, captions and console lines. Sections appear in registration order.
+
+    Example::
+
+        @klgap.hookimpl
+        def register_report_sections(register):
+            register("token_lengths", ReportSection(TokenLengths, "run", build=token_lengths,
+                                                    blocks=token_length_blocks), "KL by token length")
+    """
+
+
 @hookspec(firstresult=True)
 def wrap_model(model: Any, tokenizer: Any) -> LoadedModel | None:
     """A LoadedModel for a model object the user already holds (``klgap.measure(model=obj)``), or None.
@@ -175,4 +193,5 @@ REGISTRY_HOOKS: dict[str, str] = {
     "register_perturbations": "perturbation",
     "register_token_sources": "token_source",
     "register_commands": "command",
+    "register_report_sections": "report_section",
 }

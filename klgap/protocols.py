@@ -69,6 +69,10 @@ class LoadedModel:
                      best first (e.g. ``("pythia-70m-deduped",)`` for ``pythia-70m``).
     layout:          where blocks / final norm / unembedding live; None turns the all-token suffix replay off.
     kv_cache:        whether single-token runs may reuse the model's KV cache for positions < t.
+    cache_arg:       the keyword through which ``hf_model``'s forward takes a KV cache (``past_key_values``, or
+                     ``cache`` in newer transformers).
+    n_heads:         attention heads per layer (sizes the memory of several interventions stacked in one suffix
+                     replay); None: not known, and nothing is stacked.
     remote:          every forward runs on NDIF through nnsight (``trace(remote=True)``); fast paths are off.
     nnsight:         the nnsight wrapper to trace through (None: klgap wraps ``hf_model`` itself, once).
     site_note:       what a reader should know about the family's site choice (recorded in reports).
@@ -93,6 +97,8 @@ class LoadedModel:
     sae_lens_models: tuple[str, ...] = ()
     layout: BlockLayout | None = None
     kv_cache: bool = True
+    cache_arg: str = "past_key_values"
+    n_heads: int | None = None
     remote: bool = False
     nnsight: Any = None
     site_note: str | None = None

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from klgap.report.expectations import Expected, Target  # noqa: E402
-from klgap.report.schema import Report, load_report  # noqa: E402
+from klgap.report.read import load_report  # noqa: E402
+from klgap.report.schema import Report  # noqa: E402
 
 NOTE = ("Targets from the committed results in results/ (scripts/expected_from_results.py): a re-run of the same "
         "file with the same seed reproduces them to float rounding on CPU; the intervals allow another device, "

@@ -33,6 +33,7 @@ import torch
 from tests.close import (
     EXACT, FLOAT32_BOUNDED, FLOAT32_CE, FLOAT32_KL, FLOAT32_VALUE, Margin, Tolerance, assert_close_tree, frame_tree,
 )
+from tests.helpers import run_config
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 PARTS = GOLDEN / "parts"
@@ -83,23 +84,22 @@ def token_digest(folder: Path) -> dict:
 def _study_config(out: Path):
     from klgap.plan.config import RunConfig
 
-    return RunConfig(**{**BASE, **CASES["all_tokens"], "sae": str(out / "{site}_L{layer}.safetensors")})
+    return RunConfig(**{**BASE, **CASES["all_tokens"], "sae": str(out / "{site}_L{layer}.safetensors"),
+                        "site": ",".join(STUDY_SITES), "layer": 0})
 
 
 def measure(out: Path) -> None:
     """Every case into ``out/<case>``, and a study of two sites sharing each batch's clean forward into
     ``out/study``."""
-    from klgap.job import engine
     from klgap.plan.config import RunConfig
-    from klgap.job.study import run_study
 
     out.mkdir(parents=True, exist_ok=True)
     sae = make_sae(out, 64, "resid_pre", 1)
     for name, case in CASES.items():
-        engine.run(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name, progress=False)
+        run_config(RunConfig(**{**BASE, **case, "sae": str(sae)}), out / name)
     for site in STUDY_SITES:
         make_sae(out, 64, site, 0)
-    run_study(_study_config(out), list(STUDY_SITES), [0], out / "study", progress=False)
+    run_config(_study_config(out), out / "study")
 
 
 def numbers_of(out: Path) -> dict:
@@ -127,8 +127,8 @@ def report_committed_parts(fresh: Path, out: Path) -> dict:
     """The numbers klgap reports from the committed parts: each of `fresh`'s run folders (as :func:`measure` wrote
     them: its run.json) copied to `out` with its parts replaced by the committed ones, its report built again (no
     model), and the study report over them."""
-    from klgap.job.engine import report_folder
-    from klgap.job.study import write_study
+    from klgap.job.finish import report_folder
+    from klgap.report.study import write_study
 
     shutil.copytree(fresh, out)
     for folder in RUN_FOLDERS:

@@ -52,3 +52,25 @@ def pca_sae(path: Path, acts, m: int, d_sae: int, hook_name: str | None) -> Path
     W_dec = torch.cat([top, -top, dead])  # [d_sae d]
     b_enc = torch.cat([torch.zeros(2 * m), torch.full((d_sae - 2 * m,), -1e4)])
     return write_sae(path, W_dec.T.clone(), W_dec, b_enc, mean.float(), hook_name)
+
+
+def run_config(config, out, **options):
+    """Plan a RunConfig into its job (its shape from its site/layer lists, ``joint``, a glob of checkpoints) and run
+    it into `out`, as the CLI does without its pages: the report on top (a run's, a joint run's or a study's)."""
+    from klgap.job.execute import run_job
+    from klgap.job.plan import checkpoint_spec, plan_job
+
+    options.setdefault("progress", False)
+    checkpoints = None if config.joint else checkpoint_spec(config.sae, None)
+    return run_job(plan_job(config, checkpoints=checkpoints), out, **options)
+
+
+def checkpointed_sae(model, folder: Path, checkpoints: int = 3, steps: int = 30, n_contexts: int = 60) -> Path:
+    """An SAE trained at `model`'s mlp_out L1 on random tokens into `folder` (name it blocks.1.hook_mlp_out), saving
+    `checkpoints` checkpoints (the last the final SAE)."""
+    from klgap.sae.train import fit_sae, gather
+
+    contexts = torch.randint(0, 200, (n_contexts, 32), generator=torch.Generator().manual_seed(1))
+    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=steps, train_batch_size=256,
+            checkpoints=checkpoints, progress=False)
+    return folder

@@ -12,8 +12,6 @@ from typing import Any
 RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
              "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map",
              "fit_tokens")
-#: keys of a replication file that are not RunConfig fields
-FILE_EXTRAS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "checkpoints")
 
 
 def _int_arg(name: str):
@@ -179,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoder bias at the start: zeros (default) or the activations' mean (sites with a large "
                             "common offset)")
     train.add_argument("--architecture", default="standard",
-                       help="standard (ReLU + L1, default) or topk (the --k largest latents per token, no L1 "
+                       help="standard (ReLU + L1, default) or topk (the --top-k largest latents per token, no L1 "
                             "shrinkage: sites where a few dimensions carry most of the variance)")
-    train.add_argument("--k", type=_int_arg("--k"), default=None, help="latents per token, for --architecture topk")
+    train.add_argument("--top-k", "--k", dest="top_k", type=_int_arg("--top-k"), default=None,
+                       help="latents per token, for --architecture topk (--k: its old name; replicate's --k is "
+                            "single-token mode's measured positions)")
     train.add_argument("--checkpoints", type=_int_arg("--checkpoints"), default=None,
                        help="also save N evenly spaced checkpoints of each SAE under OUT/checkpoints/step-XXXXXX/ "
                             "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")

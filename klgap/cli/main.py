@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -11,276 +10,96 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from klgap.cli.args import FILE_EXTRAS, RUN_FLAGS, build_parser
-from klgap.render.console import print_compounding, print_study, print_summary
+from klgap.cli.args import RUN_FLAGS, build_parser
 from klgap.errors import KlgapError
-from klgap.sae.recipes import print_trained, train_missing_sae
+from klgap.render.console import print_sections, print_study, print_summary
+from klgap.sae.recipes import print_trained
 
 log = logging.getLogger("klgap")
 
 # ----------------------------------------------------------------------------- commands
 
 
-def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from klgap.plan.config import RunConfig, load_config_file, split_interventions
+def request_of(args: argparse.Namespace, tag: str | None = None) -> Any:
+    """The measuring request the flags (over a --config file's keys) make (klgap.job.command.Request)."""
+    from klgap.job.command import request_from
+    from klgap.job.shards import parse_shard
 
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if args.config:
-        data = load_config_file(args.config)
-        for key, value in data.items():
-            key = key.replace("-", "_")
-            (extra if key in FILE_EXTRAS else values)[key] = value
-    for dest in RUN_FLAGS:
-        value = getattr(args, dest, None)
-        if value is not None:
-            values[dest] = value
-    if args.include_first_position:
-        values["include_first_position"] = True
-    if args.drop_last_position:
-        values["drop_last_position"] = True
-    if args.no_bos:
-        values["no_bos"] = True
-    if args.no_fast:
-        values["no_fast"] = True
-    if getattr(args, "remote", None):
-        values["remote"] = True
-    if getattr(args, "joint", None):
-        values["joint"] = True
-    if getattr(args, "joint_subsets", None):
-        values["joint_subsets"] = True
-    if "interventions" in values:
-        values["interventions"] = split_interventions(values["interventions"])
-    if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):
-        values["sae"] = os.path.expanduser(values["sae"])
-    if "model" not in values:
-        raise KlgapError("--model is required (or a --config that names one), e.g. --model smollm2-135m")
-    return RunConfig.from_dict(values), extra
+    values: dict[str, Any] = {dest: getattr(args, dest, None) for dest in RUN_FLAGS}
+    for flag in ("include_first_position", "drop_last_position", "no_bos", "no_fast", "remote", "joint",
+                 "joint_subsets"):
+        if getattr(args, flag, None):
+            values[flag] = True
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
+    options: dict[str, Any] = {"out": args.out, "shard": shard, "overwrite": args.overwrite, "wait": args.wait,
+                               "dry_run": bool(getattr(args, "dry_run", False))}
+    if tag is not None:
+        options["tag"] = tag
+    return request_from(values, args.config, **options)
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    config, extra = run_config_from_args(args)
-    return run_and_render(config, extra, args, config.mode)
+    return run_and_print(request_of(args), args)
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
     """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
-    from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.job.command import curve_request
 
-    config, extra = run_config_from_args(args)
-    # a replication file may carry its grid as `cos` / `norm_frac`; flags given on the command line win
-    cos = args.cos if args.cos is not None else extra.get("cos", "0.5:1.0:11")
-    norm_frac = args.norm_frac if args.norm_frac is not None else extra.get("norm_frac", "0.9")
-    cosines, fracs = parse_cos_grid(cos), parse_norm_fracs(norm_frac)
-    if config.mode == "many_samples":
-        raise KlgapError("klgap curve measures all_tokens or single_token runs, not many_samples")
-    grid = curve_interventions(cosines, fracs)
-    chosen = list(args.interventions and config.interventions or [])
-    config.interventions = grid + [s for s in chosen if s not in grid]
-    return run_and_render(config, extra, args, "curve" if config.mode == "all_tokens" else f"curve-{config.mode}")
+    request = request_of(args)
+    return run_and_print(curve_request(request, args.cos, args.norm_frac, bool(args.interventions)), args)
 
 
-def model_slug(model: str) -> str:
-    """`--model` as one folder name for the default ``runs/...`` folder: a local folder's own name
-    (``./ckpt/my-qwen2`` -> ``my-qwen2``), a hub repo id with ``--`` for ``/`` (``EleutherAI--pythia-70m``)."""
-    expanded = Path(os.path.expanduser(model))
-    if model.startswith((".", "/", "~")) or expanded.is_dir():
-        return expanded.resolve().name or "model"
-    return model.replace("/", "--")
-
-
-def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace, tag: str) -> int:
-    """Run one site/layer, a study over several, or a joint run (``--joint``: every listed site patched in one
-    forward, klgap/job/joint.py); write the report's figures, print the summary.
-
-    Every run of the command is resolved (klgap.plan.resolve) before anything is loaded or trained: a bad name, path
-    or number fails in a second, before transformers is imported. Under torchrun / srun every rank runs this:
-    the ranks share the batches (klgap.job.distributed), rank 0 trains a missing SAE, shows progress and the report."""
-    import dataclasses
-
+def run_and_print(request: Any, args: argparse.Namespace) -> int:
+    """Run a measuring request (klgap.job.command.run_request) and print what it did: the plan of a dry run, a
+    shard's next step, or the summary, compounding and replication targets; exit 1 when the pages were not all
+    written."""
+    from klgap.job.command import run_request
     from klgap.job.distributed import read_world
-    from klgap.plan.grid import parse_layers, parse_sites
-    from klgap.plan.dryrun import dry_run
-    from klgap.job.lock import run_lock
-    from klgap.job.shards import parse_shard
+    from klgap.report.expectations import print_check
 
     world = read_world()
-    shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
-    expected = _expected_for(args)  # a bad expected.json fails now, not after the run
-    if config.joint:
-        cells = config.joint_cells()
-        sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
-        planned = dataclasses.replace(config, joint=False, joint_subsets=False)
-        checkpoints = None
-    else:
-        from klgap.sae.checkpoints import is_glob
-        from klgap.job.checkpoint_study import cells_of, checkpoint_spec
-
-        sites = parse_sites(config.site) if config.site is not None else [None]
-        layers = parse_layers(config.layer) if config.layer is not None else [None]
-        checkpoints = checkpoint_spec(config.sae, extra.get("checkpoints"), "train_sae" in extra)
-        if checkpoints is not None:  # an SAE's checkpoints: another axis of a study (klgap/job/checkpoint_study.py)
-            if shard is not None:
-                raise KlgapError("--shard is not supported for a study over SAE checkpoints yet; run it unsharded")
-            sites, layers = cells_of(checkpoints, sites, layers)
-            config.sae = checkpoints
-        # the checkpoints of a glob are checked when the study lists them; the other SAEs now
-        planned = dataclasses.replace(config, sae=None) if checkpoints and is_glob(checkpoints) else config
-    if getattr(args, "dry_run", False):
-        from klgap.plan.dryrun import print_plan
-
-        if layers == "all":
-            raise KlgapError("--dry-run needs the layers listed (e.g. 0-11), not all: the layer count is the model's")
-        plan = dry_run(planned, sites, layers, trains="train_sae" in extra)  # a missing SAE path: an error
-        if world.leader:
-            if config.joint:
-                print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
-            print_plan(plan)
-        return 0
-    several = not config.joint and (checkpoints is not None or len(sites) > 1 or layers == "all" or len(layers) > 1)
-    if several and None in sites:
-        raise KlgapError("several layers need --site too")
-    # every run checked before anything loads (an SAE a [train_sae] table makes may be missing until then)
-    plans = dry_run(planned, sites, [0] if layers == "all" else layers, trains="train_sae" in extra).plans
-    out = args.out or extra.get("out")
-    if out is None and config.joint:
-        out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-joint-L{'+'.join(map(str, layers))}-{tag}"
-    elif out is None and several:
-        out = f"runs/{model_slug(config.model)}-{'+'.join(sites)}-study-{tag}"
-    elif out is None:  # the SAE's own site and layer, when it says them
-        site, layer = (plans[0].site, plans[0].layer) if plans[0].sae is not None else (sites[0], layers[0])
-        out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
-    # one klgap process (one launch of ranks) per --out, until its pages are written
-    with run_lock(out, wait=args.wait, leader=world.leader):
-        return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected,
-                           checkpoints)
-
-
-def _run_locked(config: Any, extra: dict[str, Any], args: argparse.Namespace, sites: list, layers: Any,
-                several: bool, plans: list, shard: tuple[int, int] | None, out: str, world: Any, expected: Any,
-                checkpoints: str | None = None) -> int:
-    from klgap.job import engine
-    from klgap.job.study import run_study
-
-    progress = not args.quiet and world.leader
-    world.connect(Path(out))
-    kind = "joint" if config.joint else "study" if several else "run"
-    if kind == "run":
-        config.site, config.layer = sites[0], layers[0]
-    if "train_sae" in extra and layers != "all":
-        cells = (config.joint_cells() if kind == "joint" else [(s, v) for s in sites for v in layers]
-                 if kind == "study" else None)
-        world.from_leader(lambda: train_missing_sae(config, extra["train_sae"], progress, cells))
-    if kind == "study":
-        study = run_study(config, sites, layers, out, overwrite=args.overwrite, progress=progress, shard=shard,
-                          world=world, checkpoints=checkpoints)
-    else:
-        # an SAE trained just now, or a joint run: resolve again
-        plan = plans[0] if kind == "run" and (plans[0].sae is not None or not config.sae) else config
-        report = engine.run(plan, out, overwrite=args.overwrite, progress=progress, shard=shard, world=world)
+    request.progress = not args.quiet and world.leader
+    found = run_request(request, world)
     if not world.leader:
         return 0
-    if shard is not None:
-        return _shard_done(out, kind, config, sites, layers, shard)
-    check = _check_expected(expected, Path(out))
-    if kind == "study":
-        failure = _render(Path(out))
-        print_study(study, Path(out))
+    if found.plan is not None:
+        from klgap.plan.dryrun import print_plan
+
+        if found.job is not None and found.job.shape == "joint":
+            print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
+        print_plan(found.plan)
+        return 0
+    if request.shard is not None:
+        shard = request.shard
+        print(f"shard {shard[0]}/{shard[1]} done in {found.out}; when all {shard[1]} shards are done: "
+              f"klgap merge SHARD_DIR_1 ... SHARD_DIR_{shard[1]} --out MERGED")
+        return 0
+    _print_report(found)
+    if found.check is not None:
+        print_check(found.check)
+    return _rendered_or_fail(found.out, found.pages_failure)
+
+
+def _print_report(found: Any) -> None:
+    from klgap.report.schema import StudyReport
+
+    if isinstance(found.report, StudyReport):
+        print_study(found.report, found.out)
     else:
-        failure = _render_joint(Path(out), report) if kind == "joint" else _render(Path(out))
-        print_summary(report, Path(out), pages=failure is None)
-        print_compounding(report)
-    _print_check(check)
-    return _rendered_or_fail(Path(out), failure)
-
-
-def _render_joint(out: Path, report: Any) -> str | None:
-    """A joint run's pages: each site alone, each subset, then the run's own (the first failure, or None)."""
-    subsets = report.compounding.subsets if report.compounding is not None else None
-    folders = [site.path for site in report.joint or []] + [sub.path for sub in subsets or []]
-    failures = [_render(out / folder) for folder in folders]
-    return _render(out) or next((f for f in failures if f), None)
-
-
-def _expected_for(args: argparse.Namespace) -> Any:
-    """(expected.json, its targets for this file) beside `--config`, or None (no file, or no target for it)."""
-    from klgap.report.expectations import expected_beside
-
-    found = expected_beside(args.config) if getattr(args, "config", None) else None
-    return found if found is not None and found[1] else None
-
-
-def _check_expected(expected: Any, out: Path) -> Any:
-    """The run's verdict per target, written to OUT/expected_check.json (the report renders it); None without."""
-    if expected is None:
-        return None
-    from klgap.report.expectations import check_run, write_check
-
-    check = check_run(out, expected[0], expected[1])
-    write_check(out, check)
-    return check
-
-
-def _print_check(check: Any) -> None:
-    if check is not None:
-        from klgap.report.expectations import print_check
-
-        print_check(check)
-
-
-def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shard: tuple[int, int]) -> int:
-    from klgap.job.shards import write_plan
-
-    write_plan(Path(out), kind, config.to_dict(), sites, layers, shard)
-    print(f"shard {shard[0]}/{shard[1]} done in {out}; when all {shard[1]} shards are done: "
-          f"klgap merge SHARD_DIR_1 ... SHARD_DIR_{shard[1]} --out MERGED")
-    return 0
+        print_summary(found.report, found.out, pages=found.pages_failure is None)
+    print_sections(found.report)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Join shard folders into one run (or study) folder and build its report from the files alone: no model,
     no SAE is loaded (a test runs it with the model adapters disabled)."""
-    from klgap.plan.config import RunConfig
-    from klgap.job.engine import report_folder
-    from klgap.plan.resolve import pick_device
-    from klgap.job.shards import check_shards, merge_parts
-    from klgap.job.study import write_study
+    from klgap.job.command import merge_shards
 
-    folders = [Path(d) for d in args.shard_dirs]
-    plan = check_shards(folders)
-    out = Path(args.out)
-    if out.resolve() in {f.resolve() for f in folders}:
-        raise KlgapError(f"--out {args.out!r} is one of the shard folders; merge into a new folder")
-    config = RunConfig.from_dict(plan["config"])
-    subs = merge_parts(folders, out, args.overwrite, device=str(pick_device(config.device)))
-    if plan["kind"] == "study":
-        runs = [out / sub for sub in subs]
-        for folder in runs:
-            report_folder(folder)
-        study = write_study(config, runs, out)
-        failure = _render(out)
-        print_study(study, out)
-    else:
-        for sub in subs[1:]:  # a joint run: each site alone, then each subset (their compounding reads those)
-            report_folder(out / sub)
-        report = report_folder(out)
-        failure = _render_joint(out, report) if plan["kind"] == "joint" else _render(out)
-        print_summary(report, out, pages=failure is None)
-        print_compounding(report)
-    print(f"merged {plan['n_shards']} shards into {out}")
-    return _rendered_or_fail(out, failure)
-
-
-def _render(out: Path) -> str | None:
-    """Figures + report.md/html next to report.json (data first: a failure here loses no data). Returns why
-    they were not all written, or None when they were."""
-    from klgap.render.pages import rebuild
-
-    try:
-        rebuild(out)
-    except Exception as exc:  # noqa: BLE001 - the numbers are saved; the command still fails, after the summary
-        return str(exc) if isinstance(exc, KlgapError) else f"{type(exc).__name__}: {exc}"
-    return None
+    found, n_shards = merge_shards([Path(d) for d in args.shard_dirs], Path(args.out), args.overwrite)
+    _print_report(found)
+    print(f"merged {n_shards} shards into {found.out}")
+    return _rendered_or_fail(found.out, found.pages_failure)
 
 
 def _rendered_or_fail(out: Path, failure: str | None) -> int:
@@ -297,7 +116,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     print_trained(train_saes(
         args.model, str(args.site), str(args.layer), args.out, tokens=args.tokens, context_len=args.context_len,
         dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps, epochs=args.epochs,
-        b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.k, seed=args.seed, device=args.device,
+        b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.top_k, seed=args.seed, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, checkpoints=args.checkpoints,
         checkpoint_every=args.checkpoint_every, progress=not args.quiet,
     ))
@@ -326,13 +145,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Redraw a run's figures and pages; a run folder with parts but no report.json (a killed run's last step)
     gets its report built first, from its files alone."""
-    from klgap.job.engine import report_folder
+    from klgap.job.finish import report_tree
     from klgap.job.record import RECORD_FILE
     from klgap.render.pages import rebuild
 
     folder = Path(args.run_dir)
     if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
-        report_folder(folder)
+        report_tree(folder)
 
     for name, path in rebuild(args.run_dir).items():
         print(f"wrote {path}")
@@ -361,8 +180,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     check = check_run(args.run_dir, args.expected, targets)
     print_check(check)
     if args.write:
+        from klgap.job.command import render_folder
+
         print(f"wrote {write_check(args.run_dir, check)}")
-        _render(Path(args.run_dir))
+        render_folder(Path(args.run_dir))
     return 0 if check.replicated else 3
 
 

@@ -20,7 +20,8 @@ from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars,
 from klgap.figures.distributions import kl_histogram, many_samples_hist
 from klgap.figures.labels import measured, run_label, site_label, tokens_per_run
 from klgap.figures.positions import kl_by_position, single_token_curve
-from klgap.report.schema import Report, StudyReport, load_report
+from klgap.report.read import load_report
+from klgap.report.schema import Report, StudyReport
 
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
 
@@ -64,10 +65,6 @@ def figures_for_run(
     run_dir = Path(run_dir)
     if report is None:
         report = load_report(run_dir)
-    if isinstance(report, StudyReport) and report.over_training is not None:  # the checkpoints of an SAE
-        from klgap.figures.training import over_training
-
-        return [over_training(report, run_dir / "over_training.png")]
     if isinstance(report, StudyReport):
         paths = [kl_bars(report, run_dir / "kl_bars.png")]
         if any(run.curve is not None for run in report.runs):

@@ -1,4 +1,4 @@
-"""over_training.png: a study over SAE checkpoints (klgap/job/checkpoint_study.py), one row of panels per SAE, each
+"""over_training.png: a study over SAE checkpoints (klgap/report/over_training.py), one row of panels per SAE, each
 against the tokens seen in training: KL(sae) and KL(baseline) with 95% bands, their ratio with its band (1
 marked), and the held-out explained variance and L0 of each checkpoint."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from klgap.figures.style import BASELINE_COLOR, SAE, legend_beside, new_figure, save, title
-from klgap.report.schema import MeanCI, RatioCI, StudyReport, TrainingCurve
+from klgap.report.over_training import TrainingCurve
+from klgap.report.schema import MeanCI, RatioCI, StudyReport
 
 NEUTRAL = "#000000"
 

@@ -228,8 +228,9 @@ STACK_FRACTION_CUDA = 0.25  # on CUDA: this share of the free memory at start
 
 def stack_size(config: RunConfig, model: LoadedModel) -> int:
     """How many interventions one suffix pass can carry along the batch: each copy needs its logits (model dtype
-    and a float32 view), its hidden states and its attention scores; the budget is STACK_BYTES_CPU on CPU and
-    STACK_FRACTION_CUDA of the free memory on CUDA."""
+    and a float32 view), its hidden states and its attention scores (the model's declared ``n_heads``; none
+    declared: no stacking); the budget is STACK_BYTES_CPU on CPU and STACK_FRACTION_CUDA of the free memory on
+    CUDA."""
     device = model.device
     if device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * STACK_FRACTION_CUDA)
@@ -237,9 +238,11 @@ def stack_size(config: RunConfig, model: LoadedModel) -> int:
         budget = STACK_BYTES_CPU
     else:
         return 1
+    if model.n_heads is None:  # the attention's memory is not known: one intervention per pass
+        return 1
     element = torch.finfo(model.dtype).bits // 8
     tokens = config.batch_size * config.context_len
-    heads = int(getattr(getattr(model.hf_model, "config", None), "num_attention_heads", None) or 16)
+    heads = model.n_heads
     per_copy = tokens * (model.vocab_size * (element + 4) + model.d_model * 4 * 16) + config.batch_size * heads * config.context_len**2 * 4
     return max(1, budget // per_copy)
 

@@ -14,7 +14,6 @@ x' = x) and falls back to full forwards if they differ, as it does for the suffi
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import torch
@@ -30,8 +29,7 @@ class PrefixCacheRunner:
     def __init__(self, model: LoadedModel, spec: SiteSpec) -> None:
         self.model, self.spec = model, spec
         self.site_module = model.hf_model.get_submodule(spec.module)
-        # transformers >= 5.2x calls the cache argument `cache` (`past_key_values` before, now deprecated)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.hf_model.forward).parameters else "past_key_values"
+        self.cache_arg = model.cache_arg  # the adapter says which keyword the model's forward takes its cache by
         self.prefix: Any = None  # DynamicCache of positions < t for the current batch
         self.t = 0
         self._record: list[Tensor] = []

@@ -54,7 +54,7 @@ class SuffixRunner:
         logits = shared_clean([self], ids)
         return self.site_value, logits
 
-    def _clean_hooks(self) -> list[Any]:
+    def clean_hooks(self) -> list[Any]:
         """Hooks that record, during a clean forward, this runner's site and its suffix blocks' calls."""
         self.calls, self._tiled = [], {}
         handles = [
@@ -122,7 +122,7 @@ class SuffixRunner:
 def shared_clean(runners: list[SuffixRunner], ids: Tensor) -> Tensor:
     """One clean forward for several runners on the same model (a study's sites and layers): each records
     its own site and suffix calls; returns the logits ``[b pos vocab]``."""
-    handles = [handle for runner in runners for handle in runner._clean_hooks()]
+    handles = [handle for runner in runners for handle in runner.clean_hooks()]
     try:
         return runners[0].model.hf_model(input_ids=ids, use_cache=False).logits
     finally:

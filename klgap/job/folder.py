@@ -21,7 +21,7 @@ from klgap.errors import KlgapError, WriteError
 
 log = logging.getLogger("klgap")
 
-from klgap.job.record import CONFIG_FILE  # noqa: E402
+CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match it
 PARTS_DIR = "parts"
 OUTPUTS = ("report.json", "tokens.parquet")
 

@@ -4,7 +4,7 @@
 which the modes (klgap/job/modes.py) measure batch by batch; :func:`prepare` does both for a config (notebooks,
 benchmarks). At most one model is held (:func:`load_model`); perturbations that fit statistics are fitted on
 the fit tokens' clean activations (--fit-tokens, else the run's first contexts) before any batch
-(:func:`fit_perturbations`). The run around it (folder, parts, report): klgap/job/engine.py.
+(:func:`fit_perturbations`). A job's runs and cells: klgap/job/cells.py; the batch loop: klgap/job/batches.py.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from klgap.forward import activations
-from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, sae_fittable
-from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
+from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
+from klgap.job.view import SaeView
+from klgap.plan.config import RunConfig
+from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae, site_of
+from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, sae_fittable
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, Placement, SiteSpec
-from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, resolve, route_sae, site_of
 from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
-           "n_fit_contexts", "prepare"]
+__all__ = ["FIT_TOKENS", "Loaded", "count_layers", "draw_contexts", "fit_perturbations", "load_model", "load_plan",
+           "load_sae", "n_fit_contexts", "prepare"]
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Loaded:
     execution: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fit_contexts: Tensor | None = None  # [n_fit ctx] int64, CPU: drawn after `contexts` (--fit-tokens), else None
+    route: SAERoute | None = None  # the loader that read the SAE (the plan's, or the default SAE's); None: an object
 
     @property
     def config(self) -> RunConfig:
@@ -138,7 +140,8 @@ def load_plan(plan: RunPlan) -> Loaded:
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
     executor, execution = choose(config, model, spec, layer, contexts)
-    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts)
+    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
+                    route)
     fitted = fit_perturbations(loaded)
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
@@ -175,6 +178,12 @@ def draw_contexts(plan: RunPlan, model: LoadedModel) -> tuple[Tensor, Tensor | N
     return contexts[: config.n_contexts], (contexts[config.n_contexts :] if n_fit else None)
 
 
+def count_layers(config: RunConfig) -> int:
+    """The model's number of layers (a study over ``--layer all``): the model is loaded (and held) to count them."""
+    return load_model(config.model, pick_device(config.device), getattr(torch, config.dtype),
+                      Placement(config.device_map, bool(config.remote))).n_layers
+
+
 def prepare(config: RunConfig) -> Loaded:
     """Resolve and load a config (no folder): what a notebook or a benchmark measures batches with."""
     return load_plan(resolve(config))
@@ -190,8 +199,6 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
     reconstruction, l0 its active features per token) of the fit tokens: with --fit-tokens the fit contexts drawn
     after the measured ones, else the run's first contexts (up to FIT_TOKENS tokens). The same tokens on every
     resume. Returns, per fitted perturbation, which tokens it saw and what its ``fit_summary()`` says."""
-    from klgap.job.modes import SaeView  # (modes imports this module)
-
     perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
     needing, needing_error = fittable(perturbations), error_fittable(perturbations)
     needing_sae = sae_fittable(perturbations)

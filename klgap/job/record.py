@@ -15,13 +15,15 @@ from typing import Literal
 from pydantic import ValidationError
 
 from klgap.errors import KlgapError
-from klgap.report.schema import SCHEMA_VERSION, PluginRef, RunFacts, SAEInfo, _Model
+from klgap.job.folder import atomic_write_json
+from klgap.report.schema import SCHEMA_VERSION, PluginRef, RunFacts, SAEInfo, StrictModel
 
 RECORD_FILE = "run.json"
-CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match it (klgap/job/folder.py)
+SINGLE_DIR = "single"  # a joint run's sites, each measured alone: OUT/single/<site>_L<layer>/
+SUBSETS_DIR = "subsets"  # a joint run's subsets of sites patched together: OUT/subsets/<a+b>/
 
 
-class InterventionRef(_Model):
+class InterventionRef(StrictModel):
     """One measured intervention: its row label, the spec the user wrote, and the plugin that made it."""
 
     name: str
@@ -51,8 +53,6 @@ class RunRecord(RunFacts):
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
-    from klgap.job.folder import atomic_write_json
-
     atomic_write_json(Path(folder) / RECORD_FILE,
                       record.model_dump(mode="json", exclude={"joint"} if record.joint is None else None))
 
@@ -71,4 +71,4 @@ def read_record(folder: Path) -> RunRecord:
         raise KlgapError(f"{str(path)!r} is not a valid run record ({SCHEMA_VERSION}): {exc}") from exc
 
 
-__all__ = ["RECORD_FILE", "InterventionRef", "RunRecord", "read_record", "write_record"]
+__all__ = ["RECORD_FILE", "SINGLE_DIR", "SUBSETS_DIR", "InterventionRef", "RunRecord", "read_record", "write_record"]

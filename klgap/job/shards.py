@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError
-from klgap.job.record import CONFIG_FILE
+from klgap.job.folder import CONFIG_FILE
 
 PLAN_FILE = "shard_plan.json"
 SHARD_FILE = "shard.json"
@@ -34,11 +34,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def write_plan(out: Path, kind: str, config: dict[str, Any], sites: list[str], layers: Any, shard: tuple[int, int]) -> None:
+def write_plan(out: Path, kind: str, config: dict[str, Any], sites: list[str], layers: Any, shard: tuple[int, int],
+               runs: list[str] | None = None) -> None:
+    """shard_plan.json: the command's kind (run, study, checkpoints, joint), configuration, sites and layers, and
+    its run folders in the order their reports are built (``runs``)."""
     from klgap.job.folder import atomic_write_json
 
     atomic_write_json(Path(out) / PLAN_FILE, {"kind": kind, "config": config, "sites": sites, "layers": layers,
-                                              "shard": list(shard)})
+                                              "shard": list(shard), **({"runs": runs} if runs is not None else {})})
 
 
 def _read_plan(folder: Path) -> dict[str, Any]:
@@ -52,11 +55,10 @@ def _read_plan(folder: Path) -> dict[str, Any]:
 
 
 def _sub_runs(folder: Path) -> list[str]:
-    """Run folders inside a shard folder, relative: ``"."`` for a single run, ``site_Lnn`` for a study,
-    ``"."`` then ``single/site_Lnn`` and ``subsets/NAME`` for a joint run (klgap/job/joint_folder.py)."""
-    if (folder / CONFIG_FILE).is_file():
-        return [".", *sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob(f"*/*/{CONFIG_FILE}"))]
-    return sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}"))
+    """Run folders inside a shard folder, relative, sorted: ``"."`` for a single run, ``site_Lnn`` for a study,
+    ``site_Lnn/step-NNNNNN`` for a study over checkpoints, ``"."`` then ``single/site_Lnn`` and ``subsets/NAME`` for
+    a joint run (klgap/job/plan.py)."""
+    return sorted(p.parent.relative_to(folder).as_posix() for p in folder.rglob(CONFIG_FILE))
 
 
 def check_shards(folders: list[Path]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from klgap.errors import KlgapError, unknown
 from klgap.plan.sites import SITES
 
 log = logging.getLogger("klgap")
-from klgap.plan.specs import parse_intervention, split_interventions  # noqa: F401  (re-exported: moved to klgap.plan.specs)
 
 MODES = ("all_tokens", "single_token", "many_samples")
 DEFAULT_INTERVENTIONS = (
@@ -28,6 +27,11 @@ DEFAULT_INTERVENTIONS = (
     "theta_random_xnorm",
 )
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference runs (agreement tests)
+#: keys of a replication file that are not RunConfig fields: the command's (out, train_sae, sae_checkpoints, ...)
+#: and those a command reads (cos, norm_frac: klgap curve's grid)
+FILE_KEYS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "sae_checkpoints")
+#: replication-file keys since renamed: old -> new (``checkpoints`` also named train-sae's --checkpoints N)
+LEGACY_FILE_KEYS = {"checkpoints": "sae_checkpoints"}
 
 
 @dataclass
@@ -44,7 +48,7 @@ class RunConfig:
     study's error_eval.py does (``[:, :-1]``).
     no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
     joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
-    SAE (`sae` a template with {site}/{layer}); klgap/job/joint.py. `layer` then holds the list.
+    SAE (`sae` a template with {site}/{layer}); klgap/job/plan.py. `layer` then holds the list.
     fit_tokens: tokens the fitted perturbations (epsilon_anisotropic, the error decomposition) are fitted on, drawn
     from the token source after the measured contexts (disjoint from them); None fits on the run's first contexts
     (up to 8192 tokens, the measured ones).

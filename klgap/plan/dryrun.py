@@ -1,23 +1,23 @@
-"""`--dry-run`: resolve a command or replication file offline and print what it would run and need.
+"""`--dry-run`: what a command or replication file would run and need, offline.
 
-Every (site, layer) of the command goes through :func:`klgap.plan.resolve.resolve`, the same resolution a real run
-uses (names, parameters, SAE routing and the loader's ``check``: hook name against site and layer, hub repo),
-and nothing is loaded. Without ``--sae`` the default SAE is named as a run would pick it, from what the model's
-adapter declares before loading (:class:`klgap.protocols.PretrainedSAEAdapter`). What would need the network is
-listed (model, SAE weights, dataset), and an SAE trained on another model than the one asked for is a warning,
-so a user knows before a long job fails or measures the wrong thing.
+Every (site, layer) of the command is resolved by the job's planning (klgap.job.plan.plan_job), the same
+resolution a real run uses (names, parameters, SAE routing and the loader's ``check``: hook name against site and
+layer, hub repo), and nothing is loaded. Without ``--sae`` the default SAE is named as a run would pick it, from
+what the model's adapter declares before loading (:class:`klgap.protocols.PretrainedSAEAdapter`). What would need
+the network is listed (model, SAE weights, dataset), and an SAE trained on another model than the one asked for is
+a warning, so a user knows before a long job fails or measures the wrong thing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from klgap.plan.config import RunConfig
-from klgap.protocols import ModelSAENames
-from klgap.plan.resolve import RunPlan, SAERoute, default_sae, resolve
+from klgap.protocols import LoadedSAE, ModelSAENames
+from klgap.plan.resolve import RunPlan, SAERoute, default_sae
 
 
 @dataclass(frozen=True)
@@ -75,39 +75,29 @@ def _model_warning(config: RunConfig, plan: RunPlan, route: SAERoute, names: Mod
     return f"{plan.site} L{plan.layer}: the SAE {route.spec} was trained on {trained_on}, not on {config.model}{note}"
 
 
-def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None], trains: bool = True) -> DryRun:
-    """Resolve every (site, layer) of a command; raises KlgapError on the first problem.
-
-    trains: an SAE path that does not exist yet is accepted (a config's [train_sae] makes it before the run);
-    with False such a path is the resolver's error."""
+def describe(config: RunConfig, plans: Sequence[RunPlan], saes: Sequence[str | None]) -> DryRun:
+    """What a command's plans (klgap.job.plan.plan_job: each resolved once, nothing loaded) would run and need:
+    the default SAE where none is named, what needs the network, an SAE trained on another model. A plan whose SAE
+    is a path not there yet (a [train_sae] table makes it before the run) has no SAE route."""
     from klgap.plugins.capabilities import hub_repo, model_sae_names
-    from klgap.plan.grid import sae_for
 
-    several = len(sites) * len(layers) > 1
-    plans, saes, defaults, warnings = [], [], [], []
+    defaults, warnings = [], []
     names: ModelSAENames | None = None
-    for site in sites:
-        for layer in layers:
-            spec = sae_for(config.sae, site, layer) if several else config.sae
-            saes.append(spec)
-            sae_path = Path(spec).expanduser() if spec and ":" not in spec else None
-            if trains and sae_path is not None and not sae_path.exists():  # trained before the run ([train_sae]) or copied
-                plans.append(resolve(dataclasses.replace(config, site=site, layer=layer, sae=None)))
-                defaults.append(None)
-                continue
-            plan = resolve(dataclasses.replace(config, site=site, layer=layer, sae=spec))
-            plans.append(plan)
-            if names is None:
-                names = model_sae_names(plan.model.name, plan.model.adapter)
-            found = None
-            if not spec and names is not None and plan.site is not None and plan.layer is not None:
-                found = DefaultSAE(*default_sae(names, plan.site, plan.layer))  # none known: the run's own error
-            defaults.append(found)
-            route = found.route if found is not None else plan.sae
-            if isinstance(route, SAERoute):
-                warning = _model_warning(config, plan, route, names)
-                if warning:
-                    warnings.append(warning)
+    for plan, spec in zip(plans, saes, strict=True):
+        if spec and plan.sae is None:  # trained before the run ([train_sae]) or copied
+            defaults.append(None)
+            continue
+        if names is None:
+            names = model_sae_names(plan.model.name, plan.model.adapter)
+        found = None
+        if not spec and plan.sae is None and names is not None and plan.site is not None and plan.layer is not None:
+            found = DefaultSAE(*default_sae(names, plan.site, plan.layer))  # none known: the run's own error
+        defaults.append(found)
+        route = found.route if found is not None else plan.sae
+        if isinstance(route, SAERoute):
+            warning = _model_warning(config, plan, route, names)
+            if warning:
+                warnings.append(warning)
     needs = []
     repo = hub_repo(plans[0].model.adapter)
     if repo:
@@ -118,7 +108,7 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
     routes = [d.route if d is not None else p.sae for p, d in zip(plans, defaults, strict=True)]
     for repo_id in sorted({r.repo_id for r in routes if isinstance(r, SAERoute) and r.repo_id}):
         needs.append(f"SAE weights: the Hugging Face hub or its cache (repo {repo_id})")
-    return DryRun(config, plans, saes, needs, defaults, warnings, names)
+    return DryRun(config, list(plans), list(saes), needs, defaults, warnings, names)
 
 
 def _hook(route: SAERoute) -> str:
@@ -128,6 +118,8 @@ def _hook(route: SAERoute) -> str:
 def _sae_line(run: RunPlan, spec: str | None, found: DefaultSAE | None, names: ModelSAENames | None) -> str:
     if found is not None:
         return f"SAE {found.route.spec}{_hook(found.route)}, the default (no --sae given): {_status(found.route)}"
+    if isinstance(run.sae, LoadedSAE):  # an SAE object from Python
+        return f"SAE {run.sae.source} ({run.sae.hook_name or 'no hook name'}), held in memory"
     if not spec:
         why = ("its adapter names no sae_lens models" if names is None else "")
         return f"SAE: the default for the site, named once {run.model.name} loads" + (f" ({why})" if why else "")
@@ -163,4 +155,4 @@ def print_plan(plan: DryRun) -> None:
     print(f"ok: {len(plan.plans)} run(s) check out{said}")
 
 
-__all__ = ["DefaultSAE", "DryRun", "dry_run", "print_plan"]
+__all__ = ["DefaultSAE", "DryRun", "describe", "print_plan"]

@@ -5,7 +5,8 @@ name, or a plugin's ``resolve_model_adapter`` for a repo id or folder), the SAE 
 that will read it (and checked by that loader's ``check`` where it has one: hook name, hub repo), each
 intervention is built from its parsed parameters, and the token source is looked up. A bad name, path or
 number is refused here, in well under a second after the plugins are imported. ``replicate``, ``curve``,
-``train-sae``, ``--dry-run`` and the Python API all go through :func:`resolve`.
+``train-sae``, ``--dry-run`` and the Python API all go through :func:`resolve` (a command's sites each once:
+klgap.job.plan.plan_job).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from typing import Any
 
 import torch
 
-from klgap.plan.config import RunConfig, parse_intervention
+from klgap.plan.config import RunConfig
 from klgap.job.distributed import cuda_device, read_world
 from klgap.errors import KlgapError, unknown
 from klgap.plugins.manager import ModelRef, get_host, model_adapter
 from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae
 from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.plan.sites import hook_name, parse_hook_name
-from klgap.plan.specs import split_spec
+from klgap.plan.specs import parse_intervention, split_spec
 
 
 @dataclass(frozen=True)
@@ -114,20 +115,6 @@ class RunPlan:
     @property
     def names(self) -> list[str]:
         return [i.name for i in self.interventions]
-
-
-@dataclass(frozen=True)
-class JointPlan:
-    """A joint run (``--joint``): one single-site plan per (site, layer), all patched in the same forward
-    (klgap/job/joint.py). Each plan is what the same site measured alone would do; ``plans[i].config`` is the
-    joint config with that site, layer and SAE filled in and ``joint`` off."""
-
-    config: RunConfig
-    plans: tuple[RunPlan, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return self.plans[0].names
 
 
 def pick_device(name: str) -> torch.device:
@@ -234,41 +221,15 @@ def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) ->
     return site, layer
 
 
-def resolve_joint(config: RunConfig, *, model: ModelRef | None = None,
-                  sae: list[LoadedSAE] | LoadedSAE | None = None, tokens: TokenSourceRef | None = None) -> JointPlan:
-    """A joint config -> one checked single-site plan per (site, layer); `sae` from Python: one SAE object
-    per (site, layer), in the order of ``config.joint_cells()``."""
-    import dataclasses
-
-    from klgap.plan.grid import sae_for
-
-    config.validate()
-    cells = config.joint_cells()
-    objects = sae if isinstance(sae, list) else ([sae] if sae is not None else None)
-    if objects is not None and len(objects) != len(cells):
-        raise KlgapError(f"a joint run over {len(cells)} sites/layers needs {len(cells)} SAE objects (one per "
-                         f"site and layer, in order), got {len(objects)}")
-    if objects is None and config.sae and len(cells) > 1:
-        sae_for(config.sae, *cells[0])  # a template without {layer}/{site} is refused with the study's words
-    model = model if model is not None else model_adapter(config.model)
-    plans = []
-    for i, (site, layer) in enumerate(cells):
-        templated = bool(config.sae) and ("{layer}" in config.sae or "{site}" in config.sae)
-        spec = sae_for(config.sae, site, layer) if templated or (config.sae and len(cells) > 1) else config.sae
-        single = dataclasses.replace(config, joint=False, joint_subsets=False, site=site, layer=layer, sae=spec)
-        plans.append(resolve(single, model=model, sae=objects[i] if objects else None, tokens=tokens))
-    return JointPlan(config, tuple(plans))
-
-
 def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE | None = None,
             tokens: TokenSourceRef | None = None) -> RunPlan:
-    """Check `config` against the installed plugins and return what the run will do; loads nothing.
+    """Check one site's `config` against the installed plugins and return what measuring it will do; loads nothing.
+    A command's sites (a study's, a joint run's) are each resolved so by klgap.job.plan.plan_job.
 
     From Python (klgap.api) the model, the SAE and the tokens may be objects the caller holds: they replace
-    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name. A joint config (``joint=True``)
-    gives a :class:`JointPlan` (:func:`resolve_joint`)."""
+    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name."""
     if config.joint:
-        return resolve_joint(config, model=model, sae=sae, tokens=tokens)  # type: ignore[return-value]
+        raise KlgapError("a joint config is several sites: plan it with klgap.job.plan.plan_job")
     config.validate()
     host = get_host()
     model = model if model is not None else model_adapter(config.model)
@@ -314,5 +275,5 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
                    interventions, sample, tokens)
 
 
-__all__ = ["Intervention", "JointPlan", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
-           "default_sae", "pick_device", "recorded_name", "resolve", "resolve_joint", "route_sae", "site_of"]
+__all__ = ["Intervention", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
+           "default_sae", "pick_device", "recorded_name", "resolve", "route_sae", "site_of"]

@@ -1,7 +1,8 @@
 """The plugin manager: loads plugins from the ``klgap`` entry-point group and fills the registries.
 
 Built-in plugins (``plugins/``) arrive exactly like third-party ones, through entry points.
-``KLGAP_DISABLE_PLUGINS=a,b`` skips the named entry points (e.g. a broken third-party plugin).
+``KLGAP_DISABLE_PLUGINS=a,b`` skips the named entry points (e.g. a broken third-party plugin). The core's own
+plugins (:data:`CORE_PLUGINS`: klgap's report sections) are registered first, always.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
 
-from klgap import hookspecs
+from klgap import __version__, hookspecs
 from klgap.errors import KlgapError, PluginError, unknown
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
+#: plugin name -> module of the core's own plugins, registered before any entry point and never disabled
+CORE_PLUGINS = {"report_sections": "klgap.report.builtin_sections"}
 
 
 @dataclass
@@ -84,6 +88,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.dists: dict[str, tuple[str | None, str | None]] = {}
         self.broken: dict[str, str] = {}  # plugin -> why it failed to load or to register (klgap plugins lists it)
+        for name, module in CORE_PLUGINS.items():
+            self.add_plugin(import_module(module), name, package="klgap", version=__version__)
         if load_entry_points:
             self._load_entry_points()
         self._registries: dict[str, Registry] | None = None

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from klgap.render.blocks import Block, Bullets, Heading, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p
-from klgap.report.schema import BASELINE, Compounding, RatioCI, Report
+from klgap.report.compounding import Compounding
+from klgap.report.schema import BASELINE, RatioCI, Report
 
 
 def _ci(ratio: RatioCI) -> str:
@@ -65,4 +66,34 @@ def subset_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-__all__ = ["compounding_blocks", "subset_table"]
+
+def console_lines(report: Report) -> list[str]:
+    """A joint run: the ratio with every site patched against each site alone, and joint KL against the sum."""
+    found = report.compounding
+    lines: list[str] = []
+    joint = found.joint_kl_ratio
+    if joint is not None:
+        lines.append(f"joint KL(sae)/KL(epsilon_random) = {fmt_fixed(joint.ratio)}  95% CI [{fmt_fixed(joint.ci_low)}, "
+                     f"{fmt_fixed(joint.ci_high)}]; alone: " + ", ".join(
+                         f"{site.hook_name} {fmt_fixed(site.kl_ratio.ratio if site.kl_ratio else None)}"
+                         for site in found.sites))
+    difference = found.joint_minus_max_single_ratio
+    if difference is not None:
+        lines.append(f"joint ratio − largest single-site ratio ({found.max_single}) = {fmt_fixed(difference.estimate)}  "
+                     f"95% CI [{fmt_fixed(difference.ci_low)}, {fmt_fixed(difference.ci_high)}], one-sided p = "
+                     f"{fmt_p(difference.p_value)}")
+    lines.append(f"{'intervention':<40} {'joint KL':>10} {'Σ alone':>10} {'joint/Σ [95% CI]':>26}  verdict")
+    for name, row in found.additivity.items():
+        ratio = row.joint_over_sum
+        interval = f"{fmt_fixed(ratio.ratio)} [{fmt_fixed(ratio.ci_low)}, {fmt_fixed(ratio.ci_high)}]"
+        lines.append(f"{name:<40} {fmt(row.joint_kl_mean):>10} {fmt(row.sum_single_kl_mean):>10} {interval:>26}  "
+                     f"{row.verdict}")
+    if found.subsets:
+        header, rows = subset_table(found)
+        lines.append("every subset of the sites patched together (--joint-subsets), and all of them:")
+        for row in [header, *rows]:
+            lines.append("  " + " | ".join(row))
+    return lines
+
+
+__all__ = ["compounding_blocks", "console_lines", "subset_table"]

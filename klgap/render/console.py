@@ -1,5 +1,6 @@
-"""What the terminal shows after a run or a study: the per-intervention table, the summary row, where the
-files went. Reads the typed report only (klgap.report.schema); numbers go through klgap.render.formatting."""
+"""What the terminal shows after a run or a study: the per-intervention table, the summary row, each section's
+lines, where the files went. Reads the typed report only (klgap.report.schema); numbers go through
+klgap.render.formatting."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from klgap.render.formatting import fmt, fmt_fixed, fmt_p
 from klgap.report.findings import curve_findings
 from klgap.report.schema import Report, StudyReport
 from klgap.report.summary import summary_row, summary_rows
+
+
+def print_sections(report: Report | StudyReport) -> None:
+    """The console lines of each section the report holds (klgap/report/sections.py), in registration order."""
+    from klgap.report.sections import present
+
+    for _, section, _ in present(report):
+        for line in section.console(report) if section.console is not None else []:
+            print(line)
 
 
 def print_study(study: StudyReport, out: Path) -> None:
@@ -22,10 +32,6 @@ def print_study(study: StudyReport, out: Path) -> None:
               f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
     for family in families:
         print(f"Holm family: {family}")
-    for curve in study.over_training or []:  # a study over SAE checkpoints
-        print(f"{curve.site} L{curve.layer} over training: "
-              + ", ".join(f"step {p.step} {fmt_fixed(p.kl_ratio.ratio)}" for p in curve.points))
-        print(curve.finding)
     print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 
@@ -56,32 +62,3 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
         print(f"wrote {out / 'report.json'}, {out / 'tokens.parquet'}, report.md, report.html and figures")
     else:
         print(f"wrote {out / 'report.json'} and {out / 'tokens.parquet'}")
-
-
-def print_compounding(report: Report) -> None:
-    """A joint run: the ratio with every site patched against each site alone, and joint KL against the sum."""
-    found = report.compounding
-    if found is None:
-        return
-    joint = found.joint_kl_ratio
-    if joint is not None:
-        print(f"joint KL(sae)/KL(epsilon_random) = {fmt_fixed(joint.ratio)}  95% CI [{fmt_fixed(joint.ci_low)}, "
-              f"{fmt_fixed(joint.ci_high)}]; alone: " + ", ".join(
-                  f"{site.hook_name} {fmt_fixed(site.kl_ratio.ratio if site.kl_ratio else None)}" for site in found.sites))
-    difference = found.joint_minus_max_single_ratio
-    if difference is not None:
-        print(f"joint ratio − largest single-site ratio ({found.max_single}) = {fmt_fixed(difference.estimate)}  "
-              f"95% CI [{fmt_fixed(difference.ci_low)}, {fmt_fixed(difference.ci_high)}], one-sided p = "
-              f"{fmt_p(difference.p_value)}")
-    print(f"{'intervention':<40} {'joint KL':>10} {'Σ alone':>10} {'joint/Σ [95% CI]':>26}  verdict")
-    for name, row in found.additivity.items():
-        ratio = row.joint_over_sum
-        interval = f"{fmt_fixed(ratio.ratio)} [{fmt_fixed(ratio.ci_low)}, {fmt_fixed(ratio.ci_high)}]"
-        print(f"{name:<40} {fmt(row.joint_kl_mean):>10} {fmt(row.sum_single_kl_mean):>10} {interval:>26}  {row.verdict}")
-    if found.subsets:
-        from klgap.render.compounding_page import subset_table
-
-        header, rows = subset_table(found)
-        print("every subset of the sites patched together (--joint-subsets), and all of them:")
-        for row in [header, *rows]:
-            print("  " + " | ".join(row))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from klgap.render.blocks import Block, Heading, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_p
-from klgap.report.schema import BASELINE, ErrorDecomposition, ErrorPart, MeanCI, RatioCI, Report, StudyReport
+from klgap.report.decomposition import ErrorDecomposition, ErrorPart
+from klgap.report.schema import BASELINE, MeanCI, RatioCI, Report, StudyReport
 
 ABOUT = ("The SAE's error e = x − x̂ split into e_lin = W x + b, a ridge least-squares fit of e from x, and the rest "
          "e_nl = e − e_lin (Engels et al. 2024). sae_plus_linear_error patches x̂ + e_lin (only the nonlinear error "

@@ -3,8 +3,8 @@
 A run: the SAE against the baseline (klgap.report.summary.SummaryRow.verdict). A curve run: first where noise
 does the SAE's damage on its robustness curve (klgap.report.findings.curve_findings), then that verdict. A study:
 the same per site/layer. A joint run: the SAEs patched together against each alone
-(klgap.report.findings.compounding_finding). A study over SAE checkpoints: each SAE's finding over training
-(klgap/job/checkpoint_study.py). `klgap compare` opens with klgap.report.findings.compare_finding.
+(klgap.report.findings.compounding_finding). A study over SAE checkpoints opens with its over-training section instead (a
+section with ``lead=True``: klgap/render/over_training_page.py). `klgap compare` opens with klgap.report.findings.compare_finding.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 from klgap.render.blocks import Block, Bullets, Para
 from klgap.report.findings import compounding_finding, curve_findings
 from klgap.report.schema import Report, StudyReport
+from klgap.report.sections import present
 from klgap.report.summary import summary_row
 
 
 def finding_sentences(report: Report | StudyReport) -> list[str]:
     """The page's finding, a sentence per site/layer (curve findings first where there is a curve)."""
-    if isinstance(report, Report) and report.compounding is not None:
-        return [compounding_finding(report.compounding, report.model)]
+    held = {key: value for key, _, value in present(report)}  # the report's sections (klgap/report/sections.py)
+    if "compounding" in held:
+        return [compounding_finding(held["compounding"], report.model)]
     runs = list(report.runs) if isinstance(report, StudyReport) else [report]
     curves = [s for run in runs for s in curve_findings(run.curve, run.hook_name)]
     return curves + [summary_row(run, report.model, report.mode).verdict() for run in runs]
@@ -26,9 +28,5 @@ def finding_sentences(report: Report | StudyReport) -> list[str]:
 
 def lead_blocks(report: Report | StudyReport) -> list[Block]:
     """The finding first: one set-off paragraph, or bullets when there are several sentences."""
-    if isinstance(report, StudyReport) and report.over_training is not None:  # a study over SAE checkpoints
-        from klgap.job.checkpoint_study import training_blocks
-
-        return training_blocks(report)
     sentences = finding_sentences(report)
     return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]

@@ -14,13 +14,14 @@ from pathlib import Path
 from klgap.render.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Para, Table, esc, html_block, md_block
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
 from klgap.job.folder import atomic_write_bytes
+from klgap.report.read import load_report
 from klgap.report.schema import (
-    BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
+    BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport,
 )
-from klgap.render.compounding_page import compounding_blocks
 from klgap.render.lead import lead_blocks
 from klgap.render.study_page import study_blocks
 from klgap.report.findings import curve_findings
+from klgap.report.sections import present
 from klgap.report.summary import summary_rows
 
 N_TOP_ROWS = 10
@@ -226,9 +227,6 @@ def curve_blocks(curve: Curve | None, label: str = "") -> list[Block]:
 
 
 CAPTIONS = {
-    "over_training": "Each SAE checkpoint against the tokens it had seen in training: mean KL of the SAE and of "
-                     f"{BASELINE} and their ratio (bands: 95% intervals resampling whole contexts; 1 dashed), and "
-                     "the checkpoint's held-out explained variance and L0.",
     "kl_bars": "Mean per-token KL for each intervention{error}.",
     "kl_hist": "Distribution of per-token KL on a log axis (log-spaced bins, density per decade) for the SAE "
                f"reconstruction and {BASELINE}; other interventions as faint lines; dashed lines are means.",
@@ -245,8 +243,9 @@ CAPTIONS = {
 
 
 def caption_for(path: Path, report: Report | StudyReport) -> str:
-    """A caption for a figure file, by its name."""
-    template = CAPTIONS.get(path.stem)
+    """A caption for a figure file, by its name (a section's figure: the section's caption)."""
+    captions = {**CAPTIONS, **{k: v for _, section, _ in present(report) for k, v in section.captions.items()}}
+    template = captions.get(path.stem)
     if template is None:
         return path.stem.replace("_", " ")
     error = " per site/layer" if isinstance(report, StudyReport) else " (error bars: ±1.96·SE of the per-context means)"
@@ -331,18 +330,16 @@ def title_of(report: Report | StudyReport) -> str:
 def document(report: Report | StudyReport, figures: Sequence[Path], extra: Sequence[Block] = ()) -> list[Block]:
     """The report as blocks, in reading order: the verdict, the key table, then notes, what was run, the details
     (`extra`: sections from beside report.json, e.g. replication targets), figures and provenance."""
-    from klgap.render import decomposition_page as render_decomposition
-
-    lead = lead_blocks(report)  # the page's own finding (klgap/render/lead.py)
-    if not (isinstance(report, StudyReport) and report.over_training is not None):  # checkpoints: their own table
-        lead += summary_blocks(report)
+    found = [(section, section.blocks(report) if section.blocks is not None else [])
+             for _, section, _ in present(report)]
+    leads = [block for section, blocks in found if section.lead for block in blocks]  # e.g. a study over checkpoints
+    lead = leads or [*lead_blocks(report), *summary_blocks(report)]  # the page's own finding (render/lead.py)
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
                            *(study_blocks(report) if isinstance(report, StudyReport) else []),
-                           *render_decomposition.blocks(report)]
+                           *(block for section, blocks in found if not section.lead for block in blocks)]
     if isinstance(report, Report):
-        blocks += [*compounding_blocks(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
-                   *_sae(report), *_single_token(report),
-                   *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
+        blocks += [*_comparisons(report), *_interventions(report), *_sae_lens_scores(report), *_sae(report),
+                   *_single_token(report), *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
     return blocks + _figures(report, figures) + _provenance(report)
 
 
@@ -387,7 +384,10 @@ def rebuild(run_dir: str | Path) -> dict[str, Path]:
             if (sub / "report.json").is_file():
                 written.update({f"{run.path}/{name}": path for name, path in rebuild(sub).items()})
     tokens = read_tokens(run_dir) if isinstance(report, Report) else None
-    figures = figures_for_run(run_dir, report, tokens)
+    sections = [section for _, section, _ in present(report) if section.figures is not None]
+    own = [f for section in sections for f in section.figures(report, run_dir)]  # type: ignore[misc]
+    leads = any(section.lead for section in sections)  # its figures replace the run's (a study over checkpoints)
+    figures = own if leads else [*figures_for_run(run_dir, report, tokens), *own]
     written.update({f.name: f for f in figures})
     if isinstance(report, Report) and tokens is None:
         figures += [run_dir / name for name in TOKEN_FIGURES if (run_dir / name).is_file()]

@@ -18,26 +18,25 @@ percentiles; the float32 gap, its int32 ranks, one column and its sorted copy fo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from klgap.report import stats
-from klgap.report.robustness import build_curve, norm_frac_mean
-from klgap.errors import KlgapError
 from klgap.report.holm import apply_holm
+from klgap.report.numbers import plain
+from klgap.report.parts import ContextSums, Growing, Parts, Rows, n_rows
+from klgap.report.robustness import build_curve, norm_frac_mean
 from klgap.report.schema import Comparison, Curve, GapAnalysis, InterventionStats, ManySamples, SAEMetrics
 
 BASELINE = "epsilon_random"
 GAP_COLUMNS = ("cos", "l0", "x_norm", "eps", "position")  # what the per-token gap is correlated with
-_SCAN = ["context", "position", "intervention", "draw", "kl", "ce_delta"]
+SCAN = ["context", "position", "intervention", "draw", "kl", "ce_delta"]
 
-Rows = slice | np.ndarray  # where one intervention's measured rows lie in a part
 
 
 @dataclass(frozen=True)
@@ -66,77 +65,6 @@ def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
     return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
 
 
-# ----------------------------------------------------------------------------- reading parts
-
-
-def _read(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Columns of one part as numpy arrays; ``intervention`` as int codes with its names under ``names``."""
-    with pq.ParquetFile(path, read_dictionary=["intervention"] if "intervention" in columns else None) as part:
-        table = part.read(columns=list(columns), use_threads=False)  # ~5x quicker than pq.read_table for a part
-    out: dict[str, Any] = {}
-    for name in columns:
-        column = table.column(name)
-        if name == "intervention":
-            column = column.unify_dictionaries().combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-            out[name], out["names"] = column.indices.to_numpy(), column.dictionary.to_pylist()
-        else:
-            out[name] = column.to_numpy()
-    return out
-
-
-def _as_rows(mask: np.ndarray) -> Rows:
-    """The rows of `mask`: a slice when they are contiguous (each intervention's are, in the engine's parts)."""
-    idx = np.flatnonzero(mask)
-    if idx.size and idx[-1] - idx[0] + 1 == idx.size:
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
-
-
-def _size(rows: Rows) -> int:
-    return rows.stop - rows.start if isinstance(rows, slice) else rows.size
-
-
-class _Parts:
-    """The run's parts and, per part, where each intervention's measured rows (draw < 0) lie."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.rows: list[dict[str, Rows]] = []
-        self.counts: dict[str, int] = {}  # measured rows per intervention, in order of first appearance
-
-    def scan(self, columns: Sequence[str]) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """Each part's `columns` (with intervention and draw) and its masks of measured rows per intervention."""
-        for path in self.paths:
-            part = _read(path, list(dict.fromkeys([*columns, "intervention", "draw"])))
-            measured = part["draw"] < 0
-            codes = part["intervention"]
-            masks = {}
-            for code in pd.unique(codes[measured]):  # order of first appearance
-                masks[part["names"][code]] = measured & (codes == code)
-            self.rows.append({name: _as_rows(mask) for name, mask in masks.items()})
-            for name, mask in masks.items():
-                self.counts[name] = self.counts.get(name, 0) + int(mask.sum())
-            yield part, masks
-
-    def gather(self, name: str, column: str, dtype: type | None = None) -> np.ndarray:
-        """One column of `name`'s measured rows across the run, in part order: floats as stored (or `dtype`),
-        integers int32."""
-        out: np.ndarray | None = None
-        start = 0
-        for path, rows in zip(self.paths, self.rows, strict=True):
-            if name not in rows:
-                continue
-            values = _read(path, [column])[column][rows[name]]
-            if out is None:
-                dtype = dtype or (np.int32 if values.dtype.kind in "iu" else values.dtype)
-                out = np.empty(self.counts[name], dtype=dtype)
-            if out.dtype == np.int32 and values.size and (values.max() >= 2**31 or values.min() < -(2**31)):
-                raise KlgapError(f"{path}: column {column!r} holds {values.max()}, beyond int32; not a klgap part")
-            out[start : start + values.size] = values
-            start += values.size
-        return out if out is not None else np.empty(0, dtype=np.float32)
-
-
 def _num(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -147,100 +75,6 @@ def _mean(values: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- per part
-
-
-def _context_sums(values: np.ndarray, contexts: np.ndarray, kahan: bool = False) -> tuple[np.ndarray, ...]:
-    """:func:`stats.per_context` of one intervention's rows of one part: (contexts, sum, n), the same pandas calls.
-
-    pandas (3.1) sums groups in sorted order without NaN with ``np.add.reduceat`` and otherwise with its Kahan
-    loop; each group's sum depends only on its own values either way, but the whole-run call chose once for the
-    run. `kahan` takes the Kahan loop here (a NaN row in an extra last group), for runs whose call took it."""
-    if kahan:
-        values = np.concatenate([values, np.array([np.nan], dtype=values.dtype)])
-        contexts = np.concatenate([contexts, [contexts.max() + 1 if contexts.size else 0]])
-    series = pd.Series(values, copy=False)
-    grouped = series.where(np.isfinite(series)).groupby(contexts)
-    total, count = grouped.sum(min_count=1).fillna(0.0), grouped.count()
-    end = -1 if kahan else None
-    return total.index.to_numpy()[:end], total.to_numpy()[:end], count.to_numpy()[:end]
-
-
-def _takes_reduceat(values: np.ndarray, contexts: np.ndarray) -> bool:
-    """Whether pandas sums these rows with np.add.reduceat (all finite, contexts in order) — see _context_sums."""
-    return bool(np.isfinite(values).all() and np.all(contexts[1:] >= contexts[:-1]))
-
-
-class _Growing:
-    """A 1-D array appended to part by part in few allocations (capacity doubles; no per-part arrays kept)."""
-
-    def __init__(self) -> None:
-        self.data: np.ndarray | None = None
-        self.size = 0
-
-    def extend(self, values: np.ndarray) -> None:
-        if self.data is None:
-            self.data = np.empty(max(1024, values.size), dtype=values.dtype)
-        if self.size + values.size > self.data.size:
-            grown = np.empty(max(self.size + values.size, 2 * self.data.size), dtype=self.data.dtype)
-            grown[: self.size] = self.data[: self.size]
-            self.data = grown
-        self.data[self.size : self.size + values.size] = values
-        self.size += values.size
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.size] if self.data is not None else np.empty(0, dtype=np.float32)
-
-
-class _ContextSums:
-    """Per-context sums of KL and ΔCE per intervention, part by part, as :func:`stats.per_context` of the run."""
-
-    COLUMNS = ("kl", "ce_delta")
-
-    def __init__(self) -> None:
-        self.contexts: dict[str, _Growing] = {}
-        self.sums: dict[tuple[str, str, str], _Growing] = {}  # (name, column, "sum" | "n")
-        self.pieces: dict[str, list[tuple[int, int, int]]] = {}  # per part holding the name: (part, start, stop)
-        self.reduceat: dict[tuple[str, str], list[bool]] = {}  # per piece: pandas took reduceat there
-        self.last_context: dict[str, int] = {}
-        self.in_order: dict[str, bool] = {}  # the intervention's contexts never go back across the run
-
-    def add(self, index: int, part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> None:
-        for name, mask in masks.items():
-            contexts = part["context"][mask]
-            if contexts.size:
-                previous = self.last_context.get(name, contexts[0])
-                self.in_order[name] = self.in_order.get(name, True) and bool(contexts[0] >= previous)
-                self.last_context[name] = contexts[-1]
-            for column in self.COLUMNS:
-                values = part[column][mask]
-                keys, total, count = _context_sums(values, contexts)
-                self.sums.setdefault((name, column, "sum"), _Growing()).extend(total)
-                self.sums.setdefault((name, column, "n"), _Growing()).extend(count)
-                self.reduceat.setdefault((name, column), []).append(_takes_reduceat(values, contexts))
-            start = self.contexts.setdefault(name, _Growing()).size
-            self.contexts[name].extend(keys)
-            self.pieces.setdefault(name, []).append((index, start, start + keys.size))
-
-    def redo_as_whole_run(self, parts: _Parts) -> None:
-        """Where the whole run's pandas call takes the Kahan loop but a part took reduceat, sum that part again
-        the Kahan way (only in runs with non-finite values, or contexts out of order)."""
-        for (name, column), flags in self.reduceat.items():
-            if all(flags) and self.in_order.get(name, True):
-                continue
-            for (index, start, stop), flag in zip(self.pieces[name], flags, strict=True):
-                if flag:
-                    part, rows = _read(parts.paths[index], ["context", column]), parts.rows[index][name]
-                    _, total, count = _context_sums(part[column][rows], part["context"][rows], True)
-                    self.sums[(name, column, "sum")].data[start:stop] = total
-                    self.sums[(name, column, "n")].data[start:stop] = count
-
-    def per_context(self, name: str, column: str) -> pd.DataFrame:
-        """:func:`stats.per_context` of the whole run for one intervention and column."""
-        if name not in self.contexts:
-            return pd.DataFrame({"sum": np.empty(0, np.float32), "n": np.empty(0, np.int64)})
-        total, count = self.sums[(name, column, "sum")].view(), self.sums[(name, column, "n")].view()
-        frame = pd.DataFrame({"sum": total, "n": count}, index=pd.Index(self.contexts[name].view(), name="context"))
-        return frame.sort_index(kind="stable")
 
 
 def _part_gap(part: dict[str, np.ndarray], masks: dict[str, np.ndarray],
@@ -280,7 +114,7 @@ def _part_zscores(part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> 
 # ----------------------------------------------------------------------------- the run
 
 
-def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, Comparison]:
+def _compare(sums: ContextSums, names: list[str], seed: int) -> dict[str, Comparison]:
     """For each baseline: KL and ΔCE ratios sae/baseline with context-bootstrap intervals, the paired ΔCE difference
     and the baseline's mean ΔCE with theirs, Wilcoxon; Holm within each family of the run (klgap.report.holm)."""
     out: dict[str, Comparison] = {}
@@ -291,7 +125,7 @@ def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, Compa
         if name == "sae":
             continue
         base_kl, base_ce = sums.per_context(name, "kl"), sums.per_context(name, "ce_delta")
-        out[name] = Comparison.model_validate(_clean_json({
+        out[name] = Comparison.model_validate(plain({
             "kl_ratio": stats.ratio_of_means_ci(sae_kl, base_kl, seed=seed),
             "ce_delta_ratio": stats.ratio_of_means_ci(sae_ce, base_ce, seed=seed),
             "wilcoxon_kl": stats.paired_wilcoxon(sae_kl, base_kl),
@@ -302,16 +136,7 @@ def _compare(sums: _ContextSums, names: list[str], seed: int) -> dict[str, Compa
     return out
 
 
-def _clean_json(obj: Any) -> Any:
-    """NaN and infinities as None (as report.json saves them), so a model holds what its file will."""
-    if isinstance(obj, dict):
-        return {k: _clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _gap_analysis(parts: _Parts, gap: np.ndarray, take: np.ndarray | None,
+def _gap_analysis(parts: Parts, gap: np.ndarray, take: np.ndarray | None,
                   decode: Callable[[int], str | None]) -> GapAnalysis:
     """Spearman of the gap with each of GAP_COLUMNS, and the tokens with the largest mean gap.
     take: the gap's rows among the run's sae rows, None when it holds all of them in order."""
@@ -331,7 +156,7 @@ def _gap_analysis(parts: _Parts, gap: np.ndarray, take: np.ndarray | None,
                      "count": int(r["count"])} for _, r in top.iterrows()])
 
 
-def _per_intervention(parts: _Parts, single_token: bool) -> tuple[dict[str, InterventionStats], dict[str, dict], dict]:
+def _per_intervention(parts: Parts, single_token: bool) -> tuple[dict[str, InterventionStats], dict[str, dict], dict]:
     """Per intervention, one column at a time: KL and ΔCE described (the ΔCE one also returned whole), and in
     single-token mode the mean KL per offset."""
     interventions, ce_delta, kl_by_offset = {}, {}, {}
@@ -357,10 +182,10 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
 
     names: the interventions in configured order, the SAE's first; mode: all_tokens, single_token or
     many_samples; sample_name: the many-samples draws' intervention; decode(token_id): a token's text."""
-    parts = _Parts(part_paths)
-    sums = _ContextSums()
-    contexts, gaps, takes, zscores, n_draws = _Growing(), _Growing(), [], [], 0
-    for index, (part, masks) in enumerate(parts.scan(_SCAN)):
+    parts = Parts(part_paths)
+    sums = ContextSums()
+    contexts, gaps, takes, zscores, n_draws = Growing(), Growing(), [], [], 0
+    for index, (part, masks) in enumerate(parts.scan(SCAN)):
         sums.add(index, part, masks)
         contexts.extend(np.unique(part["context"][part["draw"] < 0]))
         if mode == "many_samples":
@@ -368,7 +193,7 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
             n_draws = max(n_draws, int(part["draw"].max()) + 1)
         elif (joined := _part_gap(part, masks, BASELINE)) is not None:
             gaps.extend(joined[0])
-            takes.append((parts.counts["sae"] - _size(parts.rows[-1]["sae"]), joined[1]))  # (sae rows before, rows)
+            takes.append((parts.counts["sae"] - n_rows(parts.rows[-1]["sae"]), joined[1]))  # (sae rows before, rows)
     sums.redo_as_whole_run(parts)
 
     interventions, ce_delta, kl_by_offset = _per_intervention(parts, mode == "single_token")
@@ -382,7 +207,7 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     gap = curve = None
     if mode != "many_samples":
         if {"sae", BASELINE} <= parts.counts.keys():
-            in_order = all(isinstance(t, slice) for _, t in takes) and sum(_size(t) for _, t in takes) == parts.counts["sae"]
+            in_order = all(isinstance(t, slice) for _, t in takes) and sum(n_rows(t) for _, t in takes) == parts.counts["sae"]
             take = None if in_order else np.concatenate(
                 [before + (np.arange(t.start, t.stop) if isinstance(t, slice) else t) for before, t in takes])
             gap = _gap_analysis(parts, gaps.view(), take, decode)
@@ -430,7 +255,7 @@ def _many_samples(per_context: list[dict[str, Any]], n_draws: int, sample_name: 
 def token_gaps(part_paths: Sequence[Path], baseline: str = BASELINE) -> pd.Series | None:
     """The per-token gap KL(sae) − KL(baseline) of a run, indexed by (context, position), as
     ``stats.token_gap(frame).set_index(["context", "position"])["gap"]``; None when either is missing."""
-    parts = _Parts(part_paths)
+    parts = Parts(part_paths)
     gaps, contexts, positions = [], [], []
     for part, masks in parts.scan(["context", "position", "kl"]):
         if (joined := _part_gap(part, masks, baseline)) is not None:
@@ -447,9 +272,9 @@ def token_gaps(part_paths: Sequence[Path], baseline: str = BASELINE) -> pd.Serie
 def context_sums(part_paths: Sequence[Path]) -> Callable[[str, str], pd.DataFrame]:
     """``per_context(intervention, column)`` of a run's parts: the per-context sums and counts of KL and ΔCE its
     report's ratios are built from (klgap/report/compounding.py pairs a joint run's with its single-site runs')."""
-    parts = _Parts(part_paths)
-    sums = _ContextSums()
-    for index, (part, masks) in enumerate(parts.scan(["context", *_ContextSums.COLUMNS])):
+    parts = Parts(part_paths)
+    sums = ContextSums()
+    for index, (part, masks) in enumerate(parts.scan(["context", *ContextSums.COLUMNS])):
         sums.add(index, part, masks)
     sums.redo_as_whole_run(parts)
     return sums.per_context

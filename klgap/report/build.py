@@ -1,4 +1,5 @@
-"""report.json: a run's numbers, configuration and provenance, built from its folder alone (run.json + parts).
+"""report.json: a run's numbers, configuration and provenance, built from its folder alone (run.json + parts),
+with every section a plugin registers that the run has (klgap/report/sections.py).
 
 Data first; pictures come later (klgap/render/pages.py). Nothing here loads a model or an SAE.
 """
@@ -8,25 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
-from klgap.report.aggregate import run_statistics
-from klgap.job.record import RunRecord
 from klgap.job.folder import RunDir
+from klgap.job.record import RunRecord
+from klgap.report.aggregate import run_statistics
+from klgap.report.numbers import plain
 from klgap.report.schema import SCHEMA_VERSION, InterventionStats, Report, SaeLensScores
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+from klgap.report.sections import RunFiles, build_run_sections, report_model
 
 
 def token_decoder(sides: list[dict[str, Any]]) -> Any:
@@ -66,25 +54,8 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
                                   "kl_by_offset": found.kl_by_offset}
     if record.mode == "many_samples":
         report["many_samples"] = found.many_samples
-    decomposition = _error_decomposition(record, paths, sides)
-    if decomposition is not None:
-        report["error_decomposition"] = decomposition
-    if record.joint is not None:
-        from klgap.report.compounding import compounding
-
-        report["compounding"] = compounding(record, rundir, found.interventions)
-    return Report.model_validate(_clean(_plain(report)))
-
-
-def _error_decomposition(record: RunRecord, paths: list[Any], sides: list[dict[str, Any]]) -> Any:
-    """The error-decomposition section (klgap/report/decomposition.py) when the run measured one of its interventions."""
-    from klgap.report.aggregate import context_sums
-    from klgap.report.decomposition import INTERVENTIONS, error_decomposition
-
-    if not set(INTERVENTIONS) & set(record.names) or record.joint is not None:
-        return None
-    return error_decomposition(paths, sides, record.names, context_sums(paths), record.seed,
-                               record.execution.get("fitted", {}), record.config.get("fit_tokens"))
+    report.update(build_run_sections(RunFiles(record, rundir, paths, sides, found)))  # klgap/report/sections.py
+    return report_model("run").model_validate(plain(_plain(report)))
 
 
 def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:

@@ -17,7 +17,8 @@ from klgap.errors import KlgapError
 from klgap.render.formatting import fmt, fmt_fixed
 from klgap.report.provenance import provenance
 from klgap.job.folder import atomic_write_bytes, atomic_write_json
-from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json, load_report
+from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json
+from klgap.report.read import load_report
 from klgap.report.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",

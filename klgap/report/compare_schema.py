@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from klgap.errors import KlgapError
-from klgap.report.schema import SCHEMA_VERSION, Curve, Num, Provenance, _major, _Model
+from klgap.report.schema import SCHEMA_VERSION, Curve, Num, Provenance, StrictModel, major_version
 
 
-class CompareRun(_Model):
+class CompareRun(StrictModel):
     """One compared site/layer: its summary row (as its own report.json gives it) and its curve."""
 
     label: str
@@ -39,7 +39,7 @@ class CompareRun(_Model):
     curve: Curve | None
 
 
-class CompareFile(_Model):
+class CompareFile(StrictModel):
     """compare.json: every compared site/layer, in the order of the command's RUN_DIRs."""
 
     schema_version: str
@@ -51,8 +51,8 @@ class CompareFile(_Model):
 def validate_compare(data: Any, source: str = "compare.json") -> CompareFile:
     """Check a compare.json's parsed JSON against :class:`CompareFile`; KlgapError naming the first problems."""
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version is None or _major(version) != _major(SCHEMA_VERSION):
-        raise KlgapError(f"{source} has schema_version {version}; this klgap reads {_major(SCHEMA_VERSION)}.x "
+    if version is None or major_version(version) != major_version(SCHEMA_VERSION):
+        raise KlgapError(f"{source} has schema_version {version}; this klgap reads {major_version(SCHEMA_VERSION)}.x "
                          f"(it writes {SCHEMA_VERSION})")
     try:
         return CompareFile.model_validate(data)

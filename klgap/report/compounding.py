@@ -15,27 +15,92 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import pandas as pd
 
+from klgap.errors import KlgapError
+from klgap.job.folder import RunDir
+from klgap.job.record import RECORD_FILE, SUBSETS_DIR, RunRecord
 from klgap.report import stats
 from klgap.report.aggregate import context_sums
-from klgap.job.record import RunRecord
-from klgap.job.folder import RunDir
-from klgap.report.schema import (
-    BASELINE, Additivity, Compounding, CompoundingSite, CompoundingSubset, Difference, InterventionStats, PairedTest, RatioCI, Report,
-)
+from klgap.report.read import load_report
+from klgap.report.schema import BASELINE, InterventionStats, Num, PairedTest, RatioCI, Report, StrictModel
+
+
+class Difference(StrictModel):
+    """a − b with a bootstrap interval over contexts; p_value: the share of replicates with a − b ≤ 0
+    (one-sided: small when a is larger)."""
+
+    estimate: Num
+    ci_low: Num
+    ci_high: Num
+    p_value: Num
+    n_contexts: int
+    n_boot: int
+
+
+class CompoundingSite(StrictModel):
+    """One site of a joint run measured alone, on the same tokens."""
+
+    site: str
+    layer: int
+    hook_name: str
+    path: str
+    kl_mean: dict[str, Num]  # per intervention
+    ce_delta_mean: dict[str, Num]
+    kl_ratio: RatioCI | None  # sae / epsilon_random at this site alone
+
+
+class Additivity(StrictModel):
+    """One intervention: joint KL against the sum of its single-site KLs (per context, paired)."""
+
+    joint_kl_mean: Num
+    joint_ce_delta_mean: Num
+    sum_single_kl_mean: Num
+    sum_single_ce_delta_mean: Num
+    joint_over_sum: RatioCI  # > 1: super-additive, < 1: sub-additive
+    wilcoxon_joint_vs_sum: PairedTest
+    verdict: Literal["super-additive", "sub-additive", "not distinguishable from additive"]
+
+
+class Compounding(StrictModel):
+    """A joint run's sites patched together against each alone (issue 21): does the SAE's damage compound
+    more than ε-random's?"""
+
+    sites: list[CompoundingSite]
+    joint_kl_ratio: RatioCI | None  # sae / epsilon_random, every site patched
+    max_single: str | None  # hook name of the site with the largest single-site ratio
+    max_single_kl_ratio: Num
+    joint_minus_max_single_ratio: Difference | None
+    joint_ratio_larger: bool | None  # joint ratio > the largest single-site ratio (point estimates)
+    additivity: dict[str, Additivity]
+    subsets: list[CompoundingSubset] | None = None  # --joint-subsets: every subset of 2+ sites, by size
+
+
+class CompoundingSubset(StrictModel):
+    """A subset of a joint run's sites patched together in the same pass (``--joint-subsets``), with its own
+    compounding section (against the same single-site runs)."""
+
+    sites: list[str]  # hook names, in forward order
+    path: str  # its folder, relative to the joint run's
+    compounding: Compounding
+
+
+Compounding.model_rebuild()
+
 
 Sums = Callable[[str, str], pd.DataFrame]  # (intervention, column) -> per-context sum, n
 N_BOOT = 2000
 
 
-def _single_report(folder) -> Report:
-    from klgap.job.engine import report_folder
-    from klgap.report.schema import load_report
-
-    return load_report(folder) if (folder / "report.json").is_file() else report_folder(folder)
+def _report_of(folder: Path) -> Report:
+    """The report of a site alone or a subset, which the job wrote before this joint cell's (klgap/job/finish.py)."""
+    report = load_report(folder)
+    if not isinstance(report, Report):
+        raise KlgapError(f"{str(folder)!r} holds a study, not the run of a joint run's site or subset")
+    return report
 
 
 def _ratio(sums: Sums, names: list[str], seed: int) -> RatioCI | None:
@@ -56,25 +121,13 @@ def ratio_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame
                      seed: int, n_boot: int = N_BOOT, level: float = 0.95) -> Difference:
     """mean(a₀)/mean(a₁) − mean(b₀)/mean(b₁) over tokens, the bootstrap resampling whole contexts (the same
     contexts for both ratios: the runs are paired); p_value = share of replicates ≤ 0."""
-    frames = [*a, *b]
-    joined = pd.concat([f.add_suffix(f"_{i}") for i, f in enumerate(frames)], axis=1, join="inner")
-    if joined.empty:
+    found = stats.context_bootstrap([*a, *b], lambda m: m[0] / m[1] - m[2] / m[3], n_boot, seed, level)
+    if found is None:
         return Difference(estimate=None, ci_low=None, ci_high=None, p_value=None, n_contexts=0, n_boot=n_boot)
-    s = [joined[f"sum_{i}"].to_numpy() for i in range(4)]
-    n = [joined[f"n_{i}"].to_numpy() for i in range(4)]
-
-    def diff(idx: np.ndarray | slice) -> np.ndarray:
-        mean = [s[i][idx].sum(-1) / n[i][idx].sum(-1) for i in range(4)]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return mean[0] / mean[1] - mean[2] / mean[3]
-
-    point = float(diff(slice(None)))
-    boots = np.concatenate([diff(idx) for idx in stats.bootstrap_indices(len(joined), n_boot, seed)])
-    boots = boots[np.isfinite(boots)]
-    alpha = (1 - level) / 2
-    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
-    return Difference(estimate=point, ci_low=float(low), ci_high=float(high),
-                      p_value=float((boots <= 0).mean()) if boots.size else None, n_contexts=len(joined), n_boot=n_boot)
+    boots = found.replicates
+    return Difference(estimate=found.point, ci_low=found.low, ci_high=found.high,
+                      p_value=float((boots <= 0).mean()) if boots.size else None, n_contexts=found.n_contexts,
+                      n_boot=n_boot)
 
 
 def _verdict(ratio: RatioCI) -> str:
@@ -98,7 +151,7 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
     sites, single_sums = [], []
     for site in record.joint or []:
         folder = rundir.root / site.path
-        report = _single_report(folder)
+        report = _report_of(folder)
         sums = context_sums(RunDir(folder).finished_parts()[0])
         single_sums.append(sums)
         sites.append(CompoundingSite(
@@ -134,17 +187,14 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
 
 
 def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
-    """The compounding sections of the subsets measured with the run (``OUT/subsets/*``, klgap/job/joint_folder.py), by
+    """The compounding sections of the subsets measured with the run (``OUT/subsets/*``, klgap/job/plan.py), by
     size, then by the forward order of their sites."""
-    from klgap.job.joint_folder import SUBSETS_DIR
-    from klgap.job.record import RECORD_FILE
-
     folder = rundir.root / SUBSETS_DIR
     order = [site.hook_name for site in record.joint or []]
     found = []
     for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
         if (sub / RECORD_FILE).is_file():
-            report = _single_report(sub)
+            report = _report_of(sub)
             if report.compounding is not None and report.joint is not None:
                 names = [site.hook_name for site in report.joint]
                 found.append(CompoundingSubset(sites=names, path=f"{SUBSETS_DIR}/{sub.name}",

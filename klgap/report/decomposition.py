@@ -25,7 +25,38 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from klgap.report import stats
-from klgap.report.schema import BASELINE, ErrorDecomposition, ErrorPart, MeanCI, PairedTest, RatioCI
+from klgap.report.numbers import finite, plain
+from klgap.report.schema import BASELINE, MeanCI, Num, PairedTest, RatioCI, StrictModel
+
+
+class ErrorPart(StrictModel):
+    """One part of the SAE's error left alone (the other added back to x̂) against its random twin: a random error
+    of the same per-token norm. Intervals are bootstraps over whole contexts; the test pairs per-context means."""
+
+    intervention: str  # sae_plus_linear_error (the nonlinear part kept) or sae_plus_nonlinear_error
+    twin: str  # epsilon_random_nonlinear / epsilon_random_linear
+    kept: Literal["linear", "nonlinear"]  # the part of the error x' still holds
+    kl: MeanCI  # mean KL of the intervention
+    twin_kl: MeanCI
+    kl_ratio: RatioCI  # KL(intervention) / KL(twin)
+    wilcoxon_kl: PairedTest  # intervention vs twin (uncorrected p)
+    excess: MeanCI  # KL(intervention) − KL(twin), paired over contexts
+    excess_left: RatioCI | None  # excess / (KL(sae) − KL(epsilon_random)); None without sae and epsilon_random
+
+
+class ErrorDecomposition(StrictModel):
+    """The SAE's error e = x − x̂ split into e_lin = W x + b (ridge least squares on the fit tokens) and e_nl = e − e_lin
+    (Engels et al. 2024), measured on the run's tokens (klgap/report/decomposition.py)."""
+
+    fit_source: str  # which tokens W, b were fitted on
+    held_out: bool  # fitted on tokens apart from the measured ones (--fit-tokens)
+    n_fit_tokens: int | None
+    r2: MeanCI  # 1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens: the fraction of ‖e‖² the linear part explains
+    r2_centred: Num  # 1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖²: the fraction of the error's variance explained
+    lin_norm_frac: MeanCI  # mean over tokens of ‖e_lin‖ / ‖e‖ (tokens with ‖e‖ > 0)
+    sae_excess: MeanCI | None  # KL(sae) − KL(epsilon_random), paired; None without both
+    parts: list[ErrorPart]
+
 
 #: intervention -> (its random twin at the same per-token norm, the part of the error it keeps)
 PARTS: dict[str, tuple[str, Literal["linear", "nonlinear"]]] = {
@@ -71,8 +102,8 @@ def _sum_n(sums: pd.DataFrame, total: str, count: str) -> pd.DataFrame:
 def r2(sums: pd.DataFrame, seed: int) -> MeanCI:
     """1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens, with the context-bootstrap interval of the ratio (flipped)."""
     ratio = stats.ratio_of_means_ci(_sum_n(sums, "sq_nl", "n"), _sum_n(sums, "sq", "n"), seed=seed)
-    return MeanCI(mean=_num(1.0 - ratio["ratio"]), ci_low=_num(1.0 - ratio["ci_high"]),
-                  ci_high=_num(1.0 - ratio["ci_low"]), n_contexts=ratio["n_contexts"], n_boot=ratio.get("n_boot"))
+    return MeanCI(mean=finite(1.0 - ratio["ratio"]), ci_low=finite(1.0 - ratio["ci_high"]),
+                  ci_high=finite(1.0 - ratio["ci_low"]), n_contexts=ratio["n_contexts"], n_boot=ratio.get("n_boot"))
 
 
 def r2_centred(sides: Sequence[dict[str, Any]]) -> float:
@@ -90,7 +121,7 @@ def r2_centred(sides: Sequence[dict[str, Any]]) -> float:
 
 def lin_norm_frac(sums: pd.DataFrame, seed: int) -> MeanCI:
     """Mean over tokens of ‖e_lin‖ / ‖e‖, with a context-bootstrap interval."""
-    return MeanCI.model_validate(_clean(stats.mean_ci(_sum_n(sums, "frac", "n_frac"), seed=seed)))
+    return MeanCI.model_validate(plain(stats.mean_ci(_sum_n(sums, "frac", "n_frac"), seed=seed)))
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -106,7 +137,7 @@ def sae_excess(per_context: PerContext, names: Sequence[str], seed: int) -> Mean
     """KL(sae) − KL(epsilon_random), paired over contexts; None unless both were measured."""
     if not {"sae", BASELINE} <= set(names):
         return None
-    return MeanCI.model_validate(_clean(stats.difference_of_means_ci(
+    return MeanCI.model_validate(plain(stats.difference_of_means_ci(
         per_context("sae", "kl"), per_context(BASELINE, "kl"), seed=seed)))
 
 
@@ -118,16 +149,16 @@ def error_part(per_context: PerContext, names: Sequence[str], intervention: str,
     kl, twin_kl = per_context(intervention, "kl"), per_context(twin, "kl")
     excess_left = None
     if {"sae", BASELINE} <= set(names):
-        excess_left = RatioCI.model_validate(_clean(stats.ratio_of_means_ci(
+        excess_left = RatioCI.model_validate(plain(stats.ratio_of_means_ci(
             paired_difference(kl, twin_kl), paired_difference(per_context("sae", "kl"), per_context(BASELINE, "kl")),
             seed=seed)))
     return ErrorPart(
         intervention=intervention, twin=twin, kept=kept,
-        kl=MeanCI.model_validate(_clean(stats.mean_ci(kl, seed=seed))),
-        twin_kl=MeanCI.model_validate(_clean(stats.mean_ci(twin_kl, seed=seed))),
-        kl_ratio=RatioCI.model_validate(_clean(stats.ratio_of_means_ci(kl, twin_kl, seed=seed))),
-        wilcoxon_kl=PairedTest.model_validate(_clean(stats.paired_wilcoxon(kl, twin_kl))),
-        excess=MeanCI.model_validate(_clean(stats.difference_of_means_ci(kl, twin_kl, seed=seed))),
+        kl=MeanCI.model_validate(plain(stats.mean_ci(kl, seed=seed))),
+        twin_kl=MeanCI.model_validate(plain(stats.mean_ci(twin_kl, seed=seed))),
+        kl_ratio=RatioCI.model_validate(plain(stats.ratio_of_means_ci(kl, twin_kl, seed=seed))),
+        wilcoxon_kl=PairedTest.model_validate(plain(stats.paired_wilcoxon(kl, twin_kl))),
+        excess=MeanCI.model_validate(plain(stats.difference_of_means_ci(kl, twin_kl, seed=seed))),
         excess_left=excess_left)
 
 
@@ -148,15 +179,6 @@ def error_decomposition(paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     return ErrorDecomposition(
         fit_source=str(fit.get("source", "unknown")), held_out=fit_tokens is not None,
         n_fit_tokens=fit.get("n_activations"),
-        r2=r2(sums, seed), r2_centred=_num(r2_centred(sides)), lin_norm_frac=lin_norm_frac(sums, seed),
+        r2=r2(sums, seed), r2_centred=finite(r2_centred(sides)), lin_norm_frac=lin_norm_frac(sums, seed),
         sae_excess=sae_excess(per_context, names, seed),
         parts=[p for name in PARTS if (p := error_part(per_context, names, name, seed)) is not None])
-
-
-def _num(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _clean(obj: dict[str, Any]) -> dict[str, Any]:
-    """NaN and infinities as None, as report.json saves them."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}

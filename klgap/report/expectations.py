@@ -14,16 +14,17 @@ The verdicts are written to ``OUT/expected_check.json`` (:class:`ExpectationChec
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
 from klgap.errors import KlgapError
 from klgap.render.formatting import fmt, fmt_ci
-from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport, load_report
+from klgap.report.numbers import finite
+from klgap.report.schema import BASELINE, Report, SiteSummary, StrictModel, StudyReport
+from klgap.report.read import load_report
 
 EXPECTED_FILE = "expected.json"
 CHECK_FILE = "expected_check.json"
@@ -42,11 +43,7 @@ Quantity = Literal[
 Status = Literal["matches", "differs", "not measured"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Target(_Model):
+class Target(StrictModel):
     """One number (or one number per covered layer) a replication must reproduce."""
 
     name: str  # "layer 6 KL ratio sae/epsilon_random"
@@ -98,7 +95,7 @@ class Target(_Model):
         return self.study if self.study is not None else fmt(self.value) if self.value is not None else self.bounds_text()
 
 
-class Expected(_Model):
+class Expected(StrictModel):
     """expected.json: a replication folder's targets."""
 
     description: str = ""
@@ -110,21 +107,21 @@ class Expected(_Model):
         return [t for t in self.targets if t.config == name]
 
 
-class Measurement(_Model):
+class Measurement(StrictModel):
     where: str  # "resid_pre L6"
     value: float | None
     ci_low: float | None = None
     ci_high: float | None = None
 
 
-class Verdict(_Model):
+class Verdict(StrictModel):
     target: Target
     status: Status
     measurements: list[Measurement]
     text: str  # one line: "layer 6 KL ratio sae/epsilon_random: 2.47 [2.41, 2.53], in [2.28, 2.79]: matches ..."
 
 
-class ExpectationCheck(_Model):
+class ExpectationCheck(StrictModel):
     """OUT/expected_check.json: the verdict of every target of one replication file on one run folder."""
 
     expected: str  # the expected.json checked against
@@ -192,10 +189,6 @@ def _runs(folder: Path) -> list[SiteSummary]:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _nan_none(value: float | None) -> float | None:
-    return None if value is None or isinstance(value, float) and math.isnan(value) else value
-
-
 def measure(target: Target, run: SiteSummary) -> Measurement:
     """The target's quantity in one run (value None where the run does not have it)."""
     where, q = f"{run.site} L{run.layer}", target.quantity
@@ -223,7 +216,7 @@ def measure(target: Target, run: SiteSummary) -> Measurement:
         value = getattr(run.sae_lens_scores, q) if run.sae_lens_scores is not None else None
     elif q == "explained_variance":
         value = run.sae_metrics.explained_variance
-    return Measurement(where=where, value=_nan_none(value), ci_low=_nan_none(low), ci_high=_nan_none(high))
+    return Measurement(where=where, value=finite(value), ci_low=finite(low), ci_high=finite(high))
 
 
 def _inside(value: float, bounds: tuple[float | None, float | None]) -> bool:

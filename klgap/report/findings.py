@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from klgap.render.formatting import fmt, fmt_ci, fmt_fixed, fmt_p
-from klgap.report.schema import BASELINE, Compounding, Curve
+from klgap.report.compounding import Compounding
+from klgap.report.schema import BASELINE, Curve
 from klgap.report.summary import SummaryRow
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,46 @@ def bootstrap_indices(n: int, n_boot: int, seed: int):
         yield rng.integers(0, n, size=(min(BOOT_CHUNK, n_boot - start), n), dtype=np.int32)
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """A statistic of per-context sums with its bootstrap interval over whole contexts: the point estimate, the
+    interval, the contexts every frame holds, and the finite replicates."""
+
+    point: float
+    low: float
+    high: float
+    n_contexts: int
+    replicates: np.ndarray
+
+
+def context_bootstrap(frames: Sequence[pd.DataFrame], statistic: Callable[[list[np.ndarray]], np.ndarray],
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                      dtype: type | None = None) -> Bootstrap | None:
+    """The one bootstrap over contexts: `frames` (per-context ``sum`` and ``n``, :func:`per_context`) joined on the
+    contexts they all hold, each resample drawing the same whole contexts for every frame (paired);
+    ``statistic(means)`` of each frame's mean over the drawn contexts' tokens (``[replicates]`` arrays, or scalars
+    for the point estimate). None when no context is shared. `dtype`: the sums' dtype (None: as stored)."""
+    joined = frames[0].add_suffix("_0")
+    for i, frame in enumerate(frames[1:], 1):
+        joined = joined.join(frame.add_suffix(f"_{i}"), how="inner")
+    if joined.empty:
+        return None
+    sums = [joined[f"sum_{i}"].to_numpy(dtype) for i in range(len(frames))]
+    counts = [joined[f"n_{i}"].to_numpy(dtype) for i in range(len(frames))]
+
+    def value(idx: np.ndarray | slice) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return statistic([s[idx].sum(-1) / n[idx].sum(-1) for s, n in zip(sums, counts, strict=True)])
+
+    point = float(value(slice(None)))
+    n = len(joined)
+    boots = np.concatenate([value(idx) for idx in bootstrap_indices(n, n_boot, seed)])
+    boots = boots[np.isfinite(boots)]
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
+    return Bootstrap(point, float(low), float(high), n, boots)
+
+
 def ratio_of_means_ci(
     num: pd.DataFrame, den: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
@@ -59,25 +101,11 @@ def ratio_of_means_ci(
 
     num, den: per-context ``sum`` and ``n`` (from :func:`per_context`), aligned on context.
     """
-    joined = num.add_suffix("_num").join(den.add_suffix("_den"), how="inner")
-    if joined.empty:
+    found = context_bootstrap([num, den], lambda m: m[0] / m[1], n_boot, seed, level)
+    if found is None:
         return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
-    s_num, n_num = joined["sum_num"].to_numpy(), joined["n_num"].to_numpy()
-    s_den, n_den = joined["sum_den"].to_numpy(), joined["n_den"].to_numpy()
-
-    def ratio(idx: np.ndarray | slice) -> np.ndarray:
-        mean_num = s_num[idx].sum(-1) / n_num[idx].sum(-1)
-        mean_den = s_den[idx].sum(-1) / n_den[idx].sum(-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return mean_num / mean_den
-
-    point = float(ratio(slice(None)))
-    n = len(joined)
-    boots = np.concatenate([ratio(idx) for idx in bootstrap_indices(n, n_boot, seed)])
-    boots = boots[np.isfinite(boots)]
-    alpha = (1 - level) / 2
-    low, high = (np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan))
-    return {"ratio": point, "ci_low": float(low), "ci_high": float(high), "n_contexts": int(n), "n_boot": n_boot}
+    return {"ratio": found.point, "ci_low": found.low, "ci_high": found.high, "n_contexts": found.n_contexts,
+            "n_boot": n_boot}
 
 
 def difference_of_means_ci(
@@ -87,23 +115,11 @@ def difference_of_means_ci(
 
     a, b: per-context ``sum`` and ``n`` (from :func:`per_context`), joined on the contexts both hold.
     Returns mean, ci_low, ci_high, n_contexts, n_boot (NaN without a shared context)."""
-    joined = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
-    if joined.empty:
+    found = context_bootstrap([a, b], lambda m: m[0] - m[1], n_boot, seed, level, np.float64)
+    if found is None:
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0, "n_boot": n_boot}
-    s_a, n_a = joined["sum_a"].to_numpy(np.float64), joined["n_a"].to_numpy(np.float64)
-    s_b, n_b = joined["sum_b"].to_numpy(np.float64), joined["n_b"].to_numpy(np.float64)
-
-    def difference(idx: np.ndarray | slice) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return s_a[idx].sum(-1) / n_a[idx].sum(-1) - s_b[idx].sum(-1) / n_b[idx].sum(-1)
-
-    point = float(difference(slice(None)))
-    n = len(joined)
-    boots = np.concatenate([difference(idx) for idx in bootstrap_indices(n, n_boot, seed)])
-    boots = boots[np.isfinite(boots)]
-    alpha = (1 - level) / 2
-    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
-    return {"mean": point, "ci_low": float(low), "ci_high": float(high), "n_contexts": int(n), "n_boot": n_boot}
+    return {"mean": found.point, "ci_low": found.low, "ci_high": found.high, "n_contexts": found.n_contexts,
+            "n_boot": n_boot}
 
 
 def paired_wilcoxon(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
@@ -277,14 +293,9 @@ def spearman(a: np.ndarray, b: np.ndarray, a_ranks: np.ndarray | None = None) ->
 
 def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """Mean over tokens with a bootstrap interval that resamples whole contexts (per-context ``sum``, ``n``)."""
-    s, n = per_ctx["sum"].to_numpy(dtype=np.float64), per_ctx["n"].to_numpy(dtype=np.float64)
-    if s.size == 0 or n.sum() == 0:
+    found = None if per_ctx["n"].sum() == 0 else context_bootstrap([per_ctx], lambda m: m[0], n_boot, seed, level,
+                                                                     np.float64)
+    if found is None:
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0, "n_boot": n_boot}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boots = np.concatenate([s[idx].sum(-1) / n[idx].sum(-1) for idx in bootstrap_indices(s.size, n_boot, seed)])
-    boots = boots[np.isfinite(boots)]
-    alpha = (1 - level) / 2
-    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
-    return {"mean": float(s.sum() / n.sum()), "ci_low": float(low), "ci_high": float(high), "n_contexts": int(s.size),
+    return {"mean": found.point, "ci_low": found.low, "ci_high": found.high, "n_contexts": found.n_contexts,
             "n_boot": n_boot}
-

@@ -1,7 +1,7 @@
 """`klgap validate`: what klgap writes, checked for its shape and its values. The kind of file comes from its
 content (``kind``): a run report (report.json; a `klgap curve` run's holds its robustness curve), a study report,
 or a comparison (compare.json, :mod:`klgap.report.compare_schema`); each against its own schema
-(:func:`klgap.report.schema.validate_report`, :func:`klgap.report.compare_schema.validate_compare`), then its values.
+(:func:`klgap.report.read.validate_report`, :func:`klgap.report.compare_schema.validate_compare`), then its values.
 
 A report that matches the schema can still say something klgap never writes: a NaN literal (klgap writes
 null), a negative KL, a p-value outside [0, 1], an interval that does not contain its estimate, counts that
@@ -20,7 +20,8 @@ from typing import Any
 
 from klgap.report.compare_schema import CompareFile
 from klgap.errors import KlgapError
-from klgap.report.schema import BASELINE, Report, StudyReport, validate_report
+from klgap.report.schema import BASELINE, Report, StudyReport
+from klgap.report.read import validate_report
 
 #: KL values (means, medians, quantiles, interval ends, per-context values, compare.json's columns): never below 0
 KL_KEYS = frozenset({"kl_mean", "kl_median", "kl_p999", "kl_ci_low", "kl_ci_high", "sae_kl", "draw_mean", "kl_sae",

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from klgap.errors import KlgapError
+from klgap.sae.quality import evaluate
 
 #: the folder of an SAE's checkpoints, and the name of one (its training step)
 FOLDER = "checkpoints"
@@ -100,7 +101,6 @@ class CheckpointSaver:
     def __call__(self, checkpoint_path: Path | None) -> None:  # sae_lens's SaveCheckpointFn
         from sae_lens import SAE
 
-        from klgap.sae.train import evaluate
 
         trainer = self.trainer
         step = trainer.n_training_samples // trainer.cfg.train_batch_size_samples

@@ -12,18 +12,15 @@ from typing import Any
 from klgap.errors import KlgapError, unknown
 
 
-def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]] | None = None) -> None:
+def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]]) -> None:
     """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
-    the command (`sae` with {site}/{layer} for a study) that is not there yet."""
+    the command at `pairs` (`sae` with {site}/{layer} for several) that is not there yet."""
     from klgap.plan.grid import sae_for
     from klgap.sae.train import train_saes
 
     if not config.sae:
         return
-    if pairs is None:
-        if config.site is None or config.layer is None:
-            raise KlgapError("a config with [train_sae] must name site and layer")
-        pairs = [(config.site, int(config.layer))]
+    recipe = renamed(recipe, "[train_sae]")
     template = os.path.expanduser(str(config.sae))
     missing = [(site, layer) for site, layer in pairs
                if not Path(sae_for(template, site, layer) if len(pairs) > 1 else template).exists()]
@@ -36,7 +33,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
         dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
         lr=recipe.get("lr"), steps=recipe.get("steps"), epochs=recipe.get("epochs"), b_dec_init=recipe.get("b_dec_init", "zeros"),
-        architecture=recipe.get("architecture", "standard"), k=recipe.get("k"),
+        architecture=recipe.get("architecture", "standard"), k=recipe.get("top_k"),
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
         overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
@@ -52,12 +49,26 @@ def print_trained(results: list[dict[str, Any]]) -> None:
 
 
 OVERRIDABLE = {"l1": "l1_coefficient", "lr": "lr", "steps": "steps", "b_dec_init": "b_dec_init",
-               "architecture": "architecture", "k": "k"}
+               "architecture": "architecture", "top_k": "k"}
+#: recipe keys since renamed: old -> new (``k`` was also replicate's single-token --k)
+LEGACY_KEYS = {"k": "top_k"}
+
+
+def renamed(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A recipe table with its old keys under their new names (each said once on stderr)."""
+    out = {}
+    for key, value in table.items():
+        if key in LEGACY_KEYS:
+            print(f"klgap: warning: {where} key {key!r} is deprecated: write {LEGACY_KEYS[key]} = {value!r}",
+                  file=sys.stderr)
+            key = LEGACY_KEYS[key]
+        out[key] = value
+    return out
 
 
 def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """``[train_sae.sites.attn_out_L24]`` tables: per-SAE changes to the recipe (l1, lr, steps, b_dec_init,
-    architecture, k)."""
+    architecture, top_k)."""
     from klgap.plan.sites import SITES
 
     out: dict[tuple[str, int], dict[str, Any]] = {}
@@ -66,6 +77,7 @@ def recipe_overrides(recipe: dict[str, Any]) -> dict[tuple[str, int], dict[str, 
         if not sep or site not in SITES or not layer.isdigit():
             raise KlgapError(f"[train_sae.sites.{key}]: name the SAE as SITE_L<layer>, e.g. attn_out_L24 "
                              f"(sites: {', '.join(SITES)})")
+        table = renamed(table, f"[train_sae.sites.{key}]")
         bad = [k for k in table if k not in OVERRIDABLE]
         if bad:
             raise unknown(f"[train_sae.sites.{key}] key", bad[0], list(OVERRIDABLE))

@@ -27,6 +27,7 @@ from klgap.errors import KlgapError
 from klgap.plugins.manager import ModelRef
 from klgap.protocols import LoadedModel
 from klgap.plan.sites import hook_name
+from klgap.sae.quality import evaluate
 
 
 def gather(model: LoadedModel, site: str, layer: int, contexts: Tensor, batch_size: int = 16,
@@ -65,21 +66,6 @@ def _batches(acts: Tensor, batch: int, seed: int, device: torch.device) -> Itera
         order = torch.randperm(len(acts), generator=gen)
         for start in range(0, len(order) - batch + 1, batch):
             yield acts[order[start : start + batch]].to(device)
-
-
-@torch.no_grad()
-def evaluate(sae: Any, acts: Tensor, device: torch.device) -> dict[str, float]:
-    """Explained variance, mean L0 and mean cos(x, x̂) of `sae` on ``acts [n d]``."""
-    x = acts.to(device)
-    feats = sae.encode(x)
-    x_hat = sae.decode(feats)
-    total = ((x - x.mean(0)) ** 2).sum()
-    return {
-        "explained_variance": float(1 - ((x - x_hat) ** 2).sum() / total),
-        "l0_mean": float((feats != 0).sum(-1).float().mean()),
-        "cos_mean": float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean()),
-        "mse": float(((x - x_hat) ** 2).sum(-1).mean()),
-    }
 
 
 B_DEC_INITS = ("zeros", "mean")
@@ -299,9 +285,9 @@ def check_architecture(architecture: str, k: int | None, d_sae: int | None = Non
     if architecture == "topk":
         if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (d_sae is not None and k > d_sae):
             limit = f" ≤ d_sae ({d_sae})" if d_sae is not None else ""
-            raise KlgapError(f"--architecture topk needs --k, an integer ≥ 1{limit}; got {k!r}")
+            raise KlgapError(f"--architecture topk needs --top-k, an integer ≥ 1{limit}; got {k!r}")
     elif k is not None:
-        raise KlgapError(f"--k {k} is the latents per token of --architecture topk; the {architecture} SAE "
+        raise KlgapError(f"--top-k {k} is the latents per token of --architecture topk; the {architecture} SAE "
                          "sets its sparsity with --l1")
 
 
@@ -368,12 +354,11 @@ def train_saes(
     import math
     import os
 
-    from klgap.plan.config import DTYPES
-    from klgap.job.engine import load_model
     from klgap.errors import unknown
-    from klgap.plugins.manager import get_host, model_adapter
-    from klgap.plan.resolve import pick_device
+    from klgap.job.loading import load_model
+    from klgap.plan.config import RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
+    from klgap.plan.resolve import resolve
 
     sites = parse_sites(site if isinstance(site, str) else ",".join(site))
     layers = parse_layers(layer)
@@ -386,10 +371,12 @@ def train_saes(
             f"--out {str(out)!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
             "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
         )
-    if not isinstance(tokens, int) or tokens < 1:
-        raise KlgapError(f"--tokens must be an integer ≥ 1, got {tokens!r}")
-    if dtype not in DTYPES:
-        raise unknown("dtype", dtype, DTYPES)
+    # the model, token source, device, dtype and numbers resolved as a run's are (klgap.plan.resolve), before
+    # anything loads
+    plan = resolve(RunConfig(model=model.name if isinstance(model, ModelRef) else str(model), site=pairs[0][0],
+                             layer=pairs[0][1], tokens=tokens, context_len=context_len, dataset=dataset, seed=seed,
+                             device=device, dtype=dtype, interventions=["sae"]),
+                   model=model if isinstance(model, ModelRef) else None)
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
     check_architecture(architecture, k)
@@ -402,20 +389,15 @@ def train_saes(
     for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
         count(value, checkpoints, checkpoint_every)  # checked before the model loads
     recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
-    from klgap.plan.specs import split_spec
-
-    source_name, source_arg = split_spec(dataset)
-    source = get_host().registry("token_source").get(source_name)
-    ref = model if isinstance(model, ModelRef) else model_adapter(model)
-    torch_device = pick_device(device)
-    loaded = load_model(ref, torch_device, getattr(torch, dtype))
+    torch_device = plan.device
+    loaded = load_model(plan.model, torch_device, plan.dtype)
     for value in layers:
         if not 0 <= value < loaded.n_layers:
             raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")
     if context_len > loaded.max_context:
         raise KlgapError(f"--context-len {context_len} exceeds {loaded.name}'s maximum context of {loaded.max_context}")
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
-    contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
+    contexts = plan.tokens.obj.contexts(loaded, n_contexts, context_len, seed, True, plan.tokens.arg)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
                               "b_dec_init": b_dec_init, "architecture": architecture, "k": k,
                               "checkpoints": checkpoints, "checkpoint_every": checkpoint_every}

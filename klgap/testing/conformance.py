@@ -18,17 +18,11 @@ from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, Fittab
                              SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
 
-_MODELS: dict[tuple[str, str], Any] = {}
+def model_for_tests(spec: str, device: str) -> Any:
+    """The model a ``--model`` value names, float32 on `device` (held once: klgap.job.loading.load_model)."""
+    from klgap.job.loading import load_model
 
-
-def _load_model(spec: str, device: str):
-    from klgap.plugins.manager import model_adapter
-
-    key = (spec, device)
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = model_adapter(spec).adapter.load(torch.device(device), torch.float32)
-    return _MODELS[key]
+    return load_model(spec, torch.device(device), torch.float32)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +51,7 @@ class ModelAdapterConformance:
 
     @pytest.fixture
     def lm(self, model_spec):
-        return _load_model(model_spec, self.device)
+        return model_for_tests(model_spec, self.device)
 
     def _sites(self, lm) -> list[str]:
         return [s for s in (self.sites or SITES) if s in lm.site_widths]
@@ -199,7 +193,7 @@ class SAELoaderConformance:
     def test_d_in_matches_the_site(self, sae):
         if self.model is None or sae.hook_name is None:
             pytest.skip("no model or no hook name to check against")
-        lm = _load_model(self.model, self.device)
+        lm = model_for_tests(self.model, self.device)
         site, layer = parse_hook_name(sae.hook_name)
         assert layer < lm.n_layers, f"hook {sae.hook_name} is beyond {self.model}'s {lm.n_layers} layers"
         assert sae.d_in == lm.site_widths[site], f"d_in {sae.d_in} != {self.model} {site} width {lm.site_widths[site]}"
@@ -243,7 +237,7 @@ class SAELoaderConformance:
         loader = self._registered()
         if not isinstance(loader, DefaultSAEFinder) or self.model is None:
             pytest.skip(f"{self.loader} does not declare DefaultSAEFinder (default_sae), or no model is set")
-        lm = _load_model(self.model, self.device)
+        lm = model_for_tests(self.model, self.device)
         for site in lm.site_widths:
             found = loader.default_sae(lm, site, 0)
             assert found is None or (isinstance(found, tuple) and len(found) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from klgap.errors import KlgapError
-from klgap.testing.conformance import _load_model
+from klgap.testing.conformance import model_for_tests
 
 
 class TokenSourceConformance:
@@ -23,7 +23,7 @@ class TokenSourceConformance:
 
     @pytest.fixture
     def lm(self):
-        return _load_model(self.model, "cpu")
+        return model_for_tests(self.model, "cpu")
 
     def contexts(self, lm, seed: int = 0, prepend_bos: bool = True, context_len: int | None = None) -> torch.Tensor:
         from klgap.plugins.manager import registry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -50,6 +51,12 @@ def _float64_experts(hf_model: torch.nn.Module, dtype: torch.dtype) -> str:
         return ""
     hf_model.set_experts_implementation("eager")
     return "eager (grouped_mm has no float64 kernel)"
+
+
+def cache_arg(hf_model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` in transformers >= 5.2x, before that
+    ``past_key_values`` (now deprecated)."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 def _on_meta(hf_model: torch.nn.Module) -> bool:
@@ -120,6 +127,8 @@ def wrap_loaded(
         sae_lens_models=tuple(sae_lens_models),
         layout=None if remote else layout,
         kv_cache=family.kv_cache and not remote,
+        cache_arg=cache_arg(hf_model),
+        n_heads=d["n_heads"],
         remote=remote,
         nnsight=nnsight,
         site_note=family.note or None,

@@ -1,7 +1,7 @@
 """The SAE's error split into a part linear in x and the rest (Engels et al. 2024, arXiv 2410.14670).
 
 A ridge least-squares fit ``e ≈ W x + b`` of the SAE's error ``e = x − x̂`` from the clean activation x, on fit
-tokens the run does not measure (``--fit-tokens N``; klgap/job/engine.py: fit_perturbations). Then per token
+tokens the run does not measure (``--fit-tokens N``; klgap/job/loading.py: fit_perturbations). Then per token
 ``e_lin = W x + b`` and ``e_nl = e − e_lin``, and four interventions, each with its random twin at the same
 per-token norm:
 

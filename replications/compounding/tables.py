@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from klgap.render.formatting import fmt, fmt_ci, fmt_p  # noqa: E402
 from klgap.render.compounding_page import subset_table  # noqa: E402
-from klgap.report.schema import load_report  # noqa: E402
+from klgap.report.read import load_report  # noqa: E402
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from klgap.cli.main import main
 from klgap.render.formatting import fmt_p
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.report.summary import summary_row
 from tests.helpers import random_sae
 

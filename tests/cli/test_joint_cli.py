@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from klgap.cli.main import main
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
 from tests.close import assert_identical_frames
 from tests.helpers import random_sae
@@ -87,7 +87,8 @@ def _numbers(folder):
 
 def test_sharded_joint_run_merges_into_the_unsharded_one(tmp_path, capsys):
     """--shard I/N of a joint run with --joint-subsets: each shard writes its batches into every folder (the
-    joint run, each site alone, each subset); `klgap merge` gives the unsharded run's numbers, folder by folder."""
+    joint run, each site alone, each subset); `klgap merge` gives the unsharded run's numbers, folder by folder,
+    and so does `klgap report` of the merged folder with every report.json gone."""
     sites = ("attn_out", "mlp_out", "resid_post")
     for k, site in enumerate(sites):
         random_sae(tmp_path / f"{site}-L1.safetensors", 64, 128, hook_name(site, 1), seed=k)
@@ -111,6 +112,12 @@ def test_sharded_joint_run_merges_into_the_unsharded_one(tmp_path, capsys):
                                       pd.read_parquet(tmp_path / "full" / folder / "tokens.parquet"))
     assert full.compounding.subsets[0].compounding.additivity["sae"].joint_kl_mean > 0
     assert "Every subset of two or more sites" in (tmp_path / "m" / "report.md").read_text()
+    # a joint run killed before its reports: `klgap report` builds each site's and subset's first, then its own
+    for path in (tmp_path / "m").rglob("report.json"):
+        path.unlink()
+    assert main(["report", str(tmp_path / "m")]) == 0
+    for folder in folders:
+        assert _numbers(tmp_path / "m" / folder) == _numbers(tmp_path / "full" / folder), folder
 
 
 def test_declared_compounding_replication_checks_out(capsys):

@@ -7,12 +7,11 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from klgap.job import engine
 from klgap.cli.main import main
 from klgap.plan.config import RunConfig
 from klgap.report.schema import as_json
 from klgap.plan.sites import hook_name
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
 
 EXPECTED = {
     "all_tokens": {"kl_bars.png", "kl_hist.png", "kl_by_position.png"},
@@ -26,7 +25,7 @@ def test_engine_then_report(tmp_path, capsys, load_model, mode):
     sae = random_sae(tmp_path / "sae.safetensors", 64, 128, hook_name("mlp_out", 1))
     cfg = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", tokens=6 * 32, context_len=32, device="cpu",
                     mode=mode, position=5, k=4, n_samples=10, interventions=["sae", "epsilon_random", "theta_random"])
-    report = engine.run(cfg, tmp_path / "run", progress=False)
+    report = run_config(cfg, tmp_path / "run", progress=False)
     assert main(["report", str(tmp_path / "run")]) == 0
     assert main(["validate", str(tmp_path / "run")]) == 0  # a fresh report's values pass klgap's own checks
     written = {line.split("/")[-1] for line in capsys.readouterr().out.split()}

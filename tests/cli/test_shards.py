@@ -70,6 +70,37 @@ def test_sharded_study_merges_into_the_unsharded_study(tmp_path, load_model, cap
     assert _numbers(merged) == _numbers(full)
 
 
+def _merged_equals_unsharded(args, tmp_path) -> dict:
+    """Run `args` whole and as 2 shards, merge them: every report.json and tokens.parquet below the two folders
+    holds the same numbers."""
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    for i in (1, 2):
+        assert main([*args, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
+        assert not list((tmp_path / f"s{i}").rglob("report.json"))
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    reports = sorted(p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("report.json"))
+    assert reports == sorted(p.relative_to(tmp_path / "m") for p in (tmp_path / "m").rglob("report.json"))
+    for path in reports:
+        full, merged = (json.loads((tmp_path / root / path).read_text()) for root in ("full", "m"))
+        assert _numbers(merged) == _numbers(full), path
+        if full.get("kind") == "run":
+            pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m" / path.parent / "tokens.parquet"),
+                                          pd.read_parquet(tmp_path / "full" / path.parent / "tokens.parquet"))
+    return {str(path.parent): json.loads((tmp_path / "full" / path).read_text()) for path in reports}
+
+
+def test_a_sharded_study_over_checkpoints_merges_into_the_unsharded_one(tmp_path, load_model):
+    from tests.helpers import checkpointed_sae
+
+    folder = checkpointed_sae(load_model("tiny-gpt2"), tmp_path / "sae" / "blocks.1.hook_mlp_out", checkpoints=2,
+                              steps=20, n_contexts=40)
+    args = ["replicate", "--model", "tiny-gpt2", "--sae", str(folder / "checkpoints" / "*"), "--dataset", "random",
+            "--tokens", "96", "--context-len", "32", "--batch-size", "1", "--interventions", "sae,epsilon_random",
+            "--quiet"]
+    found = _merged_equals_unsharded(args, tmp_path)
+    assert len(found["."]["over_training"][0]["points"]) == 2
+
+
 def test_parse_shard():
     assert parse_shard("2/4") == (2, 4) and parse_shard(" 1 / 1 ") == (1, 1)
     for bad in ("0/4", "5/4", "2", "a/b", "1/0"):
@@ -135,7 +166,7 @@ def test_report_refuses_an_unfinished_run_and_a_folder_without_run_json(tmp_path
     assert main([*_base(sae, tmp_path / "s1"), "--shard", "1/2"]) == 0
     assert main(["report", str(tmp_path / "s1")]) == 2
     assert "holds 3 of its 5 batches" in capsys.readouterr().err
-    from klgap.job.engine import report_folder
+    from klgap.job.finish import report_folder
 
     (tmp_path / "s1" / "run.json").unlink()  # a folder written before run.json existed
     with pytest.raises(KlgapError, match=r"has no run.json: it was written by an older klgap .* run its command again"):

@@ -9,7 +9,7 @@ import pytest
 from klgap.report import stats
 from klgap.cli.main import main
 from klgap.errors import KlgapError
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
 from klgap.plan.grid import parse_layers
 from tests.helpers import random_sae

@@ -188,3 +188,25 @@ def test_a_job_array_task_launched_with_torchrun_shares_its_shard(launched, tmp_
         assert json.loads((tmp_path / folder / "report.json").read_text())["world_size"] == 2
     assert_identical_frames(pd.read_parquet(tmp_path / "merged" / "tokens.parquet"),
                                   pd.read_parquet(root / "one" / "tokens.parquet"))
+
+
+def test_two_ranks_share_a_joint_run(launched, tmp_path, load_model, one_thread):
+    """A joint run (every site patched together, each alone) over two torchrun ranks: every folder's numbers of
+    one process."""
+    lm = load_model("tiny-gpt2")
+    for layer in (0, 1):
+        random_sae(tmp_path / f"sae{layer}.safetensors", lm.d_model, 64, hook_name("resid_post", layer), seed=layer)
+    args = ["replicate", "--model", "tiny-gpt2", "--joint", "--site", "resid_post", "--layer", "0,1", "--sae",
+            str(tmp_path / "sae{layer}.safetensors"), "--dataset", "random", "--tokens", "128", "--context-len", "32",
+            "--batch-size", "1", "--interventions", "sae,epsilon_random", "--device", "cpu", "--quiet"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "klgap", *args, "--out",
+                           str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(_measured(done.stdout + done.stderr)) == [0, 1]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    for folder in (".", "single/resid_post_L00", "single/resid_post_L01"):
+        assert _numbers(tmp_path / "two" / folder) == _numbers(tmp_path / "one" / folder), folder
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / folder / "tokens.parquet"),
+                                      pd.read_parquet(tmp_path / "one" / folder / "tokens.parquet"))
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2

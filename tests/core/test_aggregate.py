@@ -34,7 +34,7 @@ def _f32(values):
 
 
 def _part(rng, contexts, positions, names, *, offset0=None, n_draws=0, sample=None, vocab=12):
-    """One batch as engine._table makes it: a block of rows per intervention (then the draws)."""
+    """One batch as klgap.job.modes.table makes it: a block of rows per intervention (then the draws)."""
     n = len(contexts) * len(positions)
     base = {
         "context": np.repeat(contexts, len(positions)).astype(np.int64),
@@ -96,7 +96,7 @@ def _today(rundir, names, mode, sample=None):
         if mode == "single_token" else None,
         "many_samples": report.many_samples_summary(frame, sample) if mode == "many_samples" else None,
     }
-    return json.loads(json.dumps(report._clean(out)))
+    return json.loads(json.dumps(report.plain(out)))
 
 
 def _streamed(rundir, names, mode, sample=None):
@@ -108,7 +108,7 @@ def _streamed(rundir, names, mode, sample=None):
     dump = {key: value.model_dump() if hasattr(value, "model_dump") else
             {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in value.items()} if isinstance(value, dict)
             else value for key, value in dump.items()}
-    return json.loads(json.dumps(report._clean(dump)))
+    return json.loads(json.dumps(report.plain(dump)))
 
 
 def _assert_same(got, expected, path=""):

@@ -24,10 +24,10 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap.job import engine
+from klgap.job import loading
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import hook_name
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
 
 N_CTX, CTX_LEN = 4, 24
 
@@ -88,9 +88,9 @@ def test_kl_and_ce_agree_with_sae_lens_evals(tmp_path, load_model, model, site, 
         model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2,
         device="cpu", dtype=dtype, dataset="random", interventions=["sae", "zero", "identity"], include_first_position=True,
     )
-    engine.run(cfg, tmp_path / "run", progress=False)
+    run_config(cfg, tmp_path / "run", progress=False)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["intervention", "context", "position"])
-    prepared = engine.prepare(cfg)
+    prepared = loading.prepare(cfg)
     contexts = prepared.contexts  # [ctx pos], the exact tokens klgap measured
 
     tl_model = hooked_transformer(lm, getattr(torch, dtype))
@@ -151,7 +151,7 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     from sae_lens.evals import get_downstream_reconstruction_metrics
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from klgap.report.schema import load_report
+    from klgap.report.read import load_report
 
     lm = load_model(model)
     hook = hook_name(site, layer)
@@ -160,9 +160,9 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
         model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2, device="cpu",
         dtype="float64", dataset="random", interventions=["sae", "zero", "mean_ablation"], include_first_position=True,
     )
-    engine.run(cfg, tmp_path / "run", progress=False)
+    run_config(cfg, tmp_path / "run", progress=False)
     report = load_report(tmp_path / "run")
-    prepared = engine.prepare(cfg)
+    prepared = loading.prepare(cfg)
     contexts = prepared.contexts
     tl_model = hooked_transformer(lm)
     sae = prepared.sae.module

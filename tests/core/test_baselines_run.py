@@ -12,7 +12,7 @@ import torch
 
 from klgap.forward import activations
 
-from klgap.job import engine
+from klgap.job.loading import load_plan
 from klgap.cli.main import main
 from klgap.plan.config import RunConfig
 from klgap.plan.resolve import resolve
@@ -43,7 +43,7 @@ def collect(loaded, ids: torch.Tensor) -> torch.Tensor:
 def test_fitted_on_the_fit_tokens_only(sae):
     cfg = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=512, context_len=64, batch_size=4, device="cpu",
                     dataset="random", fit_tokens=1024, interventions=["sae", *BASELINES])
-    loaded = engine.load_plan(resolve(cfg))
+    loaded = load_plan(resolve(cfg))
     measured_ids, fit_ids = loaded.contexts, loaded.fit_contexts
     assert not {tuple(c) for c in measured_ids.tolist()} & {tuple(c) for c in fit_ids.tolist()}
     fit_x, measured_x = collect(loaded, fit_ids), collect(loaded, measured_ids)

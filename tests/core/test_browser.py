@@ -172,7 +172,7 @@ def test_a_13_intervention_run_reads_in_a_browser(measured, tmp_path):
 
 def test_a_curve_study_reads_in_a_browser(measured, tmp_path):
     from klgap.figures.runs import kl_bars, study_robustness
-    from klgap.report.schema import load_report
+    from klgap.report.read import load_report
 
     _, study = measured
     report = load_report(study)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from klgap.sae.checkpoints import CheckpointInfo, count, expand
-from klgap.job.engine import load_sae
+from klgap.job.loading import load_sae
 from klgap.errors import KlgapError
-from klgap.sae.train import evaluate, fit_sae, gather
+from klgap.sae.quality import evaluate
+from klgap.sae.train import fit_sae, gather
 
 
 @pytest.fixture(scope="module")

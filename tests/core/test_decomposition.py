@@ -1,5 +1,5 @@
 """The error-decomposition section of a report (klgap/report/decomposition.py, klgap/render/decomposition_page.py) and the
-fit tokens it is fitted on (--fit-tokens, klgap/job/engine.py), on tiny models."""
+fit tokens it is fitted on (--fit-tokens, klgap/job/loading.py), on tiny models."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import scipy.stats as sps
 import torch
 
-from klgap.job import engine
+from klgap.job import loading
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.render.pages import render_markdown
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
-from tests.helpers import random_sae, write_sae
+from tests.helpers import random_sae, write_sae, run_config
 
 SIX = ["sae", "epsilon_random", "sae_plus_linear_error", "epsilon_random_nonlinear", "sae_plus_nonlinear_error",
        "epsilon_random_linear"]
@@ -46,7 +46,7 @@ def d_model(load_model):
 
 
 def test_exactly_linear_error_gives_r2_one_and_no_kl(tmp_path, d_model):
-    report = engine.run(config(linear_sae(tmp_path / "sae.safetensors", d_model)), tmp_path / "run", progress=False)
+    report = run_config(config(linear_sae(tmp_path / "sae.safetensors", d_model)), tmp_path / "run", progress=False)
     found = report.error_decomposition
     assert found.held_out and found.n_fit_tokens == 34 * 31  # ceil(1024 / 31) contexts of 31 patched positions
     assert found.r2.mean == pytest.approx(1.0, abs=1e-6) and found.r2_centred == pytest.approx(1.0, abs=1e-6)
@@ -61,8 +61,8 @@ def test_fit_tokens_are_drawn_after_the_measured_ones(d_model, tmp_path):
     from klgap.plan.resolve import resolve
 
     sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE)
-    with_fit = engine.load_plan(resolve(config(sae)))
-    without = engine.load_plan(resolve(config(sae, fit_tokens=None)))
+    with_fit = loading.load_plan(resolve(config(sae)))
+    without = loading.load_plan(resolve(config(sae, fit_tokens=None)))
     assert torch.equal(with_fit.contexts, without.contexts) and without.fit_contexts is None
     assert with_fit.fit_contexts.shape == (34, 32)
     measured = {tuple(c) for c in with_fit.contexts.tolist()}
@@ -75,7 +75,7 @@ def test_fit_tokens_are_drawn_after_the_measured_ones(d_model, tmp_path):
 
 def test_section_equals_a_hand_computation(tmp_path, d_model):
     sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE, seed=3)
-    report = engine.run(config(sae), tmp_path / "run", progress=False)
+    report = run_config(config(sae), tmp_path / "run", progress=False)
     found = report.error_decomposition
     rows = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
     one = rows[rows["intervention"] == "sae_plus_linear_error"]
@@ -99,13 +99,13 @@ def test_section_equals_a_hand_computation(tmp_path, d_model):
     assert [p.intervention for p in found.parts] == ["sae_plus_linear_error", "sae_plus_nonlinear_error"]
 
     # the centred R² from the tokens' full error vectors, measured again through the run's own objects
-    loaded = engine.prepare(config(sae))
+    loaded = loading.prepare(config(sae))
     from klgap.forward import activations
-    from klgap.job import modes
+    from klgap.job.view import SaeView
 
     x = torch.cat([activations.collect(loaded.model, loaded.spec, loaded.contexts[i:i + 4])[:, 1:].reshape(-1, d_model)
                    for i in range(0, len(loaded.contexts), 4)])
-    view = modes.SaeView.of(x, loaded.sae, loaded.center, loaded.error_split)
+    view = SaeView.of(x, loaded.sae, loaded.center, loaded.error_split)
     e, e_nl = (view.x - view.x_hat).double(), view.parts[1].double()
     centred = 1 - ((e_nl - e_nl.mean(0)) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
     assert found.r2_centred == pytest.approx(float(centred), rel=1e-5)
@@ -116,11 +116,11 @@ def test_section_equals_a_hand_computation(tmp_path, d_model):
 
 def test_no_section_without_the_interventions_and_in_sample_without_fit_tokens(tmp_path, d_model):
     sae = random_sae(tmp_path / "sae.safetensors", d_model, 128, SITE)
-    plain = engine.run(config(sae, interventions=["sae", "epsilon_random"], fit_tokens=None), tmp_path / "a",
+    plain = run_config(config(sae, interventions=["sae", "epsilon_random"], fit_tokens=None), tmp_path / "a",
                        progress=False)
     assert plain.error_decomposition is None and "Error decomposition" not in render_markdown(plain, [])
     assert "eps_lin" not in pd.read_parquet(tmp_path / "a" / "tokens.parquet").columns
-    alone = engine.run(config(sae, interventions=["sae", "sae_plus_linear_error"], fit_tokens=None), tmp_path / "b",
+    alone = run_config(config(sae, interventions=["sae", "sae_plus_linear_error"], fit_tokens=None), tmp_path / "b",
                        progress=False)
     found = alone.error_decomposition
     assert not found.held_out and found.parts == [] and found.sae_excess is None
@@ -128,13 +128,10 @@ def test_no_section_without_the_interventions_and_in_sample_without_fit_tokens(t
 
 
 def test_study_table_across_sites(tmp_path, d_model):
-    from klgap.job.study import run_study
-
     base = config(str(tmp_path / "sae_{site}_{layer}.safetensors"), tokens=128)
     for layer in (0, 1):
         random_sae(tmp_path / f"sae_resid_pre_{layer}.safetensors", d_model, 128, hook_name("resid_pre", layer), seed=layer)
-    study = run_study(dataclasses.replace(base, site=None, layer=None), ["resid_pre"], [0, 1], tmp_path / "study",
-                      progress=False)
+    study = run_config(dataclasses.replace(base, site="resid_pre", layer="0,1"), tmp_path / "study")
     assert [r.error_decomposition is not None for r in study.runs] == [True, True]
     r2s = [r.error_decomposition.r2.mean for r in study.runs]
     assert r2s == [load_report(tmp_path / "study" / r.path).error_decomposition.r2.mean for r in study.runs]

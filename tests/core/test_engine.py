@@ -9,19 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap.job import engine
-
 from klgap.forward import executors
+from klgap.job import loading
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.plan.sites import hook_name
 from tests.close import assert_identical_frames
-from tests.helpers import random_sae, shrink_sae
+from tests.helpers import random_sae, run_config, shrink_sae
 
 
 def _run(tmp_path, name="run", **kw):
     cfg = RunConfig(**{"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random", **kw})
-    report = engine.run(cfg, tmp_path / name, progress=False).model_dump(mode="json")
+    report = run_config(cfg, tmp_path / name, progress=False).model_dump(mode="json")
     return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
 
 
@@ -69,14 +68,14 @@ def _hook_capture_and_patch(module, replacement=None, store=None):
 @pytest.mark.parametrize("mode", ["all_tokens", "single_token"])
 def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
     """KL from the engine == KL from two plain HF forwards, the second with a hand-written hook."""
-    from klgap.job.engine import load_sae
+    from klgap.job.loading import load_sae
 
     lm = load_model("tiny-gpt2")
     sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("mlp_out", 1), seed=3)
     extra = {"position": 5, "k": 4} if mode == "single_token" else {}
     report, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae_path), interventions=["sae"], mode=mode, **extra)
     sae = load_sae(str(sae_path), torch.device("cpu"))
-    contexts = engine.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), tokens=128, context_len=32, dataset="random", device="cpu")).contexts
+    contexts = loading.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), tokens=128, context_len=32, dataset="random", device="cpu")).contexts
     mlp = lm.hf_model.transformer.h[1].mlp
     with torch.no_grad():
         clean = lm.hf_model(input_ids=contexts, use_cache=False).logits.float()
@@ -230,19 +229,30 @@ def test_kv_cache_equals_full_forward(tmp_path, load_model, model, dtype, mode):
 
 
 def test_shared_clean_forward_gives_the_numbers_of_separate_runs(tmp_path, load_model):
-    """A study's sites/layers share each batch's clean forward; per-token numbers equal separate runs'."""
+    """A study over a list of SAEs (each at its own site and layer) shares each batch's clean forward; per-token
+    numbers equal separate runs'."""
+    import dataclasses
+
+    from klgap.job.execute import run_job
+    from klgap.job.plan import plan_job
+    from klgap.report.read import load_report
+
     lm = load_model("tiny-llama")
-    configs, outs = [], []
+    saes = []
     for site, layer in [("mlp_out", 1), ("resid_pre", 0), ("attn_out", 0), ("resid_post", 1)]:
-        sae = random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128, hook_name(site, layer))
-        configs.append(RunConfig(model="tiny-llama", sae=str(sae), tokens=96, context_len=32, batch_size=2, device="cpu",
-                                 dataset="random", interventions=["sae", "epsilon_random", "sae_error_shuffled"]))
-        outs.append(tmp_path / f"shared-{site}{layer}")
-    shared = engine.run_shared(configs, outs, progress=False)
-    for config, out, report in zip(configs, outs, shared, strict=True):
-        alone = engine.run(config, tmp_path / f"alone-{out.name}", progress=False)
+        saes.append(str(random_sae(tmp_path / f"{site}{layer}.safetensors", lm.site_widths[site], 128,
+                                   hook_name(site, layer))))
+    base = RunConfig(model="tiny-llama", tokens=96, context_len=32, batch_size=2, device="cpu", dataset="random",
+                     interventions=["sae", "epsilon_random", "sae_error_shuffled"])
+    study = run_job(plan_job(base, saes=saes), tmp_path / "shared", progress=False)
+    assert [run.path for run in study.runs] == ["mlp_out_L01", "resid_pre_L00", "attn_out_L00", "resid_post_L01"]
+    for sae, row in zip(saes, study.runs, strict=True):
+        out = tmp_path / "shared" / row.path
+        report = load_report(out)
+        alone = run_config(dataclasses.replace(base, sae=sae), tmp_path / f"alone-{row.path}", progress=False)
         assert report.execution["clean_forward"] == "shared by 4 sites/layers"
-        assert_identical_frames(pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(tmp_path / f"alone-{out.name}" / "tokens.parquet"))
+        assert_identical_frames(pd.read_parquet(out / "tokens.parquet"),
+                                pd.read_parquet(tmp_path / f"alone-{row.path}" / "tokens.parquet"))
         assert report.interventions == alone.interventions
         assert report.interventions["sae"].kl_mean > 0
 

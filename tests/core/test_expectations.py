@@ -18,7 +18,8 @@ from klgap.report.expectations import (
     CHECK_FILE, EXPECTED_FILE, Target, check_run, expected_beside, load_check, load_expected, targets_for_run,
 )
 from klgap.plan.grid import parse_layers
-from klgap.report.schema import SCHEMA_VERSION, load_report, validate_report
+from klgap.report.schema import SCHEMA_VERSION
+from klgap.report.read import load_report, validate_report
 from tests.close import FLOAT64_STATISTIC, assert_close_tree
 
 REPLICATIONS = Path(__file__).resolve().parents[2] / "replications"

@@ -1,4 +1,5 @@
-"""Joint runs (klgap/job/joint.py): several sites patched in one forward, against plain forwards with hooks."""
+"""Joint runs (klgap/job/plan.py, klgap/forward/joint.py): several sites patched in one forward, against plain
+forwards with hooks."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap.job import engine
+from klgap.job import loading
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.job.joint import SiteSwap, site_generator
-from klgap.job.modes import generator_for
-from klgap.plan.resolve import build_intervention, resolve
-from klgap.report.schema import load_report
+from klgap.job.patch import SiteSwap
+from klgap.job.plan import plan_job
+from klgap.job.view import draw_generator, generator_for
+from klgap.plan.resolve import build_intervention
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
 from tests.close import assert_identical_frames
-from tests.helpers import random_sae, shrink_sae
+from tests.helpers import random_sae, run_config, shrink_sae
 
 SMALL = {"tokens": 4 * 32, "context_len": 32, "batch_size": 2, "device": "cpu", "dataset": "random"}
 
@@ -37,7 +39,7 @@ def _saes(tmp_path, lm, cells, make=random_sae, **kw):
 
 def _joint(tmp_path, name, **kw):
     config = RunConfig(**{**SMALL, "joint": True, **kw})
-    report = engine.run(config, tmp_path / name, progress=False)
+    report = run_config(config, tmp_path / name, progress=False)
     return report, pd.read_parquet(tmp_path / name / "tokens.parquet")
 
 
@@ -65,7 +67,7 @@ def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast
                                  interventions=names, no_fast=no_fast)
     single_config = RunConfig(**SMALL, model="tiny-gpt2", site="resid_pre", layer=1, no_fast=no_fast,
                               sae=template.format(site="resid_pre", layer=1), interventions=names)
-    single = engine.run(single_config, tmp_path / "single", progress=False)
+    single = run_config(single_config, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
     # bit for bit on the fast path (the same suffix replay); the full forward hooks the module nnsight patches
     pd.testing.assert_frame_equal(joint_tokens, single_tokens, check_exact=not no_fast, rtol=0, atol=1e-6)
@@ -77,6 +79,19 @@ def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast
     assert found.joint_kl_ratio.ratio == pytest.approx(found.sites[0].kl_ratio.ratio, rel=1e-6)
     for name in names:
         assert found.additivity[name].joint_over_sum.ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_joint_run_drops_the_last_position_as_its_sites_do(tmp_path, load_model):
+    """--drop-last-position: the joint rows, like each site's alone, patch the last position and do not measure it
+    (one batch loop for both); with one site the joint run is the single-site run."""
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 1)])
+    kw = {"model": "tiny-gpt2", "site": "resid_pre", "sae": template, "interventions": ["sae", "epsilon_random"],
+          "drop_last_position": True}
+    _, joint_tokens = _joint(tmp_path, "joint", layer="1", **kw)
+    assert joint_tokens.position.max() == SMALL["context_len"] - 2
+    pd.testing.assert_frame_equal(joint_tokens, pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" /
+                                                                "tokens.parquet"))
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
@@ -124,14 +139,14 @@ def _hand_joint_kl(lm, saes, ids):
 def test_each_site_sees_the_activation_the_patched_forward_gives_it(tmp_path, load_model):
     """The joint KL is that of splicing each SAE in at its site of one forward, lowest first: the higher SAE
     encodes the activation the lower patch produced (not the clean one)."""
-    from klgap.job.engine import load_sae
+    from klgap.job.loading import load_sae
 
     lm = load_model("tiny-llama")
     cells = [("mlp_out", 0), ("resid_post", 0), ("mlp_out", 1), ("resid_post", 1)]  # the order of the forward
     template = _saes(tmp_path, lm, cells)
     report, tokens = _joint(tmp_path, "run", model="tiny-llama", site="resid_post,mlp_out", layer="0,1",
                             sae=template, interventions=["sae", "epsilon_random"])
-    contexts = engine.prepare(RunConfig(**SMALL, model="tiny-llama", site="resid_post", layer=0,
+    contexts = loading.prepare(RunConfig(**SMALL, model="tiny-llama", site="resid_post", layer=0,
                                         sae=template.format(site="resid_post", layer=0))).contexts
     saes = [(cell, load_sae(template.format(site=cell[0], layer=cell[1]), torch.device("cpu")).module)
             for cell in cells]
@@ -146,12 +161,12 @@ def test_each_site_sees_the_activation_the_patched_forward_gives_it(tmp_path, lo
 
 def test_epsilon_draws_are_independent_per_site(load_model, tmp_path):
     lm = load_model("tiny-gpt2")
-    sae = engine.load_sae(random_sae(tmp_path / "s.safetensors", lm.d_model, 64, hook_name("resid_pre", 1)).as_posix(),
+    sae = loading.load_sae(random_sae(tmp_path / "s.safetensors", lm.d_model, 64, hook_name("resid_pre", 1)).as_posix(),
                           torch.device("cpu"))
     run = type("Run", (), {"sae": sae, "center": False, "model": lm})()
     eps = build_intervention("epsilon_random").perturbation
     tensor = torch.randn(2, 8, lm.d_model, generator=torch.Generator().manual_seed(0))
-    draws = [SiteSwap(run, eps, site_generator(torch.device("cpu"), 0, 3, 1, k), slice(1, None))(tensor) for k in range(3)]
+    draws = [SiteSwap(run, eps, draw_generator(torch.device("cpu"), 0, 3, 1, site=k), slice(1, None))(tensor) for k in range(3)]
     view_error = (tensor - SiteSwap(run, build_intervention("sae").perturbation, torch.Generator(), slice(1, None))(tensor))[:, 1:]
     for k, draw in enumerate(draws):
         assert torch.equal(draw[:, 0], tensor[:, 0])  # the first position is left as it is
@@ -161,7 +176,7 @@ def test_epsilon_draws_are_independent_per_site(load_model, tmp_path):
             cos = torch.nn.functional.cosine_similarity((draw - tensor)[:, 1:], (other - tensor)[:, 1:], dim=-1)
             assert cos.abs().max() < 0.9  # independent directions, not the same draw
     # the lowest site draws as a single-site run does (one site joint == single-site run)
-    assert torch.equal(site_generator(torch.device("cpu"), 0, 3, 1, 0).get_state(),
+    assert torch.equal(draw_generator(torch.device("cpu"), 0, 3, 1, site=0).get_state(),
                        generator_for(torch.device("cpu"), 0, 3, 1).get_state())
 
 
@@ -169,19 +184,20 @@ def test_joint_inputs_are_checked(tmp_path, load_model):
     lm = load_model("tiny-gpt2")
     template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
     with pytest.raises(KlgapError, match="names one SAE but several sites/layers"):
-        resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="0,1", joint=True,
-                          sae=template.format(site="resid_pre", layer=0)))
+        plan_job(RunConfig(model="tiny-gpt2", site="resid_pre", layer="0,1", joint=True,
+                           sae=template.format(site="resid_pre", layer=0)))
     with pytest.raises(KlgapError, match="--joint needs --site and --layer"):
-        resolve(RunConfig(model="tiny-gpt2", joint=True, sae=template))
+        plan_job(RunConfig(model="tiny-gpt2", joint=True, sae=template))
     with pytest.raises(KlgapError, match="not all"):
-        resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="all", joint=True, sae=template))
-    plan = resolve(RunConfig(model="tiny-gpt2", site="resid_pre", layer="1,0", joint=True, sae=template))
-    assert [(p.site, p.layer) for p in plan.plans] == [("resid_pre", 0), ("resid_pre", 1)]
+        plan_job(RunConfig(model="tiny-gpt2", site="resid_pre", layer="all", joint=True, sae=template))
+    job = plan_job(RunConfig(model="tiny-gpt2", site="resid_pre", layer="1,0", joint=True, sae=template))
+    assert [(p.site, p.layer) for p in job.plans] == [("resid_pre", 0), ("resid_pre", 1)]
+    assert [cell.path for cell in job.cells] == ["single/resid_pre_L00", "single/resid_pre_L01", "."]
 
 
 def test_measure_joint_from_python(tmp_path, load_model):
     import klgap
-    from klgap.job.engine import load_sae
+    from klgap.job.loading import load_sae
 
     lm = load_model("tiny-gpt2")
     template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
@@ -193,8 +209,11 @@ def test_measure_joint_from_python(tmp_path, load_model):
     assert by_spec.report.compounding is not None and len(by_spec.report.compounding.sites) == 2
     assert by_object.report.interventions["sae"].kl_mean == pytest.approx(by_spec.report.interventions["sae"].kl_mean,
                                                                           rel=1e-6)
-    with pytest.raises(KlgapError, match="pass joint=True"):
-        klgap.measure("tiny-gpt2", objects, site="resid_pre", layer=0, progress=False, **SMALL)
+    # without joint=True: one run per SAE (each at its own site and layer), the numbers of the joint run's sites alone
+    study = klgap.measure("tiny-gpt2", objects, interventions="sae,epsilon_random", progress=False, **SMALL)
+    assert [run.path for run in study.report.runs] == ["resid_pre_L00", "resid_pre_L01"]
+    for run, site in zip(study.runs, by_spec.report.compounding.sites, strict=True):
+        assert run.report.interventions["sae"].kl_mean == pytest.approx(site.kl_mean["sae"], rel=1e-6)
 
 
 def test_single_token_joint(tmp_path, load_model):
@@ -206,7 +225,7 @@ def test_single_token_joint(tmp_path, load_model):
                              no_fast=True, **mode)
     single = RunConfig(**SMALL, **mode, model="tiny-pythia", site="resid_pre", layer=1, no_fast=True,
                        sae=template.format(site="resid_pre", layer=1))
-    engine.run(single, tmp_path / "single", progress=False)
+    run_config(single, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
     pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
     assert sorted(one_tokens.offset.unique()) == [0, 1, 2, 3]
@@ -226,7 +245,7 @@ def test_many_samples_joint(tmp_path, load_model):
     one, one_tokens = _joint(tmp_path, "one", model="tiny-llama", site="resid_post", layer="1", sae=template, **mode)
     single = RunConfig(**SMALL, **mode, model="tiny-llama", site="resid_post", layer=1,
                        sae=template.format(site="resid_post", layer=1))
-    alone = engine.run(single, tmp_path / "single", progress=False)
+    alone = run_config(single, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
     pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
     assert one.many_samples.z_mean == pytest.approx(alone.many_samples.z_mean, abs=1e-4)
@@ -239,12 +258,12 @@ def test_many_samples_joint(tmp_path, load_model):
 
 def test_each_site_fits_its_own_perturbation(tmp_path, load_model):
     """A fitted perturbation (epsilon_anisotropic) is fitted on each site's own activations, and used there."""
-    from klgap.job.joint import load_joint
+    from klgap.job.cells import load_job
 
     lm = load_model("tiny-gpt2")
     template = _saes(tmp_path, lm, [("mlp_out", 0), ("mlp_out", 1)])
-    joint = load_joint(resolve(RunConfig(**SMALL, model="tiny-gpt2", site="mlp_out", layer="0,1", joint=True,
-                                         sae=template, interventions=["sae", "epsilon_anisotropic"])))
+    joint = load_job(plan_job(RunConfig(**SMALL, model="tiny-gpt2", site="mlp_out", layer="0,1", joint=True,
+                                        sae=template, interventions=["sae", "epsilon_anisotropic"])))
     fitted = [run.interventions[1].perturbation for run in joint.runs]
     assert fitted[0] is not fitted[1]
     x = torch.randn(16, lm.d_model, generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""A study over an SAE's checkpoints (klgap/job/checkpoint_study.py): the same numbers as a run on each checkpoint alone,
+"""A study over an SAE's checkpoints (klgap/report/over_training.py): the same numbers as a run on each checkpoint alone,
 and its over-training section, figure and pages."""
 
 from __future__ import annotations
@@ -7,15 +7,13 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
-from klgap.job import engine
 from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
-from klgap.report.schema import load_report
-from klgap.sae.train import fit_sae, gather
+from klgap.report.read import load_report
 from tests.close import assert_identical_frames
+from tests.helpers import checkpointed_sae, run_config
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
@@ -24,12 +22,7 @@ RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, load_model):
     """An SAE at tiny-gpt2 mlp_out L1 with 3 checkpoints (the last the final SAE)."""
-    model = load_model("tiny-gpt2")
-    contexts = torch.randint(0, 200, (60, 32), generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("saes") / "blocks.1.hook_mlp_out"
-    fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=30, train_batch_size=256,
-            checkpoints=3, progress=False)
-    return folder
+    return checkpointed_sae(load_model("tiny-gpt2"), tmp_path_factory.mktemp("saes") / "blocks.1.hook_mlp_out")
 
 
 def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, trained):
@@ -50,7 +43,7 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
     for point, run, checkpoint in zip(curve.points, study.runs, found, strict=True):
         sub = out / run.path
         assert json.loads((sub / "run.json").read_text())["execution"]["clean_forward"] == "shared by 3 sites/layers"
-        alone = engine.run(RunConfig(sae=str(checkpoint.path), **RUN), tmp_path / f"alone-{checkpoint.step}",
+        alone = run_config(RunConfig(sae=str(checkpoint.path), **RUN), tmp_path / f"alone-{checkpoint.step}",
                            progress=False)
         assert_identical_frames(pd.read_parquet(sub / "tokens.parquet"),
                                       pd.read_parquet(tmp_path / f"alone-{checkpoint.step}" / "tokens.parquet"))
@@ -74,22 +67,24 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
     validate_file(out / "report.json")
 
 
-def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_path, trained, capsys):
+def test_a_config_key_names_the_checkpoints_and_bad_specs_say_what_to_do(tmp_path, trained, capsys, caplog):
     from klgap.cli.main import main
 
-    config = tmp_path / "over.toml"
-    config.write_text("\n".join([f'checkpoints = "{trained}"', 'model = "tiny-gpt2"', 'site = "mlp_out"', "layer = 1",
-                                 "tokens = 64", "context_len = 32", 'dataset = "random"', 'device = "cpu"',
-                                 'interventions = ["sae", "epsilon_random"]', f'out = "{tmp_path / "cfg"}"']))
-    assert main(["replicate", "--config", str(config), "--quiet"]) == 0
-    assert [p.step for p in load_report(tmp_path / "cfg").over_training[0].points] == [11, 21, 30]
+    lines = ['model = "tiny-gpt2"', 'site = "mlp_out"', "layer = 1", "tokens = 64", "context_len = 32",
+             'dataset = "random"', 'device = "cpu"', 'interventions = ["sae", "epsilon_random"]']
+    for key, out in (("sae_checkpoints", "cfg"), ("checkpoints", "old")):  # the old key still works, with a warning
+        config = tmp_path / f"{out}.toml"
+        config.write_text("\n".join([f'{key} = "{trained}"', *lines, f'out = "{tmp_path / out}"']))
+        assert main(["replicate", "--config", str(config), "--quiet"]) == 0
+        assert [p.step for p in load_report(tmp_path / out).over_training[0].points] == [11, 21, 30]
+    assert "config key 'checkpoints' is deprecated: write sae_checkpoints" in caplog.text
     assert main(["replicate", "--model", "tiny-gpt2", "--sae", str(tmp_path / "none" / "*"), "--out",
                  str(tmp_path / "x"), "--dataset", "random"]) == 2
     assert "matches no folder" in capsys.readouterr().err
 
 
 def test_checkpoint_spec_is_one_of_a_glob_or_a_folder(tmp_path):
-    from klgap.job.checkpoint_study import checkpoint_spec
+    from klgap.job.plan import checkpoint_spec
 
     assert checkpoint_spec("a/checkpoints/*", None) == "a/checkpoints/*"
     assert checkpoint_spec("a/sae", None) is None and checkpoint_spec(None, "a/sae") == "a/sae"

@@ -13,7 +13,7 @@ from klgap.render.blocks import Bullets, Heading, PageLinks, Para, Table
 from klgap.render.pages import document, render_html, render_markdown
 from klgap.report.compare import compare_runs
 from klgap.report.findings import compare_finding, curve_findings
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from klgap.report.summary import summary_row
 from tests.core.test_plots import make_report, make_tokens, write_run
 

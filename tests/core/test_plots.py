@@ -16,7 +16,8 @@ import pytest
 
 from klgap.figures import runs as plots
 from tests.core import whole_frame as report_mod
-from klgap.report.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun, load_report, validate_report
+from klgap.report.schema import SCHEMA_VERSION, Report, SiteSummary, StudyReport, StudyRun
+from klgap.report.read import load_report, validate_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODES = ("all_tokens", "single_token", "many_samples")
@@ -112,7 +113,7 @@ def make_report(mode: str, tokens: pd.DataFrame, seed: int = 0) -> Report:
             for name, rows in measured.groupby("intervention", sort=False)}}
     if mode == "many_samples":
         report["many_samples"] = report_mod.many_samples_summary(tokens, "epsilon_random")
-    return validate_report(report_mod._clean(report), source="synthetic report")
+    return validate_report(report_mod.plain(report), source="synthetic report")
 
 
 def make_study(reports: list[Report]) -> StudyReport:

@@ -12,7 +12,8 @@ import pytest
 from klgap.report.holm import apply_holm
 from klgap.render.formatting import fmt_ci
 from klgap.render.pages import render_html, render_markdown, rebuild
-from klgap.report.schema import Report, load_report
+from klgap.report.schema import Report
+from klgap.report.read import load_report
 from tests.core.test_plots import EXPECTED, MODES, assert_png, make_report, make_study, make_tokens, write_run
 
 

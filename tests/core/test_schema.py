@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from klgap.errors import KlgapError
-from klgap.report.schema import SCHEMA_VERSION, json_schema, load_report, validate_report
+from klgap.report.schema import SCHEMA_VERSION
+from klgap.report.read import json_schema, load_report, validate_report
 
 
 def test_committed_json_schema_is_current():
     committed = json.loads((Path(__file__).parents[2] / "klgap" / "report" / "report.schema.json").read_text())
-    assert committed == json_schema(), "regenerate with: python -m klgap.report.schema > klgap/report/report.schema.json"
+    assert committed == json_schema(), "regenerate with: python -m klgap.report.read > klgap/report/report.schema.json"
 
 
 def test_missing_and_foreign_versions(tmp_path):

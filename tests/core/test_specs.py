@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from klgap.plan import config
 from klgap.errors import KlgapError
 from klgap.plan.specs import parse_intervention, split_interventions, split_spec
 
@@ -35,6 +34,3 @@ def test_split_interventions():
         "sae", "epsilon_random", "cosine_matched:cos=0.8,norm_frac=0.9"]
     assert split_interventions(["sae", "theta_random, cosine_matched:cos=1"]) == ["sae", "theta_random", "cosine_matched:cos=1"]
 
-
-def test_config_still_exports_the_parsers():
-    assert config.parse_intervention is parse_intervention and config.split_interventions is split_interventions

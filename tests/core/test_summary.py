@@ -5,16 +5,16 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from klgap.job import engine
 from klgap.report.compare import entries_for
 from klgap.plan.config import RunConfig
 from klgap.render.console import print_study, print_summary
 from klgap.render.pages import render_markdown
-from klgap.report.schema import BASELINE, load_report
+from klgap.report.schema import BASELINE
+from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
 from klgap.report.summary import summary_row, summary_rows
 from tests.core.test_plots import make_study
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
 
 # the random SAE's x̂ is ~2.9‖x‖ long: a curve at norm 3‖x‖ brackets its KL
 INTERVENTIONS = ["sae", "epsilon_random", "theta_random", "cosine_matched:cos=0.5,norm_frac=3",
@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     sae = random_sae(root / "sae.safetensors", 64, 128, hook_name("mlp_out", 1))
     config = RunConfig(model="tiny-gpt2", sae=str(sae), dataset="random", tokens=8 * 32, context_len=32,
                        device="cpu", interventions=INTERVENTIONS)
-    engine.run(config, root / "run", progress=False)
+    run_config(config, root / "run", progress=False)
     return root / "run"
 
 

@@ -114,7 +114,7 @@ class _WrongCheckSuite(SAELoaderConformance):
 
 
 def test_suite_fails_a_check_that_names_the_wrong_hook(with_capabilities, tmp_path):
-    from klgap.job.engine import load_sae
+    from klgap.job.loading import load_sae
 
     suite = _WrongCheckSuite()
     suite.spec = suite.make_spec(tmp_path)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from klgap.job.engine import load_sae
+from klgap.job.loading import load_sae
 from klgap.errors import KlgapError
 from klgap.plugins.manager import registry
 from klgap.sae.train import gather, train_sae
@@ -98,7 +98,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
         fit_sae(model, "mlp_out", 1, shifted, tmp_path / "bad", b_dec_init="median", **kw)
 
 
-def test_recipe_overrides_per_sae():
+def test_recipe_overrides_per_sae(capsys):
     """[train_sae.sites.SITE_L<layer>] tables change the recipe of one SAE; bad names and keys are refused."""
     from klgap.sae.recipes import recipe_overrides
     from klgap.errors import KlgapError
@@ -109,12 +109,17 @@ def test_recipe_overrides_per_sae():
     assert recipe_overrides({"l1": 3}) == {}
     with pytest.raises(KlgapError, match=r"name the SAE as SITE_L<layer>, e.g. attn_out_L24"):
         recipe_overrides({"sites": {"attn_24": {"l1": 10}}})
-    with pytest.raises(KlgapError, match=r"unknown \[train_sae.sites.attn_out_L24\] key 'l2'.*valid: architecture, b_dec_init, k, l1, lr, steps"):
+    with pytest.raises(KlgapError, match=r"unknown \[train_sae.sites.attn_out_L24\] key 'l2'.*valid: architecture, b_dec_init, l1, lr, steps, top_k"):
         recipe_overrides({"sites": {"attn_out_L24": {"l2": 10}}})
+    # train-sae's TopK latents per token are `top_k` (replicate's --k is single-token mode's); `k` still reads
+    topk = {"sites": {"mlp_out_L6": {"architecture": "topk", "top_k": 64}}}
+    assert recipe_overrides(topk) == recipe_overrides({"sites": {"mlp_out_L6": {"architecture": "topk", "k": 64}}}) == \
+        {("mlp_out", 6): {"architecture": "topk", "k": 64}}
+    assert "[train_sae.sites.mlp_out_L6] key 'k' is deprecated: write top_k = 64" in capsys.readouterr().err
 
 
 def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, load_model):
-    """--architecture topk --k K: sae_lens's TopK trainer (no L1); the saved folder loads through the sae_lens path."""
+    """--architecture topk --top-k K: sae_lens's TopK trainer (no L1); the saved folder loads through the sae_lens path."""
     from klgap.errors import KlgapError
     from klgap.sae.train import fit_sae
 
@@ -130,9 +135,9 @@ def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, l
     assert int((feats != 0).sum(-1).max()) <= 8 and sae.info["training"]["k"] == 8
     x_hat = sae.decode(feats)
     assert float(1 - ((acts[:500] - x_hat) ** 2).sum() / ((acts[:500] - acts[:500].mean(0)) ** 2).sum()) > 0.5
-    for bad, message in (({"k": None}, r"--architecture topk needs --k, an integer ≥ 1 ≤ d_sae \(512\); got None"),
+    for bad, message in (({"k": None}, r"--architecture topk needs --top-k, an integer ≥ 1 ≤ d_sae \(512\); got None"),
                          ({"k": 600}, r"got 600"),
-                         ({"architecture": "standard"}, r"--k 8 is the latents per token of --architecture topk"),
+                         ({"architecture": "standard"}, r"--top-k 8 is the latents per token of --architecture topk"),
                          ({"architecture": "gated"}, r"unknown --architecture 'gated'.*valid: standard, topk")):
         with pytest.raises(KlgapError, match=message):
             fit_sae(model, "mlp_out", 1, acts, tmp_path / "bad", **{"architecture": "topk", "k": 8, **bad})

@@ -14,7 +14,7 @@ import pandas as pd
 
 from klgap.report import stats
 from klgap.report.aggregate import explained_variance  # noqa: F401  (side sums: the same formula either way)
-from klgap.report.build import _clean  # noqa: F401  (the report's JSON cleaning, used by the reference's callers)
+from klgap.report.numbers import plain  # noqa: F401  (the report's JSON cleaning, used by the reference's callers)
 from klgap.report.schema import BASELINE
 
 

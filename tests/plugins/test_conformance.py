@@ -127,7 +127,7 @@ for _spec in SPECS:
 
 
 def test_every_registered_perturbation_is_in_the_suite():
-    from klgap.plan.config import parse_intervention
+    from klgap.plan.specs import parse_intervention
     from klgap.plugins.manager import get_host
 
     builtin = {name for name, e in get_host().registry("perturbation").entries.items() if e.plugin == "perturbations"}

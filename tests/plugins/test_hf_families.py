@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from klgap.forward import activations
 
-from klgap.job import engine
+from klgap.job import loading
 
 from klgap.forward import executors
 from klgap.plan.config import RunConfig
@@ -193,16 +194,14 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
 @pytest.mark.parametrize("family", ALL)
 def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
     """`replicate` through the engine at all five sites of layer 1 (one study), with the folder path as --model."""
-    from klgap.job.study import run_study
-
     folder = str(family_folder(family))
-    model = engine.load_model(folder, torch.device("cpu"), torch.float32)
+    model = loading.load_model(folder, torch.device("cpu"), torch.float32)
     for site in SITES:
         random_sae(tmp_path / f"{site}.safetensors", model.site_widths[site], 2 * model.site_widths[site],
                    hook_name(site, 1), seed=3)
     base = RunConfig(model=folder, sae=str(tmp_path / "{site}.safetensors"), tokens=64, context_len=16,
                      batch_size=2, dataset="random", interventions=["sae", "epsilon_random"], device="cpu")
-    study = run_study(base, list(SITES), [1], tmp_path / "run", progress=False)
+    study = run_config(dataclasses.replace(base, site=",".join(SITES), layer=1), tmp_path / "run")
     assert [run.site for run in study.runs] == list(SITES)
     for run in study.runs:
         report = json.loads((tmp_path / "run" / run.path / "report.json").read_text())

@@ -13,7 +13,6 @@ import torch
 
 from klgap.forward import activations
 
-from klgap.job import engine
 
 from klgap.forward import executors
 from klgap.plan.config import RunConfig
@@ -22,6 +21,7 @@ from klgap.plan.sites import SITES, hook_name
 from klgap_hf.families import FAMILIES
 from klgap_hf.generic import find_blocks, identify_sublayers, infer_family
 from tests.plugins.hf_families import hooked_transformer, tiny_folder, tiny_model
+from tests.helpers import run_config
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
 
@@ -82,7 +82,7 @@ def test_generic_fast_paths_and_a_run(tmp_path):
                                tokens=64, batch_size=2, dataset="random")
             assert executors.choose(config, model, model.site_map(site, 1), 1, contexts)[1]["path"] == path
     sae = random_sae(tmp_path / "sae.safetensors", 64, 128, "blocks.1.hook_mlp_out")
-    report = engine.run(RunConfig(model=str(tmp_path / "gpt_neo"), sae=str(sae), tokens=64, context_len=16,
+    report = run_config(RunConfig(model=str(tmp_path / "gpt_neo"), sae=str(sae), tokens=64, context_len=16,
                                   batch_size=2, dataset="random", device="cpu"), tmp_path / "run", progress=False)
     assert report.execution["path"] == "suffix-replay" and report.kl_ratio_sae_over_epsilon_random > 0
 

@@ -13,6 +13,7 @@ from klgap.plugins.manager import PluginHost, registry
 from klgap.protocols import FittablePerturbation, Perturbation
 from klgap_perturbations import geometry
 from klgap_perturbations.perturbations import FACTORIES
+from tests.helpers import run_config
 
 N, D = 2000, 64
 REL = 1e-4
@@ -369,7 +370,6 @@ def test_shuffle_partner_is_a_derangement():
 
 
 def test_new_baselines_in_a_run(tmp_path, load_model):
-    from klgap.job import engine
     from klgap.plan.config import RunConfig
     from klgap.plan.sites import hook_name
     from tests.helpers import random_sae
@@ -378,7 +378,7 @@ def test_new_baselines_in_a_run(tmp_path, load_model):
     sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 256, hook_name("resid_pre", 1))
     cfg = RunConfig(model="tiny-llama", sae=str(sae), tokens=256, context_len=32, batch_size=4, device="cpu",
                     dataset="random", interventions=["sae", "epsilon_random", "epsilon_anisotropic", "sae_error_shuffled"])
-    report = engine.run(cfg, tmp_path / "run", progress=False)
+    report = run_config(cfg, tmp_path / "run", progress=False)
     kl = report.interventions
     assert all(kl[n].kl_mean > 0 and kl[n].n_tokens == 8 * 31 for n in kl)
     assert {"epsilon_anisotropic", "sae_error_shuffled"} <= set(report.comparisons)

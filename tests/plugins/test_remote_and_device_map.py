@@ -68,7 +68,7 @@ def test_remote_serializes_the_trace_and_stops_at_the_ndif_call(saved_repo, monk
 
 
 def test_local_only_models_refuse_remote_and_device_map():
-    from klgap.job.engine import load_model
+    from klgap.job.loading import load_model
 
     with pytest.raises(KlgapError, match=r"model 'tiny-gpt2' cannot take --remote"):
         load_model("tiny-gpt2", torch.device("cpu"), torch.float32, Placement(remote=True))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgap.job.engine import load_sae
+from klgap.job.loading import load_sae
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap_saes import save_safetensors_sae
-from tests.helpers import FakeModel
+from tests.helpers import FakeModel, run_config
 
 CPU = torch.device("cpu")
 
@@ -169,7 +169,6 @@ def test_a_sae_lens_folder_trained_centred_is_measured_centred(tmp_path, load_mo
     SAE on x - mean(x): ‖x_c‖ < ‖x‖ for every token of the same contexts."""
     import pandas as pd
 
-    from klgap.job import engine
     from klgap.plan.config import RunConfig
 
     d = load_model("tiny-gpt2").d_model
@@ -181,7 +180,7 @@ def test_a_sae_lens_folder_trained_centred_is_measured_centred(tmp_path, load_mo
     def run(sae, name):
         cfg = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=2 * 16, context_len=16, batch_size=2, device="cpu",
                         dataset="random", interventions=["sae", "sae_norm_corrected"])
-        report = engine.run(cfg, tmp_path / name, progress=False)
+        report = run_config(cfg, tmp_path / name, progress=False)
         return report, pd.read_parquet(tmp_path / name / "tokens.parquet").query("intervention == 'sae'")
 
     (r_plain, t_plain), (r_centred, t_centred) = run(plain, "p"), run(centred, "c")

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from klgap.job import engine
 from klgap.plan.config import RunConfig
-from klgap.job.engine import load_sae
+from klgap.job.loading import load_sae
 from klgap.errors import KlgapError
 from klgap_sparsify import hook_name_for_hookpoint
+from tests.helpers import run_config
 
 CPU = torch.device("cpu")
 
@@ -166,7 +166,7 @@ def test_kl_equals_the_same_weights_as_a_sae_lens_folder(tmp_path, load_model):
     for name, sae in (("plugin", f"sparsify:{folder}"), ("twin", str(tmp_path / "sae_lens_twin"))):
         config = RunConfig(model="tiny-gpt2", sae=sae, tokens=4 * 32, context_len=32, batch_size=2, device="cpu",
                            dataset="random", interventions=["sae"])
-        report = engine.run(config, tmp_path / name, progress=False)
+        report = run_config(config, tmp_path / name, progress=False)
         assert report.hook_name == "blocks.1.hook_resid_post"
         kls.append(pd.read_parquet(tmp_path / name / "tokens.parquet").query("intervention == 'sae'").kl.to_numpy())
     assert len(kls[0]) == 4 * 31 and kls[0].mean() > 1e-4

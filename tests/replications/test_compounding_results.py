@@ -12,7 +12,7 @@ import pytest
 
 from klgap.render.formatting import fmt, fmt_ci, fmt_p
 from klgap.render.compounding_page import subset_table
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from tests.close import EXACT, assert_close_tree
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "compounding"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from klgap.report.schema import StudyReport, load_report
+from klgap.report.schema import StudyReport
+from klgap.report.read import load_report
 from tests.close import is_printed
 
 FOLDER = Path(__file__).resolve().parents[2] / "replications" / "error-decomposition"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from klgap.report.schema import StudyReport, load_report
+from klgap.report.schema import StudyReport
+from klgap.report.read import load_report
 from klgap.report.validate import validate_file
 from tests.close import Tolerance, assert_close_tree, is_printed
 

@@ -1,5 +1,6 @@
-"""What a run's folder says about it: run.json (:func:`make_record`) and the identity a resume must match
-(:func:`run_identity`, written as run_config.json by klgap/job/folder.py), both from a loaded run (klgap/job/loading.py).
+"""What a cell's folder says about it: run.json (:func:`make_record`, :func:`joint_record`) and the identity a
+resume must match (:func:`run_identity`, :func:`joint_identity`, written as run_config.json by klgap/job/folder.py),
+from a loaded run (klgap/job/loading.py) or a loaded joint cell (klgap/job/cells.py).
 """
 
 from __future__ import annotations
@@ -8,16 +9,18 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from klgap.job.cells import LoadedCell
 from klgap.job.distributed import SINGLE, World
 from klgap.job.loading import Loaded
+from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
+from klgap.plan.sites import hook_name
 from klgap.plugins.manager import get_host
 from klgap.protocols import LoadedSAE
-from klgap.job.record import InterventionRef, RunRecord
-from klgap.plan.resolve import route_sae
-from klgap.report.schema import SCHEMA_VERSION, ModuleRef, PluginRef, SAEInfo
-from klgap.plan.sites import hook_name
+from klgap.report.provenance import provenance
+from klgap.report.numbers import json_safe
+from klgap.report.schema import SCHEMA_VERSION, JointSite, ModuleRef, PluginRef, SAEInfo
 
-__all__ = ["json_safe", "make_record", "plugin_ref", "run_identity"]
+__all__ = ["joint_identity", "joint_record", "make_record", "plugin_ref", "run_identity"]
 
 
 def plugin_ref(plugin: str) -> PluginRef:
@@ -33,16 +36,13 @@ def plugin_ref(plugin: str) -> PluginRef:
 
 def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
     """run.json of a loaded run: what was measured, how, and with which plugins (and by how many ranks)."""
-    from klgap.report.provenance import provenance
-
     plan, cfg = run.plan, run.config
     plugins = {f"model:{cfg.model}": plugin_ref(plan.model.plugin),
                f"token_source:{plan.tokens.name}": plugin_ref(plan.tokens.plugin)}
     if isinstance(plan.sae, LoadedSAE):
         plugins["sae_loader:in_memory"] = PluginRef(plugin="python", version=None)
     else:
-        loader = plan.sae if plan.sae is not None else route_sae(run.sae.source)
-        plugins[f"sae_loader:{loader.loader}"] = plugin_ref(loader.plugin)
+        plugins[f"sae_loader:{run.route.loader}"] = plugin_ref(run.route.plugin)
     for i in (*plan.interventions, *([plan.sample] if plan.sample else [])):
         plugins[f"perturbation:{i.registered}"] = plugin_ref(i.plugin)
     return RunRecord(
@@ -77,13 +77,6 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
 
 
 
-def json_safe(obj: Any) -> Any:
-    """`obj` as plain JSON values (what run.json and the report can hold: NaN as null, tensors as numbers)."""
-    from klgap.report.build import _clean
-
-    return json.loads(json.dumps(_clean(obj), default=str))
-
-
 def run_identity(run: Loaded) -> dict[str, Any]:
     """What makes two runs the same run (resume only into an identical one). The device's kind, not its index:
     the ranks of a run sit on cuda:0, cuda:1, ... and a killed run resumes on any of them."""
@@ -99,3 +92,29 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("fit_tokens", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
     return identity
+
+
+def joint_identity(cell: LoadedCell) -> dict[str, Any]:
+    """What makes two joint cells the same (resume only into an identical one)."""
+    identity = cell.config.to_dict()
+    identity.pop("no_fast")
+    if not identity["joint_subsets"]:  # joint runs written before --joint-subsets existed still resume
+        identity.pop("joint_subsets")
+    identity["sites"] = [run_identity(run) for run in cell.runs]
+    return identity
+
+
+def joint_record(cell: LoadedCell, world: World = SINGLE) -> RunRecord:
+    """run.json of a joint cell: the lowest site's facts, the cell's config and execution, and every site (its
+    folder alone relative to this cell's: ``../../`` up from a subset's)."""
+    up = "../" * cell.path.count("/") + ("../" if cell.path != "." else "")
+    lowest = make_record(cell.runs[0], world)
+    sites = [JointSite(site=run.site, layer=run.layer, hook_name=record.hook_name, sae=record.sae,
+                       path=f"{up}{SINGLE_DIR}/{run.site}_L{run.layer:02d}")
+             for run, record in ((run, make_record(run, world)) for run in cell.runs)]
+    notes = list(dict.fromkeys(note for run in cell.runs for note in run.notes))
+    notes.append("joint run: every site below is patched in the same forward, each with its own SAE (x, x̂, ε "
+                 "of the activation that forward gives it); site, layer and sae_metrics here are the lowest "
+                 "site's; each site alone: " + ", ".join(site.path for site in sites))
+    return lowest.model_copy(update={"config": json_safe(cell.config.to_dict()), "joint": sites,
+                                     "execution": json_safe(cell.execution), "notes": notes})

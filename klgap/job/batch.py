@@ -1,0 +1,50 @@
+"""One batch of a job's contexts, cut after the last position its mode measures, and a cell's clean run of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from klgap.forward import metrics
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of contexts, cut after the last position its mode measures.
+
+    ids: ``[b stop]`` on the model's device (stop: the context length in all-token mode, t+k+1 single-token,
+    t+1 many-samples); start: where the tails begin (0 all-token, t otherwise); next_ids: ``[b stop-start]``
+    the token after each tail position (−1 past the context)."""
+
+    index: int
+    context_ids: Tensor  # [b] (CPU)
+    contexts: Tensor  # [b n] the full contexts (CPU)
+    ids: Tensor
+    start: int
+    next_ids: Tensor
+
+    @classmethod
+    def of(cls, contexts: Tensor, index: int, batch_size: int, mode: str, position: int, k: int,
+           device: torch.device) -> Batch:
+        context_ids = torch.arange(index * batch_size, min((index + 1) * batch_size, len(contexts)))
+        full_cpu = contexts[context_ids]
+        if mode == "all_tokens":
+            ids = full_cpu.to(device)
+            return cls(index, context_ids, full_cpu, ids, 0, metrics.next_token_ids(ids))
+        stop = position + (k if mode == "single_token" else 0) + 1  # causal: nothing after it is needed
+        next_ids = metrics.next_token_ids(full_cpu.to(device))[:, position:stop]
+        return cls(index, context_ids, full_cpu, full_cpu[:, :stop].to(device), position, next_ids)
+
+
+@dataclass(frozen=True)
+class Clean:
+    """A cell's clean run of a batch, from the tail start on: each of its sites' activation ``[b n-start d]``
+    (forward order) and the clean logits' reference ``[b n-start vocab]``."""
+
+    acts: list[Tensor]
+    ref: metrics.CleanReference
+
+
+__all__ = ["Batch", "Clean"]

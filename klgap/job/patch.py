@@ -1,0 +1,215 @@
+"""How a cell's patched runs are made: its substitutes and the executor that runs them.
+
+Two kinds of cell, one interface (:class:`Patch`), so the modes (klgap/job/modes.py) write their rows once:
+
+- :class:`SitePatch`: one site. Each intervention's substitute x' is computed from the clean view of the batch
+  (the SAE's x, x̂ at that site) and patched in by the site's executor (full forward, suffix replay, KV cache;
+  klgap/forward/executors.py), several interventions stacked along the batch where the executor allows.
+- :class:`JointPatch`: several sites in one forward (klgap/forward/joint.py). Each site, lowest first, takes the
+  activation it receives in that forward, already changed by the patches below it, through its own SAE and
+  applies the intervention with its own x, x̂ and ε = x − x̂ (:class:`SiteSwap`).
+
+Both draw their randomness from :func:`klgap.job.view.draw_generator`: site k of a joint cell with the site's
+index appended to the key (k > 0), so the lowest site draws as the same site measured alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from klgap.forward.executors import Executor
+from klgap.forward.joint import JointExecutor
+from klgap.job.view import SaeView, draw_generator
+from klgap.protocols import LoadedModel, LoadedSAE, Perturbation
+
+DRAW_CHUNK_BYTES = 256 * 2**20  # many-samples: memory for one chunk of draws (its cache copy and its logits)
+
+Group = Sequence[tuple[int, Any]]  # (intervention index, Intervention) pairs measured by one patched call
+
+
+class Site(Protocol):
+    """What patching a site needs of its loaded run (klgap.job.loading.Loaded has it)."""
+
+    model: LoadedModel
+    sae: LoadedSAE
+    center: bool
+    executor: Executor
+
+    @property
+    def interventions(self) -> tuple[Any, ...]: ...
+
+    @property
+    def sample(self) -> Any: ...
+
+
+def draw_chunk(model: LoadedModel, n_positions: int, prefix_bytes: int) -> int:
+    """Draws per patched forward: as many as fit DRAW_CHUNK_BYTES of activations, cache copy and logits."""
+    per_row = n_positions * (model.d_model * model.n_layers * 4 + model.vocab_size) * 4  # rough, float32
+    per_row += prefix_bytes
+    return int(max(1, min(4096, DRAW_CHUNK_BYTES // per_row)))
+
+
+class SiteSwap:
+    """Replace positions `at` of a site's tensor by `perturbation` applied to that tensor's own SAE view (x, x̂
+    computed from the activation this forward gives the site): ``slice(first, None)`` in all-token mode,
+    ``slice(t, t + 1)`` in the others."""
+
+    def __init__(self, site: Site, perturbation: Perturbation, generator: torch.Generator, at: slice) -> None:
+        self.site, self.perturbation, self.generator, self.at = site, perturbation, generator, at
+
+    def substitute(self, tensor: Tensor) -> Tensor:
+        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype."""
+        model = self.site.model
+        x = tensor[:, self.at].to(model.device)  # a site of a model spread over devices (device_map)
+        b, n_pos, d = x.shape
+        view = SaeView.of(x.reshape(b * n_pos, d), self.site.sae, self.site.center)
+        return view.substitute(self.perturbation, self.generator, model.dtype).reshape(b, n_pos, d)
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        out[:, self.at] = self.substitute(tensor).to(tensor.device)
+        return out
+
+
+class Reconstruct:
+    """x' = x̂ (the joint executors' check patch at every site: deterministic, and a real change)."""
+
+    name, stochastic, geometry = "sae", False, {}
+
+    def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
+        return x_hat
+
+
+def reconstruct_swaps(sites: Sequence[Site], at: slice) -> list[SiteSwap]:
+    return [SiteSwap(site, Reconstruct(), torch.Generator(device=site.model.device), at) for site in sites]
+
+
+class Patch(Protocol):
+    """A cell's patched runs of one batch, as logits of the measured tail ``[b n-start vocab]``."""
+
+    interventions: tuple[Any, ...]
+    stack: int  # interventions one patched call carries
+    sample_name: str  # many-samples: the name of the sample intervention's rows
+
+    def logits(self, group: Group) -> list[Tensor]:
+        """One patched run per intervention of `group`."""
+        ...
+
+    def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Many-samples: (rows ``[r]``: the context of each row, logits ``[r 1 vocab]``) per chunk of the
+        sample intervention's `n_draws` draws per context."""
+        ...
+
+
+@dataclass
+class SitePatch:
+    """One site: substitutes from the clean view, patched by the site's executor at positions `at` (a slice of
+    positions in all-token mode, the position t otherwise)."""
+
+    site: Site
+    view: SaeView
+    ids: Tensor  # [b n] on the model's device
+    at: slice | int
+    seed: int
+    index: int
+
+    @property
+    def interventions(self) -> tuple[Any, ...]:
+        return self.site.interventions
+
+    @property
+    def stack(self) -> int:
+        return self.site.executor.stack
+
+    @property
+    def sample_name(self) -> str:
+        return str(self.site.sample.perturbation.name)
+
+    def logits(self, group: Group) -> list[Tensor]:
+        model, n_ctx = self.site.model, self.ids.shape[0]
+        x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, j))
+                    for j, i in group]
+        return list(self.site.executor.patched(self.ids, torch.cat(x_primes), self.at, copies=len(group)).split(n_ctx))
+
+    def _substitute(self, perturbation: Perturbation, generator: torch.Generator) -> Tensor:
+        x_prime = self.view.substitute(perturbation, generator, self.site.model.dtype)
+        return x_prime.reshape(self.ids.shape[0], -1, x_prime.shape[-1]) if isinstance(self.at, slice) else x_prime
+
+    def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every context's draws computed first (context c from its own stream), then patched in chunks of rows
+        across contexts."""
+        site, view = self.site, self.view
+        model, executor, t = site.model, site.executor, int(self.at)  # type: ignore[arg-type]
+        n_ctx = self.ids.shape[0]
+        sample = site.sample.perturbation
+        chunk = draw_chunk(model, executor.positions_computed(self.ids.shape[1], t), executor.prefix_bytes_per_row())
+        owner = torch.arange(n_ctx, device=model.device).repeat_interleave(n_draws)  # [b*N]
+        x_rep, x_hat_rep, off_rep = view.x[owner], view.x_hat[owner], view.offset[owner]
+        drawn = []
+        for c in range(n_ctx):
+            generator = draw_generator(model.device, self.seed, self.index, len(site.interventions), context=c)
+            rows = slice(c * n_draws, (c + 1) * n_draws)
+            drawn.append(sample(x_rep[rows], x_hat_rep[rows], generator).float() + off_rep[rows])
+        x_prime_all = torch.cat(drawn).to(model.dtype)
+        for start in range(0, len(owner), chunk):
+            rows = owner[start : start + chunk]
+            yield rows, executor.patched(self.ids, x_prime_all[start : start + chunk], t, rows=rows)
+
+
+@dataclass
+class JointPatch:
+    """Several sites in one forward (lowest first), each replaced by its own :class:`SiteSwap` at positions `at`;
+    the logits cut to the measured tail from `start`."""
+
+    sites: Sequence[Site]
+    executor: JointExecutor
+    ids: Tensor  # [b n] on the model's device
+    at: slice
+    start: int
+    seed: int
+    index: int
+    stack: int = 1
+
+    @property
+    def interventions(self) -> tuple[Any, ...]:
+        return self.sites[0].interventions
+
+    @property
+    def sample_name(self) -> str:
+        return str(self.sites[0].sample.perturbation.name)
+
+    def logits(self, group: Group) -> list[Tensor]:
+        device = self.sites[0].model.device
+        out = []
+        for j, _ in group:
+            # each site's own perturbation object: a fitted one (epsilon_anisotropic) was fitted on that site
+            swaps = [SiteSwap(site, site.interventions[j].perturbation,
+                              draw_generator(device, self.seed, self.index, j, site=k), self.at)
+                     for k, site in enumerate(self.sites)]
+            out.append(self.executor.patched(self.ids, swaps)[:, self.start :])
+        return out
+
+    def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """One context's draws per patched forward (in chunks), each site drawing from its own stream."""
+        model = self.sites[0].model
+        n_ctx, n_positions = self.ids.shape
+        n_interventions = len(self.interventions)
+        chunk = draw_chunk(model, n_positions, 0)  # joint patched runs compute every position, hold no prefix
+        for c in range(n_ctx):
+            generators = [draw_generator(model.device, self.seed, self.index, n_interventions, context=c, site=k)
+                          for k in range(len(self.sites))]
+            for start in range(0, n_draws, chunk):
+                rows = min(chunk, n_draws - start)
+                swaps = [SiteSwap(site, site.sample.perturbation, generators[k], self.at)
+                         for k, site in enumerate(self.sites)]
+                logits = self.executor.patched(self.ids[c : c + 1].repeat(rows, 1), swaps)[:, self.start :]
+                yield torch.full((rows,), c, device=model.device), logits
+
+
+__all__ = ["DRAW_CHUNK_BYTES", "JointPatch", "Patch", "Reconstruct", "Site", "SitePatch", "SiteSwap", "draw_chunk",
+           "reconstruct_swaps"]

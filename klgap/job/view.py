@@ -1,0 +1,98 @@
+"""The SAE's view of a batch's tokens (x, x̂, per-token geometry, the substitutes) and the key of every random draw.
+
+Every random draw of a job comes from a generator seeded by :func:`draw_key`: the job's seed, the batch, the
+intervention's index and, for a many-samples draw, the context; a site of a joint cell above its lowest draws
+with the site's index appended. The same numbers on every resume, shard and rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
+
+
+def draw_key(seed: int, batch: int, intervention: int, *, context: int | None = None, site: int = 0) -> tuple[int, ...]:
+    """The key of one stream of draws: (seed, batch, intervention[, context][, site]); the site's index only
+    above a joint cell's lowest site (whose draws are those of the same site measured alone)."""
+    return (seed, batch, intervention, *(() if context is None else (context,)), *((site,) if site else ()))
+
+
+def draw_generator(device: torch.device, seed: int, batch: int, intervention: int, *, context: int | None = None,
+                   site: int = 0) -> torch.Generator:
+    """The generator of one stream of draws (:func:`draw_key`)."""
+    return generator_for(device, *draw_key(seed, batch, intervention, context=context, site=site))
+
+
+def generator_for(device: torch.device, *keys: int) -> torch.Generator:
+    """A generator seeded from (seed, batch, intervention, ...): the same numbers on resume."""
+    state = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+@dataclass
+class SaeView:
+    """The SAE's view of a set of tokens: x (possibly centred), x̂ and per-token geometry."""
+
+    x: Tensor  # [n d] float32
+    x_hat: Tensor  # [n d] float32
+    offset: Tensor  # [n 1] float32: added back before patching (the mean when centring, else 0)
+    stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
+
+    parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
+
+    @classmethod
+    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None) -> SaeView:
+        """The view of ``acts: [n d]``; with `split` (klgap.protocols.ErrorSplitter) the stats also hold eps_lin and
+        eps_nl, the norms of the linear and nonlinear parts of the error."""
+        x = acts.float()
+        offset = x.mean(-1, keepdim=True) if center else torch.zeros_like(x[:, :1])
+        x = x - offset
+        feats = sae.encode(x)
+        x_hat = sae.decode(feats).float()
+        x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        cos = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12)
+        stats = {
+            "eps": (x - x_hat).norm(dim=-1),
+            "cos": cos,
+            "x_norm": x_norm,
+            "x_hat_norm": x_hat_norm,
+            "l0": (feats != 0).sum(-1).float(),
+        }
+        parts = None
+        if split is not None:
+            parts = split.error_parts(x, x_hat)
+            stats["eps_lin"], stats["eps_nl"] = parts[0].norm(dim=-1), parts[1].norm(dim=-1)
+        return cls(x, x_hat, offset, stats, parts)
+
+    def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        x_prime = perturbation(self.x, self.x_hat, generator)
+        return (x_prime.float() + self.offset).to(dtype)
+
+    def side_stats(self, measured: Tensor | None = None) -> dict[str, Any]:
+        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖² (over the `measured` rows
+        ``[n] bool`` only, when given)."""
+        finite = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
+        if measured is not None:
+            finite &= measured.to(finite.device)
+        x, err = self.x[finite].double(), (self.x - self.x_hat)[finite].double()
+        sides = {
+            "n": int(finite.sum()),
+            "n_nonfinite_acts": int((~finite).sum()),
+            "sum_x": x.sum(0).cpu().tolist(),
+            "sum_sq_x": float((x**2).sum()),
+            "sum_sq_err": float((err**2).sum()),
+        }
+        if self.parts is not None:  # the centred R² of the error's linear part (klgap/report/decomposition.py)
+            e_nl = self.parts[1][finite].double()
+            sides |= {"sum_err": err.sum(0).cpu().tolist(), "sum_err_nl": e_nl.sum(0).cpu().tolist(),
+                      "sum_sq_err_nl": float((e_nl**2).sum())}
+        return sides
+
+
+__all__ = ["SaeView", "draw_generator", "draw_key", "generator_for"]
