@@ -41,7 +41,7 @@ from klgap.forward import metrics
 from klgap.job import modes
 from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig
 from klgap.plugins.manager import registry
-from klgap.sae.train import train_sae
+from klgap.sae.fit import train_sae
 
 KEY = ["intervention", "context", "position", "draw"]
 

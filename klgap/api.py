@@ -33,7 +33,7 @@ PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples",
 # ----------------------------------------------------------------------------- the result
 
 
-@dataclass
+@dataclass(eq=False)
 class Result:
     """One measurement: the typed report, the per-token table, and (if it was saved) its folder.
 
@@ -46,6 +46,14 @@ class Result:
     report: Report
     tokens: pd.DataFrame
     path: Path | None = None
+
+    def __eq__(self, other: object) -> bool:
+        """The same report and the same per-token table (wherever each is saved)."""
+        if not isinstance(other, Result):
+            return NotImplemented
+        return self.report == other.report and self.tokens.equals(other.tokens)
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, compared by content)
 
     @property
     def ratio(self) -> RatioCI | None:
@@ -114,14 +122,17 @@ class Result:
         from klgap.job.folder import atomic_write_json, atomic_write_parquet
         from klgap.report.schema import as_json
 
+        from klgap.job.outdir import OWN_FILES, claimed
+
         folder = Path(folder)
-        if self.path is not None and self.path.resolve() != folder.resolve():
-            shutil.copytree(self.path, folder, dirs_exist_ok=True)
-        elif self.path is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / "report.json", as_json(self.report))
-            atomic_write_parquet(folder / "tokens.parquet", self.tokens.drop(columns=list(LABELS)))
-        rebuild(folder)
+        with claimed(folder, "run", flag="folder="):  # --out's rule: a new or empty folder, or a klgap run's
+            if self.path is not None and self.path.resolve() != folder.resolve():
+                shutil.copytree(self.path, folder, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(*OWN_FILES))
+            elif self.path is None:
+                atomic_write_json(folder / "report.json", as_json(self.report))
+                atomic_write_parquet(folder / "tokens.parquet", self.tokens.drop(columns=list(LABELS)))
+            rebuild(folder)
         return folder
 
 
@@ -237,6 +248,15 @@ class GivenTokens:
         return self.ids
 
 
+def given_name(ids: Tensor) -> str:
+    """``given:NxCTX:HASH``: token ids ``[n ctx]`` (int64, CPU) handed to measure, named by their shape and a hash
+    of their values."""
+    import hashlib
+
+    digest = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+    return f"given:{ids.shape[0]}x{ids.shape[1]}:{digest[:16]}"
+
+
 def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: int, prepend_bos: bool,
                plan_device: str, dtype: str) -> Tensor:
     """Texts (a list of strings, or a datasets.Dataset with a text column) -> contexts packed with the model's
@@ -309,7 +329,10 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     if isinstance(sae, (str, Path)):
         values["sae"] = str(sae)
     given = None
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
+    if isinstance(tokens, bool) or not (isinstance(tokens, (int, torch.Tensor, list, tuple)) or hasattr(tokens, "column_names")):
+        raise KlgapError(f"tokens={tokens!r} is not a token budget (an int), a [n_contexts context_len] tensor of "
+                         "token ids, a list of strings or a datasets.Dataset with a text column")
+    if isinstance(tokens, int):
         values["tokens"] = tokens
     else:
         config = RunConfig.from_dict(values)
@@ -322,7 +345,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
             ids = _token_ids(tokens, ref or name, config.context_len, config.prepend_bos, config.device, config.dtype)
         values.update(tokens=int(ids.numel()), context_len=int(ids.shape[1]))
         given = TokenSourceRef("given", f"{ids.shape[0]}x{ids.shape[1]} token ids", "python", GivenTokens(ids))
-        values["dataset"] = f"given:{ids.shape[0]}x{ids.shape[1]}"
+        values["dataset"] = given_name(ids)  # in the run's identity: other ids into the same out= are another run
     config = RunConfig.from_dict(values)
     if isinstance(sae, (list, tuple)):  # joint=True: one SAE object per (site, layer)
         if not config.joint:
@@ -332,9 +355,9 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
         sae_obj = None if isinstance(sae, (str, Path)) or sae is None else _sae_object(sae, pick_device(config.device))
     plan = resolve(config, model=ref, sae=sae_obj, tokens=given)
     if out is not None:
-        from klgap.job.lock import run_lock
+        from klgap.job.outdir import claimed
 
-        with run_lock(out):  # as the CLI: a second process writing `out` is refused, naming this one
+        with claimed(out, "run", flag="out="):  # as the CLI: --out's rule, and a second process writing `out` refused
             engine.run(plan, out, overwrite=overwrite, progress=progress)
         return load_run(out)
     with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from klgap.cli.args import FILE_EXTRAS, RUN_FLAGS, build_parser
+from klgap.cli.args import FILE_EXTRAS, build_parser
 from klgap.render.console import print_compounding, print_study, print_summary
 from klgap.errors import KlgapError
-from klgap.sae.recipes import print_trained, train_missing_sae
+from klgap.sae.recipes import check_recipe, print_trained, train_missing_sae
 
 log = logging.getLogger("klgap")
 
@@ -31,24 +31,12 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         for key, value in data.items():
             key = key.replace("-", "_")
             (extra if key in FILE_EXTRAS else values)[key] = value
-    for dest in RUN_FLAGS:
-        value = getattr(args, dest, None)
+        if "train_sae" in extra:  # a typo'd key fails now, not after an SAE trained with the default
+            check_recipe(extra["train_sae"])
+    for item in dataclasses.fields(RunConfig):  # every run flag given on the command line (klgap/cli/args.py)
+        value = getattr(args, item.name, None)
         if value is not None:
-            values[dest] = value
-    if args.include_first_position:
-        values["include_first_position"] = True
-    if args.drop_last_position:
-        values["drop_last_position"] = True
-    if args.no_bos:
-        values["no_bos"] = True
-    if args.no_fast:
-        values["no_fast"] = True
-    if getattr(args, "remote", None):
-        values["remote"] = True
-    if getattr(args, "joint", None):
-        values["joint"] = True
-    if getattr(args, "joint_subsets", None):
-        values["joint_subsets"] = True
+            values[item.name] = value
     if "interventions" in values:
         values["interventions"] = split_interventions(values["interventions"])
     if isinstance(values.get("sae"), str) and values["sae"].startswith("~"):
@@ -101,7 +89,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     from klgap.job.distributed import read_world
     from klgap.plan.grid import parse_layers, parse_sites
     from klgap.plan.dryrun import dry_run
-    from klgap.job.lock import run_lock
+    from klgap.job.outdir import claimed
     from klgap.job.shards import parse_shard
 
     world = read_world()
@@ -150,8 +138,8 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
     elif out is None:  # the SAE's own site and layer, when it says them
         site, layer = (plans[0].site, plans[0].layer) if plans[0].sae is not None else (sites[0], layers[0])
         out = f"runs/{model_slug(config.model)}-{site or 'auto'}-L{'auto' if layer is None else layer}-{tag}"
-    # one klgap process (one launch of ranks) per --out, until its pages are written
-    with run_lock(out, wait=args.wait, leader=world.leader):
+    # --out's one rule (klgap/job/outdir.py), then one klgap process (one launch of ranks) per --out until its pages are written
+    with claimed(out, "study" if several else "run", wait=args.wait, leader=world.leader):
         return _run_locked(config, extra, args, sites, layers, several, plans, shard, str(out), world, expected,
                            checkpoints)
 
@@ -240,11 +228,10 @@ def _shard_done(out: str, kind: str, config: Any, sites: list, layers: Any, shar
 def cmd_merge(args: argparse.Namespace) -> int:
     """Join shard folders into one run (or study) folder and build its report from the files alone: no model,
     no SAE is loaded (a test runs it with the model adapters disabled)."""
+    from klgap.job.outdir import claimed
     from klgap.plan.config import RunConfig
-    from klgap.job.engine import report_folder
     from klgap.plan.resolve import pick_device
     from klgap.job.shards import check_shards, merge_parts
-    from klgap.job.study import write_study
 
     folders = [Path(d) for d in args.shard_dirs]
     plan = check_shards(folders)
@@ -252,7 +239,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.resolve() in {f.resolve() for f in folders}:
         raise KlgapError(f"--out {args.out!r} is one of the shard folders; merge into a new folder")
     config = RunConfig.from_dict(plan["config"])
-    subs = merge_parts(folders, out, args.overwrite, device=str(pick_device(config.device)))
+    # --out's one rule, and the lock: a merge into a folder a run is writing is refused (klgap/job/outdir.py)
+    with claimed(out, "study" if plan["kind"] == "study" else "run"):
+        return _merged(plan, folders, out, merge_parts(folders, out, args.overwrite,
+                                                       device=str(pick_device(config.device))), config)
+
+
+def _merged(plan: dict[str, Any], folders: list[Path], out: Path, subs: list[str], config: Any) -> int:
+    """The merged folder's reports and pages (no model, no SAE)."""
+    from klgap.job.engine import report_folder
+    from klgap.job.study import write_study
+
     if plan["kind"] == "study":
         runs = [out / sub for sub in subs]
         for folder in runs:
@@ -331,20 +328,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     from klgap.render.pages import rebuild
 
     folder = Path(args.run_dir)
-    if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
-        report_folder(folder)
-
-    for name, path in rebuild(args.run_dir).items():
-        print(f"wrote {path}")
+    with _locked(folder):  # a folder a run is writing is refused, naming the run
+        if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
+            report_folder(folder)
+        for name, path in rebuild(args.run_dir).items():
+            print(f"wrote {path}")
     return 0
 
 
+def _locked(folder: Path) -> Any:
+    """The run lock of an existing run folder that a command writes into (report, check --write); nothing for
+    a path that is not a folder (the command's own error names it)."""
+    from contextlib import nullcontext
+
+    from klgap.job.lock import run_lock
+
+    return run_lock(folder) if folder.is_dir() else nullcontext()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """A report.json (run, curve, study) or compare.json, each against its own schema, then its values."""
+    """A report.json (run, curve, joint, study), compare.json or expected_check.json, or a folder of them, each
+    against its own schema, then its values."""
     from klgap.report.validate import validate_any
 
     found = validate_any(args.report)
-    print(f"{args.report}: valid klgap {found.what} (schema {found.model.schema_version}; values checked)")
+    schema = f"schema {found.schema_version}; " if found.schema_version != "-" else ""
+    inside = f"; and the {len(found.others)} klgap files inside it" if found.others else ""
+    print(f"{args.report}: valid klgap {found.what} ({schema}values checked{inside})")
     return 0
 
 
@@ -361,15 +371,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     check = check_run(args.run_dir, args.expected, targets)
     print_check(check)
     if args.write:
-        print(f"wrote {write_check(args.run_dir, check)}")
-        _render(Path(args.run_dir))
+        with _locked(Path(args.run_dir)):
+            print(f"wrote {write_check(args.run_dir, check)}")
+            _render(Path(args.run_dir))
     return 0 if check.replicated else 3
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from klgap.job.outdir import claimed
     from klgap.report.compare import compare_runs
 
-    result = compare_runs(args.run_dirs, args.out, labels=args.label)
+    with claimed(args.out, "compare"):
+        result = compare_runs(args.run_dirs, args.out, labels=args.label)
     print(result["table_text"])
     for path in result["written"]:
         print(f"wrote {path}")
@@ -391,6 +404,15 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 #: check, ...) run on rank 0 alone and the other ranks exit at once
 DISTRIBUTED = ("replicate", "curve")
 COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+
+
+#: what Ctrl-C leaves, per command (said after "klgap: interrupted; ")
+INTERRUPTED = {
+    "replicate": "finished batches are saved, run the same command to resume",
+    "curve": "finished batches are saved, run the same command to resume",
+    "train-sae": "the SAE in training was not saved and no half SAE is left (SAEs finished before it are saved); "
+                 "the same command trains from the start",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("klgap: interrupted; finished batches are saved, run the same command to resume", file=sys.stderr)
+        print(f"klgap: interrupted; {INTERRUPTED.get(args.command, 'nothing half-written is left')}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001
         if args.debug:

@@ -28,7 +28,7 @@ from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
+__all__ = ["FIT_TOKENS", "Loaded", "check_token_ids", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
            "n_fit_contexts", "prepare"]
 
 
@@ -172,7 +172,19 @@ def draw_contexts(plan: RunPlan, model: LoadedModel) -> tuple[Tensor, Tensor | N
         raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
                          f"{(n_all, config.context_len)}")
     contexts = contexts.to(torch.long).cpu()
+    check_token_ids(contexts, model, plan.tokens.name)
     return contexts[: config.n_contexts], (contexts[config.n_contexts :] if n_fit else None)
+
+
+def check_token_ids(ids: Tensor, model: LoadedModel, source: str) -> None:
+    """Token ids ``[n ctx]`` a model can embed: every id in 0..vocab_size-1 (else one line naming the first one
+    outside, where it is, and the source that gave it)."""
+    bad = (ids < 0) | (ids >= model.vocab_size)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise KlgapError(f"token source {source!r} gave token id {int(ids[row, col])} (context {row}, position {col}; "
+                         f"{int(bad.sum())} ids in all) outside {model.name}'s vocabulary of {model.vocab_size} "
+                         f"(ids 0..{model.vocab_size - 1})")
 
 
 def prepare(config: RunConfig) -> Loaded:

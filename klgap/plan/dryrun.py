@@ -81,14 +81,15 @@ def dry_run(config: RunConfig, sites: list[str | None], layers: list[int | None]
     trains: an SAE path that does not exist yet is accepted (a config's [train_sae] makes it before the run);
     with False such a path is the resolver's error."""
     from klgap.plugins.capabilities import hub_repo, model_sae_names
-    from klgap.plan.grid import sae_for
+    from klgap.plan.grid import sae_for, templated
 
     several = len(sites) * len(layers) > 1
     plans, saes, defaults, warnings = [], [], [], []
     names: ModelSAENames | None = None
     for site in sites:
         for layer in layers:
-            spec = sae_for(config.sae, site, layer) if several else config.sae
+            spec = sae_for(config.sae, site, layer) if several or templated(config.sae) and site and layer is not None \
+                else config.sae
             saes.append(spec)
             sae_path = Path(spec).expanduser() if spec and ":" not in spec else None
             if trains and sae_path is not None and not sae_path.exists():  # trained before the run ([train_sae]) or copied

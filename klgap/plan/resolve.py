@@ -10,6 +10,7 @@ number is refused here, in well under a second after the plugins are imported. `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from klgap.plugins.manager import ModelRef, get_host, model_adapter
 from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae
 from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.plan.sites import hook_name, parse_hook_name
+from klgap.plan.grid import sae_for, templated
 from klgap.plan.specs import split_spec
 
 
@@ -238,10 +240,6 @@ def resolve_joint(config: RunConfig, *, model: ModelRef | None = None,
                   sae: list[LoadedSAE] | LoadedSAE | None = None, tokens: TokenSourceRef | None = None) -> JointPlan:
     """A joint config -> one checked single-site plan per (site, layer); `sae` from Python: one SAE object
     per (site, layer), in the order of ``config.joint_cells()``."""
-    import dataclasses
-
-    from klgap.plan.grid import sae_for
-
     config.validate()
     cells = config.joint_cells()
     objects = sae if isinstance(sae, list) else ([sae] if sae is not None else None)
@@ -306,6 +304,11 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
             raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name in its cfg); "
                              "give site= and layer=")
     else:
+        if templated(config.sae):  # one (site, layer): its SAE named by the template, as a study's cells are
+            if config.site is None or config.layer is None:
+                raise KlgapError(f"--sae {config.sae!r} has {{site}}/{{layer}} in it: give --site and --layer to fill "
+                                 "them in (e.g. --site mlp_out --layer 3)")
+            config = dataclasses.replace(config, sae=sae_for(config.sae, config.site, config.layer))
         sae = route_sae(config.sae) if config.sae else None
         site, layer = site_of(config, sae)
     if sae is None and (site is None or layer is None):

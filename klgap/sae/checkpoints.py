@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from klgap.errors import KlgapError
+from klgap.sae.heldout import evaluate
 
 #: the folder of an SAE's checkpoints, and the name of one (its training step)
 FOLDER = "checkpoints"
@@ -100,8 +101,6 @@ class CheckpointSaver:
     def __call__(self, checkpoint_path: Path | None) -> None:  # sae_lens's SaveCheckpointFn
         from sae_lens import SAE
 
-        from klgap.sae.train import evaluate
-
         trainer = self.trainer
         step = trainer.n_training_samples // trainer.cfg.train_batch_size_samples
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # training's RNG untouched
@@ -117,6 +116,10 @@ class CheckpointSaver:
     def _write_info(self, folder: Path, step: int, samples: int, measured: dict[str, Any]) -> None:
         info = {**self.facts, "step": step, "tokens_seen": int(samples), **measured}
         (folder / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def discard(self) -> None:
+        """Remove the checkpoints' staging folder if :meth:`finish` did not move it (training stopped early)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def finish(self, staging: Path, result: dict[str, Any]) -> None:
         """Move the checkpoints into the staged SAE folder, the final SAE (already in `staging`) as the last."""

@@ -10,7 +10,9 @@ import torch
 from klgap.sae.checkpoints import CheckpointInfo, count, expand
 from klgap.job.engine import load_sae
 from klgap.errors import KlgapError
-from klgap.sae.train import evaluate, fit_sae, gather
+from klgap.sae.fit import fit_sae
+from klgap.sae.gather import gather
+from klgap.sae.heldout import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.report.schema import load_report
-from klgap.sae.train import fit_sae, gather
+from klgap.sae.fit import fit_sae
+from klgap.sae.gather import gather
 
 RUN = dict(model="tiny-gpt2", tokens=192, context_len=32, batch_size=2, device="cpu", dataset="random", seed=3,
            interventions=["sae", "epsilon_random"])
