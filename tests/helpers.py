@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from klgap.plan.sites import hook_name as hook_of
 
 
 def write_sae(path: Path, W_enc, W_dec, b_enc, b_dec, hook_name: str | None) -> Path:
@@ -38,3 +41,37 @@ class FakeModel:
         self.name = name
         self.sae_lens_models = sae_lens_models
         self.sae_note = sae_note
+
+
+def checkpoint(folder: Path, step: int, site: str = "mlp_out", layer: int = 0, model: str = "tiny-gpt2",
+                nan: bool = False) -> None:
+    """One checkpoint as train-sae --checkpoints writes it: a sae_lens folder + training.json."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    cfg.metadata.hook_name = hook_of(site, layer)
+    cfg.metadata.model_name = model
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(128, 64, generator=torch.Generator().manual_seed(step)) / 8)
+        sae.W_enc.copy_(sae.W_dec.T * 2)
+        if nan:
+            sae.W_dec[0, 0] = float("nan")
+    sae.save_model(folder)
+    (folder / "training.json").write_text(json.dumps({
+        "model": model, "site": site, "layer": layer, "hook_name": hook_of(site, layer), "d_sae": 128,
+        "step": step, "tokens_seen": step * 1024, "explained_variance": 0.5, "l0_mean": 10.0}))
+
+
+def checkpoints(root: Path, spoil: str | None = None) -> Path:
+    """DIR/checkpoints/step-0000{10,20,30}/; `spoil` breaks step 20 the way a user's file would be broken."""
+    base = root / "sae" / "checkpoints"
+    for step in (10, 20, 30):
+        folder = base / f"step-{step:06d}"
+        bad = spoil if step == 20 else None
+        checkpoint(folder, step, layer=1 if bad == "wrong-hook" else 0, model="gpt2" if bad == "other-model" else
+                    "tiny-gpt2", nan=bad == "nan")
+        if bad == "truncated":
+            weights = folder / "sae_weights.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return base

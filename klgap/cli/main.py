@@ -99,9 +99,9 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         cells = config.joint_cells()
         sites, layers = list(dict.fromkeys(s for s, _ in cells)), list(dict.fromkeys(v for _, v in cells))
         planned = dataclasses.replace(config, joint=False, joint_subsets=False)
-        checkpoints = None
+        checkpoints = checked = None
     else:
-        from klgap.sae.checkpoints import is_glob
+        from klgap.sae.checkpoints import is_glob, verify
         from klgap.job.checkpoint_study import cells_of, checkpoint_spec
 
         sites = parse_sites(config.site) if config.site is not None else [None]
@@ -112,6 +112,9 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
                 raise KlgapError("--shard is not supported for a study over SAE checkpoints yet; run it unsharded")
             sites, layers = cells_of(checkpoints, sites, layers)
             config.sae = checkpoints
+        # every checkpoint read and checked (hook, weights) before any folder is bound; --dry-run prints what
+        checked = verify(checkpoints, [(s, v) for s in sites for v in layers], config.model,
+                         trains="train_sae" in extra) if checkpoints is not None and layers != "all" else None
         # the checkpoints of a glob are checked when the study lists them; the other SAEs now
         planned = dataclasses.replace(config, sae=None) if checkpoints and is_glob(checkpoints) else config
     if getattr(args, "dry_run", False):
@@ -123,7 +126,7 @@ def run_and_render(config: Any, extra: dict[str, Any], args: argparse.Namespace,
         if world.leader:
             if config.joint:
                 print("joint run: every (site, layer) below is patched in the same forward, and measured alone")
-            print_plan(plan)
+            print_plan(plan, checked)
         return 0
     several = not config.joint and (checkpoints is not None or len(sites) > 1 or layers == "all" or len(layers) > 1)
     if several and None in sites:

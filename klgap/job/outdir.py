@@ -4,7 +4,7 @@ train-sae, ``klgap.measure(out=...)``, ``Result.save``).
 An ``--out`` is used when it is
 
 - missing (it is created), or an empty folder, or
-- a folder klgap wrote, of the same kind: recognised by its marker file ``.klgap-folder`` (``{"kind": ...}``),
+- a folder klgap wrote, of the same kind: recognised by its marker file ``.klgap.json`` (``{"kind": ...}``),
   or, for folders written before the marker existed, by the file that kind always holds (a run's
   run_config.json / run.json, a study's report.json, a trained SAE's training.json, a comparison's
   compare.json).
@@ -31,7 +31,7 @@ from klgap.job.folder import atomic_write_json, refuse_file
 from klgap.job.lock import LOCK_FILE, run_lock
 from klgap.job.record import CONFIG_FILE, RECORD_FILE
 
-MARKER = ".klgap-folder"
+MARKER = ".klgap.json"
 #: the kinds of folder klgap writes, as a refusal names them
 KINDS = {"run": "a klgap run", "study": "a klgap study (several runs)", "sae": "an SAE trained by klgap",
          "compare": "a klgap comparison"}

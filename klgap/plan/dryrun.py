@@ -145,12 +145,16 @@ def _where(run: RunPlan, given: RunConfig) -> str:
     return f"{run.site} L{run.layer}" + ("" if told else " (site and layer from the SAE)")
 
 
-def print_plan(plan: DryRun) -> None:
+def print_plan(plan: DryRun, checkpoints: list[str] | None = None) -> None:
+    """The plan on stdout (warnings on stderr). `checkpoints`: a study over SAE checkpoints, one line per (site,
+    layer) saying what was checked of its checkpoints (klgap.sae.checkpoints.verify), in place of the SAE lines."""
     cfg = plan.config
     print(f"dry run: {cfg.model}, mode {cfg.mode}, {cfg.n_tokens:,} tokens of {cfg.dataset}, "
           f"interventions {', '.join(cfg.interventions)}")
     defaults = plan.defaults or [None] * len(plan.plans)
-    for run, sae, found in zip(plan.plans, plan.saes, defaults, strict=True):
+    for line in checkpoints or []:
+        print(f"  {line}")
+    for run, sae, found in zip(plan.plans, plan.saes, defaults, strict=True) if checkpoints is None else ():
         print(f"  {_where(run, cfg)}: {_sae_line(run, sae, found, plan.names)}")
         if found is not None:
             print(f"    {found.note}")

@@ -39,15 +39,19 @@ def _first_line(exc: BaseException) -> str:
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers' warnings off for the block (its weight-loading report is a table of many lines)."""
+    """transformers' warnings and progress bars off for the block (its weight-loading report is a table of many
+    lines; a failure is said in one line, and a folder's weights load in seconds)."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_loading(path: Path, loading: dict[str, Any]) -> None:

@@ -125,7 +125,7 @@ def test_train_sae_into_a_finished_run_folder_keeps_the_run(made, tmp_path, caps
     run = shutil.copytree(made / "run", tmp_path / "run")
     before = _snapshot(run)
     assert main(_argv("train-sae", made, run)) == 2
-    assert "holds a klgap run (its .klgap-folder), not an SAE trained by klgap" in capsys.readouterr().err
+    assert "holds a klgap run (its .klgap.json), not an SAE trained by klgap" in capsys.readouterr().err
     assert _snapshot(run) == before
 
 
@@ -133,7 +133,7 @@ def test_a_command_into_a_folder_klgap_wrote_of_its_kind_uses_it(made, tmp_path,
     """The rule's other half: compare into its own earlier folder rewrites it; an empty folder is used."""
     out = tmp_path / "cmp"
     assert main(["compare", str(QUICKSTART), "--out", str(out)]) == 0
-    assert json.loads((out / ".klgap-folder").read_text())["kind"] == "compare"
+    assert json.loads((out / ".klgap.json").read_text())["kind"] == "compare"
     (out / "compare.csv").unlink()
     assert main(["compare", str(QUICKSTART), str(made / "run"), "--out", str(out)]) == 0
     assert len(json.loads((out / "compare.json").read_text())["runs"]) == 2 and (out / "compare.csv").is_file()
@@ -158,7 +158,7 @@ def test_the_python_api_shares_the_rule(made, tmp_path):
         result.save(out)
     assert _snapshot(out) == before
     saved = result.save(tmp_path / "copy")  # a new folder: written, and marked as klgap's run
-    assert json.loads((saved / ".klgap-folder").read_text())["kind"] == "run"
+    assert json.loads((saved / ".klgap.json").read_text())["kind"] == "run"
     assert klgap.load_run(saved) == result
 
 
