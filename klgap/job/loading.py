@@ -17,18 +17,18 @@ import torch
 from torch import Tensor
 
 from klgap.forward import activations
-from klgap.plugins.capabilities import error_fittable, error_splitter, fittable
+from klgap.plugins.capabilities import error_fittable, error_splitter, fittable, model_shape
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.forward.executors import Executor, choose
 from klgap.plugins.manager import ModelRef, model_adapter
-from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, Placement, SiteSpec
+from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, resolve, route_sae, site_of
 from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "check_token_ids", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
+__all__ = ["FIT_TOKENS", "Loaded", "check_fits", "check_token_ids", "default_sae", "draw_contexts", "fit_perturbations", "load_model", "load_plan", "load_sae",
            "n_fit_contexts", "prepare"]
 
 
@@ -113,22 +113,19 @@ def load_plan(plan: RunPlan) -> Loaded:
     site, layer = site_of(config, route, sae.hook_name if sae is not None else None)
     if site is None or layer is None:
         raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer")
+    shape = model_shape(plan.model.adapter)
+    if shape is not None:  # from the model's config: a bad layer, context or SAE width fails before the weights load
+        check_fits(shape, plan.model.name, site, layer, config.context_len, sae)
     model = load_model(plan.model, device, plan.dtype, plan.placement)
     notes = [model.site_note] if model.site_note else []
-    if layer >= model.n_layers:
-        raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
-    if config.context_len > model.max_context:
-        raise KlgapError(f"--context-len {config.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
+    check_fits(model, model.name, site, layer, config.context_len, None)
     if sae is None:
         route, note = default_sae(model, site, layer)
         notes.append(note)
         log.warning(note)
         sae = load_sae(route, device)
         site_of(RunConfig(model=config.model, site=site, layer=layer), route, sae.hook_name)
-    width = model.site_widths[site]
-    if sae.d_in != width:
-        raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
-                         "it was trained on another model or site")
+    check_fits(model, model.name, site, layer, config.context_len, sae)
     center = sae.center_resid and site.startswith("resid")
     if center:
         notes.append(
@@ -143,6 +140,20 @@ def load_plan(plan: RunPlan) -> Loaded:
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
     return loaded
+
+
+def check_fits(model: LoadedModel | ModelShape, name: str, site: str, layer: int, context_len: int,
+               sae: LoadedSAE | None) -> None:
+    """The run fits the model: its layer exists, its contexts are not too long, and the SAE (when known) is as
+    wide as the site. `model` is the loaded model, or its shape read from its config before the weights load."""
+    if not 0 <= layer < model.n_layers:
+        raise KlgapError(f"--layer {layer} is out of range for {name}: valid layers are 0..{model.n_layers - 1}")
+    if context_len > model.max_context:
+        raise KlgapError(f"--context-len {context_len} exceeds {name}'s maximum context of {model.max_context}")
+    width = model.site_widths.get(site)
+    if sae is not None and width is not None and sae.d_in != width:
+        raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {name} {site} is {width} wide; "
+                         "it was trained on another model or site")
 
 
 def n_fit_contexts(config: RunConfig) -> int:

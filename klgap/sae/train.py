@@ -98,7 +98,8 @@ def train_saes(
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
     checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py)."""
     from klgap.plan.config import DTYPES
-    from klgap.job.engine import load_model
+    from klgap.job.loading import check_fits, load_model
+    from klgap.plugins.capabilities import model_shape
     from klgap.plugins.manager import get_host, model_adapter
     from klgap.plan.resolve import pick_device
     from klgap.plan.grid import parse_layers, parse_sites
@@ -139,12 +140,12 @@ def train_saes(
     source = get_host().registry("token_source").get(source_name)
     ref = model if isinstance(model, ModelRef) else model_adapter(model)
     torch_device = pick_device(device)
+    shape = model_shape(ref.adapter)  # from the config: a bad layer or context fails before the weights load
+    for s, v in pairs if shape is not None else []:
+        check_fits(shape, ref.name, s, v, context_len, None)
     loaded = load_model(ref, torch_device, getattr(torch, dtype))
-    for value in layers:
-        if not 0 <= value < loaded.n_layers:
-            raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")
-    if context_len > loaded.max_context:
-        raise KlgapError(f"--context-len {context_len} exceeds {loaded.name}'s maximum context of {loaded.max_context}")
+    for s, v in pairs:
+        check_fits(loaded, loaded.name, s, v, context_len, None)
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
     contexts = source.contexts(loaded, n_contexts, context_len, seed, True, source_arg or None)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, ModelShape
+from klgap_hf.families import shape_of
 from klgap_hf.loaded import check_structure, wrap_loaded
 
 
@@ -89,6 +90,10 @@ class FolderAdapter:
         except (OSError, ValueError, KeyError) as exc:
             raise KlgapError(f"model folder {str(self.path)!r}: cannot read config.json ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]})") from exc
+
+    def shape(self) -> ModelShape:
+        """Layers, longest context and site widths from the config (klgap.ShapedModelAdapter): no weights read."""
+        return shape_of(self.config())
 
     def load(self, device: torch.device, dtype: torch.dtype, device_map: str | None = None) -> LoadedModel:
         """Config first (a model whose blocks cannot be found fails before the weights are read), then the

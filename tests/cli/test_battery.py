@@ -123,6 +123,35 @@ def test_a_damaged_model_folder_is_refused_in_one_line(tmp_path, capsys, model_f
     assert not (tmp_path / "out").exists() and "LOAD REPORT" not in out
 
 
+SHAPE_ROWS = [  # what the model's config alone refutes (it used to load the weights first: 18-42 s for a hub model)
+    ("layer", ["--sae", "{l5}"], "--layer 5 is out of range for tiny: valid layers are 0..1"),
+    ("context", ["--context-len", "300"], "--context-len 300 exceeds tiny's maximum context of 256"),
+    ("width", ["--sae", "{wide}"], "has d_in=32 but tiny mlp_out is 64 wide"),
+]
+
+
+@pytest.mark.parametrize("flags,message", [r[1:] for r in SHAPE_ROWS], ids=[r[0] for r in SHAPE_ROWS])
+def test_what_the_model_config_refutes_fails_before_the_weights_load(tmp_path, capsys, monkeypatch, model_folder, sae,
+                                                                     flags, message):
+    from klgap_hf.folder import FolderAdapter
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(FolderAdapter, "load", no_weights)
+    made = {"wide": random_sae(tmp_path / "wide.safetensors", 32, 64, HOOK),
+            "l5": random_sae(tmp_path / "l5.safetensors", 64, 128, hook_name("mlp_out", 5))}
+    argv = ["replicate", "--model", str(model_folder), "--sae", str(sae), *RUN, "--out", str(tmp_path / "out")]
+    code, _, err = _run(argv + [f.format(**made) for f in flags], capsys)
+    assert code == 2
+    _one_line(err, message)
+    assert not (tmp_path / "out").exists()
+    if "{l5}" in flags:  # train-sae too
+        code, _, err = _run(["train-sae", "--model", str(model_folder), "--site", "mlp_out", "--layer", "5", "--out",
+                             str(tmp_path / "sae")], capsys)
+        assert code == 2 and message in err and not (tmp_path / "sae").exists()
+
+
 # ----------------------------------------------------------------------------- config files, names, flags
 
 
