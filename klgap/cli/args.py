@@ -160,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)
     for command in sub.choices.values():  # `klgap replicate ... --debug` as well as `klgap --debug replicate ...`
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+        try:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+        except argparse.ArgumentError:  # a plugin's command with a --debug of its own keeps it
+            pass
     return parser
 
 

@@ -1,5 +1,5 @@
 """What a command may write into: the one rule every ``--out`` shares (replicate, curve, merge, compare,
-train-sae, ``klgap.measure(out=...)``, ``Result.save``).
+train-sae, build-corpus, ``klgap.measure(out=...)``, ``Result.save``).
 
 An ``--out`` is used when it is
 
@@ -7,7 +7,7 @@ An ``--out`` is used when it is
 - a folder klgap wrote, of the same kind: recognised by its marker file ``.klgap.json`` (``{"kind": ...}``),
   or, for folders written before the marker existed, by the file that kind always holds (a run's
   run_config.json / run.json, a study's report.json, a trained SAE's training.json, a comparison's
-  compare.json).
+  compare.json, a corpus's corpus.json).
 
 Anything else is refused with one line, before anything is loaded or written: a file (or a path under one), a
 folder holding files klgap did not write, a folder klgap wrote of another kind (a finished run is not an SAE
@@ -34,7 +34,7 @@ from klgap.job.record import CONFIG_FILE, RECORD_FILE
 MARKER = ".klgap.json"
 #: the kinds of folder klgap writes, as a refusal names them
 KINDS = {"run": "a klgap run", "study": "a klgap study (several runs)", "sae": "an SAE trained by klgap",
-         "compare": "a klgap comparison"}
+         "compare": "a klgap comparison", "corpus": "a corpus built by klgap build-corpus"}
 #: what klgap leaves in a folder of any kind while it works (a folder holding only these is empty)
 OWN_FILES = (MARKER, LOCK_FILE)
 OWN_PREFIXES = (".klgap-write-test.",)
@@ -61,12 +61,15 @@ def _legacy_kind(folder: Path) -> tuple[str, str] | None:
     training = _json(folder / "training.json")
     if isinstance(training, dict) and {"hook_name", "d_sae"} <= set(training):
         return "sae", "training.json"
+    corpus = _json(folder / "corpus.json")
+    if isinstance(corpus, dict) and "sources" in corpus:
+        return "corpus", "corpus.json"
     plan = _json(folder / "shard_plan.json")  # a shard of a study, before its sub-runs' report
     if isinstance(plan, dict) and plan.get("kind") in ("run", "joint", "study"):
         return ("study" if plan["kind"] == "study" else "run"), "shard_plan.json"
-    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-    if subs:  # a study killed before its report: only its sub-runs
-        return "study", f"{subs[0]}/{CONFIG_FILE}"
+    subs = sorted([*folder.glob(f"*/{CONFIG_FILE}"), *folder.glob(f"*/*/{CONFIG_FILE}")])
+    if subs:  # a study killed before its report: only its sub-runs (a study over checkpoints: site_Lnn/step-N/)
+        return "study", str(subs[0].relative_to(folder))
     return None
 
 

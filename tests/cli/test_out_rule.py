@@ -87,6 +87,7 @@ def _argv(command: str, made: Path, out: Path) -> list[str]:
                   "--context-len", "32", "--quiet", "--out", str(out)],
         "merge": ["merge", str(made / "s1"), str(made / "s2"), "--out", str(out), "--quiet"],
         "compare": ["compare", str(QUICKSTART), "--out", str(out)],
+        "build-corpus": ["build-corpus", "--out", str(out)],
         "train-sae": ["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "0", "--tokens", "4000",
                       "--context-len", "64", "--steps", "30", "--quiet", "--out", str(out)],
     }[command]
@@ -100,6 +101,7 @@ CASES = [
     ("compare", _a_file), ("compare", _a_users_folder), ("compare", _a_run_folder),
     ("train-sae", _a_file), ("train-sae", _a_users_folder), ("train-sae", _under_a_file),
     ("train-sae", _a_run_folder), ("train-sae", _a_compare_folder),
+    ("build-corpus", _a_users_folder), ("build-corpus", _a_run_folder),
 ]
 
 
