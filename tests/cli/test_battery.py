@@ -105,8 +105,8 @@ MODEL_ROWS = [
     ("truncated", lambda f: _weights(f, lambda b: b[: len(b) // 2]), "cannot load the weights (SafetensorError: "),
     ("random-bytes", lambda f: _weights(f, lambda b: os.urandom(5000)), "cannot load the weights (SafetensorError: "),
     ("empty", lambda f: _weights(f, lambda b: b""), "cannot load the weights (SafetensorError: "),
-    ("wider-config", lambda f: _config(f, n_embd=128), "config.json disagrees with the weights: 28 tensor(s) have "
-                                                       "another shape than config.json says"),
+    ("wider-mlp-config", lambda f: _config(f, n_inner=512), "config.json disagrees with the weights: 6 tensor(s) "
+                                                             "have another shape than config.json says"),
     ("more-layers", lambda f: _config(f, n_layer=4), "config.json disagrees with the weights: 24 tensor(s) "
                                                      "config.json describes are not in the weights"),
 ]
