@@ -120,9 +120,8 @@ class Result:
         """Write the run folder (report.json, tokens.parquet, report.md/html and figures) to `folder`."""
         from klgap.render.pages import rebuild
         from klgap.job.folder import atomic_write_json, atomic_write_parquet
-        from klgap.report.schema import as_json
-
         from klgap.job.outdir import OWN_FILES, claimed
+        from klgap.report.schema import as_json
 
         folder = Path(folder)
         with claimed(folder, "run", flag="folder="):  # --out's rule: a new or empty folder, or a klgap run's
@@ -306,7 +305,9 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
             of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
-            ``klgap report`` / ``merge`` / ``compare`` read it).
+            ``klgap report`` / ``merge`` / ``compare`` read it) under ``--out``'s rule (a new or empty folder, or
+            a klgap run's). Other token ids (hashed) or another SAE (its weights hashed) there is another run:
+            refused unless ``overwrite=True``.
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
             device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets.
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
@@ -329,7 +330,8 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | None = None
     if isinstance(sae, (str, Path)):
         values["sae"] = str(sae)
     given = None
-    if isinstance(tokens, bool) or not (isinstance(tokens, (int, torch.Tensor, list, tuple)) or hasattr(tokens, "column_names")):
+    readable = isinstance(tokens, (int, torch.Tensor, list, tuple)) or hasattr(tokens, "column_names")
+    if isinstance(tokens, bool) or not readable:
         raise KlgapError(f"tokens={tokens!r} is not a token budget (an int), a [n_contexts context_len] tensor of "
                          "token ids, a list of strings or a datasets.Dataset with a text column")
     if isinstance(tokens, int):
