@@ -38,7 +38,7 @@ from klgap.job.view import SaeView, generator_for
 from klgap.plan.resolve import pick_device
 from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig
 from klgap.plugins.manager import registry
-from klgap.sae.train import train_sae
+from klgap.sae.fit import train_sae
 
 KEY = ["intervention", "context", "position", "draw"]
 

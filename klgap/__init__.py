@@ -38,7 +38,7 @@ _LAZY = {
         "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",
         "ModelAdapter", "SAELoader", "Perturbation", "TokenSource", "Command", "SparseAutoencoder",
         "SAEChecker", "DefaultSAEFinder", "FittablePerturbation", "PlacingModelAdapter", "HubModelAdapter",
-        "PretrainedSAEAdapter")},
+        "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter")},
 }
 
 __all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]

@@ -78,6 +78,14 @@ class Result:
             self._html = result_html(self.report, self.tokens, self.path)
         return self._html
 
+    def __eq__(self, other: object) -> bool:
+        """The same report and the same per-token table (wherever each is saved)."""
+        if not isinstance(other, Result):
+            return NotImplemented
+        return self.report == other.report and self.tokens.equals(other.tokens)
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, compared by content)
+
     @property
     def ratio(self) -> RatioCI | None:
         """KL(sae)/KL(epsilon_random) with its 95% context-bootstrap interval (None without that baseline)."""
@@ -143,16 +151,18 @@ class Result:
         """Write the run folder (report.json, tokens.parquet, report.md/html and figures) to `folder`."""
         from klgap.render.pages import rebuild
         from klgap.job.folder import atomic_write_json, atomic_write_parquet
+        from klgap.job.outdir import OWN_FILES, claimed
         from klgap.report.schema import as_json
 
         folder = Path(folder)
-        if self.path is not None and self.path.resolve() != folder.resolve():
-            shutil.copytree(self.path, folder, dirs_exist_ok=True)
-        elif self.path is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / "report.json", as_json(self.report))
-            atomic_write_parquet(folder / "tokens.parquet", self.tokens.drop(columns=list(LABELS)))
-        rebuild(folder)
+        with claimed(folder, "run", flag="folder="):  # --out's rule: a new or empty folder, or a klgap run's
+            if self.path is not None and self.path.resolve() != folder.resolve():
+                shutil.copytree(self.path, folder, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(*OWN_FILES))
+            elif self.path is None:
+                atomic_write_json(folder / "report.json", as_json(self.report))
+                atomic_write_parquet(folder / "tokens.parquet", self.tokens.drop(columns=list(LABELS)))
+            rebuild(folder)
         return folder
 
 
@@ -259,7 +269,9 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
             of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.
     out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
-            ``klgap report`` / ``merge`` / ``compare`` read it).
+            ``klgap report`` / ``merge`` / ``compare`` read it) under ``--out``'s rule (a new or empty folder, or
+            a klgap run's). Other token ids (hashed) or another SAE (its weights hashed) there is another run:
+            refused unless ``overwrite=True``.
     checkpoints: an SAE folder trained with checkpoints (``klgap train-sae --checkpoints N``): every checkpoint
             measured on the same tokens, the study's over-training section.
     dry_run: resolve and check everything, load nothing; returns what would run (klgap.plan.dryrun.DryRun).
@@ -274,7 +286,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
 
     from klgap.job.plan import checkpoint_spec, plan_job
     from klgap.plan.resolve import TokenSourceRef, pick_device
-    from klgap.plugins.held import GivenTokens, model_ref, sae_object, token_ids
+    from klgap.plugins.held import GivenTokens, given_name, model_ref, sae_object, token_ids
 
     name, ref = model_ref(model, tokenizer, name)
     values: dict[str, Any] = {"model": name, "site": ",".join(site) if isinstance(site, (list, tuple)) else site,
@@ -289,7 +301,11 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     if isinstance(sae, (str, Path)):
         values["sae"] = str(sae)
     given = None
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
+    readable = isinstance(tokens, (int, torch.Tensor, list, tuple)) or hasattr(tokens, "column_names")
+    if isinstance(tokens, bool) or not readable:
+        raise KlgapError(f"tokens={tokens!r} is not a token budget (an int), a [n_contexts context_len] tensor of "
+                         "token ids, a list of strings or a datasets.Dataset with a text column")
+    if isinstance(tokens, int):
         values["tokens"] = tokens
     else:
         config = RunConfig.from_dict(values)
@@ -302,7 +318,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
             ids = token_ids(tokens, ref or name, config.context_len, config.prepend_bos, config.device, config.dtype)
         values.update(tokens=int(ids.numel()), context_len=int(ids.shape[1]))
         given = TokenSourceRef("given", f"{ids.shape[0]}x{ids.shape[1]} token ids", "python", GivenTokens(ids))
-        values["dataset"] = f"given:{ids.shape[0]}x{ids.shape[1]}"
+        values["dataset"] = given_name(ids)  # in the run's identity: other ids into the same out= are another run
     config = RunConfig.from_dict(values)
     saes = None
     if isinstance(sae, (list, tuple)):  # one per (site, layer) of a joint run, else one run each
@@ -314,7 +330,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     if dry_run:
         from klgap.plan.dryrun import describe
 
-        return describe(job.config, job.plans, job.saes)
+        return describe(job.config, job.plans, job.saes, job.checked)
     return _run(job, out, overwrite, progress)
 
 
@@ -323,9 +339,12 @@ def _run(job: Any, out: str | Path | None, overwrite: bool, progress: bool) -> R
     from klgap.job.execute import run_job
 
     if out is not None:
-        from klgap.job.lock import run_lock
+        from klgap.job.outdir import claimed
 
-        with run_lock(out):  # as the CLI: a second process writing `out` is refused, naming this one
+        from klgap.job.outdir import claimed
+
+        # as the CLI: --out's rule, and a second process writing `out` refused
+        with claimed(out, "study" if job.study else "run", flag="out="):
             run_job(job, out, overwrite=overwrite, progress=progress)
         return load_result(out)
     with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:

@@ -140,6 +140,26 @@ class PlacingModelAdapter(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model is, from its config alone (no weights read): a run is checked against it before the weights
+    load. site_widths: the sites whose width the config says (a site missing here is checked once loaded)."""
+
+    n_layers: int
+    max_context: int
+    site_widths: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ShapedModelAdapter(Protocol):
+    """Optional: an adapter that reads its model's shape from its config before loading the weights, so a layer
+    out of range, a context too long or an SAE of another width fails in a second instead of after the load."""
+
+    def shape(self) -> ModelShape:
+        """The model's layers, longest context and site widths, from its config (no weights read)."""
+        ...
+
+
 @runtime_checkable
 class HubModelAdapter(Protocol):
     """Optional: an adapter whose weights come from the Hugging Face hub (or its cache); ``--dry-run`` lists the

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from klgap.plan.sites import hook_name as hook_of
 
 
 def write_sae(path: Path, W_enc, W_dec, b_enc, b_dec, hook_name: str | None) -> Path:
@@ -68,9 +71,42 @@ def run_config(config, out, **options):
 def checkpointed_sae(model, folder: Path, checkpoints: int = 3, steps: int = 30, n_contexts: int = 60) -> Path:
     """An SAE trained at `model`'s mlp_out L1 on random tokens into `folder` (name it blocks.1.hook_mlp_out), saving
     `checkpoints` checkpoints (the last the final SAE)."""
-    from klgap.sae.train import fit_sae, gather
+    from klgap.sae.fit import fit_sae
+    from klgap.sae.gather import gather
 
     contexts = torch.randint(0, 200, (n_contexts, 32), generator=torch.Generator().manual_seed(1))
     fit_sae(model, "mlp_out", 1, gather(model, "mlp_out", 1, contexts), folder, steps=steps, train_batch_size=256,
             checkpoints=checkpoints, progress=False)
     return folder
+def checkpoint(folder: Path, step: int, site: str = "mlp_out", layer: int = 0, model: str = "tiny-gpt2",
+                nan: bool = False) -> None:
+    """One checkpoint as train-sae --checkpoints writes it: a sae_lens folder + training.json."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    cfg.metadata.hook_name = hook_of(site, layer)
+    cfg.metadata.model_name = model
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(128, 64, generator=torch.Generator().manual_seed(step)) / 8)
+        sae.W_enc.copy_(sae.W_dec.T * 2)
+        if nan:
+            sae.W_dec[0, 0] = float("nan")
+    sae.save_model(folder)
+    (folder / "training.json").write_text(json.dumps({
+        "model": model, "site": site, "layer": layer, "hook_name": hook_of(site, layer), "d_sae": 128,
+        "step": step, "tokens_seen": step * 1024, "explained_variance": 0.5, "l0_mean": 10.0}))
+
+
+def checkpoints(root: Path, spoil: str | None = None) -> Path:
+    """DIR/checkpoints/step-0000{10,20,30}/; `spoil` breaks step 20 the way a user's file would be broken."""
+    base = root / "sae" / "checkpoints"
+    for step in (10, 20, 30):
+        folder = base / f"step-{step:06d}"
+        bad = spoil if step == 20 else None
+        checkpoint(folder, step, layer=1 if bad == "wrong-hook" else 0, model="gpt2" if bad == "other-model" else
+                    "tiny-gpt2", nan=bad == "nan")
+        if bad == "truncated":
+            weights = folder / "sae_weights.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return base

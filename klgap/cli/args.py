@@ -8,10 +8,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-#: flags whose dest is the RunConfig field of the same name (the boolean flags are set below)
-RUN_FLAGS = ("model", "site", "layer", "sae", "mode", "interventions", "tokens", "context_len", "batch_size", "seed",
-             "device", "dtype", "dataset", "position", "k", "n_samples", "sample_intervention", "device_map",
-             "fit_tokens")
 
 
 def _int_arg(name: str):
@@ -25,57 +21,22 @@ def _int_arg(name: str):
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (``--context-len`` for ``context_len``), its help and default from the field
+    (klgap/plan/config.py: :func:`klgap.plan.config.flag`); every flag's parser default is None, so a value
+    given in a --config file stands unless the flag is given too. Then the command's own flags."""
+    import dataclasses
+
+    from klgap.plan.config import RunConfig, flag_help
+
     p.add_argument("--config", help="a replication file (TOML or JSON) whose keys are these flags' names")
-    p.add_argument("--model", help="model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2")
-    p.add_argument(
-        "--site", help="resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list (default: from the SAE)"
-    )
-    p.add_argument(
-        "--layer", help="layer index, a list (3,10,17), a range (0-5) or all (default: from the SAE); several "
-        "sites/layers make one study report, with {layer}/{site} in --sae"
-    )
-    p.add_argument("--sae", help="sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file; a glob "
-                   "('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")
-    p.add_argument("--mode", help="all_tokens (default), single_token or many_samples")
-    p.add_argument(
-        "--interventions",
-        help="comma-separated, e.g. sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9 "
-        "(default: sae, sae_norm_corrected, sae_norm, epsilon_random, theta_random, theta_random_xnorm)",
-    )
-    p.add_argument("--tokens", type=_int_arg("--tokens"), help="tokens to read (default 8192)")
-    p.add_argument("--context-len", type=_int_arg("--context-len"), help="tokens per context (default 128)")
-    p.add_argument("--fit-tokens", type=_int_arg("--fit-tokens"),
-                   help="fit the fitted interventions (epsilon_anisotropic, sae_plus_linear_error, ...) on this many "
-                   "tokens drawn after the measured ones (default: the run's first contexts, the measured ones)")
-    p.add_argument("--batch-size", type=_int_arg("--batch-size"), help="contexts per batch (default 8)")
-    p.add_argument("--seed", type=_int_arg("--seed"), help="random seed (default 0)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--device-map", help="hub models: spread the layers over devices, e.g. auto (transformers/accelerate)")
-    p.add_argument(
-        "--remote", action="store_true", default=None,
-        help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
-    )
-    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
-    p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random "
-                   "(klgap plugins lists them)")
-    p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")
-    p.add_argument("--k", type=_int_arg("--k"), help="single-token: measure positions t..t+k (default 16)")
-    p.add_argument("--n-samples", type=_int_arg("--n-samples"), help="many-samples: draws per context (default 500)")
-    p.add_argument("--sample-intervention", help="many-samples: the random perturbation drawn (default epsilon_random)")
-    p.add_argument(
-        "--include-first-position",
-        action="store_true",
-        default=None,
-        help="also patch and measure position 0 (the BOS / attention-sink token); excluded by default",
-    )
-    p.add_argument(
-        "--drop-last-position",
-        action="store_true",
-        default=None,
-        help="patch the last position of each context but do not measure it (the study's error_eval.py); "
-        "measured by default",
-    )
-    p.add_argument("--no-bos", action="store_true", default=None, help="do not prepend BOS to each context")
+    for item in dataclasses.fields(RunConfig):
+        name = "--" + item.name.replace("_", "-")
+        if item.type == "bool":
+            p.add_argument(name, action="store_true", default=None, help=flag_help(item))
+        elif item.type.startswith("int") and not item.metadata["text"]:
+            p.add_argument(name, type=_int_arg(name), help=flag_help(item))
+        else:
+            p.add_argument(name, help=flag_help(item))
     p.add_argument(
         "--dry-run", action="store_true",
         help="check names, config and SAE ids offline (sae_lens releases against its bundled directory), print "
@@ -84,21 +45,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shard", help="I/N: measure only shard I of N of the batches (1..N) and write no report; "
         "`klgap merge` joins the N shard folders into the unsharded run's report",
-    )
-    p.add_argument(
-        "--joint", action="store_true", default=None,
-        help="patch every --site/--layer listed in the same forward, each with its own SAE ({site}/{layer} in "
-        "--sae), and measure each alone on the same tokens: the report's compounding section compares them",
-    )
-    p.add_argument(
-        "--joint-subsets", action="store_true", default=None,
-        help="with --joint (3 or more sites): also patch every subset of two or more sites together in the same "
-        "pass (OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs",
-    )
-    p.add_argument(
-        "--no-fast", action="store_true", default=None,
-        help="all-token mode: run every intervention as a full forward through nnsight instead of rerunning "
-        "only the layers above the site",
     )
 
 
@@ -216,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)
+    for command in sub.choices.values():  # `klgap replicate ... --debug` as well as `klgap --debug replicate ...`
+        try:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+        except argparse.ArgumentError:  # a plugin's command with a --debug of its own keeps it
+            pass
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from klgap.cli.args import RUN_FLAGS, build_parser
+from klgap.cli.args import build_parser
 from klgap.errors import KlgapError
 from klgap.render.console import print_sections, print_study, print_summary
 from klgap.sae.recipes import print_trained
@@ -24,12 +25,13 @@ def request_of(args: argparse.Namespace, tag: str | None = None) -> Any:
     """The measuring request the flags (over a --config file's keys) make (klgap.job.command.Request)."""
     from klgap.job.command import request_from
     from klgap.job.shards import parse_shard
+    from klgap.plan.config import RunConfig
 
-    values: dict[str, Any] = {dest: getattr(args, dest, None) for dest in RUN_FLAGS}
-    for flag in ("include_first_position", "drop_last_position", "no_bos", "no_fast", "remote", "joint",
-                 "joint_subsets"):
-        if getattr(args, flag, None):
-            values[flag] = True
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(RunConfig):  # every run flag given on the command line (klgap/cli/args.py)
+        value = getattr(args, item.name, None)
+        if value is not None:
+            values[item.name] = value
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
     options: dict[str, Any] = {"out": args.out, "shard": shard, "overwrite": args.overwrite, "wait": args.wait,
                                "dry_run": bool(getattr(args, "dry_run", False))}
@@ -150,20 +152,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     from klgap.render.pages import rebuild
 
     folder = Path(args.run_dir)
-    if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
-        report_tree(folder)
-
-    for name, path in rebuild(args.run_dir).items():
-        print(f"wrote {path}")
+    with _locked(folder):  # a folder a run is writing is refused, naming the run
+        if not (folder / "report.json").is_file() and (folder / RECORD_FILE).is_file():
+            report_tree(folder)
+        for name, path in rebuild(args.run_dir).items():
+            print(f"wrote {path}")
     return 0
 
 
+def _locked(folder: Path) -> Any:
+    """The run lock of an existing run folder that a command writes into (report, check --write); nothing for
+    a path that is not a folder (the command's own error names it)."""
+    from contextlib import nullcontext
+
+    from klgap.job.lock import run_lock
+
+    return run_lock(folder) if folder.is_dir() else nullcontext()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """A report.json (run, curve, study) or compare.json, each against its own schema, then its values."""
+    """A report.json (run, curve, joint, study), compare.json or expected_check.json, or a folder of them, each
+    against its own schema, then its values."""
     from klgap.report.validate import validate_any
 
     found = validate_any(args.report)
-    print(f"{args.report}: valid klgap {found.what} (schema {found.model.schema_version}; values checked)")
+    schema = f"schema {found.schema_version}; " if found.schema_version != "-" else ""
+    inside = f"; and the {len(found.others)} klgap files inside it" if found.others else ""
+    print(f"{args.report}: valid klgap {found.what} ({schema}values checked{inside})")
     return 0
 
 
@@ -182,15 +197,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.write:
         from klgap.job.command import render_folder
 
-        print(f"wrote {write_check(args.run_dir, check)}")
-        render_folder(Path(args.run_dir))
+        with _locked(Path(args.run_dir)):
+            print(f"wrote {write_check(args.run_dir, check)}")
+            render_folder(Path(args.run_dir))
     return 0 if check.replicated else 3
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from klgap.job.outdir import claimed
     from klgap.report.compare import compare_runs
 
-    result = compare_runs(args.run_dirs, args.out, labels=args.label)
+    with claimed(args.out, "compare"):
+        result = compare_runs(args.run_dirs, args.out, labels=args.label)
     print(result["table_text"])
     for path in result["written"]:
         print(f"wrote {path}")
@@ -213,6 +231,15 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 #: check, ...) run on rank 0 alone and the other ranks exit at once
 DISTRIBUTED = ("replicate", "curve")
 COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+
+
+#: what Ctrl-C leaves, per command (said after "klgap: interrupted; ")
+INTERRUPTED = {
+    "replicate": "finished batches are saved, run the same command to resume",
+    "curve": "finished batches are saved, run the same command to resume",
+    "train-sae": "the SAE in training was not saved and no half SAE is left (SAEs finished before it are saved); "
+                 "the same command trains from the start",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("klgap: interrupted; finished batches are saved, run the same command to resume", file=sys.stderr)
+        print(f"klgap: interrupted; {INTERRUPTED.get(args.command, 'nothing half-written is left')}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001
         if args.debug:

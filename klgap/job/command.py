@@ -92,6 +92,10 @@ def request_from(values: dict[str, Any], config_file: str | Path | None = None, 
         merged["sae"] = os.path.expanduser(merged["sae"])
     if "model" not in merged:
         raise KlgapError("--model is required (or a --config that names one), e.g. --model smollm2-135m")
+    if extra.get("train_sae") is not None:  # a typo'd key fails now, not after an SAE trained with the default
+        from klgap.sae.recipes import check_recipe
+
+        check_recipe(extra["train_sae"])
     config = RunConfig.from_dict(merged)
     out = options.pop("out", None) or extra.get("out")
     rest = {k: v for k, v in extra.items() if k not in ("out", "train_sae", "sae_checkpoints")}
@@ -201,17 +205,18 @@ def _check(expected: tuple[Path, list[Target]] | None, out: Path) -> Expectation
 def run_request(request: Request, world: World = SINGLE) -> JobResult:
     """Plan, (train,) run, check and render a request. Under torchrun / srun every rank calls this: the ranks
     share the batches (klgap.job.distributed), rank 0 trains a missing SAE and writes the reports and pages."""
-    from klgap.job.lock import run_lock
+    from klgap.job.outdir import claimed
 
     found = expected_beside(request.config_file) if request.config_file else None
     expected = found if found is not None and found[1] else None  # a bad expected.json fails now, not after the run
     job = plan_request(request)
     if request.dry_run:
-        return JobResult(job, plan=describe(job.config, job.plans, job.saes))
+        return JobResult(job, plan=describe(job.config, job.plans, job.saes, job.checked))
     out = Path(request.out if request.out is not None else default_out(job, request.tag))
     progress = request.progress and world.leader
-    # one klgap process (one launch of ranks) per --out until its pages are written
-    with run_lock(out, wait=request.wait, leader=world.leader):
+    # --out's one rule (klgap/job/outdir.py), then one klgap process (one launch of ranks) per --out until its pages
+    # are written
+    with claimed(out, "study" if job.study else "run", wait=request.wait, leader=world.leader):
         world.connect(out)
         if request.train_sae is not None:
             world.from_leader(lambda: train_missing(job, request.train_sae or {}, progress))
@@ -252,12 +257,17 @@ def merge_shards(folders: list[Path], out: Path, overwrite: bool = False) -> tup
     plan = check_shards(folders)
     if out.resolve() in {f.resolve() for f in folders}:
         raise KlgapError(f"--out {str(out)!r} is one of the shard folders; merge into a new folder")
+    from klgap.job.outdir import claimed
+
     config = RunConfig.from_dict(plan["config"])
-    subs = merge_parts(folders, out, overwrite, device=str(pick_device(config.device)))
     kind = plan["kind"]
-    paths = plan.get("runs") or ([*subs[1:], "."] if kind == "joint" else subs)
-    report = finish_reports(out, kind, config, paths)
-    return JobResult(None, out, report, pages_failure=render_job(out, kind, paths)), int(plan["n_shards"])
+    # --out's one rule, and the lock: a merge into a folder a run is writing is refused (klgap/job/outdir.py)
+    with claimed(out, "study" if kind in ("study", "checkpoints") else "run"):
+        subs = merge_parts(folders, out, overwrite, device=str(pick_device(config.device)))
+        paths = plan.get("runs") or ([*subs[1:], "."] if kind == "joint" else subs)
+        report = finish_reports(out, kind, config, paths)
+        failure = render_job(out, kind, paths)
+    return JobResult(None, out, report, pages_failure=failure), int(plan["n_shards"])
 
 
 __all__ = ["JobResult", "Request", "curve_request", "default_out", "merge_shards", "model_slug", "plan_request",

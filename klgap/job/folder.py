@@ -38,7 +38,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -55,7 +55,7 @@ def _atomic_target(path: Path) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder is shared as open() would leave it
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a run folder is shared as open() would leave it
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -88,6 +88,15 @@ def _codes(values: np.ndarray, codes: dict[str, int]) -> np.ndarray:
     return np.array([codes[str(n)] for n in names], dtype=np.int32)[inverse]
 
 
+def refuse_file(folder: Path, flag: str = "--out") -> None:
+    """A folder path that is a file, or lies under one, is refused naming the file."""
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise KlgapError(f"output directory {str(folder)!r} is not writable: {str(blocking)!r} is a file, not "
+                         f"a folder; give {flag} a folder path (it is created if missing)")
+
+
 class RunDir:
     """``OUT/run_config.json``, ``OUT/parts/batch_00000.{parquet,json}``, ``OUT/report.json``, ``OUT/tokens.parquet``."""
 
@@ -97,10 +106,7 @@ class RunDir:
 
     def check_writable(self) -> bool:
         """Create the folder and prove we can write there, before any heavy work; True if it was created now."""
-        blocking = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise KlgapError(f"output directory {str(self.root)!r} is not writable: {str(blocking)!r} is a file, not "
-                             "a folder; give --out a folder path (it is created if missing)")
+        refuse_file(self.root)
         created = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -127,7 +133,7 @@ class RunDir:
         config_path = self.root / CONFIG_FILE
         if config_path.exists():
             try:
-                existing = json.loads(config_path.read_text())
+                existing = _recorded_before(json.loads(config_path.read_text()), identity, self.root)
             except ValueError:
                 existing = None
             if existing != json.loads(json.dumps(identity, default=str)):
@@ -240,11 +246,34 @@ class RunDir:
                 writer.write_table(_plain(pq.read_table(part)).cast(schema))
 
 
+#: identity keys klgap added since folders were first written: a folder without one resumes (it cannot be checked)
+LATER_KEYS = ("sae_digest",)
+
+
+def _recorded_before(old: Any, new: dict[str, Any], root: Path) -> Any:
+    """The identity on disk, with the keys klgap did not record yet when it was written taken from `new`
+    (a joint run's sites too), so a run killed before an upgrade still resumes; said once as a warning."""
+    if not isinstance(old, dict):
+        return old
+    missing = [key for key in LATER_KEYS if key in new and key not in old]
+    if missing:
+        log.warning("%s was written before klgap recorded %s: resumed without checking it", root, ", ".join(missing))
+        old = {**old, **{key: new[key] for key in missing}}
+    if isinstance(old.get("sites"), list) and isinstance(new.get("sites"), list) and len(old["sites"]) == len(new["sites"]):
+        old = {**old, "sites": [_recorded_before(a, b, root) for a, b in zip(old["sites"], new["sites"], strict=True)]}
+    return old
+
+
 def _first_difference(old: Any, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return "unreadable run_config.json"
+    if "sae_digest" in old and old.get("sae_digest") != new.get("sae_digest") and old.get("sae") == new.get("sae"):
+        return (f"the SAE {new.get('sae')!r} is not the one it measured: its weights changed since (sha256 "
+                f"{str(old['sae_digest'])[:12]}… then, {str(new.get('sae_digest'))[:12]}… now)")
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), json.loads(json.dumps(new.get(key), default=str))
         if a != b:
+            if key == "sites" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                return next(f"site {i}: {_first_difference(x, y)}" for i, (x, y) in enumerate(zip(a, b)) if x != y)
             return f"{key}: {a!r} on disk, {b!r} now"
     return "same keys"

@@ -5,11 +5,13 @@ from a loaded run (klgap/job/loading.py) or a loaded joint cell (klgap/job/cells
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from klgap.job.cells import LoadedCell
+from klgap.forward.finite import named_tensors
 from klgap.job.distributed import SINGLE, World
 from klgap.job.loading import Loaded
 from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
@@ -20,7 +22,7 @@ from klgap.report.provenance import provenance
 from klgap.report.numbers import json_safe
 from klgap.report.schema import SCHEMA_VERSION, JointSite, ModuleRef, PluginRef, SAEInfo
 
-__all__ = ["joint_identity", "joint_record", "make_record", "plugin_ref", "run_identity"]
+__all__ = ["joint_identity", "joint_record", "json_safe", "make_record", "plugin_ref", "run_identity", "sae_digest"]
 
 
 def plugin_ref(plugin: str) -> PluginRef:
@@ -90,7 +92,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("drop_last_position")
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens
         identity.pop("fit_tokens", None)
-    identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
+    identity.update(site=run.site, layer=run.layer, sae=run.sae.source, sae_digest=sae_digest(run.sae),
+                    device=run.model.device.type)
     return identity
 
 
@@ -118,3 +121,20 @@ def joint_record(cell: LoadedCell, world: World = SINGLE) -> RunRecord:
                  "site's; each site alone: " + ", ".join(site.path for site in sites))
     return lowest.model_copy(update={"config": json_safe(cell.config.to_dict()), "joint": sites,
                                      "execution": json_safe(cell.execution), "notes": notes})
+
+
+def sae_digest(sae: LoadedSAE) -> str | None:
+    """sha256 of an SAE's weights as loaded (every tensor's name, dtype, shape and bytes, in name order), so a
+    run resumes only with the SAE it started with, whatever file format or path it came from. None for an SAE
+    object that is not a torch module (nothing to hash)."""
+    import torch
+
+    found = sorted(named_tensors(sae.module), key=lambda item: item[0])
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in found:
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

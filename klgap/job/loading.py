@@ -22,15 +22,15 @@ from klgap.forward.executors import Executor, choose
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae, site_of
-from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, sae_fittable
+from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
 from klgap.plugins.manager import ModelRef, model_adapter
-from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, Placement, SiteSpec
+from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
 from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "count_layers", "draw_contexts", "fit_perturbations", "load_model", "load_plan",
-           "load_sae", "n_fit_contexts", "prepare"]
+__all__ = ["FIT_TOKENS", "Loaded", "check_fits", "check_token_ids", "count_layers", "draw_contexts", "fit_perturbations",
+           "load_model", "load_plan", "load_sae", "n_fit_contexts", "prepare"]
 
 
 @dataclass
@@ -115,22 +115,19 @@ def load_plan(plan: RunPlan) -> Loaded:
     site, layer = site_of(config, route, sae.hook_name if sae is not None else None)
     if site is None or layer is None:
         raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name); give --site and --layer")
+    shape = model_shape(plan.model.adapter)
+    if shape is not None:  # from the model's config: a bad layer, context or SAE width fails before the weights load
+        check_fits(shape, plan.model.name, site, layer, config.context_len, sae)
     model = load_model(plan.model, device, plan.dtype, plan.placement)
     notes = [note for note in (model.site_note, model.tokenizer_note) if note]
-    if layer >= model.n_layers:
-        raise KlgapError(f"--layer {layer} is out of range for {model.name}: valid layers are 0..{model.n_layers - 1}")
-    if config.context_len > model.max_context:
-        raise KlgapError(f"--context-len {config.context_len} exceeds {model.name}'s maximum context of {model.max_context}")
+    check_fits(model, model.name, site, layer, config.context_len, None)
     if sae is None:
         route, note = default_sae(model, site, layer)
         notes.append(note)
         log.warning(note)
         sae = load_sae(route, device)
         site_of(RunConfig(model=config.model, site=site, layer=layer), route, sae.hook_name)
-    width = model.site_widths[site]
-    if sae.d_in != width:
-        raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {model.name} {site} is {width} wide; "
-                         "it was trained on another model or site")
+    check_fits(model, model.name, site, layer, config.context_len, sae)
     center = sae.center_resid and site.startswith("resid")
     if center:
         notes.append(
@@ -146,6 +143,20 @@ def load_plan(plan: RunPlan) -> Loaded:
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
     return loaded
+
+
+def check_fits(model: LoadedModel | ModelShape, name: str, site: str, layer: int, context_len: int,
+               sae: LoadedSAE | None) -> None:
+    """The run fits the model: its layer exists, its contexts are not too long, and the SAE (when known) is as
+    wide as the site. `model` is the loaded model, or its shape read from its config before the weights load."""
+    if not 0 <= layer < model.n_layers:
+        raise KlgapError(f"--layer {layer} is out of range for {name}: valid layers are 0..{model.n_layers - 1}")
+    if context_len > model.max_context:
+        raise KlgapError(f"--context-len {context_len} exceeds {name}'s maximum context of {model.max_context}")
+    width = model.site_widths.get(site)
+    if sae is not None and width is not None and sae.d_in != width:
+        raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {name} {site} is {width} wide; "
+                         "it was trained on another model or site")
 
 
 def n_fit_contexts(config: RunConfig) -> int:
@@ -175,6 +186,7 @@ def draw_contexts(plan: RunPlan, model: LoadedModel) -> tuple[Tensor, Tensor | N
         raise KlgapError(f"token source {plan.tokens.name!r} returned {tuple(contexts.shape)}, expected "
                          f"{(n_all, config.context_len)}")
     contexts = contexts.to(torch.long).cpu()
+    check_token_ids(contexts, model, plan.tokens.name)
     return contexts[: config.n_contexts], (contexts[config.n_contexts :] if n_fit else None)
 
 
@@ -182,6 +194,15 @@ def count_layers(config: RunConfig) -> int:
     """The model's number of layers (a study over ``--layer all``): the model is loaded (and held) to count them."""
     return load_model(config.model, pick_device(config.device), getattr(torch, config.dtype),
                       Placement(config.device_map, bool(config.remote))).n_layers
+def check_token_ids(ids: Tensor, model: LoadedModel, source: str) -> None:
+    """Token ids ``[n ctx]`` a model can embed: every id in 0..vocab_size-1 (else one line naming the first one
+    outside, where it is, and the source that gave it)."""
+    bad = (ids < 0) | (ids >= model.vocab_size)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise KlgapError(f"token source {source!r} gave token id {int(ids[row, col])} (context {row}, position {col}; "
+                         f"{int(bad.sum())} ids in all) outside {model.name}'s vocabulary of {model.vocab_size} "
+                         f"(ids 0..{model.vocab_size - 1})")
 
 
 def prepare(config: RunConfig) -> Loaded:

@@ -36,7 +36,7 @@ from klgap.plan.grid import parse_layers, parse_sites, sae_for
 from klgap.plan.resolve import RunPlan, TokenSourceRef, resolve
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import LoadedSAE
-from klgap.sae.checkpoints import expand, is_glob
+from klgap.sae.checkpoints import expand, is_glob, verify
 
 Shape = Literal["run", "study", "checkpoints", "joint"]
 
@@ -74,6 +74,7 @@ class Job:
     cells: tuple[Cell, ...]
     saes: tuple[str | None, ...]
     pending: tuple[int, ...] = ()
+    checked: tuple[str, ...] = ()  # a study over checkpoints: what was read and checked of them (--dry-run's lines)
 
     @property
     def study(self) -> bool:
@@ -199,12 +200,14 @@ def _checkpoints(config: RunConfig, model: ModelRef, tokens: TokenSourceRef | No
         sites = [first.site] if None in sites else sites
         layers = [first.layer] if None in layers else layers
     grid = [(site, layer) for site in sites for layer in layers]
+    # every checkpoint read and checked (hook, weights) before any folder is bound (klgap.sae.checkpoints.verify)
+    checked = tuple(verify(spec, grid, config.model, trains))
     folders = [sae_for(spec, site, layer) if len(grid) > 1 else spec for site, layer in grid]
     if trains and not all(Path(folder).exists() for folder in folders):
         plans = tuple(resolve(dataclasses.replace(config, site=site, layer=layer, sae=None), model=model, tokens=tokens)
                       for site, layer in grid)
         cells = tuple(Cell(site_folder(site, layer), (i,)) for i, (site, layer) in enumerate(grid))
-        return Job(config, "checkpoints", plans, cells, tuple(folders), tuple(range(len(plans))))
+        return Job(config, "checkpoints", plans, cells, tuple(folders), tuple(range(len(plans))), checked)
     plans, cells, specs = [], [], []
     for (site, layer), folder in zip(grid, folders, strict=True):
         for found in expand(str(folder)):
@@ -212,7 +215,7 @@ def _checkpoints(config: RunConfig, model: ModelRef, tokens: TokenSourceRef | No
             specs.append(str(found.path))
             plans.append(resolve(dataclasses.replace(config, site=site, layer=layer, sae=str(found.path)), model=model,
                                  tokens=tokens))
-    return Job(config, "checkpoints", tuple(plans), tuple(cells), tuple(specs))
+    return Job(config, "checkpoints", tuple(plans), tuple(cells), tuple(specs), checked=checked)
 
 
 def _joint(config: RunConfig, saes: list[str | LoadedSAE] | None, model: ModelRef, tokens: TokenSourceRef | None,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError
-from klgap.job.folder import CONFIG_FILE
+from klgap.job.folder import CONFIG_FILE, RunDir, atomic_write_json
+from klgap.job.record import read_record, write_record
 
 PLAN_FILE = "shard_plan.json"
 SHARD_FILE = "shard.json"
@@ -38,8 +39,6 @@ def write_plan(out: Path, kind: str, config: dict[str, Any], sites: list[str], l
                runs: list[str] | None = None) -> None:
     """shard_plan.json: the command's kind (run, study, checkpoints, joint), configuration, sites and layers, and
     its run folders in the order their reports are built (``runs``)."""
-    from klgap.job.folder import atomic_write_json
-
     atomic_write_json(Path(out) / PLAN_FILE, {"kind": kind, "config": config, "sites": sites, "layers": layers,
                                               "shard": list(shard), **({"runs": runs} if runs is not None else {})})
 
@@ -92,44 +91,53 @@ def check_shards(folders: list[Path]) -> dict[str, Any]:
     return {**first, "n_shards": n}
 
 
+def _checked_sub(folders: list[Path], sub: str) -> tuple[dict[str, Any], list[tuple[Path, list[int]]]]:
+    """One run of the shards (`sub`): its identity and, per shard, the batches to copy; a clear error when a
+    shard has not finished it or measured another run. Reads only."""
+    identity = None
+    batches = []
+    for folder in folders:
+        run = folder / sub
+        meta = json.loads((run / SHARD_FILE).read_text()) if (run / SHARD_FILE).is_file() else None
+        shard_identity = json.loads((run / CONFIG_FILE).read_text())
+        label = shard_identity.pop("shard", "?")
+        if meta is None:
+            raise KlgapError(f"shard {label} in {str(folder)!r} has not finished {sub!r}; run its command again to finish it")
+        lacking = sorted(set(meta["batches"]) - RunDir(run).done_batches())
+        if lacking:
+            raise KlgapError(f"shard {label} in {str(folder)!r} lacks batches {lacking[:5]} of {sub!r}; "
+                             "run its command again to finish it")
+        if identity is not None and shard_identity != identity:
+            raise KlgapError(f"shard {label} in {str(folder)!r} measured another run than the first shard in {sub!r}")
+        identity = shard_identity
+        batches.append((run, list(meta["batches"])))
+    return identity, batches
+
+
 def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | None = None) -> list[str]:
     """Copy every shard's parts into `out` (one folder per run); return the run folders (relative).
 
-    `device`: the device the merged run is recorded on (the merging machine's; the shards may have run
-    elsewhere — the numbers do not depend on it beyond float round-off, which the parts already hold)."""
-    from klgap.job.record import read_record, write_record
-    from klgap.job.folder import RunDir, atomic_write_json
-
+    Every run of every shard is checked (finished, every batch there, one run) before anything is written: a
+    merge that fails leaves `out` as it was. `device`: the device the merged run is recorded on (the merging
+    machine's; the shards may have run elsewhere — the numbers do not depend on it beyond float round-off, which
+    the parts already hold)."""
     subs = _sub_runs(folders[0])
     if not subs:
         raise KlgapError(f"{str(folders[0])!r} holds no run (no {CONFIG_FILE})")
     for folder in folders[1:]:
         if _sub_runs(folder) != subs:
             raise KlgapError(f"{str(folder)!r} holds other runs than {str(folders[0])!r}; was one shard not finished?")
-    out.mkdir(parents=True, exist_ok=True)
     if any((out / sub / name).exists() for sub in subs for name in ("report.json", CONFIG_FILE)) and not overwrite:
         raise KlgapError(f"{str(out)!r} already holds a run; use another --out, or --overwrite to replace it")
+    checked = {sub: _checked_sub(folders, sub) for sub in subs}  # all of it, before the first write
+    out.mkdir(parents=True, exist_ok=True)
     for sub in subs:
+        identity, batches = checked[sub]
         target = RunDir(out / sub)
         target.clear()
-        identity = None
-        for folder in folders:
-            run = folder / sub
-            meta = json.loads((run / SHARD_FILE).read_text()) if (run / SHARD_FILE).is_file() else None
-            shard_identity = json.loads((run / CONFIG_FILE).read_text())
-            label = shard_identity.pop("shard", "?")
-            if meta is None:
-                raise KlgapError(f"shard {label} in {str(folder)!r} has not finished {sub!r}; run its command again to finish it")
-            done = RunDir(run).done_batches()
-            lacking = sorted(set(meta["batches"]) - done)
-            if lacking:
-                raise KlgapError(f"shard {label} in {str(folder)!r} lacks batches {lacking[:5]} of {sub!r}; "
-                                 "run its command again to finish it")
-            if identity is not None and shard_identity != identity:
-                raise KlgapError(f"shard {label} in {str(folder)!r} measured another run than the first shard in {sub!r}")
-            identity = shard_identity
-            target.parts.mkdir(parents=True, exist_ok=True)
-            for index in meta["batches"]:
+        target.parts.mkdir(parents=True, exist_ok=True)
+        for run, indices in batches:
+            for index in indices:
                 for path in RunDir(run).part_paths(index):
                     shutil.copy2(path, target.parts / path.name)
         if device is not None:

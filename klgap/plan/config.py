@@ -34,54 +34,75 @@ FILE_KEYS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "nor
 LEGACY_FILE_KEYS = {"checkpoints": "sae_checkpoints"}
 
 
+def flag(help: str, default: str | None = None, text: bool = False) -> dict[str, Any]:
+    """A RunConfig field's metadata: the one place its command-line flag (``--name-with-dashes``) is described.
+    help: what the flag does; default: how the help states a default the field's own cannot say (``from the
+    SAE``); text: an int field whose flag takes text too (``--layer 3,10,17``)."""
+    return {"help": help, "default": default, "text": text}
+
+
 @dataclass
 class RunConfig:
     """One measurement: a model, a site and layer, an SAE, interventions and a mode.
 
     Every field is named as its command-line flag (``--tokens`` -> ``tokens``, ``--no-bos`` -> ``no_bos``), in
-    a config file and in Python alike. site/layer may be None: the SAE's own hook name then selects them.
-    tokens is the number of tokens to read; contexts = ceil(tokens / context_len).
-    position/k: single-token mode patches `position` and measures positions position..position+k.
-    n_samples: many-samples mode draws `sample_intervention` this many times at `position`.
-    include_first_position: also patch and measure position 0 (the BOS / attention-sink token).
-    drop_last_position: patch the last position but do not measure it (its KL has no ΔCE beside it), as the
-    study's error_eval.py does (``[:, :-1]``).
-    no_bos: do not put BOS in front of each context. no_fast: every patched run a full forward pass.
-    joint: patch every (site, layer) of `site` x `layer` (comma lists) in the same forward, each with its own
-    SAE (`sae` a template with {site}/{layer}); klgap/job/plan.py. `layer` then holds the list.
-    fit_tokens: tokens the fitted perturbations (epsilon_anisotropic, the error decomposition) are fitted on, drawn
-    from the token source after the measured contexts (disjoint from them); None fits on the run's first contexts
-    (up to 8192 tokens, the measured ones).
-    joint_subsets: a joint run also patches every subset of two or more of its sites (but not all) together, in
-    the same pass (sharing each batch's clean forward and single-site runs); each written to OUT/subsets/<name>/.
+    a config file and in Python alike; each field's metadata (:func:`flag`) holds its help, from which
+    klgap/cli/args.py builds the flag (:func:`flag_help` adds the default). site/layer may be None: the SAE's own
+    hook name then selects them. contexts = ceil(tokens / context_len). `joint` patches every (site, layer) of
+    `site` x `layer` in the same forward, each with its own SAE (klgap/job/plan.py); `layer` then holds the list.
     """
 
-    model: str
-    site: str | None = None
-    layer: int | None = None
-    sae: str | None = None
-    mode: str = "all_tokens"
-    interventions: list[str] = field(default_factory=lambda: list(DEFAULT_INTERVENTIONS))
-    tokens: int = 8192
-    context_len: int = 128
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    dataset: str = "sample"
-    no_bos: bool = False
-    include_first_position: bool = False
-    drop_last_position: bool = False
-    position: int = 32
-    k: int = 16
-    n_samples: int = 500
-    sample_intervention: str = "epsilon_random"
-    no_fast: bool = False
-    device_map: str | None = None
-    remote: bool = False
-    joint: bool = False
-    fit_tokens: int | None = None
-    joint_subsets: bool = False
+    model: str = field(metadata=flag("model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2; a hub "
+                                     "repo id (ORG/NAME) or a folder saved with save_pretrained"))
+    site: str | None = field(default=None, metadata=flag(
+        "resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list", default="from the SAE"))
+    layer: int | None = field(default=None, metadata=flag(
+        "layer index, a list (3,10,17), a range (0-5) or all; several sites/layers make one study report, with "
+        "{layer}/{site} in --sae", default="from the SAE", text=True))
+    sae: str | None = field(default=None, metadata=flag(
+        "sae_lens:RELEASE/SAE_ID, a saved sae_lens folder, or a .safetensors file ({site}/{layer} filled in); a glob "
+        "('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)",
+        default="the model's pretrained SAE for the site, when one is known"))
+    mode: str = field(default="all_tokens", metadata=flag("all_tokens, single_token or many_samples"))
+    interventions: list[str] = field(default_factory=lambda: list(DEFAULT_INTERVENTIONS), metadata=flag(
+        "comma-separated, e.g. sae,epsilon_random,cosine_matched:cos=0.8,norm_frac=0.9"))
+    tokens: int = field(default=8192, metadata=flag("tokens to read"))
+    context_len: int = field(default=128, metadata=flag("tokens per context"))
+    batch_size: int = field(default=8, metadata=flag("contexts per batch"))
+    seed: int = field(default=0, metadata=flag("random seed (token sampling and every random draw)"))
+    device: str = field(default="auto", metadata=flag("auto (CUDA when there is one), cpu, cuda, cuda:N"))
+    dtype: str = field(default="float32", metadata=flag(
+        "model weights: float32, bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)"))
+    dataset: str = field(default="sample", metadata=flag(
+        "token source NAME[:ARG]: sample, text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)"))
+    no_bos: bool = field(default=False, metadata=flag("do not prepend BOS to each context"))
+    include_first_position: bool = field(default=False, metadata=flag(
+        "also patch and measure position 0 (the BOS / attention-sink token); excluded by default"))
+    drop_last_position: bool = field(default=False, metadata=flag(
+        "patch the last position of each context but do not measure it (its KL has no ΔCE beside it; the study's "
+        "error_eval.py); measured by default"))
+    position: int = field(default=32, metadata=flag("single-token / many-samples: the patched position t"))
+    k: int = field(default=16, metadata=flag("single-token: measure positions t..t+k"))
+    n_samples: int = field(default=500, metadata=flag("many-samples: draws of --sample-intervention per context"))
+    sample_intervention: str = field(default="epsilon_random", metadata=flag(
+        "many-samples: the random perturbation drawn"))
+    no_fast: bool = field(default=False, metadata=flag(
+        "all-token mode: run every intervention as a full forward through nnsight instead of rerunning only the "
+        "layers above the site"))
+    device_map: str | None = field(default=None, metadata=flag(
+        "hub models: spread the layers over devices, e.g. auto (transformers/accelerate)", default="one device"))
+    remote: bool = field(default=False, metadata=flag(
+        "hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded"))
+    joint: bool = field(default=False, metadata=flag(
+        "patch every --site/--layer listed in the same forward, each with its own SAE ({site}/{layer} in --sae), "
+        "and measure each alone on the same tokens: the report's compounding section compares them"))
+    fit_tokens: int | None = field(default=None, metadata=flag(
+        "fit the fitted interventions (epsilon_anisotropic, sae_plus_linear_error, ...) on this many tokens drawn "
+        "from the token source after the measured ones (disjoint from them)",
+        default="the run's first contexts, up to 8192 tokens: the measured ones"))
+    joint_subsets: bool = field(default=False, metadata=flag(
+        "with --joint (3 or more sites): also patch every subset of two or more sites together in the same pass "
+        "(OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs"))
 
     @property
     def n_contexts(self) -> int:
@@ -192,6 +213,19 @@ class RunConfig:
                 raise unknown("config key", key, names)
             values[key] = value
         return cls(**values)
+
+
+def flag_help(item: dataclasses.Field) -> str:
+    """A RunConfig field's flag help with its default: the field's own (``(default 8192)``), or its metadata's words
+    for a default the value cannot say; a switch (bool) says nothing more."""
+    meta = item.metadata
+    if item.type == "bool":
+        return meta["help"]
+    value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+    if value is dataclasses.MISSING:
+        return meta["help"]
+    said = meta["default"] or (",".join(value) if isinstance(value, list) else value)
+    return f"{meta['help']} (default {said})"
 
 
 #: pre-0.2 config keys -> (the flag-named field, how its value converts)

@@ -44,6 +44,7 @@ class DryRun:
     defaults: list[DefaultSAE | None] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     names: ModelSAENames | None = None  # what the model's adapter says of its SAEs before loading
+    checkpoints: list[str] | None = None  # a study over checkpoints: per (site, layer), what was checked of them
 
 
 def _status(route: SAERoute) -> str:
@@ -75,7 +76,8 @@ def _model_warning(config: RunConfig, plan: RunPlan, route: SAERoute, names: Mod
     return f"{plan.site} L{plan.layer}: the SAE {route.spec} was trained on {trained_on}, not on {config.model}{note}"
 
 
-def describe(config: RunConfig, plans: Sequence[RunPlan], saes: Sequence[str | None]) -> DryRun:
+def describe(config: RunConfig, plans: Sequence[RunPlan], saes: Sequence[str | None],
+             checkpoints: Sequence[str] = ()) -> DryRun:
     """What a command's plans (klgap.job.plan.plan_job: each resolved once, nothing loaded) would run and need:
     the default SAE where none is named, what needs the network, an SAE trained on another model. A plan whose SAE
     is a path not there yet (a [train_sae] table makes it before the run) has no SAE route."""
@@ -108,7 +110,7 @@ def describe(config: RunConfig, plans: Sequence[RunPlan], saes: Sequence[str | N
     routes = [d.route if d is not None else p.sae for p, d in zip(plans, defaults, strict=True)]
     for repo_id in sorted({r.repo_id for r in routes if isinstance(r, SAERoute) and r.repo_id}):
         needs.append(f"SAE weights: the Hugging Face hub or its cache (repo {repo_id})")
-    return DryRun(config, list(plans), list(saes), needs, defaults, warnings, names)
+    return DryRun(config, list(plans), list(saes), needs, defaults, warnings, names, list(checkpoints) or None)
 
 
 def _hook(route: SAERoute) -> str:
@@ -137,11 +139,16 @@ def _where(run: RunPlan, given: RunConfig) -> str:
 
 
 def print_plan(plan: DryRun) -> None:
+    """The plan on stdout (warnings on stderr). A study over SAE checkpoints: one line per (site, layer) saying
+    what was checked of its checkpoints (klgap.sae.checkpoints.verify), in place of the SAE lines."""
+    checkpoints = plan.checkpoints
     cfg = plan.config
     print(f"dry run: {cfg.model}, mode {cfg.mode}, {cfg.n_tokens:,} tokens of {cfg.dataset}, "
           f"interventions {', '.join(cfg.interventions)}")
     defaults = plan.defaults or [None] * len(plan.plans)
-    for run, sae, found in zip(plan.plans, plan.saes, defaults, strict=True):
+    for line in checkpoints or []:
+        print(f"  {line}")
+    for run, sae, found in zip(plan.plans, plan.saes, defaults, strict=True) if checkpoints is None else ():
         print(f"  {_where(run, cfg)}: {_sae_line(run, sae, found, plan.names)}")
         if found is not None:
             print(f"    {found.note}")

@@ -14,13 +14,12 @@ def parse_layers(text: str | int | list, n_layers: int | None = None) -> list[in
     """`"3"`, `"3,10,17"`, `"0-5"`, `"all"` -> list of layers (or "all" when n_layers is not known yet)."""
     if isinstance(text, int):
         return [text]
-    if isinstance(text, list):
-        return [int(v) for v in text]
-    text = str(text).strip()
+    given = isinstance(text, list)  # a list (from Python, or a config's `layer = [3, 10]`) keeps its order
+    layers: list[int] = [int(v) for v in text] if given else []
+    text = ",".join(map(str, layers)) if given else str(text).strip()
     if text == "all":
         return list(range(n_layers)) if n_layers is not None else "all"
-    layers: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in text.split(","))) if not given else []:
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
             raise KlgapError(f"--layer {text!r}: {part!r} is not a layer; write 3, 3,10,17, 0-5 or all")
@@ -30,14 +29,25 @@ def parse_layers(text: str | int | list, n_layers: int | None = None) -> list[in
         layers.extend(range(low, high + 1))
     if not layers:
         raise KlgapError("--layer is empty; write 3, 3,10,17, 0-5 or all")
-    return sorted(dict.fromkeys(layers))
+    twice = next((layer for i, layer in enumerate(layers) if layer in layers[:i]), None)
+    if twice is not None:
+        raise KlgapError(f"--layer {text!r} lists layer {twice} twice; list each layer once (3,10,17 or 0-5)")
+    return layers if given else sorted(layers)
 
 
 def parse_sites(text: str) -> list[str]:
     sites = [check_site(s.strip()) for s in str(text).split(",") if s.strip()]
     if not sites:
         raise KlgapError(f"--site is empty; valid: {', '.join(SITES)}")
-    return list(dict.fromkeys(sites))
+    twice = next((site for i, site in enumerate(sites) if site in sites[:i]), None)
+    if twice is not None:
+        raise KlgapError(f"--site {text!r} lists {twice} twice; list each site once")
+    return sites
+
+
+def templated(spec: str | None) -> bool:
+    """An SAE spec with ``{site}`` or ``{layer}`` in it: one SAE per (site, layer), filled in by :func:`sae_for`."""
+    return spec is not None and ("{layer}" in spec or "{site}" in spec)
 
 
 def sae_for(template: str | None, site: str, layer: int) -> str | None:

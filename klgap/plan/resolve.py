@@ -11,6 +11,7 @@ klgap.job.plan.plan_job).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from klgap.plugins.manager import ModelRef, get_host, model_adapter
 from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae
 from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter, SAECheck
 from klgap.plan.sites import hook_name, parse_hook_name
+from klgap.plan.grid import sae_for, templated
 from klgap.plan.specs import parse_intervention, split_spec
 
 
@@ -267,6 +269,11 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
             raise KlgapError(f"the SAE {sae.source!r} does not say where it was trained (no hook name in its cfg); "
                              "give site= and layer=")
     else:
+        if templated(config.sae):  # one (site, layer): its SAE named by the template, as a study's cells are
+            if config.site is None or config.layer is None:
+                raise KlgapError(f"--sae {config.sae!r} has {{site}}/{{layer}} in it: give --site and --layer to fill "
+                                 "them in (e.g. --site mlp_out --layer 3)")
+            config = dataclasses.replace(config, sae=sae_for(config.sae, config.site, config.layer))
         sae = route_sae(config.sae) if config.sae else None
         site, layer = site_of(config, sae)
     if sae is None and (site is None or layer is None):

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
 from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FitSummary,
-                             FittablePerturbation, HubModelAdapter, ModelSAENames, Perturbation, PretrainedSAEAdapter,
-                             SaeFittablePerturbation, SAECheck, SAEChecker)
+                             FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
+                             PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter)
 
 if TYPE_CHECKING:
     from klgap.plugins.manager import Registry
@@ -35,6 +35,18 @@ def hub_repo(adapter: object) -> str | None:
     if not isinstance(adapter.repo_id, str):
         raise PluginError(f"model adapter {type(adapter).__name__}.repo_id is {adapter.repo_id!r}; it must be a str")
     return adapter.repo_id
+
+
+def model_shape(adapter: object) -> ModelShape | None:
+    """A model's shape from its config, before its weights load, when its adapter declares
+    :class:`ShapedModelAdapter`; None when it does not (then only the loaded model tells)."""
+    if not isinstance(adapter, ShapedModelAdapter):
+        return None
+    shape = adapter.shape()
+    if not isinstance(shape, ModelShape):
+        raise PluginError(f"model adapter {type(adapter).__name__}.shape() returned {type(shape).__name__}; it must "
+                          "return a klgap.ModelShape")
+    return shape
 
 
 def model_sae_names(name: str, adapter: object) -> ModelSAENames | None:

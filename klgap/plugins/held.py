@@ -94,6 +94,15 @@ class GivenTokens:
         return self.ids
 
 
+def given_name(ids: Tensor) -> str:
+    """``given:NxCTX:HASH``: token ids ``[n ctx]`` (int64, CPU) handed to measure, named by their shape and a hash
+    of their values."""
+    import hashlib
+
+    digest = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+    return f"given:{ids.shape[0]}x{ids.shape[1]}:{digest[:16]}"
+
+
 def token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: int, prepend_bos: bool,
                plan_device: str, dtype: str) -> Tensor:
     """Texts (a list of strings, or a datasets.Dataset with a text column) -> contexts packed with the model's
@@ -126,4 +135,4 @@ def token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: int
     return pack(ids, max(n, 1), context_len, bos, None, "the texts given to klgap.measure")
 
 
-__all__ = ["GivenTokens", "HeldModel", "model_ref", "sae_object", "token_ids"]
+__all__ = ["GivenTokens", "HeldModel", "given_name", "model_ref", "sae_object", "token_ids"]

@@ -88,11 +88,11 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.dists: dict[str, tuple[str | None, str | None]] = {}
         self.broken: dict[str, str] = {}  # plugin -> why it failed to load or to register (klgap plugins lists it)
+        self._registries: dict[str, Registry] | None = None  # before loading: a plugin may be marked broken then
         for name, module in CORE_PLUGINS.items():
             self.add_plugin(import_module(module), name, package="klgap", version=__version__)
         if load_entry_points:
             self._load_entry_points()
-        self._registries: dict[str, Registry] | None = None
 
     # -- loading -----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from klgap.render.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Para, Table, esc, html_block, md_block
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
+from klgap.errors import KlgapError
 from klgap.job.folder import atomic_write_bytes
 from klgap.report.read import load_report
 from klgap.report.schema import (
@@ -309,11 +310,14 @@ def _provenance(report: Report | StudyReport) -> list[Block]:
 
 def expectation_blocks(run_dir: Path) -> list[Block]:
     """The "Replication targets" section, when the run was checked against an expected.json (klgap/report/expectations.py)."""
-    from klgap.report.expectations import load_check
+    from klgap.report.expectations import CHECK_FILE, ExpectationCheck
+    from klgap.report.validate import validate_one
 
-    check = load_check(run_dir)
-    if check is None:
+    if not (run_dir / CHECK_FILE).is_file():
         return []
+    check = validate_one(run_dir / CHECK_FILE)  # its schema, then its values: a check its run does not give is refused
+    if not isinstance(check, ExpectationCheck):
+        raise KlgapError(f"{run_dir / CHECK_FILE} is not an expectation check (it holds a {type(check).__name__})")
     rows = [[v.target.name, v.status, v.text] for v in check.verdicts]
     return [Heading(2, "Replication targets"), Para(f"Checked against {check.expected}: {check.summary()}."),
             Table(["target", "verdict", "measured, interval, source"], rows)]

@@ -63,6 +63,12 @@ class Target(StrictModel):
 
     @model_validator(mode="after")
     def _one_interval(self) -> "Target":
+        given = (("value", self.value), ("rel_tol", self.rel_tol), ("abs_tol", self.abs_tol),
+                 *(("interval", end) for end in self.interval or ()))
+        for what, number in given:
+            if number is not None and not math.isfinite(number):
+                raise ValueError(f"target {self.name!r}: {what} holds {number}; give finite numbers (null for an "
+                                 "unbounded side of an interval)")
         ways = [self.interval is not None, self.rel_tol is not None, self.abs_tol is not None]
         if sum(ways) != 1:
             raise ValueError(f"target {self.name!r}: give exactly one of interval, rel_tol, abs_tol")
@@ -148,9 +154,15 @@ def load_expected(path: str | Path) -> Expected:
     try:
         return Expected.model_validate(json.loads(path.read_text()))
     except ValueError as exc:  # JSON syntax and pydantic's ValidationError alike
-        problems = exc.errors()[:3] if isinstance(exc, ValidationError) else None
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problems) if problems else str(exc)
-        raise KlgapError(f"{str(path)!r} is not a valid expectations file: {detail}") from exc
+        raise KlgapError(f"{str(path)!r} is not a valid expectations file: {problems(exc)}") from exc
+
+
+def problems(exc: ValueError) -> str:
+    """A JSON or pydantic error in one line: the first three problems, each ``json.path: what``."""
+    found = exc.errors()[:3] if isinstance(exc, ValidationError) else None
+    if found:
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in found)
+    return " ".join(str(exc).split())
 
 
 def expected_beside(config_file: str | Path) -> tuple[Path, list[Target]] | None:
@@ -174,7 +186,7 @@ def targets_for_run(expected_path: Path, expected: Expected, report: Report | St
     return chosen
 
 
-def _runs(folder: Path) -> list[SiteSummary]:
+def folder_runs(folder: Path) -> list[SiteSummary]:
     """Every site/layer of a run or study folder: its run report where it is there, else the study's row."""
     report = load_report(folder)
     if isinstance(report, Report):
@@ -270,7 +282,7 @@ def check_run(folder: str | Path, expected_path: str | Path, targets: list[Targe
         if not targets:
             files = ", ".join(dict.fromkeys(t.config for t in expected.targets))
             raise KlgapError(f"{str(expected_path)!r} has no target for this run's model and mode (its files: {files})")
-    runs = _runs(folder)
+    runs = folder_runs(folder)
     return ExpectationCheck(expected=str(expected_path), run=str(folder), verdicts=[verdict(t, runs, expected.reference) for t in targets])
 
 
@@ -290,7 +302,8 @@ def load_check(folder: str | Path) -> ExpectationCheck | None:
     try:
         return ExpectationCheck.model_validate_json(path.read_text())
     except ValueError as exc:
-        raise KlgapError(f"{str(path)!r} is not a valid expectation check: {exc}") from exc
+        raise KlgapError(f"{str(path)!r} is not a valid expectation check: {problems(exc)}; `klgap check RUN "
+                         "--expected FILE --write` writes it again") from exc
 
 
 def print_check(check: ExpectationCheck) -> None:

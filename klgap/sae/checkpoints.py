@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from klgap.errors import KlgapError
-from klgap.sae.quality import evaluate
+from klgap.sae.heldout import evaluate
 
 #: the folder of an SAE's checkpoints, and the name of one (its training step)
 FOLDER = "checkpoints"
@@ -60,6 +60,7 @@ class CheckpointInfo:
     l0_mean: float
     site: str
     layer: int
+    model: str | None = None  # the model it was trained on (training.json's), when it says
 
     @classmethod
     def read(cls, folder: Path) -> CheckpointInfo:
@@ -75,7 +76,8 @@ class CheckpointInfo:
         try:
             return cls(path=folder, step=int(data["step"]), tokens_seen=int(data["tokens_seen"]),
                        explained_variance=float(data["explained_variance"]), l0_mean=float(data["l0_mean"]),
-                       site=str(data["site"]), layer=int(data["layer"]))
+                       site=str(data["site"]), layer=int(data["layer"]),
+                       model=str(data["model"]) if data.get("model") is not None else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise KlgapError(f"{str(folder)!r} is not an SAE checkpoint (its training.json has no step, tokens_seen, "
                              f"explained_variance and l0_mean: {type(exc).__name__}: {exc}); train with "
@@ -101,7 +103,6 @@ class CheckpointSaver:
     def __call__(self, checkpoint_path: Path | None) -> None:  # sae_lens's SaveCheckpointFn
         from sae_lens import SAE
 
-
         trainer = self.trainer
         step = trainer.n_training_samples // trainer.cfg.train_batch_size_samples
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # training's RNG untouched
@@ -117,6 +118,10 @@ class CheckpointSaver:
     def _write_info(self, folder: Path, step: int, samples: int, measured: dict[str, Any]) -> None:
         info = {**self.facts, "step": step, "tokens_seen": int(samples), **measured}
         (folder / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def discard(self) -> None:
+        """Remove the checkpoints' staging folder if :meth:`finish` did not move it (training stopped early)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def finish(self, staging: Path, result: dict[str, Any]) -> None:
         """Move the checkpoints into the staged SAE folder, the final SAE (already in `staging`) as the last."""
@@ -151,3 +156,41 @@ def expand(spec: str) -> list[CheckpointInfo]:
     if len(set(steps)) < len(steps):
         raise KlgapError(f"{spec!r} names several checkpoints of the same step ({steps}): give one SAE's checkpoints")
     return found
+
+
+def verify(spec: str, cells: list[tuple[str, int]], model: str, trains: bool = False) -> list[str]:
+    """Every checkpoint a study over `spec` would measure, read and checked before any run folder is bound: its
+    training.json and its SAE's hook name say (site, layer), its weights load and are finite (an SAE a run would
+    refuse is refused now, naming it); one trained on another model than `model` is a warning. Returns one line
+    per (site, layer) for ``--dry-run``. `trains`: a folder a [train_sae] table makes first may be missing."""
+    import logging
+
+    from klgap.job.loading import load_sae
+    from klgap.plan.grid import sae_for
+    from klgap.plan.resolve import route_sae
+    from klgap.plan.sites import hook_name
+    from klgap.plugins.manager import model_adapter
+
+    trained_on = {model.lower(), model_adapter(model).name.lower()}
+    lines = []
+    for site, layer in cells:
+        filled = sae_for(spec, site, layer) if len(cells) > 1 else spec
+        where = hook_name(site, layer)
+        if trains and not is_glob(filled) and not Path(filled).expanduser().exists():
+            lines.append(f"{site} L{layer}: the checkpoints of {filled}, trained by the [train_sae] table first")
+            continue
+        found = expand(filled)
+        for info in found:
+            route = route_sae(str(info.path))
+            said = route.hook_name or hook_name(info.site, info.layer)
+            if (info.site, info.layer) != (site, layer) or said != where:
+                raise KlgapError(f"checkpoint {str(info.path)!r} was trained on {said}, not {where}: a study over "
+                                 f"checkpoints measures one SAE's checkpoints at its own site (give those of {where})")
+            load_sae(route, torch.device("cpu"))  # readable, an SAE of one site, finite weights
+            if info.model is not None and info.model.lower() not in trained_on:
+                logging.getLogger("klgap").warning("checkpoint %s was trained on %s, not on %s", info.path,
+                                                   info.model, model)
+        steps = ", ".join(str(info.step) for info in found)
+        lines.append(f"{site} L{layer}: {len(found)} checkpoint(s) of {filled} (steps {steps}): hook name, weights "
+                     "read and finite")
+    return lines

@@ -12,18 +12,36 @@ from typing import Any
 from klgap.errors import KlgapError, unknown
 
 
+#: keys of a [train_sae] table: train-sae's flags (model, site, layer, out, device and dtype come from the run),
+#: `sites` (one SAE's changes, :func:`recipe_overrides`), and the old names of renamed keys (LEGACY_KEYS)
+RECIPE_KEYS = ("tokens", "context_len", "dataset", "expansion", "l1", "lr", "steps", "epochs", "b_dec_init",
+               "architecture", "top_k", "seed", "batch_size", "checkpoints", "checkpoint_every", "sites", "k")
+
+
+def check_recipe(recipe: Any) -> None:
+    """A [train_sae] table with keys train-sae knows (a typo'd key is refused, not trained with the default)."""
+    if not isinstance(recipe, dict):
+        raise KlgapError(f"[train_sae] must be a table of train-sae's settings (tokens, steps, l1, ...), got "
+                         f"{type(recipe).__name__} {recipe!r}")
+    bad = [key for key in recipe if key not in RECIPE_KEYS]
+    if bad:
+        raise unknown("[train_sae] key", bad[0], RECIPE_KEYS[:-1])
+    recipe_overrides(recipe)
+
+
 def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]]) -> None:
     """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
     the command at `pairs` (`sae` with {site}/{layer} for several) that is not there yet."""
-    from klgap.plan.grid import sae_for
+    from klgap.plan.grid import sae_for, templated
     from klgap.sae.train import train_saes
 
+    check_recipe(recipe)
     if not config.sae:
         return
     recipe = renamed(recipe, "[train_sae]")
     template = os.path.expanduser(str(config.sae))
-    missing = [(site, layer) for site, layer in pairs
-               if not Path(sae_for(template, site, layer) if len(pairs) > 1 else template).exists()]
+    missing = [(site, layer) for site, layer in pairs  # a template is filled in for one SAE too
+               if not Path(sae_for(template, site, layer) if len(pairs) > 1 or templated(template) else template).exists()]
     if not missing:
         return
     names = ", ".join(f"{site} L{layer}" for site, layer in missing)

@@ -1,240 +1,25 @@
-"""Train an SAE on any model's activations with sae_lens's own trainer (offline, CPU or CUDA).
-
-Activations are gathered through nnsight (klgap.forward.activations.collect), so any model a plugin can load
-gets an SAE: no TransformerLens model and no hub needed. The result is a sae_lens folder
-(cfg.json + sae_weights.safetensors) plus training.json with what was measured on held-out tokens.
+"""``klgap train-sae`` as a function: every (site, layer) asked for checked, gathered in one pass over the tokens
+(klgap/sae/gather.py), each SAE trained by sae_lens's trainer (klgap/sae/fit.py) and saved where ``--out`` says
+(klgap/sae/saving.py). The result is a sae_lens folder (cfg.json + sae_weights.safetensors) plus training.json
+with what was measured on held-out tokens.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from klgap.forward import activations
-from klgap.errors import KlgapError
+from klgap.errors import KlgapError, unknown
 from klgap.plugins.manager import ModelRef
-from klgap.protocols import LoadedModel
-from klgap.plan.sites import hook_name
-from klgap.sae.quality import evaluate
-
-
-def gather(model: LoadedModel, site: str, layer: int, contexts: Tensor, batch_size: int = 16,
-           skip_first_position: bool = True, progress: bool = False) -> Tensor:
-    """Site activations for every context: ``[n_tokens d]`` float32 on CPU (position 0 left out by default)."""
-    return gather_many(model, [(site, layer)], contexts, batch_size, skip_first_position, progress)[(site, layer)]
-
-
-#: where each site is reached inside a block (nnsight reads sites in the order the forward pass meets them)
-EXECUTION_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_out", "resid_post")
-
-
-@torch.no_grad()
-def gather_many(model: LoadedModel, sites: list[tuple[str, int]], contexts: Tensor, batch_size: int = 16,
-                skip_first_position: bool = True, progress: bool = False) -> dict[tuple[str, int], Tensor]:
-    """Activations at several (site, layer)s from one pass over `contexts`: each ``[n_tokens d]`` float32, CPU."""
-    from klgap.job.progress import progress_bar
-
-    order = sorted(range(len(sites)), key=lambda i: (sites[i][1], EXECUTION_ORDER.index(sites[i][0])))
-    specs = [model.site_map(*sites[i]) for i in order]  # in the order the forward pass meets them
-    first = 1 if skip_first_position else 0
-    chunks: dict[tuple[str, int], list[Tensor]] = {key: [] for key in sites}
-    for start in progress_bar(range(0, len(contexts), batch_size), "activations", progress):
-        ids = contexts[start : start + batch_size].to(model.device)
-        acts = activations.collect_many(model, specs, ids)
-        for i, value in zip(order, acts, strict=True):
-            value = value[:, first:]
-            chunks[sites[i]].append(value.reshape(-1, value.shape[-1]).float().cpu())
-    return {key: torch.cat(parts) for key, parts in chunks.items()}
-
-
-def _batches(acts: Tensor, batch: int, seed: int, device: torch.device) -> Iterator[Tensor]:
-    """Endless shuffled mini-batches ``[batch d]`` (reshuffled every epoch, seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(acts), generator=gen)
-        for start in range(0, len(order) - batch + 1, batch):
-            yield acts[order[start : start + batch]].to(device)
-
-
-B_DEC_INITS = ("zeros", "mean")
-#: sae_lens training SAEs klgap trains: "standard" (ReLU + L1 penalty) or "topk" (the k largest latents, no L1:
-#: no shrinkage, for sites where a few dimensions carry most of the variance)
-ARCHITECTURES = ("standard", "topk")
-
-
-def train_sae(
-    model: LoadedModel,
-    site: str,
-    layer: int,
-    contexts: Tensor,
-    out_dir: Path,
-    *,
-    batch_size: int = 16,
-    skip_first_position: bool = True,
-    progress: bool = True,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Gather activations at (site, layer) over `contexts` ``[n_ctx ctx]``, train, save, and report.
-
-    `steps` mini-batches of `train_batch_size` are drawn from the gathered tokens (cycling over them
-    when there are fewer). 5% of the tokens (at least 256) are held out for the numbers in training.json.
-    """
-    started = time.time()
-    acts = gather(model, site, layer, contexts, batch_size, skip_first_position, progress)
-    return fit_sae(model, site, layer, acts, out_dir, skip_first_position=skip_first_position, progress=progress,
-                   started=started, **kwargs)
-
-
-def fit_sae(
-    model: LoadedModel,
-    site: str,
-    layer: int,
-    acts: Tensor,
-    out_dir: Path,
-    *,
-    expansion: int = 8,
-    l1_coefficient: float = 5.0,
-    lr: float = 1e-3,
-    train_batch_size: int = 1024,
-    steps: int = 2000,
-    device: torch.device | None = None,
-    seed: int = 0,
-    skip_first_position: bool = True,
-    progress: bool = True,
-    started: float | None = None,
-    b_dec_init: str = "zeros",
-    architecture: str = "standard",
-    k: int | None = None,
-    checkpoints: int | None = None,
-    checkpoint_every: int | None = None,
-) -> dict[str, Any]:
-    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json.
-
-    architecture: "standard" (ReLU, L1 `l1_coefficient`) or "topk" (`k` latents per token, L1 unused).
-
-    checkpoints / checkpoint_every: also save `checkpoints` evenly spaced SAEs (or one about every
-    `checkpoint_every` steps) under ``out_dir/checkpoints/step-XXXXXX/`` (klgap/sae/checkpoints.py), the last the
-    final SAE.
-
-    b_dec_init: "zeros" (sae_lens's trainer as it is: inputs scaled to mean norm sqrt(d)) or "mean": inputs
-    scaled so that their spread around the mean has norm sqrt(d), and the decoder bias starts at the mean.
-    Sites whose activations share a large common offset (e.g. a late attn_out with ‖mean‖ ≫ spread)
-    otherwise spend latents, and L1, on the offset."""
-    from sae_lens import (LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
-                          TopKTrainingSAEConfig)
-    from sae_lens.config import SAETrainerConfig
-
-    from klgap.sae import checkpoints as ckpt
-
-    n_checkpoints = ckpt.count(steps, checkpoints, checkpoint_every)
-    if b_dec_init not in B_DEC_INITS:
-        raise KlgapError(f"unknown b_dec_init {b_dec_init!r}; valid: {', '.join(B_DEC_INITS)}")
-    check_architecture(architecture, k, expansion * acts.shape[-1])
-    device = device or model.device
-    started = started or time.time()
-    if not torch.isfinite(acts).all():
-        raise KlgapError(f"{model.name} {hook_name(site, layer)} has non-finite activations; cannot train an SAE on them")
-    gen = torch.Generator().manual_seed(seed)
-    acts = acts[torch.randperm(len(acts), generator=gen)]
-    n_eval = max(256, len(acts) // 20)
-    if len(acts) < n_eval + train_batch_size:
-        raise KlgapError(
-            f"only {len(acts)} tokens of activations: train-sae needs at least {n_eval + train_batch_size} "
-            "(raise --tokens)"
-        )
-    held_out, train = acts[:n_eval], acts[n_eval:]
-    d_in = acts.shape[-1]
-    facts = {
-        "model": model.name,
-        "site": site,
-        "layer": layer,
-        "hook_name": hook_name(site, layer),
-        "d_in": d_in,
-        "d_sae": expansion * d_in,
-        "n_training_tokens": int(len(train)),
-        "n_training_samples": int(steps * train_batch_size),
-        "n_eval_tokens": int(n_eval),
-        "steps": steps,
-        "train_batch_size": train_batch_size,
-        "architecture": architecture,
-        **({"k": int(k)} if architecture == "topk" else {"l1_coefficient": l1_coefficient}),
-        "b_dec_init": b_dec_init,
-        "lr": lr,
-        "seed": seed,
-        "first_position": "excluded" if skip_first_position else "included",
-    }
-    saver = ckpt.CheckpointSaver(Path(out_dir), held_out, device, facts) if n_checkpoints else None
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        common = {"d_in": d_in, "d_sae": expansion * d_in, "normalize_activations": "expected_average_only_in",
-                  "device": str(device), "dtype": "float32"}
-        if architecture == "topk":
-            sae_cfg = TopKTrainingSAEConfig(k=int(k), **common)
-        else:
-            sae_cfg = StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, l1_warm_up_steps=steps // 10, **common)
-        sae_cfg.metadata.hook_name = hook_name(site, layer)
-        sae_cfg.metadata.model_name = model.name
-        sae = TopKTrainingSAE(sae_cfg) if architecture == "topk" else StandardTrainingSAE(sae_cfg)
-        trainer_cfg = SAETrainerConfig(
-            total_training_samples=steps * train_batch_size,
-            train_batch_size_samples=train_batch_size,
-            lr=lr,
-            lr_end=lr / 10,
-            lr_scheduler_name="cosineannealing",
-            lr_warm_up_steps=steps // 20,
-            lr_decay_steps=steps // 5,
-            n_restart_cycles=1,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            device=str(device),
-            autocast=False,
-            dead_feature_window=1000,
-            feature_sampling_window=2000,
-            n_checkpoints=max(0, n_checkpoints - 1),  # sae_lens spaces them; the last is the final SAE
-            checkpoint_path=None,  # sae_lens writes nothing itself: CheckpointSaver saves a loadable SAE
-            save_final_checkpoint=False,
-            logger=LoggingConfig(log_to_wandb=False),
-            n_batches_for_norm_estimate=min(50, max(1, len(train) // train_batch_size)),
-        )
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train, train_batch_size, seed, device),
-                             save_checkpoint_fn=saver)
-        if saver is not None:
-            saver.attach(trainer)
-        if b_dec_init == "mean":
-            # Scale so that the spread around the mean (not the offset) has norm sqrt(d) on average, and start
-            # b_dec at the mean in those units; the factor is folded into the saved weights as usual.
-            mean = train.float().mean(0)
-            scale = d_in**0.5 / float((train - mean).norm(dim=-1).mean())
-            trainer.activation_scaler.scaling_factor = scale
-            with torch.no_grad():
-                sae.b_dec.copy_((mean * scale).to(sae.b_dec.device))
-        trained = trainer.fit()
-
-    from sae_lens import SAE
-
-    with _staged(Path(out_dir)) as staging:
-        trained.save_inference_model(staging)
-        inference = SAE.load_from_disk(str(staging), device=str(device)).eval()
-        result = {**facts, **evaluate(inference, held_out, device), "wall_time_s": round(time.time() - started, 2)}
-        if saver is not None:
-            saver.finish(staging, result)
-            result["checkpoints"] = n_checkpoints
-        (staging / "training.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
+from klgap.sae.fit import B_DEC_INITS, check_architecture, fit_sae
+from klgap.sae.gather import gather_many
+from klgap.sae.saving import check_sae_out
 
 #: tokens per training step (sae_lens's train_batch_size_samples): what --steps counts in
 TRAIN_BATCH = 1024
@@ -276,45 +61,6 @@ def _merged(recipe_of: dict[str, Any], architecture: str, k: int | None) -> dict
     return change
 
 
-def check_architecture(architecture: str, k: int | None, d_sae: int | None = None) -> None:
-    """An SAE architecture klgap trains, and `k` exactly when it is "topk" (1 ≤ k ≤ d_sae)."""
-    from klgap.errors import unknown
-
-    if architecture not in ARCHITECTURES:
-        raise unknown("--architecture", architecture, ARCHITECTURES)
-    if architecture == "topk":
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (d_sae is not None and k > d_sae):
-            limit = f" ≤ d_sae ({d_sae})" if d_sae is not None else ""
-            raise KlgapError(f"--architecture topk needs --top-k, an integer ≥ 1{limit}; got {k!r}")
-    elif k is not None:
-        raise KlgapError(f"--top-k {k} is the latents per token of --architecture topk; the {architecture} SAE "
-                         "sets its sparsity with --l1")
-
-
-@contextmanager
-def _staged(out_dir: Path) -> Iterator[Path]:
-    """A folder beside `out_dir` to save the SAE into, renamed onto `out_dir` once complete (training.json
-    last): a train-sae killed while saving leaves no half SAE where replicate (or a config's [train_sae],
-    which trains what is missing) would take it for a finished one. Leftovers of a killed run are removed."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    staging.chmod(0o755)  # as mkdir would make it (mkdtemp's are private)
-    try:
-        yield staging
-        if out_dir.exists():  # a previous SAE: moved aside, then removed once the new one is in place
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-old-"))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-
 def train_saes(
     model: str | ModelRef,
     site: str | list[str],
@@ -351,14 +97,11 @@ def train_saes(
     only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
     checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py)."""
-    import math
-    import os
-
-    from klgap.errors import unknown
-    from klgap.job.loading import load_model
+    from klgap.job.loading import check_fits, load_model
     from klgap.plan.config import RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
     from klgap.plan.resolve import resolve
+    from klgap.plugins.capabilities import model_shape
 
     sites = parse_sites(site if isinstance(site, str) else ",".join(site))
     layers = parse_layers(layer)
@@ -371,6 +114,9 @@ def train_saes(
             f"--out {str(out)!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
             "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
         )
+    folders = {(s, v): Path(template.replace("{site}", s).replace("{layer}", str(v))) for s, v in pairs}
+    for folder in folders.values():  # a file, a user's folder or a run there is refused before anything loads
+        check_sae_out(folder)
     # the model, token source, device, dtype and numbers resolved as a run's are (klgap.plan.resolve), before
     # anything loads
     plan = resolve(RunConfig(model=model.name if isinstance(model, ModelRef) else str(model), site=pairs[0][0],
@@ -389,13 +135,13 @@ def train_saes(
     for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
         count(value, checkpoints, checkpoint_every)  # checked before the model loads
     recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
-    torch_device = plan.device
-    loaded = load_model(plan.model, torch_device, plan.dtype)
-    for value in layers:
-        if not 0 <= value < loaded.n_layers:
-            raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")
-    if context_len > loaded.max_context:
-        raise KlgapError(f"--context-len {context_len} exceeds {loaded.name}'s maximum context of {loaded.max_context}")
+    ref, torch_device = plan.model, plan.device
+    shape = model_shape(ref.adapter)  # from the config: a bad layer or context fails before the weights load
+    for s, v in pairs if shape is not None else []:
+        check_fits(shape, ref.name, s, v, context_len, None)
+    loaded = load_model(ref, torch_device, plan.dtype)
+    for s, v in pairs:
+        check_fits(loaded, loaded.name, s, v, context_len, None)
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
     contexts = plan.tokens.obj.contexts(loaded, n_contexts, context_len, seed, True, plan.tokens.arg)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
@@ -409,9 +155,12 @@ def train_saes(
     gathered = gather_many(loaded, pairs, contexts, batch_size, progress=progress)
     results = []
     for s, v in pairs:
-        folder = Path(template.replace("{site}", s).replace("{layer}", str(v)))
+        folder = folders[(s, v)]
         results.append(fit_sae(loaded, s, v, gathered.pop((s, v)), folder, started=started,
                                **{**recipe, **recipes.get((s, v), {})}))
         results[-1]["out"] = str(folder)
         started = time.time()
     return results
+
+
+__all__ = ["MAX_PASSES", "TRAIN_BATCH", "reuse_warning", "steps_for", "train_saes"]

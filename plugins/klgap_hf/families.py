@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from klgap.errors import KlgapError
-from klgap.protocols import BlockLayout, SiteSpec
+from klgap.protocols import BlockLayout, ModelShape, SiteSpec
 from klgap.plan.sites import check_site
 
 
@@ -269,4 +269,12 @@ def site_widths(config: Any, attn_z: int | None = None) -> dict[str, int]:
     }
 
 
-__all__ = ["FAMILIES", "Family", "Point", "SiteMap", "dims", "family_for", "site_widths", "text_config"]
+def shape_of(config: Any) -> ModelShape:
+    """A transformers config's klgap.ModelShape: layers, longest context, and the width of the sites that are
+    d_model wide (attn_z's is known once the model is built)."""
+    d = dims(config)
+    widths = {site: width for site, width in site_widths(config).items() if site != "attn_z"}
+    return ModelShape(n_layers=d["n_layers"], max_context=d["max_context"], site_widths=widths)
+
+
+__all__ = ["FAMILIES", "Family", "Point", "SiteMap", "dims", "family_for", "shape_of", "site_widths", "text_config"]

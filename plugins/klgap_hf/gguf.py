@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, ModelShape
+from klgap_hf.families import shape_of
 from klgap_hf.loaded import wrap_loaded
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,6 +73,10 @@ class GGUFAdapter:
 
         path = self.locate()
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
+    def shape(self) -> ModelShape:
+        """Layers, longest context and site widths from the config (klgap.ShapedModelAdapter): no weights read."""
+        return shape_of(self.config())
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Dequantize into `dtype` and move to `device` (SmolLM2: ~17 s on 2 CPU cores)."""

@@ -15,7 +15,8 @@ import torch
 
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap.plugins.hubcheck import hub_reachable, offline_env
-from klgap.protocols import LoadedModel, Placement
+from klgap.protocols import LoadedModel, ModelShape, Placement
+from klgap_hf.families import shape_of
 from klgap_hf.loaded import check_structure, wrap_loaded
 
 #: klgap name -> hub repo id, for the names registered by this plugin.
@@ -107,6 +108,10 @@ class HubAdapter:
                 return AutoConfig.from_pretrained(self.repo_id)
             except _hub_errors() as exc:
                 raise self._translate(exc) from exc
+
+    def shape(self) -> ModelShape:
+        """Layers, longest context and site widths from the config (klgap.ShapedModelAdapter): no weights read."""
+        return shape_of(self.config())
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Load from the HF cache, else the hub; HubUnavailableError when neither has it."""
@@ -245,6 +250,10 @@ class AnyRepoAdapter:
     def config(self) -> Any:
         """The config of the repo named by KLGAP_HF_REPO."""
         return adapter_for_repo(self._repo()).config()
+
+    def shape(self) -> ModelShape:
+        """Layers, longest context and site widths from the config (klgap.ShapedModelAdapter): no weights read."""
+        return shape_of(self.config())
 
     def for_repo(self, repo_id: str) -> HubAdapter:
         """The adapter of one repo (same as :func:`adapter_for_repo`)."""

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from klgap.errors import unknown
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, ModelShape
+from klgap_hf.families import shape_of
 from klgap_hf.loaded import wrap_loaded
 from klgap_hf.tokenizer import BOS_ID, VOCAB_SIZE, byte_tokenizer
 
@@ -58,6 +59,10 @@ class TinyAdapter:
     def config(self) -> Any:
         """The model's config (:func:`tiny_config`)."""
         return tiny_config(self.kind)
+
+    def shape(self) -> ModelShape:
+        """Layers, longest context and site widths from the config (klgap.ShapedModelAdapter): no weights read."""
+        return shape_of(self.config())
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Build the model in float32 under ``manual_seed(seed)`` (global RNG untouched), then move/cast it."""

@@ -165,13 +165,23 @@ def _registered(architecture: str) -> tuple[type, type]:
     return get_sae_class(architecture)
 
 
+def check_known_architecture(architecture: Any, where: str) -> None:
+    """An SAE architecture sae_lens (or a klgap plugin, :func:`register_architecture`) can build; else one line
+    naming it and the valid ones."""
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    known = sorted({*SAE_CLASS_REGISTRY, *_ARCHITECTURES})
+    if architecture not in known:
+        from klgap.errors import unknown
+
+        raise KlgapError(f"{where}: {unknown('SAE architecture', str(architecture), known)}") from None
+
+
 def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, Tensor]) -> Any:
     """The sae_lens SAE of ``cfg_dict["architecture"]`` (float32, CPU) holding `state_dict` (strict)."""
     architecture = cfg_dict["architecture"]
-    try:
-        sae_class, config_class = _registered(architecture)
-    except KeyError:
-        raise KlgapError(f"no sae_lens SAE architecture {architecture!r}") from None
+    check_known_architecture(architecture, "the SAE's config")
+    sae_class, config_class = _registered(architecture)
     cfg = config_class.from_dict({**cfg_dict, "dtype": "float32", "device": "cpu"})
     sae = sae_class(cfg)
     sae.load_state_dict({k: v.float().contiguous() for k, v in state_dict.items()}, strict=True)
@@ -187,6 +197,6 @@ def load_converted(converted: Converted, source: str, device: torch.device, cent
 
 
 __all__ = [
-    "Converted", "FolderFormat", "build_sae", "check_shapes", "load_converted", "read_safetensors",
+    "Converted", "FolderFormat", "build_sae", "check_known_architecture", "check_shapes", "load_converted", "read_safetensors",
     "read_safetensors_metadata", "read_torch", "register_architecture", "require_keys",
 ]

@@ -15,7 +15,7 @@ from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
 from klgap.sae.file import METADATA, REQUIRED, THRESHOLD, save_safetensors_sae
 from klgap_saes.common import trained_centred, wrap_sae_lens
-from klgap_saes.convert import Converted, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
+from klgap_saes.convert import Converted, check_known_architecture, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +73,10 @@ class SaeLensDiskLoader:
         from sae_lens import SAE
 
         path = self._folder(spec)
+        self.check(spec)  # cfg.json readable, with d_in and d_sae (its errors name what is missing)
+        architecture = json.loads((path / "cfg.json").read_text()).get("architecture", "standard")
+        check_known_architecture(architecture, f"SAE folder {spec!r}: cfg.json")
         try:
-            json.loads((path / "cfg.json").read_text())
             sae = SAE.load_from_disk(str(path), device=str(device))
         except ValueError as exc:
             raise KlgapError(f"SAE folder {spec!r} could not be read: {exc}") from exc

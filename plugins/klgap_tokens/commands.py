@@ -26,8 +26,11 @@ class BuildCorpus:
 
         python_doc = Path(args.python_doc).expanduser() if args.python_doc else PYTHON_DOC
         fortunes = Path(args.fortunes).expanduser() if args.fortunes else FORTUNES
+        from klgap.job.outdir import claimed
+
         out = Path(args.out)
-        counts = build_corpus(out, python_doc=python_doc, fortunes=fortunes, eval_fraction=args.eval_fraction)
+        with claimed(out, "corpus"):  # --out's one rule: a new or empty folder, or a corpus klgap built
+            counts = build_corpus(out, python_doc=python_doc, fortunes=fortunes, eval_fraction=args.eval_fraction)
         for split, c in counts.items():
             print(f"{split}: {c['documents']} documents, {c['characters']:,} characters -> {out / split / 'corpus.jsonl'}")
         print(f"use --dataset text:{out / 'train'} to train an SAE, --dataset text:{out / 'eval'} to measure")

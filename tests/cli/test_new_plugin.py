@@ -28,8 +28,14 @@ def generated(tmp_path_factory):
     return root
 
 
+def _path(*first: Path) -> str:
+    """PYTHONPATH for a subprocess: `first`, this checkout, then any PYTHONPATH already set (a worktree's plugins/)."""
+    given = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join([*map(str, first), str(Path(__file__).parents[2]), *([given] if given else [])])
+
+
 def _env(site: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parents[2])]), "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "PYTHONPATH": _path(site), "HF_HUB_OFFLINE": "1"}
 
 
 def test_files_written(generated):
@@ -100,8 +106,7 @@ def test_every_kind_scaffolds_a_plugin_whose_own_tests_pass_uninstalled(tmp_path
             capsys.readouterr().out
         assert f"my_{kind} = \"klgap_my_{kind}\"" in (root / "pyproject.toml").read_text()
         roots.append(root)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([*map(str, roots), str(Path(__file__).parents[2])])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _path(*roots)}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            *(str(r / "tests") for r in roots)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

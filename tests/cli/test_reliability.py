@@ -96,13 +96,19 @@ def test_an_sae_object_with_a_nan_is_refused_from_python(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_existing_folder_is_kept_when_the_sae_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("held,message", [
+    ([], "W_dec has 1 NaN"),  # an empty folder is used, and left empty when the SAE is refused
+    (["mine.txt"], "is a folder klgap did not write (it holds mine.txt)"),  # a user's folder is never written into
+])
+def test_an_existing_folder_is_kept_as_it_was_when_the_run_is_refused(tmp_path, capsys, held, message):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "mine.txt").write_text("a user's file")
+    for name in held:
+        (out / name).write_text("a user's file")
     code, _, err = _run(_replicate(_nan_sae(tmp_path / "sae.safetensors", "W_dec", float("nan")), out), capsys)
-    assert code == 2 and "W_dec has 1 NaN" in err
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert code == 2
+    _one_line_error(err, message)
+    assert sorted(p.name for p in out.iterdir()) == held
 
 
 # ----------------------------------------------------------------------------- non-finite clean logits
@@ -380,7 +386,7 @@ def _train(out) -> list[str]:
 
 
 def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(tmp_path, capsys, monkeypatch):
-    import klgap.sae.train
+    import klgap.sae.fit
 
     out = tmp_path / "sae"
     (tmp_path / ".sae.partial-left-by-a-sigkill").mkdir()  # what a SIGKILL during an earlier save leaves
@@ -388,7 +394,7 @@ def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(t
     def killed(*args, **kwargs):  # the weights are saved; training.json is not written yet
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(klgap.sae.train, "evaluate", killed)
+    monkeypatch.setattr(klgap.sae.fit, "evaluate", killed)
     code, _, err = _run(_train(out), capsys)
     assert code == 130 and "interrupted" in err
     assert not out.exists()  # no cfg.json + weights without training.json where replicate would look

@@ -17,7 +17,9 @@ from tests.helpers import random_sae
 
 def test_parse_layers():
     assert parse_layers("3") == [3]
-    assert parse_layers("3,1,3") == [1, 3]
+    assert parse_layers("3,1") == [1, 3]
+    with pytest.raises(KlgapError, match="lists layer 3 twice"):  # was merged silently (issue 28)
+        parse_layers("3,1,3")
     assert parse_layers("0-2,5") == [0, 1, 2, 5]
     assert parse_layers("all", 4) == [0, 1, 2, 3]
     with pytest.raises(KlgapError, match="'x' is not a layer"):

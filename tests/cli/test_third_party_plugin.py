@@ -67,7 +67,9 @@ def _pip_install(pkg: Path, target: Path) -> None:
 
 
 def _klgap(args: list[str], site_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(site_dir), "HF_HUB_OFFLINE": "1"}
+    # the temp site first; a PYTHONPATH already set (a worktree's klgap/ and plugins/) stays after it
+    path = os.pathsep.join(p for p in (str(site_dir), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "klgap", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
@@ -124,3 +126,40 @@ def test_broken_plugin_listed_by_klgap_plugins_and_named_by_every_other_command(
         assert "plugin 'klgap_broken' (package klgap-broken" in done.stderr
         assert "this plugin is broken on purpose" in done.stderr and "KLGAP_DISABLE_PLUGINS=klgap_broken" in done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+RAISES_IN_REGISTER = '''
+import klgap
+
+
+@klgap.hookimpl
+def register_perturbations(register):
+    raise RuntimeError("this plugin fails to register on purpose")
+'''
+QUICKSTART_REPORT = Path(__file__).parents[2] / "replications" / "smollm2-135m-quickstart" / "results" / "report.json"
+
+
+@pytest.mark.parametrize("name", ["aaa_broken", "zzz_broken"])  # sorts before / after every built-in entry point
+@pytest.mark.parametrize("source,why", [(BROKEN_SOURCE, "ImportError: this plugin is broken on purpose"),
+                                        (RAISES_IN_REGISTER, "raised in register_perturbations: RuntimeError")],
+                         ids=["fails-at-import", "raises-in-register"])
+def test_a_real_broken_entry_point_sorting_first_or_last_breaks_no_command_but_names_itself(tmp_path, name, source, why):
+    site_dir = tmp_path / "site"
+    _pip_install(_make_package(tmp_path / "src", name, source), site_dir)
+    listed = _klgap(["plugins"], site_dir, tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{name}  ({name.replace('_', '-')} 0.3.1)\n  BROKEN: " in listed.stdout and why in listed.stdout
+    assert "epsilon_random" in listed.stdout and "tiny-gpt2" in listed.stdout  # the built-ins still listed
+    for argv in (["--help"], ["replicate", "--help"]):
+        helped = _klgap(argv, site_dir, tmp_path)
+        assert helped.returncode == 0 and "usage: klgap" in helped.stdout, helped.stderr
+    refused = _klgap(["validate", str(QUICKSTART_REPORT)], site_dir, tmp_path)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith(f"klgap: error: plugin {name!r}") and why in line
+    assert line.endswith(f"Set KLGAP_DISABLE_PLUGINS={name} to skip it.")
+    skipped = subprocess.run([sys.executable, "-m", "klgap", "validate", str(QUICKSTART_REPORT)], capture_output=True,
+                             text=True, cwd=tmp_path, env={**os.environ, "KLGAP_DISABLE_PLUGINS": name, "PYTHONPATH":
+                                                           os.pathsep.join([str(site_dir), os.environ.get("PYTHONPATH", "")])})
+    assert skipped.returncode == 0 and "valid klgap report" in skipped.stdout, skipped.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "src"]  # no command wrote anything

@@ -210,3 +210,21 @@ def test_two_ranks_share_a_joint_run(launched, tmp_path, load_model, one_thread)
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / folder / "tokens.parquet"),
                                       pd.read_parquet(tmp_path / "one" / folder / "tokens.parquet"))
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+
+
+def test_a_nan_checkpoint_is_named_by_every_rank_before_any_folder(tmp_path):
+    """Under torchrun a study over checkpoints with a NaN one got a false "not writable" from rank 1 (rank 0 had
+    removed the folder): every rank now reads the checkpoints before any folder and names the bad one."""
+    from tests.helpers import checkpoints
+
+    base = checkpoints(tmp_path, "nan")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "klgap", "replicate", "--model",
+                           "tiny-gpt2", "--sae", str(base / "*"), "--dataset", "random", "--tokens", "64",
+                           "--context-len", "32", "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count(f"the SAE {str(base / 'step-000020')!r} has non-finite weights: W_dec has 1 NaN") == 2, \
+        done.stderr[-3000:]
+    assert "not writable" not in done.stderr and "internal error" not in done.stderr
+    assert not (tmp_path / "out").exists()

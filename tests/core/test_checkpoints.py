@@ -10,8 +10,9 @@ import torch
 from klgap.sae.checkpoints import CheckpointInfo, count, expand
 from klgap.job.loading import load_sae
 from klgap.errors import KlgapError
-from klgap.sae.quality import evaluate
-from klgap.sae.train import fit_sae, gather
+from klgap.sae.fit import fit_sae
+from klgap.sae.gather import gather
+from klgap.sae.heldout import evaluate
 
 
 @pytest.fixture(scope="module")

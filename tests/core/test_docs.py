@@ -57,5 +57,27 @@ def test_contributing_lists_every_fault_with_its_message():
                     "measuring it again", "was not written: File too large", "were not all written",
                     "is not interventions.sae.kl_mean", "cfg.json lacks d_in", "is a file, not a folder",
                     "is in use by another klgap run", "BROKEN:", "is a transcoder", "give --site and --layer",
-                    "klgap compare", "train-sae", "gave 3 contexts of 32 tokens"):
+                    "klgap compare", "train-sae", "gave 3 contexts of 32 tokens", "lacks batches", "is not the one it "
+                    "measured", "is a folder klgap did not write", "unknown [train_sae] key", "cannot load the weights",
+                    "outside tiny-gpt2's vocabulary", "lists layer 0 twice", "is below its uncorrected p_value"):
         assert message in table, f"CONTRIBUTING.md's bad-input table lacks {message!r}"
+
+
+def test_every_row_of_the_bad_input_table_names_a_test_that_exists():
+    """Each case in CONTRIBUTING's table of bad inputs and faults names its test (file, or file::test name with
+    `*` for the rest of the name), and that test exists."""
+    import fnmatch
+    import re
+
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    table = text[text.index("### Bad input and faults"):text.index("### Adding a hook")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    assert len(rows) >= 25
+    for row in rows:
+        cited = re.findall(r"`(tests/[\w/]+\.py)(?:::([\w*]+)(?:\[[^\]]*\])?)?`", row.rsplit("|", 2)[-2])
+        assert cited, f"no test named for: {row[:80]}"
+        for file, name in cited:
+            assert (ROOT / file).is_file(), file
+            if name:
+                tests = re.findall(r"^def (test\w+)", (ROOT / file).read_text(), flags=re.M)
+                assert fnmatch.filter(tests, name), f"{file} has no test {name}"

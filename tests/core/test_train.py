@@ -10,7 +10,8 @@ import torch
 from klgap.job.loading import load_sae
 from klgap.errors import KlgapError
 from klgap.plugins.manager import registry
-from klgap.sae.train import gather, train_sae
+from klgap.sae.fit import train_sae
+from klgap.sae.gather import gather
 
 
 def test_train_sae_on_tiny_gpt2(tmp_path, load_model):
@@ -42,7 +43,7 @@ def test_train_sae_is_deterministic(tmp_path, load_model):
 
 def test_gather_many_equals_one_site_at_a_time(load_model):
     from klgap.forward import activations
-    from klgap.sae.train import gather_many
+    from klgap.sae.gather import gather_many
 
     lm = load_model("tiny-llama")
     contexts = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -76,7 +77,7 @@ def test_b_dec_at_the_mean_for_activations_with_a_large_common_offset(tmp_path, 
     SmolLM2's attn_out at layer 24): starting the decoder bias at zero spends latents on the offset; at the mean
     the same budget reconstructs the spread. The saved SAE still works on raw activations."""
     from klgap.errors import KlgapError
-    from klgap.sae.train import fit_sae
+    from klgap.sae.fit import fit_sae
 
     model = load_model("tiny-gpt2")
     contexts = registry("token_source").get("sample").contexts(model, 200, 64, 0, True, "train")
@@ -121,7 +122,7 @@ def test_recipe_overrides_per_sae(capsys):
 def test_a_topk_sae_has_k_latents_per_token_and_loads_like_any_other(tmp_path, load_model):
     """--architecture topk --top-k K: sae_lens's TopK trainer (no L1); the saved folder loads through the sae_lens path."""
     from klgap.errors import KlgapError
-    from klgap.sae.train import fit_sae
+    from klgap.sae.fit import fit_sae
 
     model = load_model("tiny-gpt2")
     contexts = registry("token_source").get("sample").contexts(model, 120, 64, 0, True, "train")

@@ -40,7 +40,9 @@ def test_each_kind_is_read_from_the_file(capsys):
                               f"study report ({len(study['runs'])} runs)")):
         version = json.loads(file.read_text())["schema_version"]
         code, out, _ = _validate(capsys, path)
-        assert code == 0 and out.strip() == f"{path}: valid klgap {what} (schema {version}; values checked)"
+        inner = len([p for p in path.rglob("*/report.json")]) if path.is_dir() else 0  # a folder is checked whole
+        tail = f"; and the {inner} klgap files inside it" if inner else ""
+        assert code == 0 and out.strip() == f"{path}: valid klgap {what} (schema {version}; values checked{tail})"
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -1,5 +1,5 @@
-"""How well an SAE reconstructs activations: explained variance, L0, cos(x, x̂) and MSE on held-out tokens (what
-train-sae and each checkpoint record in training.json)."""
+"""An SAE's numbers on held-out activations (training.json's explained variance, L0, cosine and MSE): the final
+SAE's and every checkpoint's."""
 
 from __future__ import annotations
 
