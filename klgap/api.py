@@ -258,9 +258,11 @@ def _token_ids(tokens: Any, model: str | LoadedModel | ModelRef, context_len: in
         loaded = model.adapter.loaded
     else:
         from klgap.job.loading import load_model
+        from klgap.plan.dtypes import run_dtype
         from klgap.plan.resolve import pick_device
 
-        loaded = load_model(model, pick_device(plan_device), getattr(torch, dtype))
+        device = pick_device(plan_device)
+        loaded = load_model(model, device, run_dtype(dtype, device))
     if loaded.tokenizer is None:
         raise KlgapError("tokens= as texts needs the model's tokenizer: pass tokenizer=..., or token ids")
     ids = tokenize_documents(loaded.tokenizer, list(texts))

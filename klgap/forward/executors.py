@@ -218,6 +218,20 @@ def choose(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int,
     return (fast if fast is not None else FullForward(model, spec)), execution
 
 
+def same_path(executor: Executor, model: LoadedModel, spec: SiteSpec, layer: int) -> Executor:
+    """A fresh executor of `executor`'s kind on another copy of its model (the precision check's float32 and
+    low-precision runs, klgap/job/precision.py): the path `executor` was checked on, unstacked, not checked again."""
+    if isinstance(executor, SuffixReplay):
+        from klgap.forward.suffix import SuffixRunner
+
+        return SuffixReplay(SuffixRunner(model, spec, layer), 1)
+    if isinstance(executor, PrefixCache):
+        from klgap.forward.kvcache import PrefixCacheRunner
+
+        return PrefixCache(PrefixCacheRunner(model, spec))
+    return FullForward(model, spec)
+
+
 def relative_error(pairs: list[tuple[Tensor, Tensor]], scale: Tensor) -> float:
     return float(max((a.float() - b.float()).abs().max() for a, b in pairs) / scale.abs().max().clamp(min=1.0))
 
@@ -244,4 +258,4 @@ def stack_size(config: RunConfig, model: LoadedModel) -> int:
     return max(1, budget // per_copy)
 
 
-__all__ = ["Executor", "FullForward", "PrefixCache", "SuffixReplay", "choose", "stack_size"]
+__all__ = ["Executor", "FullForward", "PrefixCache", "SuffixReplay", "choose", "same_path", "stack_size"]

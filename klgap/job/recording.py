@@ -69,7 +69,8 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         seed=cfg.seed,
         device=str(run.model.device),
         world_size=world.size,
-        dtype=cfg.dtype,
+        dtype=str(run.model.dtype).removeprefix("torch."),  # what the model computed in (--dtype auto: its choice)
+        precision=run.precision,
         dataset=cfg.dataset,
         plugins=plugins,
         provenance=provenance(),
@@ -98,4 +99,6 @@ def run_identity(run: Loaded) -> dict[str, Any]:
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens
         identity.pop("fit_tokens", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, device=run.model.device.type)
+    if identity["dtype"] == "auto":  # resume only in the dtype the run chose (another machine may choose another)
+        identity["dtype"] = str(run.model.dtype).removeprefix("torch.")
     return identity

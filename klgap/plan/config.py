@@ -27,7 +27,7 @@ DEFAULT_INTERVENTIONS = (
     "theta_random",
     "theta_random_xnorm",
 )
-DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference runs (agreement tests)
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: reference runs; auto: klgap/plan/dtypes.py
 
 
 @dataclass

@@ -18,7 +18,7 @@ from klgap.report.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
 )
 from klgap.render.compounding_page import compounding_blocks
-from klgap.report.summary import summary_rows
+from klgap.report.summary import precision_sentence, summary_rows
 
 N_TOP_ROWS = 10
 
@@ -31,6 +31,13 @@ def _verdict(report: Report | StudyReport) -> list[Block]:
     """The finding first: one sentence per site/layer (klgap.report.summary.SummaryRow.verdict)."""
     sentences = [row.verdict() for row in summary_rows(report)]
     return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
+
+
+def _precision(report: Report | StudyReport) -> list[Block]:
+    """A low-precision run's check against float32, right under the verdict (klgap/job/precision.py)."""
+    if not isinstance(report, Report) or report.precision is None:
+        return []
+    return [Para(precision_sentence(report.precision), lead=True)]
 
 
 def _summary(report: Report | StudyReport) -> list[Block]:
@@ -339,7 +346,7 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
 
         lead = training_blocks(report)
     else:
-        lead = [*_verdict(report), *_summary(report)]
+        lead = [*_verdict(report), *_precision(report), *_summary(report)]
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
                            *render_decomposition.blocks(report)]
     if isinstance(report, Report):

@@ -402,13 +402,14 @@ def train_saes(
     for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
         count(value, checkpoints, checkpoint_every)  # checked before the model loads
     recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
+    from klgap.plan.dtypes import run_dtype
     from klgap.plan.specs import split_spec
 
     source_name, source_arg = split_spec(dataset)
     source = get_host().registry("token_source").get(source_name)
     ref = model if isinstance(model, ModelRef) else model_adapter(model)
     torch_device = pick_device(device)
-    loaded = load_model(ref, torch_device, getattr(torch, dtype))
+    loaded = load_model(ref, torch_device, run_dtype(dtype, torch_device))
     for value in layers:
         if not 0 <= value < loaded.n_layers:
             raise KlgapError(f"--layer {value} is out of range for {loaded.name}: valid layers are 0..{loaded.n_layers - 1}")
