@@ -57,7 +57,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--remote", action="store_true", default=None,
         help="hub models: run every forward pass on NDIF through nnsight (needs an NDIF API key); nothing is downloaded",
     )
-    p.add_argument("--dtype", help="model weights: float32 (default), bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)")
+    p.add_argument("--dtype", help="what the model computes in: float32 (default); bfloat16 or float16 (the patch and KL "
+                   "stay float32; checked against float32 on the first contexts, said in the report); auto (bfloat16 "
+                   "where the device has it and the check passes, else float32); float64 for reference runs")
     p.add_argument("--dataset", help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random "
                    "(klgap plugins lists them)")
     p.add_argument("--position", type=_int_arg("--position"), help="single-token / many-samples position t (default 32)")

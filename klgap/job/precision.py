@@ -46,7 +46,7 @@ log = logging.getLogger("klgap")
 CHECK_CONTEXTS = 2  # contexts the check measures in both precisions (the fast-path check uses as many)
 TOLERANCE = 0.01  # largest relative change of a mean KL, or of the headline ratio, that passes
 
-__all__ = ["CHECK_CONTEXTS", "TOLERANCE", "apply", "cast_copy", "check", "compare"]
+__all__ = ["CHECK_CONTEXTS", "TOLERANCE", "apply", "cast_copy", "check", "checked_run", "compare"]
 
 
 def cast_copy(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
@@ -63,11 +63,11 @@ def cast_copy(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
 def check(run: Loaded, reference: LoadedModel) -> PrecisionCheck:
     """Measure the run's first contexts with `reference` (float32) and with the run's model, and compare."""
     n = min(CHECK_CONTEXTS, len(run.contexts))
-    frames = [modes.measure_batch(_on(run, model, n), 0)[0] for model in (reference, run.model)]
+    frames = [modes.measure_batch(checked_run(run, model, n), 0)[0] for model in (reference, run.model)]
     return compare(frames[0], frames[1], run.model.dtype, n)
 
 
-def _on(run: Loaded, model: LoadedModel, n: int) -> Loaded:
+def checked_run(run: Loaded, model: LoadedModel, n: int) -> Loaded:
     """The run's first `n` contexts as one batch, on `model`, through a fresh executor of the run's path."""
     plan = dataclasses.replace(run.plan, config=dataclasses.replace(run.config, batch_size=n), dtype=model.dtype)
     executor = executors.same_path(run.executor, model, run.spec, run.layer)
