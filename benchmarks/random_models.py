@@ -75,4 +75,4 @@ def hooked_transformer(hf_model: Any, dtype: torch.dtype, device: torch.device) 
     state = convert_gpt2_weights(copy.deepcopy(hf_model).to(device=device, dtype=dtype), cfg)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False, refactor_factored_attn_matrices=False)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device).to(dtype).eval()
