@@ -2,7 +2,8 @@
 
 naive: every patched run is a full forward of the whole context through nnsight, and the clean forward is
        repeated with it (per intervention; in many-samples mode per draw).
-engine: klgap's measure_batch, timed over every batch after loading (the naive runner is timed the same way):
+engine: klgap's engine.prepare (the model already in memory: SAE, tokens and the execution path's check against
+        full forwards) and measure_batch over every batch (the naive runner is timed over every batch):
   - all_tokens:   one clean forward per batch, then only the layers above the site per intervention (klgap.forward.suffix);
   - single_token: positions < t from the KV cache, only t..t+k computed per intervention (klgap.forward.kvcache);
   - many_samples: the same, only position t per draw, draws batched.
@@ -66,13 +67,15 @@ def timed_naive(fn, *args) -> tuple[float, pd.DataFrame]:
     return time.perf_counter() - start - UNTIMED[0], frame
 
 
-def timed_engine(prep: engine.Loaded) -> tuple[float, pd.DataFrame]:
-    """Seconds of measure_batch over every batch, and the per-token records."""
+def timed_engine(cfg: RunConfig) -> tuple[float, pd.DataFrame, engine.Loaded]:
+    """Seconds of engine.prepare with the model in memory (SAE, tokens, the execution path's check) and of
+    measure_batch over every batch; the per-token records; the prepared run."""
     frames = []
     start = time.perf_counter()
-    for index in range(-(-len(prep.contexts) // prep.config.batch_size)):
+    prep = engine.prepare(cfg)
+    for index in range(prep.n_batches):
         frames.append(modes.measure_batch(prep, index)[0])
-    return time.perf_counter() - start, pd.concat(frames, ignore_index=True)
+    return time.perf_counter() - start, pd.concat(frames, ignore_index=True), prep
 
 
 def _batches(prep: engine.Loaded):
@@ -153,6 +156,12 @@ def max_diff(fast: pd.DataFrame, naive: pd.DataFrame) -> float:
     return float((joined.kl_fast - joined.kl_naive).abs().max())
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads the work's end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def floor_seconds(prep: engine.Loaded, repeats: int = 3) -> float:
     """One clean forward + n × suffix for one batch, best of `repeats`, times the number of batches."""
     runner = prep.executor.runner  # the suffix replay's SuffixRunner
@@ -160,11 +169,14 @@ def floor_seconds(prep: engine.Loaded, repeats: int = 3) -> float:
     first = 1 if prep.config.skip_first_position else 0
     clean_t, suffix_t = [], []
     for _ in range(repeats):
+        sync(prep.model.device)
         start = time.perf_counter()
         acts, _ = runner.clean(ids)
+        sync(prep.model.device)
         clean_t.append(time.perf_counter() - start)
         start = time.perf_counter()
         runner.patched(acts[:, first:], slice(first, None))
+        sync(prep.model.device)
         suffix_t.append(time.perf_counter() - start)
     n_batches = -(-len(prep.contexts) // prep.config.batch_size)
     return n_batches * (min(clean_t) + len(prep.interventions) * min(suffix_t))
@@ -204,38 +216,36 @@ def main() -> None:
         print(f"model {args.model} {args.site} L{args.layer} on {device}, {len(interventions)} interventions")
 
         if "all_tokens" in modes:
-            prep = engine.prepare(RunConfig(**base, tokens=args.tokens))
+            cfg = RunConfig(**base, tokens=args.tokens)
+            prep = engine.prepare(cfg)
             naive_s, naive = timed_naive(naive_all_tokens, prep)
-            fast_s, fast = timed_engine(prep)
+            fast_s, fast, prep = timed_engine(cfg)
             floor_s = floor_seconds(prep)
             n = len(naive) // len(interventions)
             diffs.append(max_diff(fast, naive))
             results |= {"speedup_all_token": naive_s / fast_s, "floor_ratio": fast_s / floor_s}
             print(f"all_tokens   ({n} tokens, {prep.execution['path']}, {prep.executor.stack} interventions per suffix pass): "
                   f"naive {naive_s:.2f} s ({n / naive_s:.1f} tok/s), "
-                  f"engine {fast_s:.2f} s ({n / fast_s:.1f} tok/s), floor {floor_s:.2f} s; "
+                  f"engine {fast_s:.2f} s ({n / fast_s:.1f} tok/s, {n * len(interventions) / fast_s:.1f} tok/s per "
+                  f"intervention), floor {floor_s:.2f} s; "
                   f"speed-up {naive_s / fast_s:.2f}x, engine/floor {fast_s / floor_s:.2f}, max |dKL| {diffs[-1]:.1e}")
             # What stacking buys on this device: the same engine with the other choice (on CPU, where the
             # engine does not stack by default, with --cpu-stack-bytes of budget).
             default_stack = prep.executor.stack
             if default_stack == 1 and device.type == "cpu":
                 executors.STACK_BYTES_CPU, budget = args.cpu_stack_bytes, executors.STACK_BYTES_CPU
-                prep.executor.stack = min(len(interventions), executors.stack_size(prep.config, model))
+                other_s, other, other_prep = timed_engine(cfg)
                 executors.STACK_BYTES_CPU = budget
-            else:
-                prep.executor.stack = 1
-            if prep.executor.stack != default_stack:
-                other_s, other = timed_engine(prep)
-                diffs.append(max_diff(other, naive))
-                stacked_s, unstacked_s = (other_s, fast_s) if prep.executor.stack > default_stack else (fast_s, other_s)
-                print(f"             {max(prep.executor.stack, default_stack)} interventions per pass {stacked_s:.2f} s, one per pass "
-                      f"{unstacked_s:.2f} s: stacking x{unstacked_s / stacked_s:.2f}")
-            prep.executor.stack = default_stack
+                if other_prep.executor.stack != default_stack:
+                    diffs.append(max_diff(other, naive))
+                    print(f"             {other_prep.executor.stack} interventions per pass {other_s:.2f} s, one per pass "
+                          f"{fast_s:.2f} s: stacking x{fast_s / other_s:.2f}")
 
         if "single_token" in modes:
-            prep = engine.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
+            cfg = RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k)
+            prep = engine.prepare(cfg)
             naive_s, naive = timed_naive(naive_single_token, prep)
-            fast_s, fast = timed_engine(prep)
+            fast_s, fast, prep = timed_engine(cfg)
             diffs.append(max_diff(fast, naive))
             n = len(prep.contexts)
             results["speedup_single_token"] = naive_s / fast_s
@@ -250,7 +260,7 @@ def main() -> None:
             n_naive = min(args.naive_draws, args.draws)
             naive_s, naive = timed_naive(naive_many_samples, prep, n_naive)
             naive_s *= args.draws / n_naive
-            fast_s, fast = timed_engine(prep)
+            fast_s, fast, prep = timed_engine(cfg)
             diffs.append(max_diff(fast, naive))
             results["speedup_many_samples"] = naive_s / fast_s
             print(f"many_samples ({args.draw_contexts} contexts x {args.draws} draws, t={args.position}, {prep.execution['path']}): "
