@@ -11,7 +11,8 @@ Three executors share one interface, so the three modes (klgap/job/modes.py) nev
 Every executor returns *tails*: activations and logits from position `start` on (``start = 0`` in all-token
 mode, ``t`` in the others). A fast executor is used only when :meth:`open` reproduces full forward passes on
 the run's first contexts (relative error ≤ 1e-5); otherwise the run falls back to :class:`FullForward` and the
-report's ``execution`` says why.
+report's ``execution`` says why. The suffix replay's check runs the first batch's clean forward and keeps it for
+that batch, so the check itself costs only a full forward and a replay of its first :data:`CHECK_ROWS` contexts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from klgap.protocols import LoadedModel, SiteSpec
 
 log = logging.getLogger("klgap")
 TOLERANCE = 1e-5  # relative error a fast path may show against full forwards on the check batch
+CHECK_ROWS = 2  # contexts of the first batch a fast path is checked on
 
 
 class Executor(Protocol):
@@ -98,9 +100,14 @@ class SuffixReplay(_Uncached):
 
     def __init__(self, runner: Any, stack: int) -> None:
         self.runner, self.stack = runner, stack
+        self.primed: tuple[Tensor, Tensor, Tensor] | None = None  # (ids, acts, logits) of the check's clean forward
 
     def clean(self, ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        acts, logits = self.runner.clean(ids)
+        primed, self.primed = self.primed, None
+        if primed is not None and primed[0].shape == ids.shape and torch.equal(primed[0], ids):
+            acts, logits = primed[1], primed[2]  # the check ran this very forward (and recorded its calls)
+        else:
+            acts, logits = self.runner.clean(ids)
         return acts[:, start:], logits[:, start:]
 
     def patched(self, ids: Tensor, x_prime: Tensor, at: slice | int, copies: int = 1,
@@ -116,12 +123,13 @@ class SuffixReplay(_Uncached):
         if not SuffixRunner.supported(model):
             return None, {"path": "full-forward", "reason": f"the {model.name} adapter gives no layout"}
         runner = SuffixRunner(model, spec, layer)
-        ids = contexts[: min(2, len(contexts))].to(model.device)
+        ids = contexts[: config.batch_size].to(model.device)  # the first batch: its clean forward is kept for it
+        n = min(CHECK_ROWS, len(ids))  # its first contexts are checked
         first = 1 if config.skip_first_position else 0
         acts, logits = runner.clean(ids)
-        ref_acts, ref_logits = activations.run_clean(model, spec, ids)
-        replay = runner.patched(acts[:, first:], slice(first, None))
-        error = relative_error([(logits, ref_logits), (replay, ref_logits), (acts, ref_acts)], ref_logits)
+        ref_acts, ref_logits = activations.run_clean(model, spec, ids[:n])
+        replay = runner.patched(acts[:n, first:], slice(first, None), rows=n)
+        error = relative_error([(logits[:n], ref_logits), (replay, ref_logits), (acts[:n], ref_acts)], ref_logits)
         if not error <= TOLERANCE:
             log.warning("suffix replay of %s differs from the model's forward (%.2g); using full forward passes",
                         model.name, error)
@@ -129,17 +137,29 @@ class SuffixReplay(_Uncached):
         execution: dict[str, Any] = {"path": cls.path, "first_block": runner.first, "replay_check_relative_error": error}
         stack = min(len(config.interventions), stack_size(config, model))
         if stack > 1:  # the stacked replay (two copies: the clean run and a halved site) must match too
-            half = acts[:, first:] * 0.5
-            stacked = runner.patched(torch.cat([acts[:, first:], half]), slice(first, None), copies=2)
-            ref_half = activations.run_patched(model, spec, ids, half, positions=slice(first, None))
-            n = len(ids)
+            half = acts[:n, first:] * 0.5
+            stacked = runner.patched(torch.cat([acts[:n, first:], half]), slice(first, None), copies=2, rows=n)
+            ref_half = activations.run_patched(model, spec, ids[:n], half, positions=slice(first, None))
             stack_error = relative_error([(stacked[:n], ref_logits), (stacked[n:], ref_half)], ref_logits)
             if stack_error <= TOLERANCE:
                 execution.update(stack=stack, stack_check_relative_error=stack_error)
             else:
                 log.warning("stacked suffix replay of %s differs (%.2g); one intervention per pass", model.name, stack_error)
                 execution.update(stack=1, stack_note=f"stack check failed (relative error {stack_error:.2g})")
-        return cls(runner, int(execution.get("stack", 1))), execution
+        replay_executor = cls(runner, int(execution.get("stack", 1)))
+        replay_executor.prime(ids, acts, logits)
+        return replay_executor, execution
+
+    def prime(self, ids: Tensor, acts: Tensor, logits: Tensor) -> None:
+        """Keep a clean forward of `ids` for the next :meth:`clean` of the same ids (one executor at a time holds
+        one: a study opens a replay per site before measuring any)."""
+        for other in _PRIMED:
+            other.primed = None
+        _PRIMED[:] = [self]
+        self.primed = (ids, acts, logits)
+
+
+_PRIMED: list[SuffixReplay] = []  # the replay holding a primed clean forward (at most one in the process)
 
 
 class PrefixCache:
@@ -218,6 +238,20 @@ def choose(config: RunConfig, model: LoadedModel, spec: SiteSpec, layer: int,
     return (fast if fast is not None else FullForward(model, spec)), execution
 
 
+def same_path(executor: Executor, model: LoadedModel, spec: SiteSpec, layer: int) -> Executor:
+    """A fresh executor of `executor`'s kind on another copy of its model (the precision check's float32 and
+    low-precision runs, klgap/job/precision.py): the path `executor` was checked on, unstacked, not checked again."""
+    if isinstance(executor, SuffixReplay):
+        from klgap.forward.suffix import SuffixRunner
+
+        return SuffixReplay(SuffixRunner(model, spec, layer), 1)
+    if isinstance(executor, PrefixCache):
+        from klgap.forward.kvcache import PrefixCacheRunner
+
+        return PrefixCache(PrefixCacheRunner(model, spec))
+    return FullForward(model, spec)
+
+
 def relative_error(pairs: list[tuple[Tensor, Tensor]], scale: Tensor) -> float:
     return float(max((a.float() - b.float()).abs().max() for a, b in pairs) / scale.abs().max().clamp(min=1.0))
 
@@ -247,4 +281,4 @@ def stack_size(config: RunConfig, model: LoadedModel) -> int:
     return max(1, budget // per_copy)
 
 
-__all__ = ["Executor", "FullForward", "PrefixCache", "SuffixReplay", "choose", "stack_size"]
+__all__ = ["Executor", "FullForward", "PrefixCache", "SuffixReplay", "choose", "same_path", "stack_size"]

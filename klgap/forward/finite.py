@@ -16,10 +16,19 @@ if TYPE_CHECKING:
     from klgap.protocols import LoadedSAE
 
 
+def all_finite(values: Tensor) -> bool:
+    """Whether every entry of a floating-point tensor is finite: one pass (its min and max, which a NaN turns
+    into NaN), no ``[...] bool`` temporary as ``torch.isfinite(values).all()`` writes."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def describe_nonfinite(values: Tensor, allow_neg_inf: bool = False) -> str | None:
     """``"1 NaN"`` / ``"3 NaN, 2 +inf"`` for the non-finite entries of `values`, None when there are none.
     `allow_neg_inf`: −inf is a legitimate value (a masked vocabulary in logits) and is not counted."""
-    if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+    if not values.is_floating_point() or all_finite(values):
         return None
     counts = {"NaN": int(torch.isnan(values).sum()), "+inf": int(torch.isposinf(values).sum()),
               "-inf": 0 if allow_neg_inf else int(torch.isneginf(values).sum())}
@@ -50,11 +59,10 @@ def check_sae_finite(sae: LoadedSAE) -> None:
 def check_clean_logits(logits: Tensor) -> None:
     """Refuse clean logits ``[batch pos vocab]`` holding NaN or +inf, or a row with no finite logit (−inf alone
     is a masked vocabulary and fine): every KL against them would be NaN."""
-    finite = torch.isfinite(logits)
-    if bool(finite.all()):
+    if all_finite(logits):
         return
     found = describe_nonfinite(logits, allow_neg_inf=True)
-    if found is None and not bool(finite.any(-1).all()):
+    if found is None and not bool(torch.isfinite(logits).any(-1).all()):
         found = "a position whose every logit is -inf"
     if found:
         raise NonFiniteLogits(f"the model's clean logits hold {found} (of {logits.numel()} values): the model "
@@ -66,4 +74,4 @@ class NonFiniteLogits(KlgapError):
     """Clean logits that cannot be measured against (the engine adds which batch)."""
 
 
-__all__ = ["NonFiniteLogits", "check_clean_logits", "check_sae_finite", "describe_nonfinite", "named_tensors"]
+__all__ = ["NonFiniteLogits", "all_finite", "check_clean_logits", "check_sae_finite", "describe_nonfinite", "named_tensors"]

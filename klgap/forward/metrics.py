@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from klgap.forward.finite import check_clean_logits
+from klgap.forward.finite import all_finite, check_clean_logits
 
 EXP_SAFE = 60.0  # rows whose max(d − m) exceeds this are measured with a max-shifted log-sum-exp
 CHUNK_BYTES = 1 << 23  # CPU: rows per step of the fused pass, ~8 MiB of logits (1–8 MiB measured alike), cache-sized
@@ -57,7 +57,7 @@ class CleanReference:
         rows = _chunk_rows(z)
         for start in range(0, flat_z.shape[0], rows):
             flat_p[start : start + rows] = torch.softmax(flat_z[start : start + rows].double(), dim=-1)
-        return cls(z, p, bool(torch.isfinite(z).all()))
+        return cls(z, p, all_finite(z))
 
     def select(self, rows: Tensor | slice | None = None, positions: slice | None = None) -> "CleanReference":
         """A sub-reference: some rows (contexts, possibly repeated) and/or positions."""
@@ -75,15 +75,16 @@ class CleanReference:
         the true next token; < 0 where unknown (ΔCE is NaN there)."""
         if not self.finite:  # −inf clean logits (a masked vocabulary): d = z' − z is undefined there
             return _textbook(self.z, _compute_dtype(patched_logits), next_ids)
-        d = _compute_dtype(patched_logits)
-        shape, vocab = d.shape[:-1], d.shape[-1]
-        d = d.reshape(-1, vocab)  # a view where it can be (else a copy, ours as well)
+        shape, vocab = patched_logits.shape[:-1], patched_logits.shape[-1]
+        d = patched_logits.reshape(-1, vocab)  # a view where it can be (else a copy, ours as well)
         z, p, nxt = self.z.reshape(-1, vocab), self.p.reshape(-1, vocab), next_ids.reshape(-1)
-        kl, ce = torch.empty(d.shape[0], dtype=d.dtype, device=d.device), torch.empty(d.shape[0], dtype=d.dtype, device=d.device)
-        rows = _chunk_rows(d)
+        out = self.z.dtype
+        kl, ce = torch.empty(d.shape[0], dtype=out, device=d.device), torch.empty(d.shape[0], dtype=out, device=d.device)
+        rows = _chunk_rows(z)
         for start in range(0, d.shape[0], rows):
             sl = slice(start, start + rows)
-            kl[sl], ce[sl] = _measure_rows(d[sl], z[sl], p[sl], nxt[sl])
+            # low-precision logits are converted a chunk at a time (cache-sized), float32 ones are used in place
+            kl[sl], ce[sl] = _measure_rows(_compute_dtype(d[sl]), z[sl], p[sl], nxt[sl])
         return kl.view(shape), ce.view(shape)
 
 

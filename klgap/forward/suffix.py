@@ -65,19 +65,20 @@ class SuffixRunner:
         return handles
 
     @torch.no_grad()
-    def patched(self, x_prime: Tensor, positions: slice, copies: int = 1) -> Tensor:
+    def patched(self, x_prime: Tensor, positions: slice, copies: int = 1, rows: int | None = None) -> Tensor:
         """Logits with the site replaced by `x_prime` at `positions`, running only the layers above it.
 
         copies > 1 stacks that many substitutes along the batch: ``x_prime [copies*b npos d]`` (copy-major)
-        gives logits ``[copies*b pos vocab]``; every batch-sized argument of the recorded calls is tiled."""
-        calls = self._tiled_calls(copies)
+        gives logits ``[copies*b pos vocab]``; every batch-sized argument of the recorded calls is tiled.
+        rows: replay only the batch's first `rows` contexts (b = rows; the executor's check)."""
         batch = len(self.site_value)
+        calls = self._tiled_calls(copies) if rows is None or rows == batch else self._first_rows(rows, copies)
         handle = None
         if self.direct:
-            hidden = _replace(_tile(self.site_value, copies, batch), x_prime, positions)
+            hidden = _replace(_tile(_head(self.site_value, rows, batch), copies, rows or batch), x_prime, positions)
         else:
             args, kwargs = self.calls[0]
-            hidden = _tile(args[0] if args else kwargs["hidden_states"], copies, batch)
+            hidden = _tile(_head(args[0] if args else kwargs["hidden_states"], rows, batch), copies, rows or batch)
             self._patch = (x_prime, positions)
             handle = self._site_hook()
         try:
@@ -105,6 +106,15 @@ class SuffixRunner:
                 for args, kwargs in self.calls
             ]
         return self._tiled[copies]
+
+    def _first_rows(self, rows: int, copies: int) -> list[tuple[tuple, dict]]:
+        """The recorded block calls cut to the batch's first `rows` contexts (then tiled `copies` times)."""
+        batch = len(self.site_value)
+        return [
+            ((args[0], *_tile(_head(args[1:], rows, batch), copies, rows)) if args else (),
+             {k: v if k == "hidden_states" else _tile(_head(v, rows, batch), copies, rows) for k, v in kwargs.items()})
+            for args, kwargs in self.calls
+        ]
 
     def _site_hook(self) -> Any:
         """A plain hook on the site's module: records the tensor (clean run) or overwrites it (patched run)."""
@@ -134,6 +144,21 @@ def _replace(value: Tensor, x_prime: Tensor, positions: slice) -> Tensor:
     out = value.clone()
     out[:, positions] = x_prime
     return out
+
+
+def _head(value: Any, rows: int | None, batch: int) -> Any:
+    """The first `rows` of every tensor whose first axis is the batch (as :func:`_tile` finds them); None: all."""
+    if rows is None or rows == batch:
+        return value
+    if isinstance(value, Tensor):
+        return value[:rows] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_head(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [_head(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _head(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 def _tile(value: Any, copies: int, batch: int) -> Any:

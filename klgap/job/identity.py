@@ -71,7 +71,8 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         seed=cfg.seed,
         device=str(run.model.device),
         world_size=world.size,
-        dtype=cfg.dtype,
+        dtype=str(run.model.dtype).removeprefix("torch."),  # what the model computed in (--dtype auto: its choice)
+        precision=run.precision,
         dataset=cfg.dataset,
         plugins=plugins,
         provenance=provenance(),
@@ -94,6 +95,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("fit_tokens", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, sae_digest=sae_digest(run.sae),
                     device=run.model.device.type)
+    if identity["dtype"] == "auto":  # resume only in the dtype the run chose (another machine may choose another)
+        identity["dtype"] = str(run.model.dtype).removeprefix("torch.")
     return identity
 
 

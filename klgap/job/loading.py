@@ -9,6 +9,7 @@ the fit tokens' clean activations (--fit-tokens, else the run's first contexts) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,18 +20,22 @@ from torch import Tensor
 from klgap.errors import KlgapError
 from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
+from klgap.job import precision
+from klgap.job.precision import cast_copy
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
+from klgap.plan.dtypes import is_low
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae, site_of
 from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
+from klgap.report.schema import PrecisionCheck
 from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
 __all__ = ["FIT_TOKENS", "Loaded", "check_fits", "check_token_ids", "count_layers", "draw_contexts", "fit_perturbations",
-           "load_model", "load_plan", "load_sae", "n_fit_contexts", "prepare"]
+           "load_model", "load_plan", "load_sae", "n_fit_contexts", "prepare", "reference_model"]
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
     fit_contexts: Tensor | None = None  # [n_fit ctx] int64, CPU: drawn after `contexts` (--fit-tokens), else None
     route: SAERoute | None = None  # the loader that read the SAE (the plan's, or the default SAE's); None: an object
+    precision: PrecisionCheck | None = None  # a low-precision run's check against float32 (klgap/job/precision.py)
 
     @property
     def config(self) -> RunConfig:
@@ -73,26 +79,46 @@ class Loaded:
         return -(-len(self.contexts) // self.config.batch_size)
 
 
-_MODELS: dict[tuple[str, ...], LoadedModel] = {}
+_MODELS: dict[tuple[str, ...], dict[torch.dtype, LoadedModel]] = {}
+HELD = "python"  # the plugin name of a model the caller holds (klgap.api): it is not loaded again
 
 
 def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
                placement: Placement = Placement()) -> LoadedModel:
-    """Load (or reuse: at most one model is held) the model a ``--model`` value (or a resolved ModelRef) names."""
+    """Load (or reuse: at most one model is held, in the dtypes asked for) the model a ``--model`` value (or a
+    resolved ModelRef) names. bfloat16 / float16 on one device: a copy of the float32 load, which stays held
+    for the precision check (klgap/job/precision.py)."""
     ref = model if isinstance(model, ModelRef) else model_adapter(model)
     name = ref.name
-    key = (name, id(ref.adapter), str(device), str(dtype), str(placement))
+    key = (name, id(ref.adapter), str(device), str(placement))
     if key not in _MODELS:
         from klgap.protocols import PlacingModelAdapter
 
-        adapter = ref.adapter
-        if not placement.local and not isinstance(adapter, PlacingModelAdapter):
+        if not placement.local and not isinstance(ref.adapter, PlacingModelAdapter):
             what = "--remote" if placement.remote else "--device-map"
             raise KlgapError(f"model {name!r} cannot take {what}: its adapter loads it locally only; {what} works "
                              "with Hugging Face hub models (gpt2, pythia-70m-deduped, a hub repo id, ...)")
         _MODELS.clear()
-        _MODELS[key] = adapter.load(device, dtype) if placement.local else adapter.load_placed(device, dtype, placement)
-    return _MODELS[key]
+        _MODELS[key] = {}
+    held = _MODELS[key]
+    if dtype not in held:
+        if is_low(dtype) and placement.local and ref.plugin != HELD:
+            held[dtype] = cast_copy(load_model(ref, device, torch.float32, placement), dtype)
+        else:
+            held[dtype] = (ref.adapter.load(device, dtype) if placement.local
+                           else ref.adapter.load_placed(device, dtype, placement))
+    return held[dtype]
+
+
+def reference_model(plan: RunPlan, model: LoadedModel) -> LoadedModel | None:
+    """The float32 model a low-precision run is checked against (klgap/job/precision.py): the float32 load it
+    was copied from, or for a model the caller holds, its own weights cast to float32. None when the run is not
+    low precision, or its model is remote or spread over devices (not checked)."""
+    if not is_low(model.dtype) or model.remote or not plan.placement.local:
+        return None
+    if plan.model.plugin == HELD:
+        return cast_copy(model, torch.float32)
+    return load_model(plan.model, plan.device, torch.float32, plan.placement)
 
 
 def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
@@ -139,9 +165,13 @@ def load_plan(plan: RunPlan) -> Loaded:
     executor, execution = choose(config, model, spec, layer, contexts)
     loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
                     route)
-    fitted = fit_perturbations(loaded)
+    reference = reference_model(plan, model)
+    # fitted on float32 activations in a low-precision run too: the draws of a float32 run
+    fitted = fit_perturbations(loaded if reference is None else dataclasses.replace(loaded, model=reference))
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
+    if reference is not None:
+        loaded = precision.apply(loaded, reference)
     return loaded
 
 

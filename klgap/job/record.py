@@ -53,8 +53,8 @@ class RunRecord(RunFacts):
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
-    atomic_write_json(Path(folder) / RECORD_FILE,
-                      record.model_dump(mode="json", exclude={"joint"} if record.joint is None else None))
+    unset = {name for name in ("joint", "precision") if getattr(record, name) is None}  # written only when there
+    atomic_write_json(Path(folder) / RECORD_FILE, record.model_dump(mode="json", exclude=unset or None))
 
 
 def read_record(folder: Path) -> RunRecord:

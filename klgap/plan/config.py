@@ -26,7 +26,7 @@ DEFAULT_INTERVENTIONS = (
     "theta_random",
     "theta_random_xnorm",
 )
-DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference runs (agreement tests)
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: reference runs; auto: klgap/plan/dtypes.py
 #: keys of a replication file that are not RunConfig fields: the command's (out, train_sae, sae_checkpoints, ...)
 #: and those a command reads (cos, norm_frac: klgap curve's grid)
 FILE_KEYS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "sae_checkpoints")
@@ -72,7 +72,9 @@ class RunConfig:
     seed: int = field(default=0, metadata=flag("random seed (token sampling and every random draw)"))
     device: str = field(default="auto", metadata=flag("auto (CUDA when there is one), cpu, cuda, cuda:N"))
     dtype: str = field(default="float32", metadata=flag(
-        "model weights: float32, bfloat16, float16 (KL in float32), or float64 for reference runs (KL in float64)"))
+        "what the model computes in: float32; bfloat16 or float16 (the patch and KL stay float32; checked against "
+        "float32 on the first contexts, said in the report); auto (bfloat16 where the device has it and the check "
+        "passes, else float32); float64 for reference runs"))
     dataset: str = field(default="sample", metadata=flag(
         "token source NAME[:ARG]: sample, text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)"))
     no_bos: bool = field(default=False, metadata=flag("do not prepend BOS to each context"))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from klgap.plan.config import RunConfig
+from klgap.plan.dtypes import run_dtype
 from klgap.job.distributed import cuda_device, read_world
 from klgap.errors import KlgapError, unknown
 from klgap.plugins.manager import ModelRef, get_host, model_adapter
@@ -278,7 +279,7 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
         site, layer = site_of(config, sae)
     if sae is None and (site is None or layer is None):
         raise KlgapError("give --site and --layer (or an --sae whose hook name names them)")
-    return RunPlan(config, model, device, getattr(torch, config.dtype), placement, sae, site, layer,
+    return RunPlan(config, model, device, run_dtype(config.dtype, device), placement, sae, site, layer,
                    interventions, sample, tokens)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from klgap.render.formatting import fmt, fmt_fixed, fmt_p
 from klgap.report.findings import curve_findings
 from klgap.report.schema import Report, StudyReport
-from klgap.report.summary import summary_row, summary_rows
+from klgap.report.summary import precision_sentence, summary_row, summary_rows
 
 
 def print_sections(report: Report | StudyReport) -> None:
@@ -44,6 +44,8 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
     sae = report.sae.source if report.joint is None else f"{len(report.joint)} SAEs"
     print(f"{report.model} {where}  SAE {sae}  mode {report.mode}  "
           f"{report.n_tokens} tokens in {report.n_contexts} contexts")
+    if report.precision is not None:
+        print(precision_sentence(report.precision))
     print(f"{'intervention':<40} {'KL mean':>10} {'KL median':>10} {'ΔCE mean':>10}")
     for name, row in report.interventions.items():
         print(f"{name:<40} {fmt(row.kl_mean):>10} {fmt(row.kl_median):>10} {fmt(row.ce_delta_mean):>10}")

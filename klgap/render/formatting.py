@@ -40,6 +40,12 @@ def fmt_fixed(value: Any, decimals: int = 3) -> str:
     return special if special is not None else f"{value:.{decimals}f}"
 
 
+def fmt_pct(value: Any, decimals: int = 2) -> str:
+    """A fraction as a percentage: 0.0123 -> 1.23%; None -> '—', NaN -> 'nan'."""
+    special = _special(value)
+    return special if special is not None else f"{100 * value:.{decimals}f}%"
+
+
 def fmt_p(value: Any) -> str:
     """A p-value: 0.012, or 3.52e-12 below 0.001; None -> '—', NaN -> 'nan'."""
     special = _special(value)

@@ -23,13 +23,20 @@ from klgap.render.lead import lead_blocks
 from klgap.render.study_page import study_blocks
 from klgap.report.findings import curve_findings
 from klgap.report.sections import present
-from klgap.report.summary import summary_rows
+from klgap.report.summary import precision_sentence, summary_rows
 
 N_TOP_ROWS = 10
 
 
 def _where(run: SiteSummary) -> str:
     return f"{run.site} L{run.layer}"
+
+
+def _precision(report: Report | StudyReport) -> list[Block]:
+    """A low-precision run's check against float32, right under the finding (klgap/job/precision.py)."""
+    if not isinstance(report, Report) or report.precision is None:
+        return []
+    return [Para(precision_sentence(report.precision), lead=True)]
 
 
 def summary_blocks(report: Report | StudyReport) -> list[Block]:
@@ -337,7 +344,8 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     found = [(section, section.blocks(report) if section.blocks is not None else [])
              for _, section, _ in present(report)]
     leads = [block for section, blocks in found if section.lead for block in blocks]  # e.g. a study over checkpoints
-    lead = leads or [*lead_blocks(report), *summary_blocks(report)]  # the page's own finding (render/lead.py)
+    # the page's own finding (render/lead.py), a low-precision run's check under it, then the key table
+    lead = leads or [*lead_blocks(report), *_precision(report), *summary_blocks(report)]
     blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
                            *(study_blocks(report) if isinstance(report, StudyReport) else []),
                            *(block for section, blocks in found if not section.lead for block in blocks)]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "0.4.0"
+SCHEMA_VERSION = "0.5.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -249,6 +249,43 @@ class JointSite(StrictModel):
     path: str
 
 
+class PrecisionIntervention(StrictModel):
+    """One intervention in the precision check: mean KL in each precision and the per-token |ΔKL| between them
+    (rel_*: divided by the float32 mean KL)."""
+
+    kl_mean_float32: Num
+    kl_mean: Num
+    mean_rel_change: Num  # |kl_mean / kl_mean_float32 − 1|
+    abs_diff_max: Num
+    abs_diff_p99: Num
+    rel_diff_max: Num
+    rel_diff_p99: Num
+
+
+class PrecisionCheck(StrictModel):
+    """A low-precision run (``--dtype bfloat16|float16|auto``) against float32 on its first contexts, with the same
+    tokens and draws (klgap/forward/precision.py): the model computes in `dtype` in one and in float32 in the other;
+    the patch (x, x̂, baselines) and the KL / ΔCE are float32 in both. ``passed`` when every intervention's mean KL
+    and the headline ratio moved by at most `tolerance` (relative); `measured_dtype` is what the run then used
+    (``--dtype auto`` falls back to float32 when the check fails)."""
+
+    dtype: str
+    measured_dtype: str
+    n_contexts: int
+    n_tokens: int  # per-token rows compared, all interventions together
+    kl_abs_diff_max: Num
+    kl_abs_diff_p99: Num
+    kl_rel_diff_max: Num  # the largest rel_diff_max of the interventions
+    kl_rel_diff_p99: Num
+    kl_mean_rel_change_max: Num
+    ratio_float32: Num  # KL(sae) / KL(epsilon_random) on the check's contexts (None without both)
+    ratio: Num
+    ratio_rel_change: Num
+    tolerance: float
+    passed: bool
+    interventions: dict[str, PrecisionIntervention]
+
+
 class RunFacts(StrictModel):
     """How a run measured (shared by run.json's RunRecord and report.json's Report): model, module patched,
     mode, execution path, configuration, plugins and provenance."""
@@ -270,6 +307,7 @@ class RunFacts(StrictModel):
     plugins: dict[str, PluginRef]
     provenance: Provenance
     joint: list[JointSite] | None = None  # a joint run's sites (site/layer/sae above: the lowest one's)
+    precision: PrecisionCheck | None = None  # a low-precision run's check against float32 (schema 0.5.0)
 
 
 class Report(RunFacts, SiteSummary):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klgap.render.formatting import fmt, fmt_ci, fmt_p, fmt_p_holm
-from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport
+from klgap.render.formatting import fmt, fmt_ci, fmt_p, fmt_p_holm, fmt_pct
+from klgap.report.schema import BASELINE, PrecisionCheck, Report, SiteSummary, StudyReport
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,19 @@ def summary_rows(report: Report | StudyReport) -> list[SummaryRow]:
     if isinstance(report, StudyReport):
         return [summary_row(run, report.model, report.mode) for run in report.runs]
     return [summary_row(report, report.model, report.mode)]
+
+
+def precision_sentence(check: PrecisionCheck) -> str:
+    """One sentence on a low-precision run's check against float32 (klgap/job/precision.py), for stderr, the
+    terminal and the report's opening lines."""
+    moved = (f"the headline ratio moved by {fmt_pct(check.ratio_rel_change)} ({fmt(check.ratio_float32)} in float32, "
+             f"{fmt(check.ratio)} in {check.dtype})" if check.ratio_float32 is not None
+             else "no headline ratio (sae and epsilon_random not both measured)")
+    numbers = (f"{check.dtype} against float32 on the first {check.n_contexts} contexts: per-token |ΔKL| max "
+               f"{fmt(check.kl_abs_diff_max, 2)} (p99 {fmt(check.kl_abs_diff_p99, 2)}; at most {fmt_pct(check.kl_rel_diff_max)} "
+               f"of the mean KL), mean KL moved by at most {fmt_pct(check.kl_mean_rel_change_max)}, {moved}")
+    if check.passed:
+        return f"precision check passed: {numbers} (tolerance {fmt_pct(check.tolerance, 0)})"
+    outcome = (f"measured in {check.measured_dtype} instead (--dtype auto)" if check.measured_dtype != check.dtype
+               else f"measured in {check.dtype} anyway; --dtype float32 gives float32's numbers")
+    return f"PRECISION CHECK FAILED: {numbers}, above the tolerance of {fmt_pct(check.tolerance, 0)}; {outcome}"

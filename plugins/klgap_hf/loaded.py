@@ -63,6 +63,19 @@ def _on_meta(hf_model: torch.nn.Module) -> bool:
     return any(p.device.type == "meta" for p in hf_model.parameters())
 
 
+def _moved(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`hf_model` on `device` with its parameters in `dtype`. Into bfloat16 / float16 its float32 buffers stay
+    float32, as ``from_pretrained(dtype=...)`` leaves them (rotary ``inv_freq``: rounded, it would move every
+    attention score); into float32 / float64 every floating-point tensor is cast, as ``Module.to`` does."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    kept = [(name, b) for name, b in hf_model.named_buffers() if low and b.dtype == torch.float32]
+    hf_model = hf_model.to(device=device, dtype=dtype)
+    for name, buffer in kept:
+        owner, _, attr = name.rpartition(".")
+        hf_model.get_submodule(owner)._buffers[attr] = buffer.to(device)
+    return hf_model
+
+
 def wrap_loaded(
     name: str,
     hf_model: torch.nn.Module,
@@ -89,7 +102,7 @@ def wrap_loaded(
     family = family_of(hf_model)
     d = dims(config)
     device = torch.device(device)
-    hf_model = (hf_model.to(device=device, dtype=dtype) if move else hf_model).eval()
+    hf_model = (_moved(hf_model, device, dtype) if move else hf_model).eval()
     experts = _float64_experts(hf_model, dtype)
     if family.inferred and not _on_meta(hf_model):
         family = identify_sublayers(hf_model, family, config)
