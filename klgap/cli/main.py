@@ -64,20 +64,40 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
+    """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid; with ``--along error``
+    sae, the baselines and a length sweep along the error and each baseline (klgap/report/sweep.py)."""
     from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
 
     config, extra = run_config_from_args(args)
-    # a replication file may carry its grid as `cos` / `norm_frac`; flags given on the command line win
-    cos = args.cos if args.cos is not None else extra.get("cos", "0.5:1.0:11")
-    norm_frac = args.norm_frac if args.norm_frac is not None else extra.get("norm_frac", "0.9")
-    cosines, fracs = parse_cos_grid(cos), parse_norm_fracs(norm_frac)
+    # a replication file may carry its grid as `cos` / `norm_frac` (or `along` / `scale` / `baselines`); flags given
+    # on the command line win
+    given = {key: getattr(args, key) if getattr(args, key) is not None else extra.get(key)
+             for key in ("cos", "norm_frac", "along", "scale", "baselines")}
     if config.mode == "many_samples":
         raise KlgapError("klgap curve measures all_tokens or single_token runs, not many_samples")
-    grid = curve_interventions(cosines, fracs)
+    if given["along"] is not None:
+        grid = sweep_grid(given)
+    else:
+        if given["scale"] is not None or given["baselines"] is not None:
+            flag = "--scale" if given["scale"] is not None else "--baselines"
+            raise KlgapError(f"{flag} sizes a length sweep; give it with --along error (valid --along: error)")
+        cosines = parse_cos_grid(given["cos"] if given["cos"] is not None else "0.5:1.0:11")
+        grid = curve_interventions(cosines, parse_norm_fracs(given["norm_frac"] if given["norm_frac"] is not None
+                                                             else "0.9"))
     chosen = list(args.interventions and config.interventions or [])
     config.interventions = grid + [s for s in chosen if s not in grid]
-    return run_and_render(config, extra, args, "curve" if config.mode == "all_tokens" else f"curve-{config.mode}")
+    kind = "sweep" if given["along"] is not None else "curve"
+    return run_and_render(config, extra, args, kind if config.mode == "all_tokens" else f"{kind}-{config.mode}")
+
+
+def sweep_grid(given: dict[str, Any]) -> list[str]:
+    """The interventions of ``klgap curve --along error`` (klgap.report.sweep.sweep_specs) from its flags."""
+    from klgap.report.sweep import sweep_specs
+
+    if given["cos"] is not None or given["norm_frac"] is not None:
+        flag = "--cos" if given["cos"] is not None else "--norm-frac"
+        raise KlgapError(f"{flag} sizes a cosine curve, not a length sweep (--along); give --scale instead, e.g. 0:2:21")
+    return sweep_specs(given["along"], given["scale"], given["baselines"])
 
 
 def model_slug(model: str) -> str:
@@ -371,6 +391,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare_runs(args.run_dirs, args.out, labels=args.label)
     print(result["table_text"])
+    if result["panel_text"]:  # each run against every baseline it measured (klgap/report/panel.py)
+        print(result["panel_text"])
     for path in result["written"]:
         print(f"wrote {path}")
     return 0

@@ -20,6 +20,7 @@ from matplotlib.ticker import NullFormatter
 from klgap.figures.style import BASELINE_COLOR, SAE, colors_for, legend_beside, save as _save, title
 from klgap.figures.style import new_figure as _figure
 from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars, robustness_curve  # noqa: F401
+from klgap.figures.sweep import length_sweep
 from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport, load_report
 PRIMARY = ("sae", BASELINE)
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
@@ -407,4 +408,6 @@ def figures_for_run(
     if report.curve is not None:
         points, stars = curves_of([(site_label(report), report.curve)])
         paths.append(robustness_curve(points, run_dir / "robustness.png", stars, run_label(report)))
+    if report.sweep is not None:
+        paths.append(length_sweep(report.sweep, run_dir / "length_sweep.png", run_label(report), report.baselines))
     return paths

@@ -22,11 +22,13 @@ CONFIG_FILE = "run_config.json"  # the run's identity: a resumed run must match 
 
 
 class InterventionRef(_Model):
-    """One measured intervention: its row label, the spec the user wrote, and the plugin that made it."""
+    """One measured intervention: its row label, the spec the user wrote, the plugin that made it, and how a
+    sentence names it when its plugin declares it a baseline (klgap.protocols.BaselineRole; None: not one)."""
 
     name: str
     spec: str
     plugin: PluginRef
+    baseline: str | None = None  # absent in run.json files written before klgap recorded it
 
 
 class RunRecord(RunFacts):

@@ -18,6 +18,10 @@ from klgap.report.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport, load_report,
 )
 from klgap.render.compounding_page import compounding_blocks
+from klgap.render.panel_page import panel_blocks
+from klgap.render.sweep_page import CAPTION as SWEEP_CAPTION, sweep_blocks
+from klgap.report.panel import opening_sentence
+from klgap.report.sweep import is_sweep_point
 from klgap.report.summary import summary_rows
 
 N_TOP_ROWS = 10
@@ -29,7 +33,7 @@ def _where(run: SiteSummary) -> str:
 
 def _verdict(report: Report | StudyReport) -> list[Block]:
     """The finding first: one sentence per site/layer (klgap.report.summary.SummaryRow.verdict)."""
-    sentences = [row.verdict() for row in summary_rows(report)]
+    sentences = [opening_sentence(run, report.model, report.mode) for run in _runs_of(report)]
     return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
 
 
@@ -105,7 +109,7 @@ def _comparisons(report: Report) -> list[Block]:
     rows = [[name, _ci(comp.kl_ratio), ce_delta_difference_text(comp, sae, report.interventions.get(name)),
              ce_delta_ratio_text(comp), _p_with_holm(comp), fmt_fixed(comp.wilcoxon_kl.effect_size),
              fmt(comp.wilcoxon_kl.n_contexts)]
-            for name, comp in report.comparisons.items()]
+            for name, comp in report.comparisons.items() if not is_sweep_point(name)]  # sweeps: their own section
     return [
         Heading(2, "SAE against each baseline"),
         Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE sae − baseline [95% CI], nats", "ΔCE ratio [95% CI]",
@@ -244,6 +248,7 @@ CAPTIONS = {
     "robustness": "Mean KL of cosine-matched noise against its cosine similarity to x, one curve per norm fraction "
                   "(named in the legend), with 95% bands that resample contexts; stars mark the SAE reconstructions "
                   "with their intervals.",
+    "length_sweep": SWEEP_CAPTION,
 }
 
 
@@ -340,12 +345,13 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
         lead = training_blocks(report)
     else:
         lead = [*_verdict(report), *_summary(report)]
-    blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
+    blocks: list[Block] = [Heading(1, title_of(report)), *lead, *panel_blocks(report), *extra, *_notes(report),
+                           *_overview(report),
                            *render_decomposition.blocks(report)]
     if isinstance(report, Report):
         blocks += [*compounding_blocks(report), *_comparisons(report), *_interventions(report), *_sae_lens_scores(report),
                    *_sae(report), *_single_token(report),
-                   *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
+                   *_many_samples(report), *_gap(report), *curve_blocks(report.curve), *sweep_blocks(report)]
     return blocks + _figures(report, figures) + _provenance(report)
 
 
@@ -368,7 +374,8 @@ def render_html(report: Report | StudyReport, figures: Sequence[Path], extra: Se
 
 #: figures drawn only from tokens.parquet, in page order; kept as they are where that table is gone
 TOKEN_FIGURES = ("kl_hist.png", "kl_by_position.png", "many_samples.png")
-PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png")
+PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png",
+              "length_sweep.png")
 
 
 def rebuild(run_dir: str | Path) -> dict[str, Path]:

@@ -17,7 +17,8 @@ from klgap.errors import KlgapError
 from klgap.render.formatting import fmt, fmt_fixed
 from klgap.report.provenance import provenance
 from klgap.job.folder import atomic_write_bytes, atomic_write_json
-from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json, load_report
+from klgap.report.panel import Panel, baseline_panel
+from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, SizeBins, StudyReport, as_json, load_report
 from klgap.report.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
@@ -33,6 +34,8 @@ class Entry:
     path: str
     row: SummaryRow
     curve: Curve | None
+    panel: Panel | None = None  # the SAE against every baseline the run measured (klgap/report/panel.py)
+    size_bins: SizeBins | None = None  # the ratio at matched ε/‖x‖ (klgap/report/size_bins.py)
 
     def record(self) -> dict[str, Any]:
         """compare.json's entry (compare.csv's columns, then the curve)."""
@@ -59,12 +62,13 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
         row = summary_row(run, report.model, report.mode)
         name = f"{label} {row.where}" if label and len(runs) > 1 else (label or f"{report.model} {row.where}")
         path = run_dir / run.path if isinstance(report, StudyReport) else run_dir
-        out.append(Entry(name, str(path), row, run.curve))
+        out.append(Entry(name, str(path), row, run.curve, baseline_panel(run, report.model, report.mode), run.size_bins))
     return out
 
 
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
-    """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
+    """Build the comparison of `run_dirs` into `out`; returns the entries, the files written, the table as text and
+    the baseline panel's matrix as text ('' when no run says which of its interventions are baselines)."""
     from klgap.figures.curves import curves_of, ratio_bars, robustness_curve, runs_title
     from klgap.render.blocks import Bullets, Figure, Heading, Para, Table, md_block
 
@@ -105,9 +109,22 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
     if families:
         blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
+    panel_text = ""
+    if any(e.panel is not None and e.panel.rows for e in entries):  # every baseline each run measured
+        from klgap.render.panel_page import PANEL_TEXT, panel_matrix
+
+        matrix = panel_matrix([(e.label, e.panel) for e in entries if e.panel is not None and e.panel.rows], "run")
+        blocks += [Heading(2, "Baselines"), Para(PANEL_TEXT), matrix]
+        panel_text = "\n".join("  ".join(row) for row in [matrix.header, *matrix.rows])
+    if any(e.size_bins is not None and e.size_bins.bins for e in entries):  # the ratio at matched ε/‖x‖
+        from klgap.render.panel_page import BINS_TEXT, size_matrix
+
+        blocks += [Heading(2, "At matched error size"), Para(BINS_TEXT),
+                   size_matrix([(e.label, e.size_bins) for e in entries if e.size_bins is not None and e.size_bins.bins],
+                               "run")]
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *rows])
-    return {"entries": entries, "written": written, "table_text": text}
+    return {"entries": entries, "written": written, "table_text": text, "panel_text": panel_text}
