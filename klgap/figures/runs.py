@@ -21,6 +21,7 @@ from klgap.figures.style import BASELINE_COLOR, SAE, colors_for, legend_beside, 
 from klgap.figures.style import new_figure as _figure
 from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars, robustness_curve  # noqa: F401
 from klgap.figures.sweep import length_sweep
+from klgap.report.sweep import is_sweep_point
 from klgap.report.schema import BASELINE, Report, SiteSummary, StudyReport, load_report
 PRIMARY = ("sae", BASELINE)
 TOKEN_COLUMNS = ["context", "position", "offset", "intervention", "draw", "kl"]
@@ -106,11 +107,12 @@ def kl_bars(
 ) -> Path:
     """Grouped bars of mean KL per intervention, one group per site/layer (one report gives one group).
 
-    With `tokens` (single report only), error bars are ±1.96·SE of the per-context mean KL.
+    With `tokens` (single report only), error bars are ±1.96·SE of the per-context mean KL. Length-sweep points are
+    left out (length_sweep.png draws them).
     """
     runs = _runs(reports)
     same_site = len({run.site for run, _, _ in runs}) <= 1
-    names = _ordered(n for run, _, _ in runs for n in run.interventions)
+    names = _ordered(n for run, _, _ in runs for n in run.interventions if not is_sweep_point(n))
     colors = colors_for(names)
     errors = _context_se(tokens) if tokens is not None and len(runs) == 1 else {}
     values_all: list[float] = []

@@ -10,7 +10,6 @@ from klgap.render.blocks import Block, Heading, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p_holm
 from klgap.report.panel import ALPHA, Panel, baseline_panel
 from klgap.report.schema import BASELINE, Report, SiteSummary, SizeBin, SizeBins, StudyReport
-from klgap.report.summary import summary_row
 
 PANEL_TEXT = ("The SAE against every baseline this run measured (the interventions their plugins declare baselines): "
               "KL(sae)/KL(baseline) with a 95% interval that resamples whole contexts, the Wilcoxon signed-rank p on "
@@ -71,16 +70,17 @@ def bin_label(found: SizeBin) -> str:
 
 
 def equivalent_cos_line(run: SiteSummary) -> str | None:
-    """The noise-equivalent cosine beside the headline, from the run's robustness curve (None without one)."""
-    row = summary_row(run, "", "")
-    if run.curve is None or run.curve.sae is None:
+    """The noise-equivalent cosine beside the headline, from the run's robustness curve (its first norm fraction);
+    None without a curve."""
+    curve = run.curve
+    if curve is None or curve.sae is None or not curve.sae_equivalent_cos:
         return None
-    frac = next(iter(run.curve.sae_equivalent_cos), None)
-    if row.sae_equivalent_cos is None:
+    frac, cos = next(iter(curve.sae_equivalent_cos.items()))
+    if cos is None:
         return (f"Noise-equivalent cosine: cosine-matched noise at norm {frac}·‖x‖ never does the SAE's damage on the "
-                f"measured grid (the SAE's own cos(x, x̂) is {fmt_fixed(row.sae_cos)}).")
+                f"measured grid (the SAE's own cos(x, x̂) is {fmt_fixed(curve.sae.cos_mean)}).")
     return (f"Noise-equivalent cosine: cosine-matched noise at norm {frac}·‖x‖ does the SAE's damage at cos "
-            f"{fmt_fixed(row.sae_equivalent_cos)}; the SAE's own cos(x, x̂) is {fmt_fixed(row.sae_cos)}.")
+            f"{fmt_fixed(cos)}; the SAE's own cos(x, x̂) is {fmt_fixed(curve.sae.cos_mean)}.")
 
 
 def headline_of(bins: SizeBins) -> str:

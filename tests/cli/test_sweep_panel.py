@@ -142,3 +142,24 @@ def test_bad_sweep_flags_are_one_line_errors(sae, tmp_path, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and err.startswith("klgap: error: ") and err.count("\n") == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_the_replications_tables_script_reads_the_reports(sweep_run):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "replications" / "baselines" / "tables.py"
+    spec = importlib.util.spec_from_file_location("baselines_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    report = load_report(sweep_run)
+    battery = "\n".join(tables.battery_tables(sweep_run))
+    assert f"- {opening_sentence(report, report.model, report.mode)}" in battery
+    for row in baseline_panel(report, report.model, report.mode).rows:
+        assert f"{row.ratio_text()} {row.verdict}" in battery
+    assert "| resid_pre L1 | " in battery and "ε/‖x‖" in battery
+    sweep = "\n".join(tables.sweep_tables(sweep_run))
+    from klgap.render.sweep_page import plateau_text
+
+    for direction in report.sweep.directions:
+        assert plateau_text(direction) in sweep

@@ -95,3 +95,17 @@ def test_a_report_that_does_not_say_which_are_baselines_has_no_panel(report):
                       "theta_random": comparison(1.2, 1.1, 1.3, 1e-9, 1e-9)})
     assert baseline_panel(run, run.model, run.mode) is None
     assert opening_sentence(run, run.model, run.mode) == summary_row(run, run.model, run.mode).verdict()
+
+
+def test_the_noise_equivalent_cosine_sits_beside_the_panel(report):
+    from klgap.render.blocks import Para
+    from klgap.render.panel_page import matched_size_blocks, panel_blocks
+    from klgap.report.schema import Curve, CurveSAE
+
+    curve = Curve(points=[], sae=CurveSAE(cos_mean=0.9, norm_frac_mean=0.95, kl_mean=0.1, kl_ci_low=0.09,
+                                          kl_ci_high=0.11, ce_delta_mean=0.01), sae_equivalent_cos={"0.9": 0.83})
+    run = _run(report, {"epsilon_random": "isotropic noise"}, {"epsilon_random": comparison(1.4, 1.3, 1.5, 1e-9, 1e-9)})
+    run = run.model_copy(update={"curve": curve})
+    line = ("Noise-equivalent cosine: cosine-matched noise at norm 0.9·‖x‖ does the SAE's damage at cos 0.830; the "
+            "SAE's own cos(x, x̂) is 0.900.")
+    assert Para(line) in matched_size_blocks(run) and Para(line) in panel_blocks(run)
