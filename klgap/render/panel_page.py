@@ -125,6 +125,30 @@ def size_matrix(entries: Sequence[tuple[str, SizeBins]], first: str = "site/laye
                  [[label, *(ratio(bins, low) for low in sorted(columns))] for label, bins in entries])
 
 
+Labelled = tuple[str, Panel | None, SizeBins | None]  # a compared run: its label, its panel, its ε/‖x‖ bins
+
+
+def comparison_blocks(runs: Sequence[Labelled]) -> list[Block]:
+    """compare.md's sections: the panel matrix (run × baseline) and the matched-size matrix (run × ε/‖x‖ bin)."""
+    blocks: list[Block] = []
+    panelled = [(label, panel) for label, panel, _ in runs if panel is not None and panel.rows]
+    if panelled:
+        blocks += [Heading(2, "Baselines"), Para(PANEL_TEXT), panel_matrix(panelled, "run")]
+    binned = [(label, bins) for label, _, bins in runs if bins is not None and bins.bins]
+    if binned:
+        blocks += [Heading(2, "At matched error size"), Para(BINS_TEXT), size_matrix(binned, "run")]
+    return blocks
+
+
+def matrix_text(runs: Sequence[Labelled]) -> str:
+    """The panel matrix for the terminal (`klgap compare`), '' when no run says which interventions are baselines."""
+    panelled = [(label, panel) for label, panel, _ in runs if panel is not None and panel.rows]
+    if not panelled:
+        return ""
+    matrix = panel_matrix(panelled, "run")
+    return "\n".join("  ".join(row) for row in [matrix.header, *matrix.rows])
+
+
 def panel_lines(report: Report) -> list[str]:
     """The terminal's panel: a line per baseline (when the run measured more than epsilon_random), then the ratio
     per ε/‖x‖ bin against the headline baseline."""
@@ -141,5 +165,5 @@ def panel_lines(report: Report) -> list[str]:
     return lines
 
 
-__all__ = ["cell", "equivalent_cos_line", "matched_size_blocks", "panel_blocks", "panel_lines", "panel_matrix",
+__all__ = ["cell", "comparison_blocks", "equivalent_cos_line", "matrix_text", "matched_size_blocks", "panel_blocks", "panel_lines", "panel_matrix",
            "panels", "size_matrix"]

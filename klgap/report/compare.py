@@ -71,6 +71,7 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     the baseline panel's matrix as text ('' when no run says which of its interventions are baselines)."""
     from klgap.figures.curves import curves_of, ratio_bars, robustness_curve, runs_title
     from klgap.render.blocks import Bullets, Figure, Heading, Para, Table, md_block
+    from klgap.render.panel_page import comparison_blocks, matrix_text
 
     if labels and len(labels) != len(run_dirs):
         raise KlgapError(f"--label was given {len(labels)} times for {len(run_dirs)} run folders; give one per folder")
@@ -109,19 +110,9 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
     if families:
         blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
-    panel_text = ""
-    if any(e.panel is not None and e.panel.rows for e in entries):  # every baseline each run measured
-        from klgap.render.panel_page import PANEL_TEXT, panel_matrix
-
-        matrix = panel_matrix([(e.label, e.panel) for e in entries if e.panel is not None and e.panel.rows], "run")
-        blocks += [Heading(2, "Baselines"), Para(PANEL_TEXT), matrix]
-        panel_text = "\n".join("  ".join(row) for row in [matrix.header, *matrix.rows])
-    if any(e.size_bins is not None and e.size_bins.bins for e in entries):  # the ratio at matched ε/‖x‖
-        from klgap.render.panel_page import BINS_TEXT, size_matrix
-
-        blocks += [Heading(2, "At matched error size"), Para(BINS_TEXT),
-                   size_matrix([(e.label, e.size_bins) for e in entries if e.size_bins is not None and e.size_bins.bins],
-                               "run")]
+    labelled = [(e.label, e.panel, e.size_bins) for e in entries]
+    blocks += comparison_blocks(labelled)  # every baseline each run measured; the ratio at matched ε/‖x‖
+    panel_text = matrix_text(labelled)
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")

@@ -4,7 +4,8 @@ A ratio of mean KLs depends on the error's size (KL grows faster than quadratica
 so two SAEs of different fidelity are compared fairly only at the same ε/‖x‖. Every measured token falls in one bin
 of :data:`EDGES` by the SAE's own ε/‖x‖ (fixed edges, so bins mean the same in every report); within a bin the SAE's
 and each baseline's KL are summed over the same tokens, per context, and their ratio gets a bootstrap interval that
-resamples whole contexts (klgap.report.stats.ratio_of_means_ci), as the run's headline ratio does.
+resamples whole contexts (klgap.report.stats.ratio_of_means_ci), as the run's headline ratio does (no interval for a
+bin whose tokens all come from one context).
 
 All-token runs only (in single-token runs a row's KL is measured after the patched token, not at it). Read a part
 at a time from the run's parts (klgap.report.aggregate.measured_rows): memory holds per-context sums only.
@@ -26,6 +27,8 @@ from klgap.report.schema import RatioCI, SizeBin, SizeBins
 #: bin edges of ε/‖x‖ (the last bin is open: ε ≥ ‖x‖, an error as large as the activation)
 EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, math.inf)
 COLUMNS = ["context", "position", "kl", "eps", "x_norm"]
+#: a bin's ratio gets an interval only when its tokens come from at least this many contexts
+MIN_CONTEXTS = 2
 
 
 def bin_of(eps: np.ndarray, x_norm: np.ndarray, edges: Sequence[float] = EDGES) -> np.ndarray:
@@ -81,6 +84,8 @@ def size_bins(part_paths: Sequence[Path], baselines: Sequence[str], seed: int = 
             if (b, name) in pieces:
                 ratio = stats.ratio_of_means_ci(sae_sums, pd.concat(pieces[(b, name)]).sort_index(kind="stable"),
                                                 seed=seed)
+                if ratio["n_contexts"] < MIN_CONTEXTS:  # resampling one context gives a zero-width interval
+                    ratio.update(ci_low=math.nan, ci_high=math.nan)
                 ratios[name] = RatioCI(**{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                           for k, v in ratio.items()})
         kl_sae = float(sae_sums["sum"].sum() / sae_sums["n"].sum()) if sae_sums["n"].sum() else math.nan
@@ -90,4 +95,4 @@ def size_bins(part_paths: Sequence[Path], baselines: Sequence[str], seed: int = 
     return SizeBins(baselines=found, bins=out)
 
 
-__all__ = ["EDGES", "bin_of", "size_bins"]
+__all__ = ["EDGES", "MIN_CONTEXTS", "bin_of", "size_bins"]

@@ -66,7 +66,8 @@ def test_ratio_per_bin_equals_a_hand_computation(tmp_path):
     assert low.ratios["epsilon_random"].ci_high == pytest.approx(expected["ci_high"])
     first = found.bins[0]  # context 0 token 1 (sae 1, eps 2), context 1 token 1 (3, 1)
     assert first.ratios["epsilon_random"].ratio == pytest.approx((4 / 2) / (3 / 2))
-    assert found.bins[3].ratios["epsilon_random"].ratio == pytest.approx(9 / 3)  # ε/‖x‖ = 2: the open bin
+    last = found.bins[3].ratios["epsilon_random"]  # ε/‖x‖ = 2: the open bin, one context: no interval
+    assert last.ratio == pytest.approx(9 / 3) and (last.ci_low, last.ci_high, last.n_contexts) == (None, None, 1)
 
 
 def test_no_bins_without_the_sae_or_any_baseline(tmp_path):
