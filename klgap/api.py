@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from klgap.plan.dryrun import DryRun
 
 T = TypeVar("T")
-PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples", "robustness")
+PLOTS = ("kl_bars", "kl_hist", "kl_by_position", "single_token", "many_samples", "robustness", "length_sweep")
 
 
 # ----------------------------------------------------------------------------- the result
@@ -93,17 +93,37 @@ class Result:
         return comparison.kl_ratio if comparison is not None else None
 
     def verdict(self) -> str:
-        """The run's finding in one sentence, as its report.md opens (klgap.report.summary.SummaryRow.verdict)."""
-        from klgap.report.summary import summary_row
+        """The run's finding in one sentence, as its report.md opens: against every baseline measured when there
+        are several (klgap.report.panel.opening_sentence), else klgap.report.summary.SummaryRow.verdict."""
+        from klgap.report.panel import opening_sentence
 
-        return summary_row(self.report, self.report.model, self.report.mode).verdict()
+        return opening_sentence(self.report, self.report.model, self.report.mode)
+
+    def panel(self) -> pd.DataFrame:
+        """The baseline panel (klgap/report/panel.py): one row per baseline measured, indexed by its name, with how
+        a sentence names it, KL(sae)/KL(baseline) with its 95% interval, the Wilcoxon p and its Holm correction,
+        the verdict (holds / reversed / not resolved) and its line; empty for a report that does not say which
+        interventions are baselines."""
+        import pandas as pd
+
+        from klgap.report.panel import baseline_panel
+
+        panel = baseline_panel(self.report, self.report.model, self.report.mode)
+        rows = [{"baseline": r.baseline, "label": r.label, "ratio": r.ratio, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                 "p_value": r.p_value, "p_holm": r.p_holm, "holm_family": r.holm_family, "verdict": r.verdict,
+                 "line": r.line()} for r in (panel.rows if panel is not None else ())]
+        columns = ["baseline", "label", "ratio", "ci_low", "ci_high", "p_value", "p_holm", "holm_family", "verdict", "line"]
+        return pd.DataFrame(rows, columns=columns).set_index("baseline")
 
     def summary(self) -> pd.DataFrame:
         """The console table as a DataFrame: one row per intervention, with its KL/ΔCE statistics and, for
         each baseline, the SAE's KL ratio over it (95% CI), the Wilcoxon p-value (Holm-corrected within
-        holm_family) and the paired ΔCE difference SAE − baseline."""
+        holm_family) and the paired ΔCE difference SAE − baseline; for the baselines of the panel
+        (:meth:`panel`) how a sentence names them (``baseline``) and the verdict. ``.attrs["finding"]`` is the
+        sentence the report opens with (:meth:`verdict`)."""
         import pandas as pd
 
+        panel = self.panel()
         rows = []
         for name, stats in self.report.interventions.items():
             row: dict[str, Any] = {"intervention": name, **stats.model_dump()}
@@ -116,13 +136,17 @@ class Result:
                 p_holm=comparison.wilcoxon_kl.p_holm if comparison else None,
                 holm_family=comparison.wilcoxon_kl.holm_family if comparison else None,
                 ce_delta_diff=comparison.ce_delta_difference.mean if comparison and comparison.ce_delta_difference else None,
+                baseline=panel.loc[name, "label"] if name in panel.index else None,
+                verdict=panel.loc[name, "verdict"] if name in panel.index else None,
             )
             rows.append(row)
-        return pd.DataFrame(rows).set_index("intervention")
+        frame = pd.DataFrame(rows).set_index("intervention")
+        frame.attrs["finding"] = self.verdict()
+        return frame
 
     def plot(self, kind: str = "kl_bars") -> Figure:
-        """A matplotlib figure of this run: kl_bars, kl_hist, kl_by_position, single_token, many_samples or
-        robustness (those that apply to its mode)."""
+        """A matplotlib figure of this run: kl_bars, kl_hist, kl_by_position, single_token, many_samples,
+        robustness or length_sweep (those that apply to its mode and interventions)."""
         from klgap.figures import runs as plots
 
         _show_figures_in_notebooks()
@@ -140,12 +164,15 @@ class Result:
         if kind == "robustness" and report.curve is not None:
             points, stars = plots.curves_of([(plots.site_label(report), report.curve)])
             return plots.robustness_curve(points, None, stars, plots.run_label(report))
+        if kind == "length_sweep" and report.sweep is not None:
+            return plots.length_sweep(report.sweep, None, plots.run_label(report), report.baselines)
         if kind not in PLOTS:
             from klgap.errors import unknown
 
             raise unknown("plot kind", kind, PLOTS)
         raise KlgapError(f"plot {kind!r} does not apply to this {report.mode} run"
-                         + (" (it has no cosine_matched interventions)" if kind == "robustness" else ""))
+                         + (" (it has no cosine_matched interventions)" if kind == "robustness" else "")
+                         + (" (it has no length sweep: klgap.curve(..., along='error'))" if kind == "length_sweep" else ""))
 
     def save(self, folder: str | Path) -> Path:
         """Write the run folder (report.json, tokens.parquet, report.md/html and figures) to `folder`."""
@@ -381,18 +408,33 @@ def run(config: str | Path | RunConfig, *, out: str | Path | None = None, comman
         request = request_from({}, config, **options)
     if command not in (None, "replicate", "curve"):
         raise KlgapError(f"command={command!r}: klgap.run runs replicate or curve")
-    if command == "curve" or (command is None and {"cos", "norm_frac"} & set(request.extra)):
+    if command == "curve" or (command is None and {"cos", "norm_frac", "along"} & set(request.extra)):
         request = curve_request(request)
     return run_request(request, read_world())
 
 
-def curve(model: Any, sae: Any, *, cos: str = "0.5:1.0:11", norm_frac: str | float = "0.9",
+def curve(model: Any, sae: Any, *, cos: str | None = None, norm_frac: str | float | None = None,
+          along: str | None = None, scale: str | None = None, baselines: str | list[str] | None = None,
           interventions: str | list[str] | None = None, **kwargs: Any) -> Result:
-    """``klgap curve``: KL of cosine_matched noise over a grid of cosines, with sae and epsilon_random, and the
-    SAE's own point on it (``result.report.curve``, ``result.plot("robustness")``). Other arguments as measure."""
+    """``klgap curve``: KL of cosine_matched noise over a grid of cosines (default 0.5:1.0:11, norm_frac 0.9), with
+    sae and epsilon_random, and the SAE's own point on it (``result.report.curve``, ``result.plot("robustness")``).
+    With ``along="error"``: a length sweep instead, x + t·(x̂ − x) for each t of `scale` (default "0:2:21"; t = 1 is
+    the SAE) and x + t·ε·u along each of `baselines` (default epsilon_random, cov_random_mixture, real_direction)
+    (``result.report.sweep``, ``result.plot("length_sweep")``). Other arguments as measure."""
     from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.report.sweep import sweep_specs
 
-    grid = curve_interventions(parse_cos_grid(str(cos)), parse_norm_fracs(str(norm_frac)))
+    if along is not None:
+        if cos is not None or norm_frac is not None:
+            raise KlgapError(f"{'cos' if cos is not None else 'norm_frac'}= sizes a cosine curve, not a length sweep "
+                             "(along=); give scale= instead, e.g. '0:2:21'")
+        grid = sweep_specs(along, scale, baselines)
+    elif scale is not None or baselines is not None:
+        raise KlgapError(f"{'scale' if scale is not None else 'baselines'}= sizes a length sweep; give it with "
+                         "along='error'")
+    else:
+        grid = curve_interventions(parse_cos_grid(str(cos if cos is not None else "0.5:1.0:11")),
+                                   parse_norm_fracs(str(norm_frac if norm_frac is not None else "0.9")))
     chosen = split_interventions(interventions) if interventions else []
     return measure(model, sae, interventions=grid + [s for s in chosen if s not in grid], **kwargs)
 
@@ -404,6 +446,7 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     import pandas as pd
 
     from klgap.report.compare import COLUMNS, Entry, entries_for
+    from klgap.report.panel import baseline_panel
     from klgap.report.summary import summary_row
 
     if labels is not None and len(labels) != len(runs):
@@ -412,8 +455,10 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     for i, run in enumerate(runs):
         label = labels[i] if labels else None
         if isinstance(run, Result):
-            row = summary_row(run.report, run.report.model, run.report.mode)
-            found = [Entry(label or f"{run.report.model} {row.where}", str(run.path or ""), row, run.report.curve)]
+            report = run.report
+            row = summary_row(report, report.model, report.mode)
+            found = [Entry(label or f"{report.model} {row.where}", str(run.path or ""), row, report.curve,
+                           baseline_panel(report, report.model, report.mode), report.size_bins)]
         else:
             found = entries_for(run, label)
         entries += found

@@ -6,8 +6,8 @@ on a plugin; nnsight objects never appear here (the engine wraps models itself).
 Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
 (``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ErrorFittablePerturbation`
-(``fit_error``), :class:`SaeFittablePerturbation` (``fit_sae``), :class:`FitSummary` (``fit_summary``) and
-:class:`ErrorSplitter` (``error_parts``) on a perturbation. The core asks
+(``fit_error``), :class:`SaeFittablePerturbation` (``fit_sae``), :class:`FitSummary` (``fit_summary``),
+:class:`ErrorSplitter` (``error_parts``) and :class:`BaselineRole` (``baseline_label``) on a perturbation. The core asks
 for them through :mod:`klgap.plugins.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
 Shapes are written in names and annotations: `x: "n d"` is a float tensor of n tokens by d dims.
@@ -389,6 +389,20 @@ class ErrorSplitter(Protocol):
     """
 
     def error_parts(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class BaselineRole(Protocol):
+    """Optional capability of a perturbation: whether the SAE is judged against it (the report's baseline panel).
+
+    ``baseline_label`` is how a sentence names the baseline ("isotropic noise", "another token's error"), a
+    non-empty string; None says the perturbation is not a baseline (the SAE itself, its variants, controls such as
+    ``zero``, curve points). The engine records it per intervention in run.json (``interventions[].baseline``) and
+    the report lists the baselines it measured (``baselines``); the panel (klgap/report/panel.py) compares the SAE
+    with each of them and the page opens with all of them, never one alone when several were measured.
+    """
+
+    baseline_label: str | None
 
 
 class PerturbationFactory(Protocol):

@@ -63,13 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="if another klgap run is writing --out, wait for it to finish (then resume), not exit 2")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    curve = sub.add_parser(
-        "curve", help="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it", description="robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it")
+    curve_help = ("robustness curve: KL of cosine_matched noise over a grid of cosines, the SAE's point on it; or, "
+                  "with --along error, KL against the length of a patch along the SAE's error and baseline directions")
+    curve = sub.add_parser("curve", help=curve_help, description=curve_help)
     _add_run_flags(curve)
     _derived_help(curve, interventions="added to sae, epsilon_random and the cosine_matched grid of --cos × "
                   "--norm-frac (default: none added), comma-separated, e.g. theta_random,zero")
     curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
+    curve.add_argument("--along", default=None, choices=["error"],
+                       help="a length sweep instead of a cosine curve: x + t·(x̂ − x) for each t of --scale (t = 1 is "
+                            "the SAE), and x + t·ε·u along each --baselines direction u")
+    curve.add_argument("--scale", default=None,
+                       help="with --along: the lengths t, START:STOP:COUNT or a list (default 0:2:21)")
+    curve.add_argument("--baselines", default=None,
+                       help="with --along: the perturbations whose directions are swept too, comma-separated "
+                            "(default epsilon_random,cov_random_mixture,real_direction)")
     curve.add_argument("--out", help="output folder (default runs/MODEL-SITE-LLAYER-curve)")
     curve.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     curve.add_argument("--wait", action="store_true",

@@ -45,11 +45,13 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid."""
+    """A replicate run whose interventions are sae, epsilon_random and a cosine_matched grid; with ``--along error``
+    sae, the baselines and a length sweep along the error and each baseline (klgap/report/sweep.py)."""
     from klgap.job.command import curve_request
 
     request = request_of(args)
-    return run_and_print(curve_request(request, args.cos, args.norm_frac, bool(args.interventions)), args)
+    return run_and_print(curve_request(request, args.cos, args.norm_frac, bool(args.interventions), args.along,
+                                       args.scale, args.baselines), args)
 
 
 def run_and_print(request: Any, args: argparse.Namespace) -> int:
@@ -210,6 +212,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with claimed(args.out, "compare"):
         result = compare_runs(args.run_dirs, args.out, labels=args.label)
     print(result["table_text"])
+    if result["panel_text"]:  # each run against every baseline it measured (klgap/report/panel.py)
+        print(result["panel_text"])
     for path in result["written"]:
         print(f"wrote {path}")
     return 0

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from klgap.figures.labels import measured, num, ordered, run_line, runs_of, site_label, spans_decades, tokens_per_run
 from klgap.figures.style import legend_beside, new_figure, save, styles_for, title
 from klgap.report.schema import Report, StudyReport
+from klgap.report.sweep import is_sweep_point
 
 
 def context_se(tokens: pd.DataFrame) -> dict[str, float]:
@@ -31,10 +32,11 @@ def kl_bars(
 
     With `tokens` (single report only), error bars are ±1.96·SE of the per-context mean KL. Each intervention
     keeps its style (colour, and a hatch once the palette's colours come round: klgap.figures.style.styles_for).
+    Length-sweep points are left out (length_sweep.png draws them).
     """
     runs = runs_of(reports)
     same_site = len({run.site for run, _, _ in runs}) <= 1
-    names = ordered(n for run, _, _ in runs for n in run.interventions)
+    names = ordered(n for run, _, _ in runs for n in run.interventions if not is_sweep_point(n))
     styles = styles_for(names)
     errors = context_se(tokens) if tokens is not None and len(runs) == 1 else {}
     values_all: list[float] = []

@@ -20,6 +20,7 @@ from klgap.figures.curves import CurvePoint, curve_floor, curves_of, ratio_bars,
 from klgap.figures.distributions import kl_histogram, many_samples_hist
 from klgap.figures.labels import measured, run_label, site_label, tokens_per_run
 from klgap.figures.positions import kl_by_position, single_token_curve
+from klgap.figures.sweep import length_sweep
 from klgap.report.read import load_report
 from klgap.report.schema import Report, StudyReport
 
@@ -85,4 +86,8 @@ def figures_for_run(
     if report.curve is not None:
         points, stars = curves_of([(site_label(report), report.curve)])
         paths.append(robustness_curve(points, run_dir / "robustness.png", stars, run_label(report)))
+    if report.sweep is not None:
+        paths.append(length_sweep(report.sweep, run_dir / "length_sweep.png", run_label(report), report.baselines))
+    if report.sweep is not None:
+        paths.append(length_sweep(report.sweep, run_dir / "length_sweep.png", run_label(report), report.baselines))
     return paths

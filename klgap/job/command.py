@@ -175,21 +175,39 @@ def render_job(out: Path, shape: str, paths: list[str]) -> str | None:
 
 
 def curve_request(request: Request, cos: str | None = None, norm_frac: str | None = None,
-                  keep_interventions: bool = False) -> Request:
+                  keep_interventions: bool = False, along: str | None = None, scale: str | None = None,
+                  baselines: str | None = None) -> Request:
     """``klgap curve``: the request's interventions become sae, epsilon_random and a cosine_matched grid over
     `cos` x `norm_frac` (given, else the replication file's ``cos`` / ``norm_frac``, else 0.5:1.0:11 x 0.9), plus
-    the request's own when `keep_interventions`."""
+    the request's own when `keep_interventions`. With `along` (``error``): sae, the baselines and a length sweep
+    along the error and each of `baselines` over the lengths `scale` instead (klgap/report/sweep.py)."""
     from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
+    from klgap.report.sweep import sweep_specs
 
     config = request.config
     if config.mode == "many_samples":
         raise KlgapError("klgap curve measures all_tokens or single_token runs, not many_samples")
-    cos = cos if cos is not None else request.extra.get("cos", "0.5:1.0:11")
-    norm_frac = norm_frac if norm_frac is not None else request.extra.get("norm_frac", "0.9")
-    grid = curve_interventions(parse_cos_grid(str(cos)), parse_norm_fracs(str(norm_frac)))
+    # a replication file may carry its grid as `cos` / `norm_frac` (or `along` / `scale` / `baselines`); the
+    # arguments (the command line's flags) win
+    given = {"cos": cos, "norm_frac": norm_frac, "along": along, "scale": scale, "baselines": baselines}
+    given = {key: value if value is not None else request.extra.get(key) for key, value in given.items()}
+    if given["along"] is not None:
+        if given["cos"] is not None or given["norm_frac"] is not None:
+            flag = "--cos" if given["cos"] is not None else "--norm-frac"
+            raise KlgapError(f"{flag} sizes a cosine curve, not a length sweep (--along); give --scale instead, "
+                             "e.g. 0:2:21")
+        grid = sweep_specs(given["along"], given["scale"], given["baselines"])
+    else:
+        if given["scale"] is not None or given["baselines"] is not None:
+            flag = "--scale" if given["scale"] is not None else "--baselines"
+            raise KlgapError(f"{flag} sizes a length sweep; give it with --along error (valid --along: error)")
+        grid = curve_interventions(parse_cos_grid(str(given["cos"] if given["cos"] is not None else "0.5:1.0:11")),
+                                   parse_norm_fracs(str(given["norm_frac"] if given["norm_frac"] is not None
+                                                        else "0.9")))
     chosen = list(config.interventions) if keep_interventions else []
     interventions = grid + [s for s in chosen if s not in grid]
-    tag = "curve" if config.mode == "all_tokens" else f"curve-{config.mode}"
+    kind = "sweep" if given["along"] is not None else "curve"
+    tag = kind if config.mode == "all_tokens" else f"{kind}-{config.mode}"
     return dataclasses.replace(request, config=dataclasses.replace(config, interventions=interventions), tag=tag)
 
 

@@ -16,6 +16,7 @@ from klgap.job.distributed import SINGLE, World
 from klgap.job.loading import Loaded
 from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
 from klgap.plan.sites import hook_name
+from klgap.plugins.capabilities import baseline_label
 from klgap.plugins.manager import get_host
 from klgap.protocols import LoadedSAE
 from klgap.report.provenance import provenance
@@ -62,7 +63,8 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         last_position="patched, not measured" if cfg.drop_last_position else "measured",
         centered_activations=run.center,
         execution=json_safe(run.execution),
-        interventions=[InterventionRef(name=i.name, spec=i.spec, plugin=plugin_ref(i.plugin)) for i in plan.interventions],
+        interventions=[InterventionRef(name=i.name, spec=i.spec, plugin=plugin_ref(i.plugin),
+                                       baseline=baseline_label(i.perturbation)) for i in plan.interventions],
         sample_intervention=plan.sample.name if plan.sample else None,
         n_contexts=len(run.contexts),
         n_batches=run.n_batches,

@@ -24,11 +24,13 @@ SUBSETS_DIR = "subsets"  # a joint run's subsets of sites patched together: OUT/
 
 
 class InterventionRef(StrictModel):
-    """One measured intervention: its row label, the spec the user wrote, and the plugin that made it."""
+    """One measured intervention: its row label, the spec the user wrote, the plugin that made it, and how a
+    sentence names it when its plugin declares it a baseline (klgap.protocols.BaselineRole; None: not one)."""
 
     name: str
     spec: str
     plugin: PluginRef
+    baseline: str | None = None  # absent in run.json files written before klgap recorded it
 
 
 class RunRecord(RunFacts):

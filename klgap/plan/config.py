@@ -29,7 +29,8 @@ DEFAULT_INTERVENTIONS = (
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: reference runs; auto: klgap/plan/dtypes.py
 #: keys of a replication file that are not RunConfig fields: the command's (out, train_sae, sae_checkpoints, ...)
 #: and those a command reads (cos, norm_frac: klgap curve's grid)
-FILE_KEYS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "sae_checkpoints")
+FILE_KEYS = ("out", "overwrite", "meta", "description", "train_sae", "cos", "norm_frac", "sae_checkpoints", "along",
+             "scale", "baselines")
 #: replication-file keys since renamed: old -> new (``checkpoints`` also named train-sae's --checkpoints N)
 LEGACY_FILE_KEYS = {"checkpoints": "sae_checkpoints"}
 

@@ -6,7 +6,8 @@ when no ``--sae`` is given) and :class:`~klgap.protocols.FittablePerturbation` (
 the first batch), :class:`~klgap.protocols.ErrorFittablePerturbation` (``fit_error(x, x_hat)``, called with
 it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, d_sae)``, likewise),
 :class:`~klgap.protocols.FitSummary` (``fit_summary()``, read after the fit) and
-:class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch). Each function here is the one place the core asks for one of them; a plugin's answer of
+:class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch) and
+:class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FitSummary,
+from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter)
 
@@ -129,6 +130,18 @@ def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | No
     return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
 
 
+def baseline_label(perturbation: object) -> str | None:
+    """How a sentence names `perturbation` as a baseline, when it declares :class:`BaselineRole` with a label; None
+    when it is not a baseline (it declares None, or does not declare the capability)."""
+    if not isinstance(perturbation, BaselineRole):
+        return None
+    label = perturbation.baseline_label
+    if label is not None and not (isinstance(label, str) and label.strip()):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.baseline_label is {label!r}; it must be a "
+                          "non-empty str (how a sentence names the baseline) or None (not a baseline)")
+    return label
+
+
 def as_perturbation(obj: Any, spec: str) -> Perturbation:
     """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
     error naming the members it lacks."""
@@ -141,5 +154,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fit_summary",
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fit_summary",
            "fittable", "model_sae_names", "sae_fittable"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from klgap.render.formatting import fmt, fmt_fixed, fmt_p
+from klgap.render.panel_page import panel_lines
+from klgap.render.sweep_page import sweep_lines
 from klgap.report.findings import curve_findings
+from klgap.report.panel import opening_sentence
 from klgap.report.schema import Report, StudyReport
 from klgap.report.summary import precision_sentence, summary_row, summary_rows
 
@@ -32,6 +35,10 @@ def print_study(study: StudyReport, out: Path) -> None:
               f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
     for family in families:
         print(f"Holm family: {family}")
+    for run in study.runs:  # against every baseline measured, when there are several (klgap/report/panel.py)
+        sentence = opening_sentence(run, study.model, study.mode)
+        if sentence != summary_row(run, study.model, study.mode).verdict():
+            print(sentence)
     print(f"wrote {out / 'report.json'} (and one folder per site/layer)")
 
 
@@ -50,7 +57,11 @@ def print_summary(report: Report, out: Path, pages: bool = True) -> None:
     for name, row in report.interventions.items():
         print(f"{name:<40} {fmt(row.kl_mean):>10} {fmt(row.kl_median):>10} {fmt(row.ce_delta_mean):>10}")
     summary = summary_row(report, report.model, report.mode)
-    print(summary.verdict())  # the ratio, its interval, the Wilcoxon p (Holm-corrected where its family is larger)
+    # the ratio, its interval, the Wilcoxon p (Holm-corrected where its family is larger); against every baseline
+    # measured when there are several (klgap/report/panel.py), a line per baseline and per ε/‖x‖ bin after it
+    print(opening_sentence(report, report.model, report.mode))
+    for line in panel_lines(report) + sweep_lines(report):
+        print(line)
     if summary.holm_family is not None:
         print(f"Holm family: {summary.holm_family} ({summary.holm_family_size} test"
               f"{'s' * (summary.holm_family_size != 1)})")

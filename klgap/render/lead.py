@@ -13,7 +13,7 @@ from klgap.render.blocks import Block, Bullets, Para
 from klgap.report.findings import compounding_finding, curve_findings
 from klgap.report.schema import Report, StudyReport
 from klgap.report.sections import present
-from klgap.report.summary import summary_row
+from klgap.report.panel import opening_sentence
 
 
 def finding_sentences(report: Report | StudyReport) -> list[str]:
@@ -23,7 +23,8 @@ def finding_sentences(report: Report | StudyReport) -> list[str]:
         return [compounding_finding(held["compounding"], report.model)]
     runs = list(report.runs) if isinstance(report, StudyReport) else [report]
     curves = [s for run in runs for s in curve_findings(run.curve, run.hook_name)]
-    return curves + [summary_row(run, report.model, report.mode).verdict() for run in runs]
+    # against every baseline the run measured, when its plugins say which (klgap/report/panel.py)
+    return curves + [opening_sentence(run, report.model, report.mode) for run in runs]
 
 
 def lead_blocks(report: Report | StudyReport) -> list[Block]:

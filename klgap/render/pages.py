@@ -20,10 +20,13 @@ from klgap.report.schema import (
     BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport,
 )
 from klgap.render.lead import lead_blocks
+from klgap.render.panel_page import panel_blocks
 from klgap.render.study_page import study_blocks
+from klgap.render.sweep_page import CAPTION as SWEEP_CAPTION, sweep_blocks
 from klgap.report.findings import curve_findings
 from klgap.report.sections import present
 from klgap.report.summary import precision_sentence, summary_rows
+from klgap.report.sweep import is_sweep_point
 
 N_TOP_ROWS = 10
 
@@ -114,7 +117,7 @@ def _comparisons(report: Report) -> list[Block]:
     rows = [[name, _ci(comp.kl_ratio), ce_delta_difference_text(comp, sae, report.interventions.get(name)),
              ce_delta_ratio_text(comp), _p_with_holm(comp), fmt_fixed(comp.wilcoxon_kl.effect_size),
              fmt(comp.wilcoxon_kl.n_contexts)]
-            for name, comp in report.comparisons.items()]
+            for name, comp in report.comparisons.items() if not is_sweep_point(name)]  # sweeps: their own section
     return [
         Heading(2, "SAE against each baseline"),
         Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE sae − baseline [95% CI], nats", "ΔCE ratio [95% CI]",
@@ -247,6 +250,7 @@ CAPTIONS = {
     "robustness": "Mean KL of cosine-matched noise against its cosine similarity to x, one curve per norm fraction "
                   "(named in the legend), with 95% bands that resample contexts; stars mark the SAE reconstructions "
                   "with their intervals.",
+    "length_sweep": SWEEP_CAPTION,
 }
 
 
@@ -346,12 +350,13 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
     leads = [block for section, blocks in found if section.lead for block in blocks]  # e.g. a study over checkpoints
     # the page's own finding (render/lead.py), a low-precision run's check under it, then the key table
     lead = leads or [*lead_blocks(report), *_precision(report), *summary_blocks(report)]
-    blocks: list[Block] = [Heading(1, title_of(report)), *lead, *extra, *_notes(report), *_overview(report),
-                           *(study_blocks(report) if isinstance(report, StudyReport) else []),
+    blocks: list[Block] = [Heading(1, title_of(report)), *lead, *panel_blocks(report), *extra, *_notes(report),
+                           *_overview(report), *(study_blocks(report) if isinstance(report, StudyReport) else []),
                            *(block for section, blocks in found if not section.lead for block in blocks)]
     if isinstance(report, Report):
         blocks += [*_comparisons(report), *_interventions(report), *_sae_lens_scores(report), *_sae(report),
-                   *_single_token(report), *_many_samples(report), *_gap(report), *curve_blocks(report.curve)]
+                   *_single_token(report), *_many_samples(report), *_gap(report), *curve_blocks(report.curve),
+                   *sweep_blocks(report)]
     return blocks + _figures(report, figures) + _provenance(report)
 
 
@@ -374,7 +379,8 @@ def render_html(report: Report | StudyReport, figures: Sequence[Path], extra: Se
 
 #: figures drawn only from tokens.parquet, in page order; kept as they are where that table is gone
 TOKEN_FIGURES = ("kl_hist.png", "kl_by_position.png", "many_samples.png")
-PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png")
+PAGE_ORDER = ("kl_bars.png", *TOKEN_FIGURES[:2], "single_token.png", TOKEN_FIGURES[2], "robustness.png",
+              "length_sweep.png")
 
 
 def rebuild(run_dir: str | Path) -> dict[str, Path]:

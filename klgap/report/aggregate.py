@@ -18,7 +18,7 @@ percentiles; the float32 gap, its int32 ranks, one column and its sorted copy fo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,9 @@ def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
     if n == 0:
         return math.nan
     sum_x = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0)
-    total = sum(s["sum_sq_x"] for s in sides) - float(sum_x @ sum_x) / n
+    # ‖Σx‖² exactly rounded: a BLAS dot's last bit depends on the process's state (alignment, kernels), and this
+    # number is compared bit for bit (tests/replications/test_golden.py)
+    total = sum(s["sum_sq_x"] for s in sides) - math.fsum((sum_x * sum_x).tolist()) / n
     return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
 
 
@@ -77,24 +79,31 @@ def _mean(values: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- per part
 
 
+def paired_rows(part: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray) -> tuple[Rows, Rows]:
+    """Which of a part's `a` rows and `b` rows (two interventions' masks) are the same tokens, joined on (context,
+    position) as :func:`stats.token_gap` joins them: ``(rows of a, rows of b)``, to index ``part[column][mask]``;
+    ``slice(None)`` twice when the two hold the same tokens in the same (increasing) order."""
+    ctx, pos = part["context"], part["position"]
+    ctx_a, pos_a = ctx[a], pos[a]
+    increasing = np.all((ctx_a[1:] > ctx_a[:-1]) | ((ctx_a[1:] == ctx_a[:-1]) & (pos_a[1:] > pos_a[:-1])))
+    if increasing and np.array_equal(ctx_a, ctx[b]) and np.array_equal(pos_a, pos[b]):
+        return slice(0, ctx_a.size), slice(0, ctx_a.size)  # the join pairs row i with row i
+    keys = ["context", "position"]
+    left = pd.DataFrame({"i": np.arange(ctx_a.size)}, index=pd.MultiIndex.from_arrays([ctx_a, pos_a], names=keys))
+    right = pd.Series(np.arange(int(b.sum())), index=pd.MultiIndex.from_arrays([ctx[b], pos[b]], names=keys), name="j")
+    joined = left.join(right, how="inner")
+    return joined["i"].to_numpy(), joined["j"].to_numpy()
+
+
 def _part_gap(part: dict[str, np.ndarray], masks: dict[str, np.ndarray],
               baseline: str) -> tuple[np.ndarray, Rows] | None:
     """This part's per-token gap KL(sae) − KL(baseline) joined on (context, position) as :func:`stats.token_gap`,
     and which of the part's sae rows (positions among them) it holds."""
     if "sae" not in masks or baseline not in masks:
         return None
-    sae, base = masks["sae"], masks[baseline]
-    ctx, pos, kl = part["context"], part["position"], part["kl"]
-    ctx_s, pos_s = ctx[sae], pos[sae]
-    increasing = np.all((ctx_s[1:] > ctx_s[:-1]) | ((ctx_s[1:] == ctx_s[:-1]) & (pos_s[1:] > pos_s[:-1])))
-    if increasing and np.array_equal(ctx_s, ctx[base]) and np.array_equal(pos_s, pos[base]):
-        return kl[sae] - kl[base], slice(0, ctx_s.size)  # the join pairs row i with row i
-    keys = ["context", "position"]
-    left = pd.DataFrame({"i": np.arange(ctx_s.size)}, index=pd.MultiIndex.from_arrays([ctx_s, pos_s], names=keys))
-    right = pd.Series(kl[base], index=pd.MultiIndex.from_arrays([ctx[base], pos[base]], names=keys), name="kl_baseline")
-    joined = left.join(right, how="inner")
-    take = joined["i"].to_numpy()
-    return kl[sae][take] - joined["kl_baseline"].to_numpy(), take
+    take, other = paired_rows(part, masks["sae"], masks[baseline])
+    kl = part["kl"]
+    return kl[masks["sae"]][take] - kl[masks[baseline]][other], take
 
 
 def _part_zscores(part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -267,6 +276,13 @@ def token_gaps(part_paths: Sequence[Path], baseline: str = BASELINE) -> pd.Serie
     index = pd.MultiIndex.from_arrays([np.concatenate(contexts), np.concatenate(positions)],
                                       names=["context", "position"])
     return pd.Series(np.concatenate(gaps), index=index, name="gap")
+
+
+def measured_rows(part_paths: Sequence[Path], columns: Sequence[str]) -> Iterator[tuple[dict[str, np.ndarray],
+                                                                                     dict[str, np.ndarray]]]:
+    """Each part's `columns` (numpy arrays; with ``intervention`` as codes and ``draw``) and, per intervention, the
+    mask of its measured rows (draw < 0), a part at a time in batch order (klgap/report/size_bins.py reads them)."""
+    yield from Parts(part_paths).scan(columns)
 
 
 def context_sums(part_paths: Sequence[Path]) -> Callable[[str, str], pd.DataFrame]:

@@ -11,10 +11,12 @@ from typing import Any
 
 from klgap.job.folder import RunDir
 from klgap.job.record import RunRecord
-from klgap.report.aggregate import run_statistics
+from klgap.report.aggregate import context_sums, run_statistics
 from klgap.report.numbers import plain
-from klgap.report.schema import SCHEMA_VERSION, InterventionStats, Report, SaeLensScores
+from klgap.report.schema import BASELINE, SCHEMA_VERSION, InterventionStats, Report, SaeLensScores, Sweep
 from klgap.report.sections import RunFiles, build_run_sections, report_model
+from klgap.report.size_bins import size_bins
+from klgap.report.sweep import build_sweep, is_sweep_point
 
 
 def token_decoder(sides: list[dict[str, Any]]) -> Any:
@@ -46,6 +48,13 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         "gap": found.gap,
         "curve": found.curve,
     }
+    baselines = declared_baselines(record)
+    if baselines is not None:
+        report["baselines"] = baselines
+    if record.mode == "all_tokens" and record.joint is None:  # the ratio at matched ε/‖x‖
+        bins = size_bins(paths, list(baselines or [BASELINE]), record.seed)
+        if bins is not None:
+            report["size_bins"] = bins
     scores = sae_lens_scores(found.interventions)
     if scores is not None:
         report["sae_lens_scores"] = scores
@@ -54,8 +63,35 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
                                   "kl_by_offset": found.kl_by_offset}
     if record.mode == "many_samples":
         report["many_samples"] = found.many_samples
+    sweep = _sweep(record, paths, found.interventions)
+    if sweep is not None:
+        report["sweep"] = sweep
     report.update(build_run_sections(RunFiles(record, rundir, paths, sides, found)))  # klgap/report/sections.py
     return report_model("run").model_validate(plain(_plain(report)))
+
+
+def declared_baselines(record: RunRecord) -> dict[str, str] | None:
+    """The measured interventions their plugins declare baselines, by recorded name, with how a sentence names each
+    (klgap.protocols.BaselineRole); None when run.json does not say (written before klgap recorded it)."""
+    if not any("baseline" in ref.model_fields_set for ref in record.interventions):
+        return None
+    return {ref.name: ref.baseline for ref in record.interventions if ref.baseline is not None}
+
+
+def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, InterventionStats]) -> Sweep | None:
+    """The length-sweep section (klgap/report/sweep.py) when the run measured ``along`` points."""
+    if record.mode == "many_samples" or not any(is_sweep_point(name) for name in record.names):
+        return None
+    per_context = context_sums(paths)
+    return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
+
+
+def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, InterventionStats]) -> Sweep | None:
+    """The length-sweep section (klgap/report/sweep.py) when the run measured ``along`` points."""
+    if record.mode == "many_samples" or not any(is_sweep_point(name) for name in record.names):
+        return None
+    per_context = context_sums(paths)
+    return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
 
 
 def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:

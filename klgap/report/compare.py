@@ -17,8 +17,9 @@ from klgap.errors import KlgapError
 from klgap.render.formatting import fmt, fmt_fixed
 from klgap.report.provenance import provenance
 from klgap.job.folder import atomic_write_bytes, atomic_write_json
-from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, StudyReport, as_json
+from klgap.report.panel import Panel, baseline_panel
 from klgap.report.read import load_report
+from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, SizeBins, StudyReport, as_json
 from klgap.report.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
@@ -34,6 +35,8 @@ class Entry:
     path: str
     row: SummaryRow
     curve: Curve | None
+    panel: Panel | None = None  # the SAE against every baseline the run measured (klgap/report/panel.py)
+    size_bins: SizeBins | None = None  # the ratio at matched ε/‖x‖ (klgap/report/size_bins.py)
 
     def record(self) -> dict[str, Any]:
         """compare.json's entry (compare.csv's columns, then the curve)."""
@@ -60,14 +63,16 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
         row = summary_row(run, report.model, report.mode)
         name = f"{label} {row.where}" if label and len(runs) > 1 else (label or f"{report.model} {row.where}")
         path = run_dir / run.path if isinstance(report, StudyReport) else run_dir
-        out.append(Entry(name, str(path), row, run.curve))
+        out.append(Entry(name, str(path), row, run.curve, baseline_panel(run, report.model, report.mode), run.size_bins))
     return out
 
 
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
-    """Build the comparison of `run_dirs` into `out`; returns the entries, the files written and the table as text."""
+    """Build the comparison of `run_dirs` into `out`; returns the entries, the files written, the table as text and
+    the baseline panel's matrix as text ('' when no run says which of its interventions are baselines)."""
     from klgap.figures.curves import curves_of, ratio_bars, robustness_curve, runs_title
     from klgap.render.blocks import Bullets, Figure, Heading, Para, Table, md_block, text_table
+    from klgap.render.panel_page import comparison_blocks, matrix_text
     from klgap.report.findings import compare_finding
 
     if labels and len(labels) != len(run_dirs):
@@ -107,7 +112,10 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
     if families:
         blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
+    labelled = [(e.label, e.panel, e.size_bins) for e in entries]
+    blocks += comparison_blocks(labelled)  # every baseline each run measured; the ratio at matched ε/‖x‖
+    panel_text = matrix_text(labelled)
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
-    return {"entries": entries, "written": written, "table_text": text_table(HEADER, rows)}
+    return {"entries": entries, "written": written, "table_text": text_table(HEADER, rows), "panel_text": panel_text}

@@ -3,7 +3,8 @@
 One family per named baseline: the SAE against `epsilon_random` at every site/layer of a run or study is one
 family, against `theta_random` another, and so on. The points of a robustness curve (every `cosine_matched`
 intervention) are a family of their own, so adding cosines to a curve never changes the p-value of the SAE against
-`epsilon_random`. A run report corrects within the run (a named baseline's family is then its one test); a study
+`epsilon_random`; so are the points of a length sweep (every `along` intervention, klgap/report/sweep.py). A run
+report corrects within the run (a named baseline's family is then its one test); a study
 corrects across its sites/layers. The terminal, report.md / report.html and `klgap compare` all show the p_holm
 this module wrote into the report.
 """
@@ -15,12 +16,17 @@ from collections.abc import Mapping, Sequence
 from klgap.report import stats
 from klgap.report.robustness import is_curve_point
 from klgap.report.schema import Comparison
+from klgap.report.sweep import is_sweep_point
 
 CURVE_FAMILY = "cosine_matched"  # the family of every robustness-curve point
+SWEEP_FAMILY = "along"  # the family of every length-sweep point
 
 
 def family_of(baseline: str) -> str:
-    """The family of the SAE-against-`baseline` test: the baseline's own name, or CURVE_FAMILY for a curve point."""
+    """The family of the SAE-against-`baseline` test: the baseline's own name, CURVE_FAMILY for a curve point,
+    SWEEP_FAMILY for a length-sweep point."""
+    if is_sweep_point(baseline):
+        return SWEEP_FAMILY
     return CURVE_FAMILY if is_curve_point(baseline) else baseline
 
 
@@ -29,6 +35,8 @@ def describe(family: str, size: int, n_runs: int) -> str:
     12 sites/layers'; curve points counted per site/layer: 'sae vs 1 cosine_matched curve point at each of 2
     sites/layers', 'sae vs 11 cosine_matched curve points at 1 site/layer'."""
     where = "at 1 site/layer" if n_runs == 1 else f"at {n_runs} sites/layers"
+    if family == SWEEP_FAMILY:
+        return f"sae vs each of {size} length-sweep points (along) {where}"
     if family != CURVE_FAMILY:
         return f"sae vs {family} {where}"
     if n_runs > 1 and size % n_runs:  # points not the same at every site/layer (or some without a p-value)

@@ -33,8 +33,9 @@ def is_curve_point(name: str) -> bool:
     return _POINT.match(name) is not None
 
 
-def parse_cos_grid(text: str) -> list[float]:
-    """`"0.5:1.0:11"` (start:stop:count, both ends included) or `"0.5,0.8,0.95"` -> sorted cosines in [-1, 1]."""
+def parse_grid(text: str, flag: str, what: str, low: float | None, high: float | None, example: str) -> list[float]:
+    """`"START:STOP:COUNT"` (both ends included) or `"a,b,c"` -> the sorted distinct values, each in [low, high]
+    (None: unbounded); KlgapError naming `flag`, the bad value as not a `what`, and the valid range otherwise."""
     text = str(text).strip()
     try:
         if ":" in text:
@@ -43,18 +44,24 @@ def parse_cos_grid(text: str) -> list[float]:
                 raise ValueError
             start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
             if count < 2:
-                raise KlgapError(f"--cos {text!r}: the count must be ≥ 2, got {count}")
+                raise KlgapError(f"{flag} {text!r}: the count must be ≥ 2, got {count}")
             values = np.linspace(start, stop, count).round(10).tolist()
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise KlgapError(f"--cos {text!r}: write START:STOP:COUNT (e.g. 0.5:1.0:11) or a list (0.5,0.8,0.95)") from None
+        raise KlgapError(f"{flag} {text!r}: write START:STOP:COUNT (e.g. {example}) or a list (a,b,c)") from None
     if not values:
-        raise KlgapError(f"--cos {text!r} names no cosine; e.g. 0.5:1.0:11")
-    bad = [v for v in values if not -1.0 <= v <= 1.0]
+        raise KlgapError(f"{flag} {text!r} names no {what}; e.g. {example}")
+    bad = [v for v in values if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high)]
     if bad:
-        raise KlgapError(f"--cos {text!r}: {bad[0]:g} is not a cosine; valid values lie in [-1, 1]")
+        where = f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+        raise KlgapError(f"{flag} {text!r}: {bad[0]:g} is not a {what}; valid values lie in {where}")
     return sorted(dict.fromkeys(values))
+
+
+def parse_cos_grid(text: str) -> list[float]:
+    """`"0.5:1.0:11"` (start:stop:count, both ends included) or `"0.5,0.8,0.95"` -> sorted cosines in [-1, 1]."""
+    return parse_grid(text, "--cos", "cosine", -1.0, 1.0, "0.5:1.0:11")
 
 
 def parse_norm_fracs(text: str | float) -> list[float]:
@@ -76,8 +83,8 @@ def curve_interventions(cosines: list[float], norm_fracs: list[float]) -> list[s
     ]
 
 
-def _equivalent_cos(cos: np.ndarray, kl: np.ndarray, target: float) -> float | None:
-    """The cosine at which the curve's KL equals `target`, None outside the curve.
+def first_crossing(cos: np.ndarray, kl: np.ndarray, target: float) -> float | None:
+    """The first x (in increasing order) at which a curve's KL equals `target` (a cosine, a length), None outside it.
 
     Interpolated in log KL between positive points, linearly where an end is ≤ 0 (x' = x gives KL ≈ 0, and
     float noise can make it a hair negative)."""
@@ -149,7 +156,7 @@ def build_curve(names: list[str], kl_by_context: Callable[[str], pd.DataFrame], 
                       "ce_delta_mean": ce_delta("sae")["mean"]}
         for frac_value in sorted({p["norm_frac"] for p in points}):
             curve = [p for p in points if p["norm_frac"] == frac_value]
-            out["sae_equivalent_cos"][f"{frac_value:g}"] = _equivalent_cos(
+            out["sae_equivalent_cos"][f"{frac_value:g}"] = first_crossing(
                 np.array([p["cos"] for p in curve]), np.array([p["kl_mean"] for p in curve], dtype=float), kl["mean"]
             )
     return out

@@ -221,6 +221,70 @@ class Curve(StrictModel):
     sae_equivalent_cos: dict[str, Num]
 
 
+class SizeBin(StrictModel):
+    """The tokens whose SAE error ε = ‖x − x̂‖ is between low·‖x‖ and high·‖x‖ (high None: open): the SAE's mean KL
+    there and, per baseline, KL(sae)/KL(baseline) over those tokens with a context-bootstrap interval."""
+
+    low: float
+    high: float | None
+    n_tokens: int
+    n_contexts: int
+    kl_sae: Num
+    ratios: dict[str, RatioCI]
+
+
+class SizeBins(StrictModel):
+    """The ratio at matched error size (klgap/report/size_bins.py): tokens binned by the SAE's ε/‖x‖ (fixed edges),
+    so SAEs of different fidelity compare at the same relative error."""
+
+    baselines: list[str]
+    bins: list[SizeBin]
+
+
+class SweepPoint(StrictModel):
+    """Mean KL of x + t·(a direction of length ε) at one length t, with a context-bootstrap interval."""
+
+    intervention: str
+    t: float
+    kl_mean: Num
+    kl_ci_low: Num
+    kl_ci_high: Num
+    ce_delta_mean: Num
+    n_tokens: int
+
+
+class Plateau(StrictModel):
+    """The plateau width along one direction: the length t at which the mean KL first reaches the sweep's threshold
+    (linear between grid points), with its 95% context-bootstrap interval. censored: the curve stayed below the
+    threshold on the whole grid, so t is the grid's end, a lower bound (or the grid's first point was already above
+    it, then t is that point, an upper bound)."""
+
+    t: Num
+    ci_low: Num
+    ci_high: Num
+    censored: bool
+
+
+class SweepDirection(StrictModel):
+    """KL against length along one direction: ``error`` (x + t·(x̂ − x): t = 1 is the SAE) or a baseline's
+    (x + t·ε·u, u its unit direction at the token)."""
+
+    direction: str
+    points: list[SweepPoint]
+    plateau: Plateau | None
+    sae_equivalent_t: Num  # the length at which this direction's KL equals the SAE's (t = 1 along the error)
+
+
+class Sweep(StrictModel):
+    """Length sweeps (Lee & Heimersheim 2024's error extrapolation; klgap/report/sweep.py): the plateau threshold is
+    threshold_frac × the SAE's mean KL (threshold_kl)."""
+
+    threshold_frac: float
+    threshold_kl: Num
+    sae_kl: Num
+    directions: list[SweepDirection]
+
+
 class SiteSummary(StrictModel):
     """What a measurement at one site and layer found (shared by run reports and study rows)."""
 
@@ -237,6 +301,11 @@ class SiteSummary(StrictModel):
     notes: list[str]
     curve: Curve | None = None
     sae_lens_scores: SaeLensScores | None = None  # when both sae and zero were measured
+    # the measured interventions their plugins declare baselines (klgap.protocols.BaselineRole), by recorded name,
+    # with how a sentence names each; absent in reports written before klgap recorded it (klgap/report/panel.py)
+    baselines: dict[str, str] | None = None
+    size_bins: SizeBins | None = None  # all-token runs: the ratio in bins of ε/‖x‖ (klgap/report/size_bins.py)
+    sweep: Sweep | None = None  # runs with length sweeps (`klgap curve --along error`; klgap/report/sweep.py)
 
 
 class JointSite(StrictModel):

@@ -291,6 +291,15 @@ def spearman(a: np.ndarray, b: np.ndarray, a_ranks: np.ndarray | None = None) ->
     return {"rho": float(rho), "p_value": float(2 * special.stdtr(dof, -np.abs(t))), "n": n}
 
 
+def bootstrap_means(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """The mean over tokens in each of `n_boot` resamples of whole contexts (per-context ``sum``, ``n``): ``[n_boot]``
+    float64, NaN where a resample holds no token. The resamples depend only on the context count and the seed, so
+    two frames over the same contexts (in the same order) are resampled together (klgap/report/sweep.py)."""
+    s, n = per_ctx["sum"].to_numpy(dtype=np.float64), per_ctx["n"].to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.concatenate([s[idx].sum(-1) / n[idx].sum(-1) for idx in bootstrap_indices(s.size, n_boot, seed)])
+
+
 def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """Mean over tokens with a bootstrap interval that resamples whole contexts (per-context ``sum``, ``n``)."""
     found = None if per_ctx["n"].sum() == 0 else context_bootstrap([per_ctx], lambda m: m[0], n_boot, seed, level,

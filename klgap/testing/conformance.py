@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.plugins.capabilities import check_sae_spec, error_fittable, fit_summary, fittable, sae_fittable
+from klgap.plugins.capabilities import (baseline_label, check_sae_spec, error_fittable, fit_summary, fittable,
+                                        sae_fittable)
 from klgap.errors import KlgapError
-from klgap.protocols import (DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck, SAEChecker,
-                             SaeFittablePerturbation)
+from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck,
+                             SAEChecker, SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
 
 def model_for_tests(spec: str, device: str) -> Any:
@@ -332,6 +333,14 @@ class PerturbationConformance:
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"
         assert torch.isfinite(out).all()
         assert fit_summary(first) == fit_summary(second), "two fits on the same activations summarised differently"
+
+    def test_baseline_label_is_a_sentence_name_or_none(self):
+        """BaselineRole: ``baseline_label`` is None (not a baseline) or a non-empty str a sentence names it by."""
+        p = self.build()
+        if not isinstance(p, BaselineRole):
+            pytest.skip(f"{self.spec} does not declare BaselineRole (baseline_label)")
+        label = baseline_label(p)  # a PluginError names a label of the wrong kind
+        assert label is None or (isinstance(label, str) and label.strip())
 
     def test_shape_dtype_device(self):
         x, x_hat = self.data()

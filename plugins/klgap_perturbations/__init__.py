@@ -4,7 +4,8 @@ activation spaces: epsilon_anisotropic and sae_error_shuffled, and the SAE's err
 parts (klgap_perturbations.decomposition): sae_plus_linear_error, sae_plus_nonlinear_error and their random twins
 epsilon_random_nonlinear, epsilon_random_linear, and the baselines of issue 31 (klgap_perturbations.fitted):
 cov_random_mixture, real_direction, epsilon_error_cov, epsilon_mahalanobis, the compressor controls pca_matched and
-random_dictionary, and sae_minus_offset.
+random_dictionary, and sae_minus_offset; and ``along``, a point of a length sweep along the SAE's error or a
+baseline's direction (klgap_perturbations.sweep).
 
 The formulas themselves are plain functions in :mod:`klgap_perturbations.geometry`.
 """
@@ -15,13 +16,16 @@ import klgap
 from klgap_perturbations.decomposition import DECOMPOSITION_FACTORIES
 from klgap_perturbations.fitted import BASELINE_FACTORIES
 from klgap_perturbations.perturbations import FACTORIES, FormulaPerturbation
+from klgap_perturbations.sweep import SWEEP_FACTORIES
 
-__all__ = ["BASELINE_FACTORIES", "DECOMPOSITION_FACTORIES", "FACTORIES", "FormulaPerturbation", "register_perturbations"]
+__all__ = ["BASELINE_FACTORIES", "DECOMPOSITION_FACTORIES", "FACTORIES", "FormulaPerturbation", "SWEEP_FACTORIES",
+           "register_perturbations"]
 
 
 @klgap.hookimpl
 def register_perturbations(register) -> None:
-    """Register every factory in :data:`FACTORIES`, :data:`DECOMPOSITION_FACTORIES` and :data:`BASELINE_FACTORIES`
-    under its name."""
-    for name, (factory, description) in {**FACTORIES, **DECOMPOSITION_FACTORIES, **BASELINE_FACTORIES}.items():
+    """Register every factory in :data:`FACTORIES`, :data:`DECOMPOSITION_FACTORIES`, :data:`BASELINE_FACTORIES` and
+    :data:`SWEEP_FACTORIES` under its name."""
+    for name, (factory, description) in {**FACTORIES, **DECOMPOSITION_FACTORIES, **BASELINE_FACTORIES,
+                                         **SWEEP_FACTORIES}.items():
         register(name, factory, description)

@@ -102,6 +102,7 @@ def cov_random_mixture(**params: Any) -> ActivationFitted:
     return ActivationFitted(
         _named("cov_random_mixture", params, {"origin": origin}), fn=None, stochastic=True, geometry={"distance": "eps"},
         description=cov_random_mixture.__doc__ or "", fitter=baselines.fit_gaussian,
+        baseline_label="a covariance-shaped error" if origin == "sample" else "a step towards a covariance-shaped sample",
         apply=lambda state, x, x_hat, g: baselines.cov_random_mixture(state, x, x_hat, g, origin))
 
 
@@ -112,6 +113,8 @@ def real_direction(**params: Any) -> ActivationFitted:
     return ActivationFitted(
         _named("real_direction", params, {"origin": origin}), fn=None, stochastic=True, geometry={"distance": "eps"},
         description=real_direction.__doc__ or "", fitter=baselines.fit_bank,
+        baseline_label="the difference of two real activations" if origin == "other"
+        else "a step towards another token's activation",
         apply=lambda state, x, x_hat, g: baselines.real_direction(state, x, x_hat, g, origin))
 
 
@@ -120,6 +123,7 @@ def epsilon_error_cov(**params: Any) -> ErrorFitted:
     check_names("epsilon_error_cov", params, ())
     return ErrorFitted("epsilon_error_cov", fn=None, stochastic=True, geometry={"distance": "eps"},
                        description=epsilon_error_cov.__doc__ or "", fitter=baselines.fit_error_gaussian,
+                       baseline_label="noise shaped like the SAE error's covariance",
                        apply=baselines.epsilon_error_cov)
 
 
@@ -130,6 +134,7 @@ def epsilon_mahalanobis(**params: Any) -> ActivationFitted:
     return ActivationFitted(
         _named("epsilon_mahalanobis", params, {"ridge": ridge}), fn=None, stochastic=True,
         geometry={"mahalanobis_distance": "eps"}, description=epsilon_mahalanobis.__doc__ or "",
+        baseline_label="noise of the SAE error's Mahalanobis size",
         fitter=lambda acts: baselines.fit_whitener(acts, ridge), apply=baselines.epsilon_mahalanobis)
 
 
@@ -137,6 +142,7 @@ def pca_matched(**params: Any) -> ErrorFitted:
     """x projected on the top-k principal components of the fit tokens, k so that its EV matches the SAE's there."""
     check_names("pca_matched", params, ())
     return ErrorFitted("pca_matched", fn=None, stochastic=False, geometry={}, description=pca_matched.__doc__ or "",
+                       baseline_label="PCA at the SAE's explained variance",
                        fitter=baselines.fit_pca, apply=baselines.pca_matched)
 
 
@@ -146,6 +152,7 @@ def random_dictionary(**params: Any) -> SaeFitted:
     seed = parse_int("random_dictionary", "seed", params.get("seed", 0), 0, 2**63 - 1)
     return SaeFitted(_named("random_dictionary", params, {"seed": seed}), fn=None, stochastic=False, geometry={},
                      description=random_dictionary.__doc__ or "",
+                     baseline_label="a random dictionary of the SAE's width and L0",
                      fitter=lambda x, x_hat, l0, d_sae: baselines.fit_random_coder(x, x_hat, l0, d_sae, seed),
                      apply=baselines.random_dictionary)
 

@@ -23,13 +23,17 @@ COSINE_MATCHED_DEFAULTS = {"cos": 0.9, "norm_frac": 1.0}
 
 @dataclass
 class FormulaPerturbation:
-    """A named formula ``fn(x, x_hat, generator) -> x_prime`` (``x, x_hat: [n, d]``; x' float32 [n, d])."""
+    """A named formula ``fn(x, x_hat, generator) -> x_prime`` (``x, x_hat: [n, d]``; x' float32 [n, d]).
+
+    baseline_label: how a sentence names it when the SAE is judged against it ("isotropic noise";
+    klgap.protocols.BaselineRole); None: not a baseline."""
 
     name: str
     fn: Callable[[Tensor, Tensor, torch.Generator], Tensor]
     stochastic: bool
     geometry: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    baseline_label: str | None = None
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         if x.shape != x_hat.shape or x.dim() != 2:
@@ -52,7 +56,8 @@ def epsilon_random(**params: Any) -> FormulaPerturbation:
     """x + ε·u: a random substitute at the SAE's L2 error ε = ‖x − x̂‖ (u uniform on the sphere)."""
     check_names("epsilon_random", params, ())
     return FormulaPerturbation(
-        "epsilon_random", geometry.epsilon_random, True, {"distance": "eps"}, epsilon_random.__doc__ or ""
+        "epsilon_random", geometry.epsilon_random, True, {"distance": "eps"}, epsilon_random.__doc__ or "",
+        baseline_label="isotropic noise",
     )
 
 
@@ -77,6 +82,7 @@ def _theta(name: str, norm: str) -> FormulaPerturbation:
         True,
         {"norm": norm, "cos": "sae"},
         f"random x' with cos(x, x') = cos(x, x̂) and norm ‖{'x̂' if norm == 'x_hat' else 'x'}‖",
+        baseline_label=f"a random substitute at the SAE's cosine and {'its norm' if norm == 'x_hat' else '‖x‖'}",
     )
 
 
@@ -133,7 +139,7 @@ def epsilon_anisotropic(**params: Any) -> FittedPerturbation:
     perturbation = FittedPerturbation(
         "epsilon_anisotropic", lambda x, x_hat, generator: geometry.epsilon_anisotropic(x, x_hat, generator, perturbation.state),
         True, {"distance": "eps"}, epsilon_anisotropic.__doc__ or "", fit_fn=geometry.covariance_factor,
-        summary_fn=lambda acts: Covariance.of(acts).summary(),
+        summary_fn=lambda acts: Covariance.of(acts).summary(), baseline_label="noise drawn from the activations' covariance",
     )
     return perturbation
 
@@ -142,7 +148,8 @@ def sae_error_shuffled(**params: Any) -> FormulaPerturbation:
     """x + ε·e_j/‖e_j‖: another token's SAE error direction, rescaled to this token's ε."""
     check_names("sae_error_shuffled", params, ())
     return FormulaPerturbation(
-        "sae_error_shuffled", geometry.sae_error_shuffled, True, {"distance": "eps"}, sae_error_shuffled.__doc__ or ""
+        "sae_error_shuffled", geometry.sae_error_shuffled, True, {"distance": "eps"}, sae_error_shuffled.__doc__ or "",
+        baseline_label="another token's error",
     )
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from klgap.cli.args import build_parser
-from klgap.cli.main import run_config_from_args
+from klgap.cli.main import request_of
 from klgap.plan.config import RunConfig, flag_help
 
 #: every run flag as users have typed it since 0.2: none may change spelling
@@ -17,6 +17,12 @@ FLAGS = {"--model", "--site", "--layer", "--sae", "--mode", "--interventions", "
          "--drop-last-position", "--position", "--k", "--n-samples", "--sample-intervention", "--no-fast",
          "--device-map", "--remote", "--joint", "--fit-tokens", "--joint-subsets"}
 
+
+
+def run_config_from_args(parsed):
+    """The RunConfig and the file's other keys the flags make (klgap.cli.main.request_of)."""
+    request = request_of(parsed)
+    return request.config, request.extra
 
 def _actions(command: str) -> dict[str, argparse.Action]:
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]

@@ -16,7 +16,7 @@ from klgap.job import engine, loading, modes, precision
 from klgap.plan import dtypes
 from klgap.plan.config import RunConfig
 from klgap.render.pages import rebuild
-from klgap.report.schema import load_report
+from klgap.report.read import load_report
 from tests.helpers import random_sae
 
 HOOK = "blocks.1.hook_resid_pre"

@@ -43,11 +43,11 @@ def test_curve_interventions_names_parse_back():
 def test_equivalent_cos_interpolates_in_log_kl():
     cos = np.array([0.5, 0.7, 0.9])
     kl = np.array([1e-1, 1e-2, 1e-3])
-    assert curve._equivalent_cos(cos, kl, 1e-2) == pytest.approx(0.7)
-    assert curve._equivalent_cos(cos, kl, 10 ** -1.5) == pytest.approx(0.6)  # halfway in log KL
-    assert curve._equivalent_cos(cos, kl, 1.0) is None  # beyond the curve
+    assert curve.first_crossing(cos, kl, 1e-2) == pytest.approx(0.7)
+    assert curve.first_crossing(cos, kl, 10 ** -1.5) == pytest.approx(0.6)  # halfway in log KL
+    assert curve.first_crossing(cos, kl, 1.0) is None  # beyond the curve
     # an end at KL <= 0 (x' = x): linear there
-    assert curve._equivalent_cos(np.array([0.9, 1.0]), np.array([1e-3, -1e-9]), 5e-4) == pytest.approx(0.95, abs=1e-6)
+    assert curve.first_crossing(np.array([0.9, 1.0]), np.array([1e-3, -1e-9]), 5e-4) == pytest.approx(0.95, abs=1e-6)
 
 
 def _frame(n_ctx=20, n_pos=10, seed=0):

@@ -9,8 +9,9 @@ from klgap.report.compare import entries_for
 from klgap.plan.config import RunConfig
 from klgap.render.console import print_study, print_summary
 from klgap.render.pages import render_markdown
-from klgap.report.schema import BASELINE
+from klgap.report.panel import opening_sentence
 from klgap.report.read import load_report
+from klgap.report.schema import BASELINE
 from klgap.plan.sites import hook_name
 from klgap.report.summary import summary_row, summary_rows
 from tests.core.test_plots import make_study
@@ -71,9 +72,13 @@ def test_every_reader_shows_the_same_row(run, capsys):
     assert entry.cells()[3] == ci
     print_summary(report, run)
     printed = capsys.readouterr().out
-    assert (f"At blocks.1.hook_mlp_out of tiny-gpt2 the SAE's reconstruction moves the next-token distribution "
-            f"{row.ratio:.3f}× [{row.ratio_ci_low:.3f}, {row.ratio_ci_high:.3f}] as much as a random error of the same "
-            f"size (Wilcoxon p = {row.p_text()} over 8 contexts)") in printed
+    # two baselines were measured (epsilon_random, theta_random): the terminal opens with both (klgap.report.panel),
+    # then a line per baseline, the headline's with the same ratio and p
+    assert opening_sentence(report, report.model, report.mode) in printed
+    assert f"isotropic noise ({row.ratio:.3f}× [{row.ratio_ci_low:.3f}, {row.ratio_ci_high:.3f}])" in printed
+    assert "a random substitute at the SAE's cosine and its norm (" in printed
+    assert (f"{row.ratio:.3f}× [{row.ratio_ci_low:.3f}, {row.ratio_ci_high:.3f}] the damage of isotropic noise "
+            f"(Holm p = {row.p_text()})" in printed) or "less damage than isotropic noise" in printed
     assert "Holm family: sae vs epsilon_random at 1 site/layer (1 test)" in printed
     assert f"sae{' ' * 37} {row.kl_sae:>10.4g}" in printed
 

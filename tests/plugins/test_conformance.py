@@ -119,6 +119,9 @@ SPECS = [
     "cov_random_mixture", "cov_random_mixture:origin=x", "real_direction", "real_direction:origin=x",
     "epsilon_error_cov", "epsilon_mahalanobis", "epsilon_mahalanobis:ridge=0.5", "pca_matched", "random_dictionary",
     "random_dictionary:seed=3", "sae_minus_offset",
+    "along", "along:t=0.5", "along:dir=epsilon_random,t=1.5", "along:dir=cov_random_mixture,t=0.5",
+    "along:dir=real_direction,t=2", "along:dir=pca_matched,t=0.7", "along:dir=random_dictionary,t=0.3",
+    "along:dir=epsilon_error_cov,t=0",
 ]
 
 for _spec in SPECS:
