@@ -20,8 +20,6 @@ from torch import Tensor
 from klgap.errors import KlgapError
 from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
-from klgap.job import precision
-from klgap.job.precision import cast_copy
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
@@ -117,6 +115,8 @@ def reference_model(plan: RunPlan, model: LoadedModel) -> LoadedModel | None:
     if not is_low(model.dtype) or model.remote or not plan.placement.local:
         return None
     if plan.model.plugin == HELD:
+        from klgap.job.precision import cast_copy  # (precision measures with modes, which import this module)
+
         return cast_copy(model, torch.float32)
     return load_model(plan.model, plan.device, torch.float32, plan.placement)
 
@@ -171,6 +171,8 @@ def load_plan(plan: RunPlan) -> Loaded:
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
     if reference is not None:
+        from klgap.job import precision  # (precision measures with modes, which import this module)
+
         loaded = precision.apply(loaded, reference)
     return loaded
 
