@@ -49,21 +49,15 @@ class Result:
 
     A notebook shows a Result as its page opens (the finding, the key table, the figures: ``_repr_html_``);
     ``repr`` gives the finding and the key table as text. Two Results are equal when they hold the same
-    measurement: equal reports (provenance included, so two runs of one command differ by their times) and equal
-    token tables; where they are saved (`path`) is not part of the value. Results are mutable, so not hashable.
+    measurement: equal reports but for their provenance (when and with which versions each ran: a run repeated
+    with the same inputs is equal) and equal token tables; where they are saved (`path`) is not part of the value.
+    Results are mutable, so not hashable.
     """
 
     report: Report
     tokens: pd.DataFrame
     path: Path | None = None
     _html: str | None = field(default=None, init=False, repr=False)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Result):
-            return NotImplemented
-        return self.report == other.report and self.tokens.equals(other.tokens)
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         from klgap.render.notebook import result_text
@@ -79,10 +73,12 @@ class Result:
         return self._html
 
     def __eq__(self, other: object) -> bool:
-        """The same report and the same per-token table (wherever each is saved)."""
+        """The same measurement: equal reports but for their provenance (when, where and with which versions it
+        ran) and the same per-token table, wherever each is saved; a run repeated with the same inputs is equal."""
         if not isinstance(other, Result):
             return NotImplemented
-        return self.report == other.report and self.tokens.equals(other.tokens)
+        return (self.report.model_dump(exclude={"provenance"}) == other.report.model_dump(exclude={"provenance"})
+                and self.tokens.equals(other.tokens))
 
     __hash__ = None  # type: ignore[assignment]  (mutable, compared by content)
 

@@ -184,8 +184,11 @@ def test_a_result_shows_itself_compares_by_value_and_names_its_held_model(held):
     # value equality: the same measurement is equal wherever it lives; a Result is not hashable (it is mutable)
     same = klgap.Result(first.report.model_copy(deep=True), first.tokens.copy(), path=None)
     again = klgap.measure(hf, sae, tokenizer=tok, **RUN)
-    assert first == same and first != again and first != "a result" and (first == again) is False
-    assert first.report.interventions == again.report.interventions  # the numbers agree; provenance times differ
+    # a repeated run is the same measurement (provenance, when it ran, is not part of the value); another seed is not
+    assert first == same and first == again and first != "a result" and (first != again) is False
+    assert first.report.interventions == again.report.interventions
+    other = klgap.measure(hf, sae, tokenizer=tok, **{**RUN, "seed": RUN["seed"] + 1})
+    assert first != other and first.report.n_tokens == other.report.n_tokens
     with pytest.raises(TypeError, match="unhashable"):
         hash(first)
     # name= names a held model in the report, its tokens and compare; unnamed twins get distinct labels
