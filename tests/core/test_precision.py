@@ -240,3 +240,24 @@ def test_a_joint_run_checks_its_joint_cell_too(tmp_path):
     single = load_report(tmp_path / "joint" / "single" / "mlp_out_L00").precision
     assert single.interventions["sae"].kl_mean == pytest.approx(loaded.runs[0].precision.interventions["sae"].kl_mean,
                                                                 rel=1e-6)
+
+
+def test_a_held_low_precision_model_is_checked_against_one_float32_copy(tmp_path, load_model, monkeypatch):
+    """klgap.measure on a bfloat16 model the caller holds: its float32 reference is its own weights cast up, made
+    once for every site of a study, and each site's check is recorded."""
+    import copy
+
+    import klgap
+
+    hf = copy.deepcopy(load_model("tiny-llama").hf_model).to(torch.bfloat16)
+    casts: list[torch.dtype] = []
+    monkeypatch.setattr(loading, "cast_copy", lambda model, dtype: casts.append(dtype) or CAST_COPY(model, dtype))
+    template = _site_saes(tmp_path / "saes", STUDY)
+    ids = torch.randint(0, 200, (8, 24), generator=torch.Generator().manual_seed(0))
+    klgap.measure(hf, template, tokens=ids, site=["resid_pre", "mlp_out"], layer=1, batch_size=4,
+                  interventions=["sae", "epsilon_random", "zero"], progress=False, out=tmp_path / "held")
+    assert casts == [torch.float32]
+    for path in ("resid_pre_L01", "mlp_out_L01"):
+        report = load_report(tmp_path / "held" / path)
+        assert report.dtype == "bfloat16" and report.precision.n_contexts == 2
+        assert report.precision.n_tokens == 3 * 2 * 23 and report.precision.kl_abs_diff_max > 0
