@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 
 from klgap.forward import activations, executors, metrics
-from klgap.job import loading
+from klgap.job import cells, loading
 from klgap.job.batches import measure_batch
-from klgap.job.cells import LoadedJob
+from klgap.job.loaded import LoadedJob
 from klgap.job.view import SaeView, generator_for
 from klgap.plan.resolve import pick_device
 from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig
@@ -202,7 +202,7 @@ def main() -> None:
         print(f"model {args.model} {args.site} L{args.layer} on {device}, {len(interventions)} interventions")
 
         if "all_tokens" in chosen:
-            prep = loading.prepare(RunConfig(**base, tokens=args.tokens))
+            prep = cells.prepare(RunConfig(**base, tokens=args.tokens))
             naive_s, naive = timed_naive(naive_all_tokens, prep)
             fast_s, fast = timed_engine(prep)
             floor_s = floor_seconds(prep)
@@ -231,7 +231,7 @@ def main() -> None:
             prep.executor.stack = default_stack
 
         if "single_token" in chosen:
-            prep = loading.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
+            prep = cells.prepare(RunConfig(**base, tokens=args.tokens, mode="single_token", position=args.position, k=args.k))
             naive_s, naive = timed_naive(naive_single_token, prep)
             fast_s, fast = timed_engine(prep)
             diffs.append(max_diff(fast, naive))
@@ -244,7 +244,7 @@ def main() -> None:
             cfg = RunConfig(**{**base, "interventions": ["sae"], "batch_size": args.draw_contexts},
                             tokens=args.draw_contexts * args.context_len, mode="many_samples",
                             position=args.position, n_samples=args.draws)
-            prep = loading.prepare(cfg)
+            prep = cells.prepare(cfg)
             n_naive = min(args.naive_draws, args.draws)
             naive_s, naive = timed_naive(naive_many_samples, prep, n_naive)
             naive_s *= args.draws / n_naive

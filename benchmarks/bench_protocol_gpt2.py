@@ -7,7 +7,8 @@ interventions of klgap's default set. Here the model is a GPT-2-small-shaped GPT
 the SAE random and the tokens uniform random ids (benchmarks/random_models.py), so it needs no download; the work
 per token is the study's.
 
-It runs ``klgap.job.engine.run`` (what ``klgap replicate`` runs: folder, parts, report) into --out and prints the
+It runs ``klgap.job.execute.run_job`` on the config's job (what ``klgap replicate`` runs: folder, parts, report;
+without the pages) into --out and prints the
 time of the whole run and of its measuring alone (first to last part written, scaled by n/(n−1)), with tokens/s
 and tokens/s per intervention.
 
@@ -30,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_models import gpt2_small_folder, random_sae_file  # noqa: E402
 
-from klgap.job import engine  # noqa: E402
+from klgap.job.execute import run_job  # noqa: E402
+from klgap.job.loading import load_model  # noqa: E402
+from klgap.job.plan import plan_job  # noqa: E402
 from klgap.plan.config import DEFAULT_INTERVENTIONS, RunConfig  # noqa: E402
+from klgap.plan.resolve import pick_device  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +50,7 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "klgap" / "bench"))
     args = parser.parse_args()
 
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     folder = gpt2_small_folder(cache / "gpt2-small-random")
@@ -57,12 +61,12 @@ def main() -> None:
                     device=str(device), dtype=args.dtype, dataset="random", interventions=interventions,
                     include_first_position=True, drop_last_position=True)
     start = time.perf_counter()
-    engine.load_model(str(folder), device, torch.float32)  # the model's load is not the protocol's cost
+    load_model(str(folder), device, torch.float32)  # the model's load is not the protocol's cost
     loaded_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "run"
         start = time.perf_counter()
-        report = engine.run(cfg, out, overwrite=True, progress=True)
+        report = run_job(plan_job(cfg), out, overwrite=True, progress=True)
         total_s = time.perf_counter() - start
         parts = sorted(p.stat().st_mtime for p in (out / "parts").glob("batch_*.parquet"))
     n = len(parts)

@@ -3,8 +3,9 @@
 sae_lens side: ``sae_lens.evals.get_recons_loss`` (KL and CE of the SAE splice and of zero ablation) on a
 TransformerLens copy of the model, one call per batch; it runs three full forwards per batch (clean, SAE, zero).
 klgap side: the Hugging Face model, interventions ``sae`` and ``zero``, every position patched and measured
-(``include_first_position``), KL and ΔCE per token; timed from ``engine.prepare`` (SAE load, tokens, the
-fast-path check, in low precision the precision check) through every batch's ``measure_batch``. Both sides are
+(``include_first_position``), KL and ΔCE per token; timed from ``klgap.job.cells.prepare`` (SAE load, tokens, the
+fast-path check, in low precision the precision check) through every batch's ``measure_batch`` (the job's batch
+loop without its folder). Both sides are
 timed with the model already in memory; neither writes files.
 
 The model is a GPT-2-small-shaped GPT2LMHeadModel with random weights (12 layers, d_model 768, vocab 50,257;
@@ -40,8 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_models import gpt2_small_folder, hooked_transformer, random_sae_file  # noqa: E402
 
-from klgap.job import engine, modes  # noqa: E402
+from klgap.job.batches import measure_batch  # noqa: E402
+from klgap.job.cells import prepare  # noqa: E402
+from klgap.job.loaded import LoadedJob  # noqa: E402
+from klgap.job.loading import load_model  # noqa: E402
 from klgap.plan.config import RunConfig  # noqa: E402
+from klgap.plan.resolve import pick_device  # noqa: E402
 from klgap.plan.sites import hook_name  # noqa: E402
 
 INTERVENTIONS = ["sae", "zero"]
@@ -57,8 +62,9 @@ def klgap_side(cfg: RunConfig, device: torch.device) -> tuple[float, pd.DataFram
     """Seconds from prepare (model in memory) through every batch; per-context mean KL ``[context x intervention]``."""
     sync(device)
     start = time.perf_counter()
-    prep = engine.prepare(cfg)
-    frames = [modes.measure_batch(prep, index)[0] for index in range(prep.n_batches)]
+    prep = prepare(cfg)
+    job = LoadedJob.of_run(prep)
+    frames = [frame for index in range(job.n_batches) for frame, _ in measure_batch(job, index, job.cells)]
     sync(device)
     seconds = time.perf_counter() - start
     frame = pd.concat(frames, ignore_index=True).astype({"kl": np.float64})
@@ -109,7 +115,7 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "klgap" / "bench"),
                         help="where the random model and SAE are saved (once)")
     args = parser.parse_args()
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     torch.manual_seed(0)
 
     cache = Path(args.cache)
@@ -122,10 +128,10 @@ def main() -> None:
                                 batch_size=args.batch_size, device=str(device), dtype=dtype, dataset="random",
                                 interventions=INTERVENTIONS, include_first_position=True) for dtype in dtypes}
 
-    warm = {dtype: engine.prepare(cfg) for dtype, cfg in configs.items()}  # loads the model (untimed), once per dtype
+    warm = {dtype: prepare(cfg) for dtype, cfg in configs.items()}  # loads the model (untimed), once per dtype
     first = warm[dtypes[0]]
     contexts, sae = first.contexts, first.sae.module
-    hf32 = engine.load_model(str(folder), device, torch.float32)
+    hf32 = load_model(str(folder), device, torch.float32)
     tl_models = {dtype: hooked_transformer(hf32.hf_model, getattr(torch, dtype), device) for dtype in dtypes}
     del warm
     print(f"GPT-2-small-shaped random model, SAE 768->{768 * args.expansion} at {hook}, {len(contexts)} contexts x "

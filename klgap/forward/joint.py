@@ -134,5 +134,15 @@ class JointReplay:
 
 JointExecutor = JointForward | JointReplay
 
+
+def same_path(executor: JointExecutor, model: LoadedModel, specs: Sequence[SiteSpec],
+              lowest: Executor) -> JointExecutor:
+    """A fresh joint executor of `executor`'s kind on another copy of its model (the precision check's float32 and
+    low-precision runs, klgap/job/precision.py), over `specs`, `lowest` the lowest site's fresh executor (a
+    suffix replay where `executor` replays): the path `executor` was checked on, not checked again."""
+    full = JointForward(model, specs)
+    return JointReplay(full, lowest) if isinstance(executor, JointReplay) else full  # type: ignore[arg-type]
+
+
 __all__ = ["SITE_ORDER", "JointExecutor", "JointForward", "JointReplay", "Swap", "clean_forward", "forward_order",
-           "release"]
+           "release", "same_path"]

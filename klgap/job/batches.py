@@ -1,7 +1,7 @@
 """The batch loop: any job (klgap/job/plan.py) on any executor, batch by batch, each batch's parts written before
 the next starts, so a killed job resumes.
 
-Per batch: the clean forward (shared by the cells that share it: klgap/job/cells.py), then each cell's mode
+Per batch: the clean forward (shared by the cells that share it: klgap/job/loaded.py), then each cell's mode
 (klgap/job/modes.py) on it, each cell's rows written as a part of its folder. Every cell's folder is bound to its
 identity when the job opens (run_config.json, run.json); a batch a cell has already measured is not measured
 again. ``shard=(i, n)`` measures the batches ``b % n == i - 1`` of every cell (``klgap merge`` joins the shards);
@@ -23,7 +23,7 @@ from klgap.forward.finite import NonFiniteLogits
 from klgap.forward.metrics import CleanReference
 from klgap.job import modes
 from klgap.job.batch import Batch, Clean
-from klgap.job.cells import LoadedCell, LoadedJob
+from klgap.job.loaded import LoadedCell, LoadedJob
 from klgap.job.distributed import SINGLE, World
 from klgap.job.folder import RunDir
 from klgap.job.identity import joint_identity, joint_record, make_record, run_identity

@@ -1,6 +1,6 @@
 """What a cell's folder says about it: run.json (:func:`make_record`, :func:`joint_record`) and the identity a
 resume must match (:func:`run_identity`, :func:`joint_identity`, written as run_config.json by klgap/job/folder.py),
-from a loaded run (klgap/job/loading.py) or a loaded joint cell (klgap/job/cells.py).
+from a loaded run (klgap/job/loading.py) or a loaded joint cell (klgap/job/loaded.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from klgap.job.cells import LoadedCell
 from klgap.forward.finite import named_tensors
 from klgap.job.distributed import SINGLE, World
+from klgap.job.loaded import LoadedCell
 from klgap.job.loading import Loaded
 from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
 from klgap.plan.sites import hook_name
@@ -125,7 +125,8 @@ def joint_record(cell: LoadedCell, world: World = SINGLE) -> RunRecord:
                  "of the activation that forward gives it); site, layer and sae_metrics here are the lowest "
                  "site's; each site alone: " + ", ".join(site.path for site in sites))
     return lowest.model_copy(update={"config": json_safe(cell.config.to_dict()), "joint": sites,
-                                     "execution": json_safe(cell.execution), "notes": notes})
+                                     "execution": json_safe(cell.execution), "notes": notes,
+                                     "precision": cell.precision})  # the joint cell's own check
 
 
 def sae_digest(sae: LoadedSAE) -> str | None:

@@ -1,14 +1,17 @@
 """Load a resolved run: its SAE, model and tokens, and the executor that measures its batches.
 
 :func:`load_plan` turns a :class:`klgap.plan.resolve.RunPlan` (checked, nothing loaded) into a :class:`Loaded` run,
-which the modes (klgap/job/modes.py) measure batch by batch; :func:`prepare` does both for a config (notebooks,
-benchmarks). At most one model is held (:func:`load_model`); perturbations that fit statistics are fitted on
-the fit tokens' clean activations (--fit-tokens, else the run's first contexts) before any batch
-(:func:`fit_perturbations`). A job's runs and cells: klgap/job/cells.py; the batch loop: klgap/job/batches.py.
+which the modes (klgap/job/modes.py) measure batch by batch. At most one model is held (:func:`load_model`; a
+bfloat16 / float16 model is a copy of the float32 load, :func:`cast_copy`, kept beside it as the run's
+:attr:`Loaded.reference`); perturbations that fit statistics are fitted on the fit tokens' clean activations
+(--fit-tokens, else the run's first contexts; float32 ones in a low-precision run) before any batch
+(:func:`fit_perturbations`). A job's runs and cells, and a low-precision job's check against float32:
+klgap/job/cells.py (load_job, prepare), klgap/job/precision.py; the batch loop: klgap/job/batches.py.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from klgap.forward.executors import Executor, choose
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
-from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, resolve, route_sae, site_of
+from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
 from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
@@ -32,8 +35,8 @@ from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "check_fits", "check_token_ids", "count_layers", "draw_contexts", "fit_perturbations",
-           "load_model", "load_plan", "load_sae", "n_fit_contexts", "prepare", "reference_model"]
+__all__ = ["FIT_TOKENS", "Loaded", "cast_copy", "check_fits", "check_token_ids", "count_layers", "draw_contexts",
+           "fit_perturbations", "load_model", "load_plan", "load_sae", "n_fit_contexts", "reference_model"]
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Loaded:
     fit_contexts: Tensor | None = None  # [n_fit ctx] int64, CPU: drawn after `contexts` (--fit-tokens), else None
     route: SAERoute | None = None  # the loader that read the SAE (the plan's, or the default SAE's); None: an object
     precision: PrecisionCheck | None = None  # a low-precision run's check against float32 (klgap/job/precision.py)
+    reference: LoadedModel | None = None  # the float32 model a low-precision run is checked against; else None
 
     @property
     def config(self) -> RunConfig:
@@ -77,8 +81,13 @@ class Loaded:
         return -(-len(self.contexts) // self.config.batch_size)
 
 
-_MODELS: dict[tuple[str, ...], dict[torch.dtype, LoadedModel]] = {}
+_MODELS: dict[tuple[str, ...], dict[torch.dtype | str, LoadedModel]] = {}
 HELD = "python"  # the plugin name of a model the caller holds (klgap.api): it is not loaded again
+HELD_REFERENCE = "float32 reference"  # where a held low-precision model's float32 copy is kept (not a load of it)
+
+
+def _key(ref: ModelRef, device: torch.device, placement: Placement) -> tuple[str, ...]:
+    return ref.name, str(id(ref.adapter)), str(device), str(placement)
 
 
 def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
@@ -88,7 +97,7 @@ def load_model(model: str | ModelRef, device: torch.device, dtype: torch.dtype,
     for the precision check (klgap/job/precision.py)."""
     ref = model if isinstance(model, ModelRef) else model_adapter(model)
     name = ref.name
-    key = (name, id(ref.adapter), str(device), str(placement))
+    key = _key(ref, device, placement)
     if key not in _MODELS:
         from klgap.protocols import PlacingModelAdapter
 
@@ -114,11 +123,25 @@ def reference_model(plan: RunPlan, model: LoadedModel) -> LoadedModel | None:
     low precision, or its model is remote or spread over devices (not checked)."""
     if not is_low(model.dtype) or model.remote or not plan.placement.local:
         return None
-    if plan.model.plugin == HELD:
-        from klgap.job.precision import cast_copy  # (precision measures with modes, which import this module)
+    if plan.model.plugin != HELD:
+        return load_model(plan.model, plan.device, torch.float32, plan.placement)
+    held = _MODELS[_key(plan.model, plan.device, plan.placement)]  # one copy for every site of a job
+    if HELD_REFERENCE not in held:
+        held[HELD_REFERENCE] = cast_copy(model, torch.float32)
+    return held[HELD_REFERENCE]
 
-        return cast_copy(model, torch.float32)
-    return load_model(plan.model, plan.device, torch.float32, plan.placement)
+
+def cast_copy(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """A copy of `model` with its floating-point parameters cast to `dtype` (the original's are not copied
+    first); buffers (rotary frequencies, masks) are shared with `model`, unconverted, as
+    ``from_pretrained(dtype=bfloat16)`` keeps e.g. rotary ``inv_freq`` (rounding it would move every attention
+    score)."""
+    params = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+              for p in model.hf_model.parameters() if p.is_floating_point()}
+    memo: dict[int, Any] = dict(params)
+    memo.update({id(b): b for b in model.hf_model.buffers()})
+    hf_model = copy.deepcopy(model.hf_model, memo)
+    return dataclasses.replace(model, hf_model=hf_model, dtype=dtype, nnsight=None)
 
 
 def load_sae(spec: str | SAERoute, device: torch.device) -> LoadedSAE:
@@ -163,18 +186,14 @@ def load_plan(plan: RunPlan) -> Loaded:
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
     executor, execution = choose(config, model, spec, layer, contexts)
-    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
-                    route)
     reference = reference_model(plan, model)
+    loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
+                    route, reference=reference)
     # fitted on float32 activations in a low-precision run too: the draws of a float32 run
     fitted = fit_perturbations(loaded if reference is None else dataclasses.replace(loaded, model=reference))
     if fitted:
         loaded.execution = {**execution, "fitted": fitted}
-    if reference is not None:
-        from klgap.job import precision  # (precision measures with modes, which import this module)
-
-        loaded = precision.apply(loaded, reference)
-    return loaded
+    return loaded  # a low-precision run is checked where its job is loaded (klgap/job/cells.py: load_job)
 
 
 def check_fits(model: LoadedModel | ModelShape, name: str, site: str, layer: int, context_len: int,
@@ -235,11 +254,6 @@ def check_token_ids(ids: Tensor, model: LoadedModel, source: str) -> None:
         raise KlgapError(f"token source {source!r} gave token id {int(ids[row, col])} (context {row}, position {col}; "
                          f"{int(bad.sum())} ids in all) outside {model.name}'s vocabulary of {model.vocab_size} "
                          f"(ids 0..{model.vocab_size - 1})")
-
-
-def prepare(config: RunConfig) -> Loaded:
-    """Resolve and load a config (no folder): what a notebook or a benchmark measures batches with."""
-    return load_plan(resolve(config))
 
 
 FIT_TOKENS = 8192  # without --fit-tokens: clean activations of the run's first contexts handed to fitted perturbations

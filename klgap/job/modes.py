@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from klgap.job.batch import Batch, Clean
-from klgap.job.cells import LoadedCell
+from klgap.job.loaded import LoadedCell
 from klgap.job.patch import Patch
 from klgap.job.view import SaeView
 

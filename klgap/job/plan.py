@@ -60,7 +60,7 @@ class Cell:
 
 @dataclass(frozen=True)
 class Job:
-    """What a command measures, resolved and checked; nothing loaded (klgap.job.loading.load_job loads it).
+    """What a command measures, resolved and checked; nothing loaded (klgap.job.cells.load_job loads it).
 
     config:  the command's configuration (a study's site and layer lists, a joint run's list of layers).
     plans:   each (site, layer, SAE) measured, resolved once; ``plans[i].config`` is that site's configuration.
@@ -75,6 +75,11 @@ class Job:
     saes: tuple[str | None, ...]
     pending: tuple[int, ...] = ()
     checked: tuple[str, ...] = ()  # a study over checkpoints: what was read and checked of them (--dry-run's lines)
+
+    @classmethod
+    def single(cls, plan: RunPlan) -> Job:
+        """The one-site job of a resolved plan (klgap.job.cells.prepare, LoadedJob.of_run)."""
+        return cls(plan.config, "run", (plan,), (Cell(".", (0,)),), (plan.config.sae,))
 
     @property
     def study(self) -> bool:

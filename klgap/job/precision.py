@@ -1,4 +1,4 @@
-"""Low precision with a measured error: a ``--dtype bfloat16 | float16 | auto`` run against float32.
+"""Low precision with a measured error: a ``--dtype bfloat16 | float16 | auto`` job against float32.
 
 The model computes in the low precision; everything klgap computes around it stays float32: the site activation
 is read into float32 (x), the SAE and every perturbation work on it (x̂, baselines, random draws: the same
@@ -7,64 +7,63 @@ model's activations), only the patched value x' is rounded to the model's dtype,
 low-precision logits converted to float32 (klgap/forward/metrics.py: the clean probabilities in float64, the
 log-softmax in float32).
 
-The low-precision model is a copy of the float32 load (:func:`cast_copy`, klgap/job/loading.py): parameters
-rounded, buffers kept in float32, as ``from_pretrained(dtype=bfloat16)`` keeps e.g. rotary ``inv_freq`` (rounding
-it would move every attention score). The float32 model stays loaded beside it for the check.
+The low-precision model is a copy of the float32 load (klgap/job/loading.py: ``cast_copy``): parameters
+rounded, buffers kept in float32. The float32 model stays loaded beside it (each run's ``reference``).
 
-The check (:func:`check`), before the first batch: the run's first :data:`CHECK_CONTEXTS` contexts measured by
-the run's own mode and execution path in float32 and in the low precision, with the same tokens and draws.
-Per-token |ΔKL| (max, 99th percentile, and both relative to the intervention's float32 mean KL), each
-intervention's mean KL and the headline ratio KL(sae)/KL(epsilon_random) in both, recorded in run.json and the
-report (``precision``: :class:`klgap.report.schema.PrecisionCheck`). Above :data:`TOLERANCE` (a relative change of
-a mean KL or of the ratio) an explicit ``--dtype bfloat16|float16`` run goes on and says so (stderr, the report's
-opening lines); ``--dtype auto`` measures in float32 instead (:func:`apply`).
+The check (:func:`check`), where the job is loaded (klgap/job/cells.py: load_job), before its first batch: the
+job's first :data:`CHECK_CONTEXTS` contexts measured as one batch by the job's own batch loop
+(klgap/job/batches.py: the same cells, modes, shared clean forward and execution paths, each executor a fresh
+one of the kind the job chose) on the float32 model and on the low-precision one, with the same tokens and
+draws; every cell is compared: each site of a study, a joint run's sites alone, its subsets and the joint cell
+itself. Per-token |ΔKL| (max, 99th percentile, and both relative to the intervention's float32 mean KL), each
+intervention's mean KL and the headline ratio KL(sae)/KL(epsilon_random) in both, recorded in each cell's
+run.json and report (``precision``: :class:`klgap.report.schema.PrecisionCheck`). Above :data:`TOLERANCE` (a
+relative change of a mean KL or of the ratio) an explicit ``--dtype bfloat16|float16`` job goes on and says so
+(stderr, the report's opening lines); with ``--dtype auto`` a failed check at any cell makes the whole job measure
+in float32 (:func:`falls_back`; one model for the job, whose cells share its forwards).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from klgap.forward import executors
-from klgap.job import modes
+from klgap.forward import executors, joint
+from klgap.job.batches import measure_batch
+from klgap.job.loaded import LoadedCell, LoadedJob
+from klgap.job.loading import Loaded
+from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import AUTO
 from klgap.protocols import LoadedModel
 from klgap.report.schema import BASELINE, PrecisionCheck, PrecisionIntervention
 from klgap.report.summary import precision_sentence
-
-if TYPE_CHECKING:
-    from klgap.job.loading import Loaded
 
 log = logging.getLogger("klgap")
 
 CHECK_CONTEXTS = 2  # contexts the check measures in both precisions (the fast-path check uses as many)
 TOLERANCE = 0.01  # largest relative change of a mean KL, or of the headline ratio, that passes
 
-__all__ = ["CHECK_CONTEXTS", "TOLERANCE", "apply", "cast_copy", "check", "checked_run", "compare"]
+__all__ = ["CHECK_CONTEXTS", "TOLERANCE", "check", "checked_job", "checked_run", "compare", "falls_back",
+           "measured_in", "on_reference", "record"]
 
 
-def cast_copy(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
-    """A copy of `model` with its floating-point parameters cast to `dtype` (the original's are not copied
-    first); buffers (rotary frequencies, masks) are shared with `model`, unconverted."""
-    params = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
-              for p in model.hf_model.parameters() if p.is_floating_point()}
-    memo: dict[int, Any] = dict(params)
-    memo.update({id(b): b for b in model.hf_model.buffers()})
-    hf_model = copy.deepcopy(model.hf_model, memo)
-    return dataclasses.replace(model, hf_model=hf_model, dtype=dtype, nnsight=None)
-
-
-def check(run: Loaded, reference: LoadedModel) -> PrecisionCheck:
-    """Measure the run's first contexts with `reference` (float32) and with the run's model, and compare."""
-    n = min(CHECK_CONTEXTS, len(run.contexts))
-    frames = [modes.measure_batch(checked_run(run, model, n), 0)[0] for model in (reference, run.model)]
-    return compare(frames[0], frames[1], run.model.dtype, n)
+def check(loaded: LoadedJob) -> list[PrecisionCheck] | None:
+    """Each cell's check (in the job's cell order): the job's first contexts measured on its runs' float32
+    reference and on its own model. None when the job is not low precision, or its model is remote or spread
+    over devices (no reference: not checked)."""
+    reference = loaded.runs[0].reference
+    if reference is None:
+        return None
+    n = min(CHECK_CONTEXTS, len(loaded.runs[0].contexts))
+    measured = []
+    for model in (reference, loaded.model):
+        job = checked_job(loaded, model, n)
+        measured.append([frame for frame, _ in measure_batch(job, 0, job.cells)])
+    return [compare(ref, low, loaded.model.dtype, n) for ref, low in zip(*measured, strict=True)]
 
 
 def checked_run(run: Loaded, model: LoadedModel, n: int) -> Loaded:
@@ -74,23 +73,49 @@ def checked_run(run: Loaded, model: LoadedModel, n: int) -> Loaded:
     return dataclasses.replace(run, plan=plan, model=model, contexts=run.contexts[:n], executor=executor)
 
 
-def apply(run: Loaded, reference: LoadedModel) -> Loaded:
-    """Check a low-precision run against `reference` (its float32 model) and record the check on it; a failed
-    check is said on stderr, and with ``--dtype auto`` the run measures on `reference` instead."""
-    result = check(run, reference)
-    if not result.passed and run.config.dtype == AUTO:
-        executor, execution = executors.choose(run.config, reference, run.spec, run.layer, run.contexts)
-        run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, dtype=reference.dtype), model=reference,
-                                  executor=executor, execution={**execution, **_fitted(run)})
-        result = result.model_copy(update={"measured_dtype": _name(reference.dtype)})
-    if not result.passed:
-        log.warning(precision_sentence(result))
-    run.precision = result
-    return run
+def checked_job(loaded: LoadedJob, model: LoadedModel, n: int) -> LoadedJob:
+    """The job's first `n` contexts as one batch on `model`: every run through :func:`checked_run`, every joint
+    cell through a fresh joint executor of its path, the clean forward shared as the job shares it."""
+    runs = [checked_run(run, model, n) for run in loaded.runs]
+    cells = []
+    for cell in loaded.cells:
+        sites = [runs[i] for i in cell.cell.sites]
+        executor = (None if cell.executor is None else
+                    joint.same_path(cell.executor, model, [run.spec for run in sites], sites[0].executor))
+        cells.append(LoadedCell(cell.cell, sites, executor))
+    return LoadedJob(loaded.job, runs, cells, loaded.shares_clean)
 
 
-def _fitted(run: Loaded) -> dict[str, Any]:
-    return {"fitted": run.execution["fitted"]} if "fitted" in run.execution else {}
+def falls_back(config: RunConfig, checks: list[PrecisionCheck]) -> bool:
+    """Whether the job measures in float32 instead: ``--dtype auto`` and a check failed."""
+    return config.dtype == AUTO and not all(c.passed for c in checks)
+
+
+def on_reference(run: Loaded) -> Loaded:
+    """The run on its float32 reference: its executor chosen (and checked) again there, its fits kept."""
+    reference = run.reference
+    assert reference is not None, "on_reference needs a low-precision run"
+    executor, execution = executors.choose(run.config, reference, run.spec, run.layer, run.contexts)
+    fitted = {"fitted": run.execution["fitted"]} if "fitted" in run.execution else {}
+    return dataclasses.replace(run, plan=dataclasses.replace(run.plan, dtype=reference.dtype), model=reference,
+                               executor=executor, execution={**execution, **fitted}, reference=None)
+
+
+def measured_in(check: PrecisionCheck, model: LoadedModel) -> PrecisionCheck:
+    """The check as recorded by a job that measured on `model` (float32 after an ``auto`` fallback)."""
+    return check.model_copy(update={"measured_dtype": _name(model.dtype)})
+
+
+def record(loaded: LoadedJob, checks: list[PrecisionCheck]) -> None:
+    """Each cell's check on it (a single site's on its run, for run.json) and a failed one said on stderr."""
+    for cell, result in zip(loaded.cells, checks, strict=True):
+        if cell.joint:
+            cell.precision = result
+        else:
+            cell.runs[0].precision = result
+        if not result.passed:
+            where = f"{cell.path}: " if len(loaded.cells) > 1 else ""
+            log.warning(where + precision_sentence(result))
 
 
 def compare(reference: pd.DataFrame, low: pd.DataFrame, dtype: torch.dtype, n_contexts: int,

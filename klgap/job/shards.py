@@ -141,7 +141,7 @@ def merge_parts(folders: list[Path], out: Path, overwrite: bool, device: str | N
                 for path in RunDir(run).part_paths(index):
                     shutil.copy2(path, target.parts / path.name)
         if device is not None:
-            identity["device"] = device.split(":")[0]  # the device's kind, as engine.run_identity records it
+            identity["device"] = device.split(":")[0]  # the device's kind, as identity.run_identity records it
         atomic_write_json(target.root / CONFIG_FILE, identity)
         record = read_record(folders[0] / sub)  # every shard wrote the same record but for its device and ranks
         # the most ranks any shard ran with (a job-array task may be a torchrun launch), whatever the folders' order

@@ -333,7 +333,7 @@ class PrecisionIntervention(StrictModel):
 
 class PrecisionCheck(StrictModel):
     """A low-precision run (``--dtype bfloat16|float16|auto``) against float32 on its first contexts, with the same
-    tokens and draws (klgap/forward/precision.py): the model computes in `dtype` in one and in float32 in the other;
+    tokens and draws (klgap/job/precision.py): the model computes in `dtype` in one and in float32 in the other;
     the patch (x, x̂, baselines) and the KL / ΔCE are float32 in both. ``passed`` when every intervention's mean KL
     and the headline ratio moved by at most `tolerance` (relative); `measured_dtype` is what the run then used
     (``--dtype auto`` falls back to float32 when the check fails)."""

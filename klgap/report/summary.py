@@ -118,7 +118,9 @@ def precision_sentence(check: PrecisionCheck) -> str:
                f"{fmt(check.kl_abs_diff_max, 2)} (p99 {fmt(check.kl_abs_diff_p99, 2)}; at most {fmt_pct(check.kl_rel_diff_max)} "
                f"of the mean KL), mean KL moved by at most {fmt_pct(check.kl_mean_rel_change_max)}, {moved}")
     if check.passed:
-        return f"precision check passed: {numbers} (tolerance {fmt_pct(check.tolerance, 0)})"
+        elsewhere = (f"; measured in {check.measured_dtype} all the same: the check failed at another site of the "
+                     "job (--dtype auto)" if check.measured_dtype != check.dtype else "")
+        return f"precision check passed: {numbers} (tolerance {fmt_pct(check.tolerance, 0)}){elsewhere}"
     outcome = (f"measured in {check.measured_dtype} instead (--dtype auto)" if check.measured_dtype != check.dtype
                else f"measured in {check.dtype} anyway; --dtype float32 gives float32's numbers")
     return f"PRECISION CHECK FAILED: {numbers}, above the tolerance of {fmt_pct(check.tolerance, 0)}; {outcome}"

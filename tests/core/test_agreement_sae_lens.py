@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from klgap.job import loading
+from klgap.job import cells
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import hook_name
 from tests.helpers import random_sae, run_config
@@ -90,7 +90,7 @@ def test_kl_and_ce_agree_with_sae_lens_evals(tmp_path, load_model, model, site, 
     )
     run_config(cfg, tmp_path / "run", progress=False)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["intervention", "context", "position"])
-    prepared = loading.prepare(cfg)
+    prepared = cells.prepare(cfg)
     contexts = prepared.contexts  # [ctx pos], the exact tokens klgap measured
 
     tl_model = hooked_transformer(lm, getattr(torch, dtype))
@@ -162,7 +162,7 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     )
     run_config(cfg, tmp_path / "run", progress=False)
     report = load_report(tmp_path / "run")
-    prepared = loading.prepare(cfg)
+    prepared = cells.prepare(cfg)
     contexts = prepared.contexts
     tl_model = hooked_transformer(lm)
     sae = prepared.sae.module

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats as sps
 import torch
 
-from klgap.job import loading
+from klgap.job import cells, loading
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.render.pages import render_markdown
@@ -99,7 +99,7 @@ def test_section_equals_a_hand_computation(tmp_path, d_model):
     assert [p.intervention for p in found.parts] == ["sae_plus_linear_error", "sae_plus_nonlinear_error"]
 
     # the centred R² from the tokens' full error vectors, measured again through the run's own objects
-    loaded = loading.prepare(config(sae))
+    loaded = cells.prepare(config(sae))
     from klgap.forward import activations
     from klgap.job.view import SaeView
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from klgap.forward import executors
-from klgap.job import loading
+from klgap.job import cells
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.plan.sites import hook_name
@@ -75,7 +75,7 @@ def test_engine_kl_equals_plain_forward_with_hook(tmp_path, load_model, mode):
     extra = {"position": 5, "k": 4} if mode == "single_token" else {}
     report, tokens = _run(tmp_path, model="tiny-gpt2", sae=str(sae_path), interventions=["sae"], mode=mode, **extra)
     sae = load_sae(str(sae_path), torch.device("cpu"))
-    contexts = loading.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), tokens=128, context_len=32, dataset="random", device="cpu")).contexts
+    contexts = cells.prepare(RunConfig(model="tiny-gpt2", sae=str(sae_path), tokens=128, context_len=32, dataset="random", device="cpu")).contexts
     mlp = lm.hf_model.transformer.h[1].mlp
     with torch.no_grad():
         clean = lm.hf_model(input_ids=contexts, use_cache=False).logits.float()

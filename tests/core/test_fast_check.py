@@ -4,15 +4,25 @@ first contexts (klgap/forward/suffix.py replays a cut of the recorded calls)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from klgap.forward import executors
 from klgap.forward.suffix import SuffixRunner
-from klgap.job import engine, modes
+from klgap.job.batches import measure_batch
+from klgap.job.cells import prepare
+from klgap.job.loaded import LoadedJob
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import hook_name
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
+
+
+def _batch0(prep):
+    job = LoadedJob.of_run(prep)
+    [(frame, _)] = measure_batch(job, 0, job.cells)
+    return frame
 
 
 def test_a_one_batch_run_pays_for_the_clean_forward_once(tmp_path, load_model):
@@ -21,21 +31,26 @@ def test_a_one_batch_run_pays_for_the_clean_forward_once(tmp_path, load_model):
     cfg = RunConfig(model="tiny-llama", sae=str(sae), tokens=4 * 32, context_len=32, batch_size=4, device="cpu",
                     dataset="random", interventions=["sae", "epsilon_random", "zero"])
     calls: list[int] = []
-    prep = engine.prepare(cfg)  # loads the model before counting
+    prep = prepare(cfg)  # loads the model before counting
     model = prep.model.hf_model
     handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(int(k["input_ids"].shape[0])), with_kwargs=True)
     try:
-        prep = engine.prepare(cfg)
+        prep = prepare(cfg)
         assert prep.execution["path"] == "suffix-replay" and prep.execution["replay_check_relative_error"] <= 1e-5
         assert calls == [4, 2]  # the batch's clean forward (kept), nnsight's reference on its first 2 contexts
-        frame, _ = modes.measure_batch(prep, 0)
+        frame = _batch0(prep)
         assert calls == [4, 2]  # batch 0 ran no other full forward
-        modes.measure_batch(prep, 0)
+        _batch0(prep)
         assert calls == [4, 2, 4]  # once used, the kept forward is gone
+        calls.clear()
+        report = run_config(cfg, tmp_path / "run")  # the job's own batch loop: loaded, checked, measured, written
+        assert prep.model.hf_model is model and report.execution["path"] == "suffix-replay"
+        assert calls == [4, 2]  # the whole one-batch run: the check's two forwards, nothing else
     finally:
         handle.remove()
-    prep = engine.prepare(RunConfig(**{**cfg.to_dict(), "no_fast": True}))
-    slow, _ = modes.measure_batch(prep, 0)
+    ran = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    np.testing.assert_array_equal(ran["kl"].to_numpy(), frame["kl"].to_numpy())
+    slow = _batch0(prepare(RunConfig(**{**cfg.to_dict(), "no_fast": True})))
     torch.testing.assert_close(torch.tensor(frame["kl"].to_numpy()), torch.tensor(slow["kl"].to_numpy()), rtol=1e-4, atol=1e-7)
 
 

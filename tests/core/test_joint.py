@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from klgap.job import loading
+from klgap.job.cells import prepare
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.job.patch import SiteSwap
@@ -146,7 +147,7 @@ def test_each_site_sees_the_activation_the_patched_forward_gives_it(tmp_path, lo
     template = _saes(tmp_path, lm, cells)
     report, tokens = _joint(tmp_path, "run", model="tiny-llama", site="resid_post,mlp_out", layer="0,1",
                             sae=template, interventions=["sae", "epsilon_random"])
-    contexts = loading.prepare(RunConfig(**SMALL, model="tiny-llama", site="resid_post", layer=0,
+    contexts = prepare(RunConfig(**SMALL, model="tiny-llama", site="resid_post", layer=0,
                                         sae=template.format(site="resid_post", layer=0))).contexts
     saes = [(cell, load_sae(template.format(site=cell[0], layer=cell[1]), torch.device("cpu")).module)
             for cell in cells]

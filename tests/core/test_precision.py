@@ -12,12 +12,17 @@ import pytest
 import torch
 
 from klgap.forward import activations
-from klgap.job import engine, loading, modes, precision
+from klgap.job import loading, precision
+from klgap.job.batches import measure_batch
+from klgap.job.cells import load_job, prepare
+from klgap.job.loaded import LoadedJob
+from klgap.job.plan import plan_job
 from klgap.plan import dtypes
 from klgap.plan.config import RunConfig
+from klgap.plan.sites import hook_name
 from klgap.render.pages import rebuild
 from klgap.report.read import load_report
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -62,9 +67,10 @@ def test_low_precision_kl_is_float32_from_bfloat16_logits(sae_path):
     rounding: the patch x' = x̂ is computed in float32 from the bfloat16 activation and rounded once; the
     log-softmax is not taken in bfloat16 (that would be off by ~1e-2)."""
     cfg = config(sae_path, "bfloat16", interventions=["sae", "zero"], include_first_position=True)
-    prep = engine.prepare(cfg)
+    prep = prepare(cfg)
     assert prep.model.dtype == torch.bfloat16 and prep.precision is not None
-    frame, _ = modes.measure_batch(prep, 0)
+    job = LoadedJob.of_run(prep)
+    [(frame, _)] = measure_batch(job, 0, job.cells)
     ids = prep.contexts[:4]
     with torch.no_grad():
         acts, clean = activations.run_clean(prep.model, prep.spec, ids)  # [4 24 d], [4 24 vocab] bfloat16
@@ -84,15 +90,21 @@ def test_low_precision_kl_is_float32_from_bfloat16_logits(sae_path):
 
 
 def test_check_compares_the_same_rows_in_both_precisions(sae_path):
-    """The recorded check is exactly the first 2 contexts measured with the float32 and the bfloat16 model."""
-    prep = engine.prepare(config(sae_path, "bfloat16"))
+    """The recorded check is exactly the first 2 contexts measured with the float32 and the bfloat16 model, by the
+    job's own batch loop, on the execution path the run measures with."""
+    loaded = load_job(plan_job(config(sae_path, "bfloat16")))
+    prep = loaded.runs[0]
     check = prep.precision
     assert check.passed and check.dtype == check.measured_dtype == "bfloat16" and check.n_contexts == 2
+    assert prep.execution["path"] == "suffix-replay"
     reference = loading.load_model("tiny-llama", torch.device("cpu"), torch.float32)
+    assert prep.reference is reference and prep.model.dtype == torch.bfloat16
     frames = []
     for model in (reference, prep.model):
-        run = precision.checked_run(prep, model, 2)
-        frames.append(modes.measure_batch(run, 0)[0])
+        job = precision.checked_job(loaded, model, 2)
+        assert job.runs[0].executor.path == "suffix-replay" and job.runs[0].executor is not prep.executor
+        [(frame, _)] = measure_batch(job, 0, job.cells)
+        frames.append(frame)
     assert (frames[0].drop(columns=["kl", "ce_delta", "eps", "cos", "x_norm", "x_hat_norm", "l0"])
             .equals(frames[1].drop(columns=["kl", "ce_delta", "eps", "cos", "x_norm", "x_hat_norm", "l0"])))
     diff = (frames[0]["kl"] - frames[1]["kl"]).abs()
@@ -104,9 +116,12 @@ def test_check_compares_the_same_rows_in_both_precisions(sae_path):
     assert check.n_tokens == 3 * 2 * 23
 
 
+CAST_COPY = loading.cast_copy  # the real one (the tests below patch loading's)
+
+
 def coarse_copy(model, dtype):
     """A deliberately coarse 'dtype': bfloat16 weights rounded further to powers of two (no mantissa bits)."""
-    low = precision.cast_copy(model, dtype)
+    low = CAST_COPY(model, dtype)
     with torch.no_grad():
         for p in low.hf_model.parameters():
             p.copy_(torch.sign(p) * torch.exp2(torch.round(torch.log2(p.abs().float()))))
@@ -116,7 +131,7 @@ def coarse_copy(model, dtype):
 def test_check_fires_on_a_coarse_dtype(tmp_path, sae_path, monkeypatch, caplog):
     monkeypatch.setattr(loading, "cast_copy", coarse_copy)
     with caplog.at_level(logging.WARNING, logger="klgap"):
-        engine.run(config(sae_path, "bfloat16"), tmp_path / "run", progress=False)
+        run_config(config(sae_path, "bfloat16"), tmp_path / "run")
     assert "PRECISION CHECK FAILED" in caplog.text and "measured in bfloat16 anyway" in caplog.text
     report = load_report(tmp_path / "run")
     assert report.dtype == "bfloat16" and report.precision is not None
@@ -131,9 +146,9 @@ def test_auto_falls_back_to_float32_when_the_check_fails(tmp_path, sae_path, mon
     monkeypatch.setattr(dtypes, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     monkeypatch.setattr(loading, "cast_copy", coarse_copy)
     with caplog.at_level(logging.WARNING, logger="klgap"):
-        engine.run(config(sae_path, "auto"), tmp_path / "auto", progress=False)
+        run_config(config(sae_path, "auto"), tmp_path / "auto")
     assert "measured in float32 instead (--dtype auto)" in caplog.text
-    engine.run(config(sae_path, "float32"), tmp_path / "fp32", progress=False)
+    run_config(config(sae_path, "float32"), tmp_path / "fp32")
     auto, fp32 = load_report(tmp_path / "auto"), load_report(tmp_path / "fp32")
     assert auto.dtype == "float32" and auto.precision.dtype == "bfloat16" and auto.precision.measured_dtype == "float32"
     assert fp32.precision is None
@@ -151,6 +166,98 @@ def test_auto_picks_bfloat16_only_where_the_hardware_has_it(monkeypatch):
 
 
 def test_float32_runs_have_no_check(sae_path):
-    prep = engine.prepare(config(sae_path, "float32"))
-    assert prep.precision is None and prep.model.dtype == torch.float32
+    prep = prepare(config(sae_path, "float32"))
+    assert prep.precision is None and prep.reference is None and prep.model.dtype == torch.float32
     assert "model.rotary_emb.inv_freq" in dict(prep.model.hf_model.named_buffers())
+
+
+def _site_saes(folder, sites) -> str:
+    """A random SAE per (site, layer) of tiny-llama, and the ``{site}-L{layer}`` template naming them."""
+    folder.mkdir(exist_ok=True)
+    for k, (site, layer) in enumerate(sites):
+        random_sae(folder / f"{site}-L{layer}.safetensors", 64, 128, hook_name(site, layer), seed=k)
+    return str(folder / "{site}-L{layer}.safetensors")
+
+
+STUDY = [("resid_pre", 1), ("mlp_out", 1)]
+
+
+def test_a_study_checks_every_site(tmp_path):
+    """A bfloat16 study checks each site on the study's own path (the shared clean forward, each site's suffix
+    replay): each site's report holds its check, the same numbers as that site measured alone."""
+    template = _site_saes(tmp_path / "saes", STUDY)
+    study = run_config(config(template, "bfloat16", site="resid_pre,mlp_out", layer=1), tmp_path / "study")
+    assert [run.path for run in study.runs] == ["resid_pre_L01", "mlp_out_L01"]
+    for (site, layer), row in zip(STUDY, study.runs, strict=True):
+        check = load_report(tmp_path / "study" / row.path).precision
+        assert check is not None and check.passed and check.n_contexts == 2 and check.n_tokens == 3 * 2 * 23
+        assert 0 < check.kl_abs_diff_max < 1e-3
+        alone = run_config(config(template.format(site=site, layer=layer), "bfloat16", site=site, layer=layer),
+                           tmp_path / f"alone_{site}").precision
+        assert check.kl_abs_diff_max == pytest.approx(alone.kl_abs_diff_max, rel=1e-5)
+        assert check.ratio == pytest.approx(alone.ratio, rel=1e-6)
+        assert check.interventions["sae"].kl_mean == pytest.approx(alone.interventions["sae"].kl_mean, rel=1e-6)
+
+
+def test_auto_study_falls_back_as_a_whole(tmp_path, monkeypatch, caplog):
+    """--dtype auto: a failed check anywhere makes the whole study measure in float32 (one model for its shared
+    forwards), each site's numbers those of a float32 study."""
+    monkeypatch.setattr(dtypes, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(loading, "cast_copy", coarse_copy)
+    template = _site_saes(tmp_path / "saes", STUDY)
+    with caplog.at_level(logging.WARNING, logger="klgap"):
+        run_config(config(template, "auto", site="resid_pre,mlp_out", layer=1), tmp_path / "auto")
+    assert "resid_pre_L01: PRECISION CHECK FAILED" in caplog.text
+    run_config(config(template, "float32", site="resid_pre,mlp_out", layer=1), tmp_path / "fp32")
+    for path in ("resid_pre_L01", "mlp_out_L01"):
+        auto = load_report(tmp_path / "auto" / path)
+        assert auto.dtype == "float32" and auto.precision.dtype == "bfloat16"
+        assert auto.precision.measured_dtype == "float32"
+        tokens = [pd.read_parquet(tmp_path / name / path / "tokens.parquet") for name in ("auto", "fp32")]
+        pd.testing.assert_series_equal(tokens[0]["kl"], tokens[1]["kl"])
+
+
+def test_a_joint_run_checks_its_joint_cell_too(tmp_path):
+    """A bfloat16 joint run: each site alone and the joint cell (every site patched in one forward, through the
+    joint suffix replay) get their own check, the joint cell's from its own rows in both precisions."""
+    template = _site_saes(tmp_path / "saes", [("mlp_out", 0), ("mlp_out", 1)])
+    cfg = config(template, "bfloat16", site="mlp_out", layer="0,1", joint=True)
+    loaded = load_job(plan_job(cfg))
+    whole = next(cell for cell in loaded.cells if cell.joint)
+    assert whole.execution["path"] == "joint-suffix-replay" and whole.precision is not None
+    assert all(run.precision is not None for run in loaded.runs)
+    frames = []
+    for model in (loaded.runs[0].reference, loaded.model):
+        job = precision.checked_job(loaded, model, 2)
+        assert job.cells[-1].executor.path == "joint-suffix-replay"
+        frames.append(list(measure_batch(job, 0, job.cells))[-1][0])
+    assert whole.precision == precision.compare(frames[0], frames[1], torch.bfloat16, 2)
+    assert whole.precision.interventions["sae"].kl_mean > max(run.precision.interventions["sae"].kl_mean
+                                                              for run in loaded.runs)  # both sites patched
+    report = run_config(cfg, tmp_path / "joint")
+    assert report.precision is not None and report.precision.passed
+    assert report.precision.kl_mean_rel_change_max == pytest.approx(whole.precision.kl_mean_rel_change_max, rel=1e-6)
+    single = load_report(tmp_path / "joint" / "single" / "mlp_out_L00").precision
+    assert single.interventions["sae"].kl_mean == pytest.approx(loaded.runs[0].precision.interventions["sae"].kl_mean,
+                                                                rel=1e-6)
+
+
+def test_a_held_low_precision_model_is_checked_against_one_float32_copy(tmp_path, load_model, monkeypatch):
+    """klgap.measure on a bfloat16 model the caller holds: its float32 reference is its own weights cast up, made
+    once for every site of a study, and each site's check is recorded."""
+    import copy
+
+    import klgap
+
+    hf = copy.deepcopy(load_model("tiny-llama").hf_model).to(torch.bfloat16)
+    casts: list[torch.dtype] = []
+    monkeypatch.setattr(loading, "cast_copy", lambda model, dtype: casts.append(dtype) or CAST_COPY(model, dtype))
+    template = _site_saes(tmp_path / "saes", STUDY)
+    ids = torch.randint(0, 200, (8, 24), generator=torch.Generator().manual_seed(0))
+    klgap.measure(hf, template, tokens=ids, site=["resid_pre", "mlp_out"], layer=1, batch_size=4,
+                  interventions=["sae", "epsilon_random", "zero"], progress=False, out=tmp_path / "held")
+    assert casts == [torch.float32]
+    for path in ("resid_pre_L01", "mlp_out_L01"):
+        report = load_report(tmp_path / "held" / path)
+        assert report.dtype == "bfloat16" and report.precision.n_contexts == 2
+        assert report.precision.n_tokens == 3 * 2 * 23 and report.precision.kl_abs_diff_max > 0
