@@ -181,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sae_help() -> str:
     """--sae's help, naming every registered SAE loader (plugins' included), so it never lags the registry."""
-    from klgap.plugins.manager import registry
+    from klgap.plugins.manager import get_host
 
-    names = ", ".join(sorted(registry("sae_loader").names()))
+    # the registries as they are (a broken plugin's entries left out): `klgap plugins` and --help still run
+    names = ", ".join(sorted(get_host().registries["sae_loader"].names()))
     return (f"an SAE as LOADER:ARG, LOADER one of {names} (`klgap plugins` says what each reads; e.g. "
             "sae_lens:RELEASE/SAE_ID), or a path that a loader recognises (a sae_lens folder, a .safetensors file, "
             "...); a glob ('DIR/checkpoints/*') measures every SAE checkpoint it matches in one study (over training)")

@@ -227,7 +227,7 @@ def flag_help(item: dataclasses.Field) -> str:
     value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
     if value is dataclasses.MISSING:
         return meta["help"]
-    said = meta["default"] or (",".join(value) if isinstance(value, list) else value)
+    said = meta["default"] or (", ".join(value) if isinstance(value, list) else value)  # spaces: help wraps there
     return f"{meta['help']} (default {said})"
 
 
