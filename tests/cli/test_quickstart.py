@@ -62,5 +62,11 @@ def test_the_readme_quickstart_runs_from_a_fresh_home(tmp_path):
     kl = {name: row["kl_mean"] for name, row in report["interventions"].items()}
     assert kl["sae"] > 0 and kl["epsilon_random"] > 0
     assert report["kl_ratio_sae_over_epsilon_random"] == pytest.approx(kl["sae"] / kl["epsilon_random"])
-    # the verdict line names the site and a ratio with its interval
-    assert re.search(r"moves the next-token distribution [\d.]+× \[[\d.]+, [\d.]+\]", proc.stdout), proc.stdout
+    # the report's opening sentence (against each baseline the run measured) is printed, with ratios and intervals
+    from klgap.report.panel import opening_sentence
+    from klgap.report.read import load_report
+
+    found = load_report(out)
+    sentence = opening_sentence(found, found.model, found.mode)
+    assert sentence in proc.stdout and sentence.startswith(f"At blocks.{declared['layer']}.hook_mlp_out of smollm2-135m")
+    assert re.search(r"moves the next-token distribution .*[\d.]+× \[[\d.]+, [\d.]+\]", sentence), sentence
