@@ -6,7 +6,6 @@ from a loaded run (klgap/job/loading.py) or a loaded joint cell (klgap/job/loade
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 

@@ -14,6 +14,7 @@ The verdicts are written to ``OUT/expected_check.json`` (:class:`ExpectationChec
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Literal

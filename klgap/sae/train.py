@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from klgap.errors import KlgapError, unknown
 from klgap.plugins.manager import ModelRef

@@ -12,8 +12,6 @@ from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.report.read import load_report
-from klgap.sae.fit import fit_sae
-from klgap.sae.gather import gather
 from tests.close import assert_identical_frames
 from tests.helpers import checkpointed_sae, run_config
 

@@ -26,7 +26,7 @@ from klgap.forward import executors
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import SITES, hook_name
 from klgap_hf.families import FAMILIES
-from tests.helpers import random_sae
+from tests.helpers import random_sae, run_config
 from tests.plugins.hf_families import TL_UNSUPPORTED, tiny_folder, tiny_model
 
 ALL = sorted(FAMILIES)
@@ -205,6 +205,6 @@ def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
     assert [run.site for run in study.runs] == list(SITES)
     for run in study.runs:
         report = json.loads((tmp_path / "run" / run.path / "report.json").read_text())
-        assert report["execution"]["path"] == "suffix-replay", (family, run["site"])
+        assert report["execution"]["path"] == "suffix-replay", (family, run.site)
         assert report["kl_ratio_sae_over_epsilon_random"] > 0
         assert report["config"]["model"] == folder
