@@ -73,7 +73,7 @@ def test_the_dry_run_of_a_checkpoint_glob_names_the_checkpoints_and_warns_of_ano
     code, out, err = _run(["replicate", "--model", "tiny-gpt2", "--sae", str(base / "*"), *RUN, "--dry-run"], capsys)
     assert code == 0, err
     assert f"mlp_out L0: 3 checkpoint(s) of {base / '*'} (steps 10, 20, 30): hook name, weights read and finite" in out
-    assert "default" not in out and "ok: 1 run(s) check out" in out
+    assert "default" not in out and "ok: 3 run(s) check out" in out  # a run per checkpoint
     assert f"checkpoint {base / 'step-000020'} was trained on gpt2, not on tiny-gpt2" in caplog.text
 
 
