@@ -29,8 +29,8 @@ from klgap.hookspecs import hookimpl  # noqa: E402  (plugins write `@klgap.hooki
 #: public name -> the module that defines it (imported when first asked for)
 _LAZY = {
     "measure": "klgap.api", "curve": "klgap.api", "compare": "klgap.api", "train_sae": "klgap.api",
-    "load_run": "klgap.api", "load_result": "klgap.api", "run": "klgap.api", "Result": "klgap.api",
-    "StudyResult": "klgap.api",
+    "run": "klgap.api", "load_run": "klgap.result", "load_result": "klgap.result", "Result": "klgap.result",
+    "StudyResult": "klgap.result",
     "Report": "klgap.report.schema", "StudyReport": "klgap.report.schema", "RunConfig": "klgap.plan.config",
     "ReportSection": "klgap.report.sections",
     # what a plugin implements or returns (klgap.protocols)
@@ -38,7 +38,8 @@ _LAZY = {
         "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",
         "ModelAdapter", "SAELoader", "Perturbation", "TokenSource", "Command", "SparseAutoencoder",
         "SAEChecker", "DefaultSAEFinder", "FittablePerturbation", "PlacingModelAdapter", "HubModelAdapter",
-        "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter")},
+        "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter", "ErrorFittablePerturbation",
+        "SaeFittablePerturbation", "FitSummary", "BaselineRole")},
 }
 
 __all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]

@@ -12,24 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from klgap.render.blocks import STYLE, Block, Bullets, Code, Figure, Heading, Para, Table, esc, html_block, md_block
-from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
+from klgap.render.formatting import DASH, fmt, fmt_fixed
 from klgap.errors import KlgapError
 from klgap.job.folder import atomic_write_bytes
 from klgap.report.read import load_report
-from klgap.report.schema import (
-    BASELINE, Comparison, Curve, InterventionStats, RatioCI, Report, SiteSummary, StudyReport,
-)
+from klgap.report.schema import BASELINE, Curve, Report, SiteSummary, StudyReport
 from klgap.render.lead import lead_blocks
 from klgap.render.panel_page import panel_blocks
+from klgap.render.run_details import detail_blocks
 from klgap.render.study_page import study_blocks
 from klgap.render.sweep_page import CAPTION as SWEEP_CAPTION, sweep_blocks
 from klgap.report.findings import curve_findings
 from klgap.report.sections import present
 from klgap.report.summary import precision_sentence, summary_rows
-from klgap.report.sweep import is_sweep_point
-
-N_TOP_ROWS = 10
-
 
 def _where(run: SiteSummary) -> str:
     return f"{run.site} L{run.layer}"
@@ -73,150 +68,6 @@ def _holm_families(report: Report | StudyReport) -> list[Block]:
                      "older than 0.3.0, before it corrected each baseline's tests as a family of their own).")]
     return [Para("Holm correction, one family per baseline (curve points a family of their own); a p-value is "
                  "shown Holm-corrected where its family holds more than one test:"), Bullets(families)]
-
-
-def _ci(ratio: RatioCI) -> str:
-    return fmt_ci(ratio.ratio, ratio.ci_low, ratio.ci_high)
-
-
-def ce_delta_difference_text(comparison: Comparison, sae: InterventionStats | None,
-                             baseline: InterventionStats | None) -> str:
-    """Mean ΔCE(sae) − mean ΔCE(baseline) in nats with its paired context-bootstrap interval; reports without it
-    (before 0.3.0) give the difference of the two means alone."""
-    diff = comparison.ce_delta_difference
-    if diff is not None:
-        return fmt_ci_sig(diff.mean, diff.ci_low, diff.ci_high)
-    if sae is None or baseline is None or sae.ce_delta_mean is None or baseline.ce_delta_mean is None:
-        return DASH
-    return fmt(sae.ce_delta_mean - baseline.ce_delta_mean, 3)
-
-
-def ce_delta_ratio_text(comparison: Comparison) -> str:
-    """The ΔCE ratio sae/baseline, only where the baseline's mean ΔCE (its denominator) has an interval that
-    excludes 0 and the ratio's interval holds the ratio; otherwise '—'."""
-    denominator, ratio = comparison.ce_delta_baseline, comparison.ce_delta_ratio
-    if denominator is None or denominator.ci_low is None or denominator.ci_high is None:
-        return DASH
-    if denominator.ci_low <= 0 <= denominator.ci_high:
-        return DASH
-    if not interval_holds(ratio.ratio, ratio.ci_low, ratio.ci_high):
-        return DASH
-    return _ci(ratio)
-
-
-def _p_with_holm(comparison: Comparison) -> str:
-    """'3.81e-06 (Holm 4.20e-05)': the Holm-corrected p where its family holds more than this test."""
-    test = comparison.wilcoxon_kl
-    return fmt_p_holm(test.p_value, test.p_holm, test.holm_family_size)
-
-
-def _comparisons(report: Report) -> list[Block]:
-    if not report.comparisons:
-        return []
-    sae = report.interventions.get("sae")
-    rows = [[name, _ci(comp.kl_ratio), ce_delta_difference_text(comp, sae, report.interventions.get(name)),
-             ce_delta_ratio_text(comp), _p_with_holm(comp), fmt_fixed(comp.wilcoxon_kl.effect_size),
-             fmt(comp.wilcoxon_kl.n_contexts)]
-            for name, comp in report.comparisons.items() if not is_sweep_point(name)]  # sweeps: their own section
-    return [
-        Heading(2, "SAE against each baseline"),
-        Table(["baseline", "KL ratio sae/baseline [95% CI]", "ΔCE sae − baseline [95% CI], nats", "ΔCE ratio [95% CI]",
-               "Wilcoxon p (Holm)", "effect size (rank-biserial)", "contexts"], rows),
-        Para("ΔCE is the change in next-token cross-entropy caused by the patch. Its difference pairs the SAE and "
-             "the baseline on the same contexts (interval: bootstrap over contexts). The ΔCE ratio is shown only "
-             "where the baseline's mean ΔCE has a 95% interval that excludes 0: a ratio over a denominator that may "
-             "be 0 says nothing."),
-    ]
-
-
-def _sae_lens_scores(report: Report) -> list[Block]:
-    scores = report.sae_lens_scores
-    if scores is None:
-        return []
-    return [
-        Heading(2, "sae_lens scores"),
-        Para("sae_lens's normalised scores against zero ablation, from this run's means: kl_div_score = "
-             "(KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a "
-             "perfect reconstruction, 0 no better than zero ablation."),
-        Table(["kl_div_score", "ce_loss_score"], [[fmt_fixed(scores.kl_div_score), fmt_fixed(scores.ce_loss_score)]]),
-    ]
-
-
-def _interventions(report: Report) -> list[Block]:
-    rows = [[name, fmt(s.n_tokens), fmt(s.n_nonfinite), fmt(s.kl_mean), fmt(s.kl_median), fmt(s.kl_p999),
-             fmt(s.ce_delta_mean), fmt(s.ce_delta_median), fmt(s.ce_delta_p999)]
-            for name, s in report.interventions.items()]
-    return [
-        Heading(2, "Interventions"),
-        Table(["intervention", "tokens", "non-finite", "KL mean", "KL median", "KL p99.9", "ΔCE mean", "ΔCE median",
-               "ΔCE p99.9"], rows),
-    ]
-
-
-def _sae(report: Report) -> list[Block]:
-    sae = report.sae
-    items = [f"source: {sae.source}", f"hook: {sae.hook_name or DASH}", f"architecture: {sae.architecture}",
-             f"d_in: {fmt(sae.d_in)}, d_sae: {fmt(sae.d_sae)}"]
-    metrics = report.sae_metrics.model_dump()
-    return [Heading(2, "SAE"), Bullets(items), Table(["metric", "value"], [[k, fmt(v)] for k, v in metrics.items()])]
-
-
-def _gap(report: Report) -> list[Block]:
-    gap = report.gap
-    if gap is None:
-        return []
-    blocks: list[Block] = [
-        Heading(2, f"Per-token gap KL(sae) − KL({gap.baseline})"),
-        Bullets([f"mean gap: {fmt(gap.gap_mean)}",
-                 f"fraction of tokens with a positive gap: {fmt_fixed(gap.frac_tokens_gap_positive)}"]),
-    ]
-    if gap.spearman:
-        blocks += [Para("Spearman correlation of the gap with per-token quantities:"),
-                   Table(["with", "rho", "p", "n"], [[k, fmt_fixed(c.rho), fmt_p(c.p_value), fmt(c.n)]
-                                                     for k, c in gap.spearman.items()])]
-    top = gap.top_tokens
-    if top:
-        blocks += [Para(f"Tokens with the largest mean gap (first {min(len(top), N_TOP_ROWS)}):"),
-                   Table(["token", "id", "mean gap", "count"],
-                         [[repr(t.token) if t.token is not None else DASH, fmt(t.token_id), fmt(t.mean_gap),
-                           fmt(t.count)] for t in top[:N_TOP_ROWS]])]
-    return blocks
-
-
-def _single_token(report: Report) -> list[Block]:
-    single = report.single_token
-    if single is None:
-        return []
-    by_offset = single.kl_by_offset
-    names = list(by_offset)
-    offsets = sorted({int(o) for curve in by_offset.values() for o in curve})
-    rows = [[f"t+{o}", *[fmt(by_offset[n].get(str(o))) for n in names]] for o in offsets]
-    return [
-        Heading(2, f"Single token: patched at t = {single.position}, measured to t+{single.k}"),
-        Para("Mean KL at each offset after the patched token, per intervention."),
-        Table(["offset", *names], rows),
-    ]
-
-
-def _many_samples(report: Report) -> list[Block]:
-    many = report.many_samples
-    if many is None:
-        return []
-    position = report.position
-    items = [
-        f"{fmt(many.n_draws)} draws of {many.sample_intervention} per context"
-        + (f" at position {position}" if position is not None else ""),
-        f"z of the SAE's KL against the draws: mean {fmt_fixed(many.z_mean, 2)}, median {fmt_fixed(many.z_median, 2)}",
-        f"fraction of contexts with z > 2: {fmt_fixed(many.frac_z_above_2)}",
-        f"mean percentile of the SAE's KL among the draws: {fmt(many.percentile_mean)}",
-    ]
-    rows = [[fmt(c.context), fmt(c.sae_kl), fmt(c.draw_mean), fmt(c.draw_std), fmt_fixed(c.z, 2), fmt(c.percentile)]
-            for c in many.per_context[:N_TOP_ROWS]]
-    blocks: list[Block] = [Heading(2, "Many samples"), Bullets(items)]
-    if rows:
-        blocks += [Para(f"First {len(rows)} of {len(many.per_context)} contexts:"),
-                   Table(["context", "sae KL", "draws mean", "draws sd", "z", "percentile"], rows)]
-    return blocks
 
 
 def curve_blocks(curve: Curve | None, label: str = "") -> list[Block]:
@@ -354,9 +205,7 @@ def document(report: Report | StudyReport, figures: Sequence[Path], extra: Seque
                            *_overview(report), *(study_blocks(report) if isinstance(report, StudyReport) else []),
                            *(block for section, blocks in found if not section.lead for block in blocks)]
     if isinstance(report, Report):
-        blocks += [*_comparisons(report), *_interventions(report), *_sae_lens_scores(report), *_sae(report),
-                   *_single_token(report), *_many_samples(report), *_gap(report), *curve_blocks(report.curve),
-                   *sweep_blocks(report)]
+        blocks += [*detail_blocks(report), *curve_blocks(report.curve), *sweep_blocks(report)]
     return blocks + _figures(report, figures) + _provenance(report)
 
 
