@@ -11,9 +11,9 @@ run's measured tokens:
 - or the SAE's training.json (a klgap-trained SAE) says it was trained on fewer than :data:`TRAINING_TOKEN_FLOOR`
   tokens (``n_training_tokens``: distinct activations, each possibly seen several times).
 
-The floor is 1M tokens: sae_lens's and SAEBench's smallest published SAEs are trained on tens to hundreds of millions
-of tokens, and below a million an SAE of a few thousand features has seen each feature fire only a few hundred
-times; the verdict may describe an SAE far from converged. One function per fact: :func:`sae_quality` reads the
+The floor is 1M tokens: the SAEs published with sae_lens and SAEBench are trained on tens of millions of tokens or
+more, and below a million an SAE of a few thousand features has seen a typical feature fire only a few hundred times;
+the verdict may describe an SAE far from converged. One function per fact: :func:`sae_quality` reads the
 numbers out of a report, :meth:`SaeQuality.notes` says which notes they give, :func:`reconstruction_phrase` is the
 subject of every opening sentence.
 """
