@@ -217,9 +217,7 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
     models both called 'llama': give measure(name=...)) are told apart by their run's place in `runs` ('#2')."""
     import pandas as pd
 
-    from klgap.report.compare import COLUMNS, Entry, entries_for
-    from klgap.report.panel import baseline_panel
-    from klgap.report.summary import summary_row
+    from klgap.report.compare import COLUMNS, entries_for, entry_of
 
     if labels is not None and len(labels) != len(runs):
         raise KlgapError(f"labels has {len(labels)} entries for {len(runs)} runs; give one per run")
@@ -228,9 +226,7 @@ def compare(runs: list[Result | str | Path], labels: list[str] | None = None) ->
         label = labels[i] if labels else None
         if isinstance(run, Result):
             report = run.report
-            row = summary_row(report, report.model, report.mode)
-            found = [Entry(label or f"{report.model} {row.where}", str(run.path or ""), row, report.curve,
-                           baseline_panel(report, report.model, report.mode), report.size_bins)]
+            found = [entry_of(report, report.model, report.mode, str(run.path or ""), label)]
         else:
             found = entries_for(run, label)
         entries += found

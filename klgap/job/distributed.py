@@ -5,8 +5,8 @@ without torchrun, a task that ``srun`` started (``SLURM_STEP_ID`` set) reads ``S
 / ``SLURM_LOCALID``. Every rank loads the model (on ``cuda:LOCAL_RANK`` when CUDA is used); rank 0 alone binds the
 run folder (run_config.json, run.json) and hands every rank the list of batches still to do, of which rank r
 measures ``todo[r::world_size]``; each writes its own parts (one file per batch: no two ranks write the same
-file); after a barrier rank 0 builds the report from the folder. Every batch is seeded by (seed, batch,
-intervention), never by rank, so the numbers are those of one process, and a killed run resumes with any world
+file); after a barrier rank 0 builds the report from the folder. Every batch's draws are seeded by (seed,
+batch, intervention name; klgap.job.view.draw_key), never by rank, so the numbers are those of one process, and a killed run resumes with any world
 size, 1 included.
 
 The ranks exchange only a few small messages (the plan, errors, barriers), so they talk over gloo on the CPU

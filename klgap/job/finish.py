@@ -62,6 +62,10 @@ def finish_reports(out: str | Path, shape: str, config: RunConfig, paths: list[s
     report on top (the study's, or the cell at ``"."``)."""
     out = Path(out)
     reports = {path: report_folder(out / path) for path in paths}
+    for path, report in reports.items():  # each SAE's quality notes (klgap/report/quality.py), once per SAE
+        for note in report.quality_notes if report.joint is None else []:
+            log.warning("quality note on the SAE at %s%s: %s", report.hook_name,
+                        "" if path == "." else f" ({path})", note.text)
     if shape in ("study", "checkpoints"):
         return write_study(config, [out / path for path in paths], out, shape)
     return reports["."]

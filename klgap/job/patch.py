@@ -9,8 +9,9 @@ Two kinds of cell, one interface (:class:`Patch`), so the modes (klgap/job/modes
   activation it receives in that forward, already changed by the patches below it, through its own SAE and
   applies the intervention with its own x, x̂ and ε = x − x̂ (:class:`SiteSwap`).
 
-Both draw their randomness from :func:`klgap.job.view.draw_generator`: site k of a joint cell with the site's
-index appended to the key (k > 0), so the lowest site draws as the same site measured alone.
+Both draw their randomness from :func:`klgap.job.view.draw_generator`, keyed by the intervention's name (never its
+place in ``--interventions``) and, in a joint cell, the site's index k (0 for the lowest site, which so draws as the
+same site measured alone).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class SitePatch:
 
     def logits(self, group: Group) -> list[Tensor]:
         model, n_ctx = self.site.model, self.ids.shape[0]
-        x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, j))
-                    for j, i in group]
+        x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, i.name))
+                    for _, i in group]
         return list(self.site.executor.patched(self.ids, torch.cat(x_primes), self.at, copies=len(group)).split(n_ctx))
 
     def _substitute(self, perturbation: Perturbation, generator: torch.Generator) -> Tensor:
@@ -152,7 +153,7 @@ class SitePatch:
         x_rep, x_hat_rep, off_rep = view.x[owner], view.x_hat[owner], view.offset[owner]
         drawn = []
         for c in range(n_ctx):
-            generator = draw_generator(model.device, self.seed, self.index, len(site.interventions), context=c)
+            generator = draw_generator(model.device, self.seed, self.index, site.sample.name, context=c)
             rows = slice(c * n_draws, (c + 1) * n_draws)
             drawn.append(sample(x_rep[rows], x_hat_rep[rows], generator).float() + off_rep[rows])
         x_prime_all = torch.cat(drawn).to(model.dtype)
@@ -189,7 +190,7 @@ class JointPatch:
         for j, _ in group:
             # each site's own perturbation object: a fitted one (epsilon_anisotropic) was fitted on that site
             swaps = [SiteSwap(site, site.interventions[j].perturbation,
-                              draw_generator(device, self.seed, self.index, j, site=k), self.at)
+                              draw_generator(device, self.seed, self.index, site.interventions[j].name, site=k), self.at)
                      for k, site in enumerate(self.sites)]
             out.append(self.executor.patched(self.ids, swaps)[:, self.start :])
         return out
@@ -198,11 +199,10 @@ class JointPatch:
         """One context's draws per patched forward (in chunks), each site drawing from its own stream."""
         model = self.sites[0].model
         n_ctx, n_positions = self.ids.shape
-        n_interventions = len(self.interventions)
         chunk = draw_chunk(model, n_positions, 0)  # joint patched runs compute every position, hold no prefix
         for c in range(n_ctx):
-            generators = [draw_generator(model.device, self.seed, self.index, n_interventions, context=c, site=k)
-                          for k in range(len(self.sites))]
+            generators = [draw_generator(model.device, self.seed, self.index, site.sample.name, context=c, site=k)
+                          for k, site in enumerate(self.sites)]
             for start in range(0, n_draws, chunk):
                 rows = min(chunk, n_draws - start)
                 swaps = [SiteSwap(site, site.sample.perturbation, generators[k], self.at)

@@ -1,12 +1,15 @@
 """The SAE's view of a batch's tokens (x, x̂, per-token geometry, the substitutes) and the key of every random draw.
 
-Every random draw of a job comes from a generator seeded by :func:`draw_key`: the job's seed, the batch, the
-intervention's index and, for a many-samples draw, the context; a site of a joint cell above its lowest draws
-with the site's index appended. The same numbers on every resume, shard and rank.
+Every random draw of a job comes from a generator seeded by :func:`draw_key`: the job's seed, the batch, a stable
+hash of the intervention's name with its parameters (``cosine_matched(cos=0.8,norm_frac=0.9)``), the stream (0: the
+intervention's one draw per token; c + 1: context c's many-samples draws) and the site's index within a joint cell
+(0 for its lowest site, and for a site measured alone). So an intervention draws the same numbers whatever else
+``--interventions`` lists and in whatever order, on every resume, shard and rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +20,28 @@ from torch import Tensor
 from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 
-def draw_key(seed: int, batch: int, intervention: int, *, context: int | None = None, site: int = 0) -> tuple[int, ...]:
-    """The key of one stream of draws: (seed, batch, intervention[, context][, site]); the site's index only
-    above a joint cell's lowest site (whose draws are those of the same site measured alone)."""
-    return (seed, batch, intervention, *(() if context is None else (context,)), *((site,) if site else ()))
+def name_key(name: str) -> int:
+    """A stable 64-bit integer of an intervention's name (the first 8 bytes of its SHA-256; never Python's
+    ``hash``, which changes per process)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
 
 
-def draw_generator(device: torch.device, seed: int, batch: int, intervention: int, *, context: int | None = None,
+def draw_key(seed: int, batch: int, intervention: str, *, context: int | None = None, site: int = 0) -> tuple[int, ...]:
+    """The key of one stream of draws: (seed, batch, name_key(intervention), stream, site), where `intervention`
+    is the intervention's recorded name (its parameters included), stream is 0 for its one draw per token and
+    context + 1 for a many-samples context's draws, and site the index of a joint cell's site (0 for its lowest,
+    whose draws are those of the same site measured alone)."""
+    return (seed, batch, name_key(intervention), 0 if context is None else context + 1, site)
+
+
+def draw_generator(device: torch.device, seed: int, batch: int, intervention: str, *, context: int | None = None,
                    site: int = 0) -> torch.Generator:
     """The generator of one stream of draws (:func:`draw_key`)."""
     return generator_for(device, *draw_key(seed, batch, intervention, context=context, site=site))
 
 
 def generator_for(device: torch.device, *keys: int) -> torch.Generator:
-    """A generator seeded from (seed, batch, intervention, ...): the same numbers on resume."""
+    """A generator seeded from a key of non-negative integers (:func:`draw_key`): the same numbers on resume."""
     state = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(state)
 
@@ -95,4 +106,4 @@ class SaeView:
         return sides
 
 
-__all__ = ["SaeView", "draw_generator", "draw_key", "generator_for"]
+__all__ = ["SaeView", "draw_generator", "draw_key", "generator_for", "name_key"]

@@ -3,7 +3,7 @@ own page, and how the per-token gaps of the sites/layers go together (the study'
 
 from __future__ import annotations
 
-from klgap.render.blocks import Block, Heading, PageLinks, Para, Table
+from klgap.render.blocks import Block, Bullets, Heading, PageLinks, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_fixed, fmt_p
 from klgap.report.schema import BASELINE, StudyReport, StudyRun
 
@@ -15,7 +15,7 @@ def _where(run: StudyRun) -> str:
 def quality_table(report: StudyReport) -> list[Block]:
     """A row per site/layer: its hook, tokens (contexts), the SAE's width and its quality on those tokens
     (explained variance, L0, mean cos(x, x̂), and sae_lens's kl_div_score / ce_loss_score where zero ablation was
-    measured)."""
+    measured), then each SAE's quality notes (klgap/report/quality.py)."""
     scored = any(run.sae_lens_scores is not None for run in report.runs)
     header = ["site/layer", "hook", "tokens (contexts)", "d_sae", "explained variance", "L0", "cos(x, x̂)"]
     header += ["kl_div_score", "ce_loss_score"] if scored else []
@@ -32,7 +32,9 @@ def quality_table(report: StudyReport) -> list[Block]:
     if scored:
         about += (" kl_div_score and ce_loss_score are sae_lens's scores against zero ablation (1: a perfect "
                   "reconstruction, 0: no better than zero), where the run measured zero.")
-    return [Heading(2, "Sites/layers"), Table(header, rows), Para(about)]
+    notes = [f"{_where(run)}: {note.text}" for run in report.runs for note in run.quality_notes]
+    noted = [Para("Quality notes (the verdicts above are about these SAEs as they are):"), Bullets(notes)] if notes else []
+    return [Heading(2, "Sites/layers"), Table(header, rows), Para(about), *noted]
 
 
 def run_links(report: StudyReport) -> list[Block]:

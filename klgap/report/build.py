@@ -13,7 +13,11 @@ from klgap.job.folder import RunDir
 from klgap.job.record import RunRecord
 from klgap.report.aggregate import context_sums, run_statistics
 from klgap.report.numbers import plain
-from klgap.report.schema import BASELINE, SCHEMA_VERSION, InterventionStats, Report, SaeLensScores, Sweep
+from klgap.report.quality import quality_of
+from klgap.report.read import load_report
+from klgap.report.schema import (
+    BASELINE, SCHEMA_VERSION, InterventionStats, QualityNote, Report, SaeLensScores, SAEMetrics, Sweep,
+)
 from klgap.report.sections import RunFiles, build_run_sections, report_model
 from klgap.report.size_bins import size_bins
 from klgap.report.sweep import build_sweep, is_sweep_point
@@ -58,6 +62,7 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
     scores = sae_lens_scores(found.interventions)
     if scores is not None:
         report["sae_lens_scores"] = scores
+    report["quality_notes"] = quality_notes(record, rundir, found.sae_metrics, scores)
     if record.mode == "single_token":
         report["single_token"] = {"position": record.config["position"], "k": record.config["k"],
                                   "kl_by_offset": found.kl_by_offset}
@@ -68,6 +73,16 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         report["sweep"] = sweep
     report.update(build_run_sections(RunFiles(record, rundir, paths, sides, found)))  # klgap/report/sections.py
     return report_model("run").model_validate(plain(_plain(report)))
+
+
+def quality_notes(record: RunRecord, rundir: RunDir, metrics: SAEMetrics,
+                  scores: SaeLensScores | None) -> list[QualityNote]:
+    """The notes on the SAE's quality beside the verdict (klgap/report/quality.py); a joint run's are its sites',
+    each named by its hook (read from the site's own report, built before this one)."""
+    if record.joint is None:
+        return quality_of(metrics, record.sae, scores).notes()
+    return [note.model_copy(update={"text": f"{site.hook_name}: {note.text}"})
+            for site in record.joint for note in load_report(rundir.root / site.path).quality_notes]
 
 
 def declared_baselines(record: RunRecord) -> dict[str, str] | None:

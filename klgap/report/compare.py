@@ -19,12 +19,14 @@ from klgap.report.provenance import provenance
 from klgap.job.folder import atomic_write_bytes, atomic_write_json
 from klgap.report.panel import Panel, baseline_panel
 from klgap.report.read import load_report
-from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, SizeBins, StudyReport, as_json
+from klgap.report.schema import BASELINE, SCHEMA_VERSION, Curve, SiteSummary, SizeBins, StudyReport, as_json
 from klgap.report.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
-           "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path", "p_value", "holm_family"]
-HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "Wilcoxon p", "SAE cos", "noise cos at SAE KL"]
+           "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path", "p_value", "holm_family",
+           "explained_variance", "l0_mean", "kl_div_score", "quality_notes"]
+HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "Wilcoxon p", "explained variance", "L0", "SAE cos",
+          "noise cos at SAE KL"]
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,24 @@ class Entry:
     curve: Curve | None
     panel: Panel | None = None  # the SAE against every baseline the run measured (klgap/report/panel.py)
     size_bins: SizeBins | None = None  # the ratio at matched ε/‖x‖ (klgap/report/size_bins.py)
+    notes: tuple[str, ...] = ()  # the SAE's quality notes (klgap/report/quality.py)
 
     def record(self) -> dict[str, Any]:
         """compare.json's entry (compare.csv's columns, then the curve)."""
-        row = self.row
+        row, quality = self.row, self.row.quality
         values = [self.label, row.model, row.site, row.layer, row.mode, row.n_tokens, row.kl_sae, row.kl_baseline,
                   row.ratio, row.ratio_ci_low, row.ratio_ci_high, row.p_holm, row.sae_cos, row.sae_equivalent_cos,
-                  self.path, row.p_value, row.holm_family]
+                  self.path, row.p_value, row.holm_family,
+                  quality.explained_variance if quality else None, quality.l0_mean if quality else None,
+                  quality.kl_div_score if quality else None, list(self.notes)]
         return {**dict(zip(COLUMNS, values, strict=True)), "curve": as_json(self.curve) if self.curve is not None else None}
 
     def cells(self) -> list[str]:
         """The row of compare.md and of the terminal table (HEADER)."""
         row = self.row
+        quality = row.quality
         return [self.label, fmt(row.kl_sae), fmt(row.kl_baseline), row.ratio_text(), row.p_text(),
+                fmt_fixed(quality.explained_variance if quality else None), fmt(quality.l0_mean if quality else None, 3),
                 fmt_fixed(row.sae_cos), fmt_fixed(row.sae_equivalent_cos)]
 
 
@@ -60,11 +67,19 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
     runs = report.runs if isinstance(report, StudyReport) else [report]
     out = []
     for run in runs:
-        row = summary_row(run, report.model, report.mode)
-        name = f"{label} {row.where}" if label and len(runs) > 1 else (label or f"{report.model} {row.where}")
         path = run_dir / run.path if isinstance(report, StudyReport) else run_dir
-        out.append(Entry(name, str(path), row, run.curve, baseline_panel(run, report.model, report.mode), run.size_bins))
+        out.append(entry_of(run, report.model, report.mode, str(path), label, several=len(runs) > 1))
     return out
+
+
+def entry_of(run: SiteSummary, model: str, mode: str, path: str, label: str | None = None,
+             several: bool = False) -> Entry:
+    """The entry of one measured site/layer (a run report, or one run of a study, whose model and mode it holds):
+    labelled `label` ('LABEL mlp_out L3' among `several` of one folder), else 'MODEL mlp_out L3'."""
+    row = summary_row(run, model, mode)
+    name = f"{label} {row.where}" if label and several else (label or f"{model} {row.where}")
+    return Entry(name, path, row, run.curve, baseline_panel(run, model, mode),
+                 run.size_bins, tuple(note.text for note in run.quality_notes))
 
 
 def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
@@ -93,6 +108,7 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     data = {"schema_version": SCHEMA_VERSION, "kind": "compare", "runs": records, "provenance": provenance()}
     atomic_write_json(out / "compare.json", data)
     frame = pd.DataFrame([{k: r[k] for k in COLUMNS} for r in records], columns=COLUMNS)
+    frame["quality_notes"] = frame["quality_notes"].map("; ".join)
     atomic_write_bytes(out / "compare.csv", frame.to_csv(index=False).encode("utf-8"))
     written += [out / "compare.json", out / "compare.csv"]
     figures = [ratio_bars([(e.label, e.row) for e in entries], out / "ratio_compare.png")]
@@ -109,6 +125,9 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
                    "'noise cos at SAE KL' is the cosine at which cosine-matched noise does "
                    "the SAE's damage (from the run's robustness curve)."),
               Table(HEADER, rows)]
+    notes = [f"{e.label}: {text}" for e in entries for text in e.notes]
+    if notes:  # each SAE's quality notes (klgap/report/quality.py)
+        blocks += [Para("Quality notes (a ratio above is about the SAE as it is):"), Bullets(notes)]
     families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
     if families:
         blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
@@ -118,4 +137,5 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
-    return {"entries": entries, "written": written, "table_text": text_table(HEADER, rows), "panel_text": panel_text}
+    table_text = "\n".join([text_table(HEADER, rows), *(f"quality note: {note}" for note in notes)])
+    return {"entries": entries, "written": written, "table_text": table_text, "panel_text": panel_text}

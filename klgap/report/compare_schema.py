@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from klgap.errors import KlgapError
 from klgap.report.schema import SCHEMA_VERSION, Curve, Num, Provenance, StrictModel, major_version
@@ -36,6 +36,10 @@ class CompareRun(StrictModel):
     path: str
     p_value: Num
     holm_family: str | None
+    explained_variance: Num = None  # the SAE's, on the run's tokens (schema 0.6.0; klgap/report/quality.py)
+    l0_mean: Num = None
+    kl_div_score: Num = None  # where the run measured zero ablation
+    quality_notes: list[str] = Field(default_factory=list)
     curve: Curve | None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "0.5.0"
+SCHEMA_VERSION = "0.6.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -109,6 +109,14 @@ class SAEInfo(StrictModel):
     d_in: int
     d_sae: int
     info: dict[str, Any] = Field(default_factory=dict)
+
+
+class QualityNote(StrictModel):
+    """A note on what a verdict is about when the SAE is not a working one (klgap/report/quality.py): its kind and
+    the sentence the opening block, stderr and the pages give (schema 0.6.0)."""
+
+    kind: Literal["no_active_features", "explained_variance_not_positive", "dense_codes", "few_training_tokens"]
+    text: str
 
 
 class SAEMetrics(StrictModel):
@@ -306,6 +314,8 @@ class SiteSummary(StrictModel):
     baselines: dict[str, str] | None = None
     size_bins: SizeBins | None = None  # all-token runs: the ratio in bins of ε/‖x‖ (klgap/report/size_bins.py)
     sweep: Sweep | None = None  # runs with length sweeps (`klgap curve --along error`; klgap/report/sweep.py)
+    # notes on the SAE's quality beside the verdict (klgap/report/quality.py; schema 0.6.0: empty before)
+    quality_notes: list[QualityNote] = Field(default_factory=list)
 
 
 class JointSite(StrictModel):

@@ -16,7 +16,7 @@ from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
 from klgap.job.patch import SiteSwap
 from klgap.job.plan import plan_job
-from klgap.job.view import draw_generator, generator_for
+from klgap.job.view import draw_generator
 from klgap.plan.resolve import build_intervention
 from klgap.report.read import load_report
 from klgap.plan.sites import hook_name
@@ -167,7 +167,7 @@ def test_epsilon_draws_are_independent_per_site(load_model, tmp_path):
     run = type("Run", (), {"sae": sae, "center": False, "model": lm})()
     eps = build_intervention("epsilon_random").perturbation
     tensor = torch.randn(2, 8, lm.d_model, generator=torch.Generator().manual_seed(0))
-    draws = [SiteSwap(run, eps, draw_generator(torch.device("cpu"), 0, 3, 1, site=k), slice(1, None))(tensor) for k in range(3)]
+    draws = [SiteSwap(run, eps, draw_generator(torch.device("cpu"), 0, 3, "epsilon_random", site=k), slice(1, None))(tensor) for k in range(3)]
     view_error = (tensor - SiteSwap(run, build_intervention("sae").perturbation, torch.Generator(), slice(1, None))(tensor))[:, 1:]
     for k, draw in enumerate(draws):
         assert torch.equal(draw[:, 0], tensor[:, 0])  # the first position is left as it is
@@ -177,8 +177,8 @@ def test_epsilon_draws_are_independent_per_site(load_model, tmp_path):
             cos = torch.nn.functional.cosine_similarity((draw - tensor)[:, 1:], (other - tensor)[:, 1:], dim=-1)
             assert cos.abs().max() < 0.9  # independent directions, not the same draw
     # the lowest site draws as a single-site run does (one site joint == single-site run)
-    assert torch.equal(draw_generator(torch.device("cpu"), 0, 3, 1, site=0).get_state(),
-                       generator_for(torch.device("cpu"), 0, 3, 1).get_state())
+    assert torch.equal(draw_generator(torch.device("cpu"), 0, 3, "epsilon_random", site=0).get_state(),
+                       draw_generator(torch.device("cpu"), 0, 3, "epsilon_random").get_state())
 
 
 def test_joint_inputs_are_checked(tmp_path, load_model):

@@ -40,7 +40,8 @@ def test_a_curve_run_opens_with_its_curve_finding_then_the_verdict():
     assert lead[0] == ("At blocks.10.hook_mlp_out, cosine-matched noise at norm 0.9·‖x‖ does the SAE's damage (KL "
                        "0.04848) at cos 0.871; the SAE's own cos(x, x̂) is 0.799: its error does less damage than "
                        "random noise at its cosine.")
-    assert lead[1].startswith("At blocks.10.hook_mlp_out of smollm2-135m the SAE's reconstruction moves")
+    assert lead[1].startswith("At blocks.10.hook_mlp_out of smollm2-135m the SAE's reconstruction (explained variance "
+                              "0.817, L0 82.1) moves")  # the SAE's quality on the run's tokens (report.sae_metrics)
     assert curve_findings(report.curve) == [lead[0].replace("At blocks.10.hook_mlp_out, c", "C")]  # the curve table's
 
 

@@ -70,7 +70,9 @@ def test_opening_sentence_names_every_baseline_when_several_were_measured(report
               "pca_matched": "PCA at the SAE's explained variance", "sae_error_shuffled": "another token's error"}
     run = _run(report, labels, comps)
     sentence = opening_sentence(run, run.model, run.mode)
-    assert sentence.startswith(f"At {run.hook_name} of {run.model} the SAE's reconstruction moves the next-token "
+    metrics = run.sae_metrics  # the SAE's quality beside the verdict (klgap/report/quality.py)
+    assert sentence.startswith(f"At {run.hook_name} of {run.model} the SAE's reconstruction (explained variance "
+                               f"{metrics.explained_variance:.3f}, L0 {metrics.l0_mean:.3g}) moves the next-token "
                                "distribution more than isotropic noise (1.400× [1.300, 1.500]) and a covariance-shaped "
                                "error (1.100× [1.020, 1.200]), less than PCA at the SAE's explained variance (0.600× "
                                "[0.550, 0.660]), and is indistinguishable from another token's error (0.980× [0.910, "

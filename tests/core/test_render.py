@@ -203,7 +203,8 @@ def test_report_opens_with_the_verdict_then_the_key_table(built):
     lines = [line for line in md.splitlines() if line]
     ratio = report.comparisons["epsilon_random"].kl_ratio
     assert lines[1] == (
-        f"At blocks.3.hook_resid_post of fake-gpt the SAE's reconstruction moves the next-token distribution "
+        f"At blocks.3.hook_resid_post of fake-gpt the SAE's reconstruction (explained variance "
+        f"{report.sae_metrics.explained_variance:.3f}, L0 {report.sae_metrics.l0_mean:.3g}) moves the next-token distribution "
         f"{ratio.ratio:.3f}× [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] as much as a random error of the same size "
         f"(Wilcoxon p = {report.comparisons['epsilon_random'].wilcoxon_kl.p_value:.2e} over 20 contexts).")
     assert lines[2].startswith("| site/layer | KL sae |")
