@@ -101,14 +101,6 @@ def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, Interve
     return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
 
 
-def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, InterventionStats]) -> Sweep | None:
-    """The length-sweep section (klgap/report/sweep.py) when the run measured ``along`` points."""
-    if record.mode == "many_samples" or not any(is_sweep_point(name) for name in record.names):
-        return None
-    per_context = context_sums(paths)
-    return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
-
-
 def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:
     """sae_lens's kl_div_score and ce_loss_score from the mean KL and ΔCE of `sae` and `zero` (ratios of means
     over the measured tokens, as sae_lens.evals computes them); None unless both were measured."""

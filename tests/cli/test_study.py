@@ -63,8 +63,6 @@ def test_two_sites_two_layers(tmp_path, capsys):
 
 def test_config_with_train_sae_trains_every_missing_sae_of_a_study_then_runs(tmp_path, capsys):
     """A replication file names a study's SAEs by template; the missing ones are trained in one pass first."""
-    import json
-
     from klgap.cli.main import main
 
     config = tmp_path / "rep.toml"
