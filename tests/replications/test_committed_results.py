@@ -138,9 +138,13 @@ def _check_recipe(declared_file: Path, runs: list[dict]) -> None:
     recipe = tomllib.loads(declared_file.read_text())["train_sae"]
     for run in runs:
         trained = run["sae"]["info"]["training"]
-        want = {"architecture": recipe.get("architecture", "standard"), "l1": recipe.get("l1"), "k": recipe.get("k"),
-                "steps": recipe["steps"], "b_dec_init": recipe.get("b_dec_init", "zeros")}
-        want.update(recipe.get("sites", {}).get(f"{run['site']}_L{run['layer']}", {}))
+        want = {"architecture": recipe.get("architecture", "standard"), "l1": recipe.get("l1"),
+                "k": recipe.get("top_k", recipe.get("k")), "steps": recipe["steps"],
+                "b_dec_init": recipe.get("b_dec_init", "zeros")}
+        change = dict(recipe.get("sites", {}).get(f"{run['site']}_L{run['layer']}", {}))
+        if "top_k" in change:  # the recipe's key (its old name: k) is the trainer's k
+            change["k"] = change.pop("top_k")
+        want.update(change)
         if want["architecture"] == "topk":  # k latents per token; no L1
             want["l1"] = None
         got = {"architecture": trained.get("architecture", "standard"), "l1": trained.get("l1_coefficient"),
