@@ -21,7 +21,7 @@ from klgap.report.schema import (
 )
 from klgap.render.lead import lead_blocks
 from klgap.render.panel_page import panel_blocks
-from klgap.render.study_page import study_blocks
+from klgap.render.study_page import score_texts, study_blocks
 from klgap.render.sweep_page import CAPTION as SWEEP_CAPTION, sweep_blocks
 from klgap.report.findings import curve_findings
 from klgap.report.sections import present
@@ -133,13 +133,20 @@ def _sae_lens_scores(report: Report) -> list[Block]:
     scores = report.sae_lens_scores
     if scores is None:
         return []
-    return [
+    blocks: list[Block] = [
         Heading(2, "sae_lens scores"),
-        Para("sae_lens's normalised scores against zero ablation, from this run's means: kl_div_score = "
-             "(KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a "
-             "perfect reconstruction, 0 no better than zero ablation."),
-        Table(["kl_div_score", "ce_loss_score"], [[fmt_fixed(scores.kl_div_score), fmt_fixed(scores.ce_loss_score)]]),
+        Para("sae_lens's normalised scores against zero ablation, from this run's means, computed as "
+             "sae_lens.evals.get_recons_loss computes them: kl_div_score = (KL_zero − KL_sae) / KL_zero, "
+             "ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a perfect reconstruction, 0 no "
+             "better than zero ablation. zero ablation replaces every position (BOS and masked tokens too), the SAE "
+             f"only the tokens kept (--mask-special {report.config.get('mask_special', 'first')}); both are "
+             "measured on the kept tokens. Intervals: bootstrap over contexts."),
+        Table(["kl_div_score", "ce_loss_score"], [list(score_texts(scores))]),
     ]
+    if scores.ce_loss_score_withheld:
+        blocks.append(Para(f"ce_loss_score is withheld: {scores.ce_loss_score_withheld}; a score over a "
+                           "denominator that may be 0 says nothing."))
+    return blocks
 
 
 def _interventions(report: Report) -> list[Block]:
