@@ -16,7 +16,9 @@ sae_lens's zero-ablation hook does; only the measured tokens are measured.
   (BOS, EOS, PAD, SEP, decoder start: :data:`SPECIAL_TOKEN_ATTRS`, the attributes sae_lens reads), wherever it
   stands: the separators that pack several documents into one context (``<|endoftext|>``, SmolLM2's ``<|im_end|>``
   as its EOS). Chat-template tokens registered only as *additional* special tokens are not masked (sae_lens leaves
-  them too). With the default BOS prepended, ``all`` masks exactly what sae_lens masks.
+  them too). With the default BOS prepended, ``all`` masks exactly what sae_lens masks. SAEBench's core eval
+  (sae_bench/evals/core/main.py, ``exclude_special_tokens_from_reconstruction=True`` in all its runners) applies the
+  same rule to {BOS, EOS, PAD}: the same set for a decoder-only tokenizer, which has no SEP / decoder-start id.
 """
 
 from __future__ import annotations

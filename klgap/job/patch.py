@@ -98,18 +98,20 @@ class SiteSwap:
         return view.substitute(self.perturbation, self.generator, model.dtype)
 
     def substitute(self, tensor: Tensor) -> Tensor:
-        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype."""
+        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype; with `keep`, the
+        tokens it does not mark keep their value."""
         x = tensor[:, self.at]
+        if self.keep is not None:
+            keep = self.keep[:, self.at].to(x.device)
+            out = x.to(self.site.model.dtype).clone()
+            out[keep] = self.rows(x[keep]).to(x.device)
+            return out
         b, n_pos, d = x.shape
         return self.rows(x.reshape(b * n_pos, d)).reshape(b, n_pos, d)
 
     def __call__(self, tensor: Tensor) -> Tensor:
         out = tensor.clone()
-        if self.keep is None:
-            out[:, self.at] = self.substitute(tensor).to(tensor.device)
-        else:
-            keep = self.keep.to(tensor.device)
-            out[keep] = self.rows(tensor[keep]).to(tensor.device)
+        out[:, self.at] = self.substitute(tensor).to(tensor.device)
         return out
 
 
