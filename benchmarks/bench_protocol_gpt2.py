@@ -59,7 +59,7 @@ def main() -> None:
     interventions = list(DEFAULT_INTERVENTIONS)
     cfg = RunConfig(model=str(folder), sae=str(sae), tokens=args.tokens, context_len=128, batch_size=args.batch_size,
                     device=str(device), dtype=args.dtype, dataset="random", interventions=interventions,
-                    include_first_position=True, drop_last_position=True)
+                    mask_special="none", drop_last_position=True)
     start = time.perf_counter()
     load_model(str(folder), device, torch.float32)  # the model's load is not the protocol's cost
     loaded_s = time.perf_counter() - start

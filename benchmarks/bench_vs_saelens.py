@@ -126,7 +126,7 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     configs = {dtype: RunConfig(model=str(folder), sae=str(sae_path), tokens=args.tokens, context_len=args.context_len,
                                 batch_size=args.batch_size, device=str(device), dtype=dtype, dataset="random",
-                                interventions=INTERVENTIONS, include_first_position=True) for dtype in dtypes}
+                                interventions=INTERVENTIONS, mask_special="none") for dtype in dtypes}
 
     warm = {dtype: prepare(cfg) for dtype, cfg in configs.items()}  # loads the model (untimed), once per dtype
     first = warm[dtypes[0]]

@@ -77,7 +77,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
             measured on the same tokens, the study's over-training section.
     dry_run: resolve and check everything, load nothing; returns what would run (klgap.plan.dryrun.DryRun).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
-            device, dtype, include_first_position, drop_last_position, no_bos, no_fast, joint, joint_subsets,
+            device, dtype, mask_special, drop_last_position, no_bos, no_fast, joint, joint_subsets,
             fit_tokens.
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
             each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAEs in that order; each site is

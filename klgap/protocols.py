@@ -405,6 +405,18 @@ class BaselineRole(Protocol):
     baseline_label: str | None
 
 
+@runtime_checkable
+class EveryPositionPerturbation(Protocol):
+    """Optional capability of a perturbation: in all-token mode it replaces the site at *every* position of each
+    context when ``every_position`` is True — position 0 and the tokens ``--mask-special`` masks included — while
+    only the run's measured tokens are measured. ``zero`` declares it: sae_lens's ``get_recons_loss`` zero-ablates
+    every position (its ignored tokens are left unpatched for the SAE only), and kl_div_score / ce_loss_score are
+    defined against that ablation. At the masked positions the perturbation gets the SAE's view of those tokens.
+    """
+
+    every_position: bool
+
+
 class PerturbationFactory(Protocol):
     """Registered under a name; called with the user's parameters (``cosine_matched:cos=0.8``)."""
 

@@ -37,6 +37,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(name, type=_int_arg(name), help=flag_help(item))
         else:
             p.add_argument(name, help=flag_help(item))
+    p.add_argument("--include-first-position", dest="mask_special", action="store_const", const="none",
+                   help="deprecated: --mask-special none")
     p.add_argument(
         "--dry-run", action="store_true",
         help="check names, config and SAE ids offline (sae_lens releases against its bundled directory), print "

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from klgap.forward import metrics
+from klgap.job.masks import kept
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,8 @@ class Batch:
 
     ids: ``[b stop]`` on the model's device (stop: the context length in all-token mode, t+k+1 single-token,
     t+1 many-samples); start: where the tails begin (0 all-token, t otherwise); next_ids: ``[b stop-start]``
-    the token after each tail position (−1 past the context)."""
+    the token after each tail position (−1 past the context); keep: ``[b n]`` bool (CPU), the tokens patched and
+    measured under --mask-special (klgap/job/masks.py)."""
 
     index: int
     context_ids: Tensor  # [b] (CPU)
@@ -24,18 +26,21 @@ class Batch:
     ids: Tensor
     start: int
     next_ids: Tensor
+    keep: Tensor
 
     @classmethod
     def of(cls, contexts: Tensor, index: int, batch_size: int, mode: str, position: int, k: int,
-           device: torch.device) -> Batch:
+           device: torch.device, mask: str = "first", special: tuple[int, ...] = ()) -> Batch:
+        """Batch `index`; `mask` (--mask-special) and the tokenizer's `special` ids say which tokens it keeps."""
         context_ids = torch.arange(index * batch_size, min((index + 1) * batch_size, len(contexts)))
         full_cpu = contexts[context_ids]
+        keep = kept(full_cpu, mask, special)
         if mode == "all_tokens":
             ids = full_cpu.to(device)
-            return cls(index, context_ids, full_cpu, ids, 0, metrics.next_token_ids(ids))
+            return cls(index, context_ids, full_cpu, ids, 0, metrics.next_token_ids(ids), keep)
         stop = position + (k if mode == "single_token" else 0) + 1  # causal: nothing after it is needed
         next_ids = metrics.next_token_ids(full_cpu.to(device))[:, position:stop]
-        return cls(index, context_ids, full_cpu, full_cpu[:, :stop].to(device), position, next_ids)
+        return cls(index, context_ids, full_cpu, full_cpu[:, :stop].to(device), position, next_ids, keep)
 
 
 @dataclass(frozen=True)

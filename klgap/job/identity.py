@@ -13,6 +13,8 @@ from klgap.forward.finite import named_tensors
 from klgap.job.distributed import SINGLE, World
 from klgap.job.loaded import LoadedCell
 from klgap.job.loading import Loaded
+from klgap.job.masks import describe as describe_mask
+from klgap.job.masks import special_token_ids
 from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
 from klgap.plan.sites import hook_name
 from klgap.plugins.capabilities import baseline_label
@@ -59,6 +61,7 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         mode=cfg.mode,
         context_len=cfg.context_len,
         first_position="excluded (not patched, not measured)" if cfg.skip_first_position else "included",
+        masked_tokens=describe_mask(cfg.mask_special, special_token_ids(run.model.tokenizer)),
         last_position="patched, not measured" if cfg.drop_last_position else "measured",
         centered_activations=run.center,
         execution=json_safe(run.execution),

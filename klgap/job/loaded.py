@@ -17,7 +17,8 @@ from klgap.forward.joint import JointExecutor, clean_forward, release
 from klgap.forward.metrics import CleanReference
 from klgap.job.batch import Batch, Clean
 from klgap.job.loading import Loaded
-from klgap.job.patch import JointPatch, Patch, SitePatch
+from klgap.job.masks import special_token_ids
+from klgap.job.patch import JointPatch, Patch, Positions, SitePatch
 from klgap.job.plan import Cell, Job
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
@@ -64,14 +65,15 @@ class LoadedCell:
         """``resid_post_L03+resid_post_L10``: the sites patched together, in forward order."""
         return "+".join(f"{run.site}_L{run.layer:02d}" for run in self.runs)
 
-    def patch(self, batch: Batch, view: SaeView, at: slice | int) -> Patch:
-        """This batch's patched runs: at positions `at` (a slice in all-token mode, the position t otherwise)."""
+    def patch(self, batch: Batch, view: SaeView, at: slice | int, positions: Positions | None = None) -> Patch:
+        """This batch's patched runs: at positions `at` (a slice in all-token mode, the position t otherwise);
+        `positions` (all-token mode) the tokens patched when --mask-special masks some."""
         seed = self.runs[0].config.seed
         if not self.joint:
-            return SitePatch(self.runs[0], view, batch.ids, at, seed, batch.index)
+            return SitePatch(self.runs[0], view, batch.ids, at, seed, batch.index, positions)
         where = at if isinstance(at, slice) else slice(at, at + 1)
         return JointPatch(self.runs, self.executor, batch.ids, where, batch.start, seed,  # type: ignore[arg-type]
-                          batch.index)
+                          batch.index, positions=positions)
 
 
 @dataclass
@@ -104,7 +106,8 @@ class LoadedJob:
 
     def batch(self, index: int) -> Batch:
         cfg = self.config
-        return Batch.of(self.runs[0].contexts, index, cfg.batch_size, cfg.mode, cfg.position, cfg.k, self.model.device)
+        return Batch.of(self.runs[0].contexts, index, cfg.batch_size, cfg.mode, cfg.position, cfg.k, self.model.device,
+                        cfg.mask_special, special_token_ids(self.model.tokenizer))
 
     def clean(self, batch: Batch) -> Clean:
         """The batch's shared clean forward: every site's activation and the logits, from the tail start on."""

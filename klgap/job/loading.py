@@ -23,6 +23,7 @@ from torch import Tensor
 from klgap.errors import KlgapError
 from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
+from klgap.job.masks import kept, special_token_ids
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
@@ -281,9 +282,11 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
         n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
         fit_ids, source = run.contexts[:n_ctx], "the run's first contexts"
     chunks, chunks_hat, chunks_l0 = [], [], []
+    special = special_token_ids(model.tokenizer)
     for start in range(0, n_ctx, config.batch_size):
         ids = fit_ids[start:min(start + config.batch_size, n_ctx)].to(model.device)
-        x = activations.collect(model, run.spec, ids)[:, first:].reshape(-1, run.sae.d_in).float()
+        keep = kept(ids, config.mask_special, special)  # [b n]: the tokens the run patches (--mask-special)
+        x = activations.collect(model, run.spec, ids)[keep.to(model.device)].reshape(-1, run.sae.d_in).float()
         if needing_error or needing_sae:
             view = SaeView.of(x, run.sae, run.center)
             chunks.append(view.x)

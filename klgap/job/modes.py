@@ -23,7 +23,7 @@ from torch import Tensor
 
 from klgap.job.batch import Batch, Clean
 from klgap.job.loaded import LoadedCell
-from klgap.job.patch import Patch
+from klgap.job.patch import Patch, Positions
 from klgap.job.view import SaeView
 
 Frames = tuple[pd.DataFrame, dict[str, Any]]  # one batch's rows and side sums
@@ -34,33 +34,36 @@ def table(columns: dict[str, Any]) -> pd.DataFrame:
 
 
 def intervention_rows(patch: Patch, clean: Clean, next_ids: Tensor, base: dict[str, Any],
-                      keep: slice = slice(None)) -> list[pd.DataFrame]:
+                      keep: Tensor | None = None) -> list[pd.DataFrame]:
     """Per intervention (``patch.stack`` per patched call): its patched logits, KL and ΔCE against the clean run
-    at each tail position, the rows at `keep` of those."""
+    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those."""
     frames = []
     indexed = list(enumerate(patch.interventions))  # j keys each substitute's generator
     for start in range(0, len(indexed), patch.stack):
         group = indexed[start : start + patch.stack]
         for (_, intervention), logits in zip(group, patch.logits(group), strict=True):
             kl, ce = clean.ref.measure(logits, next_ids)
-            frames.append(table({**base, "intervention": intervention.name, "draw": -1,
-                                 "kl": kl[:, keep].reshape(-1), "ce_delta": ce[:, keep].reshape(-1)}))
+            kl, ce = (kl.reshape(-1), ce.reshape(-1)) if keep is None else (kl[keep], ce[keep])
+            frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce}))
             del logits
     return frames
 
 
 @torch.no_grad()
 def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, drop_last: bool) -> Frames:
+    """Every kept token (``batch.keep``: --mask-special) patched and measured; the masked ones keep their clean
+    activation (but for an every-position perturbation: klgap/job/patch.py) and give no row."""
     n_ctx, ctx_len = batch.ids.shape
     first = 1 if skip_first else 0
-    n_pos = ctx_len - first  # patched positions; with drop_last the last of them is not measured
-    acts = clean.acts[0][:, first:].reshape(n_ctx * n_pos, -1)  # [b*npos d]
-    view = SaeView.of(acts, cell.lowest.sae, cell.lowest.center, cell.split)
-    position = torch.arange(first, ctx_len).repeat(n_ctx)
-    base = {"context": batch.context_ids.repeat_interleave(n_pos), "position": position,
-            "token_id": batch.contexts[:, first:].reshape(-1), **view.stats, "offset": position}
-    frames = intervention_rows(cell.patch(batch, view, slice(first, None)), clean, batch.next_ids, base,
-                               keep=slice(first, None))
+    fill = clean.acts[0]  # [b n d]
+    keep = batch.keep.to(fill.device)  # [b n] bool: False at position 0 (with first) and at masked tokens
+    view = SaeView.of(fill[keep], cell.lowest.sae, cell.lowest.center, cell.split)  # [m d], row-major
+    keep_cpu = batch.keep
+    position = torch.arange(ctx_len).expand(n_ctx, ctx_len)[keep_cpu]
+    base = {"context": batch.context_ids[:, None].expand(n_ctx, ctx_len)[keep_cpu], "position": position,
+            "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
+    patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first))
+    frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
     frame = pd.concat(frames, ignore_index=True)
     if not drop_last:
         return frame, view.side_stats()
@@ -88,7 +91,20 @@ def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
     frames = intervention_rows(cell.patch(batch, view, t), clean, batch.next_ids, base)
-    return pd.concat(frames, ignore_index=True), view.side_stats()
+    return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
+
+
+def masked_rows(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:
+    """Single-token / many-samples rows without the masked tokens (--mask-special): a context whose patched token
+    t is masked gives none (as if left unpatched), a masked token after t gives none."""
+    t, keep = batch.start, batch.keep
+    if bool(keep[:, t : batch.ids.shape[1]].all()):
+        return frame
+    local = frame["context"].to_numpy() - int(batch.context_ids[0])
+    position = frame["position"].to_numpy()
+    keep_np = keep.numpy()
+    measured = keep_np[local, position] & keep_np[local, t]
+    return frame[measured].reset_index(drop=True)
 
 
 @torch.no_grad()
@@ -118,7 +134,7 @@ def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> 
         "kl": torch.cat(kl_all),
         "ce_delta": torch.cat(ce_all),
     }))
-    return pd.concat(frames, ignore_index=True), view.side_stats()
+    return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
 
 
 def token_texts(frame: pd.DataFrame, tokenizer: Any) -> dict[str, str]:
@@ -127,4 +143,4 @@ def token_texts(frame: pd.DataFrame, tokenizer: Any) -> dict[str, str]:
 
 
 __all__ = ["Batch", "Clean", "Frames", "all_tokens", "intervention_rows",
-           "many_samples", "single_token", "single_token_rows", "table", "token_texts"]
+           "many_samples", "masked_rows", "single_token", "single_token_rows", "table", "token_texts"]

@@ -12,6 +12,12 @@ Two kinds of cell, one interface (:class:`Patch`), so the modes (klgap/job/modes
 Both draw their randomness from :func:`klgap.job.view.draw_generator`, keyed by the intervention's name (never its
 place in ``--interventions``) and, in a joint cell, the site's index k (0 for the lowest site, which so draws as the
 same site measured alone).
+
+In all-token mode a patch knows its :class:`Positions`: the tokens it patches (--mask-special, klgap/job/masks.py)
+and the clean activations the others keep. While only position 0 is masked a patch replaces ``slice(first, None)``
+as it always did; with a masked token further on, or for a perturbation that replaces every position (``zero``:
+:func:`klgap.plugins.capabilities.every_position`), it replaces the whole context, the masked tokens with their
+clean activation (or, for ``zero``, with the perturbation of the SAE's view of them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 from klgap.forward.executors import Executor
 from klgap.forward.joint import JointExecutor
 from klgap.job.view import SaeView, draw_generator
+from klgap.plugins.capabilities import every_position
 from klgap.protocols import LoadedModel, LoadedSAE, Perturbation
 
 DRAW_CHUNK_BYTES = 256 * 2**20  # many-samples: memory for one chunk of draws (its cache copy and its logits)
@@ -55,21 +62,53 @@ def draw_chunk(model: LoadedModel, n_positions: int, prefix_bytes: int) -> int:
     return int(max(1, min(4096, DRAW_CHUNK_BYTES // per_row)))
 
 
+@dataclass(frozen=True)
+class Positions:
+    """All-token mode: the tokens a batch's patches replace. keep ``[b n]`` bool: patched and measured (False at
+    position 0 when `first` is 1 and at the tokens --mask-special masks); fill ``[b n d]``: the clean activation
+    at every position, which the masked tokens keep."""
+
+    keep: Tensor
+    fill: Tensor
+    first: int
+
+    @property
+    def holes(self) -> bool:
+        """A token after position `first` is masked: ``slice(first, None)`` no longer says what is patched."""
+        return not bool(self.keep[:, self.first :].all())
+
+    def whole(self, perturbation: Perturbation) -> bool:
+        """Whether `perturbation`'s patch replaces the whole context (else ``slice(first, None)``)."""
+        return self.holes or every_position(perturbation)
+
+
 class SiteSwap:
     """Replace positions `at` of a site's tensor by `perturbation` applied to that tensor's own SAE view (x, x̂
     computed from the activation this forward gives the site): ``slice(first, None)`` in all-token mode,
-    ``slice(t, t + 1)`` in the others."""
+    ``slice(t, t + 1)`` in the others; with `keep` (``[b n]`` bool, all-token mode with masked tokens) only the
+    tokens it marks."""
 
-    def __init__(self, site: Site, perturbation: Perturbation, generator: torch.Generator, at: slice) -> None:
-        self.site, self.perturbation, self.generator, self.at = site, perturbation, generator, at
+    def __init__(self, site: Site, perturbation: Perturbation, generator: torch.Generator, at: slice,
+                 keep: Tensor | None = None) -> None:
+        self.site, self.perturbation, self.generator, self.at, self.keep = site, perturbation, generator, at, keep
+
+    def rows(self, x: Tensor) -> Tensor:
+        """``x [m d]`` (this forward's activations) -> x' ``[m d]`` in the model's dtype."""
+        model = self.site.model
+        view = SaeView.of(x.to(model.device), self.site.sae, self.site.center)  # device_map: a site anywhere
+        return view.substitute(self.perturbation, self.generator, model.dtype)
 
     def substitute(self, tensor: Tensor) -> Tensor:
-        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype."""
-        model = self.site.model
-        x = tensor[:, self.at].to(model.device)  # a site of a model spread over devices (device_map)
+        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype; with `keep`, the
+        tokens it does not mark keep their value."""
+        x = tensor[:, self.at]
+        if self.keep is not None:
+            keep = self.keep[:, self.at].to(x.device)
+            out = x.to(self.site.model.dtype).clone()
+            out[keep] = self.rows(x[keep]).to(x.device)
+            return out
         b, n_pos, d = x.shape
-        view = SaeView.of(x.reshape(b * n_pos, d), self.site.sae, self.site.center)
-        return view.substitute(self.perturbation, self.generator, model.dtype).reshape(b, n_pos, d)
+        return self.rows(x.reshape(b * n_pos, d)).reshape(b, n_pos, d)
 
     def __call__(self, tensor: Tensor) -> Tensor:
         out = tensor.clone()
@@ -118,6 +157,8 @@ class SitePatch:
     at: slice | int
     seed: int
     index: int
+    positions: Positions | None = None  # all-token mode: the tokens patched (the view's rows) and the clean fill
+    _rest: SaeView | None = None  # the SAE's view of the masked tokens (for every-position perturbations)
 
     @property
     def interventions(self) -> tuple[Any, ...]:
@@ -133,13 +174,33 @@ class SitePatch:
 
     def logits(self, group: Group) -> list[Tensor]:
         model, n_ctx = self.site.model, self.ids.shape[0]
-        x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, i.name))
-                    for _, i in group]
-        return list(self.site.executor.patched(self.ids, torch.cat(x_primes), self.at, copies=len(group)).split(n_ctx))
+        whole = self.positions is not None and any(self.positions.whole(i.perturbation) for _, i in group)
+        x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, i.name),
+                                     whole) for _, i in group]
+        at = slice(0, None) if whole else self.at
+        return list(self.site.executor.patched(self.ids, torch.cat(x_primes), at, copies=len(group)).split(n_ctx))
 
-    def _substitute(self, perturbation: Perturbation, generator: torch.Generator) -> Tensor:
-        x_prime = self.view.substitute(perturbation, generator, self.site.model.dtype)
+    def _substitute(self, perturbation: Perturbation, generator: torch.Generator, whole: bool = False) -> Tensor:
+        """x' at the patched positions: ``[b npos d]`` for ``slice(first, None)``, ``[b n d]`` for the whole context
+        (`whole`: the masked tokens keep their clean activation, or take an every-position perturbation's), ``[b d]``
+        at one position."""
+        dtype = self.site.model.dtype
+        x_prime = self.view.substitute(perturbation, generator, dtype)
+        if whole and self.positions is not None:
+            keep, out = self.positions.keep, self.positions.fill.to(dtype).clone()  # [b n], [b n d]
+            out[keep] = x_prime
+            if every_position(perturbation) and not bool(keep.all()):
+                out[~keep] = self._masked_view().substitute(perturbation, generator, dtype)
+            return out
         return x_prime.reshape(self.ids.shape[0], -1, x_prime.shape[-1]) if isinstance(self.at, slice) else x_prime
+
+    def _masked_view(self) -> SaeView:
+        """The SAE's view of the masked tokens (computed once per batch)."""
+        if self._rest is None:
+            assert self.positions is not None
+            positions = self.positions
+            self._rest = SaeView.of(positions.fill[~positions.keep], self.site.sae, self.site.center)
+        return self._rest
 
     def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Every context's draws computed first (context c from its own stream), then patched in chunks of rows
@@ -175,6 +236,7 @@ class JointPatch:
     seed: int
     index: int
     stack: int = 1
+    positions: Positions | None = None  # all-token mode: the tokens patched at every site
 
     @property
     def interventions(self) -> tuple[Any, ...]:
@@ -190,10 +252,20 @@ class JointPatch:
         for j, _ in group:
             # each site's own perturbation object: a fitted one (epsilon_anisotropic) was fitted on that site
             swaps = [SiteSwap(site, site.interventions[j].perturbation,
-                              draw_generator(device, self.seed, self.index, site.interventions[j].name, site=k), self.at)
+                              draw_generator(device, self.seed, self.index, site.interventions[j].name, site=k),
+                              *self._where(site, j))
                      for k, site in enumerate(self.sites)]
             out.append(self.executor.patched(self.ids, swaps)[:, self.start :])
         return out
+
+    def _where(self, site: Site, j: int) -> tuple[slice, Tensor | None]:
+        """Where intervention `j` replaces `site`: ``at``; the whole context for an every-position perturbation;
+        the kept tokens when --mask-special masks some after position `first`."""
+        if self.positions is None:
+            return self.at, None
+        if every_position(site.interventions[j].perturbation):
+            return slice(0, None), None
+        return (slice(0, None), self.positions.keep) if self.positions.holes else (self.at, None)
 
     def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
         """One context's draws per patched forward (in chunks), each site drawing from its own stream."""
@@ -211,5 +283,6 @@ class JointPatch:
                 yield torch.full((rows,), c, device=model.device), logits
 
 
-__all__ = ["DRAW_CHUNK_BYTES", "JointPatch", "Patch", "Reconstruct", "Site", "SitePatch", "SiteSwap", "draw_chunk",
+__all__ = ["DRAW_CHUNK_BYTES", "JointPatch", "Patch", "Positions", "Reconstruct", "Site", "SitePatch", "SiteSwap",
+           "draw_chunk",
            "reconstruct_swaps"]

@@ -26,6 +26,8 @@ DEFAULT_INTERVENTIONS = (
     "theta_random",
     "theta_random_xnorm",
 )
+#: --mask-special: which tokens are left unpatched and unmeasured (klgap/job/masks.py)
+MASK_SPECIAL = ("none", "first", "all")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: reference runs; auto: klgap/plan/dtypes.py
 #: keys of a replication file that are not RunConfig fields: the command's (out, train_sae, sae_checkpoints, ...)
 #: and those a command reads (cos, norm_frac: klgap curve's grid)
@@ -79,8 +81,11 @@ class RunConfig:
     dataset: str = field(default="sample", metadata=flag(
         "token source NAME[:ARG]: sample, text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)"))
     no_bos: bool = field(default=False, metadata=flag("do not prepend BOS to each context"))
-    include_first_position: bool = field(default=False, metadata=flag(
-        "also patch and measure position 0 (the BOS / attention-sink token); excluded by default"))
+    mask_special: str = field(default="all", metadata=flag(
+        "tokens left unpatched (the SAE never sees them) and unmeasured: all (position 0 and every special token "
+        "of the tokenizer: BOS, EOS, PAD, SEP, as sae_lens's evals exclude them, e.g. the separators of packed "
+        "documents); first (position 0 only, the BOS / attention sink); none (every token patched and measured). "
+        "zero ablation replaces every position whatever this says (sae_lens's get_recons_loss)"))
     drop_last_position: bool = field(default=False, metadata=flag(
         "patch the last position of each context but do not measure it (its KL has no ΔCE beside it; the study's "
         "error_eval.py); measured by default"))
@@ -118,7 +123,8 @@ class RunConfig:
 
     @property
     def skip_first_position(self) -> bool:
-        return not self.include_first_position
+        """Position 0 is neither patched nor measured (--mask-special first or all)."""
+        return self.mask_special != "none"
 
     @property
     def prepend_bos(self) -> bool:
@@ -134,6 +140,8 @@ class RunConfig:
             raise unknown("mode", self.mode, MODES)
         if self.site is not None and not self.joint and self.site not in SITES:
             raise unknown("site", self.site, SITES)
+        if self.mask_special not in MASK_SPECIAL:
+            raise unknown("mask-special", self.mask_special, MASK_SPECIAL)
         if self.dtype not in DTYPES:
             raise unknown("dtype", self.dtype, DTYPES)
         for name, value, low in (
@@ -165,7 +173,7 @@ class RunConfig:
             if self.position < first:
                 raise KlgapError(
                     f"--position {self.position} is the skipped first position; use a position ≥ {first} "
-                    "or --include-first-position"
+                    "or --mask-special none"
                 )
             last = self.position + (self.k if self.mode == "single_token" else 0)
             dropped = 1 if self.drop_last_position else 0
@@ -199,7 +207,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """A config from flag-named keys (``-`` or ``_``); the pre-0.2 keys (``n_tokens``, ``prepend_bos``,
-        ``skip_first_position``, ``fast``) still work, with a deprecation note naming the new key."""
+        ``skip_first_position``, ``fast``) and ``include_first_position`` (now ``mask_special``) still work, with a
+        deprecation note naming the new key."""
         names = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in data.items():
@@ -235,7 +244,8 @@ def flag_help(item: dataclasses.Field) -> str:
 LEGACY_KEYS = {
     "n_tokens": ("tokens", lambda v: v),
     "prepend_bos": ("no_bos", lambda v: not v),
-    "skip_first_position": ("include_first_position", lambda v: not v),
+    "skip_first_position": ("mask_special", lambda v: "first" if v else "none"),
+    "include_first_position": ("mask_special", lambda v: "none" if v else "first"),
     "fast": ("no_fast", lambda v: not v),
 }
 

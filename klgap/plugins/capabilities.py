@@ -7,7 +7,8 @@ the first batch), :class:`~klgap.protocols.ErrorFittablePerturbation` (``fit_err
 it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, d_sae)``, likewise),
 :class:`~klgap.protocols.FitSummary` (``fit_summary()``, read after the fit) and
 :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch) and
-:class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens). Each function here is the one place the core asks for one of them; a plugin's answer of
+:class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens),
+:class:`~klgap.protocols.EveryPositionPerturbation` (``every_position``, all-token patching). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
 
@@ -17,7 +18,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter, FitSummary,
+from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter,
+                             EveryPositionPerturbation, FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter)
 
@@ -142,6 +144,17 @@ def baseline_label(perturbation: object) -> str | None:
     return label
 
 
+def every_position(perturbation: object) -> bool:
+    """Whether `perturbation` replaces every position in all-token mode (it declares
+    :class:`EveryPositionPerturbation` with True); False when it does not declare the capability."""
+    if not isinstance(perturbation, EveryPositionPerturbation):
+        return False
+    value = perturbation.every_position
+    if not isinstance(value, bool):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.every_position is {value!r}; it must be a bool")
+    return value
+
+
 def as_perturbation(obj: Any, spec: str) -> Perturbation:
     """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
     error naming the members it lacks."""
@@ -154,5 +167,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "find_default_sae", "fit_summary",
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position", "find_default_sae", "fit_summary",
            "fittable", "model_sae_names", "sae_fittable"]

@@ -9,6 +9,7 @@ from klgap.render.blocks import Block, Bullets, Heading, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
 from klgap.report.schema import Comparison, InterventionStats, RatioCI, Report
 from klgap.report.sweep import is_sweep_point
+from klgap.render.study_page import score_texts
 
 N_TOP_ROWS = 10
 
@@ -71,13 +72,20 @@ def _sae_lens_scores(report: Report) -> list[Block]:
     scores = report.sae_lens_scores
     if scores is None:
         return []
-    return [
+    blocks: list[Block] = [
         Heading(2, "sae_lens scores"),
-        Para("sae_lens's normalised scores against zero ablation, from this run's means: kl_div_score = "
-             "(KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a "
-             "perfect reconstruction, 0 no better than zero ablation."),
-        Table(["kl_div_score", "ce_loss_score"], [[fmt_fixed(scores.kl_div_score), fmt_fixed(scores.ce_loss_score)]]),
+        Para("sae_lens's normalised scores against zero ablation, from this run's means, computed as "
+             "sae_lens.evals.get_recons_loss computes them: kl_div_score = (KL_zero − KL_sae) / KL_zero, "
+             "ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean); 1 is a perfect reconstruction, 0 no "
+             "better than zero ablation. zero ablation replaces every position (BOS and masked tokens too), the SAE "
+             f"only the tokens kept (--mask-special {report.config.get('mask_special', 'first')}); both are "
+             "measured on the kept tokens. Intervals: bootstrap over contexts."),
+        Table(["kl_div_score", "ce_loss_score"], [list(score_texts(scores))]),
     ]
+    if scores.ce_loss_score_withheld:
+        blocks.append(Para(f"ce_loss_score is withheld: {scores.ce_loss_score_withheld}; a score over a "
+                           "denominator that may be 0 says nothing."))
+    return blocks
 
 
 def _interventions(report: Report) -> list[Block]:

@@ -4,12 +4,22 @@ own page, and how the per-token gaps of the sites/layers go together (the study'
 from __future__ import annotations
 
 from klgap.render.blocks import Block, Bullets, Heading, PageLinks, Para, Table
-from klgap.render.formatting import DASH, fmt, fmt_fixed, fmt_p
-from klgap.report.schema import BASELINE, StudyReport, StudyRun
+from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_fixed, fmt_p
+from klgap.report.schema import BASELINE, SaeLensScores, StudyReport, StudyRun
 
 
 def _where(run: StudyRun) -> str:
     return f"{run.site} L{run.layer}"
+
+
+def score_texts(scores: SaeLensScores) -> tuple[str, str]:
+    """kl_div_score and ce_loss_score as a page prints them: each with its interval; a withheld ce_loss_score as
+    'withheld'."""
+    def shown(value: float | None, ci: tuple[float, float] | None) -> str:
+        return fmt_fixed(value) if ci is None else fmt_ci(value, *ci)
+
+    ce = "withheld" if scores.ce_loss_score_withheld else shown(scores.ce_loss_score, scores.ce_loss_score_ci)
+    return shown(scores.kl_div_score, scores.kl_div_score_ci), ce
 
 
 def quality_table(report: StudyReport) -> list[Block]:
@@ -25,7 +35,7 @@ def quality_table(report: StudyReport) -> list[Block]:
         row = [_where(run), run.hook_name, f"{run.n_tokens:,} ({run.n_contexts:,})", fmt(run.sae.d_sae),
                fmt_fixed(metrics.explained_variance), fmt(metrics.l0_mean), fmt_fixed(metrics.cos_mean)]
         if scored:
-            row += [fmt_fixed(scores.kl_div_score) if scores else DASH, fmt_fixed(scores.ce_loss_score) if scores else DASH]
+            row += list(score_texts(scores)) if scores else [DASH, DASH]
         rows.append(row)
     about = ("Each site/layer measured its own tokens with its own SAE; explained variance, L0 and cos(x, x̂) are the "
              "SAE's on those tokens.")

@@ -16,7 +16,8 @@ from klgap.report.numbers import plain
 from klgap.report.quality import quality_of
 from klgap.report.read import load_report
 from klgap.report.schema import (
-    BASELINE, SCHEMA_VERSION, InterventionStats, QualityNote, Report, SaeLensScores, SAEMetrics, Sweep,
+    BASELINE, SCHEMA_VERSION, Comparison, InterventionStats, QualityNote, RatioCI, Report, SaeLensScores, SAEMetrics,
+    Sweep,
 )
 from klgap.report.sections import RunFiles, build_run_sections, report_model
 from klgap.report.size_bins import size_bins
@@ -59,7 +60,7 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         bins = size_bins(paths, list(baselines or [BASELINE]), record.seed)
         if bins is not None:
             report["size_bins"] = bins
-    scores = sae_lens_scores(found.interventions)
+    scores = sae_lens_scores(found.interventions, found.comparisons)
     if scores is not None:
         report["sae_lens_scores"] = scores
     report["quality_notes"] = quality_notes(record, rundir, found.sae_metrics, scores)
@@ -101,9 +102,12 @@ def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, Interve
     return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
 
 
-def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScores | None:
+def sae_lens_scores(interventions: dict[str, InterventionStats],
+                    comparisons: dict[str, Comparison]) -> SaeLensScores | None:
     """sae_lens's kl_div_score and ce_loss_score from the mean KL and ΔCE of `sae` and `zero` (ratios of means
-    over the measured tokens, as sae_lens.evals computes them); None unless both were measured."""
+    over the measured tokens, as sae_lens.evals computes them), each with the interval of the run's sae/zero
+    comparison (1 − its ratio's bootstrap interval over contexts); ce_loss_score withheld when the interval of
+    zero's mean ΔCE (CE_zero − CE_clean) contains 0. None unless both were measured."""
     sae, zero = interventions.get("sae"), interventions.get("zero")
     if sae is None or zero is None:
         return None
@@ -113,8 +117,24 @@ def sae_lens_scores(interventions: dict[str, InterventionStats]) -> SaeLensScore
             return math.nan
         return (ablated - reconstructed) / ablated
 
-    return SaeLensScores(kl_div_score=score(zero.kl_mean, sae.kl_mean),
-                         ce_loss_score=score(zero.ce_delta_mean, sae.ce_delta_mean))
+    def interval(ratio: RatioCI) -> tuple[float, float] | None:
+        low, high = 1 - ratio.ci_high, 1 - ratio.ci_low
+        return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+    compared = comparisons.get("zero")
+    kl = score(zero.kl_mean, sae.kl_mean)
+    ce: float | None = score(zero.ce_delta_mean, sae.ce_delta_mean)
+    withheld = None
+    denominator = compared.ce_delta_baseline if compared is not None else None
+    if denominator is not None and not (denominator.ci_low > 0 or denominator.ci_high < 0):
+        withheld = (f"CE_zero − CE_clean = {denominator.mean:.4g}, 95% interval [{denominator.ci_low:.4g}, "
+                    f"{denominator.ci_high:.4g}] over {denominator.n_contexts} contexts, contains 0")
+        ce = None
+    return SaeLensScores(
+        kl_div_score=kl, ce_loss_score=ce, ce_loss_score_withheld=withheld,
+        kl_div_score_ci=interval(compared.kl_ratio) if compared is not None else None,
+        ce_loss_score_ci=interval(compared.ce_delta_ratio) if compared is not None and ce is not None else None,
+        n_contexts=compared.kl_ratio.n_contexts if compared is not None else None)
 
 
 def _plain(obj: Any) -> Any:

@@ -96,10 +96,20 @@ class SaeLensScores(StrictModel):
     """sae_lens's normalised scores (sae_lens.evals.get_downstream_reconstruction_metrics), from this run's own
     means over its measured tokens, with zero ablation as the reference:
     kl_div_score = (KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)
-    = (ΔCE_zero − ΔCE_sae) / ΔCE_zero. 1 is a perfect reconstruction, 0 no better than zero ablation."""
+    = (ΔCE_zero − ΔCE_sae) / ΔCE_zero. 1 is a perfect reconstruction, 0 no better than zero ablation.
+
+    Computed as sae_lens computes them: `zero` replaces every position (BOS and masked tokens too), the SAE only
+    the tokens --mask-special keeps, both measured on those tokens (ratios of means over them). Each score has a
+    bootstrap interval over contexts (1 − the interval of the sae/zero ratio of means, schema 0.6.0);
+    ce_loss_score is None, with `ce_loss_score_withheld` saying why, when the interval of CE_zero − CE_clean
+    (zero's mean ΔCE) contains 0: a score over a denominator that may be 0 says nothing."""
 
     kl_div_score: Num
-    ce_loss_score: Num
+    ce_loss_score: Num | None
+    kl_div_score_ci: tuple[Num, Num] | None = None
+    ce_loss_score_ci: tuple[Num, Num] | None = None
+    ce_loss_score_withheld: str | None = None
+    n_contexts: int | None = None
 
 
 class SAEInfo(StrictModel):
@@ -374,6 +384,7 @@ class RunFacts(StrictModel):
     mode: Literal["all_tokens", "single_token", "many_samples"]
     context_len: int
     first_position: str
+    masked_tokens: str | None = None  # --mask-special: what was left unpatched and unmeasured (klgap/job/masks.py)
     last_position: str = "measured"  # "patched, not measured" with drop_last_position (the study's protocol)
     centered_activations: bool
     execution: dict[str, Any] = Field(default_factory=dict)

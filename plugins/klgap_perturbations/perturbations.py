@@ -34,6 +34,7 @@ class FormulaPerturbation:
     geometry: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     baseline_label: str | None = None
+    every_position: bool = False  # all-token mode: replaces every position (klgap.protocols.EveryPositionPerturbation)
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         if x.shape != x_hat.shape or x.dim() != 2:
@@ -153,6 +154,14 @@ def sae_error_shuffled(**params: Any) -> FormulaPerturbation:
     )
 
 
+def zero(**params: Any) -> FormulaPerturbation:
+    """x' = 0, in all-token mode at every position of each context (position 0 and the tokens --mask-special masks
+    included, measured where the run measures): the zero ablation sae_lens's get_recons_loss scores SAEs against."""
+    check_names("zero", params, ())
+    return FormulaPerturbation("zero", lambda x, x_hat, generator: geometry.zero(x, x_hat), False, {"norm": 0.0},
+                               zero.__doc__ or "", every_position=True)
+
+
 #: name -> (factory, one-line description), in the order `klgap plugins` lists them.
 FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
     "sae": (
@@ -175,7 +184,7 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
         _deterministic("identity", geometry.identity, {"norm": "x", "cos": 1.0, "distance": 0.0}, "x' = x"),
         "x' = x: a control, KL must be 0",
     ),
-    "zero": (_deterministic("zero", geometry.zero, {"norm": 0.0}, "x' = 0"), "x' = 0: zero ablation"),
+    "zero": (zero, "x' = 0 at every position of the context (BOS and masked tokens too): sae_lens's zero ablation"),
     "mean_ablation": (
         _deterministic("mean_ablation", geometry.mean_ablation, {}, "x' = mean of x over the batch's tokens"),
         "x' = the batch's mean activation over its patched tokens: mean ablation (the study's baseline)",

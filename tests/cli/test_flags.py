@@ -11,9 +11,10 @@ from klgap.cli.args import build_parser
 from klgap.cli.main import request_of
 from klgap.plan.config import RunConfig, flag_help
 
-#: every run flag as users have typed it since 0.2: none may change spelling
+#: every run flag as users have typed it since 0.2: none may change spelling (--include-first-position, now
+#: --mask-special none, still parses: test_each_flag_sets_its_field)
 FLAGS = {"--model", "--site", "--layer", "--sae", "--mode", "--interventions", "--tokens", "--context-len",
-         "--batch-size", "--seed", "--device", "--dtype", "--dataset", "--no-bos", "--include-first-position",
+         "--batch-size", "--seed", "--device", "--dtype", "--dataset", "--no-bos", "--mask-special",
          "--drop-last-position", "--position", "--k", "--n-samples", "--sample-intervention", "--no-fast",
          "--device-map", "--remote", "--joint", "--fit-tokens", "--joint-subsets"}
 
@@ -54,7 +55,8 @@ def test_the_cli_default_of_every_run_flag_is_the_dataclass_default():
 
 @pytest.mark.parametrize("argv,field,value", [
     (["--tokens", "64"], "tokens", 64), (["--context-len", "32"], "context_len", 32), (["--no-bos"], "no_bos", True),
-    (["--include-first-position"], "include_first_position", True), (["--layer", "3,10"], "layer", "3,10"),
+    (["--include-first-position"], "mask_special", "none"), (["--mask-special", "first"], "mask_special", "first"),
+    (["--layer", "3,10"], "layer", "3,10"),
     (["--interventions", "sae,zero"], "interventions", ["sae", "zero"]), (["--fit-tokens", "100"], "fit_tokens", 100),
     (["--joint"], "joint", True), (["--no-fast"], "no_fast", True), (["--dtype", "float16"], "dtype", "float16"),
 ])

@@ -18,6 +18,7 @@ noise alone is ~1e-4 relative).
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
@@ -86,7 +87,7 @@ def test_kl_and_ce_agree_with_sae_lens_evals(tmp_path, load_model, model, site, 
     sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 7)
     cfg = RunConfig(
         model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2,
-        device="cpu", dtype=dtype, dataset="random", interventions=["sae", "zero", "identity"], include_first_position=True,
+        device="cpu", dtype=dtype, dataset="random", interventions=["sae", "zero", "identity"], mask_special="none",
     )
     run_config(cfg, tmp_path / "run", progress=False)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet").sort_values(["intervention", "context", "position"])
@@ -158,7 +159,7 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 3)
     cfg = RunConfig(
         model=model, sae=str(sae_path), tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2, device="cpu",
-        dtype="float64", dataset="random", interventions=["sae", "zero", "mean_ablation"], include_first_position=True,
+        dtype="float64", dataset="random", interventions=["sae", "zero", "mean_ablation"], mask_special="none",
     )
     run_config(cfg, tmp_path / "run", progress=False)
     report = load_report(tmp_path / "run")
@@ -175,7 +176,7 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     assert abs(theirs["kl_div_score"]) > 0.05 and theirs["kl_div_score"] < 0.999  # not trivially 0 or 1 (a random SAE may do worse than zero)
     assert report.sae_lens_scores is not None
     assert report.sae_lens_scores.kl_div_score == pytest.approx(theirs["kl_div_score"], rel=1e-6)
-    assert report.sae_lens_scores.ce_loss_score == pytest.approx(theirs["ce_loss_score"], rel=1e-6)
+    assert_ce_loss_score(report, tmp_path / "run", theirs)
 
     def mean_ablation_hook(activation, hook):  # the study's hook (error_eval.py), pos=None
         activation[:] = activation.mean((0, 1), keepdim=True).expand_as(activation)
@@ -193,3 +194,132 @@ def test_sae_lens_scores_and_mean_ablation_agree_with_sae_lens_and_the_study(tmp
     study = torch.cat(kl_study).numpy()
     assert study.mean() > 1e-3
     np.testing.assert_allclose(ours, study, **TOL["float64"])
+
+
+def assert_ce_loss_score(report, run_dir, theirs) -> None:
+    """ce_loss_score is sae_lens's, or withheld (None) exactly when the interval of CE_zero − CE_clean (zero's mean
+    ΔCE) contains 0; either way the score klgap's means give is sae_lens's (a random tiny model's CE barely moves
+    under zero ablation, so its score is often withheld)."""
+    scores, zero = report.sae_lens_scores, report.comparisons["zero"].ce_delta_baseline
+    tokens = pd.read_parquet(run_dir / "tokens.parquet")
+    mean = {name: np.nanmean(tokens[tokens.intervention == name]["ce_delta"].to_numpy(np.float64))
+            for name in ("sae", "zero")}
+    assert (mean["zero"] - mean["sae"]) / mean["zero"] == pytest.approx(theirs["ce_loss_score"], rel=1e-5)
+    denominator = theirs["ce_loss_with_ablation"] - theirs["ce_loss_without_sae"]
+    assert zero.mean == pytest.approx(denominator, rel=1e-5)
+    if zero.ci_low <= 0 <= zero.ci_high:
+        assert scores.ce_loss_score is None and scores.ce_loss_score_ci is None
+        assert "contains 0" in scores.ce_loss_score_withheld
+    else:
+        assert scores.ce_loss_score_withheld is None
+        assert scores.ce_loss_score == pytest.approx(theirs["ce_loss_score"], rel=1e-5)
+        low, high = scores.ce_loss_score_ci
+        assert low <= scores.ce_loss_score <= high
+    low, high = scores.kl_div_score_ci
+    assert low <= scores.kl_div_score <= high
+
+
+def write_documents(path, n_docs: int = 48) -> str:
+    """A .jsonl of short documents: the text source packs them with the tokenizer's EOS between them, so most
+    contexts hold separators after position 0."""
+    import json
+
+    words = ["the", "river", "ran", "past", "a", "mill", "where", "bread", "was", "made", "each", "day"]
+    lines = [json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(2 + i % 4))})
+             for i in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return f"text:{path}"
+
+
+MASKED = [("tiny-gpt2", "resid_pre", 1, "float32"), ("tiny-gpt2", "mlp_out", 0, "float64"),
+          ("tiny-pythia", "resid_pre", 1, "float32")]
+
+
+@pytest.mark.parametrize(("model", "site", "layer", "dtype"), MASKED, ids=["-".join(map(str, c)) for c in MASKED])
+def test_mask_special_all_is_sae_lens_ignore_tokens(tmp_path, load_model, model, site, layer, dtype):
+    """``--mask-special all`` (the default) on packed contexts with separators inside them: the SAE leaves every
+    special token unpatched and no row measures one, per token what sae_lens's ``get_recons_loss(ignore_tokens=
+    get_special_token_ids(tokenizer))`` gives (run_evals' default), zero ablation at every position included."""
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.util import get_special_token_ids
+
+    from klgap.job.masks import special_token_ids
+
+    lm = load_model(model)
+    hook = hook_name(site, layer)
+    sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 5)
+    n_ctx = 8
+    cfg = RunConfig(model=model, sae=str(sae_path), tokens=n_ctx * CTX_LEN, context_len=CTX_LEN, batch_size=4,
+                    device="cpu", dtype=dtype, dataset=write_documents(tmp_path / "docs.jsonl"),
+                    interventions=["sae", "zero", "epsilon_random"])
+    assert cfg.mask_special == "all"  # the default
+    run_config(cfg, tmp_path / "run", progress=False)
+    tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
+    prepared = cells.prepare(cfg)
+    contexts = prepared.contexts
+    ignore = get_special_token_ids(prepared.model.tokenizer)
+    assert special_token_ids(prepared.model.tokenizer) == tuple(sorted(ignore))
+    special = torch.isin(contexts, torch.tensor(ignore))  # [ctx pos]
+    keep = ~special.numpy()
+    assert special[:, 0].all() and special[:, 1:].sum() >= n_ctx  # BOS, and separators inside the contexts
+
+    with torch.no_grad():
+        theirs = get_recons_loss(prepared.sae.module, hooked_transformer(lm, getattr(torch, dtype)),
+                                 ActivationScaler(), contexts, compute_kl=True, compute_ce_loss=True,
+                                 ignore_tokens=ignore, hook_name=hook)
+    tol = TOL[dtype]
+    ce_clean = theirs["ce_loss_without_sae"].numpy()
+    for name, kl_key, ce_key in (("sae", "kl_div_with_sae", "ce_loss_with_sae"),
+                                 ("zero", "kl_div_with_ablation", "ce_loss_with_ablation")):
+        rows = tokens[tokens.intervention == name].sort_values(["context", "position"])
+        assert not set(rows["token_id"]) & set(ignore)  # no separator is measured
+        where = np.argwhere(keep)  # row-major: (context, position) of every kept token
+        np.testing.assert_array_equal(rows[["context", "position"]].to_numpy(), where)
+        np.testing.assert_allclose(rows["kl"].to_numpy(), theirs[kl_key].numpy()[keep], **tol)
+        last = rows["position"].to_numpy() == CTX_LEN - 1
+        assert np.isnan(rows["ce_delta"].to_numpy()[last]).all()
+        delta = (theirs[ce_key].numpy() - ce_clean)[keep[:, :-1]]  # sae_lens: mask[:, :-1]
+        np.testing.assert_allclose(rows["ce_delta"].to_numpy()[~last], delta, rtol=tol["rtol"], atol=10 * tol["atol"])
+    # the masking matters here: patching the separators too (--mask-special first) gives other numbers
+    assert np.abs(theirs["kl_div_with_sae"].numpy()[keep]).mean() > 1e-3
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["config"]["mask_special"] == "all"
+    assert report["masked_tokens"].startswith("all: position 0 and the special token ids")
+    top = [row["token_id"] for row in report["gap"]["top_tokens"]]  # the gap analysis's token table
+    assert top and not set(top) & set(ignore)
+
+
+@pytest.mark.parametrize(("model", "site", "layer"), [("tiny-gpt2", "resid_pre", 1), ("tiny-pythia", "mlp_out", 1)])
+def test_default_scores_are_sae_lens_run_evals(tmp_path, load_model, model, site, layer):
+    """With the defaults (``--mask-special all``, zero ablation at every position) the report's kl_div_score and
+    ce_loss_score are what sae_lens's run_evals computes on the same contexts (its default exclude_special_tokens
+    passes get_special_token_ids as ignore_tokens to get_downstream_reconstruction_metrics): the issue's tiny GPT-2
+    printed 0.3881 / 0.4170 beside sae_lens's 0.3900 / 0.3897 while `zero` spared position 0."""
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.util import get_special_token_ids
+
+    from klgap.report.read import load_report
+
+    lm = load_model(model)
+    hook = hook_name(site, layer)
+    sae_path = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook, seed=layer + 3)
+    n_ctx = 16
+    cfg = RunConfig(model=model, sae=str(sae_path), tokens=n_ctx * CTX_LEN, context_len=CTX_LEN, batch_size=4,
+                    device="cpu", dtype="float64", dataset=write_documents(tmp_path / "docs.jsonl"),
+                    interventions=["sae", "zero"])
+    run_config(cfg, tmp_path / "run", progress=False)
+    report = load_report(tmp_path / "run")
+    prepared = cells.prepare(cfg)
+    sae = prepared.sae.module
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        theirs = get_downstream_reconstruction_metrics(
+            sae, hooked_transformer(lm), _Store(prepared.contexts), ActivationScaler(), compute_kl=True,
+            compute_ce_loss=True, n_batches=1, eval_batch_size_prompts=n_ctx,
+            ignore_tokens=get_special_token_ids(prepared.model.tokenizer))
+    assert 0.05 < abs(theirs["kl_div_score"]) and theirs["kl_div_score"] < 0.999
+    assert report.sae_lens_scores.kl_div_score == pytest.approx(theirs["kl_div_score"], rel=1e-6)
+    assert report.sae_lens_scores.n_contexts == n_ctx
+    assert_ce_loss_score(report, tmp_path / "run", theirs)

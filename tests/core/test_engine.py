@@ -282,7 +282,7 @@ def test_drop_last_position_keeps_the_patch_and_measures_one_position_less(tmp_p
     lm = load_model("tiny-gpt2")
     sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1))
     kw = dict(model="tiny-gpt2", sae=str(sae), interventions=["sae", "epsilon_random", "mean_ablation"],
-              include_first_position=True)
+              mask_special="none")
     full, t_full = _run(tmp_path, "full", **kw)
     dropped, t_drop = _run(tmp_path, "dropped", drop_last_position=True, **kw)
     assert full["last_position"] == "measured" and dropped["last_position"] == "patched, not measured"

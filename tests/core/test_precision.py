@@ -66,7 +66,7 @@ def test_low_precision_kl_is_float32_from_bfloat16_logits(sae_path):
     """A bfloat16 run's KL is the KL of the model's bfloat16 logits computed exactly (float64, by hand), to float32
     rounding: the patch x' = x̂ is computed in float32 from the bfloat16 activation and rounded once; the
     log-softmax is not taken in bfloat16 (that would be off by ~1e-2)."""
-    cfg = config(sae_path, "bfloat16", interventions=["sae", "zero"], include_first_position=True)
+    cfg = config(sae_path, "bfloat16", interventions=["sae", "zero"], mask_special="none")
     prep = prepare(cfg)
     assert prep.model.dtype == torch.bfloat16 and prep.precision is not None
     job = LoadedJob.of_run(prep)
