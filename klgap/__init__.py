@@ -38,7 +38,7 @@ _LAZY = {
         "LoadedModel", "LoadedSAE", "SiteSpec", "BlockLayout", "SAECheck", "ModelSAENames", "Placement",
         "ModelAdapter", "SAELoader", "Perturbation", "TokenSource", "Command", "SparseAutoencoder",
         "SAEChecker", "DefaultSAEFinder", "FittablePerturbation", "PlacingModelAdapter", "HubModelAdapter",
-        "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter")},
+        "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter", "SplitTokenSource", "TokenSplit")},
 }
 
 __all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]

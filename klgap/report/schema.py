@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "0.5.0"
+SCHEMA_VERSION = "0.6.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -285,6 +285,24 @@ class Sweep(StrictModel):
     directions: list[SweepDirection]
 
 
+class HeldOut(StrictModel):
+    """Whether a run's measured tokens are apart from its SAE's training tokens (schema 0.6.0; klgap/job/disjoint.py).
+
+    dataset: the measured source as resolved, with its split (``sample:eval``); split: the split measured (None: the
+    source has no splits, it is read whole); chosen: klgap chose the split (``--dataset`` named none); trained_on:
+    the SAE's training tokens as its training.json records them (None: not recorded, e.g. a pretrained SAE);
+    status: ``disjoint`` (same source, another split), ``overlap`` (same source and split, or one read whole) or
+    ``unknown``; why: one line saying so, when it is worth a note (an overlap, a source without splits, a
+    training.json that does not record its tokens)."""
+
+    dataset: str
+    split: str | None
+    chosen: bool
+    trained_on: str | None
+    status: Literal["disjoint", "overlap", "unknown"]
+    why: str | None = None
+
+
 class SiteSummary(StrictModel):
     """What a measurement at one site and layer found (shared by run reports and study rows)."""
 
@@ -306,6 +324,7 @@ class SiteSummary(StrictModel):
     baselines: dict[str, str] | None = None
     size_bins: SizeBins | None = None  # all-token runs: the ratio in bins of ε/‖x‖ (klgap/report/size_bins.py)
     sweep: Sweep | None = None  # runs with length sweeps (`klgap curve --along error`; klgap/report/sweep.py)
+    held_out: HeldOut | None = None  # measured vs training tokens (schema 0.6.0; None: written before)
 
 
 class JointSite(StrictModel):
