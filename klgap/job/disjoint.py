@@ -30,8 +30,9 @@ def held_out(tokens: TokenSourceRef, sae: LoadedSAE, dataset: str) -> HeldOut:
             "(e.g. --dataset sample:eval, text:CORPUS/eval) or train on one apart from it"))
     if tokens.split is None:
         return HeldOut(**facts, status="unknown", why=(
-            f"the measured tokens ({dataset}) are not known to be disjoint from the SAE's training tokens: token "
-            f"source {tokens.name!r} has no train/eval splits"))
+            f"the measured tokens ({dataset}) are not known to be disjoint from the SAE's training tokens: they are "
+            "read whole, not from a split held apart (a source with train/eval splits, e.g. sample or a corpus from "
+            "`klgap build-corpus`, reads its eval split by default)"))
     if isinstance(training, dict) and trained is None:  # a klgap SAE trained before its tokens were recorded
         return HeldOut(**facts, status="unknown", why=(
             f"the SAE's training.json does not record its tokens (train-sae then read all of --dataset, by default "

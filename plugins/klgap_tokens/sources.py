@@ -104,7 +104,7 @@ class SampleText:
     description = (
         "English prose from the docstrings of Python's standard library, shipped with klgap (~440 KB); "
         "sample:train / sample:eval are its first 80% / last 20% (train-sae reads sample:train, a run sample:eval "
-        "when none is named); for real runs use text:PATH"
+        "when none is named), sample:all all of it; for real runs use text:PATH"
     )
 
     def split_for(self, arg: str | None, role: TokenRole) -> TokenSplit:

@@ -2,7 +2,8 @@
 train split and measuring reads its eval split when ``--dataset`` names none, so that an SAE is measured on text
 it never saw.
 
-- ``sample``: ``sample:train`` / ``sample:eval`` (the first 80% / last 20% of the built-in text).
+- ``sample``: ``sample:train`` / ``sample:eval`` (the first 80% / last 20% of the built-in text); ``sample:all`` is
+  all of it (no split).
 - ``text:DIR`` where DIR is a corpus ``klgap build-corpus`` wrote (it holds corpus.json): ``text:DIR/train`` /
   ``text:DIR/eval``; ``text:DIR/train`` itself names its split. Any other path has no splits.
 - ``hf:NAME``: ``hf:NAME:train`` / its first eval split (validation, test, ...), from the dataset's split names
@@ -17,8 +18,10 @@ from pathlib import Path
 from klgap.errors import KlgapError
 from klgap.protocols import TokenRole, TokenSplit
 
-#: sample's splits: the first 80% / last 20% of the sample's tokens
-SAMPLE_SPLITS = {"train": (0.0, 0.8), "eval": (0.8, 1.0)}
+#: sample's splits: the first 80% / last 20% of the sample's tokens; `all`: the whole sample (what a bare `sample`
+#: read before klgap chose a split by role; it overlaps both)
+SAMPLE_SPLITS = {"train": (0.0, 0.8), "eval": (0.8, 1.0), "all": (0.0, 1.0)}
+WHOLE = "all"
 #: the split each role reads from a corpus `klgap build-corpus` wrote (and from `sample`)
 ROLE_SPLIT = {"train": "train", "measure": "eval"}
 #: a dataset's splits that measuring reads when `hf:NAME` names none, first found first
@@ -33,7 +36,7 @@ def sample_split(arg: str | None, role: TokenRole) -> TokenSplit:
     if arg not in SAMPLE_SPLITS:
         raise KlgapError(f"token source 'sample' takes no argument or one of {', '.join(SAMPLE_SPLITS)}, got {arg!r}; "
                          f"for your own text use text:{arg}")
-    return TokenSplit(arg, arg, None)
+    return TokenSplit(arg, None if arg == WHOLE else arg, None)
 
 
 def corpus_splits(folder: Path) -> list[str]:

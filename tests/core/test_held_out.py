@@ -160,7 +160,7 @@ def test_each_built_in_source_declares_its_splits(tmp_path):
     assert [token_split(sample, None, role) for role in ("train", "measure")] == [
         klgap_split("train", "train", None, True), klgap_split("eval", "eval", None, True)]
     assert token_split(sample, "train", "measure") == klgap_split("train", "train", None, False)
-    with pytest.raises(KlgapError, match="takes no argument or one of train, eval, got 'dev'"):
+    with pytest.raises(KlgapError, match="takes no argument or one of train, eval, all, got 'dev'"):
         token_split(sample, "dev", "measure")
     root = corpus(tmp_path / "corpus")
     whole = str(root.resolve())
@@ -203,9 +203,13 @@ def test_what_a_run_says_of_its_tokens_against_the_sae_s(tmp_path):
         assert held_out(tokens, sae(trained), tokens.spec).status == status, dataset
     random = token_source("random", "measure")
     found = held_out(random, sae(), "random")
-    assert (found.status, found.why) == ("unknown", "the measured tokens (random) are not known to be disjoint from "
-                                                    "the SAE's training tokens: token source 'random' has no "
-                                                    "train/eval splits")
+    assert found.status == "unknown" and found.why.startswith(
+        "the measured tokens (random) are not known to be disjoint from the SAE's training tokens: they are read whole")
+    sample_tokens = {"dataset": "sample:train", "token_source": "sample", "split": "train", "split_of": None,
+                     "seed": 0, "context_len": 32, "tokens": 100, "n_contexts": 4}
+    whole = token_source("sample:all", "measure")  # all of the sample: it holds the training split
+    assert (whole.spec, whole.split) == ("sample:all", None)
+    assert held_out(whole, sae(sample_tokens), whole.spec).status == "overlap"
     old = held_out(token_source("sample", "measure"), sae({"seed": 0, "steps": 3}), "sample:eval")
     assert old.status == "unknown" and "does not record its tokens" in old.why
     pretrained = held_out(token_source("sample", "measure"), sae(), "sample:eval")
