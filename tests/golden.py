@@ -41,7 +41,7 @@ PARTS = GOLDEN / "parts"
 NUMBER_KEYS = ("n_tokens", "n_contexts", "interventions", "kl_ratio_sae_over_epsilon_random", "comparisons",
                "sae_metrics", "gap", "curve", "single_token", "many_samples")
 BASE = {"model": "tiny-llama", "tokens": 6 * 32, "context_len": 32, "batch_size": 2, "device": "cpu",
-        "dataset": "sample", "seed": 3}
+        "dataset": "sample:all", "seed": 3}  # the whole sample, as a bare `sample` read when these were committed
 CASES = {
     "all_tokens": {"mode": "all_tokens", "interventions": ["sae", "sae_norm_corrected", "sae_norm", "epsilon_random",
                                                            "theta_random", "theta_random_xnorm",

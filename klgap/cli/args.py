@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--context-len", type=_int_arg("--context-len"), default=128, help="tokens per context (default 128)")
     train.add_argument("--dataset", default="sample",
-                       help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)")
+                       help="token source NAME[:ARG]: sample (default), text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists "
+                            "them); a source with splits is read at its train split when none is named (sample -> "
+                            "sample:train; a run reads sample:eval)")
     train.add_argument("--expansion", type=_int_arg("--expansion"), default=8, help="d_sae / d_in (default 8)")
     train.add_argument("--l1", type=float, default=None, help="L1 coefficient (default 5)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")

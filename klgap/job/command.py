@@ -151,7 +151,8 @@ def train_missing(job: Job, recipe: dict[str, Any], progress: bool) -> None:
     pairs = list(dict.fromkeys((plan.site, plan.layer) for plan in job.plans))
     if any(site is None or layer is None for site, layer in pairs):
         raise KlgapError("a config with [train_sae] must name site and layer")
-    train_missing_sae(job.config, recipe, progress, pairs)  # type: ignore[arg-type]
+    # without a dataset of its own, the recipe trains on the train split of the source the job measures
+    train_missing_sae(job.config, recipe, progress, pairs, job.plans[0].tokens.unsplit)  # type: ignore[arg-type]
 
 
 def render_folder(folder: Path) -> str | None:

@@ -71,6 +71,7 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         n_contexts=len(run.contexts),
         n_batches=run.n_batches,
         notes=run.notes,
+        held_out=run.held_out,
         config=cfg.to_dict(),
         seed=cfg.seed,
         device=str(run.model.device),

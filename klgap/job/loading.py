@@ -23,6 +23,7 @@ from torch import Tensor
 from klgap.errors import KlgapError
 from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
+from klgap.job.disjoint import held_out, say
 from klgap.job.masks import kept, special_token_ids
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
@@ -31,7 +32,7 @@ from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pic
 from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
-from klgap.report.schema import PrecisionCheck
+from klgap.report.schema import HeldOut, PrecisionCheck
 from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
@@ -59,6 +60,7 @@ class Loaded:
     route: SAERoute | None = None  # the loader that read the SAE (the plan's, or the default SAE's); None: an object
     precision: PrecisionCheck | None = None  # a low-precision run's check against float32 (klgap/job/precision.py)
     reference: LoadedModel | None = None  # the float32 model a low-precision run is checked against; else None
+    held_out: HeldOut | None = None  # the measured tokens against the SAE's training tokens (klgap/job/disjoint.py)
 
     @property
     def config(self) -> RunConfig:
@@ -184,12 +186,16 @@ def load_plan(plan: RunPlan) -> Loaded:
             "the SAE was trained with TransformerLens's center_writing_weights: resid activations are mean-centred "
             "over d_model before the SAE and every perturbation (LayerNorm makes the mean invisible downstream)"
         )
+    found = held_out(plan.tokens, sae, config.dataset)  # measured tokens vs the SAE's training tokens
+    if found.why is not None:
+        notes.append(found.why)
+    say(found)
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
     executor, execution = choose(config, model, spec, layer, contexts)
     reference = reference_model(plan, model)
     loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
-                    route, reference=reference)
+                    route, reference=reference, held_out=found)
     # fitted on float32 activations in a low-precision run too: the draws of a float32 run
     fitted = fit_perturbations(loaded if reference is None else dataclasses.replace(loaded, model=reference))
     if fitted:

@@ -33,7 +33,7 @@ from klgap.forward.joint import forward_order
 from klgap.job.record import SINGLE_DIR, SUBSETS_DIR
 from klgap.plan.config import RunConfig
 from klgap.plan.grid import parse_layers, parse_sites, sae_for
-from klgap.plan.resolve import RunPlan, TokenSourceRef, resolve
+from klgap.plan.resolve import RunPlan, TokenSourceRef, resolve, token_source
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import LoadedSAE
 from klgap.sae.checkpoints import expand, is_glob, verify
@@ -130,8 +130,12 @@ def plan_job(config: RunConfig, *, checkpoints: str | None = None, trains: bool 
     trained with checkpoints; ``{site}``/``{layer}`` filled in); trains: an SAE path that does not exist yet is
     left to a ``[train_sae]`` table (its plan is pending); saes: SAEs from Python (specs or LoadedSAE objects),
     one per joint (site, layer) in the order of ``config.joint_cells()``, else one cell each; model, tokens:
-    objects the caller holds (klgap.api), in place of what the config names."""
+    objects the caller holds (klgap.api), in place of what the config names. The job's config records the dataset
+    as resolved, with the split it measures (klgap.plan.resolve.token_source)."""
     model = model if model is not None else model_adapter(config.model)
+    if tokens is None:  # once for every site: the split measured (an eval split where --dataset names none)
+        tokens = token_source(config.dataset, "measure")
+        config = dataclasses.replace(config, dataset=tokens.spec)
     if config.joint:  # (a single site's config is checked where it is resolved)
         return _joint(config.validate(), list(saes) if saes is not None else None, model, tokens, trains)
     if checkpoints is not None:

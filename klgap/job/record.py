@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from klgap.errors import KlgapError
 from klgap.job.folder import atomic_write_json
-from klgap.report.schema import SCHEMA_VERSION, PluginRef, RunFacts, SAEInfo, StrictModel
+from klgap.report.schema import SCHEMA_VERSION, HeldOut, PluginRef, RunFacts, SAEInfo, StrictModel
 
 RECORD_FILE = "run.json"
 SINGLE_DIR = "single"  # a joint run's sites, each measured alone: OUT/single/<site>_L<layer>/
@@ -47,6 +47,7 @@ class RunRecord(RunFacts):
     n_contexts: int
     n_batches: int
     notes: list[str]
+    held_out: HeldOut | None = None  # the measured tokens against the SAE's training tokens (schema 0.6.0)
 
     @property
     def names(self) -> list[str]:
@@ -55,7 +56,7 @@ class RunRecord(RunFacts):
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
-    unset = {name for name in ("joint", "precision") if getattr(record, name) is None}  # written only when there
+    unset = {name for name in ("joint", "precision", "held_out") if getattr(record, name) is None}  # only when there
     atomic_write_json(Path(folder) / RECORD_FILE, record.model_dump(mode="json", exclude=unset or None))
 
 

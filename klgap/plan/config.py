@@ -79,7 +79,9 @@ class RunConfig:
         "float32 on the first contexts, said in the report); auto (bfloat16 where the device has it and the check "
         "passes, else float32); float64 for reference runs"))
     dataset: str = field(default="sample", metadata=flag(
-        "token source NAME[:ARG]: sample, text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them)"))
+        "token source NAME[:ARG]: sample, text:PATH, hf:NAME[:SPLIT], random (klgap plugins lists them); a source "
+        "with splits is read at its eval split when none is named (sample -> sample:eval; train-sae reads "
+        "sample:train)"))
     no_bos: bool = field(default=False, metadata=flag("do not prepend BOS to each context"))
     mask_special: str = field(default="all", metadata=flag(
         "tokens left unpatched (the SAE never sees them) and unmeasured: all (position 0 and every special token "

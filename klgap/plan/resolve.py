@@ -24,8 +24,9 @@ from klgap.plan.dtypes import run_dtype
 from klgap.job.distributed import cuda_device, read_world
 from klgap.errors import KlgapError, unknown
 from klgap.plugins.manager import ModelRef, get_host, model_adapter
-from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae
-from klgap.protocols import LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter, SAECheck
+from klgap.plugins.capabilities import as_perturbation, check_sae_spec, find_default_sae, token_split
+from klgap.protocols import (LoadedModel, LoadedSAE, ModelSAENames, Perturbation, Placement, PlacingModelAdapter,
+                             SAECheck, TokenRole)
 from klgap.plan.sites import hook_name, parse_hook_name
 from klgap.plan.grid import sae_for, templated
 from klgap.plan.specs import parse_intervention, split_spec
@@ -87,16 +88,43 @@ class Intervention:
 @dataclass(frozen=True)
 class TokenSourceRef:
     """``--dataset NAME[:ARG]``: the registered source, its argument and its plugin; or, from Python, a
-    source object of the caller's (``given``: token ids or texts handed to ``klgap.measure``)."""
+    source object of the caller's (``given``: token ids or texts handed to ``klgap.measure``).
+
+    split / whole / chosen: which split `arg` reads (klgap.protocols.TokenSplit: None, the whole source), the
+    argument naming the source without a split, and whether klgap chose the split for the run's role."""
 
     name: str
     arg: str | None
     plugin: str
     given: Any = field(default=None, compare=False)
+    split: str | None = None
+    whole: str | None = None
+    chosen: bool = False
 
     @property
     def obj(self) -> Any:
         return self.given if self.given is not None else get_host().registry("token_source").get(self.name)
+
+    @property
+    def spec(self) -> str:
+        """``NAME:ARG`` as ``--dataset`` would name what is read (the split included)."""
+        return f"{self.name}:{self.arg}" if self.arg else self.name
+
+    @property
+    def unsplit(self) -> str:
+        """``NAME[:WHOLE]``: the same source with no split named (train-sae reads its train split)."""
+        return f"{self.name}:{self.whole}" if self.whole else self.name
+
+
+def token_source(dataset: str, role: TokenRole) -> TokenSourceRef:
+    """``--dataset NAME[:ARG]`` looked up, with the split a run in `role` reads: the one named, or, when none is,
+    the source's split for the role (klgap.protocols.SplitTokenSource: train-sae reads a train split, a
+    measurement an eval split); a source without splits is read whole."""
+    name, arg = split_spec(dataset)
+    sources = get_host().registry("token_source")
+    found = token_split(sources.get(name), arg or None, role)
+    return TokenSourceRef(name, found.arg, sources.entries[name].plugin, split=found.split, whole=found.whole,
+                          chosen=found.chosen)
 
 
 @dataclass(frozen=True)
@@ -225,16 +253,17 @@ def site_of(config: RunConfig, sae: SAERoute | None, hook: str | None = None) ->
 
 
 def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE | None = None,
-            tokens: TokenSourceRef | None = None) -> RunPlan:
+            tokens: TokenSourceRef | None = None, role: TokenRole = "measure") -> RunPlan:
     """Check one site's `config` against the installed plugins and return what measuring it will do; loads nothing.
     A command's sites (a study's, a joint run's) are each resolved so by klgap.job.plan.plan_job.
 
     From Python (klgap.api) the model, the SAE and the tokens may be objects the caller holds: they replace
-    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name."""
+    what ``config.model`` / ``config.sae`` / ``config.dataset`` would name. `role`: what the tokens are read for
+    (``train``: train-sae; ``measure``: every run), which picks the split of a ``--dataset`` that names none
+    (:func:`token_source`); the plan's config records the dataset as resolved (``sample`` -> ``sample:eval``)."""
     if config.joint:
         raise KlgapError("a joint config is several sites: plan it with klgap.job.plan.plan_job")
     config.validate()
-    host = get_host()
     model = model if model is not None else model_adapter(config.model)
     placement = Placement(config.device_map, bool(config.remote))
     if not placement.local and not isinstance(model.adapter, PlacingModelAdapter):
@@ -258,11 +287,9 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
                 f"--sample-intervention {config.sample_intervention!r} is not random; many-samples mode needs "
                 "one that is, e.g. epsilon_random or theta_random"
             )
-    if tokens is None:
-        source_name, source_arg = split_spec(config.dataset)
-        sources = host.registry("token_source")
-        sources.get(source_name)
-        tokens = TokenSourceRef(source_name, source_arg or None, sources.entries[source_name].plugin)
+    if tokens is None:  # the split read is what the config records (config.dataset as resolved)
+        tokens = token_source(config.dataset, role)
+        config = dataclasses.replace(config, dataset=tokens.spec)
     device = pick_device(config.device)
     if sae is not None:
         site, layer = site_of(config, None, sae.hook_name)
@@ -284,4 +311,4 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
 
 
 __all__ = ["Intervention", "RunPlan", "SAERoute", "TokenSourceRef", "build_intervention", "build_interventions",
-           "default_sae", "pick_device", "recorded_name", "resolve", "route_sae", "site_of"]
+           "default_sae", "pick_device", "recorded_name", "resolve", "route_sae", "site_of", "token_source"]

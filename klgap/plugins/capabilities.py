@@ -8,7 +8,8 @@ it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, 
 :class:`~klgap.protocols.FitSummary` (``fit_summary()``, read after the fit) and
 :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch) and
 :class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens),
-:class:`~klgap.protocols.EveryPositionPerturbation` (``every_position``, all-token patching). Each function here is the one place the core asks for one of them; a plugin's answer of
+:class:`~klgap.protocols.EveryPositionPerturbation` (``every_position``, all-token patching) and
+:class:`~klgap.protocols.SplitTokenSource` (``split_for(arg, role)``, when a run's tokens are resolved). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
 
@@ -21,7 +22,8 @@ from klgap.errors import PluginError
 from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter,
                              EveryPositionPerturbation, FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
-                             PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter)
+                             PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
+                             SplitTokenSource, TokenRole, TokenSplit)
 
 if TYPE_CHECKING:
     from klgap.plugins.manager import Registry
@@ -155,6 +157,18 @@ def every_position(perturbation: object) -> bool:
     return value
 
 
+def token_split(source: object, arg: str | None, role: TokenRole) -> TokenSplit:
+    """Which split of `source` a run in `role` reads with `arg`, when the source declares :class:`SplitTokenSource`;
+    else the whole source (``split`` None: not known to be disjoint from anything)."""
+    if not isinstance(source, SplitTokenSource):
+        return TokenSplit(arg, None, arg)
+    found = source.split_for(arg, role)
+    if not isinstance(found, TokenSplit):
+        raise PluginError(f"token source {type(source).__name__}.split_for({arg!r}, {role!r}) returned "
+                          f"{type(found).__name__}; it must return klgap.protocols.TokenSplit")
+    return found
+
+
 def as_perturbation(obj: Any, spec: str) -> Perturbation:
     """`obj` (what a registered factory returned for `spec`) if it declares :class:`Perturbation`, else an
     error naming the members it lacks."""
@@ -167,5 +181,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position", "find_default_sae", "fit_summary",
-           "fittable", "model_sae_names", "sae_fittable"]
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position",
+           "find_default_sae", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split"]

@@ -1,7 +1,8 @@
 """How each kind of page opens: with its own finding, in one set-off block (the key table comes next).
 
-A run: the SAE against the baseline (klgap.report.summary.SummaryRow.verdict), with the SAE's explained variance and
-L0 and any quality note (klgap/report/quality.py). A curve run: first where noise
+A run whose measured tokens overlap its SAE's training tokens opens with a warning saying so. A run: the SAE against
+the baseline (klgap.report.summary.SummaryRow.verdict), with the SAE's explained variance and L0 and any quality
+note (klgap/report/quality.py). A curve run: first where noise
 does the SAE's damage on its robustness curve (klgap.report.findings.curve_findings), then that verdict. A study:
 the same per site/layer. A joint run: the SAEs patched together against each alone
 (klgap.report.findings.compounding_finding). A study over SAE checkpoints opens with its over-training section instead (a
@@ -30,7 +31,16 @@ def finding_sentences(report: Report | StudyReport) -> list[str]:
     return curves + [opening_sentence(run, report.model, report.mode) for run in runs]
 
 
+def overlap_warnings(report: Report | StudyReport) -> list[str]:
+    """A warning per run whose measured tokens overlap its SAE's training tokens (klgap/job/disjoint.py)."""
+    runs = list(report.runs) if isinstance(report, StudyReport) else [report]
+    return list(dict.fromkeys(f"Warning: {run.held_out.why}" for run in runs
+                              if run.held_out is not None and run.held_out.status == "overlap"))
+
+
 def lead_blocks(report: Report | StudyReport) -> list[Block]:
-    """The finding first: one set-off paragraph, or bullets when there are several sentences."""
+    """The finding first: one set-off paragraph, or bullets when there are several sentences; before it, a
+    warning when the SAE was measured on tokens it was trained on."""
     sentences = finding_sentences(report)
-    return [Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)]
+    warnings = [Para(text, lead=True) for text in overlap_warnings(report)]
+    return warnings + ([Para(sentences[0], lead=True)] if len(sentences) == 1 else [Bullets(sentences, lead=True)])

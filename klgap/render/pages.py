@@ -126,13 +126,26 @@ def _overview(report: Report | StudyReport) -> list[Block]:
         f"tokens: {fmt(report.n_tokens)} in {fmt(report.n_contexts)} contexts of {fmt(report.context_len)}",
         f"first position: {report.first_position}",
         f"last position: {report.last_position}",
-        f"dataset: {report.dataset}",
+        f"dataset: {report.dataset}{_held_out(report)}",
         f"centred activations: {report.centered_activations}",
     ]
     path = report.execution.get("path")  # execution is free-form in the schema: {"path": ..., and what it chose}
     if path:
         items.append(f"execution: {path}")
     return [Heading(2, "Run"), Bullets(items)]
+
+
+def _held_out(report: Report) -> str:
+    """How the measured tokens stand to the SAE's training tokens, after the dataset (reports since schema 0.6.0)."""
+    found = report.held_out
+    if found is None:
+        return ""
+    chosen = f" (the {found.split} split: --dataset named none)" if found.chosen else ""
+    if found.status == "disjoint":
+        return f"{chosen}; apart from the SAE's training tokens ({found.trained_on})"
+    if found.status == "overlap":
+        return f"{chosen}; overlaps the SAE's training tokens ({found.trained_on})"
+    return chosen
 
 
 def _notes(report: Report | StudyReport) -> list[Block]:

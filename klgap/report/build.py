@@ -39,7 +39,7 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
     found = run_statistics(paths, sides, names=record.names, mode=record.mode, seed=record.seed,
                            sample_name=record.sample_intervention, decode=token_decoder(sides))
     facts = record.model_dump(exclude={"kind", "interventions", "sample_intervention", "n_contexts", "n_batches",
-                                       *(name for name in ("joint", "precision") if getattr(record, name) is None)})
+                                       *(name for name in ("joint", "precision", "held_out") if getattr(record, name) is None)})
     report: dict[str, Any] = {
         **facts,
         "schema_version": SCHEMA_VERSION,

@@ -303,6 +303,24 @@ class Sweep(StrictModel):
     directions: list[SweepDirection]
 
 
+class HeldOut(StrictModel):
+    """Whether a run's measured tokens are apart from its SAE's training tokens (schema 0.6.0; klgap/job/disjoint.py).
+
+    dataset: the measured source as resolved, with its split (``sample:eval``); split: the split measured (None: the
+    source has no splits, it is read whole); chosen: klgap chose the split (``--dataset`` named none); trained_on:
+    the SAE's training tokens as its training.json records them (None: not recorded, e.g. a pretrained SAE);
+    status: ``disjoint`` (same source, another split), ``overlap`` (same source and split, or one read whole) or
+    ``unknown``; why: one line saying so, when it is worth a note (an overlap, a source without splits, a
+    training.json that does not record its tokens)."""
+
+    dataset: str
+    split: str | None
+    chosen: bool
+    trained_on: str | None
+    status: Literal["disjoint", "overlap", "unknown"]
+    why: str | None = None
+
+
 class SiteSummary(StrictModel):
     """What a measurement at one site and layer found (shared by run reports and study rows)."""
 
@@ -326,6 +344,7 @@ class SiteSummary(StrictModel):
     sweep: Sweep | None = None  # runs with length sweeps (`klgap curve --along error`; klgap/report/sweep.py)
     # notes on the SAE's quality beside the verdict (klgap/report/quality.py; schema 0.6.0: empty before)
     quality_notes: list[QualityNote] = Field(default_factory=list)
+    held_out: HeldOut | None = None  # measured vs training tokens (schema 0.6.0; None: written before)
 
 
 class JointSite(StrictModel):

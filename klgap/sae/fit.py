@@ -22,6 +22,7 @@ from klgap.sae import checkpoints as ckpt
 from klgap.sae.gather import gather
 from klgap.sae.heldout import evaluate
 from klgap.sae.saving import staged
+from klgap.sae.tokens import TrainingTokens
 
 B_DEC_INITS = ("zeros", "mean")
 #: sae_lens training SAEs klgap trains: "standard" (ReLU + L1 penalty) or "topk" (the k largest latents, no L1:
@@ -152,8 +153,10 @@ def fit_sae(
     k: int | None = None,
     checkpoints: int | None = None,
     checkpoint_every: int | None = None,
+    trained_on: TrainingTokens | None = None,
 ) -> dict[str, Any]:
-    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json.
+    """Train an SAE on ``acts [n_tokens d]`` gathered at (site, layer); save it with training.json (with
+    `trained_on`: the tokens the activations were gathered from, klgap.sae.tokens.TrainingTokens).
 
     architecture: "standard" (ReLU, L1 `l1_coefficient`) or "topk" (`k` latents per token, L1 unused).
 
@@ -203,6 +206,7 @@ def fit_sae(
         "lr": lr,
         "seed": seed,
         "first_position": "excluded" if skip_first_position else "included",
+        **(trained_on.facts() if trained_on is not None else {}),
     }
     saver = ckpt.CheckpointSaver(Path(out_dir), held_out, device, facts) if n_checkpoints else None
     try:

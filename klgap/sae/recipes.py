@@ -29,9 +29,12 @@ def check_recipe(recipe: Any) -> None:
     recipe_overrides(recipe)
 
 
-def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]]) -> None:
+def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs: list[tuple[str, int]],
+                      source: str | None = None) -> None:
     """A replication file may carry the recipe of its SAEs: train, in one pass over the tokens, every SAE of
-    the command at `pairs` (`sae` with {site}/{layer} for several) that is not there yet."""
+    the command at `pairs` (`sae` with {site}/{layer} for several) that is not there yet. A recipe without a
+    ``dataset`` trains on `source` (the measured source with no split named, so train-sae reads its train split;
+    default the config's dataset)."""
     from klgap.plan.grid import sae_for, templated
     from klgap.sae.train import train_saes
 
@@ -49,7 +52,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
     results = train_saes(
         config.model, list(dict.fromkeys(s for s, _ in missing)), [v for v in dict.fromkeys(layer for _, layer in missing)],
         template, tokens=int(recipe.get("tokens", 200_000)), context_len=int(recipe.get("context_len", config.context_len)),
-        dataset=recipe.get("dataset", config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
+        dataset=recipe.get("dataset", source or config.dataset), expansion=int(recipe.get("expansion", 8)), l1=recipe.get("l1"),
         lr=recipe.get("lr"), steps=recipe.get("steps"), epochs=recipe.get("epochs"), b_dec_init=recipe.get("b_dec_init", "zeros"),
         architecture=recipe.get("architecture", "standard"), k=recipe.get("top_k"),
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,

@@ -19,6 +19,7 @@ from klgap.plugins.manager import ModelRef
 from klgap.sae.fit import B_DEC_INITS, check_architecture, fit_sae
 from klgap.sae.gather import gather_many
 from klgap.sae.saving import check_sae_out
+from klgap.sae.tokens import TrainingTokens
 
 #: tokens per training step (sae_lens's train_batch_size_samples): what --steps counts in
 TRAIN_BATCH = 1024
@@ -95,7 +96,9 @@ def train_saes(
     (:func:`steps_for`); more than :data:`MAX_PASSES` passes is a warning on stderr.
     only: train just these (site, layer)s of the grid; overrides: per-(site, layer) changes to the recipe
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
-    checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py)."""
+    checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py).
+    dataset: a source with splits is read at its train split when none is named (``sample`` -> ``sample:train``;
+    klgap.protocols.SplitTokenSource); training.json records the tokens read (klgap.sae.tokens.TrainingTokens)."""
     from klgap.job.loading import check_fits, load_model
     from klgap.plan.config import RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
@@ -121,7 +124,7 @@ def train_saes(
     plan = resolve(RunConfig(model=model.name if isinstance(model, ModelRef) else str(model), site=pairs[0][0],
                              layer=pairs[0][1], tokens=tokens, context_len=context_len, dataset=dataset, seed=seed,
                              device=device, dtype=dtype, interventions=["sae"]),
-                   model=model if isinstance(model, ModelRef) else None)
+                   model=model if isinstance(model, ModelRef) else None, role="train")  # a train split by default
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
     check_architecture(architecture, k)
@@ -142,10 +145,17 @@ def train_saes(
     for s, v in pairs:
         check_fits(loaded, loaded.name, s, v, context_len, None)
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
-    contexts = plan.tokens.obj.contexts(loaded, n_contexts, context_len, seed, True, plan.tokens.arg)
+    source = plan.tokens
+    contexts = source.obj.contexts(loaded, n_contexts, context_len, seed, True, source.arg)
+    trained_on = TrainingTokens(dataset=source.spec, source=source.name, split=source.split, split_of=source.whole,
+                                seed=seed, context_len=context_len, tokens=tokens, n_contexts=n_contexts)
+    if source.chosen:
+        print(f"training on {source.spec} (the {source.split} split of --dataset {dataset}; a run measures its "
+              "eval split when --dataset names none)", file=sys.stderr)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
                               "b_dec_init": b_dec_init, "architecture": architecture, "k": k,
-                              "checkpoints": checkpoints, "checkpoint_every": checkpoint_every}
+                              "checkpoints": checkpoints, "checkpoint_every": checkpoint_every,
+                              "trained_on": trained_on}
     recipe["steps"] = n_steps
     for key, value in (("l1_coefficient", l1), ("lr", lr)):
         if value is not None:

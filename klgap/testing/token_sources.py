@@ -59,6 +59,24 @@ class TokenSourceConformance:
     def test_same_seed_same_contexts(self, lm):
         assert torch.equal(self.contexts(lm, seed=3), self.contexts(lm, seed=3)), "the same seed gave other contexts"
 
+    def test_declared_splits_are_readable_and_apart(self, lm):
+        """A source declaring splits (klgap.protocols.SplitTokenSource) names, for each role, a split it reads; with
+        no split named, training and measuring read different splits of the same source."""
+        from klgap.plugins.manager import registry
+        from klgap.protocols import SplitTokenSource, TokenSplit
+
+        obj = registry("token_source").get(self.source)
+        if not isinstance(obj, SplitTokenSource):
+            pytest.skip(f"token source {self.source!r} declares no splits")
+        found = {role: obj.split_for(self.arg, role) for role in ("train", "measure")}
+        for role, split in found.items():
+            assert isinstance(split, TokenSplit), f"split_for({self.arg!r}, {role!r}) returned {type(split).__name__}"
+            ids = obj.contexts(lm, self.n_contexts, self.context_len, 0, True, split.arg)
+            assert tuple(ids.shape) == (self.n_contexts, self.context_len)
+        if found["train"].chosen and found["measure"].chosen:
+            assert found["train"].whole == found["measure"].whole and found["train"].split != found["measure"].split, (
+                f"with no split named, training reads {found['train']} and measuring {found['measure']}: not apart")
+
     def test_a_context_longer_than_the_model_takes_is_a_clear_error(self, lm):
         with pytest.raises(KlgapError):
             self.contexts(lm, context_len=lm.max_context + 1)

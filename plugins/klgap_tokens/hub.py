@@ -16,10 +16,11 @@ from torch import Tensor
 
 from klgap.errors import HubUnavailableError, KlgapError
 from klgap.plugins.hubcheck import hub_reachable, offline_env
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, TokenRole, TokenSplit
 from klgap_tokens.checks import check_request, text_tokenizer
 from klgap_tokens.loading import root_cause
 from klgap_tokens.packing import pack, tokenize_documents
+from klgap_tokens.splits import hf_split
 
 MARGIN = 1.25  # read this many times the tokens needed (documents are cut at context boundaries)
 CHARS_PER_TOKEN = 6  # generous for English BPE (~4.5): read enough documents without tokenizing twice
@@ -73,6 +74,11 @@ class HubDataset:
     """A Hugging Face dataset, streamed: ``--dataset hf:NAME[:SPLIT]`` (field ``text``)."""
 
     description = "a Hugging Face dataset, streamed: hf:NAME[:SPLIT] (field text), or a local folder it reads; hub ids need the hub"
+
+    def split_for(self, arg: str | None, role: TokenRole) -> TokenSplit:
+        """`hf:NAME` reads its train split to train and its first eval split to measure
+        (klgap_tokens.splits.hf_split); `hf:NAME:SPLIT` names its split."""
+        return hf_split(arg, role)
 
     def contexts(
         self, model: LoadedModel, n_contexts: int, context_len: int, seed: int, prepend_bos: bool, arg: str | None

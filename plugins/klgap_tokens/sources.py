@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from klgap.errors import KlgapError
-from klgap.protocols import LoadedModel
+from klgap.protocols import LoadedModel, TokenRole, TokenSplit
 from klgap_tokens.checks import check_request, text_tokenizer
 from klgap_tokens.loading import read_documents
 from klgap_tokens.packing import pack, tokenize_documents
+from klgap_tokens.splits import SAMPLE_SPLITS, sample_split, text_split
 
 
 def bos_for(model: LoadedModel, prepend_bos: bool) -> int | None:
@@ -50,11 +51,6 @@ class RandomTokens:
         return ids
 
 
-#: `sample:train` / `sample:eval`: the first 80% / last 20% of the sample's tokens, so that an SAE
-#: trained on one is measured on text it never saw.
-SPLITS = {"train": (0.0, 0.8), "eval": (0.8, 1.0)}
-
-
 def text_contexts(
     model: LoadedModel,
     path: Path,
@@ -69,7 +65,7 @@ def text_contexts(
     tokens = tokenize_documents(text_tokenizer(model), read_documents(path))
     source = repr(str(path))
     if split is not None:
-        low, high = SPLITS[split]
+        low, high = SAMPLE_SPLITS[split]
         tokens = tokens[int(low * len(tokens)) : int(high * len(tokens))]
         source = f"{source} ({split} split)"
     return pack(tokens, n_contexts, context_len, bos_for(model, prepend_bos), seed, source)
@@ -88,6 +84,11 @@ class TextFiles:
             raise KlgapError("token source 'text' needs a path: --dataset text:PATH (a .txt, .jsonl or .parquet file or a directory)")
         return text_contexts(model, Path(arg).expanduser(), n_contexts, context_len, seed, prepend_bos)
 
+    def split_for(self, arg: str | None, role: TokenRole) -> TokenSplit:
+        """A corpus `klgap build-corpus` wrote: its train split to train, its eval split to measure
+        (klgap_tokens.splits.text_split); any other path is read whole."""
+        return text_split(arg, role)
+
 
 def sample_path() -> Path:
     """The built-in sample text shipped in ``klgap_tokens/data/sample.txt``."""
@@ -102,18 +103,20 @@ class SampleText:
 
     description = (
         "English prose from the docstrings of Python's standard library, shipped with klgap (~440 KB); "
-        "sample:train / sample:eval are its first 80% / last 20%; for real runs use text:PATH"
+        "sample:train / sample:eval are its first 80% / last 20% (train-sae reads sample:train, a run sample:eval "
+        "when none is named), sample:all all of it; for real runs use text:PATH"
     )
+
+    def split_for(self, arg: str | None, role: TokenRole) -> TokenSplit:
+        """`sample:train` to train and `sample:eval` to measure when no split is named."""
+        return sample_split(arg, role)
 
     def contexts(
         self, model: LoadedModel, n_contexts: int, context_len: int, seed: int, prepend_bos: bool, arg: str | None
     ) -> Tensor:
-        """Like `text` on the built-in file (or on its train / eval split)."""
-        if arg and arg not in SPLITS:
-            raise KlgapError(
-                f"token source 'sample' takes no argument or one of {', '.join(SPLITS)}, got {arg!r}; "
-                f"for your own text use text:{arg}"
-            )
+        """Like `text` on the built-in file (or on its train / eval split; no argument: the whole file)."""
+        if arg:
+            sample_split(arg, "measure")  # a bad argument: the one-line error naming the valid ones
         try:
             return text_contexts(model, sample_path(), n_contexts, context_len, seed, prepend_bos, split=arg or None)
         except KlgapError as exc:

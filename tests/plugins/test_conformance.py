@@ -147,3 +147,7 @@ class TestRandomTokens(TokenSourceConformance):
 class TestSampleText(TokenSourceConformance):
     source = "sample"
     arg = "eval"
+
+
+class TestSampleTextByRole(TokenSourceConformance):
+    source = "sample"  # no split named: train-sae reads sample:train, a run sample:eval

@@ -279,7 +279,7 @@ def test_sample_train_and_eval_splits_do_not_overlap(model):
     assert not train_rows & {tuple(r) for r in evaluation.tolist()}
     with pytest.raises(KlgapError, match=r"eval split.*make (\d|,)+ contexts"):
         source("sample").contexts(model, 100_000, 64, 0, False, "eval")
-    with pytest.raises(KlgapError, match="one of train, eval, got 'test'"):
+    with pytest.raises(KlgapError, match="one of train, eval, all, got 'test'"):
         source("sample").contexts(model, 10, 64, 0, False, "test")
 
 
