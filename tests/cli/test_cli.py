@@ -29,7 +29,11 @@ def test_train_sae_then_replicate(tmp_path, capsys, model, site, layer):
     assert main(["replicate", "--model", model, "--sae", str(sae_dir), "--tokens", "1024", "--context-len", "64",
                  "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "as much as a random error of the same size (Wilcoxon p = " in printed
+    from klgap.report.panel import opening_sentence
+    from klgap.report.read import load_report
+
+    found = load_report(out)  # the report's opening sentence is printed (each baseline, the SAE's EV and L0)
+    assert opening_sentence(found, found.model, found.mode) in printed and "explained variance" in printed
     report = json.loads((out / "report.json").read_text())
     assert (report["model"], report["site"], report["layer"]) == (model, site, layer)
     assert report["schema_version"] == SCHEMA_VERSION
