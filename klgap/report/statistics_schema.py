@@ -1,0 +1,197 @@
+"""The report schema's building blocks (klgap/report/schema.py re-exports them): the strict base model, the
+statistics of an intervention and a comparison, the SAE's metrics and scores, provenance, and the single-token,
+many-samples and per-token-gap sections."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Num = float | None  # NaN and infinities are written as null
+
+
+class StrictModel(BaseModel):
+    """A report model: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InterventionStats(StrictModel):
+    """Per-token KL and ΔCE of one intervention, over finite values; n_nonfinite are left out and counted."""
+
+    kl_mean: Num
+    kl_median: Num
+    kl_p999: Num
+    ce_delta_mean: Num
+    ce_delta_median: Num
+    ce_delta_p999: Num
+    n_tokens: int
+    n_nonfinite: int
+
+
+class RatioCI(StrictModel):
+    """mean(sae)/mean(baseline) with a bootstrap interval that resamples whole contexts."""
+
+    ratio: Num
+    ci_low: Num
+    ci_high: Num
+    n_contexts: int
+    n_boot: int | None = None
+
+
+class PairedTest(StrictModel):
+    """Wilcoxon signed-rank on per-context means (sae vs baseline); effect size is rank-biserial.
+
+    p_holm is Holm-corrected within `holm_family` (klgap.report.holm: the SAE against one named baseline across a
+    study's sites/layers, or all cosine_matched curve points), a family of `holm_family_size` tests; reports
+    written before 0.3.0 have no family (their p_holm corrected every test of the report together)."""
+
+    statistic: Num
+    p_value: Num
+    effect_size: Num
+    n_contexts: int
+    p_holm: Num = None
+    holm_family: str | None = None
+    holm_family_size: int | None = None
+
+
+class MeanCI(StrictModel):
+    """A mean over tokens (or a difference of two, paired on contexts) with a bootstrap interval that resamples
+    whole contexts."""
+
+    mean: Num
+    ci_low: Num
+    ci_high: Num
+    n_contexts: int
+    n_boot: int | None = None
+
+
+class Comparison(StrictModel):
+    """The SAE against one baseline. ce_delta_difference is mean ΔCE(sae) − mean ΔCE(baseline), its interval
+    resampling the same contexts for both; ce_delta_baseline is the baseline's mean ΔCE (the ratio's denominator)
+    with its interval: ce_delta_ratio means something only where that interval excludes 0."""
+
+    kl_ratio: RatioCI
+    ce_delta_ratio: RatioCI
+    wilcoxon_kl: PairedTest
+    ce_delta_difference: MeanCI | None = None
+    ce_delta_baseline: MeanCI | None = None
+
+
+class SaeLensScores(StrictModel):
+    """sae_lens's normalised scores (sae_lens.evals.get_downstream_reconstruction_metrics), from this run's own
+    means over its measured tokens, with zero ablation as the reference:
+    kl_div_score = (KL_zero − KL_sae) / KL_zero, ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)
+    = (ΔCE_zero − ΔCE_sae) / ΔCE_zero. 1 is a perfect reconstruction, 0 no better than zero ablation.
+
+    Computed as sae_lens computes them: `zero` replaces every position (BOS and masked tokens too), the SAE only
+    the tokens --mask-special keeps, both measured on those tokens (ratios of means over them). Each score has a
+    bootstrap interval over contexts (1 − the interval of the sae/zero ratio of means, schema 0.6.0);
+    ce_loss_score is None, with `ce_loss_score_withheld` saying why, when the interval of CE_zero − CE_clean
+    (zero's mean ΔCE) contains 0: a score over a denominator that may be 0 says nothing."""
+
+    kl_div_score: Num
+    ce_loss_score: Num | None
+    kl_div_score_ci: tuple[Num, Num] | None = None
+    ce_loss_score_ci: tuple[Num, Num] | None = None
+    ce_loss_score_withheld: str | None = None
+    n_contexts: int | None = None
+
+
+class SAEInfo(StrictModel):
+    source: str
+    hook_name: str | None
+    architecture: str
+    d_in: int
+    d_sae: int
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class QualityNote(StrictModel):
+    """A note on what a verdict is about when the SAE is not a working one (klgap/report/quality.py): its kind and
+    the sentence the opening block, stderr and the pages give (schema 0.6.0)."""
+
+    kind: Literal["no_active_features", "explained_variance_not_positive", "dense_codes", "few_training_tokens"]
+    text: str
+
+
+class SAEMetrics(StrictModel):
+    explained_variance: Num
+    l0_mean: Num
+    cos_mean: Num
+    eps_mean: Num
+    x_norm_mean: Num
+    x_hat_norm_mean: Num
+    n_nonfinite_activations: int
+
+
+class ModuleRef(StrictModel):
+    path: str
+    io: Literal["input", "output"]
+    index: int | None
+
+
+class PluginRef(StrictModel):
+    plugin: str
+    version: str | None
+
+
+class Provenance(StrictModel):
+    klgap_version: str
+    git_hash: str | None
+    packages: dict[str, str | None]
+    python: str
+    platform: str
+    created_at: str
+
+
+class SingleToken(StrictModel):
+    position: int
+    k: int
+    kl_by_offset: dict[str, dict[str, Num]]
+
+
+class ManySamplesContext(StrictModel):
+    context: int
+    sae_kl: Num
+    z: Num
+    percentile: Num
+    draw_mean: Num
+    draw_std: Num
+
+
+class ManySamples(StrictModel):
+    sample_intervention: str
+    n_draws: int
+    z_mean: Num
+    z_median: Num
+    frac_z_above_2: Num
+    percentile_mean: Num
+    per_context: list[ManySamplesContext]
+
+
+class Correlation(StrictModel):
+    rho: Num
+    p_value: Num
+    n: int
+
+
+class TopToken(StrictModel):
+    token_id: int
+    token: str | None
+    mean_gap: Num
+    count: int
+
+
+class GapAnalysis(StrictModel):
+    """The per-token gap KL(sae) − KL(baseline): Spearman correlations and the tokens where it is largest."""
+
+    baseline: str
+    gap_mean: Num
+    frac_tokens_gap_positive: Num
+    spearman: dict[str, Correlation]
+    top_tokens: list[TopToken]
+
+
+__all__ = ['Num', 'StrictModel', 'InterventionStats', 'RatioCI', 'PairedTest', 'MeanCI', 'Comparison', 'SaeLensScores', 'SAEInfo', 'QualityNote', 'SAEMetrics', 'ModuleRef', 'PluginRef', 'Provenance', 'SingleToken', 'ManySamplesContext', 'ManySamples', 'Correlation', 'TopToken', 'GapAnalysis']
