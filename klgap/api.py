@@ -69,7 +69,7 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     site, layer: one, or lists (``layer=[3, 10]``, ``"0-5"``): one run per (site, layer), a study report over them.
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
             of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.
-    out:    None measures without leaving files behind; a folder writes the CLI's run folder (resumable, and
+    out:    None measures without leaving files behind; a folder writes the CLI's run folder with its pages and figures (resumable, and
             ``klgap report`` / ``merge`` / ``compare`` read it) under ``--out``'s rule (a new or empty folder, or
             a klgap run's). Other token ids (hashed) or another SAE (its weights hashed) there is another run:
             refused unless ``overwrite=True``.
@@ -143,8 +143,14 @@ def _run(job: Any, out: str | Path | None, overwrite: bool, progress: bool) -> R
         from klgap.job.outdir import claimed
 
         # as the CLI: --out's rule, and a second process writing `out` refused
+        from klgap.job.command import render_job
+
         with claimed(out, "study" if job.study else "run", flag="out="):
             run_job(job, out, overwrite=overwrite, progress=progress)
+            failure = render_job(Path(out), job.shape, [cell.path for cell in job.cells])  # the CLI's pages too
+        if failure is not None:
+            raise KlgapError(f"the run is saved in {out} but its pages were not all written: {failure}; "
+                             f"`klgap report {out}` writes them again")
         return load_result(out)
     with tempfile.TemporaryDirectory(prefix="klgap-") as tmp:
         run_job(job, Path(tmp) / "run", progress=progress)

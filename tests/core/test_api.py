@@ -103,6 +103,12 @@ def test_saved_run_loads_back_identical_with_label_columns(held, tmp_path):
         loaded.plot("single_token")
     copy = saved.save(tmp_path / "copy")
     assert klgap.load_run(copy).report == saved.report and (copy / "report.html").is_file()
+    # measure(out=DIR) writes what `klgap replicate --out DIR` writes: a folder `klgap validate` accepts, its pages
+    assert {"report.json", "tokens.parquet", "report.md", "report.html", "kl_bars.png"} <= {
+        p.name for p in (tmp_path / "run").iterdir()}
+    from klgap.cli.main import main
+
+    assert main(["validate", str(tmp_path / "run")]) == 0
 
 
 def test_token_ids_and_texts(held):
