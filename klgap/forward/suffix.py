@@ -146,27 +146,33 @@ def _replace(value: Tensor, x_prime: Tensor, positions: slice) -> Tensor:
     return out
 
 
+def _map_batched(value: Any, batch: int, fn: Any) -> Any:
+    """`fn` applied to every tensor whose first axis is the batch (``[batch, ...]``, 2-D or more) inside tuples,
+    lists and dicts; anything else (broadcast ``[1, ...]`` tensors, 1-D cache positions, flags) as it is."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_map_batched(v, batch, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_batched(v, batch, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_batched(v, batch, fn) for k, v in value.items()}
+    return value
+
+
 def _head(value: Any, rows: int | None, batch: int) -> Any:
     """The first `rows` of every tensor whose first axis is the batch (as :func:`_tile` finds them); None: all."""
     if rows is None or rows == batch:
         return value
-    if isinstance(value, Tensor):
-        return value[:rows] if value.dim() >= 2 and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_head(v, rows, batch) for v in value)
-    if isinstance(value, list):
-        return [_head(v, rows, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _head(v, rows, batch) for k, v in value.items()}
-    return value
+    return _map_batched(value, batch, lambda t: t[:rows])
 
 
 def _tile(value: Any, copies: int, batch: int) -> Any:
-    """Repeat every tensor whose first axis is the batch (``[batch, ...]``, 2-D or more) `copies` times along
-    it, inside tuples, lists and dicts; anything else (broadcast ``[1, ...]`` tensors, 1-D cache positions,
-    flags) is shared as it is."""
+    """Repeat every tensor whose first axis is the batch `copies` times along it (:func:`_map_batched`); anything
+    else is shared as it is."""
     if copies == 1:
         return value
+    return _map_batched(value, batch, lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
     if isinstance(value, Tensor):
         if value.dim() >= 2 and value.shape[0] == batch:
             return value.repeat(copies, *([1] * (value.dim() - 1)))
