@@ -59,11 +59,20 @@ def test_export_writes_saebench_core_file_with_the_reports_numbers(run_dir, tmp_
     assert doc["eval_config"]["context_size"] == 32 and doc["eval_config"]["model_name"] == "tiny-gpt2"
     assert doc["sae_lens_id"] is None and doc["sae_cfg_dict"]["d_sae"] == report.sae.d_sae
 
-    eval_output = pytest.importorskip("sae_bench.evals.core.eval_output", reason="sae_bench not importable")
+
+def test_export_validates_with_saebenchs_own_classes(run_dir, tmp_path):
+    eval_output = pytest.importorskip("sae_bench.evals.core.eval_output", reason="sae_bench not importable "
+                                      "(pip install --no-deps --target DIR sae-bench, then DIR on PYTHONPATH)")
     from pydantic import TypeAdapter
 
-    parsed = TypeAdapter(eval_output.CoreEvalOutput).validate_python(doc)
+    from klgap.report.saebench import export_run
+
+    (exported,) = export_run(run_dir, "saebench", tmp_path / "core.json")
+    parsed = TypeAdapter(eval_output.CoreEvalOutput).validate_python(json.loads(exported.path.read_text()))
+    report = load_report(run_dir)
     assert parsed.eval_result_metrics.sparsity.l0 == pytest.approx(report.sae_metrics.l0_mean)
+    assert parsed.eval_result_metrics.model_behavior_preservation.kl_div_with_sae == pytest.approx(
+        report.interventions["sae"].kl_mean)
 
 
 def test_export_default_folder_names_the_file_as_saebench_does(run_dir):
