@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help=val_help, description=val_help)
     val.add_argument("report", help="a report.json or compare.json, or a run, study or compare folder holding one")
 
+    export_help = ("write a run's or study's numbers as another tool's result file: saebench (SAEBench's core-eval "
+                   "JSON, one file per SAE, with the KL gap as extra metrics)")
+    export = sub.add_parser("export", help=export_help, description=export_help)
+    export.add_argument("run_dir", help="a run or study folder (with report.json)")
+    export.add_argument("--format", dest="export_format", default="saebench", help="saebench (the only one so far)")
+    export.add_argument("--out", help="a .json file (a run) or a folder, each SAE's file under SAEBench's name in it "
+                        "(default RUN/saebench/)")
+
     plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)

@@ -234,7 +234,16 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 #: commands whose ranks share one run's batches under torchrun / srun; the others (train-sae, merge, report,
 #: check, ...) run on rank 0 alone and the other ranks exit at once
 DISTRIBUTED = ("replicate", "curve")
-COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run or study folder as SAEBench's core-eval result file(s) (klgap/report/saebench.py)."""
+    from klgap.report.saebench import export_run
+
+    for exported in export_run(args.run_dir, args.export_format, args.out):
+        print(f"wrote {exported.path}")
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "export": cmd_export, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 #: what Ctrl-C leaves, per command (said after "klgap: interrupted; ")
