@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import numpy as np
 import pandas as pd
 import torch
 

@@ -10,7 +10,6 @@ standard errors of the committed one (its spread over contexts); a robustness cu
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
