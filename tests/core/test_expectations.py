@@ -68,8 +68,8 @@ def test_a_result_outside_its_interval_differs(tmp_path):
     (folder / "report.json").write_text(json.dumps(data))
     (verdict,) = check_run(folder, REPLICATIONS / "smollm2-135m-quickstart" / EXPECTED_FILE).verdicts
     assert verdict.status == "differs"
-    assert verdict.text == ("mlp_out L15 KL ratio sae/epsilon_random: 1.300 [1.250, 1.350], in [1.407, 1.522]: "
-                            "differs from the committed result 1.462 (mlp_out L15 1.3 outside)")
+    assert verdict.text == ("mlp_out L15 KL ratio sae/epsilon_random: 1.300 [1.250, 1.350], in [1.423, 1.522]: "
+                            "differs from the committed result 1.469 (mlp_out L15 1.3 outside)")
 
 
 def test_a_model_without_targets_is_told_so(tmp_path):
@@ -193,7 +193,7 @@ def test_klgap_check_prints_writes_and_renders_the_verdicts(tmp_path, capsys):
     assert main(["check", str(folder), "--expected", expected, "--write"]) == 0
     assert load_check(folder).replicated
     md = (folder / "report.md").read_text()
-    assert "## Replication targets" in md and "matches the committed result 1.462" in md
+    assert "## Replication targets" in md and "matches the committed result 1.469" in md
     assert "Replication targets" in (folder / "report.html").read_text()
     # a target that is not met: exit 3
     data = json.loads((folder / "report.json").read_text())
