@@ -39,7 +39,7 @@ _LAZY = {
         "ModelAdapter", "SAELoader", "Perturbation", "TokenSource", "Command", "SparseAutoencoder",
         "SAEChecker", "DefaultSAEFinder", "FittablePerturbation", "PlacingModelAdapter", "HubModelAdapter",
         "PretrainedSAEAdapter", "ModelShape", "ShapedModelAdapter", "ErrorFittablePerturbation",
-        "SaeFittablePerturbation", "FitSummary", "BaselineRole", "SplitTokenSource", "TokenSplit")},
+        "SaeFittablePerturbation", "FitSummary", "BaselineRole", "DescribedPerturbation", "SplitTokenSource", "TokenSplit")},
 }
 
 __all__ = ["KlgapError", "__version__", "hookimpl", *_LAZY]

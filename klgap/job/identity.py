@@ -17,7 +17,7 @@ from klgap.job.masks import describe as describe_mask
 from klgap.job.masks import special_token_ids
 from klgap.job.record import SINGLE_DIR, InterventionRef, RunRecord
 from klgap.plan.sites import hook_name
-from klgap.plugins.capabilities import baseline_label
+from klgap.plugins.capabilities import baseline_label, definition
 from klgap.plugins.manager import get_host
 from klgap.protocols import LoadedSAE
 from klgap.report.provenance import provenance
@@ -66,7 +66,8 @@ def make_record(run: Loaded, world: World = SINGLE) -> RunRecord:
         centered_activations=run.center,
         execution=json_safe(run.execution),
         interventions=[InterventionRef(name=i.name, spec=i.spec, plugin=plugin_ref(i.plugin),
-                                       baseline=baseline_label(i.perturbation)) for i in plan.interventions],
+                                       baseline=baseline_label(i.perturbation),
+                                       definition=definition(i.perturbation)) for i in plan.interventions],
         sample_intervention=plan.sample.name if plan.sample else None,
         n_contexts=len(run.contexts),
         n_batches=run.n_batches,

@@ -31,6 +31,7 @@ class InterventionRef(StrictModel):
     spec: str
     plugin: PluginRef
     baseline: str | None = None  # absent in run.json files written before klgap recorded it
+    definition: str | None = None  # what x' is (klgap.protocols.DescribedPerturbation; schema 0.7.0)
 
 
 class RunRecord(RunFacts):

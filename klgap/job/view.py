@@ -86,8 +86,9 @@ class SaeView:
         return (x_prime.float() + self.offset).to(dtype)
 
     def side_stats(self, measured: Tensor | None = None) -> dict[str, Any]:
-        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖² (over the `measured` rows
-        ``[n] bool`` only, when given)."""
+        """Sums for explained variance over the whole run: n, Σx, Σ‖x‖², Σ‖x − x̂‖², and Σᵢ (1 − ‖xᵢ − x̂ᵢ‖² /
+        ‖xᵢ − x̄_B‖²) with x̄_B the mean of these rows (sae_lens's legacy explained variance, per batch; schema 0.7.0)
+        (over the `measured` rows ``[n] bool`` only, when given)."""
         finite = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
         if measured is not None:
             finite &= measured.to(finite.device)
@@ -98,6 +99,7 @@ class SaeView:
             "sum_x": x.sum(0).cpu().tolist(),
             "sum_sq_x": float((x**2).sum()),
             "sum_sq_err": float((err**2).sum()),
+            "sum_ev_legacy": float((1 - (err**2).sum(-1) / ((x - x.mean(0)) ** 2).sum(-1)).sum()) if len(x) else 0.0,
         }
         if self.parts is not None:  # the centred R² of the error's linear part (klgap/report/decomposition.py)
             e_nl = self.parts[1][finite].double()

@@ -8,6 +8,7 @@ it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, 
 :class:`~klgap.protocols.FitSummary` (``fit_summary()``, read after the fit) and
 :class:`~klgap.protocols.ErrorSplitter` (``error_parts(x, x_hat)``, per batch) and
 :class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens),
+:class:`~klgap.protocols.DescribedPerturbation` (``description``, recorded likewise),
 :class:`~klgap.protocols.EveryPositionPerturbation` (``every_position``, all-token patching) and
 :class:`~klgap.protocols.SplitTokenSource` (``split_for(arg, role)``, when a run's tokens are resolved). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, ErrorSplitter,
+from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation, ErrorSplitter,
                              EveryPositionPerturbation, FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
@@ -144,6 +145,17 @@ def baseline_label(perturbation: object) -> str | None:
         raise PluginError(f"perturbation {type(perturbation).__name__}.baseline_label is {label!r}; it must be a "
                           "non-empty str (how a sentence names the baseline) or None (not a baseline)")
     return label
+
+
+def definition(perturbation: object) -> str | None:
+    """What `perturbation`'s x' is, when it declares :class:`DescribedPerturbation` with a non-empty description;
+    None otherwise."""
+    if not isinstance(perturbation, DescribedPerturbation):
+        return None
+    text = perturbation.description
+    if not isinstance(text, str):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.description is {text!r}; it must be a str")
+    return text.strip() or None
 
 
 def every_position(perturbation: object) -> bool:

@@ -107,6 +107,18 @@ class BaselineRole(Protocol):
 
 
 @runtime_checkable
+class DescribedPerturbation(Protocol):
+    """Optional capability of a perturbation: what its x' is, in one sentence (``description``, a str).
+
+    The engine records a non-empty description per intervention in run.json (``interventions[].definition``) and
+    the report lists them (``definitions``) under its interventions table, so a reader sees e.g. over which tokens
+    ``mean_ablation`` took its mean.
+    """
+
+    description: str
+
+
+@runtime_checkable
 class EveryPositionPerturbation(Protocol):
     """Optional capability of a perturbation: in all-token mode it replaces the site at *every* position of each
     context when ``every_position`` is True — position 0 and the tokens ``--mask-special`` masks included — while
@@ -124,4 +136,4 @@ class PerturbationFactory(Protocol):
     def __call__(self, **params: Any) -> Perturbation: ...
 
 
-__all__ = ['BaselineRole', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']
+__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']

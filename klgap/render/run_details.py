@@ -92,11 +92,16 @@ def _interventions(report: Report) -> list[Block]:
     rows = [[name, fmt(s.n_tokens), fmt(s.n_nonfinite), fmt(s.kl_mean), fmt(s.kl_median), fmt(s.kl_p999),
              fmt(s.ce_delta_mean), fmt(s.ce_delta_median), fmt(s.ce_delta_p999)]
             for name, s in report.interventions.items()]
-    return [
+    blocks: list[Block] = [
         Heading(2, "Interventions"),
         Table(["intervention", "tokens", "non-finite", "KL mean", "KL median", "KL p99.9", "ΔCE mean", "ΔCE median",
                "ΔCE p99.9"], rows),
     ]
+    defined = {name: text for name, text in report.definitions.items() if name in report.interventions}
+    if defined:
+        blocks += [Para("What each intervention puts in place of x (its plugin's definition):"),
+                   Bullets([f"{name}: {text}" for name, text in defined.items()])]
+    return blocks
 
 
 def _sae(report: Report) -> list[Block]:
@@ -104,7 +109,18 @@ def _sae(report: Report) -> list[Block]:
     items = [f"source: {sae.source}", f"hook: {sae.hook_name or DASH}", f"architecture: {sae.architecture}",
              f"d_in: {fmt(sae.d_in)}, d_sae: {fmt(sae.d_sae)}"]
     metrics = report.sae_metrics.model_dump()
-    return [Heading(2, "SAE"), Bullets(items), Table(["metric", "value"], [[k, fmt(v)] for k, v in metrics.items()])]
+    return [Heading(2, "SAE"), Bullets(items), Table(["metric", "value"], [[k, fmt(v)] for k, v in metrics.items()]),
+            Para(METRIC_DEFINITIONS)]
+
+
+#: the definitions under the SAE's metrics (klgap.report.schema.SAEMetrics holds each with its source)
+METRIC_DEFINITIONS = (
+    "Definitions, each as its source computes it (x centred like the SAE's input, x̄ the mean over the run's tokens): "
+    "explained_variance = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², sae_lens's current form (SAELens #659/#665); "
+    "explained_variance_legacy = the mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄_batch‖², sae_lens's legacy form "
+    "(SAELens #443), which depends on --batch-size; fvu = Σ‖x − x̂‖² / Σ‖x − x̄‖², sparsify's fraction of variance "
+    "unexplained (= 1 − explained_variance). Every KL on this page is KL(P_clean || P_patched) = "
+    "Σ_v P_clean(v) (log P_clean(v) − log P_patched(v)), per next-token prediction, as sae_lens computes it.")
 
 
 def _gap(report: Report) -> list[Block]:

@@ -67,6 +67,20 @@ def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
     return 1.0 - sum(s["sum_sq_err"] for s in sides) / total if total > 0 else math.nan
 
 
+def explained_variance_legacy(sides: Sequence[dict[str, Any]]) -> float | None:
+    """sae_lens's legacy explained variance: the mean over tokens of 1 − ‖xᵢ − x̂ᵢ‖² / ‖xᵢ − x̄_B‖², x̄_B the mean of
+    the token's batch, from the parts' ``sum_ev_legacy`` and ``n``; None for parts written before klgap kept it."""
+    n = sum(s["n"] for s in sides)
+    if n == 0 or any("sum_ev_legacy" not in s for s in sides):
+        return None
+    return math.fsum(s["sum_ev_legacy"] for s in sides) / n
+
+
+def fvu(explained: float) -> float:
+    """sparsify's fraction of variance unexplained, Σ‖x − x̂‖² / Σ‖x − x̄‖², pooled over the run: 1 − EV."""
+    return 1.0 - explained
+
+
 def _num(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -208,8 +222,9 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     interventions, ce_delta, kl_by_offset = _per_intervention(parts, mode == "single_token")
     comparisons = _compare(sums, names, seed)
     first = names[0] if names else None  # the SAE's rows: their geometry, one column at a time
+    explained = explained_variance(sides)
     sae_metrics = SAEMetrics(
-        explained_variance=explained_variance(sides),
+        explained_variance=explained, explained_variance_legacy=explained_variance_legacy(sides), fvu=fvu(explained),
         n_nonfinite_activations=sum(s.get("n_nonfinite_acts", 0) for s in sides),
         **{f"{c}_mean": _mean(parts.gather(first, c)) for c in ("l0", "cos", "eps", "x_norm", "x_hat_norm")})
 

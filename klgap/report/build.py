@@ -53,6 +53,7 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         "gap": found.gap,
         "curve": found.curve,
     }
+    report["definitions"] = {ref.name: ref.definition for ref in record.interventions if ref.definition}
     baselines = declared_baselines(record)
     if baselines is not None:
         report["baselines"] = baselines

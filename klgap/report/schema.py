@@ -27,7 +27,7 @@ from klgap.report.measures_schema import (  # noqa: F401
     PrecisionIntervention, PrecisionCheck,
 )
 
-SCHEMA_VERSION = "0.6.0"
+SCHEMA_VERSION = "0.7.0"
 #: the random baseline every summary compares the SAE against (the ratio, the gap, the summary tables)
 BASELINE = "epsilon_random"
 
@@ -51,6 +51,8 @@ class SiteSummary(StrictModel):
     # the measured interventions their plugins declare baselines (klgap.protocols.BaselineRole), by recorded name,
     # with how a sentence names each; absent in reports written before klgap recorded it (klgap/report/panel.py)
     baselines: dict[str, str] | None = None
+    # what each measured intervention's x' is, by recorded name (klgap.protocols.DescribedPerturbation; schema 0.7.0)
+    definitions: dict[str, str] = Field(default_factory=dict)
     size_bins: SizeBins | None = None  # all-token runs: the ratio in bins of ε/‖x‖ (klgap/report/size_bins.py)
     sweep: Sweep | None = None  # runs with length sweeps (`klgap curve --along error`; klgap/report/sweep.py)
     # notes on the SAE's quality beside the verdict (klgap/report/quality.py; schema 0.6.0: empty before)

@@ -117,7 +117,22 @@ class QualityNote(StrictModel):
 
 
 class SAEMetrics(StrictModel):
-    explained_variance: Num
+    """The SAE's reconstruction on the run's measured tokens (x centred like the SAE's input, x̂ its reconstruction).
+
+    Three definitions of how much of x the SAE explains are in use; klgap reports each as its source computes it."""
+
+    explained_variance: Num = Field(description=(
+        "1 − Σᵢ‖xᵢ − x̂ᵢ‖² / Σᵢ‖xᵢ − x̄‖², x̄ the mean over the run's tokens: sae_lens's current explained variance "
+        "(sae_lens.evals.ExplainedVarianceCalculator: 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²), since SAELens #659/#665)"))
+    explained_variance_legacy: Num = Field(default=None, description=(
+        "mean over tokens of 1 − ‖xᵢ − x̂ᵢ‖² / ‖xᵢ − x̄_B‖², x̄_B the mean of the token's batch: sae_lens's "
+        "explained_variance_legacy (sae_lens.evals.get_sparsity_and_variance_metrics; its per-batch formula before "
+        "SAELens #659/#665, see #443); depends on --batch-size as sae_lens's on eval_batch_size_prompts. "
+        "Schema 0.7.0; None in reports whose parts predate it"))
+    fvu: Num = Field(default=None, description=(
+        "Σᵢ‖xᵢ − x̂ᵢ‖² / Σᵢ‖xᵢ − x̄‖²: sparsify's fraction of variance unexplained (sparsify.SparseCoder.forward: "
+        "e.pow(2).sum() / (y − y.mean(0)).pow(2).sum(), per training batch there), pooled over the run's tokens "
+        "here, so fvu = 1 − explained_variance. Schema 0.7.0"))
     l0_mean: Num
     cos_mean: Num
     eps_mean: Num

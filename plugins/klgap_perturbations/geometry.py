@@ -151,6 +151,13 @@ def mean_ablation(x: Tensor, x_hat: Tensor) -> Tensor:
     return mean.expand(x.shape[0], -1).float().clone()
 
 
+def fixed_mean(x: Tensor, mean: Tensor) -> Tensor:
+    """x' = `mean` ``[d]`` (fitted once, e.g. over a run's fit tokens) for every token of ``x [n, d]``."""
+    if mean.shape != (x.shape[1],):
+        raise ValueError(f"the mean was fitted on {tuple(mean.shape)} activations, not {x.shape[1]}-wide ones")
+    return mean.to(device=x.device, dtype=torch.float32).expand(x.shape[0], -1).clone()
+
+
 # --------------------------------------------------------------------------- baselines for anisotropic spaces
 
 

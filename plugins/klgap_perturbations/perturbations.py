@@ -162,6 +162,35 @@ def zero(**params: Any) -> FormulaPerturbation:
                                zero.__doc__ or "", every_position=True)
 
 
+#: what x' = mean means for each ``mean_ablation:over=...`` (the description run.json and the page record)
+MEAN_ABLATION_DEFINITIONS = {
+    "batch": ("x' = the mean of x over the batch's patched tokens, one mean per batch: it depends on --batch-size, "
+              "and the tokens --mask-special masks (position 0 unless --mask-special none) are left out; the study's "
+              "mean_ablation_hook (activation.mean((0, 1)) over a batch of 64 contexts, BOS included) is this with "
+              "--batch-size 64 --mask-special none"),
+    "run": ("x' = the mean of x over the run's fit tokens (the tokens the run patches among its first contexts, or "
+            "--fit-tokens held-out ones), one mean for the whole run: it does not depend on --batch-size"),
+}
+
+
+def mean_ablation(**params: Any) -> FormulaPerturbation:
+    """x' = a mean activation, the same row for every token: ``over=batch`` (default) the batch's mean over its
+    patched tokens, ``over=run`` the mean over the run's fit tokens (fitted once, like epsilon_anisotropic)."""
+    check_names("mean_ablation", params, ("over",))
+    over = parse_choice("mean_ablation", "over", params.get("over", "batch"), tuple(MEAN_ABLATION_DEFINITIONS))
+    if over == "batch":
+        name = "mean_ablation" if not params else "mean_ablation(over=batch)"
+        return FormulaPerturbation(name, lambda x, x_hat, generator: geometry.mean_ablation(x, x_hat), False,
+                                   {"over": "batch"}, MEAN_ABLATION_DEFINITIONS["batch"])
+    perturbation = FittedPerturbation(
+        "mean_ablation(over=run)", lambda x, x_hat, generator: geometry.fixed_mean(x, perturbation.state), False,
+        {"over": "run"}, MEAN_ABLATION_DEFINITIONS["run"], fit_fn=lambda acts: acts.double().mean(0),
+        summary_fn=lambda acts: {"over": "run", "mean_norm": float(acts.double().mean(0).norm()),
+                                 "definition": MEAN_ABLATION_DEFINITIONS["run"]},
+    )
+    return perturbation
+
+
 #: name -> (factory, one-line description), in the order `klgap plugins` lists them.
 FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
     "sae": (
@@ -186,8 +215,9 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
     ),
     "zero": (zero, "x' = 0 at every position of the context (BOS and masked tokens too): sae_lens's zero ablation"),
     "mean_ablation": (
-        _deterministic("mean_ablation", geometry.mean_ablation, {}, "x' = mean of x over the batch's tokens"),
-        "x' = the batch's mean activation over its patched tokens: mean ablation (the study's baseline)",
+        mean_ablation,
+        "x' = a mean activation: over=batch (default) the batch's mean over its patched tokens, over=run the mean "
+        "over the run's fit tokens",
     ),
     "epsilon_anisotropic": (
         epsilon_anisotropic,

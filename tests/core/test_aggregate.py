@@ -60,7 +60,7 @@ def _part(rng, contexts, positions, names, *, offset0=None, n_draws=0, sample=No
 
 def _side(rng, n, nonfinite=0):
     return {"n": n, "n_nonfinite_acts": nonfinite, "sum_x": rng.normal(0, 1, 8).tolist(), "sum_sq_x": float(n * 8),
-            "sum_sq_err": float(n * 2.5)}
+            "sum_sq_err": float(n * 2.5), "sum_ev_legacy": float(n * rng.uniform(0.2, 0.9))}
 
 
 def _write(folder, parts, sides, order=None):
@@ -86,6 +86,9 @@ def _today(rundir, names, mode, sample=None):
         "kl_ratio_sae_over_epsilon_random": comparisons.get("epsilon_random", {}).get("kl_ratio", {}).get("ratio", math.nan),
         "sae_metrics": {
             "explained_variance": report.explained_variance(sides),
+            # the mean of the per-token legacy terms (each side: its batch's sum), and 1 − EV
+            "explained_variance_legacy": sum(s["sum_ev_legacy"] for s in sides) / sum(s["n"] for s in sides),
+            "fvu": 1 - report.explained_variance(sides),
             **{f"{c}_mean": float(sae_rows[c].mean()) for c in ("l0", "cos", "eps", "x_norm", "x_hat_norm")},
             "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
         },

@@ -28,7 +28,7 @@ import torch
 from klgap.job import cells
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import hook_name
-from tests.helpers import random_sae, run_config
+from tests.helpers import pca_sae, random_sae, run_config, shrink_sae
 
 N_CTX, CTX_LEN = 4, 24
 
@@ -323,3 +323,48 @@ def test_default_scores_are_sae_lens_run_evals(tmp_path, load_model, model, site
     assert report.sae_lens_scores.kl_div_score == pytest.approx(theirs["kl_div_score"], rel=1e-6)
     assert report.sae_lens_scores.n_contexts == n_ctx
     assert_ce_loss_score(report, tmp_path / "run", theirs)
+
+
+@pytest.mark.parametrize(("model", "site", "layer"), [("tiny-gpt2", "resid_pre", 1), ("tiny-pythia", "mlp_out", 1)])
+def test_explained_variance_and_its_legacy_form_agree_with_sae_lens(tmp_path, load_model, model, site, layer):
+    """explained_variance and explained_variance_legacy are what sae_lens.evals.get_sparsity_and_variance_metrics
+    computes on the same tokens (its eval batch = klgap's batch: the legacy form's mean is each batch's); fvu is
+    sparsify's Σ‖e‖² / Σ‖y − ȳ‖² (SparseCoder.forward) over the same activations, all tokens one batch."""
+    from sae_lens.evals import get_sparsity_and_variance_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from klgap.report.read import load_report
+
+    lm = load_model(model)
+    hook = hook_name(site, layer)
+    cfg = RunConfig(model=model, sae=str(shrink_sae(tmp_path / "shrink.safetensors", lm.d_model, 0.8, hook)),
+                    tokens=N_CTX * CTX_LEN, context_len=CTX_LEN, batch_size=2, device="cpu", dtype="float64",
+                    dataset="random", interventions=["sae"], mask_special="none")
+    contexts = cells.prepare(cfg).contexts
+    tl_model = hooked_transformer(lm)
+    with torch.no_grad():
+        _, cache = tl_model.run_with_cache(contexts, names_filter=[hook])
+    y = cache[hook].reshape(-1, lm.d_model).float()
+    # an SAE from the top principal components: its error differs from token to token, so the two forms differ
+    cfg.sae = str(pca_sae(tmp_path / "sae.safetensors", y, lm.d_model // 8, 4 * lm.d_model, hook))
+    run_config(cfg, tmp_path / "run", progress=False)
+    metrics = load_report(tmp_path / "run").sae_metrics
+    prepared = cells.prepare(cfg)
+    assert torch.equal(prepared.contexts, contexts)
+    sae = prepared.sae.module
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        theirs, _ = get_sparsity_and_variance_metrics(
+            sae, tl_model, _Store(contexts), ActivationScaler(), n_batches=N_CTX // cfg.batch_size,
+            compute_l2_norms=False, compute_sparsity_metrics=False, compute_variance_metrics=True,
+            compute_featurewise_density_statistics=False, eval_batch_size_prompts=cfg.batch_size, model_kwargs={},
+        )
+        sae_out = sae.decode(sae.encode(y)).double()
+    y = y.double()
+    sparsify_fvu = float((y - sae_out).pow(2).sum() / (y - y.mean(0)).pow(2).sum())  # sparsify's forward
+    assert 0 < theirs["explained_variance"] < 0.99 and theirs["explained_variance_legacy"] != pytest.approx(
+        theirs["explained_variance"], rel=1e-3)  # the two forms differ here, so agreeing with each one says something
+    assert metrics.explained_variance == pytest.approx(theirs["explained_variance"], rel=1e-6)
+    assert metrics.explained_variance_legacy == pytest.approx(theirs["explained_variance_legacy"], rel=1e-6)
+    assert metrics.fvu == pytest.approx(sparsify_fvu, rel=1e-6)
+    assert metrics.fvu == pytest.approx(1 - metrics.explained_variance, rel=1e-12)

@@ -50,7 +50,7 @@ def test_a_zero_output_sae_opens_with_a_quality_note(tmp_path, capsys, caplog):
         assert main(["replicate", *ARGS, "--sae", str(zero_sae(tmp_path / "zero.safetensors")), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "report.json").read_text())
-    assert data["schema_version"] == "0.6.0"
+    assert data["schema_version"] == "0.7.0"
     assert data["sae_metrics"]["l0_mean"] == 0 and data["sae_metrics"]["x_hat_norm_mean"] == 0
     assert data["sae_metrics"]["explained_variance"] < 0
     notes = data["quality_notes"]
