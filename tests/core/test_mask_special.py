@@ -14,6 +14,7 @@ import torch
 
 from klgap.errors import KlgapError
 from klgap.job import loading
+from klgap.job.cells import prepare
 from klgap.plan.config import RunConfig
 from klgap.plan.sites import hook_name
 from tests.core.test_agreement_sae_lens import CTX_LEN, TOL, hooked_transformer, write_documents
@@ -60,7 +61,7 @@ def test_joint_run_leaves_separators_unpatched_at_every_site(tmp_path, load_mode
                     interventions=["sae", "zero"], mask_special=mask)
     run_config(cfg, tmp_path / "run", progress=False)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
-    contexts = loading.prepare(RunConfig(**{**cfg.to_dict(), "joint": False, "site": "mlp_out", "layer": 0,
+    contexts = prepare(RunConfig(**{**cfg.to_dict(), "joint": False, "site": "mlp_out", "layer": 0,
                                             "sae": str(folder / "mlp_out-L0.safetensors")})).contexts
     keep = (contexts != SEPARATOR)  # [ctx pos]
     assert (~keep[:, 1:]).sum() >= 8
@@ -93,7 +94,7 @@ def test_single_token_modes_drop_masked_rows(tmp_path, load_model, mode):
     base = dict(model="tiny-gpt2", sae=str(sae), tokens=16 * CTX_LEN, context_len=CTX_LEN, batch_size=8, device="cpu",
                 dataset=write_documents(tmp_path / "docs.jsonl"), mode=mode, position=6, k=6, n_samples=4,
                 interventions=["sae", "epsilon_random"])
-    contexts = loading.prepare(RunConfig(**base)).contexts
+    contexts = prepare(RunConfig(**base)).contexts
     t = 2 + int((contexts[:, 2:CTX_LEN - 7] == SEPARATOR).sum(0).argmax())  # a position t where separators stand
     base["position"] = t
     run_config(RunConfig(**base), tmp_path / "all", progress=False)
