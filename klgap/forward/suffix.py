@@ -173,14 +173,3 @@ def _tile(value: Any, copies: int, batch: int) -> Any:
     if copies == 1:
         return value
     return _map_batched(value, batch, lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
-    if isinstance(value, Tensor):
-        if value.dim() >= 2 and value.shape[0] == batch:
-            return value.repeat(copies, *([1] * (value.dim() - 1)))
-        return value
-    if isinstance(value, tuple):
-        return tuple(_tile(v, copies, batch) for v in value)
-    if isinstance(value, list):
-        return [_tile(v, copies, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _tile(v, copies, batch) for k, v in value.items()}
-    return value
