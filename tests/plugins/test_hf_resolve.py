@@ -155,7 +155,7 @@ def test_importing_the_plugin_does_not_import_transformers():
 
 def test_the_default_run_folder_is_one_folder_named_after_the_model(qwen2_folder, tmp_path, monkeypatch):
     """Without --out, a folder or repo id as --model gives runs/<its name>-..., not folders nested along its path."""
-    from klgap.cli.main import model_slug
+    from klgap.job.command import model_slug
 
     assert model_slug(str(qwen2_folder)) == model_slug(f"{qwen2_folder}/") == "qwen2"
     assert model_slug("EleutherAI/pythia-70m") == "EleutherAI--pythia-70m" and model_slug("tiny-gpt2") == "tiny-gpt2"
