@@ -11,6 +11,7 @@ are checked against expected.json and their pages and figures written. A :class:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -234,9 +235,14 @@ def run_request(request: Request, world: World = SINGLE) -> JobResult:
     out = Path(request.out if request.out is not None else default_out(job, request.tag))
     progress = request.progress and world.leader
     # --out's one rule (klgap/job/outdir.py), then one klgap process (one launch of ranks) per --out until its pages
-    # are written
-    with claimed(out, "study" if job.study else "run", wait=request.wait, leader=world.leader):
+    # are written. The ranks meet first: rank 0's refusal of the folder then ends every rank
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # rank 0 alone: the other ranks share its folder
+            held.enter_context(claimed(out, "study" if job.study else "run", wait=request.wait))
+
         world.connect(out)
+        world.from_leader(claim)
         if request.train_sae is not None:
             world.from_leader(lambda: train_missing(job, request.train_sae or {}, progress))
             if job.pending:  # planned again, now that its SAEs are there

@@ -57,7 +57,9 @@ class World:
 
     def connect(self, out: Path) -> None:
         """Join the other ranks (once per process). torchrun's MASTER_ADDR / MASTER_PORT when set; else (srun)
-        a rendezvous file in the run's --out folder, which every rank sees (one folder for all their parts)."""
+        a rendezvous file beside the run's --out folder (every rank sees it: one folder for all their parts).
+        Beside, not in: no rank writes into --out before rank 0 has claimed it (klgap/job/outdir.py), so a
+        rank that arrives first cannot make rank 0 refuse the folder and leave the others waiting."""
         import torch.distributed as dist
 
         if not self.distributed or dist.is_initialized():
@@ -67,8 +69,9 @@ class World:
         else:
             env = os.environ
             step = f"{env.get('SLURM_JOB_ID', 'job')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID', '0'))}"
-            Path(out).mkdir(parents=True, exist_ok=True)
-            _RENDEZVOUS[:] = [(Path(out) / f"{RENDEZVOUS_PREFIX}-{step}").resolve()]
+            out = Path(out).resolve()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _RENDEZVOUS[:] = [out.parent / f"{RENDEZVOUS_PREFIX}-{out.name}-{step}"]
             init_method = f"file://{_RENDEZVOUS[0]}"
         dist.init_process_group("gloo", init_method=init_method, rank=self.rank, world_size=self.size, timeout=TIMEOUT)
 
@@ -79,18 +82,21 @@ class World:
             dist.barrier()
 
     def from_leader(self, work: Callable[[], T]) -> T:
-        """Run `work` on rank 0 and give every rank its result; a KlgapError there is raised on every rank."""
+        """Run `work` on rank 0 and give every rank its result; an error there is raised on every rank (rank 0
+        raises its own; the others a KlgapError naming it), so no rank waits for a rank 0 that has given up."""
         if not self.distributed:
             return work()
         import torch.distributed as dist
 
         box: list[object] = [None]
-        error: KlgapError | None = None
+        error: Exception | None = None
         if self.leader:
             try:
                 box = [("ok", work())]
             except KlgapError as exc:
                 error, box = exc, [("error", str(exc))]
+            except Exception as exc:  # noqa: BLE001 - told to the others, then raised here as it was
+                error, box = exc, [("error", f"internal error: {type(exc).__name__}: {exc}")]
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]  # type: ignore[misc]
         if error is not None:

@@ -38,7 +38,7 @@ KINDS = {"run": "a klgap run", "study": "a klgap study (several runs)", "sae": "
          "compare": "a klgap comparison", "corpus": "a corpus built by klgap build-corpus"}
 #: what klgap leaves in a folder of any kind while it works (a folder holding only these is empty)
 OWN_FILES = (MARKER, LOCK_FILE)
-OWN_PREFIXES = (".klgap-write-test.",)
+OWN_PREFIXES = (".klgap-write-test.", ".klgap-rendezvous-")  # (the latter: where srun ranks met, in --out until 2026-12)
 
 
 def _json(path: Path) -> Any:
@@ -118,16 +118,12 @@ def mark(folder: str | Path, kind: str) -> None:
 
 
 @contextmanager
-def claimed(out: str | Path, kind: str, *, wait: bool = False, leader: bool = True,
-            flag: str = "--out") -> Iterator[Path]:
+def claimed(out: str | Path, kind: str, *, wait: bool = False, flag: str = "--out") -> Iterator[Path]:
     """Take `out` for a command writing a `kind` folder: the rule (:func:`check_out`), then the folder's lock
     (created if missing), the rule again under the lock, then the marker. If the block fails having written
-    nothing, the folder is left as it was (one created here is removed again). Ranks other than 0 of a torchrun /
-    srun launch (`leader` False) share rank 0's folder: they check nothing and take no lock."""
+    nothing, the folder is left as it was (one created here is removed again). Under torchrun / srun rank 0 alone
+    claims the folder, which the other ranks share (klgap.job.command.run_request)."""
     out = Path(out)
-    if not leader:
-        yield out
-        return
     check_out(out, kind, flag)  # before the folder is created or locked: a file, a user's folder, another kind
     with run_lock(out, wait=wait):
         if not out.is_dir():  # the lock could not create it: the command's own check names why

@@ -142,7 +142,26 @@ def test_srun_tasks_share_a_curve_study_without_torchrun(launched, tmp_path, loa
     for sub in ("mlp_out_L00", "mlp_out_L01"):
         assert _numbers(tmp_path / "srun" / sub) == _numbers(tmp_path / "single" / sub)
         assert len(_numbers(tmp_path / "srun" / sub)["curve"]["points"]) >= 2
-    assert not list((tmp_path / "srun").glob(".klgap-rendezvous-*"))
+    assert not list(tmp_path.glob(".klgap-rendezvous-*")) and not list((tmp_path / "srun").glob(".klgap-*"))
+
+
+def test_srun_tasks_end_together_when_rank_0_refuses_the_folder(launched, tmp_path):
+    """Two srun tasks given a user's folder as --out: rank 0 refuses it and says so to rank 1, which exits with
+    the same line instead of waiting for rank 0 forever (the tasks meet beside --out, so no task writes into the
+    folder before rank 0 has checked it); the folder is left as it was."""
+    _, sae, _ = launched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    tasks = [subprocess.Popen([sys.executable, "-m", "klgap", *_args(sae, mine)],
+                              env=_env(SLURM_JOB_ID="43", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_NTASKS="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    errors = [task.communicate(timeout=300)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [2, 2], errors
+    for stderr in errors:
+        assert "is a folder klgap did not write (it holds notes.txt)" in stderr, stderr[-2000:]
+    assert errors[1].rstrip().endswith("(rank 0)")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_a_refusal_on_rank_0_ends_every_rank(launched):

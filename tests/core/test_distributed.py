@@ -158,7 +158,7 @@ def test_without_cuda_ranks_run_on_cpu(monkeypatch):
 @pytest.mark.parametrize("gpus", [0, 2])
 def test_ranks_talk_over_gloo_whatever_the_device(monkeypatch, tmp_path, gpus):
     """The process group is gloo with or without CUDA (the ranks exchange only small CPU objects): torchrun's
-    MASTER_ADDR/PORT when set, else a rendezvous file in --out (srun)."""
+    MASTER_ADDR/PORT when set, else a rendezvous file beside --out (srun)."""
     calls = []
     _machine(monkeypatch, gpus)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -173,4 +173,4 @@ def test_ranks_talk_over_gloo_whatever_the_device(monkeypatch, tmp_path, gpus):
     World(0, 2, 0, "srun").connect(tmp_path / "out")
     assert [backend for backend, _ in calls] == ["gloo", "gloo"]
     assert calls[0][1]["init_method"] == "env://" and (calls[0][1]["rank"], calls[0][1]["world_size"]) == (1, 2)
-    assert calls[1][1]["init_method"] == f"file://{Path(tmp_path / 'out' / '.klgap-rendezvous-42.3').resolve()}"
+    assert calls[1][1]["init_method"] == f"file://{Path(tmp_path / '.klgap-rendezvous-out-42.3').resolve()}"
