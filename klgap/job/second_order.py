@@ -48,7 +48,7 @@ def as_slice(at: slice | int) -> slice:
 
 def predicted_columns(patch: SitePatch, runner: SuffixRunner, clean: Clean, start: int, weight: Tensor,
                       keep: Tensor | None) -> list[np.ndarray]:
-    """Each intervention's ``kl_second_order`` (float32, the rows of its ``kl``: `keep` ``[b n-start]`` bool of the
+    """Each intervention's ``kl_second_order`` (the ``kl`` column's dtype, the rows of its ``kl``: `keep` ``[b n-start]`` bool of the
     tail, all when None), from its own δ = x' − x at the positions it replaced."""
     out = []
     for j, intervention in enumerate(patch.interventions):
@@ -58,7 +58,7 @@ def predicted_columns(patch: SitePatch, runner: SuffixRunner, clean: Clean, star
         delta = x_prime.reshape(x0.shape).float() - x0.float()
         predicted = SuffixMap(runner, where, start, clean.ref.p, weight).predicted_kl(delta)  # [b n-start]
         predicted = predicted.reshape(-1) if keep is None else predicted[keep.to(predicted.device)]
-        out.append(predicted.float().cpu().numpy())
+        out.append(predicted.to(clean.ref.z.dtype).cpu().numpy())  # the kl column's dtype
     return out
 
 
