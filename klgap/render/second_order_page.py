@@ -5,7 +5,7 @@ study's table of the sensitivity across sites. Every number comes from the repor
 from __future__ import annotations
 
 from klgap.render.blocks import Block, Heading, Para, Table
-from klgap.render.formatting import DASH, fmt, fmt_ci
+from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig
 from klgap.report.schema import MeanCI, RatioCI, Report, StudyReport
 from klgap.report.second_order import SecondOrder, Sensitivity
 
@@ -24,7 +24,7 @@ SENSITIVITY = ("F is each context's Fisher of its measured next-token distributi
 
 
 def _mean(value: MeanCI | None) -> str:
-    return DASH if value is None else fmt_ci(value.mean, value.ci_low, value.ci_high)
+    return DASH if value is None else fmt_ci_sig(value.mean, value.ci_low, value.ci_high)
 
 
 def _ratio(value: RatioCI | None) -> str:
@@ -85,16 +85,22 @@ def blocks(report: Report | StudyReport) -> list[Block]:
     return [] if found is None else run_blocks(found)
 
 
-def console_lines(report: Report) -> list[str]:
-    """Measured / predicted KL per intervention and the SAE error's sensitivity against noise."""
+def sensitivity_line(s: Sensitivity) -> str:
+    return (f"SAE error's Fisher Rayleigh quotient: {fmt(s.sae_vs_isotropic.ratio, 3)}× isotropic noise's, "
+            f"{fmt(s.sae_vs_covariance.ratio, 3)}× covariance-shaped noise's; {fmt(s.top_share.ratio, 3)} of its "
+            f"energy in F's top {s.top_k} directions (isotropic: {fmt(s.top_share_isotropic, 3)})")
+
+
+def console_lines(report: Report | StudyReport) -> list[str]:
+    """Measured / predicted KL per intervention and the SAE error's sensitivity against noise (a study: a line per
+    site)."""
+    if isinstance(report, StudyReport):
+        return [f"{run.site} L{run.layer}: " + sensitivity_line(run.second_order.sensitivity) for run in report.runs
+                if getattr(run, "second_order", None) is not None and run.second_order.sensitivity is not None]
     found: SecondOrder = report.second_order
     lines = [f"{'intervention':<28} {'measured KL':>12} {'predicted KL':>13} {'measured/predicted':>19}"]
     lines += [f"{p.intervention:<28} {fmt(p.measured.mean):>12} {fmt(p.predicted.mean):>13} "
               f"{fmt(p.measured_over_predicted.ratio, 3):>19}" for p in found.interventions]
-    s = found.sensitivity
-    if s is not None:
-        lines.append(f"SAE error's Fisher Rayleigh quotient: {fmt(s.sae_vs_isotropic.ratio, 3)}× isotropic noise's, "
-                     f"{fmt(s.sae_vs_covariance.ratio, 3)}× covariance-shaped noise's; "
-                     f"{fmt(s.top_share.ratio, 3)} of its energy in F's top {s.top_k} directions "
-                     f"(isotropic: {fmt(s.top_share_isotropic, 3)})")
+    if found.sensitivity is not None:
+        lines.append(sensitivity_line(found.sensitivity))
     return lines
