@@ -98,8 +98,9 @@ def console_lines(report: Report | StudyReport) -> list[str]:
         return [f"{run.site} L{run.layer}: " + sensitivity_line(run.second_order.sensitivity) for run in report.runs
                 if getattr(run, "second_order", None) is not None and run.second_order.sensitivity is not None]
     found: SecondOrder = report.second_order
-    lines = [f"{'intervention':<28} {'measured KL':>12} {'predicted KL':>13} {'measured/predicted':>19}"]
-    lines += [f"{p.intervention:<28} {fmt(p.measured.mean):>12} {fmt(p.predicted.mean):>13} "
+    width = max([len("intervention"), *(len(p.intervention) for p in found.interventions)])
+    lines = [f"{'intervention':<{width}} {'measured KL':>12} {'predicted KL':>13} {'measured/predicted':>19}"]
+    lines += [f"{p.intervention:<{width}} {fmt(p.measured.mean):>12} {fmt(p.predicted.mean):>13} "
               f"{fmt(p.measured_over_predicted.ratio, 3):>19}" for p in found.interventions]
     if found.sensitivity is not None:
         lines.append(sensitivity_line(found.sensitivity))
