@@ -26,6 +26,7 @@ from torch import Tensor
 from klgap.forward.fisher import SuffixMap, clean_runner, lanczos
 from klgap.forward.suffix import SuffixRunner
 from klgap.job.batch import Batch, Clean
+from klgap.job.loaded import LoadedCell
 from klgap.job.patch import SitePatch
 from klgap.job.view import SaeView, generator_for
 
@@ -36,7 +37,7 @@ TOLERANCE = 1e-2  # a top pair counts as converged when ‖F v − θ v‖ ≤ T
 FISHER_STREAM = 2**31  # the draw stream of the probes and the Lanczos start (apart from any intervention's)
 
 
-def runner_for(cell: Any, batch: Batch) -> SuffixRunner:
+def runner_for(cell: LoadedCell, batch: Batch) -> SuffixRunner:
     """The batch's clean suffix runner for the cell's (single) site."""
     run = cell.lowest
     return clean_runner(run.model, run.spec, run.layer, batch.ids)
