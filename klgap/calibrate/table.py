@@ -24,22 +24,38 @@ class CalibrationRow(StrictModel):
     median_ratio: Num  # KL(planted)/KL(baseline), median over seeds
 
 
+class TrainedSae(StrictModel):
+    """One seed's SAE trained on the testbed's activations."""
+
+    seed: int
+    explained_variance: Num
+    error_in_feature_span: Num  # share of its error's energy in the features' span (where the readout is sensitive)
+
+
 class Calibration(StrictModel):
     """The testbed's sizes, its seeds and the table (false-positive rate: ``random`` called pathological; power:
-    ``aligned`` called pathological)."""
+    ``aligned`` called pathological; ``sae``: each seed's trained SAE's own error, when trained)."""
 
     settings: dict[str, float | int]
     seeds: list[int]
     rows: list[CalibrationRow]
+    saes: list[TrainedSae]
 
 
 def calibrate(seeds: list[int], settings: Settings = Settings()) -> Calibration:
     """Every seed's calls, as the table's rows."""
     if not seeds:
         raise KlgapError("--seeds must be at least 1")
-    calls: list[Call] = [call for seed in seeds for call in run_seed(settings, seed)]
+    calls: list[Call] = []
+    saes: list[TrainedSae] = []
+    for seed in seeds:
+        found, facts = run_seed(settings, seed)
+        calls += found
+        if facts is not None:
+            saes.append(TrainedSae(seed=seed, explained_variance=finite(facts.explained_variance),
+                                   error_in_feature_span=finite(facts.error_in_feature_span)))
     rows = []
-    for geometry in GEOMETRIES:
+    for geometry in (*GEOMETRIES, "sae") if saes else GEOMETRIES:
         for name in BASELINES:
             mine = [c for c in calls if c.geometry == geometry and c.baseline == name]
             ratios = np.array([c.ratio for c in mine], dtype=np.float64)
@@ -49,7 +65,7 @@ def calibrate(seeds: list[int], settings: Settings = Settings()) -> Calibration:
                 pathological=sum(c.verdict == "pathological" for c in mine) / len(mine),
                 benign=sum(c.verdict == "benign" for c in mine) / len(mine),
                 median_ratio=finite(float(np.median(ratios))) if ratios.size else None))
-    return Calibration(settings=dataclasses.asdict(settings), seeds=seeds, rows=rows)
+    return Calibration(settings=dataclasses.asdict(settings), seeds=seeds, rows=rows, saes=saes)
 
 
 def markdown(found: Calibration) -> str:
@@ -67,7 +83,20 @@ def markdown(found: Calibration) -> str:
                              else f"{by[g, name].median_ratio:.3g}" for g in GEOMETRIES)
         lines.append(f"| {name} | {by['random', name].pathological:.2f} | {by['aligned', name].pathological:.2f} | "
                      f"{by['orthogonal', name].benign:.2f} | {medians} |")
+    if found.saes:
+        lines += ["", f"Trained SAEs (sae_lens's toy trainer, {found.settings['sae_samples']} activations): median "
+                  f"explained variance {_median([s.explained_variance for s in found.saes]):.3g}, median share of the "
+                  f"error's energy in the features' span {_median([s.error_in_feature_span for s in found.saes]):.3g} "
+                  "(where the readout is sensitive). Each baseline on the SAE's own error:", "",
+                  "| baseline | called pathological | called benign | median ratio |", "|---|---|---|---|"]
+        lines += [f"| {name} | {by['sae', name].pathological:.2f} | {by['sae', name].benign:.2f} | "
+                  f"{by['sae', name].median_ratio:.3g} |" for name in BASELINES]
     return "\n".join(lines) + "\n"
+
+
+def _median(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return float(np.median(kept)) if kept else math.nan
 
 
 def write(found: Calibration, out: Path) -> list[Path]:
@@ -81,4 +110,4 @@ def write(found: Calibration, out: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["Calibration", "CalibrationRow", "calibrate", "markdown", "write"]
+__all__ = ["Calibration", "CalibrationRow", "TrainedSae", "calibrate", "markdown", "write"]

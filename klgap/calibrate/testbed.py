@@ -26,6 +26,7 @@ not: it is noise of the baseline's size), the power how often the ``aligned`` on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,7 @@ class Settings:
     error_frac: float = 0.3  # ‖e‖ / ‖x‖ per token
     threshold: float = 0.5  # θ of the read-offs (features fire at magnitude 1)
     n_boot: int = 1000
+    sae_samples: int = 0  # > 0: an SAE (sae_lens's trainer) trained on this many activations gives the ``sae`` row
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,15 @@ class Readout:
 
 def synthetic(settings: Settings, seed: int) -> tuple[Tensor, Tensor, Readout]:
     """(measured activations ``[tokens d]``, separate activations for fitting Σ_x, the readout model) of one seed."""
+    x, fit, readout, _ = synthetic_model(settings, seed)
+    return x, fit, readout
+
+
+def synthetic_model(settings: Settings, seed: int) -> tuple[Tensor, Tensor, Readout, Any]:
+    """:func:`synthetic` and the sae_lens SyntheticModel that drew them (an SAE trains on its activations)."""
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
 
+    torch.manual_seed(seed)  # sae_lens's samplers draw from the global generator
     model = SyntheticModel(SyntheticModelConfig(num_features=settings.n_features, hidden_dim=settings.d, bias=False,
                                                 seed=seed))
     with torch.no_grad():
@@ -78,7 +87,28 @@ def synthetic(settings: Settings, seed: int) -> tuple[Tensor, Tensor, Readout]:
         fit = model.sample(settings.tokens).double()
     gen = torch.Generator().manual_seed(seed)
     unembed = torch.randn(settings.vocab, settings.n_features, generator=gen, dtype=torch.float64) * 2.0
-    return x, fit, Readout(q.T.contiguous(), settings.threshold, unembed)
+    return x, fit, Readout(q.T.contiguous(), settings.threshold, unembed), model
+
+
+def trained_sae_error(model: Any, x: Tensor, settings: Settings, seed: int) -> tuple[Tensor, float, float]:
+    """An SAE (2 × n_features latents, L1 3e-2) trained by sae_lens's toy trainer on `settings.sae_samples`
+    activations of `model`: (its error x̂ − x on the measured ``x [m d]``, its explained variance there, the share
+    of its error's energy in the features' span)."""
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.synthetic.training import train_toy_sae
+
+    torch.manual_seed(seed)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=settings.d, d_sae=2 * settings.n_features,
+                                                        l1_coefficient=3e-2, device="cpu", dtype="float32"))
+    train_toy_sae(sae, model.feature_dict, model.activation_generator, training_samples=settings.sae_samples,
+                  batch_size=1024, lr=3e-3)
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(x.float())).double()
+    error = x_hat - x
+    features = model.feature_dict.feature_vectors.detach().double()
+    explained = 1 - float((error**2).sum() / ((x - x.mean(0)) ** 2).sum())
+    in_span = float(((error @ features.T) ** 2).sum() / (error**2).sum())  # the rows are orthonormal
+    return error, explained, in_span
 
 
 def kl(readout: Readout, x: Tensor, x_prime: Tensor) -> Tensor:
@@ -150,21 +180,37 @@ class Call:
         return "undecided"
 
 
-def run_seed(settings: Settings, seed: int) -> list[Call]:
-    """Every (geometry, baseline) call of one seed."""
-    x, fit, readout = synthetic(settings, seed)
+@dataclass(frozen=True)
+class SaeFacts:
+    """One seed's trained SAE: its explained variance and the share of its error's energy in the features' span."""
+
+    seed: int
+    explained_variance: float
+    error_in_feature_span: float
+
+
+def run_seed(settings: Settings, seed: int) -> tuple[list[Call], SaeFacts | None]:
+    """Every (geometry, baseline) call of one seed (with ``sae_samples``, the trained SAE's error's too: geometry
+    ``sae`` at its own per-token size), and the SAE's facts."""
+    x, fit, readout, model = synthetic_model(settings, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    size = settings.error_frac * x.norm(dim=-1, keepdim=True)
+    errors = [(geometry, settings.error_frac * x.norm(dim=-1, keepdim=True) * planted(geometry, x, readout, gen))
+              for geometry in GEOMETRIES]
+    facts = None
+    if settings.sae_samples > 0:
+        error, explained, in_span = trained_sae_error(model, x, settings, seed)
+        errors.append(("sae", error))
+        facts = SaeFacts(seed, explained, in_span)
     calls = []
-    for geometry in GEOMETRIES:
-        dirs = planted(geometry, x, readout, gen)
-        error_kl = per_context(kl(readout, x, x + size * dirs))
+    for geometry, error in errors:
+        size, dirs = error.norm(dim=-1, keepdim=True), unit(error)
+        error_kl = per_context(kl(readout, x, x + error))
         for name in BASELINES:
             base_kl = per_context(kl(readout, x, x + size * baseline(name, x, fit, dirs, gen)))
             found = stats.ratio_of_means_ci(error_kl, base_kl, n_boot=settings.n_boot, seed=seed)
             calls.append(Call(seed, geometry, name, found["ratio"], found["ci_low"], found["ci_high"]))
-    return calls
+    return calls, facts
 
 
-__all__ = ["BASELINES", "CONTEXT", "Call", "GEOMETRIES", "Readout", "Settings", "baseline", "kl", "planted",
-           "run_seed", "synthetic"]
+__all__ = ["BASELINES", "CONTEXT", "Call", "GEOMETRIES", "Readout", "SaeFacts", "Settings", "baseline", "kl",
+           "planted", "run_seed", "synthetic", "synthetic_model", "trained_sae_error"]

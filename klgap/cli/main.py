@@ -191,9 +191,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from klgap.calibrate.table import calibrate, markdown, write
     from klgap.calibrate.testbed import Settings
 
-    if args.seeds < 1 or args.tokens < 2 * 32:
-        raise KlgapError(f"--seeds must be ≥ 1 and --tokens ≥ 64, got --seeds {args.seeds} --tokens {args.tokens}")
-    found = calibrate(list(range(args.seeds)), Settings(tokens=args.tokens))
+    if args.seeds < 1 or args.tokens < 2 * 32 or args.sae_samples < 0:
+        raise KlgapError(f"--seeds must be ≥ 1, --tokens ≥ 64 and --sae-samples ≥ 0, got --seeds {args.seeds} "
+                         f"--tokens {args.tokens} --sae-samples {args.sae_samples}")
+    found = calibrate(list(range(args.seeds)), Settings(tokens=args.tokens, sae_samples=args.sae_samples))
     print(markdown(found), end="")
     if args.out:
         for path in write(found, Path(args.out)):

@@ -27,18 +27,22 @@ def test_the_testbed_knows_where_the_model_is_sensitive():
 
 
 def test_every_baseline_calls_the_aligned_error_pathological_and_the_orthogonal_one_benign_or_undecided():
-    calls = {(c.geometry, c.baseline): c for c in run_seed(SMALL, 1)}
+    found, facts = run_seed(SMALL, 1)
+    assert facts is None  # no SAE trained (sae_samples 0)
+    calls = {(c.geometry, c.baseline): c for c in found}
     assert {c.verdict for (g, _), c in calls.items() if g == "aligned"} == {"pathological"}
     assert calls["orthogonal", "isotropic"].verdict == "benign" and calls["orthogonal", "isotropic"].ratio < 1e-10
 
 
 def test_calibrate_through_the_cli(tmp_path, capsys):
     out = tmp_path / "cal"
-    assert main(["calibrate", "--seeds", "2", "--tokens", "256", "--out", str(out)]) == 0
+    assert main(["calibrate", "--seeds", "2", "--tokens", "256", "--sae-samples", "20000", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| isotropic |" in printed and "false-positive rate" in printed
     found = json.loads((out / "calibration.json").read_text())
-    assert found["seeds"] == [0, 1] and len(found["rows"]) == 9
+    assert found["seeds"] == [0, 1] and len(found["rows"]) == 12 and len(found["saes"]) == 2
+    assert all(0 < s["error_in_feature_span"] <= 1 + 1e-9 for s in found["saes"])
+    assert "Each baseline on the SAE's own error" in printed
     row = next(r for r in found["rows"] if r["geometry"] == "aligned" and r["baseline"] == "isotropic")
     assert row["pathological"] == 1.0 and row["median_ratio"] > 1
     assert main(["calibrate", "--seeds", "0"]) == 2

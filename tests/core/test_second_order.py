@@ -191,3 +191,23 @@ def test_second_order_refuses_what_it_cannot_predict(tmp_path, capsys, sae_file,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("klgap: error:") and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_smollm2_predicted_ratios_match_measured_where_kl_is_small(tmp_path):
+    """SmolLM2-135M's layer-10 SAE (offline), patched a tenth of the way along its error and along a random error of
+    the same size: KL is small there, and the predicted ratio matches the measured one within 10%, each intervention's
+    measured / predicted within 15% of 1."""
+    from pathlib import Path
+
+    sae = Path.home() / ".cache/klgap/saes/smollm2-135m/blocks.10.hook_resid_post"
+    if not sae.exists():
+        pytest.skip(f"{sae} is not there (scripts/install.sh fetches the offline SAEs)")
+    result = klgap.measure("smollm2-135m", str(sae), tokens=2 * 64, context_len=64, batch_size=2,
+                           interventions=["along:dir=error,t=0.1", "along:dir=epsilon_random,t=0.1"],
+                           second_order=True, progress=False)
+    found = result.report.second_order
+    assert all(abs(p.measured_over_predicted.ratio - 1) < 0.15 for p in found.interventions), found.interventions
+    error, noise = found.interventions
+    assert error.predicted.mean / noise.predicted.mean == pytest.approx(error.measured.mean / noise.measured.mean,
+                                                                        rel=0.1)
