@@ -17,6 +17,9 @@ The testbed, per seed (CPU-sized, no language model):
   drawn from N(0, Σ_x), Σ_x fitted on separate tokens: epsilon_anisotropic) and ``shuffled`` (another token's
   planted error direction: sae_error_shuffled).
 
+With ``sae_samples`` an SAE trained on the testbed's activations (sae_lens's toy trainer) adds a fourth error, its
+own x̂ − x at its own per-token size (the geometry ``sae``), with the share of its energy in the features' span.
+
 A baseline *calls* the planted error pathological when the context-bootstrap interval of KL(error)/KL(baseline)
 (klgap.report.stats.ratio_of_means_ci, tokens grouped in contexts of :data:`CONTEXT`) lies above 1, benign when it
 lies below 1. Over seeds: the false-positive rate is how often the ``random`` error is called pathological (it is
