@@ -114,8 +114,8 @@ class RunConfig:
         "all_tokens / single_token: also predict each token's KL to second order, ½ (Jδ)ᵀ(diag p − ppᵀ)(Jδ) for each "
         "intervention's δ = x' − x (forward-mode JVPs through the layers above the site; column kl_second_order), "
         "and measure the site's Fisher sensitivity (tr F, covariance-shaped, the SAE error's Rayleigh quotient, its "
-        "share in F's top eigendirections): the report's second_order section; costs ~40 extra suffix passes a "
-        "batch"))
+        "share in F's top eigendirections): the report's second_order section; costs ~100 extra passes "
+        "through the layers above the site a batch (JVPs, VJPs, Lanczos)"))
     joint_subsets: bool = field(default=False, metadata=flag(
         "with --joint (3 or more sites): also patch every subset of two or more sites together in the same pass "
         "(OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs"))
