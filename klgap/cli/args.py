@@ -180,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="a .json file (a run) or a folder, each SAE's file under SAEBench's name in it "
                         "(default RUN/saebench/)")
 
+    cal_help = ("a planted-truth testbed for the baselines (offline, CPU): known features, a readout model with "
+                "thresholded read-offs, planted errors aligned with the features, orthogonal to them or random; how "
+                "often each baseline calls each one pathological over seeds")
+    cal = sub.add_parser("calibrate", help=cal_help, description=cal_help)
+    cal.add_argument("--seeds", type=_int_arg("--seeds"), default=20, help="seeds (testbeds) to run (default 20)")
+    cal.add_argument("--tokens", type=_int_arg("--tokens"), default=4096, help="tokens per testbed (default 4096)")
+    cal.add_argument("--sae-samples", type=_int_arg("--sae-samples"), default=50_000,
+                     help="train an SAE per seed on this many activations (sae_lens's toy trainer) and add its own "
+                     "error as a row; 0: none (default 50000)")
+    cal.add_argument("--out", help="write calibration.json and calibration.md there (a new or empty folder)")
+
     plugins = sub.add_parser("plugins", help="list plugins and what each registers", description="list plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_commands(sub)

@@ -184,6 +184,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """The planted-truth testbed's table (klgap/calibrate/): printed, and written to --out when given."""
+    from pathlib import Path
+
+    from klgap.calibrate.table import calibrate, markdown, write
+    from klgap.calibrate.testbed import Settings
+
+    if args.seeds < 1 or args.tokens < 2 * 32 or args.sae_samples < 0:
+        raise KlgapError(f"--seeds must be ≥ 1, --tokens ≥ 64 and --sae-samples ≥ 0, got --seeds {args.seeds} "
+                         f"--tokens {args.tokens} --sae-samples {args.sae_samples}")
+    found = calibrate(list(range(args.seeds)), Settings(tokens=args.tokens, sae_samples=args.sae_samples))
+    print(markdown(found), end="")
+    if args.out:
+        for path in write(found, Path(args.out)):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """A run or study folder against an expected.json: one verdict per target (no model, no SAE loaded)."""
     from klgap.report.expectations import check_run, expected_beside, print_check, write_check
@@ -243,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "export": cmd_export, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
+COMMANDS = {"calibrate": cmd_calibrate, "check": cmd_check, "merge": cmd_merge, "new-plugin": cmd_new_plugin, "replicate": cmd_replicate, "curve": cmd_curve, "compare": cmd_compare, "export": cmd_export, "report": cmd_report, "train-sae": cmd_train_sae, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
 #: what Ctrl-C leaves, per command (said after "klgap: interrupted; ")

@@ -71,6 +71,11 @@ class SuffixRunner:
         copies > 1 stacks that many substitutes along the batch: ``x_prime [copies*b npos d]`` (copy-major)
         gives logits ``[copies*b pos vocab]``; every batch-sized argument of the recorded calls is tiled.
         rows: replay only the batch's first `rows` contexts (b = rows; the executor's check)."""
+        return self.replay(x_prime, positions, copies, rows)
+
+    def replay(self, x_prime: Tensor, positions: slice, copies: int = 1, rows: int | None = None) -> Tensor:
+        """:meth:`patched` under the caller's autograd mode: a differentiable function of `x_prime` (the JVPs and
+        Fisher-vector products of klgap/forward/fisher.py go through it)."""
         batch = len(self.site_value)
         calls = self._tiled_calls(copies) if rows is None or rows == batch else self._first_rows(rows, copies)
         handle = None

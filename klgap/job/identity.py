@@ -99,6 +99,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("drop_last_position")
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens
         identity.pop("fit_tokens", None)
+    if not identity.get("second_order"):  # likewise for --second-order
+        identity.pop("second_order", None)
     identity.update(site=run.site, layer=run.layer, sae=run.sae.source, sae_digest=sae_digest(run.sae),
                     device=run.model.device.type)
     if identity["dtype"] == "auto":  # resume only in the dtype the run chose (another machine may choose another)

@@ -23,6 +23,7 @@ from torch import Tensor
 from klgap.errors import KlgapError
 from klgap.forward import activations
 from klgap.forward.executors import Executor, choose
+from klgap.forward.fisher import check_replayable
 from klgap.job.disjoint import held_out, say
 from klgap.job.masks import kept, special_token_ids
 from klgap.job.view import SaeView
@@ -192,6 +193,8 @@ def load_plan(plan: RunPlan) -> Loaded:
     say(found)
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
+    if config.second_order:  # before anything is measured: a family whose suffix cannot be replayed is refused
+        check_replayable(model)
     executor, execution = choose(config, model, spec, layer, contexts)
     reference = reference_model(plan, model)
     loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from klgap.job import second_order
 from klgap.job.batch import Batch, Clean
 from klgap.job.loaded import LoadedCell
 from klgap.job.patch import Patch, Positions
@@ -64,12 +65,24 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
             "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
     patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first))
     frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
+    fisher: dict[str, Any] = {}
+    if cell.config.second_order:  # the predicted KL beside the measured, and the site's sensitivity
+        weight = keep.to(fill.dtype if fill.dtype == torch.float64 else torch.float32).clone()  # [b n]
+        if drop_last:
+            weight[:, -1] = 0
+        runner = second_order.runner_for(cell, batch)
+        for frame_j, predicted in zip(frames, second_order.predicted_columns(patch, runner, clean, 0, weight, keep),
+                                      strict=True):
+            frame_j["kl_second_order"] = predicted
+        rows = keep[:, first:]
+        fisher = second_order.sensitivity_sums(runner, second_order.sae_error(view, rows), rows, slice(first, None), 0,
+                                               clean, weight, batch.context_ids, cell.config.seed, batch.index)
     frame = pd.concat(frames, ignore_index=True)
     if not drop_last:
-        return frame, view.side_stats()
+        return frame, view.side_stats() | fisher
     # the study's protocol: every position patched (the last too), KL and ΔCE kept for positions < ctx_len - 1
     measured = position < ctx_len - 1  # [n_ctx * n_pos] bool
-    return frame[frame["position"] < ctx_len - 1].reset_index(drop=True), view.side_stats(measured)
+    return frame[frame["position"] < ctx_len - 1].reset_index(drop=True), view.side_stats(measured) | fisher
 
 
 def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: int, k: int) -> dict[str, Tensor]:
@@ -90,8 +103,22 @@ def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames
     t = batch.start
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
-    frames = intervention_rows(cell.patch(batch, view, t), clean, batch.next_ids, base)
-    return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
+    patch = cell.patch(batch, view, t)
+    frames = intervention_rows(patch, clean, batch.next_ids, base)
+    fisher: dict[str, Any] = {}
+    if cell.config.second_order:  # the predicted KL beside the measured, and the site's sensitivity
+        keep = batch.keep.to(batch.ids.device)
+        patched = keep[:, t : t + 1]  # [b 1]: a context whose token t is masked gives no row
+        acts = clean.acts[0]
+        weight = (keep[:, t : t + k + 1] & patched).to(acts.dtype if acts.dtype == torch.float64 else torch.float32)
+        runner = second_order.runner_for(cell, batch)
+        for frame_j, predicted in zip(frames, second_order.predicted_columns(patch, runner, clean, t, weight, None),
+                                      strict=True):
+            frame_j["kl_second_order"] = predicted
+        error = (view.x_hat - view.x).unsqueeze(1) * patched.unsqueeze(-1).to(view.x.device)  # [b 1 d]
+        fisher = second_order.sensitivity_sums(runner, error, patched, slice(t, t + 1), t, clean, weight,
+                                               batch.context_ids, cell.config.seed, batch.index)
+    return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t]) | fisher
 
 
 def masked_rows(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:

@@ -173,12 +173,17 @@ class SitePatch:
         return str(self.site.sample.perturbation.name)
 
     def logits(self, group: Group) -> list[Tensor]:
-        model, n_ctx = self.site.model, self.ids.shape[0]
+        x_primes, at = self.substitutes(group)
+        return list(self.site.executor.patched(self.ids, torch.cat(x_primes), at, copies=len(group))
+                    .split(self.ids.shape[0]))
+
+    def substitutes(self, group: Group) -> tuple[list[Tensor], slice | int]:
+        """Each intervention's x' of `group` (the draws :meth:`logits` patches in) and the positions they replace."""
+        model = self.site.model
         whole = self.positions is not None and any(self.positions.whole(i.perturbation) for _, i in group)
         x_primes = [self._substitute(i.perturbation, draw_generator(model.device, self.seed, self.index, i.name),
                                      whole) for _, i in group]
-        at = slice(0, None) if whole else self.at
-        return list(self.site.executor.patched(self.ids, torch.cat(x_primes), at, copies=len(group)).split(n_ctx))
+        return x_primes, (slice(0, None) if whole else self.at)
 
     def _substitute(self, perturbation: Perturbation, generator: torch.Generator, whole: bool = False) -> Tensor:
         """x' at the patched positions: ``[b npos d]`` for ``slice(first, None)``, ``[b n d]`` for the whole context

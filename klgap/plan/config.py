@@ -110,6 +110,12 @@ class RunConfig:
         "fit the fitted interventions (epsilon_anisotropic, sae_plus_linear_error, ...) on this many tokens drawn "
         "from the token source after the measured ones (disjoint from them)",
         default="the run's first contexts, up to 8192 tokens: the measured ones"))
+    second_order: bool = field(default=False, metadata=flag(
+        "all_tokens / single_token: also predict each token's KL to second order, ½ (Jδ)ᵀ(diag p − ppᵀ)(Jδ) for each "
+        "intervention's δ = x' − x (forward-mode JVPs through the layers above the site; column kl_second_order), "
+        "and measure the site's Fisher sensitivity (tr F, covariance-shaped, the SAE error's Rayleigh quotient, its "
+        "share in F's top eigendirections): the report's second_order section; costs ~100 extra passes "
+        "through the layers above the site a batch (JVPs, VJPs, Lanczos)"))
     joint_subsets: bool = field(default=False, metadata=flag(
         "with --joint (3 or more sites): also patch every subset of two or more sites together in the same pass "
         "(OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs"))
@@ -187,6 +193,10 @@ class RunConfig:
                 )
         if not self.interventions:
             raise KlgapError("--interventions is empty; give at least one, e.g. sae,epsilon_random")
+        if self.second_order and (self.mode == "many_samples" or self.joint or self.remote):
+            why = "--joint" if self.joint else "--remote" if self.remote else "--mode many_samples"
+            raise KlgapError(f"--second-order is not supported with {why}: it predicts a single site's KL in "
+                             "all_tokens or single_token mode on a local model")
         return self
 
     def joint_cells(self) -> list[tuple[str, int]]:

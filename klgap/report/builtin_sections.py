@@ -1,5 +1,6 @@
 """klgap's own report sections, registered as any plugin's are (``register_report_sections``): the error
-decomposition (a site's: klgap/report/decomposition.py), a joint run's compounding (klgap/report/compounding.py)
+decomposition (a site's: klgap/report/decomposition.py), --second-order's predicted KL and Fisher sensitivity (a
+site's: klgap/report/second_order.py), a joint run's compounding (klgap/report/compounding.py)
 and a study over an SAE's checkpoints' over-training section (klgap/report/over_training.py). The plugin manager
 registers this module itself (klgap.plugins.manager.CORE_PLUGINS), so no entry point can leave them out.
 """
@@ -11,8 +12,8 @@ from typing import Any
 
 from klgap.figures.training import over_training as over_training_figure
 from klgap.hookspecs import hookimpl
-from klgap.render import compounding_page, decomposition_page, over_training_page
-from klgap.report import compounding, decomposition, over_training
+from klgap.render import compounding_page, decomposition_page, over_training_page, second_order_page
+from klgap.report import compounding, decomposition, over_training, second_order
 from klgap.report.aggregate import context_sums
 from klgap.report.schema import BASELINE
 from klgap.report.sections import ReportSection, RunFiles, StudyFiles
@@ -26,6 +27,13 @@ def _decomposition(files: RunFiles) -> decomposition.ErrorDecomposition | None:
     return decomposition.error_decomposition(files.paths, files.sides, record.names, context_sums(files.paths),
                                              record.seed, record.execution.get("fitted", {}),
                                              record.config.get("fit_tokens"))
+
+
+def _second_order(files: RunFiles) -> second_order.SecondOrder | None:
+    """When the run was measured with --second-order (its parts hold kl_second_order and the fisher side sums)."""
+    if not files.record.config.get("second_order"):
+        return None
+    return second_order.second_order(files.paths, files.sides, files.record.names, files.record.seed)
 
 
 def _compounding(files: RunFiles) -> compounding.Compounding | None:
@@ -56,6 +64,10 @@ def register_report_sections(register: Any) -> None:
     register("error_decomposition", ReportSection(
         decomposition.ErrorDecomposition, "site", _decomposition, blocks=decomposition_page.blocks),
         "where the KL gap lies: the linear or the nonlinear part of the SAE's error")
+    register("second_order", ReportSection(
+        second_order.SecondOrder, "site", _second_order, blocks=second_order_page.blocks,
+        console=second_order_page.console_lines),
+        "measured against second-order predicted KL (½ δᵀFδ) and the site's Fisher sensitivity (--second-order)")
     register("compounding", ReportSection(
         compounding.Compounding, "run", _compounding, blocks=compounding_page.compounding_blocks,
         console=compounding_page.console_lines),

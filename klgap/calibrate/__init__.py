@@ -1,0 +1,1 @@
+"""klgap calibrate: a planted-truth testbed for the baselines (klgap/calibrate/testbed.py)."""
