@@ -111,7 +111,8 @@ def test_absolute_ce_and_ce_loss_score_agree_and_the_export_carries_them(run, tm
 @pytest.mark.parametrize(("mode", "extra"), [("single_token", {"position": 5, "k": 3}),
                                              ("many_samples", {"position": 7, "n_samples": 6})])
 def test_clean_ce_in_the_other_modes(tmp_path, sae_path, load_model, mode, extra):
-    cfg = config(sae_path, mode=mode, mask_special="none", interventions=["sae", "epsilon_random"], **extra)
+    # zero too: the committed single-token and many-samples files measure it (kl_div_score at the patched position)
+    cfg = config(sae_path, mode=mode, mask_special="none", interventions=["sae", "zero", "epsilon_random"], **extra)
     run_config(cfg, tmp_path / "run")
     expected = hf_clean_ce(load_model("tiny-gpt2"), cells.prepare(cfg).contexts)
     tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
@@ -121,7 +122,11 @@ def test_clean_ce_in_the_other_modes(tmp_path, sae_path, load_model, mode, extra
     assert len(carried) == len(measured)  # each measured token once
     theirs = expected[carried["context"].to_numpy(), carried["position"].to_numpy()]
     np.testing.assert_allclose(carried["ce_clean"].to_numpy(np.float64), theirs, rtol=1e-5, atol=1e-6)
-    assert load_report(tmp_path / "run").ce_clean.mean == pytest.approx(theirs.mean(), rel=1e-6)
+    report = load_report(tmp_path / "run")
+    assert report.ce_clean.mean == pytest.approx(theirs.mean(), rel=1e-6)
+    scores = report.sae_lens_scores
+    assert scores.ce_loss_with_ablation == pytest.approx(report.ce_clean.mean + report.interventions["zero"].ce_delta_mean)
+    assert report.interventions["zero"].kl_mean > 0 and scores.kl_div_score is not None
 
 
 @pytest.mark.parametrize("n_old", [1, None], ids=["resumed-across-versions", "all-parts-old"])
@@ -159,3 +164,18 @@ def test_a_committed_replication_without_clean_ce_still_reports(tmp_path):
     doc = json.loads((tmp_path / "core.json").read_text())
     assert doc["eval_result_metrics"]["model_performance_preservation"]["ce_loss_without_sae"] == -1
     assert "model_performance_preservation.ce_loss_without_sae" in doc["eval_result_unstructured"]["klgap"]["not_measured"]
+
+
+def test_a_curve_file_listing_zero_measures_it_beside_the_grid(tmp_path, sae_path, capsys):
+    """A committed curve file adds ``interventions = ["zero"]`` (issue 30 item 5): ``klgap curve --config`` keeps
+    the file's interventions beside the grid, as ``--interventions`` does, so kl_div_score and the clean CE print."""
+    config = tmp_path / "curve.toml"
+    config.write_text(f'model = "tiny-gpt2"\nsae = "{sae_path}"\ncos = "0.9"\nnorm_frac = "0.9"\n'
+                      f'interventions = ["zero"]\ndataset = "random"\ntokens = {N_CTX * CTX_LEN}\n'
+                      f'context_len = {CTX_LEN}\nbatch_size = 4\ndevice = "cpu"\n')
+    assert main(["curve", "--config", str(config), "--out", str(tmp_path / "curve"), "--quiet"]) == 0
+    report = load_report(tmp_path / "curve")
+    assert list(report.interventions) == ["sae", "epsilon_random", "cosine_matched(cos=0.9,norm_frac=0.9)", "zero"]
+    sentence = summary_row(report, report.model, report.mode).verdict()
+    assert f"kl_div_score {report.sae_lens_scores.kl_div_score:.3f}" in sentence
+    assert f"clean CE {report.ce_clean.mean:.3f} nats/token" in sentence
