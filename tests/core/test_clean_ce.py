@@ -179,3 +179,17 @@ def test_a_curve_file_listing_zero_measures_it_beside_the_grid(tmp_path, sae_pat
     sentence = summary_row(report, report.model, report.mode).verdict()
     assert f"kl_div_score {report.sae_lens_scores.kl_div_score:.3f}" in sentence
     assert f"clean CE {report.ce_clean.mean:.3f} nats/token" in sentence
+
+
+def test_validate_refuses_a_negative_clean_ce(run):
+    """`klgap validate`'s value rules: a cross-entropy is −log P ≥ 0 (the clean CE, its interval, the absolute CE)."""
+    from klgap.report.validate import value_problem
+
+    _, out = run
+    data = json.loads((out / "report.json").read_text())
+    assert value_problem({"ce_clean": data["ce_clean"], "sae_lens_scores": data["sae_lens_scores"]}) is None
+    data["ce_clean"]["ci_low"] = -0.5
+    assert value_problem({"ce_clean": data["ce_clean"]}) == ("ce_clean.ci_low",
+                                                              "a cross-entropy of -0.5 is negative (−log P ≥ 0)")
+    assert value_problem({"sae_lens_scores": {"ce_loss_with_sae": -1.0}}) == (
+        "sae_lens_scores.ce_loss_with_sae", "a cross-entropy of -1.0 is negative (−log P ≥ 0)")
