@@ -193,3 +193,14 @@ def test_validate_refuses_a_negative_clean_ce(run):
                                                               "a cross-entropy of -0.5 is negative (−log P ≥ 0)")
     assert value_problem({"sae_lens_scores": {"ce_loss_with_sae": -1.0}}) == (
         "sae_lens_scores.ce_loss_with_sae", "a cross-entropy of -1.0 is negative (−log P ≥ 0)")
+
+
+def test_compare_carries_the_scores_and_the_clean_ce(run, tmp_path):
+    _, out = run
+    assert main(["compare", str(out), "--out", str(tmp_path / "cmp")]) == 0
+    (row,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
+    report = load_report(out)
+    assert row["ce_clean"] == pytest.approx(report.ce_clean.mean)
+    assert row["kl_div_score"] == pytest.approx(report.sae_lens_scores.kl_div_score)
+    assert row["ce_loss_score"] == report.sae_lens_scores.ce_loss_score  # None where withheld
+    assert main(["validate", str(tmp_path / "cmp" / "compare.json")]) == 0
