@@ -43,7 +43,7 @@ def test_notebook_runs_on_the_tiny_model():
     html = next(o["data"]["text/html"] for o in shown.outputs if "text/html" in o.get("data", {}))
     assert html.startswith('<div class="klgap-result">') and "<style>.klgap-result{" in html  # scoped: the notebook's look kept
     assert "klgap report: tiny-gpt2 · blocks.1.hook_mlp_out · all_tokens" in html  # named by name=
-    assert re.search(r"the SAE&#x27;s reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+)?\) moves the "
+    assert re.search(r"the SAE&#x27;s reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+, ce_loss_score (withheld|-?[\d.]+))?(, clean CE [\d.]+ nats/token)?\) moves the "
                      "next-token distribution", html)
     assert "<th>ratio [95% CI]</th>" in html and "mlp_out L1" in html
     assert html.count("data:image/png;base64,") == 3 and "more figures: kl_hist, kl_by_position" in html

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve = sub.add_parser("curve", help=curve_help, description=curve_help)
     _add_run_flags(curve)
     _derived_help(curve, interventions="added to sae, epsilon_random and the cosine_matched grid of --cos × "
-                  "--norm-frac (default: none added), comma-separated, e.g. theta_random,zero")
+                  "--norm-frac (default: none added, or a --config file's `interventions`), comma-separated, e.g. "
+                  "theta_random,zero")
     curve.add_argument("--cos", default=None, help="cosine grid START:STOP:COUNT or a list (default 0.5:1.0:11)")
     curve.add_argument("--norm-frac", default=None, help="norm of the noise as a fraction of ‖x‖, or a list (default 0.9)")
     curve.add_argument("--along", default=None, choices=["error"],

@@ -1,4 +1,4 @@
-"""Per-token metrics from logits: KL(P_clean || P_patched) and the CE-loss change, in float32.
+"""Per-token metrics from logits: KL(P_clean || P_patched), the CE-loss change and the clean CE, in float32.
 
 Every intervention of a batch is measured against the same clean run, so the clean side is kept once per
 batch (:class:`CleanReference`) and each patched run costs a fused pass over its logits, written in terms
@@ -67,6 +67,20 @@ class CleanReference:
         if positions is not None:
             z, p = z[:, positions], p[:, positions]
         return CleanReference(z, p, self.finite)
+
+    def ce(self, next_ids: Tensor) -> Tensor:
+        """The clean run's cross-entropy of the true next token, ``−log P(next)`` in nats, ``[batch pos]`` (the
+        reference's dtype): log-sum-exp of the clean logits minus the next token's, a chunk of rows at a time.
+        ``next_ids [batch pos]``: < 0 where unknown (NaN there, as ΔCE)."""
+        shape, vocab = self.z.shape[:-1], self.z.shape[-1]
+        z, nxt = self.z.reshape(-1, vocab), next_ids.reshape(-1)
+        out = torch.empty(z.shape[0], dtype=self.z.dtype, device=z.device)
+        rows = _chunk_rows(z)
+        for start in range(0, z.shape[0], rows):
+            sl = slice(start, start + rows)
+            picked = z[sl].gather(-1, nxt[sl].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out[sl] = torch.logsumexp(z[sl], dim=-1) - picked
+        return _masked(out, nxt).view(shape)
 
     def measure(self, patched_logits: Tensor, next_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(KL, ΔCE), each ``[batch pos]`` float32, against ``patched_logits [batch pos vocab]``.

@@ -181,7 +181,8 @@ def curve_request(request: Request, cos: str | None = None, norm_frac: str | Non
                   baselines: str | None = None) -> Request:
     """``klgap curve``: the request's interventions become sae, epsilon_random and a cosine_matched grid over
     `cos` x `norm_frac` (given, else the replication file's ``cos`` / ``norm_frac``, else 0.5:1.0:11 x 0.9), plus
-    the request's own when `keep_interventions`. With `along` (``error``): sae, the baselines and a length sweep
+    the request's own when `keep_interventions` or its replication file lists ``interventions`` (a committed
+    curve file adds ``zero`` so kl_div_score prints). With `along` (``error``): sae, the baselines and a length sweep
     along the error and each of `baselines` over the lengths `scale` instead (klgap/report/sweep.py)."""
     from klgap.report.robustness import curve_interventions, parse_cos_grid, parse_norm_fracs
     from klgap.report.sweep import sweep_specs
@@ -206,7 +207,8 @@ def curve_request(request: Request, cos: str | None = None, norm_frac: str | Non
         grid = curve_interventions(parse_cos_grid(str(given["cos"] if given["cos"] is not None else "0.5:1.0:11")),
                                    parse_norm_fracs(str(given["norm_frac"] if given["norm_frac"] is not None
                                                         else "0.9")))
-    chosen = list(config.interventions) if keep_interventions else []
+    listed = request.config_file is not None and "interventions" in load_config_file(request.config_file)
+    chosen = list(config.interventions) if keep_interventions or listed else []
     interventions = grid + [s for s in chosen if s not in grid]
     kind = "sweep" if given["along"] is not None else "curve"
     tag = kind if config.mode == "all_tokens" else f"{kind}-{config.mode}"

@@ -75,6 +75,15 @@ def _plain(table: pa.Table) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
+def _filled(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part with the columns of `schema` it lacks (a run resumed across klgap versions: parts written before
+    ``ce_clean``) as nulls, in the schema's order."""
+    missing = [field for field in schema if field.name not in table.schema.names]
+    for field in missing:
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names) if missing else table
+
+
 def _parts_schema(paths: list[Path]) -> pa.Schema:
     """One schema for every part (integers widened where parts differ), without pandas' metadata."""
     return pa.unify_schemas([pq.read_schema(path).remove_metadata() for path in paths], promote_options="permissive")
@@ -243,7 +252,7 @@ class RunDir:
         schema = _parts_schema(paths) if paths else pa.schema([])
         with _atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             for part in paths:
-                writer.write_table(_plain(pq.read_table(part)).cast(schema))
+                writer.write_table(_filled(_plain(pq.read_table(part)), schema).cast(schema))
 
 
 #: identity keys klgap added since folders were first written: a folder without one resumes (it cannot be checked)

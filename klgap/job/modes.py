@@ -1,5 +1,5 @@
 """The three measurement modes (METHOD.md §3) on one batch skeleton, for any cell: clean run -> SAE view ->
-substitutes -> patched runs -> per-token KL / ΔCE rows.
+substitutes -> patched runs -> per-token KL / ΔCE rows (and the clean CE, once per token).
 
 - all_tokens:   patch every measured position of each context; KL and ΔCE at every position.
 - single_token: patch only `position` t; measure positions t..t+k.
@@ -37,15 +37,22 @@ def table(columns: dict[str, Any]) -> pd.DataFrame:
 def intervention_rows(patch: Patch, clean: Clean, next_ids: Tensor, base: dict[str, Any],
                       keep: Tensor | None = None) -> list[pd.DataFrame]:
     """Per intervention (``patch.stack`` per patched call): its patched logits, KL and ΔCE against the clean run
-    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those."""
+    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those.
+
+    The clean CE of each token (``ce_clean``, :meth:`CleanReference.ce`) is stored once per token: on the first
+    intervention's rows; every other row holds NaN there (written as a run of nulls, a few bytes per part)."""
     frames = []
     indexed = list(enumerate(patch.interventions))  # j keys each substitute's generator
+    ce_clean = clean.ref.ce(next_ids)  # [b npos]
+    ce_clean = ce_clean.reshape(-1) if keep is None else ce_clean[keep]
     for start in range(0, len(indexed), patch.stack):
         group = indexed[start : start + patch.stack]
         for (_, intervention), logits in zip(group, patch.logits(group), strict=True):
             kl, ce = clean.ref.measure(logits, next_ids)
             kl, ce = (kl.reshape(-1), ce.reshape(-1)) if keep is None else (kl[keep], ce[keep])
-            frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce}))
+            carried = ce_clean if not frames else torch.full_like(ce_clean, float("nan"))
+            frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce,
+                                 "ce_clean": carried}))
             del logits
     return frames
 
@@ -160,8 +167,20 @@ def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> 
         "draw": torch.arange(n_draws).repeat(n_ctx),
         "kl": torch.cat(kl_all),
         "ce_delta": torch.cat(ce_all),
+        # the clean CE at t, once per context: on draw 0's rows when no listed intervention carries it
+        "ce_clean": draws_clean_ce(clean, batch.next_ids, owner, n_draws, carried=bool(frames)),
     }))
     return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
+
+
+def draws_clean_ce(clean: Clean, next_ids: Tensor, owner: Tensor, n_draws: int, carried: bool) -> Tensor:
+    """The many-samples draws' ``ce_clean`` column, ``[n_ctx * n_draws]``: NaN, but for the clean CE at t on each
+    context's draw 0 when `carried` is False (no listed intervention's rows hold it)."""
+    ce_t = clean.ref.ce(next_ids)[:, 0]  # [n_ctx]
+    column = torch.full((owner.numel(),), float("nan"), dtype=ce_t.dtype, device=ce_t.device)
+    if not carried:
+        column[::n_draws] = ce_t
+    return column
 
 
 def token_texts(frame: pd.DataFrame, tokenizer: Any) -> dict[str, str]:
@@ -169,5 +188,5 @@ def token_texts(frame: pd.DataFrame, tokenizer: Any) -> dict[str, str]:
     return {str(int(i)): tokenizer.decode([int(i)]) for i in np.unique(frame["token_id"].to_numpy())}
 
 
-__all__ = ["Batch", "Clean", "Frames", "all_tokens", "intervention_rows",
+__all__ = ["Batch", "Clean", "Frames", "all_tokens", "draws_clean_ce", "intervention_rows",
            "many_samples", "masked_rows", "single_token", "single_token_rows", "table", "token_texts"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from klgap.render.blocks import Block, Bullets, Heading, Para, Table
 from klgap.render.formatting import DASH, fmt, fmt_ci, fmt_ci_sig, fmt_fixed, fmt_p, fmt_p_holm, interval_holds
-from klgap.report.schema import Comparison, InterventionStats, RatioCI, Report
+from klgap.report.schema import Comparison, InterventionStats, MeanCI, RatioCI, Report
 from klgap.report.sweep import is_sweep_point
 from klgap.render.study_page import score_texts
 
@@ -68,6 +68,11 @@ def _comparisons(report: Report) -> list[Block]:
     ]
 
 
+def clean_ce_text(ce_clean: MeanCI) -> str:
+    """'3.214 [3.102, 3.330]': the clean CE with its interval."""
+    return fmt_ci(ce_clean.mean, ce_clean.ci_low, ce_clean.ci_high)
+
+
 def _sae_lens_scores(report: Report) -> list[Block]:
     scores = report.sae_lens_scores
     if scores is None:
@@ -82,6 +87,12 @@ def _sae_lens_scores(report: Report) -> list[Block]:
              "measured on the kept tokens. Intervals: bootstrap over contexts."),
         Table(["kl_div_score", "ce_loss_score"], [list(score_texts(scores))]),
     ]
+    if report.ce_clean is not None:
+        blocks += [Table(["CE clean [95% CI]", "CE with the SAE", "CE with zero ablation"],
+                         [[clean_ce_text(report.ce_clean), fmt(scores.ce_loss_with_sae), fmt(scores.ce_loss_with_ablation)]]),
+                   Para("CE: the mean next-token cross-entropy in nats per measured token; with the SAE and with zero "
+                        "ablation it is the clean CE plus that intervention's mean ΔCE, so ce_loss_score = "
+                        "(CE_zero − CE_sae) / (CE_zero − CE_clean).")]
     if scores.ce_loss_score_withheld:
         blocks.append(Para(f"ce_loss_score is withheld: {scores.ce_loss_score_withheld}; a score over a "
                            "denominator that may be 0 says nothing."))
@@ -97,6 +108,10 @@ def _interventions(report: Report) -> list[Block]:
         Table(["intervention", "tokens", "non-finite", "KL mean", "KL median", "KL p99.9", "ΔCE mean", "ΔCE median",
                "ΔCE p99.9"], rows),
     ]
+    if report.ce_clean is not None:
+        blocks.append(Para(f"Clean CE (no patch): {clean_ce_text(report.ce_clean)} nats per measured token, over "
+                           f"{report.ce_clean.n_contexts:,} contexts (interval: bootstrap over contexts); ΔCE is each "
+                           "intervention's change from it."))
     defined = {name: text for name, text in report.definitions.items() if name in report.interventions}
     if defined:
         blocks += [Para("What each intervention puts in place of x (its plugin's definition):"),

@@ -24,11 +24,13 @@ def score_texts(scores: SaeLensScores) -> tuple[str, str]:
 
 def quality_table(report: StudyReport) -> list[Block]:
     """A row per site/layer: its hook, tokens (contexts), the SAE's width and its quality on those tokens
-    (explained variance, L0, mean cos(x, x̂), and sae_lens's kl_div_score / ce_loss_score where zero ablation was
-    measured), then each SAE's quality notes (klgap/report/quality.py)."""
+    (explained variance, L0, mean cos(x, x̂), sae_lens's kl_div_score / ce_loss_score where zero ablation was
+    measured, and the clean CE where the run recorded it), then each SAE's quality notes (klgap/report/quality.py)."""
     scored = any(run.sae_lens_scores is not None for run in report.runs)
     header = ["site/layer", "hook", "tokens (contexts)", "d_sae", "explained variance", "L0", "cos(x, x̂)"]
     header += ["kl_div_score", "ce_loss_score"] if scored else []
+    with_clean = any(run.ce_clean is not None for run in report.runs)
+    header += ["clean CE, nats"] if with_clean else []
     rows = []
     for run in report.runs:
         metrics, scores = run.sae_metrics, run.sae_lens_scores
@@ -36,6 +38,8 @@ def quality_table(report: StudyReport) -> list[Block]:
                fmt_fixed(metrics.explained_variance), fmt(metrics.l0_mean), fmt_fixed(metrics.cos_mean)]
         if scored:
             row += list(score_texts(scores)) if scores else [DASH, DASH]
+        if with_clean:
+            row.append(fmt_fixed(run.ce_clean.mean) if run.ce_clean else DASH)
         rows.append(row)
     about = ("Each site/layer measured its own tokens with its own SAE; explained variance, L0 and cos(x, x̂) are the "
              "SAE's on those tokens.")

@@ -29,13 +29,14 @@ import pandas as pd
 from klgap.report import stats
 from klgap.report.holm import apply_holm
 from klgap.report.numbers import plain
-from klgap.report.parts import ContextSums, Growing, Parts, Rows, n_rows
+from klgap.report.parts import ContextSums, Growing, Parts, Rows, all_hold, n_rows, part_context_sums
 from klgap.report.robustness import build_curve, norm_frac_mean
-from klgap.report.schema import Comparison, Curve, GapAnalysis, InterventionStats, ManySamples, SAEMetrics
+from klgap.report.schema import Comparison, Curve, GapAnalysis, InterventionStats, ManySamples, MeanCI, SAEMetrics
 
 BASELINE = "epsilon_random"
 GAP_COLUMNS = ("cos", "l0", "x_norm", "eps", "position")  # what the per-token gap is correlated with
 SCAN = ["context", "position", "intervention", "draw", "kl", "ce_delta"]
+CLEAN_CE = "ce_clean"  # the clean run's CE of the next token, once per token (klgap/job/modes.py)
 
 
 
@@ -53,6 +54,7 @@ class RunStatistics:
     curve: Curve | None  # None in many_samples mode or without cosine_matched interventions
     kl_by_offset: dict[str, dict[str, float]] | None  # single_token: intervention -> offset -> mean KL
     many_samples: ManySamples | None
+    ce_clean: MeanCI | None = None  # the clean CE per token; None for parts written before klgap kept it
 
 
 def explained_variance(sides: Sequence[dict[str, Any]]) -> float:
@@ -118,6 +120,21 @@ def _part_gap(part: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     take, other = paired_rows(part, masks["sae"], masks[baseline])
     kl = part["kl"]
     return kl[masks["sae"]][take] - kl[masks[baseline]][other], take
+
+
+def part_clean_ce(part: dict[str, np.ndarray]) -> pd.DataFrame:
+    """This part's clean CE per context (``sum``, ``n``, as :func:`stats.per_context`): its finite ``ce_clean``
+    values, each token's once (the other rows hold NaN), summed in float64."""
+    values = part[CLEAN_CE].astype(np.float64)
+    finite = np.isfinite(values)
+    keys, total, count = part_context_sums(values[finite], part["context"][finite])
+    return pd.DataFrame({"sum": total, "n": count}, index=pd.Index(keys, name="context"))
+
+
+def clean_ce(per_part: Sequence[pd.DataFrame], seed: int) -> MeanCI:
+    """The run's mean clean CE over its measured tokens, with its bootstrap interval over contexts."""
+    per_context = pd.concat(per_part).sort_index(kind="stable") if per_part else pd.DataFrame({"sum": [], "n": []})
+    return MeanCI.model_validate(plain(stats.mean_ci(per_context, seed=seed)))
 
 
 def _part_zscores(part: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -208,8 +225,11 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     parts = Parts(part_paths)
     sums = ContextSums()
     contexts, gaps, takes, zscores, n_draws = Growing(), Growing(), [], [], 0
-    for index, (part, masks) in enumerate(parts.scan(SCAN)):
+    with_clean, clean_sums = all_hold(parts.paths, CLEAN_CE), []
+    for index, (part, masks) in enumerate(parts.scan([*SCAN, CLEAN_CE] if with_clean else SCAN)):
         sums.add(index, part, masks)
+        if with_clean:
+            clean_sums.append(part_clean_ce(part))
         contexts.extend(np.unique(part["context"][part["draw"] < 0]))
         if mode == "many_samples":
             zscores.extend(_part_zscores(part, masks))
@@ -258,6 +278,7 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
         curve=Curve(**curve) if curve is not None else None,
         kl_by_offset=kl_by_offset if mode == "single_token" else None,
         many_samples=ManySamples(**_many_samples(zscores, n_draws, sample_name)) if mode == "many_samples" else None,
+        ce_clean=clean_ce(clean_sums, seed) if with_clean else None,
     )
 
 

@@ -16,7 +16,8 @@ from klgap.report.numbers import plain
 from klgap.report.quality import quality_of
 from klgap.report.read import load_report
 from klgap.report.schema import (
-    BASELINE, SCHEMA_VERSION, Comparison, InterventionStats, QualityNote, RatioCI, Report, SaeLensScores, SAEMetrics,
+    BASELINE, SCHEMA_VERSION, Comparison, InterventionStats, MeanCI, QualityNote, RatioCI, Report, SaeLensScores,
+    SAEMetrics,
     Sweep,
 )
 from klgap.report.sections import RunFiles, build_run_sections, report_model
@@ -61,7 +62,9 @@ def build_report(record: RunRecord, rundir: RunDir) -> Report:
         bins = size_bins(paths, list(baselines or [BASELINE]), record.seed)
         if bins is not None:
             report["size_bins"] = bins
-    scores = sae_lens_scores(found.interventions, found.comparisons)
+    if found.ce_clean is not None:
+        report["ce_clean"] = found.ce_clean
+    scores = sae_lens_scores(found.interventions, found.comparisons, found.ce_clean)
     if scores is not None:
         report["sae_lens_scores"] = scores
     report["quality_notes"] = quality_notes(record, rundir, found.sae_metrics, scores)
@@ -103,12 +106,13 @@ def _sweep(record: RunRecord, paths: list[Any], interventions: dict[str, Interve
     return build_sweep(record.names, lambda name: per_context(name, "kl"), interventions, record.seed)
 
 
-def sae_lens_scores(interventions: dict[str, InterventionStats],
-                    comparisons: dict[str, Comparison]) -> SaeLensScores | None:
+def sae_lens_scores(interventions: dict[str, InterventionStats], comparisons: dict[str, Comparison],
+                    ce_clean: MeanCI | None = None) -> SaeLensScores | None:
     """sae_lens's kl_div_score and ce_loss_score from the mean KL and ΔCE of `sae` and `zero` (ratios of means
     over the measured tokens, as sae_lens.evals computes them), each with the interval of the run's sae/zero
     comparison (1 − its ratio's bootstrap interval over contexts); ce_loss_score withheld when the interval of
-    zero's mean ΔCE (CE_zero − CE_clean) contains 0. None unless both were measured."""
+    zero's mean ΔCE (CE_zero − CE_clean) contains 0; with the run's clean CE (`ce_clean`), the absolute CE_sae and
+    CE_zero (clean CE + mean ΔCE). None unless both were measured."""
     sae, zero = interventions.get("sae"), interventions.get("zero")
     if sae is None or zero is None:
         return None
@@ -131,11 +135,23 @@ def sae_lens_scores(interventions: dict[str, InterventionStats],
         withheld = (f"CE_zero − CE_clean = {denominator.mean:.4g}, 95% interval [{denominator.ci_low:.4g}, "
                     f"{denominator.ci_high:.4g}] over {denominator.n_contexts} contexts, contains 0")
         ce = None
+    absolute: dict[str, float | None] = {}
+    if ce_clean is not None:
+        absolute = {"ce_loss_with_sae": absolute_ce(ce_clean, sae), "ce_loss_with_ablation": absolute_ce(ce_clean, zero)}
     return SaeLensScores(
-        kl_div_score=kl, ce_loss_score=ce, ce_loss_score_withheld=withheld,
+        **absolute, kl_div_score=kl, ce_loss_score=ce, ce_loss_score_withheld=withheld,
         kl_div_score_ci=interval(compared.kl_ratio) if compared is not None else None,
         ce_loss_score_ci=interval(compared.ce_delta_ratio) if compared is not None and ce is not None else None,
         n_contexts=compared.kl_ratio.n_contexts if compared is not None else None)
+
+
+def absolute_ce(ce_clean: MeanCI, patched: InterventionStats) -> float | None:
+    """An intervention's mean next-token CE, nats per measured token: the clean CE plus its mean ΔCE (both over
+    the run's measured tokens); None where either is unknown."""
+    if ce_clean.mean is None or patched.ce_delta_mean is None:
+        return None
+    total = ce_clean.mean + patched.ce_delta_mean
+    return total if math.isfinite(total) else None
 
 
 def _plain(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from klgap.report.summary import SummaryRow, summary_row
 
 COLUMNS = ["label", "model", "site", "layer", "mode", "n_tokens", "kl_sae", f"kl_{BASELINE}", "ratio",
            "ratio_ci_low", "ratio_ci_high", "p_holm", "sae_cos", "sae_equivalent_cos", "path", "p_value", "holm_family",
-           "explained_variance", "l0_mean", "kl_div_score", "quality_notes"]
+           "explained_variance", "l0_mean", "kl_div_score", "ce_loss_score", "ce_clean", "quality_notes"]
 HEADER = ["run", "KL sae", "KL eps", "ratio [95% CI]", "Wilcoxon p", "explained variance", "L0", "SAE cos",
           "noise cos at SAE KL"]
 
@@ -48,7 +48,8 @@ class Entry:
                   row.ratio, row.ratio_ci_low, row.ratio_ci_high, row.p_holm, row.sae_cos, row.sae_equivalent_cos,
                   self.path, row.p_value, row.holm_family,
                   quality.explained_variance if quality else None, quality.l0_mean if quality else None,
-                  quality.kl_div_score if quality else None, list(self.notes)]
+                  quality.kl_div_score if quality else None, quality.ce_loss_score if quality else None,
+                  quality.ce_clean if quality else None, list(self.notes)]
         return {**dict(zip(COLUMNS, values, strict=True)), "curve": as_json(self.curve) if self.curve is not None else None}
 
     def cells(self) -> list[str]:

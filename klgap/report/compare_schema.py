@@ -39,6 +39,8 @@ class CompareRun(StrictModel):
     explained_variance: Num = None  # the SAE's, on the run's tokens (schema 0.6.0; klgap/report/quality.py)
     l0_mean: Num = None
     kl_div_score: Num = None  # where the run measured zero ablation
+    ce_loss_score: Num = None  # where the run measured zero ablation (None too where withheld)
+    ce_clean: Num = None  # the run's mean clean CE, nats per token (None where its parts predate it)
     quality_notes: list[str] = Field(default_factory=list)
     curve: Curve | None
 

@@ -32,6 +32,12 @@ def read_columns(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def all_hold(paths: Sequence[Path], column: str) -> bool:
+    """Whether every part has `column` (from the parquet footers alone; parts written before klgap kept a column
+    lack it). False for no parts."""
+    return bool(paths) and all(column in pq.read_schema(path).names for path in paths)
+
+
 def as_rows(mask: np.ndarray) -> Rows:
     """The rows of `mask`: a slice when they are contiguous (each intervention's are, in the engine's parts)."""
     idx = np.flatnonzero(mask)
@@ -179,5 +185,5 @@ class ContextSums:
         return frame.sort_index(kind="stable")
 
 
-__all__ = ["ContextSums", "Growing", "Parts", "Rows", "as_rows", "n_rows", "part_context_sums", "read_columns",
+__all__ = ["ContextSums", "Growing", "Parts", "Rows", "all_hold", "as_rows", "n_rows", "part_context_sums", "read_columns",
            "takes_reduceat"]

@@ -1,5 +1,5 @@
-"""The SAE's quality beside every verdict: its explained variance, L0 and (where zero ablation was measured)
-kl_div_score in the sentence a page opens with, and a note when the verdict is about something other than a working
+"""The SAE's quality beside every verdict: its explained variance, L0, (where zero ablation was measured)
+kl_div_score and ce_loss_score, and the run's clean CE in the sentence a page opens with, and a note when the verdict is about something other than a working
 SAE's errors.
 
 A note is written (report.json's ``quality_notes``, the opening block, stderr at the end of a run) when, on the
@@ -44,12 +44,20 @@ class SaeQuality:
     x_norm_mean: float | None = None
     kl_div_score: float | None = None
     training_tokens: int | None = None
+    ce_loss_score: float | None = None
+    ce_loss_score_withheld: bool = False  # its interval's denominator CE_zero − CE_clean may be 0
+    ce_clean: float | None = None  # the clean run's mean next-token CE, nats per token
 
     def clause(self) -> str:
-        """'explained variance 0.832, L0 12.3, kl_div_score 0.951' (kl_div_score only where measured)."""
+        """'explained variance 0.832, L0 12.3, kl_div_score 0.951, ce_loss_score 0.940, clean CE 3.214 nats/token'
+        (the scores only where zero ablation was measured, the clean CE where the run recorded it)."""
         parts = [f"explained variance {fmt_fixed(self.explained_variance)}", f"L0 {fmt(self.l0_mean, 3)}"]
         if self.kl_div_score is not None:
             parts.append(f"kl_div_score {fmt_fixed(self.kl_div_score)}")
+            parts.append("ce_loss_score withheld" if self.ce_loss_score_withheld
+                         else f"ce_loss_score {fmt_fixed(self.ce_loss_score)}")
+        if self.ce_clean is not None:
+            parts.append(f"clean CE {fmt_fixed(self.ce_clean)} nats/token")
         return ", ".join(parts)
 
     @property
@@ -97,12 +105,17 @@ def training_tokens(sae: SAEInfo) -> int | None:
     return int(tokens) if isinstance(tokens, (int, float)) and not isinstance(tokens, bool) else None
 
 
-def quality_of(metrics: SAEMetrics, sae: SAEInfo, scores: SaeLensScores | None) -> SaeQuality:
-    """The quality of an SAE from a run's numbers (before or after they are in a report)."""
+def quality_of(metrics: SAEMetrics, sae: SAEInfo, scores: SaeLensScores | None,
+               ce_clean: float | None = None) -> SaeQuality:
+    """The quality of an SAE from a run's numbers (before or after they are in a report); `ce_clean`: the run's
+    mean clean CE, shown beside the scores."""
     return SaeQuality(explained_variance=metrics.explained_variance, l0_mean=metrics.l0_mean, d_in=sae.d_in,
                       x_hat_norm_mean=metrics.x_hat_norm_mean, x_norm_mean=metrics.x_norm_mean,
                       kl_div_score=scores.kl_div_score if scores is not None else None,
-                      training_tokens=training_tokens(sae))
+                      training_tokens=training_tokens(sae),
+                      ce_loss_score=scores.ce_loss_score if scores is not None else None,
+                      ce_loss_score_withheld=scores is not None and scores.ce_loss_score_withheld is not None,
+                      ce_clean=ce_clean)
 
 
 def sae_quality(run: SiteSummary) -> SaeQuality | None:
@@ -110,7 +123,7 @@ def sae_quality(run: SiteSummary) -> SaeQuality | None:
     sites' (each in its own report; the joint report's notes name them)."""
     if isinstance(run, Report) and run.joint is not None:
         return None
-    return quality_of(run.sae_metrics, run.sae, run.sae_lens_scores)
+    return quality_of(run.sae_metrics, run.sae, run.sae_lens_scores, run.ce_clean.mean if run.ce_clean else None)
 
 
 def reconstruction_phrase(quality: SaeQuality | None) -> str:

@@ -3,8 +3,9 @@
 The schema is SAEBench's ``CoreEvalOutput`` (sae_bench/evals/core/eval_output.py, release 0.6.0, commit
 8042bb3828c6340da8d12062324e92b2077c571c; its JSON Schema is committed beside this module as
 ``saebench_core.schema.json``). Every metric category SAEBench defines is required there and every metric is a
-number, so a value klgap did not measure (absolute CE losses: klgap records ΔCE, not clean CE; SAEBench's mse, L1,
-legacy EV, per-token L2 ratio, reconstruction bias and feature-density metrics) is written as -1, the stand-in
+number, so a value klgap did not measure (SAEBench's mse, L1, per-token L2 ratio, reconstruction bias and
+feature-density metrics; the absolute CE losses of a run whose parts predate klgap's clean CE, or that did not
+measure `zero` for ce_loss_with_ablation / ce_loss_with_sae) is written as -1, the stand-in
 SAEBench itself writes for a value it could not compute (core/main.py ``replace_nans_with_negative_one``), and is
 listed by name in ``eval_result_unstructured.klgap.not_measured``. klgap's KL gap (KL(sae)/KL(epsilon_random) with its
 95% context-bootstrap interval and Wilcoxon p, and the per-baseline panel) goes in ``eval_result_unstructured.klgap``
@@ -100,12 +101,12 @@ def core_metrics(run: SiteSummary, missing: list[str]) -> dict[str, dict[str, fl
              "kl_div_with_ablation": v(mb, "kl_div_with_ablation", zero.kl_mean if zero else None),
              "kl_div_with_sae": v(mb, "kl_div_with_sae", sae.kl_mean if sae else None)},
         mp: {"ce_loss_score": v(mp, "ce_loss_score", scores.ce_loss_score if scores else None),
-             # klgap records ΔCE (CE_patched − CE_clean) per token, not the clean CE itself
-             "ce_loss_with_ablation": v(mp, "ce_loss_with_ablation", None),
-             "ce_loss_with_sae": v(mp, "ce_loss_with_sae", None),
-             "ce_loss_without_sae": v(mp, "ce_loss_without_sae", None)},
+             # absolute CE, nats per measured token: the clean CE and clean CE + mean ΔCE (klgap/report/build.py)
+             "ce_loss_with_ablation": v(mp, "ce_loss_with_ablation", scores.ce_loss_with_ablation if scores else None),
+             "ce_loss_with_sae": v(mp, "ce_loss_with_sae", scores.ce_loss_with_sae if scores else None),
+             "ce_loss_without_sae": v(mp, "ce_loss_without_sae", run.ce_clean.mean if run.ce_clean else None)},
         rq: {"explained_variance": v(rq, "explained_variance", geo.explained_variance),
-             "explained_variance_legacy": v(rq, "explained_variance_legacy", None),
+             "explained_variance_legacy": v(rq, "explained_variance_legacy", geo.explained_variance_legacy),
              "mse": v(rq, "mse", None),
              "cossim": v(rq, "cossim", geo.cos_mean)},
         sh: {"l2_norm_in": v(sh, "l2_norm_in", geo.x_norm_mean),
@@ -137,7 +138,8 @@ def klgap_block(run: SiteSummary, facts: Report, source: Path, missing: list[str
              f"SAEBench; schema of sae_bench {SAEBENCH_VERSION}.",
              f"-1 marks a metric klgap did not measure (SAEBench's own stand-in for NaN): {', '.join(missing)}.",
              "kl_div_score / ce_loss_score are sae_lens's (zero ablation at every position), over klgap's measured "
-             "tokens; KL is KL(P_clean || P_patched) in nats per token.",
+             "tokens; KL is KL(P_clean || P_patched) in nats per token; CE losses are mean next-token cross-entropies "
+             "in nats per measured token (ce_loss_without_sae the clean run's, the others clean CE + mean ΔCE).",
              "explained_variance is klgap's pooled 1 - sum||x - x_hat||^2 / sum||x - mean x||^2 over the measured "
              "tokens; cossim is the mean per-token cos(x, x_hat); l0 the mean number of active features."]
     if scores is not None and scores.ce_loss_score_withheld:
@@ -151,6 +153,7 @@ def klgap_block(run: SiteSummary, facts: Report, source: Path, missing: list[str
         "kl_div_score_ci": list(scores.kl_div_score_ci) if scores and scores.kl_div_score_ci else None,
         "ce_loss_score_ci": list(scores.ce_loss_score_ci) if scores and scores.ce_loss_score_ci else None,
         "ce_delta_mean": {name: stats.ce_delta_mean for name, stats in run.interventions.items()},
+        "ce_clean_ci": [run.ce_clean.ci_low, run.ce_clean.ci_high] if run.ce_clean else None,
         "kl_mean": {name: stats.kl_mean for name, stats in run.interventions.items()},
         "n_contexts": run.n_contexts, "mode": facts.mode, "site": run.site, "layer": run.layer,
         "hook_name": run.hook_name, "sae_source": run.sae.source, "masked_tokens": facts.masked_tokens,

@@ -58,6 +58,9 @@ class SiteSummary(StrictModel):
     # notes on the SAE's quality beside the verdict (klgap/report/quality.py; schema 0.6.0: empty before)
     quality_notes: list[QualityNote] = Field(default_factory=list)
     held_out: HeldOut | None = None  # measured vs training tokens (schema 0.6.0; None: written before)
+    # the clean run's cross-entropy of the next token, nats per measured token, with its bootstrap interval over
+    # contexts (the parts' ce_clean column, klgap/job/modes.py); None in runs whose parts predate it
+    ce_clean: MeanCI | None = None
 
 
 class JointSite(StrictModel):

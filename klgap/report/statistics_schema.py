@@ -97,6 +97,13 @@ class SaeLensScores(StrictModel):
     ce_loss_score_ci: tuple[Num, Num] | None = None
     ce_loss_score_withheld: str | None = None
     n_contexts: int | None = None
+    ce_loss_with_sae: Num = Field(default=None, description=(
+        "CE_sae: the mean next-token cross-entropy with the SAE's reconstruction patched in, nats per measured token "
+        "(the run's mean clean CE plus the SAE's mean ΔCE; sae_lens's ce_loss_with_sae); None in runs whose parts "
+        "predate the clean CE"))
+    ce_loss_with_ablation: Num = Field(default=None, description=(
+        "CE_zero: the same with zero ablation (the clean CE plus zero's mean ΔCE; sae_lens's "
+        "ce_loss_with_ablation); ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)"))
 
 
 class SAEInfo(StrictModel):

@@ -8,7 +8,7 @@ every run inside it (a study's sites, a joint run's single-site and subset runs)
 
 A file that matches its schema can still say something klgap never writes. One set of value rules covers every
 kind (:data:`RANGES` for single numbers, :func:`node_problem` for numbers that must agree): a NaN literal (klgap
-writes null), a negative KL, count or norm, a p-value outside [0, 1], a Holm-corrected p below its raw p, a cosine
+writes null), a negative KL, cross-entropy, count or norm, a p-value outside [0, 1], a Holm-corrected p below its raw p, a cosine
 outside [-1, 1], an interval that does not contain its estimate, counts that disagree, a headline ratio that is
 not mean KL(sae) / mean KL(epsilon_random), a joint run that asked for subsets without its subsets table, a
 comparison of no runs, checkpoints out of training order, a target's verdict that its numbers do not give.
@@ -80,6 +80,8 @@ RANGES = (
           0.0, None, inside=frozenset({"lin_norm_frac"})),
     Range("a percentile of {value} lies outside [0, 100]", frozenset({"percentile", "percentile_mean"}), 0.0, 100.0),
     Range("an explained variance of {value} is above 1", frozenset({"explained_variance"}), None, 1.0 + 1e-6),
+    Range("a cross-entropy of {value} is negative (−log P ≥ 0)", frozenset({"ce_loss_with_sae", "ce_loss_with_ablation"}),
+          -KL_TOLERANCE, None, inside=frozenset({"ce_clean"})),
 )
 #: (estimate, low, high) of the intervals klgap writes
 INTERVALS = (("ratio", "ci_low", "ci_high"), ("kl_mean", "kl_ci_low", "kl_ci_high"),

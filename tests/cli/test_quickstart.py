@@ -70,5 +70,8 @@ def test_the_readme_quickstart_runs_from_a_fresh_home(tmp_path):
     sentence = opening_sentence(found, found.model, found.mode)
     assert sentence in proc.stdout and sentence.startswith(f"At blocks.{declared['layer']}.hook_mlp_out of smollm2-135m")
     # (2 contexts here: the verdict may be "indistinguishable", as no Wilcoxon over 2 contexts reaches p ≤ 0.05)
-    assert re.search(r"the SAE's reconstruction \(explained variance [-\d.]+, L0 [\d.]+\) .*[\d.]+× \[[\d.]+, [\d.]+\]",
+    # the config measures zero: kl_div_score, ce_loss_score and the clean CE follow L0
+    assert re.search(r"the SAE's reconstruction \(explained variance [-\d.]+, L0 [\d.]+, kl_div_score [-\d.]+, "
+                     r"ce_loss_score (withheld|[-\d.]+), clean CE [\d.]+ nats/token\) .*[\d.]+× \[[\d.]+, [\d.]+\]",
                      sentence), sentence
+    assert report["sae_lens_scores"]["ce_loss_with_ablation"] > report["ce_clean"]["mean"] > 0

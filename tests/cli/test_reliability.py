@@ -406,7 +406,7 @@ def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
     code, printed, err = _run(_replicate(out, tmp_path / "run"), capsys)
     assert code == 0, err
-    assert re.search(r"the SAE's reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+)?\) moves the next-token "
+    assert re.search(r"the SAE's reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+, ce_loss_score (withheld|-?[\d.]+))?(, clean CE [\d.]+ nats/token)?\) moves the next-token "
                      "distribution", printed)
 
 

@@ -48,13 +48,16 @@ def _part(rng, contexts, positions, names, *, offset0=None, n_draws=0, sample=No
     frames = []
     for j, name in enumerate(names):
         kl = rng.lognormal(-4 + 0.2 * j, 1.0, n) * (1 + 0.05 * base["l0"])
+        # once per token; from the row's other values, so the rng's stream (and every other number) is unchanged
+        clean = _f32(3.0 + base["eps"] - 0.01 * base["l0"]) if j == 0 else np.full(n, np.nan, np.float32)
         frames.append(pd.DataFrame({**base, "intervention": name, "draw": -1, "kl": _f32(kl),
-                                    "ce_delta": _f32(rng.normal(0.01, 0.05, n))}))
+                                    "ce_delta": _f32(rng.normal(0.01, 0.05, n)), "ce_clean": clean}))
     if n_draws:
         owner = np.repeat(np.arange(n), n_draws)
         frames.append(pd.DataFrame({**{k: v[owner] for k, v in base.items()}, "intervention": sample,
                                     "draw": np.tile(np.arange(n_draws), n), "kl": _f32(rng.lognormal(-4, 1.0, n * n_draws)),
-                                    "ce_delta": _f32(rng.normal(0.01, 0.05, n * n_draws))}))
+                                    "ce_delta": _f32(rng.normal(0.01, 0.05, n * n_draws)),
+                                    "ce_clean": np.full(n * n_draws, np.nan, np.float32)}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -98,8 +101,16 @@ def _today(rundir, names, mode, sample=None):
                          for name, rows in measured.groupby("intervention", sort=False, observed=True)}
         if mode == "single_token" else None,
         "many_samples": report.many_samples_summary(frame, sample) if mode == "many_samples" else None,
+        "ce_clean": _clean_ce_whole(frame),
     }
     return json.loads(json.dumps(report.plain(out)))
+
+
+def _clean_ce_whole(frame):
+    """The mean clean CE with its context bootstrap from the whole frame: every finite ce_clean (one per token)."""
+    rows = frame[np.isfinite(frame["ce_clean"])]
+    grouped = rows["ce_clean"].astype(np.float64).groupby(rows["context"])
+    return stats.mean_ci(pd.DataFrame({"sum": grouped.sum(), "n": grouped.count()}), seed=SEED)
 
 
 def _streamed(rundir, names, mode, sample=None):
@@ -155,6 +166,7 @@ def test_awkward_parts_equal_the_whole_frame(tmp_path, monkeypatch):
     kl, ce = parts[1].columns.get_loc("kl"), parts[1].columns.get_loc("ce_delta")
     parts[1].iloc[[3, 100], kl] = [np.nan, np.inf]  # a row of sae, one of epsilon_random
     parts[2].iloc[5, ce] = np.nan
+    parts[2].iloc[5, parts[2].columns.get_loc("ce_clean")] = np.nan  # the same sae row: no next token
     parts[2].iloc[7, parts[2].columns.get_loc("cos")] = np.nan
     parts[3].iloc[2, parts[3].columns.get_loc("x_norm")] = 0.0
     parts[0] = pd.concat([parts[0].iloc[0:40:2], parts[0].iloc[1:40:2], parts[0].iloc[40:]], ignore_index=True)

@@ -207,6 +207,10 @@ def assert_ce_loss_score(report, run_dir, theirs) -> None:
     assert (mean["zero"] - mean["sae"]) / mean["zero"] == pytest.approx(theirs["ce_loss_score"], rel=1e-5)
     denominator = theirs["ce_loss_with_ablation"] - theirs["ce_loss_without_sae"]
     assert zero.mean == pytest.approx(denominator, rel=1e-5)
+    # the absolute CE losses are sae_lens's too: the clean CE (parts' ce_clean) and clean CE + mean ΔCE
+    assert report.ce_clean.mean == pytest.approx(theirs["ce_loss_without_sae"], rel=1e-6)
+    assert scores.ce_loss_with_sae == pytest.approx(theirs["ce_loss_with_sae"], rel=1e-6)
+    assert scores.ce_loss_with_ablation == pytest.approx(theirs["ce_loss_with_ablation"], rel=1e-6)
     if zero.ci_low <= 0 <= zero.ci_high:
         assert scores.ce_loss_score is None and scores.ce_loss_score_ci is None
         assert "contains 0" in scores.ce_loss_score_withheld

@@ -156,7 +156,7 @@ def test_a_13_intervention_run_reads_in_a_browser(measured, tmp_path):
     assert len(result.report.interventions) == 13
     seen = _check(run / "report.html", tmp_path, 4)  # kl_bars, kl_hist, kl_by_position, robustness
     assert seen["lead"]["tag"] == "UL" and "cosine-matched noise at norm 1·‖x‖" in seen["lead"]["text"]
-    assert re.search(r"the SAE's reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+)?\) moves the next-token "
+    assert re.search(r"the SAE's reconstruction \(explained variance -?[\d.]+, L0 [\d.]+(, kl_div_score -?[\d.]+, ce_loss_score (withheld|-?[\d.]+))?(, clean CE [\d.]+ nats/token)?\) moves the next-token "
                      "distribution", seen["lead"]["text"])
     figures = {kind: result.plot(kind) for kind in ("kl_bars", "kl_hist", "kl_by_position", "robustness")}
     for fig in figures.values():

@@ -50,9 +50,17 @@ def test_export_writes_saebench_core_file_with_the_reports_numbers(run_dir, tmp_
     assert m["kl_gap"]["kl_ratio_sae_over_epsilon_random"] == pytest.approx(ratio.ratio)
     assert (m["kl_gap"]["kl_ratio_ci_low"], m["kl_gap"]["kl_ratio_ci_high"]) == pytest.approx((ratio.ci_low, ratio.ci_high))
     klgap_part = doc["eval_result_unstructured"]["klgap"]
+    # absolute CE, nats per measured token: the clean CE and clean CE + mean ΔCE, as the report holds them
+    mp, scores = m["model_performance_preservation"], report.sae_lens_scores
+    assert mp["ce_loss_without_sae"] == pytest.approx(report.ce_clean.mean) and mp["ce_loss_without_sae"] > 0
+    assert mp["ce_loss_with_sae"] == pytest.approx(report.ce_clean.mean + report.interventions["sae"].ce_delta_mean)
+    assert mp["ce_loss_with_ablation"] == pytest.approx(scores.ce_loss_with_ablation)
+    assert mp["ce_loss_with_ablation"] - mp["ce_loss_without_sae"] == pytest.approx(
+        report.interventions["zero"].ce_delta_mean)
+    assert m["reconstruction_quality"]["explained_variance_legacy"] == pytest.approx(
+        report.sae_metrics.explained_variance_legacy)
     # what klgap cannot know is SAEBench's -1, and named
-    assert m["model_performance_preservation"]["ce_loss_without_sae"] == -1
-    assert "model_performance_preservation.ce_loss_without_sae" in klgap_part["not_measured"]
+    assert m["sparsity"]["l1"] == -1 and not [n for n in klgap_part["not_measured"] if ".ce_loss_with" in n]
     assert "sparsity.l1" in klgap_part["not_measured"] and "sparsity.l0" not in klgap_part["not_measured"]
     assert "epsilon_random" in [row["baseline"] for row in klgap_part["panel"]]
     assert [note.text for note in report.quality_notes] == klgap_part["notes"][-len(report.quality_notes):]

@@ -66,7 +66,7 @@ def test_a_zero_output_sae_opens_with_a_quality_note(tmp_path, capsys, caplog):
     score = data["sae_lens_scores"]["kl_div_score"]
     assert score == pytest.approx((kl_zero - kl_sae) / kl_zero) and abs(score) < 0.5
     opening = _opening(out)  # report.md's opening block: the verdict, its SAE's numbers, then the notes
-    assert f"the SAE's reconstruction (explained variance {ev:.3f}, L0 0, kl_div_score {score:.3f}) moves" in opening
+    assert f"the SAE's reconstruction (explained variance {ev:.3f}, L0 0, {_scored(data)}) moves" in opening
     assert opening.index("moves the next-token distribution") < opening.index("Quality note: L0 is 0")
     assert "this compares a near-zero ablation with noise" in opening
     assert "Quality note: L0 is 0" in (out / "report.html").read_text()
@@ -76,6 +76,15 @@ def test_a_zero_output_sae_opens_with_a_quality_note(tmp_path, capsys, caplog):
     result = klgap.load_run(out)
     assert "Quality note: L0 is 0" in result.verdict() and "Quality note: L0 is 0" in repr(result)
     assert [n.kind for n in result.report.quality_notes] == ["no_active_features", "explained_variance_not_positive"]
+
+
+def _scored(data: dict) -> str:
+    """What the opening sentence says after L0 when zero ablation was measured: 'kl_div_score 0.951, ce_loss_score
+    0.940, clean CE 3.214 nats/token' (the clean CE is the mean of the parts' ce_clean, tests/core/test_clean_ce.py)."""
+    scores = data["sae_lens_scores"]
+    ce = ("ce_loss_score withheld" if scores.get("ce_loss_score_withheld")
+          else f"ce_loss_score {scores['ce_loss_score']:.3f}")
+    return f"kl_div_score {scores['kl_div_score']:.3f}, {ce}, clean CE {data['ce_clean']['mean']:.3f} nats/token"
 
 
 def test_a_working_sae_names_its_explained_variance_and_l0(tmp_path, load_model):
@@ -92,7 +101,9 @@ def test_a_working_sae_names_its_explained_variance_and_l0(tmp_path, load_model)
     kl = tokens.groupby("intervention").kl.mean()
     score = (kl["zero"] - kl["sae"]) / kl["zero"]
     assert 0 < score < 1
-    words = f"the SAE's reconstruction (explained variance {ev:.3f}, L0 {l0:.3g}, kl_div_score {score:.3f}) moves"
+    assert report.sae_lens_scores.kl_div_score == pytest.approx(score, rel=1e-6)
+    words = (f"the SAE's reconstruction (explained variance {ev:.3f}, L0 {l0:.3g}, "
+             f"{_scored(json.loads((out / 'report.json').read_text()))}) moves")
     assert words in result.verdict() and words in _opening(out)
     assert "Quality note" not in result.verdict()
 
