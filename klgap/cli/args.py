@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
                        help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
+    train.add_argument("--seeds", type=_int_arg("--seeds"), default=1, metavar="N",
+                       help="train N SAEs of the same recipe on the same tokens, seeds --seed, --seed + 1, ... "
+                            "(initialisation and token order), saved as OUT/seed-0 ... OUT/seed-{N-1}; measure them "
+                            "together with --sae 'OUT/seed-*' (the headline's interval then resamples SAEs and "
+                            "contexts; default 1: one SAE at OUT)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")
     train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")

@@ -19,6 +19,7 @@ from klgap.plugins.manager import ModelRef
 from klgap.sae.fit import B_DEC_INITS, check_architecture, fit_sae
 from klgap.sae.gather import gather_many
 from klgap.sae.saving import check_sae_out
+from klgap.sae.seeds import seed_folders
 from klgap.sae.tokens import TrainingTokens
 
 #: tokens per training step (sae_lens's train_batch_size_samples): what --steps counts in
@@ -87,6 +88,7 @@ def train_saes(
     overrides: dict[tuple[str, int], dict[str, Any]] | None = None,
     checkpoints: int | None = None,
     checkpoint_every: int | None = None,
+    seeds: int = 1,
 ) -> list[dict[str, Any]]:
     """``klgap train-sae`` as a function (argument names are the flags'): train an SAE at every (site, layer)
     in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
@@ -98,7 +100,11 @@ def train_saes(
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
     checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py).
     dataset: a source with splits is read at its train split when none is named (``sample`` -> ``sample:train``;
-    klgap.protocols.SplitTokenSource); training.json records the tokens read (klgap.sae.tokens.TrainingTokens)."""
+    klgap.protocols.SplitTokenSource); training.json records the tokens read (klgap.sae.tokens.TrainingTokens).
+    seeds: N > 1 trains N SAEs of each (site, layer) with the same recipe and tokens and seeds `seed`, `seed` + 1,
+    ...  (initialisation and the order training reads the tokens), saved side by side as ``out/seed-0``,
+    ``out/seed-1``, ... (:func:`seed_folder`); measure them together with ``--sae 'OUT/seed-*'``
+    (klgap/report/between_saes.py). 1 (default): one SAE at `out` itself."""
     from klgap.job.loading import check_fits, load_model
     from klgap.plan.config import RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
@@ -116,9 +122,17 @@ def train_saes(
             f"--out {str(out)!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
             "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
         )
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise KlgapError(f"--seeds must be an integer ≥ 1 (SAEs trained per site/layer, seeds --seed, --seed + 1, "
+                         f"...), got {seeds!r}")
     folders = {(s, v): Path(template.replace("{site}", s).replace("{layer}", str(v))) for s, v in pairs}
-    for folder in folders.values():  # a file, a user's folder or a run there is refused before anything loads
-        check_sae_out(folder)
+    for base in folders.values() if seeds > 1 else []:
+        if base.exists() and not base.is_dir():
+            raise KlgapError(f"--out {str(base)!r} is a file: --seeds {seeds} saves its SAEs in a folder, "
+                             f"{base.name}/seed-0 to seed-{seeds - 1}")
+    for base in folders.values():  # a file, a user's folder or a run there is refused before anything loads
+        for folder in seed_folders(base, seeds):
+            check_sae_out(folder)
     # the model, token source, device, dtype and numbers resolved as a run's are (klgap.plan.resolve), before
     # anything loads
     plan = resolve(RunConfig(model=model.name if isinstance(model, ModelRef) else str(model), site=pairs[0][0],
@@ -164,11 +178,12 @@ def train_saes(
     gathered = gather_many(loaded, pairs, contexts, batch_size, progress=progress)
     results = []
     for s, v in pairs:
-        folder = folders[(s, v)]
-        results.append(fit_sae(loaded, s, v, gathered.pop((s, v)), folder, started=started,
-                               **{**recipe, **recipes.get((s, v), {})}))
-        results[-1]["out"] = str(folder)
-        started = time.time()
+        acts = gathered.pop((s, v))
+        for i, folder in enumerate(seed_folders(folders[(s, v)], seeds)):  # the same tokens, another seed each
+            results.append(fit_sae(loaded, s, v, acts, folder, started=started,
+                                   **{**recipe, **recipes.get((s, v), {}), "seed": seed + i}))
+            results[-1]["out"] = str(folder)
+            started = time.time()
     return results
 
 
