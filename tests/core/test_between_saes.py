@@ -72,6 +72,14 @@ def test_a_study_over_seeds_equals_a_run_on_each_seed_and_pools_them(tmp_path, s
     frame = load_result(out).between_saes()
     assert list(frame["seed"]) == [0, 1, 2] and list(frame["ratio"]) == ratios
     assert (frame["recipe_ratio"] == group.kl_ratio.ratio).all() and frame.attrs["findings"] == [group.finding]
+    from klgap.report.compare import compare_runs
+
+    compared = compare_runs([str(out)], tmp_path / "cmp")  # each seed a row, told apart by its folder; the group too
+    assert [e.label for e in compared["entries"]] == [f"tiny-gpt2 mlp_out L1 ({run.path})" for run in study.runs]
+    (pooled,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["between_saes"]
+    assert pooled["label"] == "tiny-gpt2 mlp_out L1" and pooled["kl_ratio"] == group.kl_ratio.model_dump()
+    assert group.finding in compared["table_text"] and group.finding in (tmp_path / "cmp" / "compare.md").read_text()
+    validate_file(tmp_path / "cmp" / "compare.json")
 
 
 def test_measure_over_a_list_of_seeds_gives_the_same_section(tmp_path, seeds):
