@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from klgap.job.folder import RunDir
 from klgap.render.formatting import fmt_ci, fmt_fixed
 from klgap.report import stats
@@ -70,7 +72,11 @@ def _sae_ratio(run: StudyRun, baseline: str) -> SaeRatio:
                     kl_ratio=RatioCI.model_validate(run.comparisons[baseline].kl_ratio.model_dump()))
 
 
-def _ratio(means: list) -> object:
+#: bootstrap replicates of the recipe's interval (as many as each run's own)
+N_BOOT = 2000
+
+
+def _ratio(means: list[np.ndarray]) -> np.ndarray:
     return means[0] / means[1]
 
 
@@ -88,10 +94,10 @@ def group(runs: list[StudyRun], folders: list[Path], seed: int, baseline: str = 
     if seeds:
         frames = [[sums("sae", "kl"), sums(baseline, "kl")]
                   for sums in (context_sums(RunDir(folder).finished_parts()[0]) for folder in folders)]
-        found = stats.sae_context_bootstrap(frames, _ratio, seed=seed)
+        found = stats.sae_context_bootstrap(frames, _ratio, n_boot=N_BOOT, seed=seed)
         if found is not None:
             pooled = RatioCI(ratio=finite(found.point), ci_low=finite(found.low), ci_high=finite(found.high),
-                             n_contexts=found.n_contexts, n_boot=2000)
+                             n_contexts=found.n_contexts, n_boot=N_BOOT)
             share = finite(found.sae_share)
     run = runs[0]
     entry = BetweenSaes(site=run.site, layer=run.layer, hook_name=run.hook_name, baseline=baseline,

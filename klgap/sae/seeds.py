@@ -1,9 +1,10 @@
 """SAEs of one recipe: what tells several trained SAEs apart, read from their training.json files.
 
-``klgap train-sae --seeds N`` saves N SAEs of one recipe as ``OUT/seed-0`` ... (klgap.sae.train.seed_folders); a
+``klgap train-sae --seeds N`` saves N SAEs of one recipe as ``OUT/seed-0`` ... (:func:`seed_folders`); a
 study over them (``--sae 'OUT/seed-*'``, or ``klgap.measure(..., sae=[...])``) is recognised as *one recipe, several
 seeds* when their training.json files are equal once the held-out numbers (what training produced, not what it was
-asked) are set aside, except for ``seed``: no flag is needed, and SAEs that differ in anything else (steps, L1,
+asked) are set aside, except for ``seed`` (and ``token_seed``: SAEs trained by separate ``--seed`` runs read
+another sample of the same source): no flag is needed, and SAEs that differ in anything else (steps, L1,
 tokens, site) are never pooled as seeds. SAEs that differ only in their architecture (and its sparsity knob, ``k`` or
 ``l1_coefficient``) are an architecture control (issue 32): a study page says so.
 """
@@ -39,6 +40,11 @@ def seed_folders(out: Path, seeds: int) -> list[Path]:
     return [out] if seeds == 1 else [out / SEED_NAME.format(i=i) for i in range(seeds)]
 
 
+def sweep_folders(out: Path, ks: list[int | None]) -> list[tuple[int | None, Path]]:
+    """Where ``--top-k 16,32,...`` saves its SAEs: (k, folder) — `out` itself for one k, ``out/k-16``, ... for more."""
+    return [(ks[0], out)] if len(ks) == 1 else [(k, out / f"k-{k}") for k in ks]
+
+
 def recipe_of(training: dict[str, Any]) -> dict[str, Any]:
     """A training.json's recipe: every key but :data:`OUTCOMES`, the token seed stated (``token_seed`` is written
     only where it differs from ``seed``)."""
@@ -56,10 +62,17 @@ def differences(trainings: list[dict[str, Any]]) -> list[str]:
     return [key for key in keys if len({json.dumps(r.get(key), sort_keys=True) for r in recipes}) > 1]
 
 
+#: recipe keys in which seeds of one recipe differ: the SAE's seed, and the token seed where they were trained by
+#: separate ``--seed`` runs (another sample of the same source) rather than by one ``--seeds N``
+SEED_KEYS = ("seed", "token_seed")
+
+
 def same_recipe(trainings: list[Any]) -> bool:
     """Two or more training.json files of one recipe and distinct seeds (what a seed study pools)."""
-    return (len(trainings) > 1 and all(isinstance(t, dict) for t in trainings)
-            and differences(trainings) == ["seed"])
+    if len(trainings) < 2 or not all(isinstance(t, dict) for t in trainings):
+        return False
+    found = differences(trainings)
+    return "seed" in found and set(found) <= set(SEED_KEYS)
 
 
 def architecture_only(trainings: list[Any]) -> bool:
@@ -93,5 +106,5 @@ def glob_members(spec: str) -> list[Path] | None:
     return folders
 
 
-__all__ = ["ARCHITECTURE_KEYS", "OUTCOMES", "SEED_NAME", "is_seed_glob", "seed_folders", "architecture_only", "differences", "glob_members", "recipe_of",
+__all__ = ["ARCHITECTURE_KEYS", "OUTCOMES", "SEED_KEYS", "SEED_NAME", "is_seed_glob", "seed_folders", "sweep_folders", "architecture_only", "differences", "glob_members", "recipe_of",
            "same_recipe"]

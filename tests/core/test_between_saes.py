@@ -65,7 +65,7 @@ def test_a_study_over_seeds_equals_a_run_on_each_seed_and_pools_them(tmp_path, s
     assert group.finding in printed  # the headline over seeds and contexts, on the terminal
     page = (out / "report.md").read_text()
     assert "## Between SAEs" in page and group.finding in page
-    from klgap.report.validate import validate_file
+    from klgap.report.validate import validate_any, validate_file
     from klgap.result import load_result
 
     validate_file(out / "report.json")
@@ -79,7 +79,7 @@ def test_a_study_over_seeds_equals_a_run_on_each_seed_and_pools_them(tmp_path, s
     (pooled,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["between_saes"]
     assert pooled["label"] == "tiny-gpt2 mlp_out L1" and pooled["kl_ratio"] == group.kl_ratio.model_dump()
     assert group.finding in compared["table_text"] and group.finding in (tmp_path / "cmp" / "compare.md").read_text()
-    validate_file(tmp_path / "cmp" / "compare.json")
+    assert validate_any(tmp_path / "cmp").model.between_saes[0].finding == group.finding  # compare.json, checked
 
 
 def test_measure_over_a_list_of_seeds_gives_the_same_section(tmp_path, seeds):
@@ -118,3 +118,56 @@ def test_a_target_may_take_its_tolerance_from_the_seeds_spread(tmp_path, seeds):
     assert status(pooled + 1.9 * half, 2) == "matches"
     with pytest.raises(ValueError, match="seed_spread"):
         Target(name="x", config="a.toml", quantity="kl_ratio", value=1.0, seed_spread=1)
+
+
+def test_a_replication_file_with_train_sae_seeds_trains_the_seeds_then_measures_them(tmp_path, capsys):
+    from klgap.cli.main import main
+
+    saes = tmp_path / "saes" / "s"
+    config = tmp_path / "seeds.toml"
+    config.write_text(f'''model = "tiny-gpt2"
+site = "mlp_out"
+layer = 1
+sae = "{saes}/seed-*"
+interventions = ["sae", "epsilon_random"]
+dataset = "random"
+context_len = 32
+tokens = 192
+batch_size = 2
+seed = 3
+device = "cpu"
+out = "{tmp_path / 'run'}"
+
+[train_sae]
+tokens = 3000
+steps = 15
+seeds = 2
+''')
+    assert main(["replicate", "--config", str(config), "--quiet"]) == 0
+    assert sorted(p.name for p in saes.iterdir()) == ["seed-0", "seed-1"]
+    (group,) = load_report(tmp_path / "run").between_saes
+    assert [s.seed for s in group.saes] == [3, 4] and group.kind == "seeds"
+    assert group.finding in capsys.readouterr().out
+    other = tmp_path / "other"
+    config.write_text(config.read_text().replace(f'sae = "{saes}/seed-*"', f'sae = "{other}"')
+                      .replace(str(tmp_path / "run"), str(tmp_path / "run2")))
+    assert main(["replicate", "--config", str(config), "--quiet"]) == 2
+    assert f'name them as sae = "DIR/seed-*", not {str(other)!r}' in capsys.readouterr().err
+    assert not other.exists()
+
+
+def test_saes_that_differ_in_architecture_only_are_named_as_such_and_not_pooled(tmp_path):
+    import klgap
+    from klgap.sae.train import train_saes
+
+    budget = dict(tokens=3000, context_len=32, dataset="random", steps=15, device="cpu", progress=False)
+    train_saes("tiny-gpt2", "mlp_out", 1, tmp_path / "std", **budget)
+    train_saes("tiny-gpt2", "mlp_out", 1, tmp_path / "topk", architecture="topk", k=8, **budget)
+    result = klgap.measure("tiny-gpt2", sae=[str(tmp_path / "std"), str(tmp_path / "topk")], site="mlp_out", layer=1,
+                           **{k: v for k, v in RUN.items() if k != "model"}, out=tmp_path / "run")
+    (group,) = result.report.between_saes
+    assert (group.kind, group.differ_in, group.kl_ratio) == ("architecture", ["architecture", "k", "l1_coefficient"],
+                                                             None)
+    assert [s.architecture for s in group.saes] == ["standard", "topk"]
+    assert group.finding.startswith("At blocks.1.hook_mlp_out, these SAEs differ in architecture only (standard, topk;")
+    assert group.finding in (tmp_path / "run" / "report.md").read_text()

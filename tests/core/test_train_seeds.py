@@ -52,3 +52,29 @@ def test_seeds_below_one_is_refused_before_anything_loads(tmp_path, capsys, valu
     assert main(["train-sae", *BUDGET, "--seeds", value, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--seeds" in err and value in err and not (tmp_path / "x").exists()
+
+
+def test_a_k_list_trains_one_topk_sae_per_k_each_equal_to_a_run_with_that_k(tmp_path, capsys):
+    topk = ["--architecture", "topk"]
+    assert main(["train-sae", *BUDGET, *topk, "--top-k", "4,8", "--out", str(tmp_path / "sweep")]) == 0
+    assert main(["train-sae", *BUDGET, *topk, "--top-k", "8", "--out", str(tmp_path / "k8")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["k-4", "k-8"]
+    assert _weights(tmp_path / "sweep" / "k-8") == _weights(tmp_path / "k8")
+    trainings = [json.loads((tmp_path / "sweep" / f"k-{k}" / "training.json").read_text()) for k in (4, 8)]
+    assert [t["k"] for t in trainings] == [4, 8] and differences(trainings) == ["k"]
+    assert glob_members(str(tmp_path / "sweep" / "k-*")) == [tmp_path / "sweep" / "k-4", tmp_path / "sweep" / "k-8"]
+    assert main(["train-sae", *BUDGET, "--top-k", "4,8", "--out", str(tmp_path / "std")]) == 2
+    assert "needs --architecture topk" in capsys.readouterr().err and not (tmp_path / "std").exists()
+    with pytest.raises(SystemExit) as stopped:  # argparse's own refusal: exit 2
+        main(["train-sae", *BUDGET, *topk, "--top-k", "4,x", "--out", str(tmp_path / "bad")])
+    assert stopped.value.code == 2
+    assert "--top-k must be an integer or a comma list of them, got '4,x'" in capsys.readouterr().err
+
+
+def test_separate_seed_runs_are_seeds_of_one_recipe_and_another_step_count_is_not():
+    base = {"site": "mlp_out", "layer": 1, "steps": 100, "architecture": "standard", "l1_coefficient": 5.0,
+            "explained_variance": 0.8}
+    a, b = {**base, "seed": 0}, {**base, "seed": 1, "explained_variance": 0.7}  # two `train-sae --seed` runs
+    assert differences([a, b]) == ["seed", "token_seed"] and same_recipe([a, b])
+    assert not same_recipe([a, {**b, "steps": 200}]) and not same_recipe([a]) and not same_recipe([a, None])
+    assert not same_recipe([a, {**a}])  # one SAE twice
