@@ -136,7 +136,8 @@ def finding(entry: BetweenSaes) -> str:
         "contexts the rest")
     return (f"At {entry.hook_name}, across {len(entry.saes)} seeds of one recipe {ratio} is "
             f"{fmt_ci(pooled.ratio, pooled.ci_low, pooled.ci_high)} (95%, resampling seeds and contexts); each "
-            f"seed alone (contexts resampled): {each}; range {fmt_fixed(entry.ratio_min)}–{fmt_fixed(entry.ratio_max)}{share}.")
+            f"seed alone (contexts resampled): {each}; range {fmt_fixed(entry.ratio_min)}–"
+            f"{fmt_fixed(entry.ratio_max)}{share}.")
 
 
 __all__ = ["BetweenSaes", "SaeRatio", "between_saes", "finding", "group"]

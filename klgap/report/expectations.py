@@ -87,7 +87,8 @@ class Target(StrictModel):
                 self.seed_spread is not None]
         if sum(ways) != 1:
             raise ValueError(f"target {self.name!r}: give exactly one of interval, rel_tol, abs_tol, seed_spread")
-        if (self.rel_tol is not None or self.abs_tol is not None or self.seed_spread is not None) and self.value is None:
+        relative = (self.rel_tol, self.abs_tol, self.seed_spread)
+        if any(way is not None for way in relative) and self.value is None:
             raise ValueError(f"target {self.name!r}: rel_tol / abs_tol / seed_spread need a value")
         if self.seed_spread is not None and (self.quantity != "kl_ratio_across_seeds" or self.seed_spread < 0):
             raise ValueError(f"target {self.name!r}: seed_spread (≥ 0, a multiple of half the seeds' range) goes with "

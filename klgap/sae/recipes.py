@@ -44,7 +44,8 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         return
     recipe = renamed(recipe, "[train_sae]")
     template = os.path.expanduser(str(config.sae))
-    if isinstance(recipe.get("seeds"), int) and recipe["seeds"] > 1:  # sae = "DIR/seed-*": the seeds are trained into DIR
+    # seeds = N with sae = "DIR/seed-*": the seeds are trained into DIR
+    if isinstance(recipe.get("seeds"), int) and recipe["seeds"] > 1:
         if not is_seed_glob(template):
             raise KlgapError(f"[train_sae] seeds = {recipe['seeds']} trains DIR/seed-0, DIR/seed-1, ...: name them "
                              f"as sae = \"DIR/seed-*\", not {config.sae!r}")

@@ -41,7 +41,8 @@ def seed_folders(out: Path, seeds: int) -> list[Path]:
 
 
 def sweep_folders(out: Path, ks: list[int | None]) -> list[tuple[int | None, Path]]:
-    """Where ``--top-k 16,32,...`` saves its SAEs: (k, folder) — `out` itself for one k, ``out/k-16``, ... for more."""
+    """Where ``--top-k 16,32,...`` saves its SAEs: (k, folder); `out` itself for one k, ``out/k-16``, ... for
+    more."""
     return [(ks[0], out)] if len(ks) == 1 else [(k, out / f"k-{k}") for k in ks]
 
 
@@ -106,5 +107,5 @@ def glob_members(spec: str) -> list[Path] | None:
     return folders
 
 
-__all__ = ["ARCHITECTURE_KEYS", "OUTCOMES", "SEED_KEYS", "SEED_NAME", "is_seed_glob", "seed_folders", "sweep_folders", "architecture_only", "differences", "glob_members", "recipe_of",
-           "same_recipe"]
+__all__ = ["ARCHITECTURE_KEYS", "OUTCOMES", "SEED_KEYS", "SEED_NAME", "architecture_only", "differences",
+           "glob_members", "is_seed_glob", "recipe_of", "same_recipe", "seed_folders", "sweep_folders"]

@@ -129,7 +129,8 @@ def train_saes(
         raise KlgapError(f"--seeds must be an integer ≥ 1 (SAEs trained per site/layer, seeds --seed, --seed + 1, "
                          f"...), got {seeds!r}")
     ks = k if isinstance(k, list) else [k]
-    if len(ks) > 1 and (architecture != "topk" or any({"k", "architecture"} & set(c) for c in (overrides or {}).values())):
+    changes_k = any({"k", "architecture"} & set(change) for change in (overrides or {}).values())
+    if len(ks) > 1 and (architecture != "topk" or changes_k):
         raise KlgapError(f"--top-k {','.join(map(str, ks))} trains one TopK SAE per k: it needs --architecture topk, "
                          "and no [train_sae.sites.*] table changing k or the architecture")
     if not ks or len(set(ks)) < len(ks):
@@ -162,7 +163,8 @@ def train_saes(
 
     for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
         count(value, checkpoints, checkpoint_every)  # checked before the model loads
-    recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=ks[0]) for pair, change in (overrides or {}).items()}
+    recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=ks[0])
+               for pair, change in (overrides or {}).items()}
     ref, torch_device = plan.model, plan.device
     shape = model_shape(ref.adapter)  # from the config: a bad layer or context fails before the weights load
     for s, v in pairs if shape is not None else []:

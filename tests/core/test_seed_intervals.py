@@ -55,8 +55,8 @@ def test_the_two_level_interval_covers_the_recipe_mean_under_a_crossed_random_ef
     for trial in range(trials):
         seed_effect = rng.normal(0, 0.15, n_saes)
         context_effect = rng.normal(0, 0.15, n_ctx)
-        frames = [[_per_context(mu + a + context_effect + rng.normal(0, 0.1, n_ctx), n), _per_context(np.ones(n_ctx), n)]
-                  for a in seed_effect]
+        frames = [[_per_context(mu + a + context_effect + rng.normal(0, 0.1, n_ctx), n),
+                   _per_context(np.ones(n_ctx), n)] for a in seed_effect]
         two = stats.sae_context_bootstrap(frames, _ratio, n_boot=400, seed=trial)
         one = stats.context_bootstrap(frames[0], _ratio, n_boot=400, seed=trial)
         covered_two += two.low <= mu <= two.high

@@ -28,7 +28,8 @@ def test_seeds_give_distinct_weights_reproducibly_and_seed_0_is_the_single_sae(t
     assert _weights(tmp_path / "one") == _weights(a0)  # --seeds 1 (the default) writes what seed-0 holds, at OUT
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["seed-0", "seed-1"]
     t0, t1, single = (json.loads((f / "training.json").read_text()) for f in (a0, a1, tmp_path / "one"))
-    assert (t0["seed"], t1["seed"], t1["token_seed"]) == (4, 5, 4) and "token_seed" not in t0 and "token_seed" not in single
+    assert (t0["seed"], t1["seed"], t1["token_seed"]) == (4, 5, 4)
+    assert "token_seed" not in t0 and "token_seed" not in single
     assert {k: v for k, v in single.items() if k != "wall_time_s"} == {k: v for k, v in t0.items() if k != "wall_time_s"}
     # the same tokens and the same held-out tokens: the recipes differ in the seed only
     assert TrainingTokens.of(t1) == TrainingTokens.of(t0) and TrainingTokens.of(t1).seed == 4
