@@ -63,9 +63,11 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     name:   a held model's name in the report, its tokens table and compare (default: its config.name_or_path,
             else its model_type; give one to tell two held models apart).
     sae:    a spec string (as ``--sae``; {site}/{layer} in it for several sites/layers; a glob measures every
-            checkpoint it matches), a sae_lens ``SAE`` or any module with ``encode``/``decode`` (its
+            checkpoint it matches, or every SAE: ``DIR/seed-*`` of ``train-sae --seeds N``), a sae_lens ``SAE`` or any module with ``encode``/``decode`` (its
             ``cfg.hook_name`` / ``cfg.metadata.hook_name`` names the site; else give site= and layer=), or a list
-            of these: one run each (seeds, sweep members), or with ``joint=True`` one per (site, layer).
+            of these: one run each (seeds, sweep members), or with ``joint=True`` one per (site, layer). Seeds of
+            one recipe (training.json files equal but for the seed) get ``result.between_saes()``: the recipe's
+            ratio with an interval over seeds and contexts (klgap/report/between_saes.py).
     site, layer: one, or lists (``layer=[3, 10]``, ``"0-5"``): one run per (site, layer), a study report over them.
     tokens: a token budget (int; text from ``dataset``, default the built-in sample), a ``[n ctx]`` LongTensor
             of token ids, a list of strings, or a ``datasets.Dataset`` with a text column.

@@ -229,6 +229,33 @@ class StudyResult:
 
         return pd.concat([run.tokens for run in self.runs], ignore_index=True)
 
+    def between_saes(self) -> pd.DataFrame:
+        """Several SAEs of one site that differ in their seed only (``train-sae --seeds``) or their architecture only
+        (klgap/report/between_saes.py): one row per SAE with its own ratio to the baseline (interval over contexts),
+        and its group's recipe ratio over seeds with the two-level interval (seeds and contexts), the range of the
+        SAEs' ratios and the seed's share of the variance (NaN for an architecture control). Empty when the study
+        has no such group. ``.attrs["findings"]``: each group's sentence."""
+        import pandas as pd
+
+        rows = []
+        groups = self.report.between_saes or []  # a registered section: a field of every study report
+        for g in groups:
+            pooled = g.kl_ratio
+            for s in g.saes:
+                rows.append({"site": g.site, "layer": g.layer, "kind": g.kind, "path": s.path, "sae": s.sae,
+                             "seed": s.seed, "architecture": s.architecture, "ratio": s.kl_ratio.ratio,
+                             "ci_low": s.kl_ratio.ci_low, "ci_high": s.kl_ratio.ci_high,
+                             "recipe_ratio": pooled.ratio if pooled else None,
+                             "recipe_ci_low": pooled.ci_low if pooled else None,
+                             "recipe_ci_high": pooled.ci_high if pooled else None,
+                             "ratio_min": g.ratio_min, "ratio_max": g.ratio_max,
+                             "sae_variance_share": g.sae_variance_share})
+        columns = ["site", "layer", "kind", "path", "sae", "seed", "architecture", "ratio", "ci_low", "ci_high",
+                   "recipe_ratio", "recipe_ci_low", "recipe_ci_high", "ratio_min", "ratio_max", "sae_variance_share"]
+        frame = pd.DataFrame(rows, columns=columns)
+        frame.attrs["findings"] = [g.finding for g in groups]
+        return frame
+
 
 def load_result(folder: str | Path) -> Result | StudyResult:
     """A saved run or study folder as a Result, or a StudyResult with each run's."""

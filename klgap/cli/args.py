@@ -20,6 +20,18 @@ def _int_arg(name: str):
     return parse
 
 
+def _int_list_arg(name: str):
+    """An integer, or a comma list of them (a list when it holds more than one)."""
+    def parse(text: str) -> int | list[int]:
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer or a comma list of them, got {text!r}") from None
+        return values[0] if len(values) == 1 else values
+
+    return parse
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field (``--context-len`` for ``context_len``), its help and default from the field
     (klgap/plan/config.py: :func:`klgap.plan.config.flag`); every flag's parser default is None, so a value
@@ -139,15 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--architecture", default="standard",
                        help="standard (ReLU + L1, default) or topk (the --top-k largest latents per token, no L1 "
                             "shrinkage: sites where a few dimensions carry most of the variance)")
-    train.add_argument("--top-k", "--k", dest="top_k", type=_int_arg("--top-k"), default=None,
+    train.add_argument("--top-k", "--k", dest="top_k", type=_int_list_arg("--top-k"), default=None,
                        help="latents per token, for --architecture topk (--k: its old name; replicate's --k is "
-                            "single-token mode's measured positions)")
+                            "single-token mode's measured positions); a list (16,32,64) trains one SAE per k on the "
+                            "same tokens, saved as OUT/k-16, ... (measure them with --sae 'OUT/k-*')")
     train.add_argument("--checkpoints", type=_int_arg("--checkpoints"), default=None,
                        help="also save N evenly spaced checkpoints of each SAE under OUT/checkpoints/step-XXXXXX/ "
                             "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")
     train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
                        help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
+    train.add_argument("--seeds", type=_int_arg("--seeds"), default=1, metavar="N",
+                       help="train N SAEs of the same recipe on the same tokens, seeds --seed, --seed + 1, ... "
+                            "(initialisation and token order), saved as OUT/seed-0 ... OUT/seed-{N-1}; measure them "
+                            "together with --sae 'OUT/seed-*' (the headline's interval then resamples SAEs and "
+                            "contexts; default 1: one SAE at OUT)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     train.add_argument("--dtype", default="float32", help="dtype of the model while gathering activations (default float32)")
     train.add_argument("--batch-size", type=_int_arg("--batch-size"), default=16, help="contexts per forward pass")

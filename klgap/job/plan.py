@@ -7,7 +7,9 @@ a cell patches one of the plans, or several of them jointly in the same forward.
 sits on top:
 
 - ``run``:          one cell, one site: ``OUT/`` is the run folder.
-- ``study``:        one cell per (site, layer) (or per SAE of a list), each in ``OUT/<site>_L<layer>/``; a study report.
+- ``study``:        one cell per (site, layer) (or per SAE of a list: ``sae=[...]`` from Python, or a glob ``--sae
+                    'OUT/seed-*'`` of SAEs that are not checkpoints), each in ``OUT/<site>_L<layer>/`` (or
+                    ``OUT/<site>_L<layer>/sae-NN/``); a study report.
 - ``checkpoints``:  one cell per checkpoint of an SAE at each (site, layer), in ``OUT/<site>_L<layer>/<step>/``; a
                     study report with its over-training section.
 - ``joint``:        every site patched together (``OUT/``), each alone (``OUT/single/<site>_L<layer>/``) and, with
@@ -21,6 +23,7 @@ becomes one.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import os
 from collections.abc import Sequence
@@ -37,6 +40,7 @@ from klgap.plan.resolve import RunPlan, TokenSourceRef, resolve, token_source
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import LoadedSAE
 from klgap.sae.checkpoints import expand, is_glob, verify
+from klgap.sae.seeds import glob_members, is_seed_glob
 
 Shape = Literal["run", "study", "checkpoints", "joint"]
 
@@ -115,7 +119,7 @@ def checkpoint_spec(sae: str | None, checkpoints: str | None, trains: bool = Fal
         return os.path.expanduser(checkpoints)
     if sae is None or not is_glob(sae):
         return None
-    if trains:
+    if trains and not is_seed_glob(sae):
         raise KlgapError(f"--sae {sae!r} is a glob: a [train_sae] table trains the folder a "
                          "`sae_checkpoints = \"DIR\"` key names; use that key instead of a glob")
     return os.path.expanduser(sae)
@@ -138,12 +142,21 @@ def plan_job(config: RunConfig, *, checkpoints: str | None = None, trains: bool 
         config = dataclasses.replace(config, dataset=tokens.spec)
     if config.joint:  # (a single site's config is checked where it is resolved)
         return _joint(config.validate(), list(saes) if saes is not None else None, model, tokens, trains)
-    if checkpoints is not None:
-        return _checkpoints(dataclasses.replace(config, sae=checkpoints), model, tokens, trains)
     sites = parse_sites(config.site) if config.site is not None else [None]
     layers = parse_layers(config.layer) if config.layer is not None else [None]
     if layers == "all":
         raise KlgapError("--layer all: list the layers (e.g. 0-11); klgap.job.loading.count_layers counts them")
+    if checkpoints is not None and is_glob(checkpoints):
+        members = glob_members(checkpoints)  # SAEs side by side (OUT/seed-*), not one SAE's checkpoints
+        if members is not None:
+            return _over_saes(dataclasses.replace(config, sae=checkpoints), [str(p) for p in members], sites,
+                              layers, model, tokens)
+        if trains and is_seed_glob(checkpoints) and not glob.glob(checkpoints):  # [train_sae] seeds = N makes them
+            single = dataclasses.replace(config, site=sites[0], layer=layers[0], sae=None)
+            return Job(config, "run", (resolve(single, model=model, tokens=tokens),), (Cell(".", (0,)),),
+                       (checkpoints,), (0,))
+    if checkpoints is not None:
+        return _checkpoints(dataclasses.replace(config, sae=checkpoints), model, tokens, trains)
     if saes is not None and len(saes) > 1:
         return _over_saes(config, list(saes), sites, layers, model, tokens)
     grid = [(site, layer) for site in sites for layer in layers]

@@ -27,12 +27,15 @@ def print_sections(report: Report | StudyReport) -> None:
 def print_study(study: StudyReport, out: Path) -> None:
     """One line per site/layer: KL of the SAE and the baseline, the ratio with its interval, Holm's p."""
     rows = summary_rows(study)
-    print(f"{study.model} study, mode {study.mode}: {len(rows)} sites/layers")
-    print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}")
+    where = [(run.site, run.layer) for run in study.runs]
+    several = len(set(where)) < len(where)  # several SAEs at one site (seeds, checkpoints): their folders say which
+    print(f"{study.model} study, mode {study.mode}: {len(rows)} {'runs' if several else 'sites/layers'}")
+    print(f"{'site':<12} {'layer':>5} {'KL sae':>10} {'KL eps':>10} {'ratio [95% CI]':>24} {'p (Holm)':>10}"
+          + ("  folder" if several else ""))
     families = sorted({row.holm_family for row in rows if row.holm_family is not None})
-    for row in rows:
+    for row, run in zip(rows, study.runs, strict=True):
         print(f"{row.site:<12} {row.layer:>5} {fmt(row.kl_sae):>10} {fmt(row.kl_baseline):>10} "
-              f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}")
+              f"{row.ratio_text():>24} {fmt_p(row.p_holm):>10}" + (f"  {run.path}" if several else ""))
     for family in families:
         print(f"Holm family: {family}")
     for run in study.runs:  # against every baseline measured, when there are several (klgap/report/panel.py)

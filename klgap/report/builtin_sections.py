@@ -1,7 +1,8 @@
 """klgap's own report sections, registered as any plugin's are (``register_report_sections``): the error
 decomposition (a site's: klgap/report/decomposition.py), --second-order's predicted KL and Fisher sensitivity (a
-site's: klgap/report/second_order.py), a joint run's compounding (klgap/report/compounding.py)
-and a study over an SAE's checkpoints' over-training section (klgap/report/over_training.py). The plugin manager
+site's: klgap/report/second_order.py), a joint run's compounding (klgap/report/compounding.py), a study over an
+SAE's checkpoints' over-training section (klgap/report/over_training.py) and a study over seeds of one recipe's
+between-SAE section (klgap/report/between_saes.py). The plugin manager
 registers this module itself (klgap.plugins.manager.CORE_PLUGINS), so no entry point can leave them out.
 """
 
@@ -12,8 +13,8 @@ from typing import Any
 
 from klgap.figures.training import over_training as over_training_figure
 from klgap.hookspecs import hookimpl
-from klgap.render import compounding_page, decomposition_page, over_training_page, second_order_page
-from klgap.report import compounding, decomposition, over_training, second_order
+from klgap.render import between_saes_page, compounding_page, decomposition_page, over_training_page, second_order_page
+from klgap.report import between_saes, compounding, decomposition, over_training, second_order
 from klgap.report.aggregate import context_sums
 from klgap.report.schema import BASELINE
 from klgap.report.sections import ReportSection, RunFiles, StudyFiles
@@ -50,6 +51,13 @@ def _over_training(files: StudyFiles) -> list[over_training.TrainingCurve] | Non
     return over_training.over_training(files.runs, files.folders, files.config.seed)
 
 
+def _between_saes(files: StudyFiles) -> list[between_saes.BetweenSaes] | None:
+    """A study with several SAEs at one site that differ in seed only, or in architecture only."""
+    if files.shape != "study":
+        return None
+    return between_saes.between_saes(files.runs, files.folders, files.config.seed)
+
+
 def _over_training_figures(report: Any, folder: Path) -> list[Path]:
     return [over_training_figure(report, folder / "over_training.png")]
 
@@ -77,3 +85,7 @@ def register_report_sections(register: Any) -> None:
         figures=_over_training_figures, captions={"over_training": OVER_TRAINING_CAPTION},
         console=over_training_page.console_lines, lead=True),
         "a study over an SAE's checkpoints: the KL gap along training")
+    register("between_saes", ReportSection(
+        list[between_saes.BetweenSaes], "study", _between_saes, blocks=between_saes_page.blocks,
+        console=between_saes_page.console_lines, lead=True),
+        "a study over seeds of one SAE recipe (or SAEs differing in architecture only): the spread between them")

@@ -70,7 +70,20 @@ def entries_for(run_dir: str | Path, label: str | None = None) -> list[Entry]:
     for run in runs:
         path = run_dir / run.path if isinstance(report, StudyReport) else run_dir
         out.append(entry_of(run, report.model, report.mode, str(path), label, several=len(runs) > 1))
-    return out
+    seen = [e.label for e in out]  # several SAEs of one site (seeds, checkpoints): their folders tell them apart
+    return [replace(e, label=f"{e.label} ({run.path})") if seen.count(e.label) > 1 else e
+            for e, run in zip(out, runs, strict=True)]
+
+
+def groups_for(run_dir: str | Path, label: str | None = None) -> list[dict[str, Any]]:
+    """A study folder's SAEs of one site that differ in seed or architecture only (klgap/report/between_saes.py),
+    each labelled as its folder's entries are ('LABEL mlp_out L3' or 'MODEL mlp_out L3'): compare.json's
+    ``between_saes``."""
+    report = load_report(Path(run_dir))
+    if not isinstance(report, StudyReport):
+        return []
+    return [{"label": f"{label} {g.site} L{g.layer}" if label else f"{report.model} {g.site} L{g.layer}",
+             **as_json(g)} for g in report.between_saes or []]
 
 
 def entry_of(run: SiteSummary, model: str, mode: str, path: str, label: str | None = None,
@@ -106,7 +119,9 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     records = [e.record() for e in entries]
-    data = {"schema_version": SCHEMA_VERSION, "kind": "compare", "runs": records, "provenance": provenance()}
+    groups = [g for i, d in enumerate(run_dirs) for g in groups_for(d, labels[i] if labels else None)]
+    data = {"schema_version": SCHEMA_VERSION, "kind": "compare", "runs": records, "between_saes": groups,
+            "provenance": provenance()}
     atomic_write_json(out / "compare.json", data)
     frame = pd.DataFrame([{k: r[k] for k in COLUMNS} for r in records], columns=COLUMNS)
     frame["quality_notes"] = frame["quality_notes"].map("; ".join)
@@ -129,6 +144,10 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     notes = [f"{e.label}: {text}" for e in entries for text in e.notes]
     if notes:  # each SAE's quality notes (klgap/report/quality.py)
         blocks += [Para("Quality notes (a ratio above is about the SAE as it is):"), Bullets(notes)]
+    spread = [f"{g['label']}: {g['finding']}" for g in groups]
+    if spread:  # seeds of one recipe: the recipe's ratio over seeds and contexts, and the spread between seeds
+        blocks += [Para("Between SAEs (each study's SAEs of one site that differ in seed or architecture only):"),
+                   Bullets(spread)]
     families = list(dict.fromkeys(e.row.holm_family for e in entries if e.row.holm_family is not None))
     if families:
         blocks += [Para("Holm families (each as its own report corrected it):"), Bullets(families)]
@@ -138,5 +157,6 @@ def compare_runs(run_dirs: list[str], out: str | Path, labels: list[str] | None 
     blocks += [Figure(f, f.stem.replace("_", " ")) for f in figures]
     atomic_write_bytes(out / "compare.md", ("\n\n".join(md_block(b) for b in blocks) + "\n").encode("utf-8"))
     written.append(out / "compare.md")
-    table_text = "\n".join([text_table(HEADER, rows), *(f"quality note: {note}" for note in notes)])
+    table_text = "\n".join([text_table(HEADER, rows), *(f"quality note: {note}" for note in notes),
+                            *(f"between SAEs: {line}" for line in spread)])
     return {"entries": entries, "written": written, "table_text": table_text, "panel_text": panel_text}

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from klgap.errors import KlgapError
+from klgap.report.between_saes import BetweenSaes
 from klgap.report.schema import SCHEMA_VERSION, Curve, Num, Provenance, StrictModel, major_version
 
 
@@ -45,12 +46,21 @@ class CompareRun(StrictModel):
     curve: Curve | None
 
 
+class CompareBetweenSaes(BetweenSaes):
+    """A compared study's SAEs of one site that differ in seed or architecture only (klgap/report/between_saes.py),
+    labelled as its folder's runs are."""
+
+    label: str
+
+
 class CompareFile(StrictModel):
-    """compare.json: every compared site/layer, in the order of the command's RUN_DIRs."""
+    """compare.json: every compared site/layer, in the order of the command's RUN_DIRs; the compared studies'
+    between-SAE groups."""
 
     schema_version: str
     kind: Literal["compare"] = "compare"
     runs: list[CompareRun]
+    between_saes: list[CompareBetweenSaes] = Field(default_factory=list)
     provenance: Provenance
 
 

@@ -26,6 +26,7 @@ from klgap.render.formatting import fmt, fmt_ci
 from klgap.report.numbers import finite
 from klgap.report.schema import BASELINE, Report, SiteSummary, StrictModel, StudyReport
 from klgap.report.read import load_report
+from klgap.report.between_saes import BetweenSaes
 
 EXPECTED_FILE = "expected.json"
 CHECK_FILE = "expected_check.json"
@@ -40,8 +41,17 @@ Quantity = Literal[
     "sae_equivalent_cos",  # robustness curve: the cosine where cosine-matched noise does the SAE's damage
     "kl_div_score", "ce_loss_score",  # sae_lens's normalised scores (runs with sae and zero)
     "explained_variance",  # the SAE's explained variance on the run's tokens
+    "kl_ratio_across_seeds",  # a study over seeds of one recipe: the mean of the seeds' ratios, two-level interval
 ]
 Status = Literal["matches", "differs", "not measured"]
+
+
+class Measurement(StrictModel):
+    where: str  # "resid_pre L6"
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    seed_range: tuple[float | None, float | None] | None = None  # kl_ratio_across_seeds: the seeds' lowest and highest
 
 
 class Target(StrictModel):
@@ -59,23 +69,31 @@ class Target(StrictModel):
     rel_tol: float | None = None  # interval = value·(1 ± rel_tol)
     abs_tol: float | None = None  # interval = value ± abs_tol
     interval: tuple[float | None, float | None] | None = None  # [low, high]; null: unbounded on that side
+    # kl_ratio_across_seeds: interval = value ± seed_spread × half the range of the seeds' ratios as measured
+    seed_spread: float | None = None
     study: str | None = None  # how the source states it ("2.2×–4.5×"); default: the value
     source: str = ""  # where the number comes from (file, cell, section)
 
     @model_validator(mode="after")
     def _one_interval(self) -> "Target":
         given = (("value", self.value), ("rel_tol", self.rel_tol), ("abs_tol", self.abs_tol),
+                 ("seed_spread", self.seed_spread),
                  *(("interval", end) for end in self.interval or ()))
         for what, number in given:
             if number is not None and not math.isfinite(number):
                 raise ValueError(f"target {self.name!r}: {what} holds {number}; give finite numbers (null for an "
                                  "unbounded side of an interval)")
-        ways = [self.interval is not None, self.rel_tol is not None, self.abs_tol is not None]
+        ways = [self.interval is not None, self.rel_tol is not None, self.abs_tol is not None,
+                self.seed_spread is not None]
         if sum(ways) != 1:
-            raise ValueError(f"target {self.name!r}: give exactly one of interval, rel_tol, abs_tol")
-        if (self.rel_tol is not None or self.abs_tol is not None) and self.value is None:
-            raise ValueError(f"target {self.name!r}: rel_tol / abs_tol need a value")
-        low, high = self.bounds
+            raise ValueError(f"target {self.name!r}: give exactly one of interval, rel_tol, abs_tol, seed_spread")
+        relative = (self.rel_tol, self.abs_tol, self.seed_spread)
+        if any(way is not None for way in relative) and self.value is None:
+            raise ValueError(f"target {self.name!r}: rel_tol / abs_tol / seed_spread need a value")
+        if self.seed_spread is not None and (self.quantity != "kl_ratio_across_seeds" or self.seed_spread < 0):
+            raise ValueError(f"target {self.name!r}: seed_spread (≥ 0, a multiple of half the seeds' range) goes with "
+                             "quantity kl_ratio_across_seeds")
+        low, high = self.bounds if self.seed_spread is None else (self.value, self.value)
         if low is None and high is None or low is not None and high is not None and low > high:
             raise ValueError(f"target {self.name!r}: interval {[low, high]} is empty or unbounded on both sides")
         if (self.quantity == "kl_ratio_at_offset") != (self.offset is not None):
@@ -84,14 +102,28 @@ class Target(StrictModel):
 
     @property
     def bounds(self) -> tuple[float | None, float | None]:
+        """The interval the number must fall in (:meth:`bounds_at` for a tolerance from the seeds' spread)."""
+        return self.bounds_at(None)
+
+    def bounds_at(self, measured: Measurement | None) -> tuple[float | None, float | None]:
+        """The interval, with `seed_spread` taken from the seeds' range the measurement holds (unbounded where
+        it holds none)."""
         if self.interval is not None:
             return self.interval
         value = float(self.value)  # type: ignore[arg-type]  (checked above)
-        half = abs(value) * self.rel_tol if self.rel_tol is not None else float(self.abs_tol)  # type: ignore[arg-type]
+        if self.seed_spread is not None:
+            spread = measured.seed_range if measured is not None else None
+            if spread is None or None in spread:
+                return None, None
+            half = self.seed_spread * (spread[1] - spread[0]) / 2  # type: ignore[operator]
+        else:
+            half = abs(value) * self.rel_tol if self.rel_tol is not None else float(self.abs_tol)  # type: ignore[arg-type]
         return value - half, value + half
 
-    def bounds_text(self) -> str:
-        low, high = self.bounds
+    def bounds_text(self, measured: Measurement | None = None) -> str:
+        if self.seed_spread is not None and (measured is None or measured.seed_range is None):
+            return f"within {fmt(self.seed_spread)} × half the seeds' range of {fmt(self.value)}"
+        low, high = self.bounds_at(measured)
         if high is None:
             return f"≥ {fmt(low)}"
         if low is None:
@@ -114,11 +146,6 @@ class Expected(StrictModel):
         return [t for t in self.targets if t.config == name]
 
 
-class Measurement(StrictModel):
-    where: str  # "resid_pre L6"
-    value: float | None
-    ci_low: float | None = None
-    ci_high: float | None = None
 
 
 class Verdict(StrictModel):
@@ -237,14 +264,27 @@ def _inside(value: float, bounds: tuple[float | None, float | None]) -> bool:
     return (low is None or value >= low) and (high is None or value <= high)
 
 
-def verdict(target: Target, runs: list[SiteSummary], reference: str = "the study's") -> Verdict:
-    """The target against the runs it covers (its site, its layers)."""
-    covered = [r for r in runs if (target.site is None or r.site == target.site)
+def across_seeds(group: BetweenSaes) -> Measurement:
+    """A study's seeds of one recipe at a site/layer (klgap/report/between_saes.py): the recipe's ratio with its
+    two-level interval, and the seeds' range."""
+    pooled = group.kl_ratio
+    return Measurement(where=f"{group.site} L{group.layer}", value=pooled.ratio if pooled else None,
+                       ci_low=pooled.ci_low if pooled else None, ci_high=pooled.ci_high if pooled else None,
+                       seed_range=(group.ratio_min, group.ratio_max))
+
+
+def verdict(target: Target, runs: list[SiteSummary], reference: str = "the study's",
+            groups: list[BetweenSaes] | None = None) -> Verdict:
+    """The target against the runs it covers (its site, its layers); kl_ratio_across_seeds against the study's
+    `groups` of seeds instead."""
+    seeds = target.quantity == "kl_ratio_across_seeds"
+    units = [g for g in groups or [] if g.kind == "seeds"] if seeds else runs
+    covered = [r for r in units if (target.site is None or r.site == target.site)
                and (target.layers is None or r.layer in target.layers)]
-    measured = [measure(target, r) for r in covered]
+    measured = [across_seeds(r) if seeds else measure(target, r) for r in covered]  # type: ignore[arg-type]
     missing = [f"L{layer}" for layer in (target.layers or []) if layer not in {r.layer for r in covered}]
     missing += [m.where for m in measured if m.value is None]
-    outside = [m for m in measured if m.value is not None and not _inside(m.value, target.bounds)]
+    outside = [m for m in measured if m.value is not None and not _inside(m.value, target.bounds_at(m))]
     if missing or not measured:
         status: Status = "not measured"
     else:
@@ -265,7 +305,7 @@ def measured_text(measurements: list[Measurement]) -> str:
 
 def _line(target: Target, status: Status, measured: list[Measurement], outside: list[Measurement],
           missing: list[str], reference: str) -> str:
-    head = f"{target.name}: {measured_text(measured)}, {target.bounds_text()}"
+    head = f"{target.name}: {measured_text(measured)}, {target.bounds_text(measured[0] if len(measured) == 1 else None)}"
     if status == "not measured":
         return f"{head}: not measured ({', '.join(missing) or 'no run of this site/layer'})"
     if status == "differs":
@@ -284,7 +324,10 @@ def check_run(folder: str | Path, expected_path: str | Path, targets: list[Targe
             files = ", ".join(dict.fromkeys(t.config for t in expected.targets))
             raise KlgapError(f"{str(expected_path)!r} has no target for this run's model and mode (its files: {files})")
     runs = folder_runs(folder)
-    return ExpectationCheck(expected=str(expected_path), run=str(folder), verdicts=[verdict(t, runs, expected.reference) for t in targets])
+    report = load_report(folder)
+    groups = (report.between_saes or []) if isinstance(report, StudyReport) else []
+    return ExpectationCheck(expected=str(expected_path), run=str(folder),
+                            verdicts=[verdict(t, runs, expected.reference, groups) for t in targets])
 
 
 def write_check(folder: str | Path, check: ExpectationCheck) -> Path:

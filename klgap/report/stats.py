@@ -308,3 +308,83 @@ def mean_ci(per_ctx: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: flo
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0, "n_boot": n_boot}
     return {"mean": found.point, "ci_low": found.low, "ci_high": found.high, "n_contexts": found.n_contexts,
             "n_boot": n_boot}
+
+
+@dataclass(frozen=True)
+class SaeContextBootstrap:
+    """A statistic of several SAEs of one recipe (seeds) measured on the same contexts, with an interval that
+    resamples both SAEs and contexts (:func:`sae_context_bootstrap`).
+
+    point:       the mean over SAEs of each SAE's statistic on every context (each seed weighs the same).
+    low, high:   the two-level bootstrap interval.
+    per_sae:     each SAE's statistic on every context, ``[n_saes]``.
+    var_sae:     the variance of the point estimate resampling SAEs alone (contexts as measured);
+    var_context: resampling contexts alone (SAEs as trained): sae_share = var_sae / (var_sae + var_context), the
+                 share of the estimate's variance that comes from which SAE was trained.
+    replicates:  the finite two-level replicates."""
+
+    point: float
+    low: float
+    high: float
+    per_sae: np.ndarray
+    var_sae: float
+    var_context: float
+    n_contexts: int
+    replicates: np.ndarray
+
+    @property
+    def sae_share(self) -> float:
+        total = self.var_sae + self.var_context
+        return self.var_sae / total if total > 0 else math.nan
+
+
+def sae_context_bootstrap(frames: Sequence[Sequence[pd.DataFrame]],
+                          statistic: Callable[[list[np.ndarray]], np.ndarray], n_boot: int = 2000, seed: int = 0,
+                          level: float = 0.95, dtype: type | None = None) -> SaeContextBootstrap | None:
+    """The one bootstrap over SAEs and contexts: ``frames[s]`` are SAE s's per-context ``sum`` and ``n`` frames
+    (:func:`per_context`), ``statistic(means)`` as :func:`context_bootstrap`'s, taken per SAE and averaged over
+    SAEs. Each replicate draws SAEs with replacement and whole contexts with replacement, the *same* contexts for
+    every SAE drawn: every SAE was measured on the same tokens (the design is crossed, not nested), so a context's
+    difficulty moves all of them together. Hence with SAEs that do not differ the interval is exactly
+    :func:`context_bootstrap`'s (its context draws, same `seed`), and with contexts that do not differ it is the
+    bootstrap over SAEs alone. None when no context is shared."""
+    n_saes = len(frames)
+    flat = [frame for group in frames for frame in group]
+    width = len(frames[0])
+    joined = flat[0].add_suffix("_0")
+    for i, frame in enumerate(flat[1:], 1):
+        joined = joined.join(frame.add_suffix(f"_{i}"), how="inner")
+    if joined.empty or n_saes == 0:
+        return None
+    sums = [joined[f"sum_{i}"].to_numpy(dtype) for i in range(len(flat))]
+    counts = [joined[f"n_{i}"].to_numpy(dtype) for i in range(len(flat))]
+
+    def per_sae(idx: np.ndarray | slice) -> np.ndarray:  # [n_saes, ...] each SAE's statistic on the drawn contexts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.stack([np.asarray(statistic([sums[j][idx].sum(-1) / counts[j][idx].sum(-1)
+                                                   for j in range(s * width, (s + 1) * width)]), dtype=np.float64)
+                             for s in range(n_saes)])
+
+    points = per_sae(slice(None))
+    draws = np.random.default_rng([seed, 1]).integers(0, n_saes, size=(n_boot, n_saes))  # [n_boot n_saes]
+    both, contexts_only = [], []
+    done = 0
+    for idx in bootstrap_indices(len(joined), n_boot, seed):
+        values = per_sae(idx).T  # [chunk n_saes]
+        both.append(np.take_along_axis(values, draws[done : done + len(idx)], axis=1).mean(1))
+        contexts_only.append(values.mean(1))
+        done += len(idx)
+    saes_only = points[draws].mean(1)
+
+    def kept(values: np.ndarray) -> np.ndarray:
+        return values[np.isfinite(values)]
+
+    boots = kept(np.concatenate(both))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha]) if boots.size else (math.nan, math.nan)
+
+    def variance(values: np.ndarray) -> float:
+        return float(np.var(values, ddof=1)) if values.size > 1 else math.nan
+
+    return SaeContextBootstrap(float(points.mean()), float(low), float(high), points, variance(kept(saes_only)),
+                               variance(kept(np.concatenate(contexts_only))), len(joined), boots)

@@ -178,7 +178,10 @@ def fit_sae(
     started = started or time.time()
     if not torch.isfinite(acts).all():
         raise KlgapError(f"{model.name} {hook_name(site, layer)} has non-finite activations; cannot train an SAE on them")
-    gen = torch.Generator().manual_seed(seed)
+    # held-out tokens drawn with the token seed: SAEs of one recipe and several seeds (train-sae --seeds) are scored
+    # on the same held-out tokens; `seed` sets the initialisation and the order training reads the rest
+    token_seed = trained_on.seed if trained_on is not None else seed
+    gen = torch.Generator().manual_seed(token_seed)
     acts = acts[torch.randperm(len(acts), generator=gen)]
     n_eval = max(256, len(acts) // 20)
     if len(acts) < n_eval + train_batch_size:
@@ -205,6 +208,7 @@ def fit_sae(
         "b_dec_init": b_dec_init,
         "lr": lr,
         "seed": seed,
+        **({"token_seed": token_seed} if token_seed != seed else {}),  # train-sae --seeds: seed-1 on
         "first_position": "excluded" if skip_first_position else "included",
         **(trained_on.facts() if trained_on is not None else {}),
     }

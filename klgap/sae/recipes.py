@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from klgap.errors import KlgapError, unknown
+from klgap.sae.seeds import is_seed_glob
 
 
 #: keys of a [train_sae] table: train-sae's flags (model, site, layer, out, device and dtype come from the run),
 #: `sites` (one SAE's changes, :func:`recipe_overrides`), and the old names of renamed keys (LEGACY_KEYS)
 RECIPE_KEYS = ("tokens", "context_len", "dataset", "expansion", "l1", "lr", "steps", "epochs", "b_dec_init",
-               "architecture", "top_k", "seed", "batch_size", "checkpoints", "checkpoint_every", "sites", "k")
+               "architecture", "top_k", "seed", "seeds", "batch_size", "checkpoints", "checkpoint_every", "sites", "k")
 
 
 def check_recipe(recipe: Any) -> None:
@@ -43,6 +44,12 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         return
     recipe = renamed(recipe, "[train_sae]")
     template = os.path.expanduser(str(config.sae))
+    # seeds = N with sae = "DIR/seed-*": the seeds are trained into DIR
+    if isinstance(recipe.get("seeds"), int) and recipe["seeds"] > 1:
+        if not is_seed_glob(template):
+            raise KlgapError(f"[train_sae] seeds = {recipe['seeds']} trains DIR/seed-0, DIR/seed-1, ...: name them "
+                             f"as sae = \"DIR/seed-*\", not {config.sae!r}")
+        template = template[: -len("/seed-*")]
     missing = [(site, layer) for site, layer in pairs  # a template is filled in for one SAE too
                if not Path(sae_for(template, site, layer) if len(pairs) > 1 or templated(template) else template).exists()]
     if not missing:
@@ -58,7 +65,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
         overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
-        checkpoint_every=recipe.get("checkpoint_every"),
+        checkpoint_every=recipe.get("checkpoint_every"), seeds=recipe.get("seeds", 1),
     )
     print_trained(results)
 

@@ -26,7 +26,8 @@ class TrainingTokens:
     prepend_bos: bool = True
 
     def facts(self) -> dict[str, Any]:
-        """training.json's keys for these tokens (``seed`` is written with the rest of the recipe)."""
+        """training.json's keys for these tokens (``seed`` is written with the rest of the recipe; ``token_seed``
+        too, where it differs from the SAE's ``seed``: train-sae --seeds)."""
         return {"dataset": self.dataset, "token_source": self.source, "split": self.split, "split_of": self.split_of,
                 "context_len": self.context_len, "tokens": self.tokens, "n_contexts": self.n_contexts,
                 "prepend_bos": self.prepend_bos}
@@ -40,7 +41,7 @@ class TrainingTokens:
         try:
             return cls(dataset=training["dataset"], source=str(training["token_source"]),
                        split=_text(training.get("split")), split_of=_text(training.get("split_of")),
-                       seed=int(training["seed"]), context_len=int(training["context_len"]),
+                       seed=int(training.get("token_seed", training["seed"])), context_len=int(training["context_len"]),
                        tokens=int(training["tokens"]), n_contexts=int(training["n_contexts"]),
                        prepend_bos=bool(training.get("prepend_bos", True)))
         except (KeyError, TypeError, ValueError):

@@ -19,6 +19,7 @@ from klgap.plugins.manager import ModelRef
 from klgap.sae.fit import B_DEC_INITS, check_architecture, fit_sae
 from klgap.sae.gather import gather_many
 from klgap.sae.saving import check_sae_out
+from klgap.sae.seeds import seed_folders, sweep_folders
 from klgap.sae.tokens import TrainingTokens
 
 #: tokens per training step (sae_lens's train_batch_size_samples): what --steps counts in
@@ -77,7 +78,7 @@ def train_saes(
     epochs: float | None = None,
     b_dec_init: str = "zeros",
     architecture: str = "standard",
-    k: int | None = None,
+    k: int | list[int] | None = None,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
@@ -87,6 +88,7 @@ def train_saes(
     overrides: dict[tuple[str, int], dict[str, Any]] | None = None,
     checkpoints: int | None = None,
     checkpoint_every: int | None = None,
+    seeds: int = 1,
 ) -> list[dict[str, Any]]:
     """``klgap train-sae`` as a function (argument names are the flags'): train an SAE at every (site, layer)
     in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
@@ -98,7 +100,14 @@ def train_saes(
     (``l1_coefficient``, ``lr``, ``steps``, ``b_dec_init``, ``architecture``, ``k``), as a config's ``[train_sae.sites.*]`` tables give.
     checkpoints / checkpoint_every: save that many checkpoints of each SAE as it trains (klgap/sae/checkpoints.py).
     dataset: a source with splits is read at its train split when none is named (``sample`` -> ``sample:train``;
-    klgap.protocols.SplitTokenSource); training.json records the tokens read (klgap.sae.tokens.TrainingTokens)."""
+    klgap.protocols.SplitTokenSource); training.json records the tokens read (klgap.sae.tokens.TrainingTokens).
+    seeds: N > 1 trains N SAEs of each (site, layer) with the same recipe and tokens and seeds `seed`, `seed` + 1,
+    ...  (initialisation and the order training reads the tokens), saved side by side as ``out/seed-0``,
+    ``out/seed-1``, ... (:func:`seed_folder`); measure them together with ``--sae 'OUT/seed-*'``
+    (klgap/report/between_saes.py). 1 (default): one SAE at `out` itself.
+    k: a list (``--top-k 16,32,64``) trains a TopK SAE per k on the same tokens, saved as ``out/k-16``, ... (each
+    with its seeds inside when `seeds` > 1), every one equal to a run with that k alone; measure them with
+    ``--sae 'OUT/k-*'``."""
     from klgap.job.loading import check_fits, load_model
     from klgap.plan.config import RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
@@ -116,9 +125,28 @@ def train_saes(
             f"--out {str(out)!r} names one folder but {len(pairs)} SAEs were asked for; put {{layer}} and {{site}} "
             "in it, e.g. ~/.cache/klgap/saes/MODEL/blocks.{layer}.hook_{site}"
         )
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise KlgapError(f"--seeds must be an integer ≥ 1 (SAEs trained per site/layer, seeds --seed, --seed + 1, "
+                         f"...), got {seeds!r}")
+    ks = k if isinstance(k, list) else [k]
+    changes_k = any({"k", "architecture"} & set(change) for change in (overrides or {}).values())
+    if len(ks) > 1 and (architecture != "topk" or changes_k):
+        raise KlgapError(f"--top-k {','.join(map(str, ks))} trains one TopK SAE per k: it needs --architecture topk, "
+                         "and no [train_sae.sites.*] table changing k or the architecture")
+    if not ks or len(set(ks)) < len(ks):
+        raise KlgapError(f"--top-k lists each k once, got {ks!r}")
+    for each in ks:
+        check_architecture(architecture, each)
     folders = {(s, v): Path(template.replace("{site}", s).replace("{layer}", str(v))) for s, v in pairs}
-    for folder in folders.values():  # a file, a user's folder or a run there is refused before anything loads
-        check_sae_out(folder)
+    for base in folders.values() if seeds > 1 or len(ks) > 1 else []:
+        if base.exists() and not base.is_dir():
+            raise KlgapError(f"--out {str(base)!r} is a file: several SAEs (--seeds {seeds}, --top-k "
+                             f"{','.join(map(str, ks))}) are saved in a folder, one subfolder each")
+    members = {pair: [(each, folder) for each, root in sweep_folders(base, ks) for folder in seed_folders(root, seeds)]
+               for pair, base in folders.items()}  # (k, folder) of every SAE of each (site, layer)
+    for found in members.values():  # a file, a user's folder or a run there is refused before anything loads
+        for _, folder in found:
+            check_sae_out(folder)
     # the model, token source, device, dtype and numbers resolved as a run's are (klgap.plan.resolve), before
     # anything loads
     plan = resolve(RunConfig(model=model.name if isinstance(model, ModelRef) else str(model), site=pairs[0][0],
@@ -127,7 +155,6 @@ def train_saes(
                    model=model if isinstance(model, ModelRef) else None, role="train")  # a train split by default
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
-    check_architecture(architecture, k)
     n_steps = steps_for(tokens, TRAIN_BATCH, epochs, steps)  # default: one pass over --tokens
     for warning in sorted({reuse_warning(tokens, n) for n in [n_steps, *(c["steps"] for c in (overrides or {}).values()
                                                                             if "steps" in c)]} - {None}):
@@ -136,7 +163,8 @@ def train_saes(
 
     for value in {n_steps, *(int(c["steps"]) for c in (overrides or {}).values() if "steps" in c)}:
         count(value, checkpoints, checkpoint_every)  # checked before the model loads
-    recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=k) for pair, change in (overrides or {}).items()}
+    recipes = {pair: _merged(recipe_of=change, architecture=architecture, k=ks[0])
+               for pair, change in (overrides or {}).items()}
     ref, torch_device = plan.model, plan.device
     shape = model_shape(ref.adapter)  # from the config: a bad layer or context fails before the weights load
     for s, v in pairs if shape is not None else []:
@@ -164,11 +192,12 @@ def train_saes(
     gathered = gather_many(loaded, pairs, contexts, batch_size, progress=progress)
     results = []
     for s, v in pairs:
-        folder = folders[(s, v)]
-        results.append(fit_sae(loaded, s, v, gathered.pop((s, v)), folder, started=started,
-                               **{**recipe, **recipes.get((s, v), {})}))
-        results[-1]["out"] = str(folder)
-        started = time.time()
+        acts = gathered.pop((s, v))
+        for i, (each, folder) in enumerate(members[(s, v)]):  # the same tokens; another k or seed each
+            results.append(fit_sae(loaded, s, v, acts, folder, started=started,
+                                   **{**recipe, "k": each, **recipes.get((s, v), {}), "seed": seed + i % seeds}))
+            results[-1]["out"] = str(folder)
+            started = time.time()
     return results
 
 

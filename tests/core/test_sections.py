@@ -52,11 +52,13 @@ def plugin():
 
 
 def test_klgap_registers_its_own_sections_through_the_hook():
-    assert list(sections()) == ["error_decomposition", "second_order", "compounding", "over_training"]
+    names = ["error_decomposition", "second_order", "compounding", "over_training", "between_saes"]
+    assert list(sections()) == names
     assert {key: s.level for key, s in sections().items()} == {
-        "error_decomposition": "site", "second_order": "site", "compounding": "run", "over_training": "study"}
+        "error_decomposition": "site", "second_order": "site", "compounding": "run", "over_training": "study",
+        "between_saes": "study"}
     assert get_host().plugin_infos()[[i.name for i in get_host().plugin_infos()].index("report_sections")].registers \
-        == {"report_section": ["error_decomposition", "second_order", "compounding", "over_training"]}
+        == {"report_section": names}
 
 
 def test_a_plugin_section_is_built_typed_rendered_and_carried_into_a_study(plugin, tmp_path, load_model, capsys):
