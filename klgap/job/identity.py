@@ -95,6 +95,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("joint", None)
     if not identity.get("joint_subsets"):  # joint runs written before --joint-subsets existed still resume
         identity.pop("joint_subsets", None)
+    if not identity.get("joint"):  # a site alone has no joint baseline: its folder resumes whatever the joint's says
+        identity.pop("joint_baseline", None)
     if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
         identity.pop("drop_last_position")
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens

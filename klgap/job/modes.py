@@ -36,15 +36,21 @@ def table(columns: dict[str, Any]) -> pd.DataFrame:
 def intervention_rows(patch: Patch, clean: Clean, next_ids: Tensor, base: dict[str, Any],
                       keep: Tensor | None = None) -> list[pd.DataFrame]:
     """Per intervention (``patch.stack`` per patched call): its patched logits, KL and ΔCE against the clean run
-    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those."""
+    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those, with a
+    joint cell's per-site patch sizes (klgap/job/swap.py)."""
     frames = []
     indexed = list(enumerate(patch.interventions))  # j keys each substitute's generator
     for start in range(0, len(indexed), patch.stack):
         group = indexed[start : start + patch.stack]
-        for (_, intervention), logits in zip(group, patch.logits(group), strict=True):
+        for (j, intervention), logits in zip(group, patch.logits(group), strict=True):
             kl, ce = clean.ref.measure(logits, next_ids)
-            kl, ce = (kl.reshape(-1), ce.reshape(-1)) if keep is None else (kl[keep], ce[keep])
-            frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce}))
+            sizes = patch.sizes.pop(j, {})  # [b n_measured] each
+            if keep is None:
+                kl, ce, sizes = kl.reshape(-1), ce.reshape(-1), {k: v.reshape(-1) for k, v in sizes.items()}
+            else:
+                kl, ce, sizes = kl[keep], ce[keep], {k: v[keep.to(v.device)] for k, v in sizes.items()}
+            frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce,
+                                 **sizes}))
             del logits
     return frames
 
@@ -62,7 +68,7 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     position = torch.arange(ctx_len).expand(n_ctx, ctx_len)[keep_cpu]
     base = {"context": batch.context_ids[:, None].expand(n_ctx, ctx_len)[keep_cpu], "position": position,
             "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
-    patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first))
+    patch = cell.patch(batch, clean, view, slice(first, None), Positions(keep, fill, first))
     frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
     frame = pd.concat(frames, ignore_index=True)
     if not drop_last:
@@ -90,7 +96,7 @@ def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames
     t = batch.start
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
-    frames = intervention_rows(cell.patch(batch, view, t), clean, batch.next_ids, base)
+    frames = intervention_rows(cell.patch(batch, clean, view, t), clean, batch.next_ids, base)
     return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
 
 
@@ -112,7 +118,7 @@ def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> 
     t, n_ctx = batch.start, batch.ids.shape[0]
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)
     base = {"context": batch.context_ids, "position": t, "offset": 0, "token_id": batch.contexts[:, t], **view.stats}
-    patch = cell.patch(batch, view, t)
+    patch = cell.patch(batch, clean, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)
     # N draws per context: rows are (context, draw) pairs, in chunks
     kl_all, ce_all = [], []
