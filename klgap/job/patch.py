@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from klgap.forward.joint import JointExecutor
-from klgap.job.swap import SIZE_COLUMNS, Reconstruct, Site, SiteSwap, reconstruct_swaps, size_column
+from klgap.job.record import SIZE_COLUMNS, size_column
+from klgap.job.swap import Reconstruct, Site, SiteSwap, reconstruct_swaps
 from klgap.job.view import SaeView, draw_generator
 from klgap.plugins.capabilities import baseline_label, every_position, frozen_error
 from klgap.protocols import LoadedModel, Perturbation

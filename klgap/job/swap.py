@@ -5,7 +5,7 @@ A :class:`SiteSwap` sees x̂ from its own SAE re-encoding the activation it rece
 to use instead (``error``: x̂ = x − error, nothing re-encoded): a joint run's baselines are sized so by
 ``--joint-baseline`` (clean: the SAE's error on the clean activation; matched: the joint SAE run's error at the
 site) and ``error_add`` always takes the clean error (klgap/job/patch.py chooses). Each call records, per patched
-token, the size of the patch it made (:data:`SIZE_COLUMNS`): ε = ‖x − x'‖, ‖x‖ and cos(x, x') of the activation
+token, the size of the patch it made (:data:`klgap.job.record.SIZE_COLUMNS`): ε = ‖x − x'‖, ‖x‖ and cos(x, x') of the activation
 x it received, and the L0 of the SAE code whose x̂ the perturbation saw (NaN where x̂ came from a given error).
 """
 
@@ -21,15 +21,6 @@ from torch import Tensor
 from klgap.forward.executors import Executor
 from klgap.job.view import SaeView
 from klgap.protocols import LoadedModel, LoadedSAE, Perturbation
-
-#: the per-site patch sizes a joint cell's rows carry, as ``site{k}_{name}`` (k: the site's index, forward order)
-SIZE_COLUMNS = ("eps", "x_norm", "cos", "l0")
-
-
-def size_column(k: int, name: str) -> str:
-    """The column of site k's patch size `name` (:data:`SIZE_COLUMNS`) in a joint cell's rows."""
-    return f"site{k}_{name}"
-
 
 class Site(Protocol):
     """What patching a site needs of its loaded run (klgap.job.loading.Loaded has it)."""
@@ -121,4 +112,4 @@ def reconstruct_swaps(sites: Sequence[Site], at: slice, keep: Tensor | None = No
                      record_error=record_error) for site in sites]
 
 
-__all__ = ["SIZE_COLUMNS", "Reconstruct", "Site", "SiteSwap", "reconstruct_swaps", "size_column"]
+__all__ = ["Reconstruct", "Site", "SiteSwap", "reconstruct_swaps"]
