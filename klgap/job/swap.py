@@ -5,8 +5,9 @@ A :class:`SiteSwap` sees x̂ from its own SAE re-encoding the activation it rece
 to use instead (``error``: x̂ = x − error, nothing re-encoded): a joint run's baselines are sized so by
 ``--joint-baseline`` (clean: the SAE's error on the clean activation; matched: the joint SAE run's error at the
 site) and ``error_add`` always takes the clean error (klgap/job/patch.py chooses). Each call records, per patched
-token, the size of the patch it made (:data:`klgap.job.record.SIZE_COLUMNS`): ε = ‖x − x'‖, ‖x‖ and cos(x, x') of the activation
-x it received, and the L0 of the SAE code whose x̂ the perturbation saw (NaN where x̂ came from a given error).
+token, the size of the patch it made (klgap.job.record.SIZE_COLUMNS): ε = ‖x − x'‖, ‖x‖ and cos(x, x') of the
+activation x it received, and the L0 of the SAE code whose x̂ the perturbation saw (NaN where x̂ came from a
+given error).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def _interactions(files: RunFiles) -> interactions.Interactions | None:
     """A joint run whose every subset of sites was measured (--joint-subsets, or two sites)."""
     if files.record.joint is None:
         return None
-    return interactions.interactions(files.record, files.rundir, files.stats.interventions)
+    return interactions.interactions(files.record, files.rundir)
 
 
 def _interaction_figures(report: Any, folder: Path) -> list[Path]:

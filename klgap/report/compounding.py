@@ -232,8 +232,8 @@ def patch_sizes(paths: list[Path], hook_names: list[str], names: list[str]) -> l
         total, count = totals.get((name, column), (0.0, 0.0))
         return total / count if count else None
 
-    return [PatchSize(hook_name=hook, **{f"{column}_mean": {name: mean(name, size_column(k, column)) for name in names}
-                                          for column in SIZE_COLUMNS})
+    return [PatchSize(hook_name=hook, **{f"{column}_mean": {name: mean(name, size_column(k, column))
+                                                             for name in names} for column in SIZE_COLUMNS})
             for k, hook in enumerate(hook_names)]
 
 

@@ -23,7 +23,7 @@ from klgap.job.record import RECORD_FILE, SUBSETS_DIR, RunRecord, read_record
 from klgap.report import stats
 from klgap.report.aggregate import context_sums
 from klgap.report.compounding import N_BOOT, Difference, difference
-from klgap.report.schema import InterventionStats, Num, StrictModel
+from klgap.report.schema import Num, StrictModel
 
 
 class InteractionTerm(StrictModel):
@@ -39,7 +39,7 @@ class Interactions(StrictModel):
     """A joint run's mean KL per intervention as the sum of its interaction terms over every subset of its sites."""
 
     sites: list[str]  # hook names, forward order
-    joint_kl_mean: dict[str, Num]  # f(all sites): the sum of every term
+    joint_kl_mean: dict[str, Num]  # f(all sites) from the same per-context sums: the sum of every term
     terms: list[InteractionTerm]  # by order, then forward order
 
 
@@ -68,9 +68,8 @@ def signed_sum(frames: Sequence[pd.DataFrame], signs: Sequence[int], seed: int, 
     return difference(found, n_boot)
 
 
-def interactions(record: RunRecord, rundir: RunDir, joint: dict[str, InterventionStats]) -> Interactions | None:
-    """The interactions section of a joint run of two or more sites whose subsets were all measured (`joint`: its
-    per-intervention statistics); else None."""
+def interactions(record: RunRecord, rundir: RunDir) -> Interactions | None:
+    """The interactions section of a joint run of two or more sites whose subsets were all measured; else None."""
     if record.joint is None or len(record.joint) < 2 or (measured := _measured(record, rundir)) is None:
         return None
     hooks = [site.hook_name for site in record.joint]
@@ -83,7 +82,9 @@ def interactions(record: RunRecord, rundir: RunDir, joint: dict[str, Interventio
             signs = [(-1) ** (order - len(u)) for u in below]
             terms.append(InteractionTerm(sites=list(chosen), order=order, terms={
                 name: signed_sum([sums[u](name, "kl") for u in below], signs, seed) for name in names}))
-    return Interactions(sites=hooks, joint_kl_mean={name: joint[name].kl_mean for name in names}, terms=terms)
+    whole = sums[frozenset(hooks)]
+    joint = {name: float(whole(name, "kl")["sum"].sum() / whole(name, "kl")["n"].sum()) for name in names}
+    return Interactions(sites=hooks, joint_kl_mean=joint, terms=terms)
 
 
 __all__ = ["InteractionTerm", "Interactions", "interactions", "signed_sum"]
