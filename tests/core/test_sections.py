@@ -52,11 +52,11 @@ def plugin():
 
 
 def test_klgap_registers_its_own_sections_through_the_hook():
-    assert list(sections()) == ["error_decomposition", "compounding", "over_training"]
+    assert list(sections()) == ["error_decomposition", "compounding", "interactions", "over_training"]
     assert {key: s.level for key, s in sections().items()} == {
-        "error_decomposition": "site", "compounding": "run", "over_training": "study"}
+        "error_decomposition": "site", "compounding": "run", "interactions": "run", "over_training": "study"}
     assert get_host().plugin_infos()[[i.name for i in get_host().plugin_infos()].index("report_sections")].registers \
-        == {"report_section": ["error_decomposition", "compounding", "over_training"]}
+        == {"report_section": ["error_decomposition", "compounding", "interactions", "over_training"]}
 
 
 def test_a_plugin_section_is_built_typed_rendered_and_carried_into_a_study(plugin, tmp_path, load_model, capsys):
