@@ -71,7 +71,7 @@ class SiteSwap:
         keep = (self.keep[:, self.at].to(x.device) if self.keep is not None
                 else torch.ones(b, n_pos, dtype=torch.bool, device=x.device))
         out = x.to(self.site.model.dtype).clone()
-        new, view = self.rows(x[keep], self.error[keep] if self.error is not None else None)
+        new, view = self.rows(x[keep], self.error[keep.to(self.error.device)] if self.error is not None else None)
         out[keep] = new.to(x.device)
         self._record(x, out, keep, view)
         return out

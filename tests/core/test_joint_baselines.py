@@ -157,3 +157,22 @@ def test_interactions_need_every_subset(tmp_path, load_model):
     report, _ = _run(tmp_path, "four", model="tiny-gpt2", site="resid_pre,resid_post", layer="0,1", sae=template,
                      interventions=["sae"])
     assert report.interactions is None and not (tmp_path / "four" / "interactions.png").exists()
+
+
+@pytest.mark.parametrize("mode", [{"mode": "single_token", "position": 5, "k": 2},
+                                  {"mode": "many_samples", "position": 5, "n_samples": 4}])
+def test_matched_baselines_at_one_position(tmp_path, load_model, mode):
+    """Single-token and many-samples runs patch position t at every site: the baseline's ε there is the joint SAE
+    run's, on each of the measured rows of that context."""
+    lm = load_model("tiny-gpt2")
+    template = _saes(tmp_path, lm, [("resid_pre", 0), ("resid_pre", 1)])
+    report, tokens = _run(tmp_path, "run", model="tiny-gpt2", site="resid_pre", layer="0,1", sae=template,
+                          interventions=["sae", "epsilon_random"], **mode)
+    sae, noise = _of(tokens, "sae"), _of(tokens, "epsilon_random")
+    assert len(sae) == 4 * (mode.get("k", 0) + 1)
+    for k in range(2):
+        np.testing.assert_allclose(noise[f"site{k}_eps"], sae[f"site{k}_eps"], rtol=2e-5)
+        assert (sae.groupby("context")[f"site{k}_eps"].nunique() == 1).all()  # t's size on every row of a context
+    np.testing.assert_allclose(sae.site0_eps, sae.eps, rtol=1e-5)  # the lowest site: the clean ε at t
+    assert report.compounding.patch_sizes[1].eps_mean["epsilon_random"] == pytest.approx(
+        report.compounding.patch_sizes[1].eps_mean["sae"], rel=1e-5)
