@@ -80,10 +80,12 @@ def measure(model: Any, sae: Any, *, tokens: Any = 8192, site: str | list[str] |
     dry_run: resolve and check everything, load nothing; returns what would run (klgap.plan.dryrun.DryRun).
     options: the other flags by name: context_len, batch_size, position, k, n_samples, sample_intervention,
             device, dtype, mask_special, drop_last_position, no_bos, no_fast, joint, joint_subsets,
-            fit_tokens, second_order (the predicted KL beside the measured and the report's second_order section).
+            joint_baseline, fit_tokens, second_order (the predicted KL beside the measured and the report's
+            second_order section).
     joint=True: every site x layer listed (``site="resid_post", layer=[3, 10, 17]``) patched in the same forward,
             each with its own SAE: `sae` a spec with {site}/{layer}, or a list of SAEs in that order; each site is
-            also measured alone, and ``result.report.compounding`` compares them (klgap/job/plan.py).
+            also measured alone, and ``result.report.compounding`` compares them (klgap/job/plan.py);
+            ``joint_baseline`` ("matched", "clean" or "reencoded") says what sizes each site's baselines.
     """
     import torch
 

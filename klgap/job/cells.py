@@ -17,7 +17,7 @@ from klgap.forward.joint import JointExecutor, JointForward, JointReplay, clean_
 from klgap.job import precision
 from klgap.job.loaded import LoadedCell, LoadedJob
 from klgap.job.loading import Loaded, load_plan
-from klgap.job.patch import reconstruct_swaps
+from klgap.job.swap import reconstruct_swaps
 from klgap.job.plan import Job
 from klgap.plan.config import RunConfig
 from klgap.plan.resolve import resolve

@@ -95,6 +95,8 @@ def run_identity(run: Loaded) -> dict[str, Any]:
         identity.pop("joint", None)
     if not identity.get("joint_subsets"):  # joint runs written before --joint-subsets existed still resume
         identity.pop("joint_subsets", None)
+    if not identity.get("joint"):  # a site alone has no joint baseline: its folder resumes whatever the joint's says
+        identity.pop("joint_baseline", None)
     if not identity["drop_last_position"]:  # the default: folders written before the flag existed still resume
         identity.pop("drop_last_position")
     if identity.get("fit_tokens") is None:  # likewise for --fit-tokens
@@ -128,8 +130,9 @@ def joint_record(cell: LoadedCell, world: World = SINGLE) -> RunRecord:
              for run, record in ((run, make_record(run, world)) for run in cell.runs)]
     notes = list(dict.fromkeys(note for run in cell.runs for note in run.notes))
     notes.append("joint run: every site below is patched in the same forward, each with its own SAE (x, x̂, ε "
-                 "of the activation that forward gives it); site, layer and sae_metrics here are the lowest "
-                 "site's; each site alone: " + ", ".join(site.path for site in sites))
+                 "of the activation that forward gives it); its baselines sized by --joint-baseline "
+                 f"{cell.config.joint_baseline}; site, layer and sae_metrics here are the lowest site's; each site "
+                 "alone: " + ", ".join(site.path for site in sites))
     return lowest.model_copy(update={"config": json_safe(cell.config.to_dict()), "joint": sites,
                                      "execution": json_safe(cell.execution), "notes": notes,
                                      "precision": cell.precision})  # the joint cell's own check

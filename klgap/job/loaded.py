@@ -65,15 +65,17 @@ class LoadedCell:
         """``resid_post_L03+resid_post_L10``: the sites patched together, in forward order."""
         return "+".join(f"{run.site}_L{run.layer:02d}" for run in self.runs)
 
-    def patch(self, batch: Batch, view: SaeView, at: slice | int, positions: Positions | None = None) -> Patch:
+    def patch(self, batch: Batch, clean: Clean, view: SaeView, at: slice | int,
+              positions: Positions | None = None) -> Patch:
         """This batch's patched runs: at positions `at` (a slice in all-token mode, the position t otherwise);
-        `positions` (all-token mode) the tokens patched when --mask-special masks some."""
+        `positions` (all-token mode) the tokens patched when --mask-special masks some; `clean` the batch's clean
+        run (a joint cell's clean and matched baselines are sized from it)."""
         seed = self.runs[0].config.seed
         if not self.joint:
             return SitePatch(self.runs[0], view, batch.ids, at, seed, batch.index, positions)
         where = at if isinstance(at, slice) else slice(at, at + 1)
         return JointPatch(self.runs, self.executor, batch.ids, where, batch.start, seed,  # type: ignore[arg-type]
-                          batch.index, positions=positions)
+                          batch.index, positions=positions, clean=clean.acts, baseline=self.config.joint_baseline)
 
 
 @dataclass

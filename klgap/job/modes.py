@@ -37,7 +37,8 @@ def table(columns: dict[str, Any]) -> pd.DataFrame:
 def intervention_rows(patch: Patch, clean: Clean, next_ids: Tensor, base: dict[str, Any],
                       keep: Tensor | None = None) -> list[pd.DataFrame]:
     """Per intervention (``patch.stack`` per patched call): its patched logits, KL and ΔCE against the clean run
-    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those.
+    at each tail position, the rows at `keep` (``[b npos]`` bool, row-major; all of them when None) of those, with a
+    joint cell's per-site patch sizes (klgap/job/swap.py).
 
     The clean CE of each token (``ce_clean``, :meth:`CleanReference.ce`) is stored once per token: on the first
     intervention's rows; every other row holds NaN there (written as a run of nulls, a few bytes per part)."""
@@ -47,12 +48,16 @@ def intervention_rows(patch: Patch, clean: Clean, next_ids: Tensor, base: dict[s
     ce_clean = ce_clean.reshape(-1) if keep is None else ce_clean[keep]
     for start in range(0, len(indexed), patch.stack):
         group = indexed[start : start + patch.stack]
-        for (_, intervention), logits in zip(group, patch.logits(group), strict=True):
+        for (j, intervention), logits in zip(group, patch.logits(group), strict=True):
             kl, ce = clean.ref.measure(logits, next_ids)
-            kl, ce = (kl.reshape(-1), ce.reshape(-1)) if keep is None else (kl[keep], ce[keep])
+            sizes = patch.sizes.pop(j, {})  # [b n_measured] each
+            if keep is None:
+                kl, ce, sizes = kl.reshape(-1), ce.reshape(-1), {k: v.reshape(-1) for k, v in sizes.items()}
+            else:
+                kl, ce, sizes = kl[keep], ce[keep], {k: v[keep.to(v.device)] for k, v in sizes.items()}
             carried = ce_clean if not frames else torch.full_like(ce_clean, float("nan"))
             frames.append(table({**base, "intervention": intervention.name, "draw": -1, "kl": kl, "ce_delta": ce,
-                                 "ce_clean": carried}))
+                                 "ce_clean": carried, **sizes}))
             del logits
     return frames
 
@@ -70,7 +75,7 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     position = torch.arange(ctx_len).expand(n_ctx, ctx_len)[keep_cpu]
     base = {"context": batch.context_ids[:, None].expand(n_ctx, ctx_len)[keep_cpu], "position": position,
             "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
-    patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first))
+    patch = cell.patch(batch, clean, view, slice(first, None), Positions(keep, fill, first))
     frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
     fisher: dict[str, Any] = {}
     if cell.config.second_order:  # the predicted KL beside the measured, and the site's sensitivity
@@ -110,7 +115,7 @@ def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames
     t = batch.start
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
-    patch = cell.patch(batch, view, t)
+    patch = cell.patch(batch, clean, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)
     fisher: dict[str, Any] = {}
     if cell.config.second_order:  # the predicted KL beside the measured, and the site's sensitivity
@@ -146,7 +151,7 @@ def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> 
     t, n_ctx = batch.start, batch.ids.shape[0]
     view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)
     base = {"context": batch.context_ids, "position": t, "offset": 0, "token_id": batch.contexts[:, t], **view.stats}
-    patch = cell.patch(batch, view, t)
+    patch = cell.patch(batch, clean, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)
     # N draws per context: rows are (context, draw) pairs, in chunks
     kl_all, ce_all = [], []

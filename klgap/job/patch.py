@@ -7,7 +7,11 @@ Two kinds of cell, one interface (:class:`Patch`), so the modes (klgap/job/modes
   klgap/forward/executors.py), several interventions stacked along the batch where the executor allows.
 - :class:`JointPatch`: several sites in one forward (klgap/forward/joint.py). Each site, lowest first, takes the
   activation it receives in that forward, already changed by the patches below it, through its own SAE and
-  applies the intervention with its own x, x̂ and ε = x − x̂ (:class:`SiteSwap`).
+  applies the intervention with its own x, x̂ and ε = x − x̂ (:class:`klgap.job.swap.SiteSwap`). A baseline
+  (a perturbation with a baseline label) is sized instead by the error ``--joint-baseline`` names: ``matched``
+  (the joint SAE run's error at each site: one more patched forward per batch), ``clean`` (the SAE's error on the
+  site's clean activation) or ``reencoded`` (its own SAE view); ``error_add`` always takes the clean error. Its
+  rows carry every site's patch size (``site{k}_eps``, ``site{k}_x_norm``, ``site{k}_cos``, ``site{k}_l0``).
 
 Both draw their randomness from :func:`klgap.job.view.draw_generator`, keyed by the intervention's name (never its
 place in ``--interventions``) and, in a joint cell, the site's index k (0 for the lowest site, which so draws as the
@@ -23,36 +27,22 @@ clean activation (or, for ``zero``, with the perturbation of the SAE's view of t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from klgap.forward.executors import Executor
 from klgap.forward.joint import JointExecutor
+from klgap.job.record import SIZE_COLUMNS, size_column
+from klgap.job.swap import Reconstruct, Site, SiteSwap, reconstruct_swaps
 from klgap.job.view import SaeView, draw_generator
-from klgap.plugins.capabilities import every_position
-from klgap.protocols import LoadedModel, LoadedSAE, Perturbation
+from klgap.plugins.capabilities import baseline_label, every_position, frozen_error
+from klgap.protocols import LoadedModel, Perturbation
 
 DRAW_CHUNK_BYTES = 256 * 2**20  # many-samples: memory for one chunk of draws (its cache copy and its logits)
 
 Group = Sequence[tuple[int, Any]]  # (intervention index, Intervention) pairs measured by one patched call
-
-
-class Site(Protocol):
-    """What patching a site needs of its loaded run (klgap.job.loading.Loaded has it)."""
-
-    model: LoadedModel
-    sae: LoadedSAE
-    center: bool
-    executor: Executor
-
-    @property
-    def interventions(self) -> tuple[Any, ...]: ...
-
-    @property
-    def sample(self) -> Any: ...
 
 
 def draw_chunk(model: LoadedModel, n_positions: int, prefix_bytes: int) -> int:
@@ -82,59 +72,13 @@ class Positions:
         return self.holes or every_position(perturbation)
 
 
-class SiteSwap:
-    """Replace positions `at` of a site's tensor by `perturbation` applied to that tensor's own SAE view (x, x̂
-    computed from the activation this forward gives the site): ``slice(first, None)`` in all-token mode,
-    ``slice(t, t + 1)`` in the others; with `keep` (``[b n]`` bool, all-token mode with masked tokens) only the
-    tokens it marks."""
-
-    def __init__(self, site: Site, perturbation: Perturbation, generator: torch.Generator, at: slice,
-                 keep: Tensor | None = None) -> None:
-        self.site, self.perturbation, self.generator, self.at, self.keep = site, perturbation, generator, at, keep
-
-    def rows(self, x: Tensor) -> Tensor:
-        """``x [m d]`` (this forward's activations) -> x' ``[m d]`` in the model's dtype."""
-        model = self.site.model
-        view = SaeView.of(x.to(model.device), self.site.sae, self.site.center)  # device_map: a site anywhere
-        return view.substitute(self.perturbation, self.generator, model.dtype)
-
-    def substitute(self, tensor: Tensor) -> Tensor:
-        """``tensor [b n d]`` -> x' ``[b npos d]`` (the positions `at`) in the model's dtype; with `keep`, the
-        tokens it does not mark keep their value."""
-        x = tensor[:, self.at]
-        if self.keep is not None:
-            keep = self.keep[:, self.at].to(x.device)
-            out = x.to(self.site.model.dtype).clone()
-            out[keep] = self.rows(x[keep]).to(x.device)
-            return out
-        b, n_pos, d = x.shape
-        return self.rows(x.reshape(b * n_pos, d)).reshape(b, n_pos, d)
-
-    def __call__(self, tensor: Tensor) -> Tensor:
-        out = tensor.clone()
-        out[:, self.at] = self.substitute(tensor).to(tensor.device)
-        return out
-
-
-class Reconstruct:
-    """x' = x̂ (the joint executors' check patch at every site: deterministic, and a real change)."""
-
-    name, stochastic, geometry = "sae", False, {}
-
-    def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
-        return x_hat
-
-
-def reconstruct_swaps(sites: Sequence[Site], at: slice) -> list[SiteSwap]:
-    return [SiteSwap(site, Reconstruct(), torch.Generator(device=site.model.device), at) for site in sites]
-
-
 class Patch(Protocol):
     """A cell's patched runs of one batch, as logits of the measured tail ``[b n-start vocab]``."""
 
     interventions: tuple[Any, ...]
     stack: int  # interventions one patched call carries
     sample_name: str  # many-samples: the name of the sample intervention's rows
+    sizes: dict[int, dict[str, Tensor]]  # a joint cell's per-site patch sizes of intervention j, ``[b n_measured]``
 
     def logits(self, group: Group) -> list[Tensor]:
         """One patched run per intervention of `group`."""
@@ -158,6 +102,7 @@ class SitePatch:
     seed: int
     index: int
     positions: Positions | None = None  # all-token mode: the tokens patched (the view's rows) and the clean fill
+    sizes: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # none: the rows' eps, cos, ... say it
     _rest: SaeView | None = None  # the SAE's view of the masked tokens (for every-position perturbations)
 
     @property
@@ -231,7 +176,8 @@ class SitePatch:
 @dataclass
 class JointPatch:
     """Several sites in one forward (lowest first), each replaced by its own :class:`SiteSwap` at positions `at`;
-    the logits cut to the measured tail from `start`."""
+    the logits cut to the measured tail from `start`. `clean`: each site's clean activation from `start` on
+    ``[b n-start d]`` (the batch's shared clean forward); `baseline`: ``--joint-baseline``."""
 
     sites: Sequence[Site]
     executor: JointExecutor
@@ -242,6 +188,10 @@ class JointPatch:
     index: int
     stack: int = 1
     positions: Positions | None = None  # all-token mode: the tokens patched at every site
+    clean: Sequence[Tensor] = ()
+    baseline: str = "reencoded"
+    sizes: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    _references: dict[tuple[str, int | None, int | None], list[Tensor]] = field(default_factory=dict)
 
     @property
     def interventions(self) -> tuple[Any, ...]:
@@ -256,11 +206,16 @@ class JointPatch:
         out = []
         for j, _ in group:
             # each site's own perturbation object: a fitted one (epsilon_anisotropic) was fitted on that site
-            swaps = [SiteSwap(site, site.interventions[j].perturbation,
-                              draw_generator(device, self.seed, self.index, site.interventions[j].name, site=k),
-                              *self._where(site, j))
-                     for k, site in enumerate(self.sites)]
-            out.append(self.executor.patched(self.ids, swaps)[:, self.start :])
+            swaps = []
+            for k, site in enumerate(self.sites):
+                perturbation = site.interventions[j].perturbation
+                at, keep = self._where(site, j)
+                swaps.append(SiteSwap(site, perturbation,
+                                      draw_generator(device, self.seed, self.index, site.interventions[j].name, site=k),
+                                      at, keep, error=self._error(perturbation, k, at, keep)))
+            logits = self.executor.patched(self.ids, swaps)[:, self.start :]
+            self.sizes[j] = self._measured(swaps, logits.shape[1])
+            out.append(logits)
         return out
 
     def _where(self, site: Site, j: int) -> tuple[slice, Tensor | None]:
@@ -272,22 +227,75 @@ class JointPatch:
             return slice(0, None), None
         return (slice(0, None), self.positions.keep) if self.positions.holes else (self.at, None)
 
+    def _error(self, perturbation: Perturbation, k: int, at: slice, keep: Tensor | None) -> Tensor | None:
+        """The SAE error `perturbation` sees at site k (``[b npos d]``), or None: its own re-encoding."""
+        if every_position(perturbation):
+            return None  # zero & co: no error sizes them
+        if frozen_error(perturbation):
+            source = "clean"
+        elif baseline_label(perturbation) is not None:
+            source = self.baseline
+        else:
+            return None
+        return None if source == "reencoded" else self.reference(source, at, keep)[k]
+
+    def reference(self, source: str, at: slice, keep: Tensor | None) -> list[Tensor]:
+        """Each site's SAE error at positions `at` ``[b npos d]`` float32 (computed once per batch): ``clean``, its
+        SAE's error on the site's clean activation; ``matched``, the error of the joint SAE run (x' = x̂ at every
+        site, each re-encoding what it receives) at the site."""
+        key = (source, at.start, at.stop)
+        if key not in self._references:
+            if source == "clean":
+                self._references[key] = [self._clean_error(site, acts, at) for site, acts in
+                                         zip(self.sites, self.clean, strict=True)]
+            else:
+                swaps = reconstruct_swaps(self.sites, at, keep, record_error=True)
+                self.executor.patched(self.ids, swaps)
+                self._references[key] = [swap.error_seen for swap in swaps]  # type: ignore[misc]
+        return self._references[key]
+
+    def _clean_error(self, site: Site, acts: Tensor, at: slice) -> Tensor:
+        """x − x̂ of `site`'s clean activation ``acts [b n-start d]`` at positions `at` ``[b npos d]``."""
+        tail = slice(at.start - self.start if at.start is not None else None,
+                     at.stop - self.start if at.stop is not None else None)
+        x = acts[:, tail]
+        b, n_pos, d = x.shape
+        view = SaeView.of(x.reshape(b * n_pos, d).to(site.model.device), site.sae, site.center)
+        return (view.x - view.x_hat).reshape(b, n_pos, d)
+
+    def _measured(self, swaps: Sequence[SiteSwap], n_measured: int) -> dict[str, Tensor]:
+        """Each site's patch sizes laid out as the measured logits ``[b n_measured]``: by position in all-token mode
+        (NaN where the site was not patched), the patched position's on every measured row otherwise."""
+        out = {}
+        for k, swap in enumerate(swaps):
+            for name in SIZE_COLUMNS:
+                values = swap.sizes[name]  # [b npos]
+                if self.positions is None:
+                    grid = values[:, :1].expand(-1, n_measured)
+                else:
+                    grid = torch.full((values.shape[0], n_measured), float("nan"), device=values.device)
+                    grid[:, swap.at] = values
+                out[size_column(k, name)] = grid
+        return out
+
     def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """One context's draws per patched forward (in chunks), each site drawing from its own stream."""
+        """One context's draws per patched forward (in chunks), each site drawing from its own stream, sized as the
+        other baselines (``--joint-baseline``)."""
         model = self.sites[0].model
         n_ctx, n_positions = self.ids.shape
         chunk = draw_chunk(model, n_positions, 0)  # joint patched runs compute every position, hold no prefix
+        errors = [self._error(site.sample.perturbation, k, self.at, None) for k, site in enumerate(self.sites)]
         for c in range(n_ctx):
             generators = [draw_generator(model.device, self.seed, self.index, site.sample.name, context=c, site=k)
                           for k, site in enumerate(self.sites)]
             for start in range(0, n_draws, chunk):
                 rows = min(chunk, n_draws - start)
-                swaps = [SiteSwap(site, site.sample.perturbation, generators[k], self.at)
+                swaps = [SiteSwap(site, site.sample.perturbation, generators[k], self.at,
+                                  error=None if errors[k] is None else errors[k][c : c + 1].expand(rows, -1, -1))
                          for k, site in enumerate(self.sites)]
                 logits = self.executor.patched(self.ids[c : c + 1].repeat(rows, 1), swaps)[:, self.start :]
                 yield torch.full((rows,), c, device=model.device), logits
 
 
 __all__ = ["DRAW_CHUNK_BYTES", "JointPatch", "Patch", "Positions", "Reconstruct", "Site", "SitePatch", "SiteSwap",
-           "draw_chunk",
-           "reconstruct_swaps"]
+           "draw_chunk", "reconstruct_swaps"]

@@ -21,6 +21,14 @@ from klgap.report.schema import SCHEMA_VERSION, HeldOut, PluginRef, RunFacts, SA
 RECORD_FILE = "run.json"
 SINGLE_DIR = "single"  # a joint run's sites, each measured alone: OUT/single/<site>_L<layer>/
 SUBSETS_DIR = "subsets"  # a joint run's subsets of sites patched together: OUT/subsets/<a+b>/
+#: the per-site patch sizes a joint cell's rows carry, as ``site{k}_{name}`` (k: the site's index in run.json's
+#: ``joint``, forward order; written by klgap/job/swap.py)
+SIZE_COLUMNS = ("eps", "x_norm", "cos", "l0")
+
+
+def size_column(k: int, name: str) -> str:
+    """The column of site k's patch size `name` (:data:`SIZE_COLUMNS`) in a joint cell's rows."""
+    return f"site{k}_{name}"
 
 
 class InterventionRef(StrictModel):
@@ -75,4 +83,5 @@ def read_record(folder: Path) -> RunRecord:
         raise KlgapError(f"{str(path)!r} is not a valid run record ({SCHEMA_VERSION}): {exc}") from exc
 
 
-__all__ = ["RECORD_FILE", "SINGLE_DIR", "SUBSETS_DIR", "InterventionRef", "RunRecord", "read_record", "write_record"]
+__all__ = ["RECORD_FILE", "SINGLE_DIR", "SIZE_COLUMNS", "SUBSETS_DIR", "InterventionRef", "RunRecord", "read_record", "size_column",
+           "write_record"]

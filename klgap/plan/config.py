@@ -28,6 +28,8 @@ DEFAULT_INTERVENTIONS = (
 )
 #: --mask-special: which tokens are left unpatched and unmeasured (klgap/job/masks.py)
 MASK_SPECIAL = ("none", "first", "all")
+#: --joint-baseline: where a joint run's baselines take each site's SAE error from (klgap/job/patch.py)
+JOINT_BASELINES = ("matched", "clean", "reencoded")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # float64: reference runs; auto: klgap/plan/dtypes.py
 #: keys of a replication file that are not RunConfig fields: the command's (out, train_sae, sae_checkpoints, ...)
 #: and those a command reads (cos, norm_frac: klgap curve's grid)
@@ -119,6 +121,11 @@ class RunConfig:
     joint_subsets: bool = field(default=False, metadata=flag(
         "with --joint (3 or more sites): also patch every subset of two or more sites together in the same pass "
         "(OUT/subsets/<name>/), sharing each batch's clean forward and single-site runs"))
+    joint_baseline: str = field(default="matched", metadata=flag(
+        "with --joint: the SAE error each site's baselines (epsilon_random, theta_random, ...) are sized by: matched "
+        "(the error of the joint SAE run at that site, so baseline and SAE patch sizes agree token by token), "
+        "clean (the SAE's error on the clean activation, as the site alone) or reencoded (the SAE re-encoding the "
+        "activation the baseline's own patched forward gives the site)"))
 
     @property
     def n_contexts(self) -> int:
@@ -163,6 +170,8 @@ class RunConfig:
         if self.fit_tokens is not None and (not isinstance(self.fit_tokens, int) or self.fit_tokens < 2):
             raise KlgapError(f"--fit-tokens must be an integer ≥ 2 (tokens to fit on, apart from the measured ones), "
                              f"got {self.fit_tokens!r}")
+        if self.joint_baseline not in JOINT_BASELINES:
+            raise unknown("joint-baseline", self.joint_baseline, JOINT_BASELINES)
         if self.joint:
             cells = self.joint_cells()
             if self.joint_subsets and len(cells) < 3:

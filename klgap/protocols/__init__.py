@@ -23,7 +23,7 @@ from klgap.protocols.saes import (  # noqa: F401
     SparseAutoencoder, LoadedSAE, SAELoader, DefaultSAEFinder, SAECheck, SAEChecker,
 )
 from klgap.protocols.perturbations import (  # noqa: F401
-    Perturbation, FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation, FitSummary, ErrorSplitter, BaselineRole, DescribedPerturbation, EveryPositionPerturbation, PerturbationFactory,
+    Perturbation, FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation, FitSummary, ErrorSplitter, BaselineRole, DescribedPerturbation, EveryPositionPerturbation, FrozenErrorPerturbation, PerturbationFactory,
 )
 from klgap.protocols.tokens import (  # noqa: F401
     TokenSource, TokenSplit, SplitTokenSource, TokenRole,
@@ -32,4 +32,4 @@ from klgap.protocols.commands import (  # noqa: F401
     Command,
 )
 
-__all__ = ['BaselineRole', 'BlockLayout', 'Command', 'DefaultSAEFinder', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'HubModelAdapter', 'LoadedModel', 'LoadedSAE', 'ModelAdapter', 'ModelSAENames', 'ModelShape', 'Perturbation', 'PerturbationFactory', 'Placement', 'PlacingModelAdapter', 'PretrainedSAEAdapter', 'SAECheck', 'SAEChecker', 'SAELoader', 'SaeFittablePerturbation', 'ShapedModelAdapter', 'SiteSpec', 'SparseAutoencoder', 'SplitTokenSource', 'TokenRole', 'TokenSource', 'TokenSplit']
+__all__ = ['BaselineRole', 'BlockLayout', 'Command', 'DefaultSAEFinder', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'FrozenErrorPerturbation', 'HubModelAdapter', 'LoadedModel', 'LoadedSAE', 'ModelAdapter', 'ModelSAENames', 'ModelShape', 'Perturbation', 'PerturbationFactory', 'Placement', 'PlacingModelAdapter', 'PretrainedSAEAdapter', 'SAECheck', 'SAEChecker', 'SAELoader', 'SaeFittablePerturbation', 'ShapedModelAdapter', 'SiteSpec', 'SparseAutoencoder', 'SplitTokenSource', 'TokenRole', 'TokenSource', 'TokenSplit']

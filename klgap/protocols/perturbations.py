@@ -130,6 +130,17 @@ class EveryPositionPerturbation(Protocol):
     every_position: bool
 
 
+@runtime_checkable
+class FrozenErrorPerturbation(Protocol):
+    """Optional capability of a perturbation: in a joint run (several sites patched in one forward) it sees, at
+    each site, x̂ = x − e_clean when ``frozen_error`` is True: e_clean the SAE's error on that site's *clean*
+    activation, x the activation the patched forward gives the site (nothing re-encoded). ``error_add`` declares
+    it (x' = x − e_clean: each site's clean SAE error added to what reaches it). A site alone sees x̂ as always.
+    """
+
+    frozen_error: bool
+
+
 class PerturbationFactory(Protocol):
     """Registered under a name; called with the user's parameters (``cosine_matched:cos=0.8``)."""
 

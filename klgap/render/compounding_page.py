@@ -41,11 +41,33 @@ def compounding_blocks(report: Report) -> list[Block]:
              a.verdict] for name, a in found.additivity.items()]
     blocks.append(Table(["intervention", "joint KL", "Σ KL alone", "joint/Σ [95% CI]", "Wilcoxon p",
                          "joint ΔCE", "Σ ΔCE alone", "verdict"], rows))
+    if found.patch_sizes:
+        blocks += [Para(f"Patch sizes in the joint forward, per site (means over the measured tokens; x the activation "
+                        f"that forward gives the site, x' its replacement). Baselines sized by: "
+                        f"{found.joint_baseline} ({BASELINE_MODES.get(found.joint_baseline or '', '')})."),
+                   Table(*patch_size_table(found))]
     if found.subsets:
         blocks += [Para("Every subset of two or more sites, patched together in the same pass (`--joint-subsets`; "
                         "each folder holds its own report), and all of them:"),
                    Table(*subset_table(found))]
     return blocks
+
+
+#: what each --joint-baseline means, for the page
+BASELINE_MODES = {
+    "matched": "each site's ε is the joint SAE run's at that site, token by token",
+    "clean": "each site's ε is the SAE's error on the clean activation, as the site alone",
+    "reencoded": "each site's ε is the SAE's error on the activation the baseline's own forward gives the site",
+}
+
+
+def patch_size_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
+    """One row per site: mean ε = ‖x − x'‖ per intervention side by side, then the SAE's ‖x‖, cos and L0."""
+    names = list(found.additivity)
+    header = ["site", *(f"ε {name}" for name in names), "‖x‖ sae", "cos(x, x') sae", "L0 sae"]
+    rows = [[size.hook_name, *(fmt(size.eps_mean[name]) for name in names), fmt(size.x_norm_mean.get("sae")),
+             fmt(size.cos_mean.get("sae")), fmt(size.l0_mean.get("sae"))] for size in found.patch_sizes or []]
+    return header, rows
 
 
 def subset_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
@@ -88,6 +110,11 @@ def console_lines(report: Report) -> list[str]:
         interval = f"{fmt_fixed(ratio.ratio)} [{fmt_fixed(ratio.ci_low)}, {fmt_fixed(ratio.ci_high)}]"
         lines.append(f"{name:<40} {fmt(row.joint_kl_mean):>10} {fmt(row.sum_single_kl_mean):>10} {interval:>26}  "
                      f"{row.verdict}")
+    if found.patch_sizes:
+        header, rows = patch_size_table(found)
+        lines.append(f"patch sizes per site (baselines sized by: {found.joint_baseline}):")
+        for row in [header, *rows]:
+            lines.append("  " + " | ".join(row))
     if found.subsets:
         header, rows = subset_table(found)
         lines.append("every subset of the sites patched together (--joint-subsets), and all of them:")
@@ -96,4 +123,4 @@ def console_lines(report: Report) -> list[str]:
     return lines
 
 
-__all__ = ["compounding_blocks", "console_lines", "subset_table"]
+__all__ = ["BASELINE_MODES", "compounding_blocks", "console_lines", "patch_size_table", "subset_table"]

@@ -1,6 +1,7 @@
 """klgap's own report sections, registered as any plugin's are (``register_report_sections``): the error
 decomposition (a site's: klgap/report/decomposition.py), --second-order's predicted KL and Fisher sensitivity (a
-site's: klgap/report/second_order.py), a joint run's compounding (klgap/report/compounding.py), a study over an
+site's: klgap/report/second_order.py), a joint run's compounding (klgap/report/compounding.py) and
+interactions (klgap/report/interactions.py), a study over an
 SAE's checkpoints' over-training section (klgap/report/over_training.py) and a study over seeds of one recipe's
 between-SAE section (klgap/report/between_saes.py). The plugin manager
 registers this module itself (klgap.plugins.manager.CORE_PLUGINS), so no entry point can leave them out.
@@ -11,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from klgap.figures.interactions import interaction_matrix
 from klgap.figures.training import over_training as over_training_figure
 from klgap.hookspecs import hookimpl
-from klgap.render import between_saes_page, compounding_page, decomposition_page, over_training_page, second_order_page
-from klgap.report import between_saes, compounding, decomposition, over_training, second_order
+from klgap.render import (between_saes_page, compounding_page, decomposition_page, interactions_page,
+                          over_training_page, second_order_page)
+from klgap.report import between_saes, compounding, decomposition, interactions, over_training, second_order
 from klgap.report.aggregate import context_sums
 from klgap.report.schema import BASELINE
 from klgap.report.sections import ReportSection, RunFiles, StudyFiles
@@ -42,6 +45,23 @@ def _compounding(files: RunFiles) -> compounding.Compounding | None:
     if files.record.joint is None:
         return None
     return compounding.compounding(files.record, files.rundir, files.stats.interventions)
+
+
+def _interactions(files: RunFiles) -> interactions.Interactions | None:
+    """A joint run whose every subset of sites was measured (--joint-subsets, or two sites)."""
+    if files.record.joint is None:
+        return None
+    return interactions.interactions(files.record, files.rundir)
+
+
+def _interaction_figures(report: Any, folder: Path) -> list[Path]:
+    label = f"{report.model} · {report.mode} · {len(report.interactions.sites)} sites"
+    return [interaction_matrix(report.interactions, label, folder / "interactions.png")]
+
+
+INTERACTIONS_CAPTION = ("The joint KL's interaction terms: each site's KL alone on the diagonal (grey), the pairwise "
+                        "interaction f(a+b) − f(a) − f(b) off it, per intervention on one colour scale centred at 0 "
+                        "(* the term's 95% interval, resampling whole contexts, excludes 0).")
 
 
 def _over_training(files: StudyFiles) -> list[over_training.TrainingCurve] | None:
@@ -80,6 +100,11 @@ def register_report_sections(register: Any) -> None:
         compounding.Compounding, "run", _compounding, blocks=compounding_page.compounding_blocks,
         console=compounding_page.console_lines),
         "a joint run's sites patched together against each alone")
+    register("interactions", ReportSection(
+        interactions.Interactions, "run", _interactions, blocks=interactions_page.interactions_blocks,
+        figures=_interaction_figures, captions={"interactions": INTERACTIONS_CAPTION},
+        console=interactions_page.console_lines),
+        "a joint run's KL as each site's effect alone plus the interaction terms of every subset of its sites")
     register("over_training", ReportSection(
         list[over_training.TrainingCurve], "study", _over_training, blocks=over_training_page.training_blocks,
         figures=_over_training_figures, captions={"over_training": OVER_TRAINING_CAPTION},

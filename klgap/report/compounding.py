@@ -6,7 +6,10 @@ substitution errors") with numbers paired over contexts:
 - the joint KL ratio SAE / ε-random with its context-bootstrap interval, each site's own ratio alone, and
   whether the joint ratio exceeds the largest single-site ratio (the difference, bootstrapped over contexts);
 - per intervention, the joint KL against the sum of the single-site KLs: their ratio with its context-bootstrap
-  interval (> 1 super-additive, < 1 sub-additive) and a Wilcoxon test on per-context means.
+  interval (> 1 super-additive, < 1 sub-additive) and a Wilcoxon test on per-context means;
+- what sized the baselines (``--joint-baseline``) and each site's patch sizes in the joint run, per intervention
+  (the mean of its rows' ``site{k}_eps``, ... columns, klgap/job/swap.py), so the SAE's and the baselines' patches
+  can be compared site by site.
 
 A pure function of the joint run's folder (its parts and the single-site runs under ``single/``): no model.
 """
@@ -18,13 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from klgap.errors import KlgapError
 from klgap.job.folder import RunDir
-from klgap.job.record import RECORD_FILE, SUBSETS_DIR, RunRecord
+from klgap.job.record import RECORD_FILE, SIZE_COLUMNS, SUBSETS_DIR, RunRecord, size_column
 from klgap.report import stats
 from klgap.report.aggregate import context_sums
+from klgap.report.parts import Parts
 from klgap.report.read import load_report
 from klgap.report.schema import BASELINE, InterventionStats, Num, PairedTest, RatioCI, Report, StrictModel
 
@@ -65,6 +71,17 @@ class Additivity(StrictModel):
     verdict: Literal["super-additive", "sub-additive", "not distinguishable from additive"]
 
 
+class PatchSize(StrictModel):
+    """One site of a joint run: the mean size of each intervention's patch there, over its measured rows, in the
+    joint forward (x: the activation that forward gives the site, x' its replacement)."""
+
+    hook_name: str
+    eps_mean: dict[str, Num]  # ‖x − x'‖
+    x_norm_mean: dict[str, Num]  # ‖x‖
+    cos_mean: dict[str, Num]  # cos(x, x')
+    l0_mean: dict[str, Num]  # L0 of the SAE code whose x̂ the intervention saw (None: it saw a frozen error)
+
+
 class Compounding(StrictModel):
     """A joint run's sites patched together against each alone (issue 21): does the SAE's damage compound
     more than ε-random's?"""
@@ -77,6 +94,9 @@ class Compounding(StrictModel):
     joint_ratio_larger: bool | None  # joint ratio > the largest single-site ratio (point estimates)
     additivity: dict[str, Additivity]
     subsets: list[CompoundingSubset] | None = None  # --joint-subsets: every subset of 2+ sites, by size
+    #: --joint-baseline: what sized each site's baselines (matched, clean, reencoded); runs before it: reencoded
+    joint_baseline: str | None = None
+    patch_sizes: list[PatchSize] | None = None  # per site (forward order); None for runs that did not record them
 
 
 class CompoundingSubset(StrictModel):
@@ -122,6 +142,11 @@ def ratio_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame
     """mean(a₀)/mean(a₁) − mean(b₀)/mean(b₁) over tokens, the bootstrap resampling whole contexts (the same
     contexts for both ratios: the runs are paired); p_value = share of replicates ≤ 0."""
     found = stats.context_bootstrap([*a, *b], lambda m: m[0] / m[1] - m[2] / m[3], n_boot, seed, level)
+    return difference(found, n_boot)
+
+
+def difference(found: stats.Bootstrap | None, n_boot: int) -> Difference:
+    """A context bootstrap's estimate, interval and one-sided p (share of replicates ≤ 0) as a :class:`Difference`."""
     if found is None:
         return Difference(estimate=None, ci_low=None, ci_high=None, p_value=None, n_contexts=0, n_boot=n_boot)
     boots = found.replicates
@@ -180,10 +205,36 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
             wilcoxon_joint_vs_sum=PairedTest(**stats.paired_wilcoxon(joint_sums(name, "kl"), total_kl)),
             verdict=_verdict(over))
     return Compounding(
+        joint_baseline=str(record.config.get("joint_baseline", "reencoded")),
+        patch_sizes=patch_sizes(rundir.finished_parts()[0], [site.hook_name for site in sites], names),
         sites=sites, joint_kl_ratio=joint_ratio, max_single=sites[best].hook_name if best is not None else None,
         max_single_kl_ratio=ratios[best] if best is not None else None,
         joint_minus_max_single_ratio=difference, joint_ratio_larger=larger, additivity=additivity,
         **({"subsets": subsets} if (subsets := _subsets(record, rundir)) else {}))
+
+
+def patch_sizes(paths: list[Path], hook_names: list[str], names: list[str]) -> list[PatchSize] | None:
+    """Each site's mean patch sizes per intervention from a joint run's parts (their ``site{k}_*`` columns); None
+    when the parts do not hold them (a joint run measured before they were recorded)."""
+    if not paths or size_column(0, "eps") not in pq.read_schema(paths[0]).names:
+        return None
+    columns = [size_column(k, c) for k in range(len(hook_names)) for c in SIZE_COLUMNS]
+    totals: dict[tuple[str, str], list[float]] = {}  # (intervention, column) -> [sum, count] of the finite values
+    for part, masks in Parts(paths).scan(columns):
+        for name, mask in masks.items():
+            for column in columns:
+                values = part[column][mask].astype(np.float64)
+                found = totals.setdefault((name, column), [0.0, 0.0])
+                found[0] += float(values[np.isfinite(values)].sum())
+                found[1] += float(np.isfinite(values).sum())
+
+    def mean(name: str, column: str) -> float | None:
+        total, count = totals.get((name, column), (0.0, 0.0))
+        return total / count if count else None
+
+    return [PatchSize(hook_name=hook, **{f"{column}_mean": {name: mean(name, size_column(k, column))
+                                                             for name in names} for column in SIZE_COLUMNS})
+            for k, hook in enumerate(hook_names)]
 
 
 def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
@@ -202,4 +253,5 @@ def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
     return sorted(found, key=lambda s: (len(s.sites), [order.index(n) if n in order else -1 for n in s.sites]))
 
 
-__all__ = ["compounding", "ratio_difference", "summed"]
+__all__ = ["Additivity", "Compounding", "CompoundingSite", "CompoundingSubset", "Difference", "PatchSize", "compounding", "difference",
+           "patch_sizes", "ratio_difference", "summed"]

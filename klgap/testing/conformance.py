@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from klgap.plugins.capabilities import (baseline_label, check_sae_spec, error_fittable, fit_summary, fittable,
-                                        sae_fittable)
+                                        frozen_error, sae_fittable)
 from klgap.errors import KlgapError
 from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck,
                              SAEChecker, SaeFittablePerturbation)
@@ -341,6 +341,10 @@ class PerturbationConformance:
             pytest.skip(f"{self.spec} does not declare BaselineRole (baseline_label)")
         label = baseline_label(p)  # a PluginError names a label of the wrong kind
         assert label is None or (isinstance(label, str) and label.strip())
+
+    def test_frozen_error_is_a_bool_and_no_baseline(self):  # FrozenErrorPerturbation, never with a baseline label
+        p = self.build()  # frozen_error: a PluginError names a value that is not a bool
+        assert not (frozen_error(p) and baseline_label(p) is not None), "frozen_error and a baseline label"
 
     def test_shape_dtype_device(self):
         x, x_hat = self.data()

@@ -35,6 +35,7 @@ class FormulaPerturbation:
     description: str = ""
     baseline_label: str | None = None
     every_position: bool = False  # all-token mode: replaces every position (klgap.protocols.EveryPositionPerturbation)
+    frozen_error: bool = False  # joint runs: x̂ = x − the clean error (klgap.protocols.FrozenErrorPerturbation)
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         if x.shape != x_hat.shape or x.dim() != 2:
@@ -85,6 +86,16 @@ def _theta(name: str, norm: str) -> FormulaPerturbation:
         f"random x' with cos(x, x') = cos(x, x̂) and norm ‖{'x̂' if norm == 'x_hat' else 'x'}‖",
         baseline_label=f"a random substitute at the SAE's cosine and {'its norm' if norm == 'x_hat' else '‖x‖'}",
     )
+
+
+def error_add(**params: Any) -> FormulaPerturbation:
+    """x' = x − e_clean: in a joint run each site's SAE error on its clean activation added to the activation the
+    patched forward gives it (no re-encoding); alone, x' = x̂ (the SAE)."""
+    check_names("error_add", params, ())
+    return FormulaPerturbation(
+        "error_add", lambda x, x_hat, generator: geometry.sae(x, x_hat), False, {"distance": "eps"},
+        "x' = x + (x̂ − x) with the SAE's error of the clean activation (joint runs: not re-encoded)",
+        frozen_error=True)
 
 
 def cosine_matched(**params: Any) -> FormulaPerturbation:
@@ -205,6 +216,8 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
         _deterministic("sae_norm", geometry.sae_norm, {"norm": "x_hat", "cos": 1.0}, "x·‖x̂‖/‖x‖"),
         "x·‖x̂‖/‖x‖: only the SAE's norm shrinkage",
     ),
+    "error_add": (error_add, "x' = x − e_clean: in a joint run each site's clean SAE error added, not re-encoded "
+                             "(alone: x̂)"),
     "epsilon_random": (epsilon_random, "x + ε·u, u uniform on the sphere: the SAE's L2 error in a random direction"),
     "theta_random": (theta_random, "random x' at the SAE's cosine with x, norm ‖x̂‖ (norm=x_hat|x)"),
     "theta_random_xnorm": (theta_random_xnorm, "random x' at the SAE's cosine with x, norm ‖x‖"),

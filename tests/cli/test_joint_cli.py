@@ -70,12 +70,32 @@ out = "{tmp_path / 'from-file'}"
     (["--mode", "single_token", "--position", "30", "--k", "5"], "--context-len 32 is too short"),
     (["--joint-subsets"], "--joint-subsets needs at least 3 sites/layers"),
     (["--sae", "/nowhere/sae.safetensors"], "names one SAE but several sites/layers"),
+    (["--joint-baseline", "matchd"], "klgap: error: unknown joint-baseline 'matchd' (did you mean 'matched'?); "
+                                     "valid: clean, matched, reencoded\n"),
 ])
 def test_joint_bad_input_exits_2(tmp_path, capsys, extra, message):
     argv = ["replicate", "--model", "tiny-gpt2", "--site", "resid_post", "--layer", "0,1", "--joint",
             "--sae", _saes(tmp_path), *ARGS, "--out", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_joint_run_resumes_only_with_its_baseline_mode(tmp_path, capsys):
+    """--joint-baseline is part of the run's identity: the same folder with another mode is refused (one line);
+    the single-site folders under it do not depend on it."""
+    out = tmp_path / "joint"
+    argv = ["replicate", "--model", "tiny-gpt2", "--site", "resid_post", "--layer", "0,1", "--joint",
+            "--sae", _saes(tmp_path), *ARGS, "--tokens", "64", "--out", str(out)]
+    assert main([*argv, "--joint-baseline", "clean"]) == 0
+    assert json.loads((out / "run_config.json").read_text())["joint_baseline"] == "clean"
+    assert "joint_baseline" not in json.loads((out / "single" / "resid_post_L00" / "run_config.json").read_text())
+    assert load_report(out).compounding.joint_baseline == "clean"
+    capsys.readouterr()
+    assert main(argv) == 2  # the default, matched
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a different run" in err and "joint_baseline" in err
+    assert main([*argv, "--joint-baseline", "clean"]) == 0  # the same mode resumes
 
 
 VOLATILE = {"provenance", "created_at", "timing"}

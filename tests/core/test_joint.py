@@ -38,6 +38,11 @@ def _saes(tmp_path, lm, cells, make=random_sae, **kw):
     return str(folder / "{site}-L{layer}.safetensors")
 
 
+def _rows(frame):
+    """A joint run's rows without its per-site patch sizes (site{k}_eps, ...): the columns a site alone has."""
+    return frame.drop(columns=[c for c in frame if c.startswith("site")])
+
+
 def _joint(tmp_path, name, **kw):
     config = RunConfig(**{**SMALL, "joint": True, **kw})
     report = run_config(config, tmp_path / name, progress=False)
@@ -65,13 +70,20 @@ def test_one_site_joint_equals_the_single_site_run(tmp_path, load_model, no_fast
     template = _saes(tmp_path, lm, [("resid_pre", 1)])
     names = ["sae", "epsilon_random", "theta_random", "sae_norm"]
     joint, joint_tokens = _joint(tmp_path, "joint", model="tiny-gpt2", site="resid_pre", layer="1", sae=template,
-                                 interventions=names, no_fast=no_fast)
+                                 interventions=names, no_fast=no_fast, joint_baseline="reencoded")
     single_config = RunConfig(**SMALL, model="tiny-gpt2", site="resid_pre", layer=1, no_fast=no_fast,
                               sae=template.format(site="resid_pre", layer=1), interventions=names)
     single = run_config(single_config, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
     # bit for bit on the fast path (the same suffix replay); the full forward hooks the module nnsight patches
-    pd.testing.assert_frame_equal(joint_tokens, single_tokens, check_exact=not no_fast, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(_rows(joint_tokens), single_tokens, check_exact=not no_fast, rtol=0, atol=1e-6)
+    # the patch sizes recorded: the SAE's ε at the one site is its clean error (the rows' eps)
+    sae = joint_tokens[joint_tokens.intervention == "sae"]
+    np.testing.assert_allclose(sae.site0_eps, sae.eps, rtol=1e-5)
+    np.testing.assert_allclose(sae.site0_cos, sae.cos, rtol=1e-5)
+    np.testing.assert_allclose(sae.site0_x_norm, sae.x_norm, rtol=1e-6)
+    np.testing.assert_array_equal(sae.site0_l0, sae.l0)
+    assert joint_tokens[joint_tokens.intervention == "epsilon_random"].site0_l0.notna().all()  # reencoded
     assert joint.interventions["sae"].kl_mean == pytest.approx(single.interventions["sae"].kl_mean, abs=1e-9)
     assert joint.interventions["sae"].kl_mean > 1e-4
     alone = pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" / "tokens.parquet")
@@ -91,7 +103,7 @@ def test_a_joint_run_drops_the_last_position_as_its_sites_do(tmp_path, load_mode
           "drop_last_position": True}
     _, joint_tokens = _joint(tmp_path, "joint", layer="1", **kw)
     assert joint_tokens.position.max() == SMALL["context_len"] - 2
-    pd.testing.assert_frame_equal(joint_tokens, pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" /
+    pd.testing.assert_frame_equal(_rows(joint_tokens), pd.read_parquet(tmp_path / "joint" / "single" / "resid_pre_L01" /
                                                                 "tokens.parquet"))
 
 
@@ -228,8 +240,10 @@ def test_single_token_joint(tmp_path, load_model):
                        sae=template.format(site="resid_pre", layer=1))
     run_config(single, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
-    pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(_rows(one_tokens), single_tokens, check_exact=False, rtol=0, atol=1e-6)
     assert sorted(one_tokens.offset.unique()) == [0, 1, 2, 3]
+    # the patch size at t is on each of the k + 1 measured rows: the same as the site's clean ε
+    np.testing.assert_allclose(one_tokens.site0_eps, one_tokens.eps, rtol=1e-5)
     both, both_tokens = _joint(tmp_path, "both", model="tiny-pythia", site="resid_pre", layer="0,1", sae=template,
                                **mode)
     assert both.single_token is not None and both.execution["path"] == "joint-full-forward"
@@ -248,7 +262,7 @@ def test_many_samples_joint(tmp_path, load_model):
                        sae=template.format(site="resid_post", layer=1))
     alone = run_config(single, tmp_path / "single", progress=False)
     single_tokens = pd.read_parquet(tmp_path / "single" / "tokens.parquet")
-    pd.testing.assert_frame_equal(one_tokens, single_tokens, check_exact=False, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(_rows(one_tokens), single_tokens, check_exact=False, rtol=0, atol=1e-6)
     assert one.many_samples.z_mean == pytest.approx(alone.many_samples.z_mean, abs=1e-4)
     both, both_tokens = _joint(tmp_path, "both", model="tiny-llama", site="resid_post", layer="0,1", sae=template,
                                **mode)

@@ -52,11 +52,11 @@ def plugin():
 
 
 def test_klgap_registers_its_own_sections_through_the_hook():
-    names = ["error_decomposition", "second_order", "compounding", "over_training", "between_saes"]
+    names = ["error_decomposition", "second_order", "compounding", "interactions", "over_training", "between_saes"]
     assert list(sections()) == names
     assert {key: s.level for key, s in sections().items()} == {
-        "error_decomposition": "site", "second_order": "site", "compounding": "run", "over_training": "study",
-        "between_saes": "study"}
+        "error_decomposition": "site", "second_order": "site", "compounding": "run", "interactions": "run",
+        "over_training": "study", "between_saes": "study"}
     assert get_host().plugin_infos()[[i.name for i in get_host().plugin_infos()].index("report_sections")].registers \
         == {"report_section": names}
 

@@ -112,7 +112,7 @@ class TestDictionaryLearningLoader(SAELoaderConformance):
 # ----------------------------------------------------------------------------- perturbations
 
 SPECS = [
-    "sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random:norm=x",
+    "sae", "sae_norm_corrected", "sae_norm", "error_add", "epsilon_random", "theta_random", "theta_random:norm=x",
     "theta_random_xnorm", "cosine_matched", "cosine_matched:cos=0.5,norm_frac=0.9", "cosine_matched:cos=-0.3",
     "identity", "zero", "mean_ablation", "mean_ablation:over=run", "epsilon_anisotropic", "sae_error_shuffled",
     "sae_plus_linear_error", "sae_plus_nonlinear_error", "epsilon_random_nonlinear", "epsilon_random_linear",

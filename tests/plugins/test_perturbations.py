@@ -17,7 +17,7 @@ from tests.helpers import run_config
 
 N, D = 2000, 64
 REL = 1e-4
-ALL = ("sae", "sae_norm_corrected", "sae_norm", "epsilon_random", "theta_random", "theta_random_xnorm",
+ALL = ("sae", "sae_norm_corrected", "sae_norm", "error_add", "epsilon_random", "theta_random", "theta_random_xnorm",
        "cosine_matched", "identity", "zero", "mean_ablation", "epsilon_anisotropic", "sae_error_shuffled")
 
 
