@@ -269,6 +269,13 @@ def identify_sublayers(hf_model: nn.Module, family: Family, config: Any) -> Fami
                  "output − input = their sum on a check forward)")
     elif points["mlp_out"]:
         note += f"; mlp_out = {points['mlp_out'].describe()} (checked on a forward pass)"
+    mlp = points["mlp_out"]
+    # mlp_in: the input of the module whose output is mlp_out, unless that module is a post-norm (its input is the
+    # MLP's output then, not what the MLP reads)
+    mlp_in = Point(mlp.module, "input") if mlp is not None and not NORM_NAME.search(mlp.module) else None
+    if mlp is not None and mlp_in is None:
+        reasons.append(f"mlp_in: mlp_out is the output of the norm {mlp.module}; the MLP's input is not found")
     return replace(family, attn_out=points["attn_out"], mlp_out=points["mlp_out"], attn_z=points["attn_z"],
+                   mlp_in=mlp_in,
                    attn_z_width=points["z_width"] if points["attn_z"] else None,
                    block_output_index=points["block_output_index"], note=note, unmapped="; ".join(reasons))
