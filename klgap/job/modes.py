@@ -57,12 +57,14 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     first = 1 if skip_first else 0
     fill = clean.acts[0]  # [b n d]
     keep = batch.keep.to(fill.device)  # [b n] bool: False at position 0 (with first) and at masked tokens
-    view = SaeView.of(fill[keep], cell.lowest.sae, cell.lowest.center, cell.split)  # [m d], row-major
+    reads = clean.read()  # [b n d_in]: a transcoder's mlp_in, else None
+    view = SaeView.of(fill[keep], cell.lowest.sae, cell.lowest.center, cell.split,
+                      None if reads is None else reads[keep])  # [m d], row-major
     keep_cpu = batch.keep
     position = torch.arange(ctx_len).expand(n_ctx, ctx_len)[keep_cpu]
     base = {"context": batch.context_ids[:, None].expand(n_ctx, ctx_len)[keep_cpu], "position": position,
             "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
-    patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first))
+    patch = cell.patch(batch, view, slice(first, None), Positions(keep, fill, first, reads))
     frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
     frame = pd.concat(frames, ignore_index=True)
     if not drop_last:
@@ -70,6 +72,11 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     # the study's protocol: every position patched (the last too), KL and ΔCE kept for positions < ctx_len - 1
     measured = position < ctx_len - 1  # [n_ctx * n_pos] bool
     return frame[frame["position"] < ctx_len - 1].reset_index(drop=True), view.side_stats(measured)
+
+
+def at_start(reads: Tensor | None) -> Tensor | None:
+    """A transcoder's read activations at the tail's first position ``[b d_in]`` (None for an SAE)."""
+    return None if reads is None else reads[:, 0]
 
 
 def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: int, k: int) -> dict[str, Tensor]:
@@ -88,7 +95,8 @@ def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: i
 @torch.no_grad()
 def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames:
     t = batch.start
-    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
+    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split,
+                      at_start(clean.read()))  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
     frames = intervention_rows(cell.patch(batch, view, t), clean, batch.next_ids, base)
     return masked_rows(pd.concat(frames, ignore_index=True), batch), view.side_stats(batch.keep[:, t])
@@ -110,7 +118,7 @@ def masked_rows(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:
 @torch.no_grad()
 def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> Frames:
     t, n_ctx = batch.start, batch.ids.shape[0]
-    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)
+    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split, at_start(clean.read()))
     base = {"context": batch.context_ids, "position": t, "offset": 0, "token_id": batch.contexts[:, t], **view.stats}
     patch = cell.patch(batch, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)
