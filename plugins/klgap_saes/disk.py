@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
-from klgap.sae.file import METADATA, REQUIRED, SKIP, THRESHOLD, save_safetensors_sae
-from klgap.sae.transcoder import reads_mlp_in, written_hook
+from klgap.sae.file import HOOK_OUT, METADATA, REQUIRED, SKIP, THRESHOLD, save_safetensors_sae
+from klgap.sae.transcoder import written_hook
 from klgap_saes.common import trained_centred, wrap_sae_lens
 from klgap_saes.convert import Converted, check_known_architecture, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
 
@@ -70,7 +70,7 @@ class SaeLensDiskLoader:
         architecture = str(cfg.get("architecture", "standard"))
         hook = meta.get("hook_name")
         if "transcoder" in architecture:  # the run's site is the one it writes (klgap.sae.transcoder)
-            out = meta.get("hook_name_out") or cfg.get("hook_name_out")
+            out = meta.get(HOOK_OUT) or cfg.get(HOOK_OUT)
             hook = written_hook(hook, out, f"SAE folder {spec!r} (a {architecture})")
         return SAECheck(hook_name=hook, model=meta.get("model_name"),
                         detail=f"sae_lens folder ({architecture}, d_sae {cfg.get('d_sae')})")
@@ -118,8 +118,8 @@ class SafetensorsLoader:
         """The hook and model names in the file's metadata (its header only)."""
         metadata = read_safetensors_metadata(self._file(spec), f"SAE file {spec!r}")
         hook = metadata.get("hook_name")
-        if reads_mlp_in(hook) or metadata.get("hook_name_out"):  # a transcoder: its run's site is what it writes
-            return SAECheck(hook_name=written_hook(hook, metadata.get("hook_name_out"), f"SAE file {spec!r}"),
+        if metadata.get(HOOK_OUT):  # a transcoder: its run's site is what it writes
+            return SAECheck(hook_name=written_hook(hook, metadata.get(HOOK_OUT), f"SAE file {spec!r}"),
                             model=metadata.get("model_name"), detail="plain safetensors transcoder")
         return SAECheck(hook_name=hook, model=metadata.get("model_name"), detail="plain safetensors SAE")
 
@@ -131,15 +131,19 @@ class SafetensorsLoader:
 
 def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], spec: str) -> Converted:
     """A sae_lens StandardSAE (JumpReLUSAE when a threshold is given) holding the plain file's tensors; a
-    transcoder (``W_skip``, a W_dec wider or narrower than d_in, or a hook_name reading the MLP's input) as
+    transcoder (its metadata names ``hook_name_out``; ``W_skip`` for a skip transcoder, W_dec may be [d_sae d_out]) as
     sae_lens's Transcoder / SkipTranscoder / JumpReLUTranscoder / JumpReLUSkipTranscoder."""
     where = f"SAE file {spec!r}"
     require_keys(tensors, REQUIRED, where, f"it needs {', '.join(REQUIRED)} (+ {THRESHOLD}, + {SKIP} for a skip "
                  "transcoder)")
     d_in, d_sae = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (None, None)
     d_out = tensors["W_dec"].shape[-1] if tensors["W_dec"].dim() == 2 else d_in
-    transcoder = (SKIP in tensors or d_out != d_in or reads_mlp_in(metadata.get("hook_name"))
-                  or "hook_name_out" in metadata)
+    transcoder = HOOK_OUT in metadata  # a plain transcoder file names the hook it writes
+    if (SKIP in tensors or d_out != d_in) and not transcoder:
+        raise KlgapError(f"{where} holds " + (f"{SKIP} (a skip transcoder's)" if SKIP in tensors else
+                         f"W_dec [d_sae, {d_out}] (a transcoder's) with d_in={d_in}") + " but its metadata names no "
+                         f"{HOOK_OUT}; a plain transcoder file names the hook it reads (hook_name: "
+                         f"blocks.L.ln2.hook_normalized) and the one it writes ({HOOK_OUT}: blocks.L.hook_mlp_out)")
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
     if THRESHOLD in tensors:
         expected[THRESHOLD] = (d_sae,)
@@ -157,8 +161,8 @@ def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], sp
         skip = "skip_" if SKIP in tensors else ""
         architecture = f"jumprelu_{skip}transcoder" if THRESHOLD in tensors else f"{skip}transcoder"
         cfg_dict |= {"d_out": int(d_out), "apply_b_dec_to_input": False}
-        if "hook_name_out" in metadata:
-            meta["hook_name_out"] = metadata["hook_name_out"]
+        if HOOK_OUT in metadata:
+            meta[HOOK_OUT] = metadata[HOOK_OUT]
     return Converted({"architecture": architecture, **cfg_dict}, {k: tensors[k] for k in expected},
                      {"format": "safetensors"})
 

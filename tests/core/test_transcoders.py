@@ -163,7 +163,7 @@ def test_a_sae_lens_saved_transcoder_loads_with_sae_lens_outputs(jumprelu, tmp_p
     state = tc.state_dict()
     save_safetensors_sae(tmp_path / "tc.safetensors", state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"],
                          threshold=state.get("threshold"), hook_name="blocks.1.ln2.hook_normalized",
-                         W_skip=state["W_skip"])
+                         W_skip=state["W_skip"], hook_name_out="blocks.1.hook_mlp_out")
     with torch.no_grad():
         expected = tc(x)
         for spec in (str(tmp_path / "tc"), str(tmp_path / "tc.safetensors")):
