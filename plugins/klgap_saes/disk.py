@@ -137,11 +137,10 @@ def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], sp
     require_keys(tensors, REQUIRED, where, f"it needs {', '.join(REQUIRED)} (+ {THRESHOLD}, + {SKIP} for a skip "
                  "transcoder)")
     d_in, d_sae = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (None, None)
-    d_out = tensors["W_dec"].shape[-1] if tensors["W_dec"].dim() == 2 else d_in
     transcoder = HOOK_OUT in metadata  # a plain transcoder file names the hook it writes
-    if (SKIP in tensors or d_out != d_in) and not transcoder:
-        raise KlgapError(f"{where} holds " + (f"{SKIP} (a skip transcoder's)" if SKIP in tensors else
-                         f"W_dec [d_sae, {d_out}] (a transcoder's) with d_in={d_in}") + " but its metadata names no "
+    d_out = tensors["W_dec"].shape[-1] if transcoder and tensors["W_dec"].dim() == 2 else d_in
+    if SKIP in tensors and not transcoder:
+        raise KlgapError(f"{where} holds {SKIP} (a skip transcoder's) but its metadata names no "
                          f"{HOOK_OUT}; a plain transcoder file names the hook it reads (hook_name: "
                          f"blocks.L.ln2.hook_normalized) and the one it writes ({HOOK_OUT}: blocks.L.hook_mlp_out)")
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
