@@ -102,19 +102,23 @@ def family_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
-@pytest.mark.parametrize("mode", ["all_tokens", "single_token"])
+@pytest.mark.parametrize("mode", ["all_tokens", "single_token", "many_samples"])
 def test_transcoder_kl_equals_a_hook_implementation(family, mode, family_model):
     folder, hf_model = family_model(family)
     tc = skip_transcoder(64, 1)
     result = klgap.measure(str(folder), tc, tokens=IDS, mode=mode, position=5, k=3, context_len=12, batch_size=2,
-                           interventions=["transcoder", "epsilon_random"], progress=False, no_fast=mode == "all_tokens")
+                           interventions=["transcoder", "epsilon_random"], progress=False, no_fast=mode == "all_tokens",
+                           n_samples=4)
     assert result.report.site == "mlp_out" and result.report.layer == 1
     rows = result.tokens
     ours = rows[(rows["intervention"] == "sae")].sort_values(["context", "position"])
     if mode == "all_tokens":
         expected = reference_kl(hf_model, family, 1, tc, IDS, slice(1, None))[:, 1:]  # position 0 not patched
-    else:
+    elif mode == "single_token":
         expected = reference_kl(hf_model, family, 1, tc, IDS[:, :9], slice(5, 6))[:, 5:9]
+    else:  # many-samples: the transcoder's own row at position t, and 4 epsilon_random draws per context
+        expected = reference_kl(hf_model, family, 1, tc, IDS[:, :6], slice(5, 6))[:, 5:6]
+        assert (rows[rows["draw"] >= 0]["intervention"] == "epsilon_random").sum() == 4 * len(IDS)
     got = torch.tensor(ours["kl"].to_numpy()).reshape(expected.shape)
     assert float(expected.mean()) > 1e-3  # the transcoder moves the logits: the comparison can fail
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-6)
