@@ -28,6 +28,7 @@ from klgap.job.masks import kept, special_token_ids
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
+from klgap.plan.sites import hook_name
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
 from klgap.plugins.capabilities import (error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable,
                                         without_skip)
@@ -201,6 +202,10 @@ def load_plan(plan: RunPlan) -> Loaded:
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
     read_spec = model.site_map(sae.reads, layer) if sae.reads is not None else None
+    if sae.reads is not None:
+        notes.append(f"the substitute is a transcoder: it reads {hook_name(sae.reads, layer)} ({sae.reads}, the MLP's "
+                     f"input) and writes {hook_name(site, layer)}; x is the true MLP output, x̂ the transcoder's output "
+                     "(its rows are named sae) and every baseline is built around x with its error")
     check_skip(plan, sae)
     executor, execution = choose(config, model, spec, layer, contexts)
     reference = reference_model(plan, model)
