@@ -28,8 +28,8 @@ from klgap.job.masks import kept, special_token_ids
 from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
-from klgap.plan.sites import hook_name
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
+from klgap.plan.sites import hook_name
 from klgap.plugins.capabilities import (error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable,
                                         without_skip)
 from klgap.plugins.manager import ModelRef, model_adapter
