@@ -107,12 +107,17 @@ def run_patched(
     nn = wrap(model)
     try:
         with _trace(model, nn, ids):
-            site = _site_tensor(envoy_at(nn, spec.module), spec)
+            env = envoy_at(nn, spec.module)
+            site = _site_tensor(env, spec)
             x_site = x_prime.to(site.device)  # a model spread over devices (device_map) holds sites anywhere
+            if spec.io == "input":  # a new input, not the old one changed in place: a module's input may also be
+                site = site.clone()  # the residual the block adds to afterwards (OLMo 2's MLP reads resid_mid)
             if positions is None:
                 site[:] = x_site
             else:
                 site[:, positions] = x_site
+            if spec.io == "input":
+                env.input = site
             logits = nn.output.logits.save()
     except (OSError, ConnectionError) as exc:
         if model.remote:

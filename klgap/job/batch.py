@@ -46,10 +46,16 @@ class Batch:
 @dataclass(frozen=True)
 class Clean:
     """A cell's clean run of a batch, from the tail start on: each of its sites' activation ``[b n-start d]``
-    (forward order) and the clean logits' reference ``[b n-start vocab]``."""
+    (forward order), the clean logits' reference ``[b n-start vocab]`` and, per site, the activation of the site
+    its substitute reads when that is another one (a transcoder's mlp_in ``[b n-start d_in]``; else None)."""
 
     acts: list[Tensor]
     ref: metrics.CleanReference
+    reads: list[Tensor | None] | None = None
+
+    def read(self, k: int = 0) -> Tensor | None:
+        """What site `k`'s substitute reads ``[b n-start d_in]``, None when it reads its own site."""
+        return None if self.reads is None else self.reads[k]
 
 
 __all__ = ["Batch", "Clean"]

@@ -98,13 +98,14 @@ def share_out(opened: list[OpenCell], world: World) -> None:
 def _clean(job: LoadedJob, cell: LoadedCell, batch: Batch, shared: list[Clean]) -> Clean:
     """The cell's clean run of the batch: the shared forward's (computed once, for the first cell needing it), or
     its own executor's."""
+    reads = [run.reads(batch.ids)[:, batch.start :] if run.read_spec is not None else None for run in cell.runs]
     if cell.joint or job.shares_clean:
         if not shared:
             shared.append(job.clean(batch))
         every = shared[0]
-        return Clean([every.acts[i] for i in cell.cell.sites], every.ref)
+        return Clean([every.acts[i] for i in cell.cell.sites], every.ref, reads)
     acts, logits = cell.runs[0].executor.clean(batch.ids, batch.start)
-    return Clean([acts], CleanReference.of(logits))
+    return Clean([acts], CleanReference.of(logits), reads)
 
 
 def measure_batch(job: LoadedJob, index: int, cells: list[LoadedCell]) -> Iterator[modes.Frames]:

@@ -85,6 +85,10 @@ def load_job(job: Job) -> LoadedJob:
     runs = [load_plan(plan) for plan in job.plans]
     model = runs[0].model
     if job.shape == "joint":
+        transcoders = [run.sae.source for run in runs if run.sae.transcoder]
+        if transcoders:
+            raise KlgapError(f"--joint with a transcoder ({transcoders[0]}) is not supported yet: measure each "
+                             "layer's transcoder alone (a study over layers)")
         if model.remote or any(run.model is not model for run in runs):
             raise KlgapError("a joint run patches every site in one local forward; --remote is not supported")
         if any(not torch.equal(run.contexts, runs[0].contexts) for run in runs):

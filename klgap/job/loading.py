@@ -30,7 +30,9 @@ from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
-from klgap.plugins.capabilities import error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
+from klgap.plan.sites import hook_name
+from klgap.plugins.capabilities import (error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable,
+                                        without_skip)
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
 from klgap.report.schema import HeldOut, PrecisionCheck
@@ -38,7 +40,7 @@ from klgap.sae.check import check_loaded_sae
 
 log = logging.getLogger("klgap")
 
-__all__ = ["FIT_TOKENS", "Loaded", "cast_copy", "check_fits", "check_token_ids", "count_layers", "draw_contexts",
+__all__ = ["FIT_TOKENS", "Loaded", "cast_copy", "check_fits", "check_skip", "check_token_ids", "count_layers", "draw_contexts",
            "fit_perturbations", "load_model", "load_plan", "load_sae", "n_fit_contexts", "reference_model"]
 
 
@@ -62,6 +64,13 @@ class Loaded:
     precision: PrecisionCheck | None = None  # a low-precision run's check against float32 (klgap/job/precision.py)
     reference: LoadedModel | None = None  # the float32 model a low-precision run is checked against; else None
     held_out: HeldOut | None = None  # the measured tokens against the SAE's training tokens (klgap/job/disjoint.py)
+    read_spec: SiteSpec | None = None  # where a substitute that reads another site reads (a transcoder's mlp_in)
+
+    def reads(self, ids: Tensor) -> Tensor:
+        """What the substitute reads for ``ids [b n]``: the read site's clean activation ``[b n d_in]`` (a forward
+        stopped right after it)."""
+        assert self.read_spec is not None
+        return activations.collect(self.model, self.read_spec, ids)
 
     @property
     def config(self) -> RunConfig:
@@ -193,12 +202,18 @@ def load_plan(plan: RunPlan) -> Loaded:
     say(found)
     contexts, fit_contexts = draw_contexts(plan, model)
     spec = model.site_map(site, layer)
+    read_spec = model.site_map(sae.reads, layer) if sae.reads is not None else None
+    if sae.reads is not None:
+        notes.append(f"the substitute is a transcoder: it reads {hook_name(sae.reads, layer)} ({sae.reads}, the MLP's "
+                     f"input) and writes {hook_name(site, layer)}; x is the true MLP output, x̂ the transcoder's output "
+                     "(its rows are named sae) and every baseline is built around x with its error")
+    check_skip(plan, sae)
     if config.second_order:  # before anything is measured: a family whose suffix cannot be replayed is refused
         check_replayable(model)
     executor, execution = choose(config, model, spec, layer, contexts)
     reference = reference_model(plan, model)
     loaded = Loaded(plan, model, sae, site, layer, spec, contexts, center, executor, execution, notes, fit_contexts,
-                    route, reference=reference, held_out=found)
+                    route, reference=reference, held_out=found, read_spec=read_spec)
     # fitted on float32 activations in a low-precision run too: the draws of a float32 run
     fitted = fit_perturbations(loaded if reference is None else dataclasses.replace(loaded, model=reference))
     if fitted:
@@ -215,9 +230,26 @@ def check_fits(model: LoadedModel | ModelShape, name: str, site: str, layer: int
     if context_len > model.max_context:
         raise KlgapError(f"--context-len {context_len} exceeds {name}'s maximum context of {model.max_context}")
     width = model.site_widths.get(site)
-    if sae is not None and width is not None and sae.d_in != width:
+    if sae is not None and sae.reads is not None:  # a transcoder: d_in is the read site's width, d_out the written's
+        read_width = model.site_widths.get(sae.reads)
+        if read_width is not None and sae.d_in != read_width:
+            raise KlgapError(f"the transcoder {sae.source!r} has d_in={sae.d_in} but {name} {sae.reads} (what it "
+                             f"reads) is {read_width} wide; it was trained on another model")
+        if width is not None and sae.width_out != width:
+            raise KlgapError(f"the transcoder {sae.source!r} has d_out={sae.width_out} but {name} {site} (what it "
+                             f"writes) is {width} wide; it was trained on another model")
+    elif sae is not None and width is not None and sae.d_in != width:
         raise KlgapError(f"the SAE {sae.source!r} has d_in={sae.d_in} but {name} {site} is {width} wide; "
                          "it was trained on another model or site")
+
+
+def check_skip(plan: RunPlan, sae: LoadedSAE) -> None:
+    """An intervention that drops a skip transcoder's skip term (``transcoder_no_skip``) needs a substitute with one."""
+    asked = [i.name for i in plan.interventions if without_skip(i.perturbation)]
+    if asked and sae.skip is None:
+        what = "a transcoder without a skip term" if sae.transcoder else "an SAE"
+        raise KlgapError(f"--interventions {asked[0]} measures a skip transcoder without its skip term, but "
+                         f"{sae.source!r} is {what}; drop it or give a skip transcoder (W_skip)")
 
 
 def n_fit_contexts(config: RunConfig) -> int:
@@ -295,9 +327,14 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
     for start in range(0, n_ctx, config.batch_size):
         ids = fit_ids[start:min(start + config.batch_size, n_ctx)].to(model.device)
         keep = kept(ids, config.mask_special, special)  # [b n]: the tokens the run patches (--mask-special)
-        x = activations.collect(model, run.spec, ids)[keep.to(model.device)].reshape(-1, run.sae.d_in).float()
+        keep = keep.to(model.device)
+        if run.read_spec is not None:  # a transcoder: x at the site it writes, what it reads beside it
+            read, written = activations.collect_many(model, [run.read_spec, run.spec], ids)
+            x, reads = written[keep].float(), read[keep].float()
+        else:
+            x, reads = activations.collect(model, run.spec, ids)[keep].reshape(-1, run.sae.d_in).float(), None
         if needing_error or needing_sae:
-            view = SaeView.of(x, run.sae, run.center)
+            view = SaeView.of(x, run.sae, run.center, reads=reads)
             chunks.append(view.x)
             chunks_hat.append(view.x_hat)
             chunks_l0.append(view.stats["l0"])

@@ -70,12 +70,14 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     first = 1 if skip_first else 0
     fill = clean.acts[0]  # [b n d]
     keep = batch.keep.to(fill.device)  # [b n] bool: False at position 0 (with first) and at masked tokens
-    view = SaeView.of(fill[keep], cell.lowest.sae, cell.lowest.center, cell.split)  # [m d], row-major
+    reads = clean.read()  # [b n d_in]: a transcoder's mlp_in, else None
+    view = SaeView.of(fill[keep], cell.lowest.sae, cell.lowest.center, cell.split,
+                      None if reads is None else reads[keep])  # [m d], row-major
     keep_cpu = batch.keep
     position = torch.arange(ctx_len).expand(n_ctx, ctx_len)[keep_cpu]
     base = {"context": batch.context_ids[:, None].expand(n_ctx, ctx_len)[keep_cpu], "position": position,
             "token_id": batch.contexts[keep_cpu], **view.stats, "offset": position}
-    patch = cell.patch(batch, clean, view, slice(first, None), Positions(keep, fill, first))
+    patch = cell.patch(batch, clean, view, slice(first, None), Positions(keep, fill, first, reads))
     frames = intervention_rows(patch, clean, batch.next_ids, base, keep=keep.to(batch.next_ids.device))
     fisher: dict[str, Any] = {}
     if cell.config.second_order:  # the predicted KL beside the measured, and the site's sensitivity
@@ -97,6 +99,11 @@ def all_tokens(cell: LoadedCell, batch: Batch, clean: Clean, skip_first: bool, d
     return frame[frame["position"] < ctx_len - 1].reset_index(drop=True), view.side_stats(measured) | fisher
 
 
+def at_start(reads: Tensor | None) -> Tensor | None:
+    """A transcoder's read activations at the tail's first position ``[b d_in]`` (None for an SAE)."""
+    return None if reads is None else reads[:, 0]
+
+
 def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: int, k: int) -> dict[str, Tensor]:
     """The per-token columns of a single-token batch, ``n_ctx * (k + 1)`` rows: context, position t..t+k, offset,
     token id, and the SAE's stats at t repeated over the k + 1 measured positions."""
@@ -113,7 +120,8 @@ def single_token_rows(context_ids: Tensor, full_cpu: Tensor, view: SaeView, t: i
 @torch.no_grad()
 def single_token(cell: LoadedCell, batch: Batch, clean: Clean, k: int) -> Frames:
     t = batch.start
-    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)  # [b d]: position t
+    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split,
+                      at_start(clean.read()))  # [b d]: position t
     base = single_token_rows(batch.context_ids, batch.contexts, view, t, k)
     patch = cell.patch(batch, clean, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)
@@ -149,7 +157,7 @@ def masked_rows(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:
 @torch.no_grad()
 def many_samples(cell: LoadedCell, batch: Batch, clean: Clean, n_draws: int) -> Frames:
     t, n_ctx = batch.start, batch.ids.shape[0]
-    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split)
+    view = SaeView.of(clean.acts[0][:, 0], cell.lowest.sae, cell.lowest.center, cell.split, at_start(clean.read()))
     base = {"context": batch.context_ids, "position": t, "offset": 0, "token_id": batch.contexts[:, t], **view.stats}
     patch = cell.patch(batch, clean, view, t)
     frames = intervention_rows(patch, clean, batch.next_ids, base)

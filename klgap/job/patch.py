@@ -61,6 +61,7 @@ class Positions:
     keep: Tensor
     fill: Tensor
     first: int
+    reads: Tensor | None = None  # [b n d_in]: what a transcoder reads at every position (None for an SAE)
 
     @property
     def holes(self) -> bool:
@@ -149,7 +150,8 @@ class SitePatch:
         if self._rest is None:
             assert self.positions is not None
             positions = self.positions
-            self._rest = SaeView.of(positions.fill[~positions.keep], self.site.sae, self.site.center)
+            reads = None if positions.reads is None else positions.reads[~positions.keep]
+            self._rest = SaeView.of(positions.fill[~positions.keep], self.site.sae, self.site.center, reads=reads)
         return self._rest
 
     def draws(self, n_draws: int) -> Iterator[tuple[Tensor, Tensor]]:

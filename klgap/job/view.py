@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from klgap.errors import KlgapError
+from klgap.plugins.capabilities import without_skip
 from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 
@@ -48,7 +50,11 @@ def generator_for(device: torch.device, *keys: int) -> torch.Generator:
 
 @dataclass
 class SaeView:
-    """The SAE's view of a set of tokens: x (possibly centred), x̂ and per-token geometry."""
+    """The SAE's view of a set of tokens: x (possibly centred), x̂ and per-token geometry.
+
+    For a substitute that reads another site than it writes (a transcoder: mlp_in -> mlp_out) x is the written
+    site's clean activation and x̂ the substitute's output from the read site's (``reads``); every perturbation
+    then works around the true x with the substitute's error, as for an SAE."""
 
     x: Tensor  # [n d] float32
     x_hat: Tensor  # [n d] float32
@@ -56,16 +62,20 @@ class SaeView:
     stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
 
     parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
+    skip: Tensor | None = None  # [n d] a skip transcoder's skip term (part of x_hat), else None
 
     @classmethod
-    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None) -> SaeView:
+    def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None,
+           reads: Tensor | None = None) -> SaeView:
         """The view of ``acts: [n d]``; with `split` (klgap.protocols.ErrorSplitter) the stats also hold eps_lin and
-        eps_nl, the norms of the linear and nonlinear parts of the error."""
+        eps_nl, the norms of the linear and nonlinear parts of the error. `reads` ``[n d_in]``: the read site's
+        activations of the same tokens, for a substitute that reads another site (LoadedSAE.reads)."""
         x = acts.float()
         offset = x.mean(-1, keepdim=True) if center else torch.zeros_like(x[:, :1])
         x = x - offset
-        feats = sae.encode(x)
-        x_hat = sae.decode(feats).float()
+        if sae.transcoder and reads is None:
+            raise ValueError(f"the transcoder {sae.source!r} reads {sae.reads}: its view needs those activations")
+        x_hat, feats, skip = sae.reconstruct(x if reads is None else reads.float().to(x.device))
         x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
         cos = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12)
         stats = {
@@ -79,10 +89,18 @@ class SaeView:
         if split is not None:
             parts = split.error_parts(x, x_hat)
             stats["eps_lin"], stats["eps_nl"] = parts[0].norm(dim=-1), parts[1].norm(dim=-1)
-        return cls(x, x_hat, offset, stats, parts)
+        return cls(x, x_hat, offset, stats, parts, skip)
 
     def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
-        x_prime = perturbation(self.x, self.x_hat, generator)
+        """x' of `perturbation` (a skip-free one, :class:`klgap.protocols.SkipFreePerturbation`, is handed x̂
+        without the skip term) plus the offset, in `dtype`."""
+        x_hat = self.x_hat
+        if without_skip(perturbation):
+            if self.skip is None:
+                raise KlgapError(f"intervention {perturbation.name!r} measures a skip transcoder without its skip "
+                                 "term, but the substitute has no skip term (W_skip)")
+            x_hat = x_hat - self.skip
+        x_prime = perturbation(self.x, x_hat, generator)
         return (x_prime.float() + self.offset).to(dtype)
 
     def side_stats(self, measured: Tensor | None = None) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class RunConfig:
     model: str = field(metadata=flag("model name (see `klgap plugins`), e.g. smollm2-135m, gpt2, tiny-gpt2; a hub "
                                      "repo id (ORG/NAME) or a folder saved with save_pretrained"))
     site: str | None = field(default=None, metadata=flag(
-        "resid_pre, resid_post, attn_out, mlp_out or attn_z, or a comma list", default="from the SAE"))
+        "resid_pre, resid_post, attn_out, mlp_in, mlp_out or attn_z, or a comma list", default="from the SAE"))
     layer: int | None = field(default=None, metadata=flag(
         "layer index, a list (3,10,17), a range (0-5) or all; several sites/layers make one study report, with "
         "{layer}/{site} in --sae", default="from the SAE", text=True))

@@ -276,9 +276,9 @@ def resolve(config: RunConfig, *, model: ModelRef | None = None, sae: LoadedSAE 
         raise KlgapError(f"--device-map {placement.device_map!r} spreads one model over this node's GPUs, but "
                          f"{read_world().size} ranks run: start one process (no torchrun/srun ranks) for --device-map")
     specs = list(config.interventions)
-    if config.mode == "many_samples" and not any(parse_intervention(s)[0] == "sae" for s in specs):
-        specs = ["sae", *specs]
     interventions = build_interventions(specs)
+    if config.mode == "many_samples" and "sae" not in [i.name for i in interventions]:  # (transcoder names it too)
+        interventions = build_interventions(["sae", *specs])
     sample = None
     if config.mode == "many_samples":
         sample = build_intervention(config.sample_intervention)

@@ -10,7 +10,8 @@ it), :class:`~klgap.protocols.SaeFittablePerturbation` (``fit_sae(x, x_hat, l0, 
 :class:`~klgap.protocols.BaselineRole` (``baseline_label``, recorded when a run opens),
 :class:`~klgap.protocols.DescribedPerturbation` (``description``, recorded likewise),
 :class:`~klgap.protocols.EveryPositionPerturbation` (``every_position``, all-token patching),
-:class:`~klgap.protocols.FrozenErrorPerturbation` (``frozen_error``, a joint run's patches) and
+:class:`~klgap.protocols.FrozenErrorPerturbation` (``frozen_error``, a joint run's patches),
+:class:`~klgap.protocols.SkipFreePerturbation` (``without_skip``, a skip transcoder's x̂ without its skip) and
 :class:`~klgap.protocols.SplitTokenSource` (``split_for(arg, role)``, when a run's tokens are resolved). Each function here is the one place the core asks for one of them; a plugin's answer of
 the wrong type is a :class:`~klgap.errors.PluginError` naming the object.
 """
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
 from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation, ErrorSplitter,
-                             EveryPositionPerturbation, FitSummary, FrozenErrorPerturbation,
+                             EveryPositionPerturbation, FitSummary, FrozenErrorPerturbation, SkipFreePerturbation,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
                              SplitTokenSource, TokenRole, TokenSplit)
@@ -181,6 +182,17 @@ def frozen_error(perturbation: object) -> bool:
     return value
 
 
+def without_skip(perturbation: object) -> bool:
+    """Whether `perturbation` is handed a skip transcoder's x̂ without its skip term (it declares
+    :class:`SkipFreePerturbation` with True); False when it does not declare the capability."""
+    if not isinstance(perturbation, SkipFreePerturbation):
+        return False
+    value = perturbation.without_skip
+    if not isinstance(value, bool):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.without_skip is {value!r}; it must be a bool")
+    return value
+
+
 def token_split(source: object, arg: str | None, role: TokenRole) -> TokenSplit:
     """Which split of `source` a run in `role` reads with `arg`, when the source declares :class:`SplitTokenSource`;
     else the whole source (``split`` None: not known to be disjoint from anything)."""
@@ -206,4 +218,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
 
 
 __all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position",
-           "find_default_sae", "frozen_error", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split"]
+           "find_default_sae", "frozen_error", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split",
+           "without_skip"]

@@ -141,10 +141,19 @@ class FrozenErrorPerturbation(Protocol):
     frozen_error: bool
 
 
+@runtime_checkable
+class SkipFreePerturbation(Protocol):
+    """Optional capability of a perturbation: with ``without_skip`` True it is handed a skip transcoder's output
+    without its skip term as x̂ (``x̂ − x_in @ W_skipᵀ``), so a run shows what the skip contributes
+    (``transcoder_no_skip``). A run whose substitute has no skip term refuses it."""
+
+    without_skip: bool
+
+
 class PerturbationFactory(Protocol):
     """Registered under a name; called with the user's parameters (``cosine_matched:cos=0.8``)."""
 
     def __call__(self, **params: Any) -> Perturbation: ...
 
 
-__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']
+__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'FrozenErrorPerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation', 'SkipFreePerturbation']

@@ -40,6 +40,12 @@ class LoadedSAE:
                  subtracts each token's mean over d_model before the SAE and every perturbation.
     info:        descriptive provenance for the report (release, format, training stats, ...); the engine
                  never reads it.
+    reads:       the site it reads when that is not the site it writes: a transcoder reads ``mlp_in`` (the
+                 MLP's input) and writes ``mlp_out`` (its hook_name), so it substitutes the whole MLP; None for an
+                 SAE, which reads and writes one site.
+    d_out:       the width it writes when that is not d_in (a transcoder's); None: d_in.
+    skip:        a skip transcoder's ``W_skip [d_out d_in]``: its output is decode(encode(x_in)) + x_in @ W_skipᵀ
+                 (:meth:`reconstruct`); None without one.
     """
 
     module: Any
@@ -50,6 +56,29 @@ class LoadedSAE:
     architecture: str = "standard"
     center_resid: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    reads: str | None = None
+    d_out: int | None = None
+    skip: Tensor | None = None
+
+    @property
+    def width_out(self) -> int:
+        """The width of what it writes: d_out for a transcoder, d_in for an SAE."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether it reads another site than the one it writes (a transcoder: mlp_in -> mlp_out)."""
+        return self.reads is not None
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``x [n d_in]`` float32 (what it reads) -> (x̂ ``[n width_out]`` float32, its skip term included;
+        feature activations ``[n d_sae]``; the skip term ``x @ skipᵀ [n width_out]``, None without a skip)."""
+        feats = self.encode(x)
+        x_hat = self.decode(feats).float()
+        if self.skip is None:
+            return x_hat, feats, None
+        skip = x @ self.skip.to(x.device, torch.float32).T
+        return x_hat + skip, feats, skip
 
     def encode(self, x: Tensor) -> Tensor:
         """x: [n, d_in] float32 -> feature activations [n, d_sae]."""

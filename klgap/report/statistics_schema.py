@@ -113,6 +113,11 @@ class SAEInfo(StrictModel):
     d_in: int
     d_sae: int
     info: dict[str, Any] = Field(default_factory=dict)
+    reads: str | None = Field(None, description=(
+        "a transcoder's: the hook of the site it reads (blocks.L.ln2.hook_normalized, the MLP's input) while it "
+        "writes hook_name; null for an SAE, which reads and writes one site"))
+    d_out: int | None = Field(None, description="a transcoder's output width (null: d_in)")
+    skip: bool = Field(False, description="a skip transcoder: its output includes a skip term x_in·W_skipᵀ")
 
 
 class QualityNote(StrictModel):

@@ -1,6 +1,6 @@
 """Site maps of the supported architectures: where each site lives in the Hugging Face module tree.
 
-Every family maps the five sites of :data:`klgap.plan.sites.SITES` at block L to a :class:`SiteSpec`, and each site
+Every family maps the six sites of :data:`klgap.plan.sites.SITES` at block L to a :class:`SiteSpec`, and each site
 means what the TransformerLens hook of the same name means (``transformer_lens/components/transformer_block.py``):
 
 ====================  =====================================================================================
@@ -9,6 +9,8 @@ resid_post            output of block L (``hook_resid_post``; a plain tensor in 
 attn_out              what the attention sublayer adds to the residual stream (``hook_attn_out``): the
                       attention module's output ``[0]``, or, in families that normalise a sublayer's output
                       before the residual add (Gemma 2/3, OLMo 2), the output of that post-norm
+mlp_in                the input of the MLP / mixture-of-experts module, after the pre-MLP norm where the family has
+                      one (``ln2.hook_normalized``): what a transcoder reads
 mlp_out               what the MLP / mixture-of-experts sublayer adds to the residual stream (``hook_mlp_out``),
                       after the post-feed-forward norm where the family has one
 attn_z                input of the attention output projection: the concatenated heads
@@ -63,6 +65,7 @@ class Family:
     attn_out: Point | None
     mlp_out: Point | None
     attn_z: Point | None
+    mlp_in: Point | None = None  # the MLP module's input (what a transcoder reads)
     examples: tuple[str, ...] = ()  # hub repo ids of checkpoints of this family
     transformer_lens: str = ""  # the TransformerLens architecture whose hooks the sites reproduce ("" = none)
     note: str = ""  # anything a reader of the report should know about the site choice
@@ -78,7 +81,7 @@ class Family:
         """Every site's point inside a block, in the order of :data:`klgap.plan.sites.SITES`."""
         resid_post = RESID_POST if self.block_output_index is None else Point("", "output", self.block_output_index)
         return {"resid_pre": RESID_PRE, "resid_post": resid_post, "attn_out": self.attn_out,
-                "mlp_out": self.mlp_out, "attn_z": self.attn_z}
+                "mlp_in": self.mlp_in, "mlp_out": self.mlp_out, "attn_z": self.attn_z}
 
     def sites(self) -> tuple[str, ...]:
         """The sites this family maps."""
@@ -141,7 +144,7 @@ def _pre_norm(model_type: str, *, blocks: str = "model.layers", attn: str = "sel
     return Family(
         model_type, blocks, final_norm, unembed,
         attn_out=Point(attn, "output", 0), mlp_out=Point(mlp, "output", mlp_index),
-        attn_z=Point(f"{attn}.{proj}", "input"), **extra,
+        attn_z=Point(f"{attn}.{proj}", "input"), mlp_in=Point(mlp, "input"), **extra,
     )
 
 
@@ -153,6 +156,7 @@ def _post_norm(model_type: str, name: str, *, blocks: str = "model.layers", tl: 
     return Family(
         model_type, blocks, final_norm, "lm_head",
         attn_out=Point(attn_norm), mlp_out=Point(mlp_norm), attn_z=Point("self_attn.o_proj", "input"),
+        mlp_in=Point("mlp", "input"),
         note=POST_NORM_NOTE.format(name=name, attn_norm=attn_norm, mlp_norm=mlp_norm, tl=tl_text) + note,
         transformer_lens=tl, **extra,
     )
@@ -264,6 +268,7 @@ def site_widths(config: Any, attn_z: int | None = None) -> dict[str, int]:
         "resid_pre": d["d_model"],
         "resid_post": d["d_model"],
         "attn_out": d["d_model"],
+        "mlp_in": d["d_model"],
         "mlp_out": d["d_model"],
         "attn_z": attn_z or d["n_heads"] * d["head_dim"],
     }

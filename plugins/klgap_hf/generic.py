@@ -11,7 +11,8 @@ Two steps:
    the block adds to the residual stream (block output − block input), the first of them being the attention
    module or called after it: that is the TransformerLens meaning of ``hook_attn_out`` / ``hook_mlp_out``, found
    by arithmetic rather than by names. ``attn_z`` is the input of the attention module's linear child whose output
-   is the attention output. Anything else is refused with a message naming what was found.
+   is the attention output; ``mlp_in`` the input of the module giving mlp_out or, when that module is a post-norm,
+   of the child whose output it normalises (the MLP). Anything else is refused with a message naming what was found.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class _Found:
     attn_out: Point | None = None
     mlp_out: Point | None = None
     attn_z: Point | None = None
+    mlp_in: Point | None = None
     z_width: int | None = None
     block_output_index: int | None = None
     reasons: list[str] = field(default_factory=list)
@@ -147,6 +149,7 @@ class _Recorder:
                           if ATTENTION_NAME.search(n) and not NOT_A_SUBLAYER.search(type(c).__name__)]
         self.seen: dict[str, Any] = {}
         self.calls: list[tuple[str, Any]] = []
+        self.inputs: dict[str, Any] = {}  # each direct child's first input (its first call)
         self.leaves: list[tuple[str, Any, Any]] = []
         self.handles = [block.register_forward_pre_hook(self._input, with_kwargs=True),
                         block.register_forward_hook(self._output)]
@@ -164,7 +167,24 @@ class _Recorder:
         self.seen.setdefault("post", _copy(out))
 
     def _child(self, name: str) -> Any:
-        return lambda module, args, out: self.calls.append((name, _copy(out))) and None
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            self.calls.append((name, _copy(out)))
+            if args:
+                self.inputs.setdefault(name, _copy(args[0]))
+
+        return hook
+
+    def mlp_input(self, mlp_out: _Call) -> Point | None:
+        """mlp_in: the input of the module whose output is mlp_out; where that module is a post-norm (Gemma 2/3,
+        OLMo 2), the input of the child called before it whose output the norm normalises (the MLP)."""
+        if not NORM_NAME.search(mlp_out.name):
+            return Point(mlp_out.name, "input")
+        normed = self.inputs.get(mlp_out.name)
+        for name, out in reversed(self.calls[: mlp_out.order]):
+            value, _ = _tensor_of(out, normed.shape) if isinstance(normed, Tensor) else (None, None)
+            if value is not None and torch.equal(value, normed) and not NORM_NAME.search(name):
+                return Point(name, "input")
+        return None
 
     def _leaf(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
@@ -204,6 +224,9 @@ class _Recorder:
         if len(pairs) == 1:
             a, m = pairs[0]
             result.attn_out, result.mlp_out = Point(a.name, "output", a.index), Point(m.name, "output", m.index)
+            result.mlp_in = self.mlp_input(m)
+            if result.mlp_in is None:
+                result.reasons.append(f"mlp_in: no submodule of {where} gives the input of {m.name} (mlp_out)")
         else:
             what = "no pair" if not pairs else f"{len(pairs)} pairs"
             result.reasons.append(f"attn_out / mlp_out: {what} of {where}'s submodule outputs add up to its output − "
@@ -257,7 +280,7 @@ def identify_sublayers(hf_model: nn.Module, family: Family, config: Any) -> Fami
     found = [r.found(f"{family.blocks}.{layers[0]}") for r, layers in zip(recorders, kinds.values(), strict=True)]
     reasons = list(dict.fromkeys(reason for f in found for reason in f.reasons))
     points: dict[str, Any] = {}
-    for site in ("attn_out", "mlp_out", "attn_z", "z_width", "block_output_index"):
+    for site in ("attn_out", "mlp_out", "attn_z", "mlp_in", "z_width", "block_output_index"):
         points[site], why = _agree(kinds, found, site)
         if why and site not in ("z_width", "block_output_index"):
             reasons.append(why)
@@ -270,5 +293,6 @@ def identify_sublayers(hf_model: nn.Module, family: Family, config: Any) -> Fami
     elif points["mlp_out"]:
         note += f"; mlp_out = {points['mlp_out'].describe()} (checked on a forward pass)"
     return replace(family, attn_out=points["attn_out"], mlp_out=points["mlp_out"], attn_z=points["attn_z"],
+                   mlp_in=points["mlp_in"],
                    attn_z_width=points["z_width"] if points["attn_z"] else None,
                    block_output_index=points["block_output_index"], note=note, unmapped="; ".join(reasons))

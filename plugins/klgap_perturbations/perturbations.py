@@ -36,6 +36,7 @@ class FormulaPerturbation:
     baseline_label: str | None = None
     every_position: bool = False  # all-token mode: replaces every position (klgap.protocols.EveryPositionPerturbation)
     frozen_error: bool = False  # joint runs: x̂ = x − the clean error (klgap.protocols.FrozenErrorPerturbation)
+    without_skip: bool = False  # handed a skip transcoder's x̂ without its skip term (klgap.protocols.SkipFreePerturbation)
 
     def __call__(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         if x.shape != x_hat.shape or x.dim() != 2:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from klgap.errors import KlgapError
 from klgap.protocols import LoadedSAE, SAECheck
-from klgap.sae.file import METADATA, REQUIRED, THRESHOLD, save_safetensors_sae
+from klgap.sae.file import HOOK_OUT, METADATA, REQUIRED, SKIP, THRESHOLD, save_safetensors_sae
+from klgap.sae.transcoder import written_hook
 from klgap_saes.common import trained_centred, wrap_sae_lens
 from klgap_saes.convert import Converted, check_known_architecture, check_shapes, load_converted, read_safetensors, read_safetensors_metadata, require_keys
 
@@ -66,8 +67,13 @@ class SaeLensDiskLoader:
         if missing:
             raise KlgapError(_malformed(spec, missing))
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
-        return SAECheck(hook_name=meta.get("hook_name"), model=meta.get("model_name"),
-                        detail=f"sae_lens folder ({cfg.get('architecture', 'standard')}, d_sae {cfg.get('d_sae')})")
+        architecture = str(cfg.get("architecture", "standard"))
+        hook = meta.get("hook_name")
+        if "transcoder" in architecture:  # the run's site is the one it writes (klgap.sae.transcoder)
+            out = meta.get(HOOK_OUT) or cfg.get(HOOK_OUT)
+            hook = written_hook(hook, out, f"SAE folder {spec!r} (a {architecture})")
+        return SAECheck(hook_name=hook, model=meta.get("model_name"),
+                        detail=f"sae_lens folder ({architecture}, d_sae {cfg.get('d_sae')})")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         from sae_lens import SAE
@@ -111,7 +117,11 @@ class SafetensorsLoader:
     def check(self, spec: str) -> SAECheck:
         """The hook and model names in the file's metadata (its header only)."""
         metadata = read_safetensors_metadata(self._file(spec), f"SAE file {spec!r}")
-        return SAECheck(hook_name=metadata.get("hook_name"), model=metadata.get("model_name"), detail="plain safetensors SAE")
+        hook = metadata.get("hook_name")
+        if metadata.get(HOOK_OUT):  # a transcoder: its run's site is what it writes
+            return SAECheck(hook_name=written_hook(hook, metadata.get(HOOK_OUT), f"SAE file {spec!r}"),
+                            model=metadata.get("model_name"), detail="plain safetensors transcoder")
+        return SAECheck(hook_name=hook, model=metadata.get("model_name"), detail="plain safetensors SAE")
 
     def load(self, spec: str, device: torch.device) -> LoadedSAE:
         path = self._file(spec)
@@ -120,24 +130,40 @@ class SafetensorsLoader:
 
 
 def convert_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], spec: str) -> Converted:
-    """A sae_lens StandardSAE (JumpReLUSAE when a threshold is given) holding the plain file's tensors."""
+    """A sae_lens StandardSAE (JumpReLUSAE when a threshold is given) holding the plain file's tensors; a
+    transcoder (its metadata names ``hook_name_out``; ``W_skip`` for a skip transcoder, W_dec may be [d_sae d_out]) as
+    sae_lens's Transcoder / SkipTranscoder / JumpReLUTranscoder / JumpReLUSkipTranscoder."""
     where = f"SAE file {spec!r}"
-    require_keys(tensors, REQUIRED, where, f"it needs {', '.join(REQUIRED)} (+ {THRESHOLD})")
+    require_keys(tensors, REQUIRED, where, f"it needs {', '.join(REQUIRED)} (+ {THRESHOLD}, + {SKIP} for a skip "
+                 "transcoder)")
     d_in, d_sae = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (None, None)
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    transcoder = HOOK_OUT in metadata  # a plain transcoder file names the hook it writes
+    d_out = tensors["W_dec"].shape[-1] if transcoder and tensors["W_dec"].dim() == 2 else d_in
+    if SKIP in tensors and not transcoder:
+        raise KlgapError(f"{where} holds {SKIP} (a skip transcoder's) but its metadata names no "
+                         f"{HOOK_OUT}; a plain transcoder file names the hook it reads (hook_name: "
+                         f"blocks.L.ln2.hook_normalized) and the one it writes ({HOOK_OUT}: blocks.L.hook_mlp_out)")
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
     if THRESHOLD in tensors:
         expected[THRESHOLD] = (d_sae,)
-    check_shapes(tensors, expected, where, f"from W_enc [d_in={d_in}, d_sae={d_sae}]")
+    if SKIP in tensors:
+        expected[SKIP] = (d_out, d_in)
+    check_shapes(tensors, expected, where, f"from W_enc [d_in={d_in}, d_sae={d_sae}] and W_dec [d_sae, d_out={d_out}]")
     unread = sorted(set(tensors) - set(expected))
-    if unread:  # e.g. a transcoder's W_skip: measuring without it would measure another function
+    if unread:
         raise KlgapError(f"{where} holds tensors a plain SAE file does not: {', '.join(unread)}; it holds "
-                         f"{', '.join(REQUIRED)} (+ {THRESHOLD}) only" + (" (W_skip is a transcoder's skip "
-                         "connection: klgap measures SAEs that reconstruct their own input)" if "W_skip" in unread else ""))
-    cfg_dict = {
-        "architecture": "jumprelu" if THRESHOLD in tensors else "standard", "d_in": int(d_in), "d_sae": int(d_sae),
-        "metadata": {k: metadata[k] for k in METADATA if k in metadata},
-    }
-    return Converted(cfg_dict, {k: tensors[k] for k in expected}, {"format": "safetensors"})
+                         f"{', '.join(REQUIRED)} (+ {THRESHOLD}, + {SKIP}) only")
+    architecture = "jumprelu" if THRESHOLD in tensors else "standard"
+    meta = {k: metadata[k] for k in METADATA if k in metadata}
+    cfg_dict: dict = {"d_in": int(d_in), "d_sae": int(d_sae), "metadata": meta}
+    if transcoder:
+        skip = "skip_" if SKIP in tensors else ""
+        architecture = f"jumprelu_{skip}transcoder" if THRESHOLD in tensors else f"{skip}transcoder"
+        cfg_dict |= {"d_out": int(d_out), "apply_b_dec_to_input": False}
+        if HOOK_OUT in metadata:
+            meta[HOOK_OUT] = metadata[HOOK_OUT]
+    return Converted({"architecture": architecture, **cfg_dict}, {k: tensors[k] for k in expected},
+                     {"format": "safetensors"})
 
 
 __all__ = ["SaeLensDiskLoader", "SafetensorsLoader", "convert_safetensors", "save_safetensors_sae"]

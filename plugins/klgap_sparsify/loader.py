@@ -18,7 +18,11 @@ values as ReLU then top-k, and a latent that either zeroes adds nothing to the d
 before the encoder in both and no bias needs folding. ``groupmax`` is a ``TopKSAE`` with sparsify's GroupMax
 as its activation (:class:`GroupMax`). ``multi_topk`` only adds a training loss at 4k latents; inference uses k,
 as ``SparseCoder.encode`` does. Weights stored in bfloat16 are computed in float32, like every klgap SAE.
-Transcoders and skip connections are refused: klgap splices one SAE's reconstruction in at one site.
+A transcoder (``transcode = true``, hookpoint ``layers.N.mlp``) reads the MLP's input and predicts its output:
+``encode`` skips the b_dec subtraction and a skip connection adds ``x @ W_skipᵀ``. It becomes klgap's
+``topk_transcoder`` / ``topk_skip_transcoder`` (sae_lens's Transcoder / SkipTranscoder with sparsify's top-k,
+:func:`topk_transcoder_classes`), which reads mlp_in and writes mlp_out (klgap/sae/transcoder.py). A skip
+connection on an SAE (transcode = false), and a groupmax transcoder, are refused.
 
 This module is the format's converter (files -> ``(cfg_dict, state_dict)``); reading, errors and building the
 sae_lens SAE are :mod:`klgap_saes.convert`'s, shared with the other formats.
@@ -112,17 +116,20 @@ def _cfg_int(cfg: dict[str, Any], key: str, spec: str, default: Any = None) -> i
 def convert(cfg: dict[str, Any], tensors: dict[str, Tensor], path: Path, spec: str) -> Converted:
     """The hookpoint folder `path`'s cfg.json + sae.safetensors as a sae_lens TopKSAE config + state_dict
     (architecture ``topk``, or ``groupmax``: :func:`groupmax_classes`)."""
-    if cfg.get("transcode"):
+    transcode = bool(cfg.get("transcode"))
+    skip = bool(cfg.get("skip_connection")) or "W_skip" in tensors
+    if skip and not transcode:
         raise KlgapError(
-            f"sparsify folder {spec!r} is a transcoder (transcode=true: it maps a module's input to its output); "
-            "klgap measures SAEs, which reconstruct one site (transcode=false)"
-        )
-    if cfg.get("skip_connection") or "W_skip" in tensors:
-        raise KlgapError(
-            f"sparsify folder {spec!r} has a skip connection (W_skip), which klgap does not support; "
-            "supported: sparsify SAEs with skip_connection=false"
+            f"sparsify folder {spec!r} has a skip connection (W_skip) but is not a transcoder; klgap measures SAEs "
+            "with skip_connection=false, and transcoders (transcode=true) with or without one"
         )
     activation = cfg.get("activation", "topk")
+    if transcode and activation != "topk":
+        raise KlgapError(f"sparsify folder {spec!r}: a {activation} transcoder is not supported; supported: topk")
+    hook = hook_of(cfg, path)
+    if transcode and (hook is None or not hook.endswith("hook_mlp_out")):
+        raise KlgapError(f"sparsify folder {spec!r} is a transcoder at hookpoint {hookpoint_of(path)!r}; klgap measures "
+                         "transcoders of an MLP (hookpoint layers.N.mlp: its input -> its output)")
     if activation not in ACTIVATIONS:
         raise KlgapError(f"sparsify folder {spec!r}: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
     if "d_in" not in cfg:
@@ -141,18 +148,27 @@ def convert(cfg: dict[str, Any], tensors: dict[str, Tensor], path: Path, spec: s
         "encoder.weight": (num_latents, d_in), "encoder.bias": (num_latents,),
         "W_dec": (num_latents, d_in), "b_dec": (d_in,),
     }
+    if skip:
+        expected["W_skip"] = (d_in, d_in)
     require_keys(tensors, list(expected), f"{FORMAT.where(spec)}: {WEIGHTS}", f"it needs {', '.join(expected)}")
     check_shapes(tensors, expected, FORMAT.where(spec), f"d_in={d_in}, num_latents={num_latents} from {CFG}")
-    cfg_dict = {
+    cfg_dict: dict[str, Any] = {
         "architecture": activation, "d_in": d_in, "d_sae": num_latents, "k": k, "apply_b_dec_to_input": True,
-        "rescale_acts_by_decoder_norm": False, "metadata": {"hook_name": hook_of(cfg, path)},
+        "rescale_acts_by_decoder_norm": False, "metadata": {"hook_name": hook},
     }
     state_dict = {
         "W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"],
         "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],
     }
+    if transcode:  # reads the MLP's input (no b_dec subtracted), writes its output: klgap.sae.transcoder
+        layer = hook.split(".")[1]  # type: ignore[union-attr]
+        cfg_dict = {"architecture": "topk_skip_transcoder" if skip else "topk_transcoder", "d_in": d_in,
+                    "d_sae": num_latents, "d_out": d_in, "k": k, "apply_b_dec_to_input": False,
+                    "metadata": {"hook_name": f"blocks.{layer}.ln2.hook_normalized", "hook_name_out": hook}}
+        if skip:
+            state_dict["W_skip"] = tensors["W_skip"]
     info = {
-        "format": "sparsify", "hookpoint": hookpoint_of(path), "activation": activation, "k": k, "multi_topk": bool(cfg.get("multi_topk", False)),
+        "format": "sparsify", "hookpoint": hookpoint_of(path), "activation": activation, "k": k, "transcode": transcode, "multi_topk": bool(cfg.get("multi_topk", False)),
         "normalize_decoder": bool(cfg.get("normalize_decoder", True)), "stored_dtype": str(tensors["W_dec"].dtype),
     }
     return Converted(cfg_dict, state_dict, info)
@@ -193,4 +209,55 @@ def groupmax_classes() -> tuple[type, type]:
     return GroupMaxSAE, GroupMaxSAEConfig
 
 
+@lru_cache(maxsize=2)
+def topk_transcoder_classes(skip: bool = False) -> tuple[type, type]:
+    """(TopKTranscoder, its config) — with `skip`, (TopKSkipTranscoder, its config): sae_lens's Transcoder /
+    SkipTranscoder with sparsify's top-k activation (sae_lens's TopK: the k largest pre-activations, ReLU'd),
+    architecture ``topk_transcoder`` / ``topk_skip_transcoder``."""
+    from dataclasses import dataclass
+
+    from sae_lens.saes.topk_sae import TopK
+    from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig
+
+    base, base_cfg = (SkipTranscoder, SkipTranscoderConfig) if skip else (Transcoder, TranscoderConfig)
+    name = "topk_skip_transcoder" if skip else "topk_transcoder"
+
+    @dataclass
+    class TopKTranscoderConfig(base_cfg):  # type: ignore[valid-type,misc]
+        """A transcoder config with sparsify's k."""
+
+        k: int = 32
+
+        @classmethod
+        def architecture(cls) -> str:
+            return name
+
+        @classmethod
+        def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+            from sae_lens.saes.sae import SAEMetadata
+            from sae_lens.util import filter_valid_dataclass_fields
+
+            res = cls(**filter_valid_dataclass_fields(config_dict, cls))
+            if "metadata" in config_dict:
+                res.metadata = SAEMetadata(**config_dict["metadata"])
+            return res
+
+        def to_dict(self) -> dict[str, Any]:
+            return {**super().to_dict(), "k": self.k}
+
+    class TopKTranscoder(base):  # type: ignore[valid-type,misc]
+        """sparsify's top-k transcoder (with its skip connection when `skip`)."""
+
+        def get_activation_fn(self):
+            return TopK(self.cfg.k, use_sparse_activations=False)
+
+        @classmethod
+        def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+            return cls(TopKTranscoderConfig.from_dict(config_dict))
+
+    return TopKTranscoder, TopKTranscoderConfig
+
+
 register_architecture("groupmax", groupmax_classes)
+register_architecture("topk_transcoder", lambda: topk_transcoder_classes(False))
+register_architecture("topk_skip_transcoder", lambda: topk_transcoder_classes(True))

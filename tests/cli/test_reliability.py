@@ -413,20 +413,22 @@ def test_train_sae_killed_while_saving_leaves_no_half_sae_and_a_rerun_makes_it(t
 # ----------------------------------------------------------------------------- transcoders, SAEs without a hook name
 
 
-def test_a_plain_sae_file_with_a_skip_connection_is_refused(tmp_path, capsys):
+def test_a_plain_transcoder_file_that_does_not_read_the_mlp_input_is_refused(tmp_path, capsys):
+    """A plain file with W_skip is a skip transcoder; one whose hook_name is not the MLP's input (here mlp_out) is
+    refused by name before anything loads."""
     from safetensors.torch import load_file, save_file
 
     sae = random_sae(tmp_path / "sae.safetensors", 64, 128, HOOK)
     tensors = load_file(sae)
     tensors["W_skip"] = torch.eye(64)
-    save_file(tensors, sae, metadata={"hook_name": HOOK})
+    save_file(tensors, sae, metadata={"hook_name": HOOK, "hook_name_out": HOOK})
     code, _, err = _run(_replicate(sae, tmp_path / "run"), capsys)
     assert code == 2
-    _one_line_error(err, "holds tensors a plain SAE file does not: W_skip; it holds W_enc, W_dec, b_enc, b_dec")
-    assert "transcoder's skip connection" in err and not (tmp_path / "run").exists()
+    _one_line_error(err, f"reads {HOOK}; klgap measures transcoders that read the MLP's input")
+    assert not (tmp_path / "run").exists()
 
 
-def test_a_sae_lens_skip_transcoder_is_refused_by_the_shared_check(tmp_path, capsys):
+def test_a_sae_lens_skip_transcoder_of_other_sites_is_refused(tmp_path, capsys):
     from sae_lens import SkipTranscoder, SkipTranscoderConfig
 
     cfg = SkipTranscoderConfig(d_in=64, d_sae=128, d_out=64, apply_b_dec_to_input=False)
@@ -434,8 +436,8 @@ def test_a_sae_lens_skip_transcoder_is_refused_by_the_shared_check(tmp_path, cap
     SkipTranscoder(cfg).save_model(tmp_path / "tc")
     code, _, err = _run(_replicate(tmp_path / "tc", tmp_path / "run"), capsys)
     assert code == 2
-    _one_line_error(err, "is a transcoder (skip_transcoder, with a skip connection W_skip)")
-    assert "klgap measures SAEs that reconstruct their own input" in err and not (tmp_path / "run").exists()
+    _one_line_error(err, f"(a skip_transcoder) reads {HOOK}; klgap measures transcoders that read the MLP's input")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags,message", [

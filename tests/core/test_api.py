@@ -147,7 +147,7 @@ def test_bad_input_raises_the_clis_errors(held):
     narrow.metadata.hook_name = HOOK
     with pytest.raises(KlgapError, match=r"has d_in=32 but gpt2 mlp_out is 64 wide"):
         klgap.measure(hf, StandardSAE(narrow), tokenizer=tok, **RUN)
-    with pytest.raises(KlgapError, match=r"unknown site 'mlp'.*valid: attn_out, attn_z, mlp_out, resid_post, resid_pre"):
+    with pytest.raises(KlgapError, match=r"unknown site 'mlp'.*valid: attn_out, attn_z, mlp_in, mlp_out, resid_post, resid_pre"):
         klgap.measure(hf, EncodeDecode(sae), tokenizer=tok, site="mlp", layer=1, **RUN)
     with pytest.raises(KlgapError, match=r"unknown config key 'tokns' \(did you mean 'tokens'\?\)"):
         klgap.measure(hf, sae, tokenizer=tok, tokns=5)

@@ -56,7 +56,7 @@ def test_contributing_lists_every_fault_with_its_message():
     for message in ("has non-finite weights: W_dec has 1 NaN", "the model's clean logits hold",
                     "measuring it again", "was not written: File too large", "were not all written",
                     "is not interventions.sae.kl_mean", "cfg.json lacks d_in", "is a file, not a folder",
-                    "is in use by another klgap run", "BROKEN:", "is a transcoder", "give --site and --layer",
+                    "is in use by another klgap run", "BROKEN:", "klgap measures transcoders that read the MLP's input", "give --site and --layer",
                     "klgap compare", "train-sae", "gave 3 contexts of 32 tokens", "lacks batches", "is not the one it "
                     "measured", "is a folder klgap did not write", "unknown [train_sae] key", "cannot load the weights",
                     "outside tiny-gpt2's vocabulary", "lists layer 0 twice", "is below its uncorrected p_value"):

@@ -122,6 +122,8 @@ SPECS = [
     "along", "along:t=0.5", "along:dir=epsilon_random,t=1.5", "along:dir=cov_random_mixture,t=0.5",
     "along:dir=real_direction,t=2", "along:dir=pca_matched,t=0.7", "along:dir=random_dictionary,t=0.3",
     "along:dir=epsilon_error_cov,t=0",
+    "transcoder", "transcoder_norm_corrected", "transcoder_no_skip", "mlp_zero", "mlp_mean_ablation",
+    "mlp_mean_ablation:over=run",
 ]
 
 for _spec in SPECS:

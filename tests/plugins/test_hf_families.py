@@ -2,10 +2,10 @@
 
 - it loads by folder path (`--model ./folder`) with its hand-written map;
 - each site equals TransformerLens's ``run_with_cache`` at ``blocks.L.hook_resid_pre / hook_attn_out / hook_mlp_out /
-  hook_resid_post / attn.hook_z`` on a HookedTransformer converted from the same weights by TransformerLens's own
+  hook_resid_post / attn.hook_z / ln2.hook_normalized`` (mlp_in) on a HookedTransformer converted from the same weights by TransformerLens's own
   converters, to 1e-5 (float64 on both sides; TransformerLens builds rotary tables in float32, ~1e-7);
   ``TL_UNSUPPORTED`` families are checked by the rule instead: block output − input = attn_out + mlp_out;
-- `replicate` runs at every site (one study, all five sites);
+- `replicate` runs at every site (one study, all six sites);
 - the suffix-replay and KV-cache fast paths reproduce full forwards of a real patch (x' = x / 2), and the
   engine picks them for every family.
 """
@@ -80,7 +80,7 @@ def test_loads_by_folder_path_with_its_map(family, family_folder, family_model):
     assert logits.shape == (2, 16, model.vocab_size) and torch.isfinite(logits).all()
 
 
-FORWARD_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_out", "resid_post")  # as one forward pass meets them
+FORWARD_ORDER = ("resid_pre", "attn_z", "attn_out", "mlp_in", "mlp_out", "resid_post")  # as one forward pass meets them
 
 
 def _klgap_sites(model, layer: int) -> dict[str, torch.Tensor]:
@@ -95,15 +95,22 @@ def test_sites_equal_transformer_lens_hooks(family, family_model):
 
     model = family_model(family, torch.float64)
     tl_model = hooked_transformer(model.hf_model)
+    # mlp_in: what TransformerLens's MLP component reads, ln2's output (its hook_normalized times the norm's weight,
+    # plus its bias; resid_mid where the family has no pre-MLP norm: OLMo 2), recorded by a plain torch hook
+    mlp_inputs: dict[int, torch.Tensor] = {}
+    handles = [block.mlp.register_forward_pre_hook(lambda _m, args, layer=layer: mlp_inputs.__setitem__(layer, args[0]))
+               for layer, block in enumerate(tl_model.blocks)]
     with torch.no_grad():
         tl_logits, cache = tl_model.run_with_cache(IDS)
         hf_logits = model.hf_model(input_ids=IDS, use_cache=False).logits
+    for handle in handles:
+        handle.remove()
     assert (tl_logits - hf_logits).abs().max() < 1e-5  # the conversion is faithful
     worst = 0.0
     for layer in range(model.n_layers):
         ours = _klgap_sites(model, layer)
         for site in SITES:
-            theirs = cache[hook_name(site, layer)]
+            theirs = mlp_inputs[layer] if site == "mlp_in" else cache[hook_name(site, layer)]
             if site == "attn_z":
                 theirs = theirs.flatten(-2)  # [b pos heads d_head] -> [b pos heads*d_head]
             assert ours[site].shape == theirs.shape, (family, site, layer)
@@ -113,6 +120,7 @@ def test_sites_equal_transformer_lens_hooks(family, family_model):
     # the comparison can fail: the sublayer sites differ from each other and from the block's input by far more
     ours = _klgap_sites(model, 1)
     assert (ours["attn_out"] - ours["mlp_out"]).abs().max() > 1e-2
+    assert (ours["mlp_in"] - ours["mlp_out"]).abs().max() > 1e-2
     assert (ours["resid_post"] - ours["resid_pre"]).abs().max() > 1e-2
 
 
@@ -193,7 +201,7 @@ def test_fast_paths_reproduce_full_forwards(family, family_model):
 
 @pytest.mark.parametrize("family", ALL)
 def test_replicate_runs_at_every_site(family, tmp_path, family_folder):
-    """`replicate` through the engine at all five sites of layer 1 (one study), with the folder path as --model."""
+    """`replicate` through the engine at all six sites of layer 1 (one study), with the folder path as --model."""
     folder = str(family_folder(family))
     model = loading.load_model(folder, torch.device("cpu"), torch.float32)
     for site in SITES:

@@ -55,13 +55,18 @@ def test_generic_sites_equal_transformer_lens_hooks(model_type, mapped, tmp_path
     model = _load(model_type, tmp_path)
     assert model.info["site_map"] == "generic (klgap_hf.generic)"
     tl_model = hooked_transformer(model.hf_model)
+    mlp_inputs: dict[int, torch.Tensor] = {}  # mlp_in: what TransformerLens's MLP component reads (ln2's output)
+    handles = [block.mlp.register_forward_pre_hook(lambda _m, args, layer=layer: mlp_inputs.__setitem__(layer, args[0]))
+               for layer, block in enumerate(tl_model.blocks)]
     with torch.no_grad():
         tl_logits, cache = tl_model.run_with_cache(IDS)
         assert (tl_logits - model.hf_model(input_ids=IDS, use_cache=False).logits).abs().max() < 1e-5
+    for handle in handles:
+        handle.remove()
     for layer in range(model.n_layers):
         for site in mapped:
             ours = activations.collect(model, model.site_map(site, layer), IDS)
-            theirs = cache[hook_name(site, layer)]
+            theirs = mlp_inputs[layer] if site == "mlp_in" else cache[hook_name(site, layer)]
             theirs = theirs.flatten(-2) if site == "attn_z" else theirs
             assert (ours - theirs).abs().max() < 1e-5, (model_type, site, layer)
     for site in set(SITES) - set(mapped):

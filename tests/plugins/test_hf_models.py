@@ -75,17 +75,18 @@ def test_tiny_model_fields(tiny_model, device):
 
 def test_site_map_modules_per_family(load_model):
     expected = {
-        "tiny-gpt2": ["transformer.h.1", "transformer.h.1", "transformer.h.1.attn", "transformer.h.1.mlp",
+        "tiny-gpt2": ["transformer.h.1", "transformer.h.1", "transformer.h.1.attn", "transformer.h.1.mlp", "transformer.h.1.mlp",
                       "transformer.h.1.attn.c_proj"],
         "tiny-pythia": ["gpt_neox.layers.1", "gpt_neox.layers.1", "gpt_neox.layers.1.attention",
-                        "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention.dense"],
-        "tiny-llama": ["model.layers.1", "model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp",
+                        "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention.dense"],
+        "tiny-llama": ["model.layers.1", "model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp", "model.layers.1.mlp",
                        "model.layers.1.self_attn.o_proj"],
     }
     for name, modules in expected.items():
-        specs = [load_model(name).site_map(site, 1) for site in SITES]  # resid_pre, resid_post, attn_out, mlp_out, attn_z
+        specs = [load_model(name).site_map(site, 1) for site in SITES]  # resid_pre, resid_post, attn_out, mlp_in, mlp_out, attn_z
         assert [s.module for s in specs] == modules
-        assert [(s.io, s.index) for s in specs] == [("input", None), ("output", None), ("output", 0), ("output", None), ("input", None)]
+        assert [(s.io, s.index) for s in specs] == [("input", None), ("output", None), ("output", 0), ("input", None), ("output", None),
+                                                   ("input", None)]
 
 
 def test_site_map_rejects_bad_layer_and_site(load_model):
