@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from klgap.plugins.capabilities import error_norm_predictor
 from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 
@@ -56,6 +57,7 @@ class SaeView:
     stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
 
     parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
+    err_sq_pred: Tensor | None = None  # [n] the splitter's prediction of ‖e‖² from x (klgap.protocols.ErrorNormPredictor)
 
     @classmethod
     def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None) -> SaeView:
@@ -75,11 +77,13 @@ class SaeView:
             "x_hat_norm": x_hat_norm,
             "l0": (feats != 0).sum(-1).float(),
         }
-        parts = None
+        parts, err_sq_pred = None, None
         if split is not None:
             parts = split.error_parts(x, x_hat)
             stats["eps_lin"], stats["eps_nl"] = parts[0].norm(dim=-1), parts[1].norm(dim=-1)
-        return cls(x, x_hat, offset, stats, parts)
+            if (predictor := error_norm_predictor(split)) is not None:
+                err_sq_pred = predictor.predict_error_sq(x)
+        return cls(x, x_hat, offset, stats, parts, err_sq_pred)
 
     def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
         x_prime = perturbation(self.x, self.x_hat, generator)
@@ -101,10 +105,17 @@ class SaeView:
             "sum_sq_err": float((err**2).sum()),
             "sum_ev_legacy": float((1 - (err**2).sum(-1) / ((x - x.mean(0)) ** 2).sum(-1)).sum()) if len(x) else 0.0,
         }
-        if self.parts is not None:  # the centred R² of the error's linear part (klgap/report/decomposition.py)
+        if self.parts is not None:  # the R²s of the error's linear part (klgap/report/decomposition.py)
             e_nl = self.parts[1][finite].double()
             sides |= {"sum_err": err.sum(0).cpu().tolist(), "sum_err_nl": e_nl.sum(0).cpu().tolist(),
-                      "sum_sq_err_nl": float((e_nl**2).sum())}
+                      "sum_sq_err_nl": float((e_nl**2).sum()),
+                      "sum_sq_err_dims": (err**2).sum(0).cpu().tolist(),  # [d]: per dimension (Engels's R²)
+                      "sum_sq_err_nl_dims": (e_nl**2).sum(0).cpu().tolist()}
+        if self.err_sq_pred is not None:  # ‖e‖² against its prediction from x (Engels's "most of the norm")
+            sq = (err**2).sum(-1)
+            resid = sq - self.err_sq_pred[finite].double()
+            sides |= {"sum_err_sq_sq": float((sq**2).sum()),
+                      "sum_err_sq_resid_sq": float((resid**2).sum())}
         return sides
 
 

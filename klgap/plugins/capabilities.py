@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation, ErrorSplitter,
+from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation,
+                             ErrorNormPredictor, ErrorSplitter,
                              EveryPositionPerturbation, FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
@@ -135,6 +136,11 @@ def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | No
     return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
 
 
+def error_norm_predictor(splitter: ErrorSplitter | None) -> ErrorNormPredictor | None:
+    """`splitter` when it also predicts the error's squared norm from x (:class:`ErrorNormPredictor`); else None."""
+    return splitter if isinstance(splitter, ErrorNormPredictor) else None
+
+
 def baseline_label(perturbation: object) -> str | None:
     """How a sentence names `perturbation` as a baseline, when it declares :class:`BaselineRole` with a label; None
     when it is not a baseline (it declares None, or does not declare the capability)."""
@@ -193,5 +199,5 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position",
-           "find_default_sae", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split"]
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_norm_predictor",
+           "error_splitter", "every_position", "find_default_sae", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split"]

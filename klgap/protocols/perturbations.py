@@ -93,6 +93,18 @@ class ErrorSplitter(Protocol):
 
 
 @runtime_checkable
+class ErrorNormPredictor(Protocol):
+    """Optional capability of an :class:`ErrorSplitter`: a prediction of the error's squared norm from x alone.
+
+    ``predict_error_sq(x)`` with ``x: [n, d]`` returns ``[n]`` float32, a linear function of x fitted on the fit
+    tokens (Engels et al. 2024's regression of ‖e‖² on x, "most of the norm"). When the run's splitter declares it,
+    the run's side sums hold the residual of that prediction and the report its held-out R².
+    """
+
+    def predict_error_sq(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
 class BaselineRole(Protocol):
     """Optional capability of a perturbation: whether the SAE is judged against it (the report's baseline panel).
 
@@ -136,4 +148,4 @@ class PerturbationFactory(Protocol):
     def __call__(self, **params: Any) -> Perturbation: ...
 
 
-__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']
+__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']
