@@ -25,6 +25,7 @@ from klgap.job.folder import RunDir
 from klgap.job.record import RECORD_FILE, SUBSETS_DIR, RunRecord
 from klgap.report import stats
 from klgap.report.aggregate import context_sums
+from klgap.report.holm import holm_p_values
 from klgap.report.read import load_report
 from klgap.report.schema import BASELINE, InterventionStats, Num, PairedTest, RatioCI, Report, StrictModel
 
@@ -77,6 +78,9 @@ class Compounding(StrictModel):
     joint_ratio_larger: bool | None  # joint ratio > the largest single-site ratio (point estimates)
     additivity: dict[str, Additivity]
     subsets: list[CompoundingSubset] | None = None  # --joint-subsets: every subset of 2+ sites, by size
+    # Holm over the subsets table's p-values (joint − largest alone, one-sided): one per subset in `subsets`' order,
+    # then the run's own (every site); None without subsets, and in reports written before klgap kept it
+    subsets_p_holm: list[Num] | None = None
 
 
 class CompoundingSubset(StrictModel):
@@ -179,11 +183,19 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
             joint_over_sum=over,
             wilcoxon_joint_vs_sum=PairedTest(**stats.paired_wilcoxon(joint_sums(name, "kl"), total_kl)),
             verdict=_verdict(over))
+    subsets = _subsets(record, rundir)
     return Compounding(
         sites=sites, joint_kl_ratio=joint_ratio, max_single=sites[best].hook_name if best is not None else None,
         max_single_kl_ratio=ratios[best] if best is not None else None,
         joint_minus_max_single_ratio=difference, joint_ratio_larger=larger, additivity=additivity,
-        **({"subsets": subsets} if (subsets := _subsets(record, rundir)) else {}))
+        **({"subsets": subsets, "subsets_p_holm": subsets_holm(subsets, difference)} if subsets else {}))
+
+
+def subsets_holm(subsets: list[CompoundingSubset], own: Difference | None) -> list[float | None]:
+    """Holm over the subsets table's one-sided p-values (each subset's joint − largest alone, then the run's own),
+    as one family: the table asks the same question of every row."""
+    rows = [s.compounding.joint_minus_max_single_ratio for s in subsets] + [own]
+    return holm_p_values([d.p_value if d is not None else None for d in rows])
 
 
 def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
@@ -202,4 +214,4 @@ def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
     return sorted(found, key=lambda s: (len(s.sites), [order.index(n) if n in order else -1 for n in s.sites]))
 
 
-__all__ = ["compounding", "ratio_difference", "summed"]
+__all__ = ["compounding", "ratio_difference", "subsets_holm", "summed"]
