@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation,
-                             ErrorNormPredictor, ErrorSplitter,
-                             EveryPositionPerturbation, FitSummary,
+from klgap.protocols import (BaselineRole, ContextFittablePerturbation, DefaultSAEFinder, DescribedPerturbation,
+                             ErrorFittablePerturbation, ErrorNormPredictor, ErrorSplitter, EveryPositionPerturbation,
+                             FitSummary,
                              FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
                              PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
                              SplitTokenSource, TokenRole, TokenSplit)
@@ -106,6 +106,11 @@ def find_default_sae(loaders: Registry, model: LoadedModel | ModelSAENames, site
 def fittable(perturbations: Iterable[object | None]) -> list[FittablePerturbation]:
     """The perturbations that declare :class:`FittablePerturbation` (``fit(acts)``), in order; None skipped."""
     return [p for p in perturbations if p is not None and isinstance(p, FittablePerturbation)]
+
+
+def context_fittable(perturbations: Iterable[object | None]) -> list[ContextFittablePerturbation]:
+    """The perturbations that declare :class:`ContextFittablePerturbation` (``fit_contexts(acts)``), in order."""
+    return [p for p in perturbations if p is not None and isinstance(p, ContextFittablePerturbation)]
 
 
 def error_fittable(perturbations: Iterable[object | None]) -> list[ErrorFittablePerturbation]:
@@ -199,5 +204,6 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_norm_predictor",
-           "error_splitter", "every_position", "find_default_sae", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split"]
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "context_fittable", "error_fittable",
+           "error_norm_predictor", "error_splitter", "every_position", "find_default_sae", "fit_summary", "fittable",
+           "model_sae_names", "sae_fittable", "token_split"]

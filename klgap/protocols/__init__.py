@@ -5,7 +5,7 @@ on a plugin; nnsight objects never appear here (the engine wraps models itself).
 
 Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
-(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ErrorFittablePerturbation`
+(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ContextFittablePerturbation` (``fit_contexts``), :class:`ErrorFittablePerturbation`
 (``fit_error``), :class:`SaeFittablePerturbation` (``fit_sae``), :class:`FitSummary` (``fit_summary``),
 :class:`ErrorSplitter` (``error_parts``), :class:`ErrorNormPredictor` (``predict_error_sq``) and :class:`BaselineRole` (``baseline_label``), :class:`DescribedPerturbation` (``description``) on a perturbation,
 :class:`SplitTokenSource` (``split_for``) on a token source. The core asks
@@ -23,7 +23,7 @@ from klgap.protocols.saes import (  # noqa: F401
     SparseAutoencoder, LoadedSAE, SAELoader, DefaultSAEFinder, SAECheck, SAEChecker,
 )
 from klgap.protocols.perturbations import (  # noqa: F401
-    Perturbation, FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation, FitSummary, ErrorSplitter, ErrorNormPredictor, BaselineRole, DescribedPerturbation, EveryPositionPerturbation, PerturbationFactory,
+    Perturbation, FittablePerturbation, ContextFittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation, FitSummary, ErrorSplitter, ErrorNormPredictor, BaselineRole, DescribedPerturbation, EveryPositionPerturbation, PerturbationFactory,
 )
 from klgap.protocols.tokens import (  # noqa: F401
     TokenSource, TokenSplit, SplitTokenSource, TokenRole,
@@ -32,4 +32,4 @@ from klgap.protocols.commands import (  # noqa: F401
     Command,
 )
 
-__all__ = ['BaselineRole', 'BlockLayout', 'Command', 'DefaultSAEFinder', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'HubModelAdapter', 'LoadedModel', 'LoadedSAE', 'ModelAdapter', 'ModelSAENames', 'ModelShape', 'Perturbation', 'PerturbationFactory', 'Placement', 'PlacingModelAdapter', 'PretrainedSAEAdapter', 'SAECheck', 'SAEChecker', 'SAELoader', 'SaeFittablePerturbation', 'ShapedModelAdapter', 'SiteSpec', 'SparseAutoencoder', 'SplitTokenSource', 'TokenRole', 'TokenSource', 'TokenSplit']
+__all__ = ['BaselineRole', 'BlockLayout', 'Command', 'ContextFittablePerturbation', 'DefaultSAEFinder', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'HubModelAdapter', 'LoadedModel', 'LoadedSAE', 'ModelAdapter', 'ModelSAENames', 'ModelShape', 'Perturbation', 'PerturbationFactory', 'Placement', 'PlacingModelAdapter', 'PretrainedSAEAdapter', 'SAECheck', 'SAEChecker', 'SAELoader', 'SaeFittablePerturbation', 'ShapedModelAdapter', 'SiteSpec', 'SparseAutoencoder', 'SplitTokenSource', 'TokenRole', 'TokenSource', 'TokenSplit']

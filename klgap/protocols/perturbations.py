@@ -69,6 +69,22 @@ class SaeFittablePerturbation(Protocol):
 
 
 @runtime_checkable
+class ContextFittablePerturbation(Protocol):
+    """Optional capability of a perturbation: a fit on whole contexts, every position included.
+
+    The engine calls ``fit_contexts(acts)`` once per run, before any batch, with ``acts: [c, n, d]`` float32: the
+    clean site activations (centred like the SAE's input) at *every* position of the first ``n_fit_contexts``
+    contexts of the fit source (``--fit-tokens``' contexts, else the run's first; fewer when the source holds
+    fewer), position 0 and the tokens ``--mask-special`` masks included. ``mean_ablation:over=batch64`` takes the
+    study's mean this way (a batch of 64 contexts, BOS included).
+    """
+
+    n_fit_contexts: int
+
+    def fit_contexts(self, acts: Tensor) -> None: ...
+
+
+@runtime_checkable
 class FitSummary(Protocol):
     """Optional capability of a fitted perturbation: what its fit found, for the report.
 
@@ -148,4 +164,4 @@ class PerturbationFactory(Protocol):
     def __call__(self, **params: Any) -> Perturbation: ...
 
 
-__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']
+__all__ = ['BaselineRole', 'ContextFittablePerturbation', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation']

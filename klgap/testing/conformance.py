@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.plugins.capabilities import (baseline_label, check_sae_spec, error_fittable, fit_summary, fittable,
-                                        sae_fittable)
+from klgap.plugins.capabilities import (baseline_label, check_sae_spec, context_fittable, error_fittable,
+                                        fit_summary, fittable, sae_fittable)
 from klgap.errors import KlgapError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck,
-                             SAEChecker, SaeFittablePerturbation)
+from klgap.protocols import (BaselineRole, ContextFittablePerturbation, DefaultSAEFinder, ErrorFittablePerturbation,
+                             FittablePerturbation, SAECheck, SAEChecker, SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
 
 def model_for_tests(spec: str, device: str) -> Any:
@@ -276,7 +276,13 @@ class PerturbationConformance:
             error_p.fit_error(*self.fit_pair())
         for sae_p in sae_fittable([p]):
             sae_p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
+        for context_p in context_fittable([p]):
+            context_p.fit_contexts(self.fit_contexts_acts())
         return p
+
+    def fit_contexts_acts(self) -> torch.Tensor:
+        """``[8 64 d]``: the anisotropic activations as 8 contexts of 64 positions (what ``fit_contexts`` is given)."""
+        return self.anisotropic_acts().reshape(8, 64, self.d)
 
     def fit_sae_size(self) -> tuple[torch.Tensor, int]:
         """(l0 ``[512]``, d_sae): what ``fit_sae`` is given beside the fit pair (an SAE 4× as wide as d, L0 ≈ d/6)."""
@@ -317,9 +323,10 @@ class PerturbationConformance:
         from klgap.plan.resolve import build_intervention
 
         first = build_intervention(self.spec).perturbation
-        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation)):
+        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation,
+                                  ContextFittablePerturbation)):
             pytest.skip(f"{self.spec} declares none of FittablePerturbation (fit), ErrorFittablePerturbation "
-                        "(fit_error), SaeFittablePerturbation (fit_sae)")
+                        "(fit_error), SaeFittablePerturbation (fit_sae), ContextFittablePerturbation (fit_contexts)")
         second = build_intervention(self.spec).perturbation
         for p in (first, second):
             if isinstance(p, FittablePerturbation):
@@ -328,6 +335,8 @@ class PerturbationConformance:
                 p.fit_error(*self.fit_pair())
             if isinstance(p, SaeFittablePerturbation):
                 p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
+            if isinstance(p, ContextFittablePerturbation):
+                p.fit_contexts(self.fit_contexts_acts())
         x, x_hat = self.data()
         out = first(x, x_hat, self.gen(6))
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"
