@@ -15,7 +15,8 @@ from klgap.errors import KlgapError, unknown
 #: keys of a [train_sae] table: train-sae's flags (model, site, layer, out, device and dtype come from the run),
 #: `sites` (one SAE's changes, :func:`recipe_overrides`), and the old names of renamed keys (LEGACY_KEYS)
 RECIPE_KEYS = ("tokens", "context_len", "dataset", "expansion", "l1", "lr", "steps", "epochs", "b_dec_init",
-               "architecture", "top_k", "seed", "batch_size", "checkpoints", "checkpoint_every", "sites", "k")
+               "architecture", "top_k", "seed", "batch_size", "checkpoints", "checkpoint_every", "exclude_special",
+               "sites", "k")
 
 
 def check_recipe(recipe: Any) -> None:
@@ -58,7 +59,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         seed=int(recipe.get("seed", config.seed)), device=config.device, dtype=config.dtype,
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
         overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
-        checkpoint_every=recipe.get("checkpoint_every"),
+        checkpoint_every=recipe.get("checkpoint_every"), exclude_special=str(recipe.get("exclude_special", "all")),
     )
     print_trained(results)
 
