@@ -93,3 +93,36 @@ def test_isotropic_activations_and_small_batches():
     small = sides_of(x[: PCA_MIN_ROWS - 1], x_hat[: PCA_MIN_ROWS - 1], PCA_MIN_ROWS - 1)  # a single-token batch's size
     assert anisotropy.top_pc_share(small) is None and anisotropy.ev_without_top_pcs(small, "top1") is None
     assert anisotropy.pcs_removed(small) is None and anisotropy.mean_offset_share(small) is not None
+
+
+def test_a_run_reports_them_from_its_own_activations(tmp_path, load_model):
+    """An all-token run whose batches hold ≥ PCA_MIN_ROWS tokens: sae_metrics carries the numbers, equal to numpy
+    on the run's activations and the SAE's reconstruction of them, batch by batch."""
+    from klgap.forward import activations
+    from klgap.job import cells
+    from klgap.plan.config import RunConfig
+    from klgap.plan.sites import hook_name
+    from tests.helpers import random_sae, run_config
+
+    lm = load_model("tiny-gpt2")
+    sae = random_sae(tmp_path / "sae.safetensors", lm.d_model, 4 * lm.d_model, hook_name("resid_pre", 1), seed=2)
+    cfg = RunConfig(model="tiny-gpt2", sae=str(sae), tokens=32 * 32, context_len=32, batch_size=16, device="cpu",
+                    dataset="random", interventions=["sae", "epsilon_random"])
+    metrics = run_config(cfg, tmp_path / "run", progress=False).sae_metrics
+    loaded = cells.prepare(cfg)
+    xs, hats = [], []
+    for start in range(0, len(loaded.contexts), 16):
+        x = activations.collect(loaded.model, loaded.spec, loaded.contexts[start:start + 16])[:, 1:].reshape(-1, lm.d_model)
+        view = SaeView.of(x, loaded.sae, loaded.center)
+        xs.append(view.x.double().numpy())
+        hats.append(view.x_hat.double().numpy())
+    x, x_hat = np.concatenate(xs), np.concatenate(hats)
+    assert len(xs) == 2 and len(xs[0]) == 16 * 31 >= PCA_MIN_ROWS
+    mean = x.mean(0)
+    assert metrics.mean_offset_share == pytest.approx(mean @ mean / (x**2).sum(1).mean(), rel=1e-6)
+    assert metrics.explained_variance_top_pc_removed == pytest.approx(
+        numpy_ev_without(x, x_hat, 16 * 31, lambda v: 1), rel=1e-5)
+    half = lambda v: int(np.searchsorted(np.cumsum(v), 0.5 * v.sum())) + 1  # noqa: E731
+    assert metrics.explained_variance_top_pcs_removed == pytest.approx(numpy_ev_without(x, x_hat, 16 * 31, half), rel=1e-5)
+    ks = [half(np.linalg.eigvalsh((b - b.mean(0)).T @ (b - b.mean(0)))[::-1]) for b in xs]
+    assert (metrics.top_pcs_removed_min, metrics.top_pcs_removed_max) == (min(ks), max(ks))
