@@ -269,7 +269,10 @@ class PerturbationConformance:
     def build(self):
         from klgap.plan.resolve import build_intervention
 
-        p = build_intervention(self.spec).perturbation
+        return self.fitted(build_intervention(self.spec).perturbation)
+
+    def fitted(self, p):
+        """`p` fitted by each fit it declares (fit, fit_error, fit_sae, fit_contexts) on this suite's activations."""
         for fittable_p in fittable([p]):
             fittable_p.fit(self.anisotropic_acts())
         for error_p in error_fittable([p]):
@@ -327,16 +330,8 @@ class PerturbationConformance:
                                   ContextFittablePerturbation)):
             pytest.skip(f"{self.spec} declares none of FittablePerturbation (fit), ErrorFittablePerturbation "
                         "(fit_error), SaeFittablePerturbation (fit_sae), ContextFittablePerturbation (fit_contexts)")
-        second = build_intervention(self.spec).perturbation
-        for p in (first, second):
-            if isinstance(p, FittablePerturbation):
-                p.fit(self.anisotropic_acts())
-            if isinstance(p, ErrorFittablePerturbation):
-                p.fit_error(*self.fit_pair())
-            if isinstance(p, SaeFittablePerturbation):
-                p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
-            if isinstance(p, ContextFittablePerturbation):
-                p.fit_contexts(self.fit_contexts_acts())
+        second = self.fitted(build_intervention(self.spec).perturbation)
+        self.fitted(first)
         x, x_hat = self.data()
         out = first(x, x_hat, self.gen(6))
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"
