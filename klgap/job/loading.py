@@ -29,7 +29,8 @@ from klgap.job.view import SaeView
 from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
-from klgap.plugins.capabilities import context_fittable, error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable
+from klgap.plugins.capabilities import (context_fittable, error_fittable, error_splitter, fit_summary, fittable,
+                                        model_shape, sae_fittable)
 from klgap.plugins.manager import ModelRef, model_adapter
 from klgap.protocols import (ContextFittablePerturbation, ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement,
                              SiteSpec)

@@ -84,7 +84,7 @@ class SaeView:
     stats: dict[str, Tensor]  # eps, cos, x_norm, x_hat_norm, l0: [n] each
 
     parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
-    err_sq_pred: Tensor | None = None  # [n] the splitter's prediction of ‖e‖² from x (klgap.protocols.ErrorNormPredictor)
+    err_sq_pred: Tensor | None = None  # [n]: the splitter's ‖e‖² predicted from x (klgap.protocols.ErrorNormPredictor)
 
     @classmethod
     def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None) -> SaeView:

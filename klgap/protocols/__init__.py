@@ -5,9 +5,11 @@ on a plugin; nnsight objects never appear here (the engine wraps models itself).
 
 Optional capabilities are declared here too, each as a small ``@runtime_checkable`` protocol that a
 plugin's object satisfies by having the method: :class:`SAEChecker` (``check``), :class:`DefaultSAEFinder`
-(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``), :class:`ContextFittablePerturbation` (``fit_contexts``), :class:`ErrorFittablePerturbation`
+(``default_sae``) on an SAE loader, :class:`FittablePerturbation` (``fit``),
+:class:`ContextFittablePerturbation` (``fit_contexts``), :class:`ErrorFittablePerturbation`
 (``fit_error``), :class:`SaeFittablePerturbation` (``fit_sae``), :class:`FitSummary` (``fit_summary``),
-:class:`ErrorSplitter` (``error_parts``), :class:`ErrorNormPredictor` (``predict_error_sq``) and :class:`BaselineRole` (``baseline_label``), :class:`DescribedPerturbation` (``description``) on a perturbation,
+:class:`ErrorSplitter` (``error_parts``), :class:`ErrorNormPredictor` (``predict_error_sq``) and
+:class:`BaselineRole` (``baseline_label``), :class:`DescribedPerturbation` (``description``) on a perturbation,
 :class:`SplitTokenSource` (``split_for``) on a token source. The core asks
 for them through :mod:`klgap.plugins.capabilities` (``isinstance`` on these protocols), never with ``getattr``.
 
