@@ -209,3 +209,44 @@ def test_study_table_across_sites(tmp_path, d_model):
     assert "## Error decomposition across sites" in text
     assert "resid_pre L0" in text and "resid_pre L1" in text
     assert np.all(np.isfinite(r2s))
+
+
+def test_shares_with_a_known_cross_term():
+    """e_lin = v, e_nl = −v/2 + w (v, w independent, unit variance): e = v/2 + w, E‖e‖² = 1.25 per dimension, so
+    Σ‖e_lin‖²/Σ‖e‖² = 0.8, Σ‖e_nl‖²/Σ‖e‖² = 1.0 and 2Σ e_lin·e_nl/Σ‖e‖² = −0.8: e_lin overshoots, the parts cancel."""
+    from klgap.report import decomposition as dec
+
+    rng = np.random.default_rng(4)
+    v, w = rng.normal(size=(50000, 8)), rng.normal(size=(50000, 8))
+    e_lin, e_nl = v, -0.5 * v + w
+    e = e_lin + e_nl
+    norms = pd.DataFrame({"context": np.repeat(np.arange(500), 100), "n": 1, "sq": (e**2).sum(-1),
+                          "sq_lin": (e_lin**2).sum(-1), "sq_nl": (e_nl**2).sum(-1)})
+    norms["sq_cross"] = norms["sq"] - norms["sq_lin"] - norms["sq_nl"]
+    lin, nl, cross = dec.sq_shares(norms.groupby("context").sum(), seed=0)
+    assert (lin.mean, nl.mean, cross.mean) == pytest.approx((0.8, 1.0, -0.8), abs=0.02)
+    assert cross.ci_high < -0.7
+
+
+def test_the_norm_regression_is_least_squares_of_the_squared_error_on_x():
+    """fit_linear_error's ‖e‖² regression on [x, 1] equals numpy's least squares; when ‖e‖² is exactly linear in x
+    its held-out R² is 1."""
+    from klgap.report import decomposition as dec
+    from klgap_perturbations.decomposition import fit_linear_error
+
+    rng = np.random.default_rng(5)
+    n, d = 4000, 6
+    x = rng.normal(size=(n, d)) + 3.0
+    scale = np.sqrt(x @ np.array([0.5, 0.2, 0.1, 0.3, 0.4, 0.1]) + 1.0)  # ‖e‖² = a·x + 1, exactly linear in x
+    direction = rng.normal(size=(n, d))
+    e = direction / np.linalg.norm(direction, axis=1, keepdims=True) * scale[:, None]
+    fit = fit_linear_error(torch.from_numpy(x[:2000]), torch.from_numpy(x[:2000] - e[:2000]))
+    design = np.c_[x[:2000], np.ones(2000)]
+    coef = np.linalg.lstsq(design, (e[:2000] ** 2).sum(-1), rcond=None)[0]
+    np.testing.assert_allclose(fit.norm_weight.numpy(), coef[:d], rtol=1e-3, atol=1e-4)
+    assert fit.norm_bias == pytest.approx(coef[d], rel=1e-3, abs=1e-3)
+    pred = fit.predict_norm_sq(torch.from_numpy(x[2000:])).double().numpy()
+    sides = sides_of(e[2000:], e[2000:] - fit.predict(torch.from_numpy(x[2000:])).double().numpy(), pred)
+    assert dec.r2_norm(sides) == pytest.approx(1.0, abs=1e-4)
+    assert dec.r2_norm(sides) == pytest.approx(engels_r2((e[2000:] ** 2).sum(-1), (e[2000:] ** 2).sum(-1) - pred),
+                                               rel=1e-9)
