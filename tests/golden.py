@@ -75,8 +75,11 @@ def make_sae(folder: Path, d: int, site: str, layer: int) -> Path:
 
 #: numbers klgap reports that the committed ones predate (schema 0.7.0), left out of the comparison: fvu is
 #: 1 − explained_variance (compared), the legacy explained variance needs the newer side field (tests/core/
-#: test_agreement_sae_lens.py checks both against sae_lens's code)
-NEWER_NUMBERS = {"sae_metrics": frozenset({"explained_variance_legacy", "fvu"})}
+#: test_agreement_sae_lens.py checks both against sae_lens's code), and so do the anisotropy numbers
+#: (tests/core/test_anisotropy.py checks them against numpy)
+NEWER_NUMBERS = {"sae_metrics": frozenset({
+    "explained_variance_legacy", "fvu", "mean_offset_share", "top_pc_share", "explained_variance_top_pc_removed",
+    "explained_variance_top_pcs_removed", "top_pcs_removed_min", "top_pcs_removed_max"})}
 
 
 def _known(key: str, value):

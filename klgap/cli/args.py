@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(the last is the final SAE); measure them with --sae 'OUT/checkpoints/*'")
     train.add_argument("--checkpoint-every", type=_int_arg("--checkpoint-every"), default=None, metavar="STEPS",
                        help="a checkpoint about every STEPS training steps (instead of --checkpoints N)")
+    train.add_argument("--exclude-special", default="all",
+                       help="tokens whose activations training leaves out, by --mask-special's rule: all (default: "
+                            "position 0 and the tokenizer's BOS/EOS/PAD/SEP ids wherever they stand, the tokens a run "
+                            "does not measure by default; sae_lens's trainer with exclude_special_tokens=True), first "
+                            "(position 0 only), none (every token: sae_lens's default)")
     train.add_argument("--seed", type=_int_arg("--seed"), default=0, help="seed of token sampling, init and shuffling (default 0)")
     train.add_argument("--seeds", type=_int_arg("--seeds"), default=1, metavar="N",
                        help="train N SAEs of the same recipe on the same tokens, seeds --seed, --seed + 1, ... "

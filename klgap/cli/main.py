@@ -122,7 +122,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         dataset=args.dataset, expansion=args.expansion, l1=args.l1, lr=args.lr, steps=args.steps, epochs=args.epochs,
         b_dec_init=args.b_dec_init, architecture=args.architecture, k=args.top_k, seed=args.seed, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, checkpoints=args.checkpoints,
-        checkpoint_every=args.checkpoint_every, seeds=args.seeds, progress=not args.quiet,
+        checkpoint_every=args.checkpoint_every, seeds=args.seeds, exclude_special=args.exclude_special,
+        progress=not args.quiet,
     ))
     return 0
 

@@ -39,12 +39,14 @@ def _row(axes, curve: TrainingCurve) -> None:
     ratio.axhline(1.0, color=NEUTRAL, linewidth=0.8, linestyle="--")
     ratio.set_ylabel(f"KL(sae) / KL({curve.baseline}) [ratio]")
     ratio.set_title(f"{where}: ratio (1 dashed)", fontsize=9)
-    ev.plot(x, [_num(p.explained_variance) for p in curve.points], marker="o", markersize=3, color=NEUTRAL)
-    ev.set_ylabel("held-out explained variance [fraction]")
-    ev.set_title(f"{where}: explained variance", fontsize=9)
-    l0.plot(x, [_num(p.l0_mean) for p in curve.points], marker="o", markersize=3, color=NEUTRAL)
-    l0.set_ylabel("held-out L0 [latents per token]")
-    l0.set_title(f"{where}: L0", fontsize=9)
+    for axis, run, held in ((ev, "run_explained_variance", "explained_variance"), (l0, "run_l0_mean", "l0_mean")):
+        axis.plot(x, [_num(getattr(p, run)) for p in curve.points], marker="o", markersize=3, color=NEUTRAL)
+        axis.plot(x, [_num(getattr(p, held)) for p in curve.points], marker="o", markersize=3, color=NEUTRAL,
+                  linestyle=":", alpha=0.6)
+    ev.set_ylabel("explained variance [fraction]")
+    ev.set_title(f"{where}: EV (study tokens; dotted: trainer's held-out)", fontsize=9)
+    l0.set_ylabel("L0 [latents per token]")
+    l0.set_title(f"{where}: L0 (study tokens; dotted: held-out)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("tokens seen in training [tokens]")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))

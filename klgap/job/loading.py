@@ -31,10 +31,11 @@ from klgap.plan.config import RunConfig
 from klgap.plan.dtypes import is_low
 from klgap.plan.resolve import Intervention, RunPlan, SAERoute, default_sae, pick_device, route_sae, site_of
 from klgap.plan.sites import hook_name
-from klgap.plugins.capabilities import (error_fittable, error_splitter, fit_summary, fittable, model_shape, sae_fittable,
-                                        without_skip)
+from klgap.plugins.capabilities import (context_fittable, error_fittable, error_splitter, fit_summary, fittable,
+                                        model_shape, sae_fittable, without_skip)
 from klgap.plugins.manager import ModelRef, model_adapter
-from klgap.protocols import ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement, SiteSpec
+from klgap.protocols import (ContextFittablePerturbation, ErrorSplitter, LoadedModel, LoadedSAE, ModelShape, Placement,
+                             SiteSpec)
 from klgap.report.schema import HeldOut, PrecisionCheck
 from klgap.sae.check import check_loaded_sae
 
@@ -310,8 +311,8 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
     resume. Returns, per fitted perturbation, which tokens it saw and what its ``fit_summary()`` says."""
     perturbations = [i.perturbation for i in run.interventions] + ([run.sample.perturbation] if run.sample else [])
     needing, needing_error = fittable(perturbations), error_fittable(perturbations)
-    needing_sae = sae_fittable(perturbations)
-    if not needing and not needing_error and not needing_sae:
+    needing_sae, needing_contexts = sae_fittable(perturbations), context_fittable(perturbations)
+    if not needing and not needing_error and not needing_sae and not needing_contexts:
         return {}
     config, model = run.config, run.model
     first = 1 if config.skip_first_position else 0
@@ -322,6 +323,9 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
         per_context = config.context_len - first
         n_ctx = max(2, min(len(run.contexts), -(-FIT_TOKENS // per_context)))
         fit_ids, source = run.contexts[:n_ctx], "the run's first contexts"
+    fitted = {p.name: fit_on_contexts(run, p, fit_ids, source) for p in needing_contexts}
+    if not needing and not needing_error and not needing_sae:
+        return fitted
     chunks, chunks_hat, chunks_l0 = [], [], []
     special = special_token_ids(model.tokenizer)
     for start in range(0, n_ctx, config.batch_size):
@@ -352,5 +356,23 @@ def fit_perturbations(run: Loaded) -> dict[str, Any]:
             p.fit_error(acts[keep], acts_hat[keep])
         for p in needing_sae:
             p.fit_sae(acts[keep], acts_hat[keep], torch.cat(chunks_l0)[finite][keep], run.sae.d_sae)
-    return {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source, **fit_summary(p)}
-            for p in [*needing, *needing_error, *needing_sae]}
+    return fitted | {p.name: {"n_activations": int(acts.shape[0]), "n_contexts": n_ctx, "source": source,
+                              **fit_summary(p)} for p in [*needing, *needing_error, *needing_sae]}
+
+
+@torch.no_grad()
+def fit_on_contexts(run: Loaded, perturbation: ContextFittablePerturbation, fit_ids: Tensor,
+                    source: str) -> dict[str, Any]:
+    """Fit `perturbation` (klgap.protocols.ContextFittablePerturbation) on the clean activations ``[c n d]`` at
+    every position (position 0 and masked tokens included) of the first ``n_fit_contexts`` of `fit_ids`, the
+    fit source's contexts (all of the run's when it measures fewer: then fewer). What it saw, for run.json."""
+    model, config = run.model, run.config
+    ids = run.contexts if run.fit_contexts is None else fit_ids  # without --fit-tokens: the run's first contexts
+    ids = ids[: perturbation.n_fit_contexts]
+    chunks = []
+    for start in range(0, len(ids), config.batch_size):
+        x = activations.collect(model, run.spec, ids[start : start + config.batch_size].to(model.device)).float()
+        chunks.append(x - x.mean(-1, keepdim=True) if run.center else x)  # [b n d], as SaeView.of centres
+    perturbation.fit_contexts(torch.cat(chunks))
+    return {"n_activations": int(ids.numel()), "n_contexts": len(ids), "every_position": True,
+            "source": source, **fit_summary(perturbation)}

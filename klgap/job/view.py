@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from klgap.errors import KlgapError
-from klgap.plugins.capabilities import without_skip
+from klgap.plugins.capabilities import error_norm_predictor, without_skip
 from klgap.protocols import ErrorSplitter, LoadedSAE, Perturbation
 
 
@@ -48,6 +48,33 @@ def generator_for(device: torch.device, *keys: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(state)
 
 
+#: a batch with at least this many measured rows gets its principal components (anisotropy_sides); fewer (a
+#: single-token batch: one row per context) give too noisy an estimate of them
+PCA_MIN_ROWS = 256
+#: the top principal components removed are the fewest that explain at least this share of a batch's variance (and,
+#: separately, the first alone)
+PCA_SHARE = 0.5
+
+
+def anisotropy_sides(x: Tensor, err: Tensor) -> dict[str, Any]:
+    """Side sums of the activations' anisotropy over one batch's rows (``x, err: [n d]`` float64; err = x − x̂):
+    the eigenvalues of the batch's scatter Σ (x − x̄_B)(x − x̄_B)ᵀ (their sum, the first, and the top k's, k the fewest
+    explaining PCA_SHARE of it), and Σ‖Vᵀe‖² of the error on the first and on those k eigenvectors
+    (klgap/report/anisotropy.py). Empty under PCA_MIN_ROWS rows."""
+    if len(x) < PCA_MIN_ROWS:
+        return {}
+    centred = x - x.mean(0)
+    values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    total = values.sum()
+    k = int(torch.searchsorted(torch.cumsum(values, 0), PCA_SHARE * total).item()) + 1 if total > 0 else 1
+    k = min(k, len(values))
+    on_top = (err @ vectors[:, :k]) ** 2  # [n k]
+    return {"pca_n": len(x), "pca_scatter": float(total), "pca_top1": float(values[0]),
+            "pca_topk": float(values[:k].sum()), "pca_k": k, "pca_err_top1": float(on_top[:, 0].sum()),
+            "pca_err_topk": float(on_top.sum())}
+
+
 @dataclass
 class SaeView:
     """The SAE's view of a set of tokens: x (possibly centred), x̂ and per-token geometry.
@@ -63,6 +90,7 @@ class SaeView:
 
     parts: tuple[Tensor, Tensor] | None = None  # (e_lin, e_nl) [n d] each, when the run splits the SAE's error
     skip: Tensor | None = None  # [n d] a skip transcoder's skip term (part of x_hat), else None
+    err_sq_pred: Tensor | None = None  # [n]: the splitter's ‖e‖² predicted from x (klgap.protocols.ErrorNormPredictor)
 
     @classmethod
     def of(cls, acts: Tensor, sae: LoadedSAE, center: bool, split: ErrorSplitter | None = None,
@@ -85,11 +113,13 @@ class SaeView:
             "x_hat_norm": x_hat_norm,
             "l0": (feats != 0).sum(-1).float(),
         }
-        parts = None
+        parts, err_sq_pred = None, None
         if split is not None:
             parts = split.error_parts(x, x_hat)
             stats["eps_lin"], stats["eps_nl"] = parts[0].norm(dim=-1), parts[1].norm(dim=-1)
-        return cls(x, x_hat, offset, stats, parts, skip)
+            if (predictor := error_norm_predictor(split)) is not None:
+                err_sq_pred = predictor.predict_error_sq(x)
+        return cls(x, x_hat, offset, stats, parts, skip=skip, err_sq_pred=err_sq_pred)
 
     def substitute(self, perturbation: Perturbation, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
         """x' of `perturbation` (a skip-free one, :class:`klgap.protocols.SkipFreePerturbation`, is handed x̂
@@ -119,11 +149,20 @@ class SaeView:
             "sum_sq_err": float((err**2).sum()),
             "sum_ev_legacy": float((1 - (err**2).sum(-1) / ((x - x.mean(0)) ** 2).sum(-1)).sum()) if len(x) else 0.0,
         }
-        if self.parts is not None:  # the centred R² of the error's linear part (klgap/report/decomposition.py)
+        sides |= anisotropy_sides(x, err)
+        if self.parts is not None:  # the R²s of the error's linear part (klgap/report/decomposition.py)
             e_nl = self.parts[1][finite].double()
             sides |= {"sum_err": err.sum(0).cpu().tolist(), "sum_err_nl": e_nl.sum(0).cpu().tolist(),
-                      "sum_sq_err_nl": float((e_nl**2).sum())}
+                      "sum_sq_err_nl": float((e_nl**2).sum()),
+                      "sum_sq_err_dims": (err**2).sum(0).cpu().tolist(),  # [d]: per dimension (Engels's R²)
+                      "sum_sq_err_nl_dims": (e_nl**2).sum(0).cpu().tolist()}
+        if self.err_sq_pred is not None:  # ‖e‖² against its prediction from x (Engels's "most of the norm")
+            sq = (err**2).sum(-1)
+            resid = sq - self.err_sq_pred[finite].double()
+            sides |= {"sum_err_sq_sq": float((sq**2).sum()),
+                      "sum_err_sq_resid_sq": float((resid**2).sum())}
         return sides
 
 
-__all__ = ["SaeView", "draw_generator", "draw_key", "generator_for", "name_key"]
+__all__ = ["PCA_MIN_ROWS", "PCA_SHARE", "SaeView", "anisotropy_sides", "draw_generator", "draw_key", "generator_for",
+           "name_key"]

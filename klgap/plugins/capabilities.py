@@ -22,11 +22,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klgap.errors import PluginError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, DescribedPerturbation, ErrorFittablePerturbation, ErrorSplitter,
-                             EveryPositionPerturbation, FitSummary, FrozenErrorPerturbation, SkipFreePerturbation,
-                             FittablePerturbation, HubModelAdapter, ModelSAENames, ModelShape, Perturbation,
-                             PretrainedSAEAdapter, SaeFittablePerturbation, SAECheck, SAEChecker, ShapedModelAdapter,
-                             SplitTokenSource, TokenRole, TokenSplit)
+from klgap.protocols import (BaselineRole, ContextFittablePerturbation, DefaultSAEFinder, DescribedPerturbation,
+                             ErrorFittablePerturbation, ErrorNormPredictor, ErrorSplitter, EveryPositionPerturbation,
+                             FitSummary, FittablePerturbation, FrozenErrorPerturbation, HubModelAdapter,
+                             ModelSAENames, ModelShape, Perturbation, PretrainedSAEAdapter, SAECheck, SAEChecker,
+                             SaeFittablePerturbation, ShapedModelAdapter, SkipFreePerturbation, SplitTokenSource,
+                             TokenRole, TokenSplit)
 
 if TYPE_CHECKING:
     from klgap.plugins.manager import Registry
@@ -109,6 +110,11 @@ def fittable(perturbations: Iterable[object | None]) -> list[FittablePerturbatio
     return [p for p in perturbations if p is not None and isinstance(p, FittablePerturbation)]
 
 
+def context_fittable(perturbations: Iterable[object | None]) -> list[ContextFittablePerturbation]:
+    """The perturbations that declare :class:`ContextFittablePerturbation` (``fit_contexts(acts)``), in order."""
+    return [p for p in perturbations if p is not None and isinstance(p, ContextFittablePerturbation)]
+
+
 def error_fittable(perturbations: Iterable[object | None]) -> list[ErrorFittablePerturbation]:
     """The perturbations that declare :class:`ErrorFittablePerturbation` (``fit_error(x, x_hat)``), in order."""
     return [p for p in perturbations if p is not None and isinstance(p, ErrorFittablePerturbation)]
@@ -135,6 +141,11 @@ def fit_summary(perturbation: object) -> dict[str, float | int | str | bool]:
 def error_splitter(perturbations: Iterable[object | None]) -> ErrorSplitter | None:
     """The first perturbation that declares :class:`ErrorSplitter` (``error_parts``); None when none does."""
     return next((p for p in perturbations if p is not None and isinstance(p, ErrorSplitter)), None)
+
+
+def error_norm_predictor(splitter: ErrorSplitter | None) -> ErrorNormPredictor | None:
+    """`splitter` when it also predicts the error's squared norm from x (:class:`ErrorNormPredictor`); else None."""
+    return splitter if isinstance(splitter, ErrorNormPredictor) else None
 
 
 def baseline_label(perturbation: object) -> str | None:
@@ -217,6 +228,4 @@ def as_perturbation(obj: Any, spec: str) -> Perturbation:
     )
 
 
-__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "error_fittable", "error_splitter", "every_position",
-           "find_default_sae", "frozen_error", "fit_summary", "fittable", "model_sae_names", "sae_fittable", "token_split",
-           "without_skip"]
+__all__ = ["as_perturbation", "baseline_label", "check_sae_spec", "context_fittable", "error_fittable", "error_norm_predictor", "error_splitter", "every_position", "find_default_sae", "fit_summary", "fittable", "frozen_error", "model_sae_names", "sae_fittable", "token_split", "without_skip"]

@@ -69,6 +69,22 @@ class SaeFittablePerturbation(Protocol):
 
 
 @runtime_checkable
+class ContextFittablePerturbation(Protocol):
+    """Optional capability of a perturbation: a fit on whole contexts, every position included.
+
+    The engine calls ``fit_contexts(acts)`` once per run, before any batch, with ``acts: [c, n, d]`` float32: the
+    clean site activations (centred like the SAE's input) at *every* position of the first ``n_fit_contexts``
+    contexts of the fit source (``--fit-tokens``' contexts, else the run's first; fewer when the source holds
+    fewer), position 0 and the tokens ``--mask-special`` masks included. ``mean_ablation:over=batch64`` takes the
+    study's mean this way (a batch of 64 contexts, BOS included).
+    """
+
+    n_fit_contexts: int
+
+    def fit_contexts(self, acts: Tensor) -> None: ...
+
+
+@runtime_checkable
 class FitSummary(Protocol):
     """Optional capability of a fitted perturbation: what its fit found, for the report.
 
@@ -90,6 +106,18 @@ class ErrorSplitter(Protocol):
     """
 
     def error_parts(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class ErrorNormPredictor(Protocol):
+    """Optional capability of an :class:`ErrorSplitter`: a prediction of the error's squared norm from x alone.
+
+    ``predict_error_sq(x)`` with ``x: [n, d]`` returns ``[n]`` float32, a linear function of x fitted on the fit
+    tokens (Engels et al. 2024's regression of ‖e‖² on x, "most of the norm"). When the run's splitter declares it,
+    the run's side sums hold the residual of that prediction and the report its held-out R².
+    """
+
+    def predict_error_sq(self, x: Tensor) -> Tensor: ...
 
 
 @runtime_checkable
@@ -156,4 +184,4 @@ class PerturbationFactory(Protocol):
     def __call__(self, **params: Any) -> Perturbation: ...
 
 
-__all__ = ['BaselineRole', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'FrozenErrorPerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation', 'SkipFreePerturbation']
+__all__ = ['BaselineRole', 'ContextFittablePerturbation', 'DescribedPerturbation', 'ErrorFittablePerturbation', 'ErrorNormPredictor', 'ErrorSplitter', 'EveryPositionPerturbation', 'FitSummary', 'FittablePerturbation', 'FrozenErrorPerturbation', 'Perturbation', 'PerturbationFactory', 'SaeFittablePerturbation', 'SkipFreePerturbation']

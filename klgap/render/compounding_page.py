@@ -72,18 +72,21 @@ def patch_size_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
 
 def subset_table(found: Compounding) -> tuple[list[str], list[list[str]]]:
     """A joint run's subsets and the run itself, a row each: the joint KL ratio, the largest ratio alone, their
-    difference (one-sided p) and, per intervention, joint KL / Σ alone."""
+    difference (one-sided p, and Holm over the table's rows) and, per intervention, joint KL / Σ alone."""
     names = list(found.additivity)
     header = ["sites patched together", f"joint KL ratio sae/{BASELINE} [95% CI]", "largest alone",
-              "joint − largest alone [95% CI]", "p", *(f"joint/Σ {name} [95% CI]" for name in names)]
+              "joint − largest alone [95% CI]", "p", "p Holm (this table)",
+              *(f"joint/Σ {name} [95% CI]" for name in names)]
     every = [site.hook_name for site in found.sites]
+    table = [*((s.sites, s.compounding) for s in found.subsets or []), (every, found)]
+    holm = found.subsets_p_holm if found.subsets_p_holm is not None else [None] * len(table)
     rows = []
-    for sites, part in [*((s.sites, s.compounding) for s in found.subsets or []), (every, found)]:
+    for (sites, part), p_holm in zip(table, holm, strict=True):
         diff = part.joint_minus_max_single_ratio
         rows.append([" + ".join(sites), _ci(part.joint_kl_ratio) if part.joint_kl_ratio else DASH,
                      fmt_fixed(part.max_single_kl_ratio),
                      fmt_ci(diff.estimate, diff.ci_low, diff.ci_high) if diff else DASH,
-                     fmt_p(diff.p_value) if diff else DASH,
+                     fmt_p(diff.p_value) if diff else DASH, fmt_p(p_holm) if p_holm is not None else DASH,
                      *(_ci(part.additivity[name].joint_over_sum) for name in names)])
     return header, rows
 

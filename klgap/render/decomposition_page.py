@@ -12,7 +12,11 @@ ABOUT = ("The SAE's error e = x − x̂ split into e_lin = W x + b, a ridge leas
          "e_nl = e − e_lin (Engels et al. 2024). sae_plus_linear_error patches x̂ + e_lin (only the nonlinear error "
          "left), sae_plus_nonlinear_error x̂ + e_nl (only the linear error left); each twin adds a random direction "
          "of the same per-token norm to x. R² is the fraction of Σ‖e‖² that e_lin explains on the measured tokens "
-         "(centred: of the error's variance). The excess left is (KL(part) − KL(twin)) / (KL(sae) − "
+         "(centred: of the error's variance, pooled over dimensions). Σ‖e‖² splits into Σ‖e_lin‖², Σ‖e_nl‖² and the "
+         "cross term 2Σ e_lin·e_nl (shares of Σ‖e‖², summing to 1). Engels et al.'s own definitions (their released "
+         "code) follow: the per-dimension R² of e_lin averaged unweighted over dimensions, and the R² of a linear "
+         "prediction of ‖e‖² from x (\"most of the norm\"; fitted on the same tokens as W, b, with an intercept). "
+         "The excess left is (KL(part) − KL(twin)) / (KL(sae) − "
          f"KL({BASELINE})): the share of the SAE's excess KL still there with only that part of the error, shown "
          "where the SAE's excess has an interval that excludes 0. Intervals are bootstraps over whole contexts; p "
          "is the Wilcoxon signed-rank test of part against twin on per-context means, uncorrected.")
@@ -60,6 +64,12 @@ def run_blocks(report: Report) -> list[Block]:
               [[_mean_ci(found.r2), fmt(found.r2_centred, 3), _mean_ci(found.lin_norm_frac),
                 _mean_ci(found.sae_excess, sig=True)]]),
     ]
+    if found.lin_sq_share is not None:
+        blocks.append(Table(
+            ["Σ‖e_lin‖²/Σ‖e‖² [95% CI]", "Σ‖e_nl‖²/Σ‖e‖² [95% CI]", "2Σ e_lin·e_nl/Σ‖e‖² [95% CI]",
+             "R² per dimension, unweighted mean (Engels)", "R² of ‖e‖² from x (Engels)"],
+            [[_mean_ci(found.lin_sq_share), _mean_ci(found.nl_sq_share), _mean_ci(found.cross_share),
+              fmt(found.r2_dims, 3), fmt(found.r2_norm, 3)]]))
     rows = [[p.intervention, p.kept, _mean_ci(p.kl, sig=True), p.twin, _mean_ci(p.twin_kl, sig=True),
              _ratio(p.kl_ratio), fmt_p(p.wilcoxon_kl.p_value), excess_left_text(found, p)] for p in found.parts]
     if rows:
@@ -77,13 +87,15 @@ def study_blocks(study: StudyReport) -> list[Block]:
         found = run.error_decomposition
         nonlinear, linear = _part(found, "nonlinear"), _part(found, "linear")
         rows.append([f"{run.site} L{run.layer}", _mean_ci(found.r2), fmt(found.r2_centred, 3),
-                     _mean_ci(found.lin_norm_frac),
+                     _mean_ci(found.lin_norm_frac), _mean_ci(found.lin_sq_share), _mean_ci(found.cross_share),
+                     fmt(found.r2_dims, 3), fmt(found.r2_norm, 3),
                      *(_ratio(p.kl_ratio) if p else DASH for p in (nonlinear, linear)),
                      *(excess_left_text(found, p) if p else DASH for p in (nonlinear, linear))])
     return [
         Heading(2, "Error decomposition across sites: linear and nonlinear part of the SAE's error"),
         Para(ABOUT), Para(_fit_text(runs[0].error_decomposition)),
-        Table(["site/layer", "R² [95% CI]", "R² centred", "‖e_lin‖/‖e‖ [95% CI]",
+        Table(["site/layer", "R² [95% CI]", "R² centred", "‖e_lin‖/‖e‖ [95% CI]", "Σ‖e_lin‖²/Σ‖e‖² [95% CI]",
+               "2Σ e_lin·e_nl/Σ‖e‖² [95% CI]", "R² per dim (Engels)", "R² of ‖e‖² (Engels)",
                "only e_nl left: KL ratio to twin", "only e_lin left: KL ratio to twin",
                "only e_nl left: excess left", "only e_lin left: excess left"], rows),
     ]

@@ -134,7 +134,11 @@ METRIC_DEFINITIONS = (
     "explained_variance = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², sae_lens's current form (SAELens #659/#665); "
     "explained_variance_legacy = the mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄_batch‖², sae_lens's legacy form "
     "(SAELens #443), which depends on --batch-size; fvu = Σ‖x − x̂‖² / Σ‖x − x̄‖², sparsify's fraction of variance "
-    "unexplained (= 1 − explained_variance). Every KL on this page is KL(P_clean || P_patched) = "
+    "unexplained (= 1 − explained_variance); mean_offset_share = ‖x̄‖² / mean ‖x‖²; top_pc_share = the first "
+    "principal component's share of the variance around each batch's mean; explained_variance_top_pc_removed and "
+    "explained_variance_top_pcs_removed = 1 − Σ‖P⊥(x − x̂)‖² / Σ‖P⊥(x − x̄_batch)‖², P⊥ the projection off each "
+    "batch's first principal component, or off its top k (the fewest explaining half its variance; "
+    "top_pcs_removed_min/max give k over the batches; batches of ≥ 256 measured tokens only). Every KL on this page is KL(P_clean || P_patched) = "
     "Σ_v P_clean(v) (log P_clean(v) − log P_patched(v)), per next-token prediction, as sae_lens computes it.")
 
 

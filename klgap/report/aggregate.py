@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from klgap.report import stats
+from klgap.report import anisotropy, stats
 from klgap.report.holm import apply_holm
 from klgap.report.numbers import plain
 from klgap.report.parts import ContextSums, Growing, Parts, Rows, all_hold, n_rows, part_context_sums
@@ -243,8 +243,13 @@ def run_statistics(part_paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     comparisons = _compare(sums, names, seed)
     first = names[0] if names else None  # the SAE's rows: their geometry, one column at a time
     explained = explained_variance(sides)
+    k_range = anisotropy.pcs_removed(sides) or (None, None)
     sae_metrics = SAEMetrics(
         explained_variance=explained, explained_variance_legacy=explained_variance_legacy(sides), fvu=fvu(explained),
+        mean_offset_share=anisotropy.mean_offset_share(sides), top_pc_share=anisotropy.top_pc_share(sides),
+        explained_variance_top_pc_removed=anisotropy.ev_without_top_pcs(sides, "top1"),
+        explained_variance_top_pcs_removed=anisotropy.ev_without_top_pcs(sides, "topk"),
+        top_pcs_removed_min=k_range[0], top_pcs_removed_max=k_range[1],
         n_nonfinite_activations=sum(s.get("n_nonfinite_acts", 0) for s in sides),
         **{f"{c}_mean": _mean(parts.gather(first, c)) for c in ("l0", "cos", "eps", "x_norm", "x_hat_norm")})
 

@@ -30,6 +30,7 @@ from klgap.job.folder import RunDir
 from klgap.job.record import RECORD_FILE, SIZE_COLUMNS, SUBSETS_DIR, RunRecord, size_column
 from klgap.report import stats
 from klgap.report.aggregate import context_sums
+from klgap.report.holm import holm_p_values
 from klgap.report.parts import Parts
 from klgap.report.read import load_report
 from klgap.report.schema import BASELINE, InterventionStats, Num, PairedTest, RatioCI, Report, StrictModel
@@ -97,6 +98,9 @@ class Compounding(StrictModel):
     #: --joint-baseline: what sized each site's baselines (matched, clean, reencoded); runs before it: reencoded
     joint_baseline: str | None = None
     patch_sizes: list[PatchSize] | None = None  # per site (forward order); None for runs that did not record them
+    # Holm over the subsets table's p-values (joint − largest alone, one-sided): one per subset in `subsets`' order,
+    # then the run's own (every site); None without subsets, and in reports written before klgap kept it
+    subsets_p_holm: list[Num] | None = None
 
 
 class CompoundingSubset(StrictModel):
@@ -204,13 +208,21 @@ def compounding(record: RunRecord, rundir: RunDir, joint: dict[str, Intervention
             joint_over_sum=over,
             wilcoxon_joint_vs_sum=PairedTest(**stats.paired_wilcoxon(joint_sums(name, "kl"), total_kl)),
             verdict=_verdict(over))
+    subsets = _subsets(record, rundir)
     return Compounding(
         joint_baseline=str(record.config.get("joint_baseline", "reencoded")),
         patch_sizes=patch_sizes(rundir.finished_parts()[0], [site.hook_name for site in sites], names),
         sites=sites, joint_kl_ratio=joint_ratio, max_single=sites[best].hook_name if best is not None else None,
         max_single_kl_ratio=ratios[best] if best is not None else None,
         joint_minus_max_single_ratio=difference, joint_ratio_larger=larger, additivity=additivity,
-        **({"subsets": subsets} if (subsets := _subsets(record, rundir)) else {}))
+        **({"subsets": subsets, "subsets_p_holm": subsets_holm(subsets, difference)} if subsets else {}))
+
+
+def subsets_holm(subsets: list[CompoundingSubset], own: Difference | None) -> list[float | None]:
+    """Holm over the subsets table's one-sided p-values (each subset's joint − largest alone, then the run's own),
+    as one family: the table asks the same question of every row."""
+    rows = [s.compounding.joint_minus_max_single_ratio for s in subsets] + [own]
+    return holm_p_values([d.p_value if d is not None else None for d in rows])
 
 
 def patch_sizes(paths: list[Path], hook_names: list[str], names: list[str]) -> list[PatchSize] | None:
@@ -254,4 +266,4 @@ def _subsets(record: RunRecord, rundir: RunDir) -> list[CompoundingSubset]:
 
 
 __all__ = ["Additivity", "Compounding", "CompoundingSite", "CompoundingSubset", "Difference", "PatchSize", "compounding", "difference",
-           "patch_sizes", "ratio_difference", "summed"]
+           "patch_sizes", "ratio_difference", "subsets_holm", "summed"]

@@ -9,6 +9,12 @@ the parts' side sums (the centred R²) and the per-context KL sums of the interv
                           its interval a context bootstrap of that ratio of sums (stats.ratio_of_means_ci);
 - :func:`r2_centred`:     1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖² (the fraction of the error's variance), from the side sums;
 - :func:`lin_norm_frac`:  mean over tokens of ‖e_lin‖ / ‖e‖ (stats.mean_ci);
+- :func:`sq_shares`:      Σ‖e_lin‖²/Σ‖e‖², Σ‖e_nl‖²/Σ‖e‖² and the cross term 2Σ e_lin·e_nl/Σ‖e‖² (the three sum to 1),
+                          each with a context-bootstrap interval;
+- :func:`r2_dims`:        Engels et al.'s R² of the linear prediction of e: per dimension 1 − Σ e_nl,d² / Σ (e_d − ē_d)²,
+                          averaged unweighted over dimensions (their utils.calculate_r_squared), from the side sums;
+- :func:`r2_norm`:        Engels et al.'s "most of the norm": the R² of a linear prediction of ‖e‖² from x (fitted on
+                          the fit tokens as e_lin is, with an intercept), on the measured tokens, from the side sums;
 - :func:`error_part`:     one intervention against its twin: KLs, ratio, Wilcoxon, paired excess, and the share of
                           the SAE's excess KL over epsilon_random that is left with only this part of the error.
 """
@@ -54,6 +60,14 @@ class ErrorDecomposition(StrictModel):
     r2: MeanCI  # 1 − Σ‖e_nl‖² / Σ‖e‖² over the measured tokens: the fraction of ‖e‖² the linear part explains
     r2_centred: Num  # 1 − Σ‖e_nl − ē_nl‖² / Σ‖e − ē‖²: the fraction of the error's variance explained
     lin_norm_frac: MeanCI  # mean over tokens of ‖e_lin‖ / ‖e‖ (tokens with ‖e‖ > 0)
+    # Σ‖e_lin‖²/Σ‖e‖², Σ‖e_nl‖²/Σ‖e‖² and 2Σ e_lin·e_nl/Σ‖e‖²: the split of Σ‖e‖² (they sum to 1); None: written before
+    lin_sq_share: MeanCI | None = None
+    nl_sq_share: MeanCI | None = None
+    cross_share: MeanCI | None = None
+    # Engels et al.'s definitions (their released code): the per-dimension R² of e_lin averaged unweighted over
+    # dimensions, and the R² of a linear prediction of ‖e‖² from x ("most of the norm"); None: written before
+    r2_dims: Num | None = None
+    r2_norm: Num | None = None
     sae_excess: MeanCI | None  # KL(sae) − KL(epsilon_random), paired; None without both
     parts: list[ErrorPart]
 
@@ -71,8 +85,9 @@ PerContext = Callable[[str, str], pd.DataFrame]  # (intervention, column) -> per
 
 
 def norm_sums(paths: Sequence[Path], intervention: str) -> pd.DataFrame | None:
-    """Per context, over `intervention`'s measured rows: n and the sums of ‖e‖², ‖e_nl‖² and ‖e_lin‖/‖e‖ (tokens with
-    ‖e‖ > 0: n_frac of them). None when the parts lack the eps_lin / eps_nl columns."""
+    """Per context, over `intervention`'s measured rows: n and the sums of ‖e‖², ‖e_nl‖², ‖e_lin‖², the cross term
+    ‖e‖² − ‖e_lin‖² − ‖e_nl‖² = 2 e_lin·e_nl, and ‖e_lin‖/‖e‖ (tokens with ‖e‖ > 0: n_frac of them). None when the
+    parts lack the eps_lin / eps_nl columns."""
     frames = []
     for path in paths:
         with pq.ParquetFile(path) as part:
@@ -82,13 +97,15 @@ def norm_sums(paths: Sequence[Path], intervention: str) -> pd.DataFrame | None:
         frame = table.to_pandas()
         frame = frame[(frame["intervention"] == intervention) & (frame["draw"] < 0)]
         eps, eps_nl = frame["eps"].to_numpy(np.float64), frame["eps_nl"].to_numpy(np.float64)
-        ok = np.isfinite(eps) & np.isfinite(eps_nl) & np.isfinite(frame["eps_lin"].to_numpy(np.float64))
+        eps_lin = frame["eps_lin"].to_numpy(np.float64)
+        ok = np.isfinite(eps) & np.isfinite(eps_nl) & np.isfinite(eps_lin)
         positive = ok & (eps > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(positive, frame["eps_lin"].to_numpy(np.float64) / eps, 0.0)
+            frac = np.where(positive, eps_lin / eps, 0.0)
+        sq, sq_lin, sq_nl = (np.where(ok, v**2, 0.0) for v in (eps, eps_lin, eps_nl))
         frames.append(pd.DataFrame({
-            "context": frame["context"].to_numpy(), "n": ok.astype(np.int64), "sq": np.where(ok, eps**2, 0.0),
-            "sq_nl": np.where(ok, eps_nl**2, 0.0), "frac": frac, "n_frac": positive.astype(np.int64)}))
+            "context": frame["context"].to_numpy(), "n": ok.astype(np.int64), "sq": sq, "sq_nl": sq_nl,
+            "sq_lin": sq_lin, "sq_cross": sq - sq_lin - sq_nl, "frac": frac, "n_frac": positive.astype(np.int64)}))
     if not frames:
         return None
     return pd.concat(frames, ignore_index=True).groupby("context").sum().sort_index()
@@ -104,6 +121,48 @@ def r2(sums: pd.DataFrame, seed: int) -> MeanCI:
     ratio = stats.ratio_of_means_ci(_sum_n(sums, "sq_nl", "n"), _sum_n(sums, "sq", "n"), seed=seed)
     return MeanCI(mean=finite(1.0 - ratio["ratio"]), ci_low=finite(1.0 - ratio["ci_high"]),
                   ci_high=finite(1.0 - ratio["ci_low"]), n_contexts=ratio["n_contexts"], n_boot=ratio.get("n_boot"))
+
+
+def share(sums: pd.DataFrame, part: str, seed: int) -> MeanCI:
+    """Σ `part` / Σ‖e‖² over the measured tokens (`part` a column of :func:`norm_sums`: sq_lin, sq_nl, sq_cross),
+    with the context-bootstrap interval of that ratio of sums."""
+    ratio = stats.ratio_of_means_ci(_sum_n(sums, part, "n"), _sum_n(sums, "sq", "n"), seed=seed)
+    return MeanCI(mean=finite(ratio["ratio"]), ci_low=finite(ratio["ci_low"]), ci_high=finite(ratio["ci_high"]),
+                  n_contexts=ratio["n_contexts"], n_boot=ratio.get("n_boot"))
+
+
+def sq_shares(sums: pd.DataFrame, seed: int) -> tuple[MeanCI, MeanCI, MeanCI]:
+    """(Σ‖e_lin‖², Σ‖e_nl‖², 2Σ e_lin·e_nl) each over Σ‖e‖²: how Σ‖e‖² splits between the parts (they sum to 1)."""
+    return share(sums, "sq_lin", seed), share(sums, "sq_nl", seed), share(sums, "sq_cross", seed)
+
+
+def r2_dims(sides: Sequence[dict[str, Any]]) -> float:
+    """Mean over dimensions d (unweighted) of 1 − Σ e_nl,d² / Σ (e_d − ē_d)², as Engels et al.'s released code
+    computes the R² of a linear prediction of e (utils.calculate_r_squared: the residual uncentred, the target
+    centred per dimension), from the parts' side sums; dimensions whose error does not vary are left out. NaN when a
+    part lacks the sums or no dimension varies."""
+    keys = ("sum_err", "sum_sq_err_dims", "sum_sq_err_nl_dims")
+    if not sides or not all(all(k in s for k in keys) for s in sides):
+        return math.nan
+    n = sum(s["n"] for s in sides)
+    if n == 0:
+        return math.nan
+    sum_err, sq, sq_nl = (np.sum([np.asarray(s[k], dtype=np.float64) for s in sides], axis=0) for k in keys)
+    total = sq - sum_err**2 / n  # [d]
+    varies = total > 0
+    return float(np.mean(1.0 - sq_nl[varies] / total[varies])) if varies.any() else math.nan
+
+
+def r2_norm(sides: Sequence[dict[str, Any]]) -> float:
+    """1 − Σ (‖e‖² − p)² / Σ (‖e‖² − mean ‖e‖²)² over the measured tokens, p the splitter's linear prediction of ‖e‖²
+    from x (klgap.protocols.ErrorNormPredictor): Engels et al.'s "most of the norm". NaN when a part lacks the sums."""
+    keys = ("sum_sq_err", "sum_err_sq_sq", "sum_err_sq_resid_sq")
+    if not sides or not all(all(k in s for k in keys) for s in sides):
+        return math.nan
+    n = sum(s["n"] for s in sides)
+    total_sq, total_sq_sq, resid = (math.fsum(s[k] for s in sides) for k in keys)
+    spread = total_sq_sq - total_sq**2 / n if n else 0.0
+    return 1.0 - resid / spread if spread > 0 else math.nan
 
 
 def r2_centred(sides: Sequence[dict[str, Any]]) -> float:
@@ -176,9 +235,12 @@ def error_decomposition(paths: Sequence[Path], sides: Sequence[dict[str, Any]], 
     if sums is None:
         return None
     fit = fitted.get(present[0], {})
+    lin_sq, nl_sq, cross = sq_shares(sums, seed)
     return ErrorDecomposition(
         fit_source=str(fit.get("source", "unknown")), held_out=fit_tokens is not None,
         n_fit_tokens=fit.get("n_activations"),
         r2=r2(sums, seed), r2_centred=finite(r2_centred(sides)), lin_norm_frac=lin_norm_frac(sums, seed),
+        lin_sq_share=lin_sq, nl_sq_share=nl_sq, cross_share=cross, r2_dims=finite(r2_dims(sides)),
+        r2_norm=finite(r2_norm(sides)),
         sae_excess=sae_excess(per_context, names, seed),
         parts=[p for name in PARTS if (p := error_part(per_context, names, name, seed)) is not None])

@@ -46,6 +46,14 @@ def describe(family: str, size: int, n_runs: int) -> str:
     return f"sae vs {points} at 1 site/layer" if n_runs == 1 else f"sae vs {points} at each of {n_runs} sites/layers"
 
 
+def holm_p_values(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values of one family given in a list (same order); None (or NaN) stays None and does not
+    count towards the family's size. A compounding run's subsets table is one such family (klgap/report/
+    compounding.py)."""
+    adjusted = stats.holm([float("nan") if p is None else p for p in p_values])
+    return [p if p == p else None for p in adjusted]
+
+
 def apply_holm(runs: Sequence[Mapping[str, Comparison]]) -> None:
     """Set p_holm, holm_family and holm_family_size of every comparison of `runs` (each a run's comparisons by
     baseline name), Holm-correcting within each family across all of them. NaN p-values stay NaN and do not

@@ -4,9 +4,10 @@
 ``sae_checkpoints = "DIR"`` key makes the checkpoints of each (site, layer) another axis of a study (a job of shape
 ``checkpoints``, klgap/job/plan.py): one run per checkpoint in ``OUT/<site>_L<layer>/step-XXXXXX/``, all on the
 same contexts with the same seeded draws, the clean forward of each batch shared by all of them. The section is a
-pure function of the runs' files: each checkpoint's step, tokens seen and held-out explained variance / L0 (its
-training.json), its KL(sae), KL(baseline), their paired difference and ratio with intervals that resample whole
-contexts.
+pure function of the runs' files: each checkpoint's step and tokens seen (its training.json), its explained variance
+and L0 on the study's own measured tokens (its sub-run's report: the tokens every KL here is measured on) beside
+those its trainer measured on its held-out tokens (training.json; a few thousand tokens at most), its KL(sae),
+KL(baseline), their paired difference and ratio with intervals that resample whole contexts.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class TrainingPoint(StrictModel):
     checkpoint: str  # the checkpoint's SAE folder
     step: int
     tokens_seen: int
-    explained_variance: Num  # held-out tokens of training
+    explained_variance: Num  # the trainer's held-out tokens (training.json)
     l0_mean: Num
+    # on the study's measured tokens (the sub-run's sae_metrics), as every KL here; None: written before
+    run_explained_variance: Num = None
+    run_l0_mean: Num = None
     kl_sae: MeanCI
     kl_baseline: MeanCI
     kl_gap: MeanCI
@@ -67,6 +71,7 @@ def training_point(run: StudyRun, folder: Path, seed: int, baseline: str = BASEL
     return TrainingPoint(
         path=run.path, checkpoint=run.sae.source, step=info.step, tokens_seen=info.tokens_seen,
         explained_variance=info.explained_variance, l0_mean=info.l0_mean,
+        run_explained_variance=run.sae_metrics.explained_variance, run_l0_mean=run.sae_metrics.l0_mean,
         kl_sae=_mean(stats.mean_ci(sae, seed=seed)), kl_baseline=_mean(stats.mean_ci(base, seed=seed)),
         kl_gap=_mean(stats.difference_of_means_ci(sae, base, seed=seed)),
         kl_ratio=RatioCI.model_validate(comparison.kl_ratio.model_dump()),
@@ -95,7 +100,13 @@ def _resolved(point: TrainingPoint) -> bool:
 
 def _at(point: TrainingPoint) -> str:
     return (f"{fmt_ci(point.kl_ratio.ratio, point.kl_ratio.ci_low, point.kl_ratio.ci_high)} at step {point.step} "
-            f"({point.tokens_seen:,} tokens; EV {fmt(point.explained_variance)}, L0 {fmt(point.l0_mean)})")
+            f"({point.tokens_seen:,} tokens; EV {fmt(_measured(point.run_explained_variance, point.explained_variance))}, "
+            f"L0 {fmt(_measured(point.run_l0_mean, point.l0_mean))})")
+
+
+def _measured(on_run: float | None, held_out: float | None) -> float | None:
+    """The number on the study's tokens; the trainer's held-out one for a point written before klgap kept it."""
+    return on_run if on_run is not None else held_out
 
 
 def finding(hook: str, points: list[TrainingPoint]) -> str:

@@ -13,7 +13,12 @@ run's measured tokens:
 
 The floor is 1M tokens: the SAEs published with sae_lens and SAEBench are trained on tens of millions of tokens or
 more, and below a million an SAE of a few thousand features has seen a typical feature fire only a few hundred times;
-the verdict may describe an SAE far from converged. One function per fact: :func:`sae_quality` reads the
+the verdict may describe an SAE far from converged.
+
+At an anisotropic site (the activations' mean offset ‖x̄‖² / mean ‖x‖², or their first principal component's share of
+the variance, at least :data:`ANISOTROPIC_SHARE`; klgap/report/anisotropy.py) the clause also gives the mean-offset
+share and the explained variance with the top principal component removed, and with the fewest that explain half the
+variance removed: there a pooled explained variance can be mostly about a few directions. One function per fact: :func:`sae_quality` reads the
 numbers out of a report, :meth:`SaeQuality.notes` says which notes they give, :func:`reconstruction_phrase` is the
 subject of every opening sentence.
 """
@@ -30,6 +35,8 @@ from klgap.report.schema import QualityNote, Report, SAEInfo, SAEMetrics, SaeLen
 TRAINING_TOKEN_FLOOR = 1_000_000
 #: mean ‖x̂‖ at most this share of mean ‖x‖ is "near zero"
 NEAR_ZERO_SHARE = 0.01
+#: a site is anisotropic when its mean offset or its first principal component holds at least this share
+ANISOTROPIC_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,21 @@ class SaeQuality:
     ce_loss_score: float | None = None
     ce_loss_score_withheld: bool = False  # its interval's denominator CE_zero − CE_clean may be 0
     ce_clean: float | None = None  # the clean run's mean next-token CE, nats per token
+    mean_offset_share: float | None = None
+    top_pc_share: float | None = None
+    ev_top_pc_removed: float | None = None
+    ev_top_pcs_removed: float | None = None
+    top_pcs_removed: tuple[int, int] | None = None  # the fewest explaining half the variance: (min, max) over batches
+
+    @property
+    def anisotropic(self) -> bool:
+        """The mean offset or the first principal component holds at least ANISOTROPIC_SHARE."""
+        return any(v is not None and v >= ANISOTROPIC_SHARE for v in (self.mean_offset_share, self.top_pc_share))
 
     def clause(self) -> str:
         """'explained variance 0.832, L0 12.3, kl_div_score 0.951, ce_loss_score 0.940, clean CE 3.214 nats/token'
-        (the scores only where zero ablation was measured, the clean CE where the run recorded it)."""
+        (the scores only where zero ablation was measured, the clean CE where the run recorded it), and at an
+        anisotropic site its anisotropy (:meth:`anisotropy_clause`)."""
         parts = [f"explained variance {fmt_fixed(self.explained_variance)}", f"L0 {fmt(self.l0_mean, 3)}"]
         if self.kl_div_score is not None:
             parts.append(f"kl_div_score {fmt_fixed(self.kl_div_score)}")
@@ -58,7 +76,23 @@ class SaeQuality:
                          else f"ce_loss_score {fmt_fixed(self.ce_loss_score)}")
         if self.ce_clean is not None:
             parts.append(f"clean CE {fmt_fixed(self.ce_clean)} nats/token")
+        if self.anisotropic:
+            parts.append(self.anisotropy_clause())
         return ", ".join(parts)
+
+    def anisotropy_clause(self) -> str:
+        """'mean offset 0.93 of mean ‖x‖², top principal component 0.41 of the variance; explained variance 0.612
+        without it, 0.587 without the top 2–3 (half the variance)'."""
+        text = (f"mean offset {fmt_fixed(self.mean_offset_share)} of mean ‖x‖², top principal component "
+                f"{fmt_fixed(self.top_pc_share)} of the variance")
+        if self.ev_top_pc_removed is None:
+            return text
+        text += f"; explained variance {fmt_fixed(self.ev_top_pc_removed)} without it"
+        if self.top_pcs_removed is not None and self.ev_top_pcs_removed is not None:
+            low, high = self.top_pcs_removed
+            k = str(low) if low == high else f"{low}–{high}"
+            text += f", {fmt_fixed(self.ev_top_pcs_removed)} without the top {k} (half the variance)"
+        return text
 
     @property
     def near_zero(self) -> bool:
@@ -115,7 +149,11 @@ def quality_of(metrics: SAEMetrics, sae: SAEInfo, scores: SaeLensScores | None,
                       training_tokens=training_tokens(sae),
                       ce_loss_score=scores.ce_loss_score if scores is not None else None,
                       ce_loss_score_withheld=scores is not None and scores.ce_loss_score_withheld is not None,
-                      ce_clean=ce_clean)
+                      ce_clean=ce_clean, mean_offset_share=metrics.mean_offset_share,
+                      top_pc_share=metrics.top_pc_share, ev_top_pc_removed=metrics.explained_variance_top_pc_removed,
+                      ev_top_pcs_removed=metrics.explained_variance_top_pcs_removed,
+                      top_pcs_removed=None if metrics.top_pcs_removed_min is None or metrics.top_pcs_removed_max is None
+                      else (metrics.top_pcs_removed_min, metrics.top_pcs_removed_max))
 
 
 def sae_quality(run: SiteSummary) -> SaeQuality | None:
@@ -136,5 +174,5 @@ def notes_text(notes: list[QualityNote]) -> str:
     return "".join(f" Quality note: {note.text}." for note in notes)
 
 
-__all__ = ["NEAR_ZERO_SHARE", "TRAINING_TOKEN_FLOOR", "SaeQuality", "notes_text", "quality_of",
+__all__ = ["ANISOTROPIC_SHARE", "NEAR_ZERO_SHARE", "TRAINING_TOKEN_FLOOR", "SaeQuality", "notes_text", "quality_of",
            "reconstruction_phrase", "sae_quality", "training_tokens"]

@@ -145,6 +145,20 @@ class SAEMetrics(StrictModel):
         "Σᵢ‖xᵢ − x̂ᵢ‖² / Σᵢ‖xᵢ − x̄‖²: sparsify's fraction of variance unexplained (sparsify.SparseCoder.forward: "
         "e.pow(2).sum() / (y − y.mean(0)).pow(2).sum(), per training batch there), pooled over the run's tokens "
         "here, so fvu = 1 − explained_variance. Schema 0.7.0"))
+    # anisotropy (klgap/report/anisotropy.py): None in reports whose parts predate it, and the principal-component
+    # numbers None where no batch holds PCA_MIN_ROWS (256) measured rows (single-token, many-samples runs)
+    mean_offset_share: Num = Field(default=None, description=(
+        "‖x̄‖² / mean ‖x‖² over the run's measured tokens: how much of the activations' squared norm is their mean"))
+    top_pc_share: Num = Field(default=None, description=(
+        "the first principal component's share of the variance around each batch's mean, pooled over batches"))
+    explained_variance_top_pc_removed: Num = Field(default=None, description=(
+        "1 − Σ‖P⊥e‖² / Σ‖P⊥(x − x̄_B)‖² with P⊥ the projection off each batch's first principal component "
+        "(x̄_B the batch's mean): the explained variance in the other directions"))
+    explained_variance_top_pcs_removed: Num = Field(default=None, description=(
+        "as explained_variance_top_pc_removed, with each batch's top k principal components removed, k the fewest "
+        "that explain half its variance (top_pcs_removed_min/max)"))
+    top_pcs_removed_min: int | None = None  # the smallest and largest k over the batches
+    top_pcs_removed_max: int | None = None
     l0_mean: Num
     cos_mean: Num
     eps_mean: Num

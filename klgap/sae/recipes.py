@@ -16,7 +16,8 @@ from klgap.sae.seeds import is_seed_glob
 #: keys of a [train_sae] table: train-sae's flags (model, site, layer, out, device and dtype come from the run),
 #: `sites` (one SAE's changes, :func:`recipe_overrides`), and the old names of renamed keys (LEGACY_KEYS)
 RECIPE_KEYS = ("tokens", "context_len", "dataset", "expansion", "l1", "lr", "steps", "epochs", "b_dec_init",
-               "architecture", "top_k", "seed", "seeds", "batch_size", "checkpoints", "checkpoint_every", "sites", "k")
+               "architecture", "top_k", "seed", "seeds", "batch_size", "checkpoints", "checkpoint_every",
+               "exclude_special", "sites", "k")
 
 
 def check_recipe(recipe: Any) -> None:
@@ -66,6 +67,7 @@ def train_missing_sae(config: Any, recipe: dict[str, Any], progress: bool, pairs
         batch_size=int(recipe.get("batch_size", 16)), progress=progress, only=missing,
         overrides=recipe_overrides(recipe), checkpoints=recipe.get("checkpoints"),
         checkpoint_every=recipe.get("checkpoint_every"), seeds=recipe.get("seeds", 1),
+        exclude_special=str(recipe.get("exclude_special", "all")),
     )
     print_trained(results)
 

@@ -13,7 +13,9 @@ class TrainingTokens:
     """What train-sae read. dataset: ``NAME[:ARG]`` as resolved (``sample:train``); source: the token source's name;
     split: the split read (None: the whole source, it has no splits); split_of: the argument naming the source
     without a split (klgap.protocols.TokenSplit.whole); seed: the token seed; context_len; tokens: tokens asked for
-    (``--tokens``); n_contexts: contexts drawn; prepend_bos: BOS in column 0 of each context."""
+    (``--tokens``); n_contexts: contexts drawn; prepend_bos: BOS in column 0 of each context; exclude_special: which
+    tokens the activations leave out (none, first, all: --exclude-special, the rule of --mask-special) and
+    excluded_ids the special token ids that rule left out wherever they stood (``all``)."""
 
     dataset: str
     source: str
@@ -24,13 +26,16 @@ class TrainingTokens:
     tokens: int
     n_contexts: int
     prepend_bos: bool = True
+    exclude_special: str = "first"  # training.json written before klgap recorded it left out position 0 only
+    excluded_ids: tuple[int, ...] = ()
 
     def facts(self) -> dict[str, Any]:
         """training.json's keys for these tokens (``seed`` is written with the rest of the recipe; ``token_seed``
         too, where it differs from the SAE's ``seed``: train-sae --seeds)."""
         return {"dataset": self.dataset, "token_source": self.source, "split": self.split, "split_of": self.split_of,
                 "context_len": self.context_len, "tokens": self.tokens, "n_contexts": self.n_contexts,
-                "prepend_bos": self.prepend_bos}
+                "prepend_bos": self.prepend_bos, "exclude_special": self.exclude_special,
+                "excluded_token_ids": list(self.excluded_ids)}
 
     @classmethod
     def of(cls, training: Any) -> TrainingTokens | None:
@@ -43,7 +48,9 @@ class TrainingTokens:
                        split=_text(training.get("split")), split_of=_text(training.get("split_of")),
                        seed=int(training.get("token_seed", training["seed"])), context_len=int(training["context_len"]),
                        tokens=int(training["tokens"]), n_contexts=int(training["n_contexts"]),
-                       prepend_bos=bool(training.get("prepend_bos", True)))
+                       prepend_bos=bool(training.get("prepend_bos", True)),
+                       exclude_special=str(training.get("exclude_special", "first")),
+                       excluded_ids=tuple(int(i) for i in training.get("excluded_token_ids", ())))
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -89,6 +89,7 @@ def train_saes(
     checkpoints: int | None = None,
     checkpoint_every: int | None = None,
     seeds: int = 1,
+    exclude_special: str = "all",
 ) -> list[dict[str, Any]]:
     """``klgap train-sae`` as a function (argument names are the flags'): train an SAE at every (site, layer)
     in one pass over the tokens, each saved to `out` (``{site}`` / ``{layer}`` filled in). Everything that can
@@ -107,9 +108,14 @@ def train_saes(
     (klgap/report/between_saes.py). 1 (default): one SAE at `out` itself.
     k: a list (``--top-k 16,32,64``) trains a TopK SAE per k on the same tokens, saved as ``out/k-16``, ... (each
     with its seeds inside when `seeds` > 1), every one equal to a run with that k alone; measure them with
-    ``--sae 'OUT/k-*'``."""
+    ``--sae 'OUT/k-*'``.
+
+    exclude_special: the tokens whose activations training leaves out, by --mask-special's rule (klgap/job/masks.py):
+    ``all`` (default: what a run measures by default; sae_lens's trainer with ``exclude_special_tokens=True``, whose
+    own default, False, is ``none``), ``first`` (position 0 only: klgap before this flag), ``none``."""
     from klgap.job.loading import check_fits, load_model
-    from klgap.plan.config import RunConfig
+    from klgap.job.masks import special_token_ids
+    from klgap.plan.config import MASK_SPECIAL, RunConfig
     from klgap.plan.grid import parse_layers, parse_sites
     from klgap.plan.resolve import resolve
     from klgap.plugins.capabilities import model_shape
@@ -155,6 +161,8 @@ def train_saes(
                    model=model if isinstance(model, ModelRef) else None, role="train")  # a train split by default
     if b_dec_init not in B_DEC_INITS:
         raise unknown("--b-dec-init", b_dec_init, B_DEC_INITS)
+    if exclude_special not in MASK_SPECIAL:
+        raise unknown("--exclude-special", exclude_special, MASK_SPECIAL)
     n_steps = steps_for(tokens, TRAIN_BATCH, epochs, steps)  # default: one pass over --tokens
     for warning in sorted({reuse_warning(tokens, n) for n in [n_steps, *(c["steps"] for c in (overrides or {}).values()
                                                                             if "steps" in c)]} - {None}):
@@ -175,21 +183,23 @@ def train_saes(
     n_contexts = max(1, math.ceil(tokens / (context_len - 1)))
     source = plan.tokens
     contexts = source.obj.contexts(loaded, n_contexts, context_len, seed, True, source.arg)
+    excluded_ids = special_token_ids(loaded.tokenizer) if exclude_special == "all" else ()
     trained_on = TrainingTokens(dataset=source.spec, source=source.name, split=source.split, split_of=source.whole,
-                                seed=seed, context_len=context_len, tokens=tokens, n_contexts=n_contexts)
+                                seed=seed, context_len=context_len, tokens=tokens, n_contexts=n_contexts,
+                                exclude_special=exclude_special, excluded_ids=excluded_ids)
     if source.chosen:
         print(f"training on {source.spec} (the {source.split} split of --dataset {dataset}; a run measures its "
               "eval split when --dataset names none)", file=sys.stderr)
     recipe: dict[str, Any] = {"expansion": expansion, "device": torch_device, "seed": seed, "progress": progress,
                               "b_dec_init": b_dec_init, "architecture": architecture, "k": k,
                               "checkpoints": checkpoints, "checkpoint_every": checkpoint_every,
-                              "trained_on": trained_on}
+                              "trained_on": trained_on, "skip_first_position": exclude_special != "none"}
     recipe["steps"] = n_steps
     for key, value in (("l1_coefficient", l1), ("lr", lr)):
         if value is not None:
             recipe[key] = value
     started = time.time()
-    gathered = gather_many(loaded, pairs, contexts, batch_size, progress=progress)
+    gathered = gather_many(loaded, pairs, contexts, batch_size, exclude_special, progress=progress)
     results = []
     for s, v in pairs:
         acts = gathered.pop((s, v))

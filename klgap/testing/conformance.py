@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from klgap.plugins.capabilities import (baseline_label, check_sae_spec, error_fittable, fit_summary, fittable,
-                                        frozen_error, sae_fittable)
+from klgap.plugins.capabilities import (baseline_label, check_sae_spec, context_fittable, error_fittable,
+                                        fit_summary, fittable, frozen_error, sae_fittable)
 from klgap.errors import KlgapError
-from klgap.protocols import (BaselineRole, DefaultSAEFinder, ErrorFittablePerturbation, FittablePerturbation, SAECheck,
-                             SAEChecker, SaeFittablePerturbation)
+from klgap.protocols import (BaselineRole, ContextFittablePerturbation, DefaultSAEFinder, ErrorFittablePerturbation,
+                             FittablePerturbation, SAECheck, SAEChecker, SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
 
 def model_for_tests(spec: str, device: str) -> Any:
@@ -269,14 +269,23 @@ class PerturbationConformance:
     def build(self):
         from klgap.plan.resolve import build_intervention
 
-        p = build_intervention(self.spec).perturbation
+        return self.fitted(build_intervention(self.spec).perturbation)
+
+    def fitted(self, p):
+        """`p` fitted by each fit it declares (fit, fit_error, fit_sae, fit_contexts) on this suite's activations."""
         for fittable_p in fittable([p]):
             fittable_p.fit(self.anisotropic_acts())
         for error_p in error_fittable([p]):
             error_p.fit_error(*self.fit_pair())
         for sae_p in sae_fittable([p]):
             sae_p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
+        for context_p in context_fittable([p]):
+            context_p.fit_contexts(self.fit_contexts_acts())
         return p
+
+    def fit_contexts_acts(self) -> torch.Tensor:
+        """``[8 64 d]``: the anisotropic activations as 8 contexts of 64 positions (what ``fit_contexts`` is given)."""
+        return self.anisotropic_acts().reshape(8, 64, self.d)
 
     def fit_sae_size(self) -> tuple[torch.Tensor, int]:
         """(l0 ``[512]``, d_sae): what ``fit_sae`` is given beside the fit pair (an SAE 4× as wide as d, L0 ≈ d/6)."""
@@ -317,17 +326,12 @@ class PerturbationConformance:
         from klgap.plan.resolve import build_intervention
 
         first = build_intervention(self.spec).perturbation
-        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation)):
+        if not isinstance(first, (FittablePerturbation, ErrorFittablePerturbation, SaeFittablePerturbation,
+                                  ContextFittablePerturbation)):
             pytest.skip(f"{self.spec} declares none of FittablePerturbation (fit), ErrorFittablePerturbation "
-                        "(fit_error), SaeFittablePerturbation (fit_sae)")
-        second = build_intervention(self.spec).perturbation
-        for p in (first, second):
-            if isinstance(p, FittablePerturbation):
-                p.fit(self.anisotropic_acts())
-            if isinstance(p, ErrorFittablePerturbation):
-                p.fit_error(*self.fit_pair())
-            if isinstance(p, SaeFittablePerturbation):
-                p.fit_sae(*self.fit_pair(), *self.fit_sae_size())
+                        "(fit_error), SaeFittablePerturbation (fit_sae), ContextFittablePerturbation (fit_contexts)")
+        second = self.fitted(build_intervention(self.spec).perturbation)
+        self.fitted(first)
         x, x_hat = self.data()
         out = first(x, x_hat, self.gen(6))
         assert torch.equal(out, second(x, x_hat, self.gen(6))), "two fits on the same activations gave different x'"

@@ -30,12 +30,21 @@ FIT_CHUNK = 4096  # rows of x accumulated into xᵀx at a time (float64 copies o
 
 @dataclass(frozen=True)
 class LinearErrorFit:
-    """``e ≈ x @ weight.T + bias``: weight ``[d d]``, bias ``[d]`` (float32), fitted on `n_fit` tokens."""
+    """``e ≈ x @ weight.T + bias``: weight ``[d d]``, bias ``[d]`` (float32), fitted on `n_fit` tokens; and the
+    regression of the error's squared norm on x, ``‖e‖² ≈ x @ norm_weight + norm_bias`` (Engels et al.'s "most of
+    the norm" predictor, here with an intercept and the same ridge)."""
 
     weight: Tensor  # [d_out=d, d_in=d]
     bias: Tensor  # [d]
     n_fit: int
     ridge: float
+    norm_weight: Tensor  # [d]
+    norm_bias: float
+
+    def predict_norm_sq(self, x: Tensor) -> Tensor:
+        """``x: [n d]`` -> the predicted ‖e‖² ``[n]`` in x's float dtype (float32 at least)."""
+        x = as_float32(x)
+        return x @ self.norm_weight.to(device=x.device, dtype=x.dtype) + self.norm_bias
 
     def predict(self, x: Tensor) -> Tensor:
         """``x: [n d]`` -> e_lin ``[n d]`` in x's float dtype (float32 at least)."""
@@ -45,33 +54,37 @@ class LinearErrorFit:
 
 @torch.no_grad()
 def fit_linear_error(x: Tensor, x_hat: Tensor, ridge: float = RIDGE) -> LinearErrorFit:
-    """Ridge least squares of ``e = x − x̂`` on ``[x, 1]`` (``x, x_hat: [n d]``) by the float64 normal equations.
+    """Ridge least squares of ``e = x − x̂`` and of ``‖e‖²`` on ``[x, 1]`` (``x, x_hat: [n d]``) by the float64
+    normal equations.
 
     Centred: ``W = (XcᵀXc + λI)⁻¹ XcᵀEc`` with ``λ = ridge · mean diag(XcᵀXc)``, ``b = ē − W x̄`` (the bias is not
-    penalised). Memory O(d²) beyond the inputs: xᵀx and xᵀe are accumulated FIT_CHUNK rows at a time.
+    penalised); the same for the target ‖e‖². Memory O(d²) beyond the inputs: xᵀx and xᵀe are accumulated
+    FIT_CHUNK rows at a time.
     """
     if x.shape != x_hat.shape or x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"the error fit needs x and x_hat of one shape [n >= 2, d], got {tuple(x.shape)} and "
                          f"{tuple(x_hat.shape)}")
     n, d = x.shape
     f64 = dict(dtype=torch.float64, device=x.device)
-    sum_x, sum_e = torch.zeros(d, **f64), torch.zeros(d, **f64)
-    xtx, xte = torch.zeros(d, d, **f64), torch.zeros(d, d, **f64)
+    sum_x, sum_e = torch.zeros(d, **f64), torch.zeros(d + 1, **f64)
+    xtx, xte = torch.zeros(d, d, **f64), torch.zeros(d, d + 1, **f64)
     for start in range(0, n, FIT_CHUNK):
         xs = x[start : start + FIT_CHUNK].double()
         es = xs - x_hat[start : start + FIT_CHUNK].double()
+        es = torch.cat([es, (es**2).sum(-1, keepdim=True)], dim=1)  # [chunk d+1]: e and ‖e‖²
         sum_x += xs.sum(0)
         sum_e += es.sum(0)
         xtx += xs.T @ xs
         xte += xs.T @ es
     mean_x, mean_e = sum_x / n, sum_e / n
     xtx_c = xtx - n * torch.outer(mean_x, mean_x)  # [d_in d_in]
-    xte_c = xte - n * torch.outer(mean_x, mean_e)  # [d_in d_out]
+    xte_c = xte - n * torch.outer(mean_x, mean_e)  # [d_in d_out+1]
     lam = ridge * float(xtx_c.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
     system = xtx_c + lam * torch.eye(d, **f64)
-    coef = torch.linalg.solve(system, xte_c)  # [d_in d_out]
+    coef = torch.linalg.solve(system, xte_c)  # [d_in d_out+1]
     bias = mean_e - mean_x @ coef
-    return LinearErrorFit(weight=coef.T.float().contiguous(), bias=bias.float(), n_fit=n, ridge=ridge)
+    return LinearErrorFit(weight=coef[:, :d].T.float().contiguous(), bias=bias[:d].float(), n_fit=n, ridge=ridge,
+                          norm_weight=coef[:, d].float().contiguous(), norm_bias=float(bias[d]))
 
 
 @dataclass
@@ -99,6 +112,13 @@ class ErrorPartPerturbation(FormulaPerturbation):
             raise ValueError(f"{self.name} was fitted on {self.state.weight.shape[0]}-wide activations, not {x.shape[1]}")
         e_lin = self.state.predict(x)
         return e_lin, (x - x_hat) - e_lin
+
+    def predict_error_sq(self, x: Tensor) -> Tensor:
+        """``x: [n d]`` -> the linear prediction of ‖x − x̂‖² from x, ``[n]`` float32
+        (klgap.protocols.ErrorNormPredictor)."""
+        if self.state is None:
+            raise RuntimeError(f"{self.name} was not fitted: call .fit_error(x [n, d], x_hat [n, d]) first")
+        return self.state.predict_norm_sq(x)
 
     def _apply(self, x: Tensor, x_hat: Tensor, generator: torch.Generator) -> Tensor:
         e_lin, e_nl = self.error_parts(x, x_hat)

@@ -182,14 +182,53 @@ MEAN_ABLATION_DEFINITIONS = {
               "--batch-size 64 --mask-special none"),
     "run": ("x' = the mean of x over the run's fit tokens (the tokens the run patches among its first contexts, or "
             "--fit-tokens held-out ones), one mean for the whole run: it does not depend on --batch-size"),
+    "batch64": ("x' = the study's mean: the mean of x over a batch of 64 contexts at every position, BOS and the "
+                "tokens --mask-special masks included (mean_ablation_hook's activation.mean((0, 1))), taken once "
+                "from the run's first 64 contexts (--fit-tokens: the first 64 held-out ones; fewer when there are "
+                "fewer) and patched at every token the run patches: it does not depend on --batch-size (the study "
+                "takes a new mean for each batch of 64)"),
 }
+
+
+@dataclass
+class ContextMeanPerturbation(FormulaPerturbation):
+    """x' = one mean activation fitted on whole contexts, every position included (klgap.protocols.
+    ContextFittablePerturbation): ``mean_ablation:over=batch64``."""
+
+    n_fit_contexts: int = 64
+    state: Tensor | None = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fn = lambda x, x_hat, generator: geometry.fixed_mean(x, self._fitted())
+
+    def _fitted(self) -> Tensor:
+        if self.state is None:
+            raise RuntimeError(f"{self.name} was not fitted: call .fit_contexts(clean activations [c, n, d]) first")
+        return self.state
+
+    def fit_contexts(self, acts: Tensor) -> None:
+        if acts.dim() != 3 or acts.shape[0] * acts.shape[1] < 2:
+            raise ValueError(f"{self.name}: fit_contexts needs [c, n, d] activations, got {tuple(acts.shape)}")
+        finite = torch.isfinite(acts).all(-1)  # [c n]
+        self.state = acts[finite].double().mean(0)  # [d]: mean over (context, position), as activation.mean((0, 1))
+        self.fit_info = {"over": "batch64", "mean_norm": float(self.state.norm()), "n_contexts_in_mean": acts.shape[0],
+                         "definition": MEAN_ABLATION_DEFINITIONS["batch64"]}
+
+    def fit_summary(self) -> dict[str, float | int | str | bool]:
+        """What the fit found (klgap.protocols.FitSummary): the mean's norm and how many contexts it averages."""
+        return dict(self.fit_info)
 
 
 def mean_ablation(**params: Any) -> FormulaPerturbation:
     """x' = a mean activation, the same row for every token: ``over=batch`` (default) the batch's mean over its
-    patched tokens, ``over=run`` the mean over the run's fit tokens (fitted once, like epsilon_anisotropic)."""
+    patched tokens, ``over=run`` the mean over the run's fit tokens (fitted once, like epsilon_anisotropic),
+    ``over=batch64`` the study's: the mean over 64 contexts at every position, BOS included (fitted once)."""
     check_names("mean_ablation", params, ("over",))
     over = parse_choice("mean_ablation", "over", params.get("over", "batch"), tuple(MEAN_ABLATION_DEFINITIONS))
+    if over == "batch64":
+        return ContextMeanPerturbation("mean_ablation(over=batch64)", None, False, {"over": "batch64"},
+                                       MEAN_ABLATION_DEFINITIONS["batch64"])
     if over == "batch":
         name = "mean_ablation" if not params else "mean_ablation(over=batch)"
         return FormulaPerturbation(name, lambda x, x_hat, generator: geometry.mean_ablation(x, x_hat), False,
@@ -231,7 +270,7 @@ FACTORIES: dict[str, tuple[Callable[..., FormulaPerturbation], str]] = {
     "mean_ablation": (
         mean_ablation,
         "x' = a mean activation: over=batch (default) the batch's mean over its patched tokens, over=run the mean "
-        "over the run's fit tokens",
+        "over the run's fit tokens, over=batch64 the study's mean over 64 contexts, BOS included",
     ),
     "epsilon_anisotropic": (
         epsilon_anisotropic,

@@ -66,6 +66,13 @@ def _side(rng, n, nonfinite=0):
             "sum_sq_err": float(n * 2.5), "sum_ev_legacy": float(n * rng.uniform(0.2, 0.9))}
 
 
+def _mean_offset_share(sides):
+    """‖x̄‖² / mean ‖x‖² from the sides (float64, exactly rounded sums)."""
+    n = sum(s["n"] for s in sides)
+    mean = np.sum([np.asarray(s["sum_x"]) for s in sides], axis=0) / n
+    return math.fsum((mean * mean).tolist()) / (math.fsum(s["sum_sq_x"] for s in sides) / n)
+
+
 def _write(folder, parts, sides, order=None):
     rundir = RunDir(folder)
     rundir.parts.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,10 @@ def _today(rundir, names, mode, sample=None):
             # the mean of the per-token legacy terms (each side: its batch's sum), and 1 − EV
             "explained_variance_legacy": sum(s["sum_ev_legacy"] for s in sides) / sum(s["n"] for s in sides),
             "fvu": 1 - report.explained_variance(sides),
+            # the anisotropy: only the mean offset here (these sides hold no principal components)
+            "mean_offset_share": _mean_offset_share(sides),
+            "top_pc_share": None, "explained_variance_top_pc_removed": None,
+            "explained_variance_top_pcs_removed": None, "top_pcs_removed_min": None, "top_pcs_removed_max": None,
             **{f"{c}_mean": float(sae_rows[c].mean()) for c in ("l0", "cos", "eps", "x_norm", "x_hat_norm")},
             "n_nonfinite_activations": int(sum(s.get("n_nonfinite_acts", 0) for s in sides)),
         },

@@ -109,9 +109,79 @@ def test_section_equals_a_hand_computation(tmp_path, d_model):
     e, e_nl = (view.x - view.x_hat).double(), view.parts[1].double()
     centred = 1 - ((e_nl - e_nl.mean(0)) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
     assert found.r2_centred == pytest.approx(float(centred), rel=1e-5)
+    # Engels et al.'s definitions from the same vectors: per-dimension R² averaged unweighted, ‖e‖² predicted from x
+    e_lin = view.parts[0].double()
+    assert found.r2_dims == pytest.approx(engels_r2(e.numpy(), e_nl.numpy()), rel=1e-5)
+    sq = (e**2).sum(-1)
+    assert found.r2_norm == pytest.approx(engels_r2(sq.numpy(), (sq - view.err_sq_pred.double()).numpy()), rel=1e-5)
+    total = float(sq.sum())
+    assert found.lin_sq_share.mean == pytest.approx(float((e_lin**2).sum()) / total, rel=1e-4)
+    assert found.nl_sq_share.mean == pytest.approx(float((e_nl**2).sum()) / total, rel=1e-4)
+    assert found.cross_share.mean == pytest.approx(2 * float((e_lin * e_nl).sum()) / total, abs=1e-4)
+    assert found.cross_share.ci_low <= found.cross_share.mean <= found.cross_share.ci_high
 
     text = render_markdown(load_report(tmp_path / "run"), [])
     assert "## Error decomposition" in text and "held out" in text and "epsilon_random_nonlinear" in text
+    assert "2Σ e_lin·e_nl/Σ‖e‖²" in text and "R² per dimension, unweighted mean (Engels)" in text
+
+
+def engels_r2(target: np.ndarray, residuals: np.ndarray) -> float:
+    """Engels et al.'s R² (SAE-Dark-Matter utils.calculate_r_squared), in numpy: per target column 1 − Σ residual² /
+    Σ (target − column mean)², then the unweighted mean over columns."""
+    total = ((target - target.mean(axis=0)) ** 2).sum(axis=0)
+    return float(np.mean(1 - (residuals**2).sum(axis=0) / total))
+
+
+def sides_of(e: np.ndarray, e_nl: np.ndarray, pred_sq: np.ndarray, chunks: int = 3) -> list[dict]:
+    """The side sums klgap.job.view.SaeView.side_stats writes, in `chunks` batches, from e, e_nl ``[n d]`` and the
+    prediction of ‖e‖² ``[n]``."""
+    out = []
+    for rows in np.array_split(np.arange(len(e)), chunks):
+        err, nl, sq = e[rows], e_nl[rows], (e[rows] ** 2).sum(-1)
+        out.append({"n": len(rows), "sum_err": err.sum(0).tolist(), "sum_err_nl": nl.sum(0).tolist(),
+                    "sum_sq_err": float((err**2).sum()), "sum_sq_err_nl": float((nl**2).sum()),
+                    "sum_sq_err_dims": (err**2).sum(0).tolist(), "sum_sq_err_nl_dims": (nl**2).sum(0).tolist(),
+                    "sum_err_sq_sq": float((sq**2).sum()), "sum_err_sq_resid_sq": float(((sq - pred_sq[rows]) ** 2).sum())})
+    return out
+
+
+def test_engels_r2s_and_shares_on_synthetic_errors_with_known_answers():
+    from klgap.report import decomposition as dec
+
+    rng = np.random.default_rng(0)
+    n, d = 20000, 4
+    # dimension 0 fully predicted (R² 1), dimension 1 half its variance (R² 0.5), 2 and 3 not at all (R² 0):
+    # unweighted mean 0.375; the pooled R² weighs dimension 1's large variance instead
+    e = rng.normal(size=(n, d)) * np.array([1.0, 10.0, 1.0, 1.0])
+    e_lin = np.zeros_like(e)
+    e_lin[:, 0] = e[:, 0]
+    noise = rng.normal(size=n) * 10 / np.sqrt(2)
+    e[:, 1] = rng.normal(size=n) * 10 / np.sqrt(2) + noise
+    e_lin[:, 1] = e[:, 1] - noise
+    e_nl = e - e_lin
+    pred = (e**2).sum(-1)  # a perfect prediction of ‖e‖²: R² 1; the mean: R² 0
+    sides = sides_of(e, e_nl, pred)
+    assert dec.r2_dims(sides) == pytest.approx(0.375, abs=0.01)
+    assert dec.r2_dims(sides) == pytest.approx(engels_r2(e, e_nl), rel=1e-9)
+    assert dec.r2_norm(sides) == pytest.approx(1.0, abs=1e-12)
+    assert dec.r2_norm(sides_of(e, e_nl, np.full(n, (e**2).sum(-1).mean()))) == pytest.approx(0.0, abs=1e-9)
+    pooled = 1 - (e_nl**2).sum() / (e**2).sum()
+    assert abs(pooled - 0.375) > 0.05  # the two definitions differ on these errors
+    assert np.isnan(dec.r2_dims([{k: v for k, v in s.items() if k != "sum_sq_err_dims"} for s in sides]))
+
+    # the shares: ‖e‖² = ‖e_lin‖² + ‖e_nl‖² + 2 e_lin·e_nl, per token and summed over the run
+    contexts = np.repeat(np.arange(100), n // 100)
+    norms = pd.DataFrame({"context": contexts, "n": 1, "sq": (e**2).sum(-1), "sq_lin": (e_lin**2).sum(-1),
+                          "sq_nl": (e_nl**2).sum(-1)})
+    norms["sq_cross"] = norms["sq"] - norms["sq_lin"] - norms["sq_nl"]
+    sums = norms.groupby("context").sum()
+    lin, nl, cross = dec.sq_shares(sums, seed=0)
+    total = (e**2).sum()
+    assert lin.mean == pytest.approx((e_lin**2).sum() / total, rel=1e-9)
+    assert nl.mean == pytest.approx((e_nl**2).sum() / total, rel=1e-9)
+    assert cross.mean == pytest.approx(2 * (e_lin * e_nl).sum() / total, rel=1e-6)
+    assert lin.mean + nl.mean + cross.mean == pytest.approx(1.0, abs=1e-12)
+    assert cross.ci_low < cross.mean < cross.ci_high
 
 
 def test_no_section_without_the_interventions_and_in_sample_without_fit_tokens(tmp_path, d_model):
@@ -139,3 +209,44 @@ def test_study_table_across_sites(tmp_path, d_model):
     assert "## Error decomposition across sites" in text
     assert "resid_pre L0" in text and "resid_pre L1" in text
     assert np.all(np.isfinite(r2s))
+
+
+def test_shares_with_a_known_cross_term():
+    """e_lin = v, e_nl = −v/2 + w (v, w independent, unit variance): e = v/2 + w, E‖e‖² = 1.25 per dimension, so
+    Σ‖e_lin‖²/Σ‖e‖² = 0.8, Σ‖e_nl‖²/Σ‖e‖² = 1.0 and 2Σ e_lin·e_nl/Σ‖e‖² = −0.8: e_lin overshoots, the parts cancel."""
+    from klgap.report import decomposition as dec
+
+    rng = np.random.default_rng(4)
+    v, w = rng.normal(size=(50000, 8)), rng.normal(size=(50000, 8))
+    e_lin, e_nl = v, -0.5 * v + w
+    e = e_lin + e_nl
+    norms = pd.DataFrame({"context": np.repeat(np.arange(500), 100), "n": 1, "sq": (e**2).sum(-1),
+                          "sq_lin": (e_lin**2).sum(-1), "sq_nl": (e_nl**2).sum(-1)})
+    norms["sq_cross"] = norms["sq"] - norms["sq_lin"] - norms["sq_nl"]
+    lin, nl, cross = dec.sq_shares(norms.groupby("context").sum(), seed=0)
+    assert (lin.mean, nl.mean, cross.mean) == pytest.approx((0.8, 1.0, -0.8), abs=0.02)
+    assert cross.ci_high < -0.7
+
+
+def test_the_norm_regression_is_least_squares_of_the_squared_error_on_x():
+    """fit_linear_error's ‖e‖² regression on [x, 1] equals numpy's least squares; when ‖e‖² is exactly linear in x
+    its held-out R² is 1."""
+    from klgap.report import decomposition as dec
+    from klgap_perturbations.decomposition import fit_linear_error
+
+    rng = np.random.default_rng(5)
+    n, d = 4000, 6
+    x = rng.normal(size=(n, d)) + 3.0
+    scale = np.sqrt(x @ np.array([0.5, 0.2, 0.1, 0.3, 0.4, 0.1]) + 1.0)  # ‖e‖² = a·x + 1, exactly linear in x
+    direction = rng.normal(size=(n, d))
+    e = direction / np.linalg.norm(direction, axis=1, keepdims=True) * scale[:, None]
+    fit = fit_linear_error(torch.from_numpy(x[:2000]), torch.from_numpy(x[:2000] - e[:2000]))
+    design = np.c_[x[:2000], np.ones(2000)]
+    coef = np.linalg.lstsq(design, (e[:2000] ** 2).sum(-1), rcond=None)[0]
+    np.testing.assert_allclose(fit.norm_weight.numpy(), coef[:d], rtol=1e-3, atol=1e-4)
+    assert fit.norm_bias == pytest.approx(coef[d], rel=1e-3, abs=1e-3)
+    pred = fit.predict_norm_sq(torch.from_numpy(x[2000:])).double().numpy()
+    sides = sides_of(e[2000:], e[2000:] - fit.predict(torch.from_numpy(x[2000:])).double().numpy(), pred)
+    assert dec.r2_norm(sides) == pytest.approx(1.0, abs=1e-4)
+    assert dec.r2_norm(sides) == pytest.approx(engels_r2((e[2000:] ** 2).sum(-1), (e[2000:] ** 2).sum(-1) - pred),
+                                               rel=1e-9)

@@ -310,6 +310,18 @@ def test_each_subset_equals_its_own_joint_run(tmp_path, load_model, no_fast):
         assert found.additivity["sae"].sum_single_kl_mean == pytest.approx(
             alone.compounding.additivity["sae"].sum_single_kl_mean, rel=1e-6)
         assert alone_tokens.kl.mean() > 1e-4
+    # Holm over the subsets table's one-sided p-values (the 3 pairs, then all three), computed by hand
+    rows = [s.compounding.joint_minus_max_single_ratio.p_value for s in report.compounding.subsets]
+    rows.append(report.compounding.joint_minus_max_single_ratio.p_value)
+    order = sorted(range(4), key=lambda i: rows[i])
+    expected, running = [0.0] * 4, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (4 - rank) * rows[i]))
+        expected[i] = running
+    assert report.compounding.subsets_p_holm == pytest.approx(expected, abs=1e-12)
+    from klgap.render.pages import render_markdown
+
+    assert "p Holm (this table)" in render_markdown(report, [])
 
 
 def test_joint_subsets_needs_three_sites():

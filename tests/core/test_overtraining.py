@@ -11,6 +11,7 @@ import pytest
 from klgap.sae.checkpoints import expand
 from klgap.plan.config import RunConfig
 from klgap.errors import KlgapError
+from klgap.render.formatting import fmt
 from klgap.report.read import load_report
 from tests.close import assert_identical_frames
 from tests.helpers import checkpointed_sae, run_config
@@ -53,11 +54,18 @@ def test_study_over_checkpoints_equals_a_run_on_each_checkpoint(tmp_path, traine
         assert point.kl_ratio.model_dump() == alone.comparisons["epsilon_random"].kl_ratio.model_dump()
         assert point.kl_gap.mean == pytest.approx(point.kl_sae.mean - point.kl_baseline.mean, rel=1e-5, abs=1e-9)
         assert point.kl_sae.ci_low <= point.kl_sae.mean <= point.kl_sae.ci_high
+        # EV and L0 on the study's tokens: those of the run on this checkpoint alone, not the trainer's held-out ones
+        assert point.run_explained_variance == alone.sae_metrics.explained_variance
+        assert point.run_l0_mean == alone.sae_metrics.l0_mean
+        assert point.run_explained_variance != point.explained_variance
     # the checkpoints differ, so do their numbers; the draws' directions do not (same seed, same tokens)
     assert len({p.kl_sae.mean for p in curve.points}) == 3
     assert curve.finding.startswith("At blocks.1.hook_mlp_out, the SAE's excess KL over epsilon_random ")
     page = (out / "report.md").read_text()
     assert "## Over training" in page and curve.finding in page and "over_training.png" in page
+    assert "| EV | L0 | EV held-out | L0 held-out |" in page
+    last = curve.points[-1]
+    assert f"EV {fmt(last.run_explained_variance)}, L0 {fmt(last.run_l0_mean)})" in curve.finding
     assert (out / "over_training.png").stat().st_size > 10_000 and not (out / "kl_bars.png").exists()
     from klgap.figures.training import over_training
     from klgap.report.validate import validate_file

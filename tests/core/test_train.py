@@ -198,3 +198,49 @@ def test_a_config_recipe_with_steps_trains_exactly_those_steps(tmp_path, capsys)
              for layer in (0, 1)}
     assert steps == {0: 9, 1: 4}
     assert "warning" not in capsys.readouterr().err  # 9 steps read 3.1 passes, 4 steps 1.4: no reuse warning
+
+
+def test_training_leaves_out_the_tokens_a_run_does_not_measure(tmp_path, load_model, capsys):
+    """--exclude-special all (the default): the activations at position 0 and at the tokenizer's special ids
+    (the separators packed between documents) are left out of training, as --mask-special all leaves them out of
+    measurement (sae_lens's exclude_special_tokens=True); training.json records the rule and the ids."""
+    import math
+
+    from klgap.cli.main import main
+    from klgap.job.masks import special_token_ids
+    from klgap.sae.gather import gather_many
+
+    from klgap.forward import activations
+    from tests.core.test_agreement_sae_lens import write_documents
+
+    model = load_model("tiny-gpt2")
+    special = special_token_ids(model.tokenizer)
+    assert special  # the tiny models' byte tokenizer: BOS = EOS = 256
+    dataset = write_documents(tmp_path / "docs.jsonl", n_docs=600)
+    n_contexts = math.ceil(6000 / 63)
+    contexts = registry("token_source").get("text").contexts(model, n_contexts, 64, 0, True, dataset[len("text:"):])
+    separators = int(torch.isin(contexts[:, 1:], torch.tensor(special)).sum())
+    assert separators > 100  # the text source packs the documents with EOS between them
+
+    acts = activations.collect(model, model.site_map("mlp_out", 1), contexts)  # [n 64 d]
+    keep = ~torch.isin(contexts, torch.tensor(special))
+    keep[:, 0] = False
+    by_hand = acts[keep]
+    activations_kept = gather_many(model, [("mlp_out", 1)], contexts, batch_size=16, exclude="all")[("mlp_out", 1)]
+    torch.testing.assert_close(activations_kept, by_hand, rtol=0, atol=0)
+    assert len(gather_many(model, [("mlp_out", 1)], contexts, exclude="none")[("mlp_out", 1)]) == n_contexts * 64
+
+    for rule, expected in (("all", n_contexts * 63 - separators), ("first", n_contexts * 63)):
+        out = tmp_path / rule
+        args = ["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "1", "--tokens", "6000",
+                "--context-len", "64", "--steps", "20", "--dataset", dataset, "--out", str(out), "--quiet"]
+        assert main(args + ([] if rule == "all" else ["--exclude-special", rule])) == 0
+        info = json.loads((out / "training.json").read_text())
+        assert info["exclude_special"] == rule and info["n_training_tokens"] + info["n_eval_tokens"] == expected
+        assert info["excluded_token_ids"] == (list(special) if rule == "all" else [])
+        assert info["first_position"] == "excluded"
+    assert main(["train-sae", "--model", "tiny-gpt2", "--site", "mlp_out", "--layer", "1", "--out",
+                 str(tmp_path / "bad"), "--exclude-special", "some"]) == 2
+    err = capsys.readouterr().err
+    assert err == "klgap: error: unknown --exclude-special 'some'; valid: all, first, none\n"
+    assert not (tmp_path / "bad").exists()

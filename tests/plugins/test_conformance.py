@@ -114,7 +114,7 @@ class TestDictionaryLearningLoader(SAELoaderConformance):
 SPECS = [
     "sae", "sae_norm_corrected", "sae_norm", "error_add", "epsilon_random", "theta_random", "theta_random:norm=x",
     "theta_random_xnorm", "cosine_matched", "cosine_matched:cos=0.5,norm_frac=0.9", "cosine_matched:cos=-0.3",
-    "identity", "zero", "mean_ablation", "mean_ablation:over=run", "epsilon_anisotropic", "sae_error_shuffled",
+    "identity", "zero", "mean_ablation", "mean_ablation:over=run", "mean_ablation:over=batch64", "epsilon_anisotropic", "sae_error_shuffled",
     "sae_plus_linear_error", "sae_plus_nonlinear_error", "epsilon_random_nonlinear", "epsilon_random_linear",
     "cov_random_mixture", "cov_random_mixture:origin=x", "real_direction", "real_direction:origin=x",
     "epsilon_error_cov", "epsilon_mahalanobis", "epsilon_mahalanobis:ridge=0.5", "pca_matched", "random_dictionary",
