@@ -83,8 +83,10 @@ class SaeQuality:
     def anisotropy_clause(self) -> str:
         """'mean offset 0.93 of mean ‖x‖², top principal component 0.41 of the variance; explained variance 0.612
         without it, 0.587 without the top 2–3 (half the variance)'."""
-        text = (f"mean offset {fmt_fixed(self.mean_offset_share)} of mean ‖x‖², top principal component "
-                f"{fmt_fixed(self.top_pc_share)} of the variance")
+        shares = [] if self.mean_offset_share is None else [f"mean offset {fmt_fixed(self.mean_offset_share)} of mean ‖x‖²"]
+        if self.top_pc_share is not None:  # (None where no batch had enough rows for its principal components)
+            shares.append(f"top principal component {fmt_fixed(self.top_pc_share)} of the variance")
+        text = ", ".join(shares)
         if self.ev_top_pc_removed is None:
             return text
         text += f"; explained variance {fmt_fixed(self.ev_top_pc_removed)} without it"

@@ -18,16 +18,7 @@ from klgap.errors import KlgapError
 from klgap.protocols import (BaselineRole, ContextFittablePerturbation, DefaultSAEFinder, ErrorFittablePerturbation,
                              FittablePerturbation, SAECheck, SAEChecker, SaeFittablePerturbation)
 from klgap.plan.sites import SITES, parse_hook_name
-
-def model_for_tests(spec: str, device: str) -> Any:
-    """The model a ``--model`` value names, float32 on `device` (held once: klgap.job.loading.load_model)."""
-    from klgap.job.loading import load_model
-
-    return load_model(spec, torch.device(device), torch.float32)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+from klgap.testing.models import model_for_tests, rel_diff
 
 
 class ModelAdapterConformance:
@@ -130,7 +121,7 @@ class ModelAdapterConformance:
             spec = lm.site_map(site, lm.n_layers - 1)
             acts, clean = activations.run_clean(lm, spec, ids)
             patched = activations.run_patched(lm, spec, ids, acts, positions=slice(0, None))
-            assert _rel(patched, clean) < 1e-5, f"{site}: patching x' = x changed the logits"
+            assert rel_diff(patched, clean) < 1e-5, f"{site}: patching x' = x changed the logits"
 
     def test_patching_takes_effect(self, lm):
         from klgap.forward import activations
@@ -140,7 +131,7 @@ class ModelAdapterConformance:
         spec = lm.site_map(site, lm.n_layers - 1)
         acts, clean = activations.run_clean(lm, spec, ids)
         patched = activations.run_patched(lm, spec, ids, torch.zeros_like(acts), positions=slice(0, None))
-        assert _rel(patched, clean) > 1e-4, f"zeroing {site} did not change the logits: the patch is not applied"
+        assert rel_diff(patched, clean) > 1e-4, f"zeroing {site} did not change the logits: the patch is not applied"
 
 
 class SAELoaderConformance:

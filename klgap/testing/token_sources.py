@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from klgap.errors import KlgapError
-from klgap.testing.conformance import model_for_tests
+from klgap.testing.models import model_for_tests
 
 
 class TokenSourceConformance:

@@ -22,11 +22,16 @@ LISTED = ["sae", "epsilon_random", "cosine_matched:cos=0.8,norm_frac=0.9", "thet
 
 
 def _tokens(out, sae, interventions, *extra) -> dict[str, pd.DataFrame]:
+    """Each intervention's rows, and under "ce_clean" each token's clean CE (stored once per token, on the rows of
+    whichever intervention is listed first: klgap/job/modes.py, so it is compared per token, not per intervention)."""
     assert main(["replicate", *ARGS, "--sae", str(sae), "--interventions", ",".join(interventions), *extra,
                  "--out", str(out)]) == 0
     frame = pd.read_parquet(out / "tokens.parquet")
     keys = [c for c in ("context", "position", "draw") if c in frame.columns]
-    return {name: rows.sort_values(keys).reset_index(drop=True) for name, rows in frame.groupby("intervention")}
+    clean = frame.loc[frame.ce_clean.notna(), ["context", "position", "ce_clean"]]
+    found = {name: rows.drop(columns="ce_clean").sort_values(keys).reset_index(drop=True)
+             for name, rows in frame.groupby("intervention")}
+    return {**found, "ce_clean": clean.sort_values(["context", "position"]).reset_index(drop=True)}
 
 
 def _same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame], names) -> None:
@@ -45,7 +50,7 @@ def test_permuted_interventions_give_identical_numbers(tmp_path, sae, mode):
     first = _tokens(tmp_path / "a", sae, LISTED, *MODES[mode])
     permuted = _tokens(tmp_path / "b", sae, LISTED[::-1], *MODES[mode])
     assert sorted(first) == sorted(permuted)
-    assert first["epsilon_random"].kl.gt(0).all()  # real draws, not an empty frame
+    assert first["epsilon_random"].kl.gt(0).all() and len(first["ce_clean"])  # real draws, not an empty frame
     _same(first, permuted, first)
 
 

@@ -16,7 +16,8 @@ from klgap.plan.config import RunConfig, flag_help
 FLAGS = {"--model", "--site", "--layer", "--sae", "--mode", "--interventions", "--tokens", "--context-len",
          "--batch-size", "--seed", "--device", "--dtype", "--dataset", "--no-bos", "--mask-special",
          "--drop-last-position", "--position", "--k", "--n-samples", "--sample-intervention", "--no-fast",
-         "--device-map", "--remote", "--joint", "--fit-tokens", "--joint-subsets", "--joint-baseline"}
+         "--device-map", "--remote", "--joint", "--fit-tokens", "--joint-subsets", "--joint-baseline",
+         "--second-order"}
 
 
 

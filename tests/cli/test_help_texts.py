@@ -50,7 +50,8 @@ def test_sae_help_names_every_registered_loader_plugins_included():
 
 def test_curve_help_gives_curves_own_interventions():
     curve, replicate = _help("curve"), _help("replicate")
-    assert "added to sae, epsilon_random and the cosine_matched grid of --cos × --norm-frac (default: none added)" in curve
+    assert ("added to sae, epsilon_random and the cosine_matched grid of --cos × --norm-frac (default: none added, or a "
+            "--config file's `interventions`)") in curve
     assert "sae_norm_corrected" not in curve and "(default sae, sae_norm_corrected, sae_norm," in replicate
 
 

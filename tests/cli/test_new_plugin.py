@@ -60,7 +60,7 @@ def test_its_own_tests_pass(generated, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated / "pkg" / "tests")],
                           capture_output=True, text=True, env=_env(generated / "site"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"\b6 passed", done.stdout), done.stdout  # 5 conformance checks + the run
+    assert re.search(r"\b7 passed", done.stdout), done.stdout  # 6 conformance checks + the run
 
 
 def test_its_perturbation_in_a_replicate_report(generated, tmp_path):
@@ -112,7 +112,7 @@ def test_every_kind_scaffolds_a_plugin_whose_own_tests_pass_uninstalled(tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     # the optional capabilities a scaffold does not declare are skipped: a perturbation's fit and baseline role, an
     # SAE loader's default_sae, a token source's splits
-    assert re.search(r"\b31 passed, 4 skipped\b", done.stdout), done.stdout[-2000:]
+    assert re.search(r"\b32 passed, 4 skipped\b", done.stdout), done.stdout[-2000:]
     with pytest.raises(SystemExit) as exited:
         main(["new-plugin", "x", "--kind", "tokenizer", "--dir", str(tmp_path / "bad")])
     assert exited.value.code == 2 and "invalid choice: 'tokenizer'" in capsys.readouterr().err

@@ -64,7 +64,8 @@ def test_every_site_matches_a_plain_hook(tiny_model):
 def test_tiny_model_fields(tiny_model, device):
     m = tiny_model
     assert (m.n_layers, m.d_model, m.vocab_size, m.max_context, m.bos_token_id) == (2, 64, 257, 256, 256)
-    assert m.site_widths == {"resid_pre": 64, "resid_post": 64, "attn_out": 64, "mlp_out": 64, "attn_z": 64}
+    assert m.site_widths == {"resid_pre": 64, "resid_post": 64, "attn_out": 64, "mlp_out": 64, "attn_z": 64,
+                             "mlp_in": 64}
     assert m.device == device and m.dtype == torch.float32 and m.sae_lens_models == ()
     assert not m.hf_model.training
     assert all(p.dtype == torch.float32 and p.device.type == device.type for p in m.hf_model.parameters())
