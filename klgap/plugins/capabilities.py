@@ -171,37 +171,33 @@ def definition(perturbation: object) -> str | None:
     return text.strip() or None
 
 
+def _declared_flag(perturbation: object, protocol: type, attribute: str) -> bool:
+    """A bool capability: False when `perturbation` does not declare `protocol`, else its `attribute`, which must be
+    a bool (a PluginError names the object otherwise)."""
+    if not isinstance(perturbation, protocol):
+        return False
+    value = getattr(perturbation, attribute)  # declared by `protocol`, which isinstance has just checked
+    if not isinstance(value, bool):
+        raise PluginError(f"perturbation {type(perturbation).__name__}.{attribute} is {value!r}; it must be a bool")
+    return value
+
+
 def every_position(perturbation: object) -> bool:
     """Whether `perturbation` replaces every position in all-token mode (it declares
     :class:`EveryPositionPerturbation` with True); False when it does not declare the capability."""
-    if not isinstance(perturbation, EveryPositionPerturbation):
-        return False
-    value = perturbation.every_position
-    if not isinstance(value, bool):
-        raise PluginError(f"perturbation {type(perturbation).__name__}.every_position is {value!r}; it must be a bool")
-    return value
+    return _declared_flag(perturbation, EveryPositionPerturbation, "every_position")
 
 
 def frozen_error(perturbation: object) -> bool:
     """Whether `perturbation` sees each joint site's clean SAE error rather than a re-encoding (it declares
     :class:`FrozenErrorPerturbation` with True); False when it does not declare the capability."""
-    if not isinstance(perturbation, FrozenErrorPerturbation):
-        return False
-    value = perturbation.frozen_error
-    if not isinstance(value, bool):
-        raise PluginError(f"perturbation {type(perturbation).__name__}.frozen_error is {value!r}; it must be a bool")
-    return value
+    return _declared_flag(perturbation, FrozenErrorPerturbation, "frozen_error")
 
 
 def without_skip(perturbation: object) -> bool:
     """Whether `perturbation` is handed a skip transcoder's x̂ without its skip term (it declares
     :class:`SkipFreePerturbation` with True); False when it does not declare the capability."""
-    if not isinstance(perturbation, SkipFreePerturbation):
-        return False
-    value = perturbation.without_skip
-    if not isinstance(value, bool):
-        raise PluginError(f"perturbation {type(perturbation).__name__}.without_skip is {value!r}; it must be a bool")
-    return value
+    return _declared_flag(perturbation, SkipFreePerturbation, "without_skip")
 
 
 def token_split(source: object, arg: str | None, role: TokenRole) -> TokenSplit:

@@ -186,3 +186,19 @@ def test_a_hub_model_adapter_is_declared_by_its_repo_id():
     assert hub_repo(model_adapter("EleutherAI/pythia-70m").adapter) == "EleutherAI/pythia-70m"
     with pytest.raises(PluginError, match=r"BadHub.repo_id is 3; it must be a str"):
         hub_repo(BadHub())
+
+
+@pytest.mark.parametrize("attribute", ["every_position", "frozen_error", "without_skip"])
+def test_a_bool_capability_is_false_undeclared_its_value_declared_and_refused_otherwise(attribute):
+    from klgap.plugins import capabilities
+
+    ask = getattr(capabilities, attribute)
+
+    class Declares:
+        def __init__(self, value):
+            setattr(self, attribute, value)
+
+    assert ask(object()) is False  # not declared
+    assert ask(Declares(True)) is True and ask(Declares(False)) is False
+    with pytest.raises(PluginError, match=rf"perturbation Declares\.{attribute} is 'yes'; it must be a bool"):
+        ask(Declares("yes"))
