@@ -99,13 +99,16 @@ def ratio_of_means_ci(
 ) -> dict[str, Any]:
     """mean(num)/mean(den) over tokens, with a bootstrap interval that resamples whole contexts.
 
-    num, den: per-context ``sum`` and ``n`` (from :func:`per_context`), aligned on context.
+    num, den: per-context ``sum`` and ``n`` (from :func:`per_context`), aligned on context. Where the
+    denominator's own interval (the same resamples) contains 0, the ratio's interval is unbounded (Fieller) and
+    given as NaN: a percentile interval of replicates that cross a zero denominator need not even hold the ratio.
     """
     found = context_bootstrap([num, den], lambda m: m[0] / m[1], n_boot, seed, level)
     if found is None:
         return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_contexts": 0}
-    return {"ratio": found.point, "ci_low": found.low, "ci_high": found.high, "n_contexts": found.n_contexts,
-            "n_boot": n_boot}
+    below = context_bootstrap([num, den], lambda m: m[1], n_boot, seed, level)  # the denominator, same contexts
+    low, high = (math.nan, math.nan) if below is not None and below.low <= 0 <= below.high else (found.low, found.high)
+    return {"ratio": found.point, "ci_low": low, "ci_high": high, "n_contexts": found.n_contexts, "n_boot": n_boot}
 
 
 def difference_of_means_ci(

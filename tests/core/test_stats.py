@@ -53,6 +53,24 @@ def test_interval_shrinks_with_more_contexts():
     assert widths[0] > widths[1] > widths[2]
 
 
+def test_a_ratio_over_a_denominator_near_zero_has_no_interval():
+    """ΔCE of a baseline that hardly moves CE: per-context means of both signs. The denominator's interval holds 0,
+    so the ratio's interval is unbounded (Fieller) and withheld as NaN, instead of a percentile interval that need
+    not even contain the ratio; a denominator clear of 0 keeps its interval."""
+    rng = np.random.default_rng(3)
+    n = 30
+    num = pd.DataFrame({"sum": rng.normal(1.0, 0.2, n) * 10, "n": np.full(n, 10.0)}, index=pd.Index(range(n), name="context"))
+    crossing = pd.DataFrame({"sum": rng.normal(0.01, 0.3, n) * 10, "n": np.full(n, 10.0)}, index=num.index)
+    clear = pd.DataFrame({"sum": rng.normal(2.0, 0.3, n) * 10, "n": np.full(n, 10.0)}, index=num.index)
+    den = stats.context_bootstrap([crossing], lambda m: m[0])
+    assert den.low < 0 < den.high  # the case: a denominator indistinguishable from 0
+    found = stats.ratio_of_means_ci(num, crossing)
+    assert found["ratio"] == pytest.approx(num["sum"].sum() / crossing["sum"].sum())
+    assert math.isnan(found["ci_low"]) and math.isnan(found["ci_high"])
+    kept = stats.ratio_of_means_ci(num, clear)
+    assert kept["ci_low"] < kept["ratio"] < kept["ci_high"]
+
+
 def test_nonfinite_values_counted_not_averaged():
     d = stats.describe(np.array([1.0, 2.0, np.nan, np.inf, 3.0]))
     assert d == {"mean": 2.0, "median": 2.0, "p999": pytest.approx(2.998), "n": 3, "n_nonfinite": 2}
