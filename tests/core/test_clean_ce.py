@@ -26,7 +26,7 @@ from klgap.report.summary import summary_row
 from tests.helpers import random_sae, run_config
 
 N_CTX, CTX_LEN = 8, 24
-COMMITTED = Path(__file__).resolve().parents[2] / "replications" / "smollm2-135m-quickstart" / "results"
+COMMITTED = Path(__file__).resolve().parents[2] / "replications" / "error-decomposition" / "results" / "mlp_out_L10"
 
 
 def hf_clean_ce(lm, contexts: torch.Tensor) -> np.ndarray:
@@ -152,9 +152,10 @@ def test_parts_without_the_column_still_report_without_the_number(run, tmp_path,
 
 
 def test_a_committed_replication_without_clean_ce_still_reports(tmp_path):
-    """The committed quickstart results (report.json written before klgap kept the clean CE, no parts committed):
-    its pages and the SAEBench export are written, the clean CE absent and SAEBench's -1 where it would be."""
-    folder = tmp_path / "quickstart"
+    """A committed replication's run (error-decomposition's mlp_out L10: report.json written before klgap kept the
+    clean CE, no parts committed): its pages and the SAEBench export are written, the clean CE absent and SAEBench's
+    -1 where it would be."""
+    folder = tmp_path / "committed"
     shutil.copytree(COMMITTED, folder)
     report = load_report(folder)
     assert report.ce_clean is None
